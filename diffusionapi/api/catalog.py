@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
+from ..registry import display_path
+from ..schemas import (HelloResponse, LoraInfo, LorasResponse, ModelAliasesResponse, ModelInfo, ModelsResponse,
+                       SamplingMethodsResponse, UpscalerInfo, UpscalersResponse)
+
+router = APIRouter()
+
+
+def _models(request: Request) -> list[ModelInfo]:
+    return [ModelInfo(name=m.name, label=m.label, type=m.family, format=m.format)
+            for m in request.app.state.registry.models()]
+
+
+@router.get("/hello", response_model=HelloResponse)
+def hello() -> HelloResponse:
+    return HelloResponse(ok=True)
+
+
+@router.get("/models", response_model=ModelsResponse, response_model_exclude_none=True)
+def models(request: Request) -> ModelsResponse:
+    return ModelsResponse(models=_models(request))
+
+
+@router.get("/models/aliases", response_model=ModelAliasesResponse, response_model_exclude_none=True)
+def model_aliases(request: Request) -> ModelAliasesResponse:
+    items = _models(request)
+    return ModelAliasesResponse(models=items, message=f"{len(items)} models; use a name or a label as 'model'")
+
+
+@router.get("/loras", response_model=LorasResponse, response_model_exclude_none=True)
+def loras(request: Request) -> LorasResponse:
+    return LorasResponse(loras=[LoraInfo(name=e.name, scale=1.0, family=e.family)
+                                for e in request.app.state.registry.loras()])
+
+
+@router.get("/upscalers", response_model=UpscalersResponse, response_model_exclude_none=True)
+def upscalers(request: Request) -> UpscalersResponse:
+    return UpscalersResponse(upscalers=[
+        UpscalerInfo(name=u.name, path="internal" if u.is_latent else display_path(u.path))
+        for u in request.app.state.registry.upscalers()])
+
+
+@router.get("/sampling_methods", response_model=SamplingMethodsResponse, response_model_exclude_none=True)
+def sampling_methods() -> SamplingMethodsResponse:
+    return SamplingMethodsResponse(sampling_methods=list(SAMPLER_NAMES), scheduler_types=list(SCHEDULER_TYPES))

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from ..jobs import QueueFull
+from ..resolve import RequestError, resolve_request
+from ..schemas import ErrorResponse, QueueListResponse, QueueStatusResponse, Txt2ImgRequest, Txt2ImgResponse
+
+router = APIRouter()
+
+_ERRORS = {404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
+
+
+def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"status": "error", "error": message, **extra}, status_code=status, headers=headers)
+
+
+def _valid_job_id(job_id: str) -> bool:
+    try:
+        return str(uuid.UUID(job_id)) == job_id
+    except ValueError:
+        return False
+
+
+@router.post("/txt2img", response_model=Txt2ImgResponse,
+             responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
+def txt2img(body: Txt2ImgRequest, request: Request):
+    state = request.app.state
+    try:
+        spec = resolve_request(body, state.registry, state.settings, model_given="model" in body.model_fields_set)
+    except RequestError as e:
+        return error(e.status, str(e), detail=[{"loc": ["body", *e.field.split(".")], "msg": e.message}])
+    job_id = str(uuid.uuid4())
+    try:
+        state.jobs.submit(job_id, spec.request.model_dump(mode="json"))
+    except QueueFull:
+        return error(503, f"the queue is full ({state.settings.max_queued_jobs} jobs); retry later",
+                     headers={"Retry-After": "10"})
+    return Txt2ImgResponse(job_id=job_id)
+
+
+@router.get("/queue", response_model=QueueListResponse)
+async def queue_list(request: Request):
+    return QueueListResponse(jobs=await run_in_threadpool(request.app.state.jobs.listing))
+
+
+@router.get("/queue/{job_id}", response_model=QueueStatusResponse, response_model_exclude_none=False,
+            responses=_ERRORS)
+async def queue_status(job_id: str, request: Request):
+    # async + one small file read: polling must never wait for a threadpool slot.
+    if not _valid_job_id(job_id):
+        return error(404, f"no job {job_id!r} (job ids are UUIDs)")
+    resp = request.app.state.jobs.status(job_id)
+    if resp is None:
+        return error(404, f"no job {job_id!r}: unknown, or its final result was already read")
+    return JSONResponse(resp)
+
+
+@router.delete("/queue/{job_id}", responses={**_ERRORS, 409: {"model": ErrorResponse}})
+async def queue_cancel(job_id: str, request: Request):
+    if not _valid_job_id(job_id):
+        return error(404, f"no job {job_id!r} (job ids are UUIDs)")
+    outcome = request.app.state.jobs.cancel(job_id)
+    if outcome is None:
+        return error(404, f"no job {job_id!r}")
+    if outcome in ("cancelled", "cancelling"):
+        return {"status": "success", "job_id": job_id, "state": outcome}
+    return error(409, f"job {job_id} is already {outcome}", state=outcome)

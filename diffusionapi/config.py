@@ -1,0 +1,53 @@
+"""One Settings object, read once at start-up from DIFFUSIONAPI_* environment variables."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIFFUSIONAPI_", extra="ignore")
+
+    # Where things live (relative to the working directory unless absolute).
+    models_dir: Path = Path("stable_diffusion/models")
+    loras_dir: Path = Path("stable_diffusion/loras")
+    upscalers_dir: Path = Path("stable_diffusion/upscalers")
+    outputs_dir: Path = Path("outputs")
+    queue_dir: Path = Path("queue")
+    model_labels: Path = Path("stable_diffusion/model_labels.json")
+
+    # "auto" picks cuda, then mps, then cpu.
+    device: str = "auto"
+    default_model: str = "stable-diffusion-v1-5"
+
+    # Limits, enforced at submit so nothing oversized is ever queued.
+    max_width: int = Field(2048, ge=8)
+    max_height: int = Field(2048, ge=8)
+    max_pixels: int = Field(2048 * 2048, ge=64)
+    max_steps: int = Field(150, ge=1)
+    max_hires_scale: float = Field(4.0, ge=1.0)
+    max_hires_pixels: int = Field(4096 * 4096, ge=64)
+    max_queued_jobs: int = Field(100, ge=1)
+    max_prompt_chars: int = Field(10_000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_loras: int = Field(16, ge=0)
+
+    # Engine behaviour.
+    pipeline_cache_size: int = Field(1, ge=1)
+    lora_cache_size: int = Field(8, ge=1)
+    vae_tiling_pixels: int = Field(1536 * 1536, ge=64)
+    cpu_offload: bool = False
+    channels_last: bool = False
+    compile_unet: bool = False
+
+    # Access.
+    api_key: str | None = None
+    cors_origins: list[str] = Field(default_factory=list)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,195 @@
+"""Tiny random-weight pipelines, built offline in code, for tests and for trying the API.
+
+They make noise images: they exist so the whole service can run with no downloaded
+weights. Real checkpoints go in the models directory (see README).
+
+    python -m diffusionapi.demo [--models-dir DIR]   # installs the demo model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEMO_MODEL_NAME = "demo-tiny-sd15"
+DEMO_MODEL_LABEL = "Demo (tiny random weights, noise images)"
+
+# SD 1.5's shipped scheduler config: the "pndm" schedule and the model's sigmas come from it.
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+                      num_train_timesteps=1000)
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      steps_offset=1, timestep_spacing="leading", num_train_timesteps=1000,
+                      interpolation_type="linear", prediction_type="epsilon")
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's reversible byte -> printable-unicode table (GPT-2 style).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def tiny_tokenizer():
+    """A byte-level CLIP tokenizer with no merges: 514 tokens, no files needed."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+VOCAB = 514
+
+
+def _text_encoder(hidden: int, layers: int, *, projection: int | None = None, seed: int = 0):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1,
+                         hidden_size=hidden, intermediate_size=hidden * 2, num_attention_heads=4,
+                         num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=77,
+                         layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=projection or hidden)
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
+
+
+def _vae(seed: int = 0, width: int = 8):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # Four down blocks, so latents are 1/8 of the image as in real models.
+    return AutoencoderKL(block_out_channels=(width,) * 4, in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         latent_channels=4, norm_num_groups=min(width, 8), layers_per_block=1,
+                         sample_size=64).eval()
+
+
+def _unet(seed: int = 0, *, cross: int = 32, channels=(16, 32), layers: int = 1, groups: int = 8, **extra):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1)
+    up = ("CrossAttnUpBlock2D",) * (len(channels) - 1) + ("UpBlock2D",)
+    return UNet2DConditionModel(block_out_channels=channels, layers_per_block=layers, sample_size=32,
+                                in_channels=4, out_channels=4, down_block_types=down, up_block_types=up,
+                                cross_attention_dim=cross, norm_num_groups=groups, attention_head_dim=4,
+                                **extra).eval()
+
+
+def tiny_sd15_pipeline(seed: int = 0):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    _quiet()
+    return StableDiffusionPipeline(
+        vae=_vae(seed), text_encoder=_text_encoder(32, 2, seed=seed), tokenizer=tiny_tokenizer(),
+        unet=_unet(seed, cross=32), scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+# SDXL: distinct hidden sizes for the two text encoders, and 10 layers in the second one,
+# so that single-file key inspection tells CLIP-L and CLIP-G (and base vs refiner) apart.
+SDXL_TE1, SDXL_TE2, SDXL_TIME_DIM = 32, 40, 8
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    _quiet()
+    unet = _unet(seed, cross=SDXL_TE1 + SDXL_TE2, addition_embed_type="text_time",
+                 addition_time_embed_dim=SDXL_TIME_DIM,
+                 projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_TE2,
+                 transformer_layers_per_block=(1, 2))
+    return StableDiffusionXLPipeline(
+        vae=_vae(seed), text_encoder=_text_encoder(SDXL_TE1, 2, seed=seed),
+        text_encoder_2=_text_encoder(SDXL_TE2, 10, projection=SDXL_TE2, seed=seed + 1),
+        tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER))
+
+
+def tiny_sdxl_refiner_pipeline(seed: int = 0, base=None):
+    """A refiner sharing the base's VAE and text_encoder_2 when given, as real refiners do."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    _quiet()
+    unet = _unet(seed + 7, cross=SDXL_TE2, addition_embed_type="text_time",
+                 addition_time_embed_dim=SDXL_TIME_DIM,
+                 projection_class_embeddings_input_dim=5 * SDXL_TIME_DIM + SDXL_TE2)
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae if base else _vae(seed),
+        text_encoder=None,
+        text_encoder_2=base.text_encoder_2 if base else _text_encoder(SDXL_TE2, 10, projection=SDXL_TE2, seed=seed + 1),
+        tokenizer=None, tokenizer_2=tiny_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+
+
+BUILDERS = {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline, "sdxl-refiner": tiny_sdxl_refiner_pipeline}
+
+
+def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:
+    """Build a tiny pipeline of ``family`` and save it as a diffusers folder at ``target``."""
+    pipe = BUILDERS[family](seed)
+    target = Path(target)
+    pipe.save_pretrained(target, safe_serialization=True)
+    return target
+
+
+def install_demo(models_dir: Path, labels_file: Path | None = None) -> Path:
+    target = Path(models_dir) / DEMO_MODEL_NAME
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    save_tiny_model("sd15", tmp)
+    tmp.rename(target)
+    if labels_file is not None:
+        labels_file = Path(labels_file)
+        labels = json.loads(labels_file.read_text()) if labels_file.exists() else {}
+        if DEMO_MODEL_NAME not in labels:
+            labels[DEMO_MODEL_NAME] = DEMO_MODEL_LABEL
+            labels_file.parent.mkdir(parents=True, exist_ok=True)
+            labels_file.write_text(json.dumps(labels, indent=2) + "\n")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import get_settings
+
+    s = get_settings()
+    ap = argparse.ArgumentParser(description="Install the tiny demo model (random weights: noise images).")
+    ap.add_argument("--models-dir", type=Path, default=s.models_dir)
+    ap.add_argument("--labels", type=Path, default=s.model_labels)
+    args = ap.parse_args(argv)
+    path = install_demo(args.models_dir, args.labels)
+    print(f"demo model {DEMO_MODEL_NAME!r} at {path} (random weights: it makes noise images)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

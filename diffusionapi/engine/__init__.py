@@ -1,0 +1,1 @@
+"""The GPU side: pipelines, samplers, LoRAs, hires fix and upscalers."""

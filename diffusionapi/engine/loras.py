@@ -1,0 +1,127 @@
+"""LoRAs on a resident pipeline: loaded once as named adapters, switched by adapter weights.
+
+Scales are applied only through ``set_adapters`` weights, never through a call's
+``cross_attention_kwargs`` (that sets pipe._lora_scale, which silently rescales every
+later text-encoder load). A job without LoRAs disables them, which gives exactly the
+base model's pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from ..registry import FAMILY_LABELS, SDXL, SDXL_REFINER, LoraEntry
+
+log = logging.getLogger(__name__)
+
+
+class LoraError(RuntimeError):
+    pass
+
+
+def adapter_name(entry: LoraEntry) -> str:
+    return "lora_" + hashlib.sha1(str(entry.path).encode()).hexdigest()[:12]
+
+
+_hash_cache: dict[tuple[str, float, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_mtime, st.st_size)
+    with _hash_lock:
+        if key in _hash_cache:
+            return _hash_cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _hash_lock:
+        _hash_cache[key] = digest
+    return digest
+
+
+def lora_hashes_infotext(loras: list[tuple[LoraEntry, float]]) -> str | None:
+    if not loras:
+        return None
+    return ", ".join(f"{e.name}: {file_sha256(e.path)[:12]}" for e, _ in loras)
+
+
+class LoraManager:
+    """Adapter bookkeeping per loaded model (kept on ``LoadedModel.loras``)."""
+
+    def __init__(self, cache_size: int = 8):
+        self.cache_size = cache_size
+
+    def apply(self, loaded, loras: list[tuple[LoraEntry, float]]) -> None:
+        pipe = loaded.pipe
+        book: OrderedDict = loaded.loras if isinstance(loaded.loras, OrderedDict) else OrderedDict(loaded.loras)
+        loaded.loras = book
+        model_family = SDXL if loaded.family in (SDXL, SDXL_REFINER) else loaded.family
+        names, weights = [], []
+        for entry, scale in loras:
+            if entry.family and entry.family != model_family:
+                raise LoraError(f"LoRA {entry.name!r} is for {FAMILY_LABELS.get(entry.family, entry.family)}, "
+                                f"but model {loaded.entry.name!r} is {FAMILY_LABELS.get(loaded.family)}")
+            name = adapter_name(entry)
+            stamp = (entry.path.stat().st_mtime, entry.path.stat().st_size)
+            if name in book and book[name] != stamp:  # file replaced on disk: reload it
+                self._delete(pipe, book, name)
+            if name not in book:
+                self._load(pipe, book, entry, name, stamp)
+            book.move_to_end(name)
+            names.append(name)
+            weights.append(float(scale))
+        self._trim(pipe, book, keep=set(names))
+        if names:
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=weights)
+        elif book:
+            pipe.disable_lora()
+
+    def _load(self, pipe, book, entry: LoraEntry, name: str, stamp) -> None:
+        try:
+            pipe.load_lora_weights(str(entry.path.parent), weight_name=entry.path.name, adapter_name=name)
+        except Exception as e:  # noqa: BLE001 - every failure leaves half-injected layers
+            self._reset(pipe, book)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LoraError(f"LoRA {entry.name!r} could not be applied: {reason[:300]}") from e
+        if name not in _adapters(pipe):
+            self._reset(pipe, book)
+            raise LoraError(f"LoRA {entry.name!r} could not be applied: no layer of the model matched its keys")
+        book[name] = stamp
+
+    def _trim(self, pipe, book, keep: set[str]) -> None:
+        while len(book) > self.cache_size:
+            victim = next((n for n in book if n not in keep), None)
+            if victim is None:
+                break
+            self._delete(pipe, book, victim)
+
+    def _delete(self, pipe, book, name: str) -> None:
+        try:
+            pipe.delete_adapters([name])
+        except Exception:  # noqa: BLE001
+            self._reset(pipe, book)
+            return
+        book.pop(name, None)
+
+    @staticmethod
+    def _reset(pipe, book) -> None:
+        """Remove every LoRA layer: the pipeline is exactly the base model again."""
+        try:
+            pipe.unload_lora_weights()
+        finally:
+            book.clear()
+
+
+def _adapters(pipe) -> set[str]:
+    try:
+        return {a for names in pipe.get_list_adapters().values() for a in names}
+    except Exception:  # noqa: BLE001
+        return set()

@@ -1,0 +1,163 @@
+"""Loading pipelines and keeping them resident: a small LRU keyed by model name."""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..registry import SD15, SDXL, SDXL_REFINER, ModelEntry
+from .kdiffusion import ModelSigmas
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting and setting != "auto":
+        return torch.device(setting)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    # fp16 halves memory and doubles speed on GPUs; CPUs have no fast fp16 kernels.
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    pipe: object
+    sigmas: ModelSigmas
+    scheduler_config: dict
+    loras: dict = field(default_factory=dict)  # adapter bookkeeping, owned by engine.loras
+
+    @property
+    def family(self) -> str:
+        return self.entry.family
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+
+def _pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    return {SD15: StableDiffusionPipeline, SDXL: StableDiffusionXLPipeline,
+            SDXL_REFINER: StableDiffusionXLImg2ImgPipeline}[family]
+
+
+def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *, share_from=None,
+                  cpu_offload: bool = False, channels_last: bool = False) -> LoadedModel:
+    """Load a model offline. ``share_from`` (an SDXL base) lends its VAE and text_encoder_2
+    to a refiner when they are the same architecture, so the two stay one copy in memory."""
+    cls = _pipeline_class(entry.family)
+    kwargs: dict = dict(dtype=dtype, local_files_only=True)
+    if entry.family == SD15:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if entry.format == "single-file":
+        from .checkpoints import load_single_file
+
+        pipe = load_single_file(cls, entry, dtype)
+    else:
+        if share_from is not None and entry.family == SDXL_REFINER:
+            kwargs.update(_shareable(share_from.pipe, Path(entry.path)))
+        pipe = cls.from_pretrained(str(entry.path), **kwargs)
+    _check_no_meta(pipe, entry)
+    pipe.set_progress_bar_config(disable=True)
+    if cpu_offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    if channels_last and device.type == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+    config = dict(pipe.scheduler.config)
+    return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config)
+
+
+def _shareable(base_pipe, refiner_dir: Path) -> dict:
+    import json
+
+    shared = {}
+    for name in ("vae", "text_encoder_2"):
+        part = getattr(base_pipe, name, None)
+        cfg = refiner_dir / name / "config.json"
+        if part is None or not cfg.exists():
+            continue
+        theirs = {k: v for k, v in json.loads(cfg.read_text()).items() if not k.startswith("_")}
+        ours = {k: v for k, v in part.config.to_dict().items() if not k.startswith("_")} \
+            if hasattr(part.config, "to_dict") else {k: v for k, v in dict(part.config).items() if not k.startswith("_")}
+        if all(ours.get(k) == v for k, v in theirs.items() if k not in ("torch_dtype", "transformers_version", "dtype")):
+            shared[name] = part
+    return shared
+
+
+def _check_no_meta(pipe, entry: ModelEntry) -> None:
+    # A partial checkpoint "loads" with parameters left on the meta device and then
+    # generates garbage; refuse it here with a message naming the file.
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module):
+            for pname, p in comp.named_parameters():
+                if p.device.type == "meta":
+                    raise ValueError(f"model {entry.name!r} is incomplete: {name}.{pname} missing from {entry.path}")
+
+
+class PipelineCache:
+    """Resident pipelines, least recently used evicted first. Only the worker thread calls it."""
+
+    def __init__(self, device: torch.device, capacity: int = 1, *, cpu_offload=False, channels_last=False):
+        self.device = device
+        self.dtype = dtype_for(device)
+        self.capacity = capacity
+        self.cpu_offload, self.channels_last = cpu_offload, channels_last
+        self._items: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # how many loads happened: tests and benchmarks read it
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._items
+
+    def get(self, entry: ModelEntry, *, keep: tuple[str, ...] = (), share_from: LoadedModel | None = None) -> LoadedModel:
+        with self._lock:
+            item = self._items.get(entry.name)
+            if item is not None and item.entry.path == entry.path:
+                self._items.move_to_end(entry.name)
+                return item
+            if item is not None:
+                self._evict(entry.name)
+            # Make room first, so the old model's memory is free before the new one loads.
+            while len(self._items) >= max(self.capacity, len(keep) + 1):
+                victim = next((n for n in self._items if n not in keep), None)
+                if victim is None:
+                    break
+                self._evict(victim)
+            loaded = load_pipeline(entry, self.device, self.dtype, share_from=share_from,
+                                   cpu_offload=self.cpu_offload, channels_last=self.channels_last)
+            self.loads += 1
+            self._items[entry.name] = loaded
+            return loaded
+
+    def _evict(self, name: str) -> None:
+        item = self._items.pop(name)
+        log.info("unloading model %s", name)
+        del item
+        free_memory()
+
+    def clear(self) -> None:
+        with self._lock:
+            for n in list(self._items):
+                self._evict(n)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

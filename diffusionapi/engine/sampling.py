@@ -1,0 +1,235 @@
+"""Running a sampler over a loaded model: conditioning, the CFG denoiser, sampling plans.
+
+A *plan* is the part of a noise schedule one stage runs. Everything between stages is
+exchanged in the variance-exploding form x = x0 + sigma * eps, so a base model can hand
+its half-denoised latents to a refiner, and a hires pass can re-noise an upscaled image,
+with any sampler.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..registry import SD15, SDXL_REFINER
+from . import kdiffusion as kd
+from .samplers import ResolvedSampler
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class Conditioning:
+    embeds: torch.Tensor                 # [uncond; cond] along the batch dimension
+    added: dict | None = None            # SDXL: text_embeds and time_ids, same layout
+
+
+def encode(loaded, prompt: str, negative: str, width: int, height: int, *,
+           target: tuple[int, int] | None = None) -> Conditioning:
+    pipe = loaded.pipe
+    device = loaded.pipe.device if loaded.pipe.device.type != "meta" else torch.device("cpu")
+    if loaded.family == SD15:
+        cond, uncond = pipe.encode_prompt(prompt, device, 1, True, negative_prompt=negative)
+        return Conditioning(torch.cat([uncond, cond]))
+    cond, uncond, pooled, upooled = pipe.encode_prompt(
+        prompt=prompt, device=device, do_classifier_free_guidance=True, negative_prompt=negative)
+    size = (height, width)
+    tgt = target or size
+    proj = pipe.text_encoder_2.config.projection_dim
+    if loaded.family == SDXL_REFINER:
+        ids, uids = pipe._get_add_time_ids(size, (0, 0), tgt, 6.0, 2.5, size, (0, 0), tgt,
+                                           dtype=cond.dtype, text_encoder_projection_dim=proj)
+    else:
+        ids = pipe._get_add_time_ids(size, (0, 0), tgt, dtype=cond.dtype, text_encoder_projection_dim=proj)
+        uids = ids
+    added = {"text_embeds": torch.cat([upooled, pooled]).to(device),
+             "time_ids": torch.cat([uids, ids]).to(device)}
+    return Conditioning(torch.cat([uncond, cond]), added)
+
+
+class Denoiser:
+    """Classifier-free-guided UNet, usable as a k-diffusion denoiser D(x, sigma) -> x0
+    and as a diffusers-style model output eps(x, t)."""
+
+    def __init__(self, loaded, cond: Conditioning, cfg_scale: float, on_eval: Callable[[], None]):
+        self.unet = loaded.pipe.unet
+        self.ms = loaded.sigmas
+        self.cond = cond
+        self.cfg = cfg_scale
+        self.vpred = loaded.prediction_type == "v_prediction"
+        self.on_eval = on_eval
+        self.dtype = self.unet.dtype
+        self.evals = 0
+
+    def model_output(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.on_eval()
+        self.evals += 1
+        t = t.reshape(-1)[:1].to(torch.float32)
+        xin = torch.cat([x_in, x_in]).to(self.dtype)
+        out = self.unet(xin, t.to(x_in.device).expand(2), encoder_hidden_states=self.cond.embeds,
+                        added_cond_kwargs=self.cond.added, return_dict=False)[0]
+        uncond, cond = out.float().chunk(2)
+        return uncond + self.cfg * (cond - uncond)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = float(sigma.reshape(-1)[0])
+        c_in = 1 / math.sqrt(s * s + 1)
+        t = self.ms.sigma_to_t(torch.tensor(s, dtype=torch.float64))
+        out = self.model_output(x * c_in, t)
+        if self.vpred:
+            return x * (1 / (s * s + 1)) - out * (s * c_in)
+        return x - out * s
+
+
+@dataclass
+class NoiseFactory:
+    generator: torch.Generator
+    seed: int
+
+    def initial(self, shape, device) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(device)
+
+
+# ---------------------------------------------------------------------------- plans
+
+@dataclass
+class KPlan:
+    """A slice of a sigma schedule for one of our k-diffusion samplers."""
+    sampler: ResolvedSampler
+    sigmas: torch.Tensor  # descending; the stage ends at sigmas[-1]
+
+    @property
+    def start_sigma(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def split(self, k: int) -> tuple["KPlan", "KPlan"]:
+        return KPlan(self.sampler, self.sigmas[:k + 1]), KPlan(self.sampler, self.sigmas[k:])
+
+    def run(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFactory, progress) -> torch.Tensor:
+        spec = self.sampler.spec
+        eta = 1.0 if spec.stochastic else 0.0
+        if spec.algorithm == "dpmpp_sde":
+            positive = self.sigmas[self.sigmas > 0]
+            src = kd.BrownianNoise(x, float(positive.min()), float(positive.max()), noise.seed)
+        else:
+            src = kd.SeededNoise(noise.generator, x)
+        ctx = kd.RunContext(noise=src, progress=progress, eta=eta)
+        if spec.algorithm in ("dpm_fast", "dpm_adaptive"):
+            lo = float(self.sigmas[-1]) if float(self.sigmas[-1]) > 0 else denoiser.ms.sigma_min
+            hi = float(self.sigmas[0])
+            if spec.algorithm == "dpm_fast":
+                return kd.sample_dpm_fast(denoiser, x, lo, hi, self.steps, ctx)
+            return kd.sample_dpm_adaptive(denoiser, x, lo, hi, ctx)
+        return kd.FIXED_ALGORITHMS[spec.algorithm](denoiser, x, self.sigmas, ctx)
+
+
+@dataclass
+class TimestepPlan:
+    """A slice of a diffusers scheduler's timesteps (DDIM, PLMS, UniPC)."""
+    sampler: ResolvedSampler
+    factory: Callable[[], object]      # builds a fresh scheduler with set_timesteps done
+    timesteps: torch.Tensor            # the full list of the fresh scheduler
+    sigma_at: list[float]              # VE sigma at each timestep index, plus 0 at the end
+    start: int = 0
+    end: int | None = None
+
+    @property
+    def _end(self) -> int:
+        return len(self.timesteps) if self.end is None else self.end
+
+    @property
+    def start_sigma(self) -> float:
+        return self.sigma_at[self.start]
+
+    @property
+    def steps(self) -> int:
+        return self._end - self.start
+
+    def split(self, k: int):
+        mid = self.start + k
+        return (TimestepPlan(self.sampler, self.factory, self.timesteps, self.sigma_at, self.start, mid),
+                TimestepPlan(self.sampler, self.factory, self.timesteps, self.sigma_at, mid, self._end))
+
+    def run(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFactory, progress) -> torch.Tensor:
+        sched = self.factory()  # a fresh instance per stage: schedulers carry state
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(self.start)
+        x = x / math.sqrt(1 + self.start_sigma ** 2)
+        n = self.steps
+        for i, t in enumerate(self.timesteps[self.start:self._end]):
+            model_in = sched.scale_model_input(x, t)
+            out = denoiser.model_output(model_in, t.to(torch.float32))
+            x = sched.step(out, t, x, return_dict=False)[0]
+            progress((i + 1) / n)
+        end_sigma = self.sigma_at[self._end] if self._end < len(self.timesteps) else 0.0
+        return x * math.sqrt(1 + end_sigma ** 2)
+
+
+def make_plan(loaded, sampler: ResolvedSampler, steps: int):
+    """The full plan for ``steps`` steps of ``sampler`` on ``loaded``'s noise schedule."""
+    ms = loaded.sigmas
+    cfg = loaded.scheduler_config
+    spacing, offset = cfg.get("timestep_spacing", "leading"), int(cfg.get("steps_offset", 0))
+    spec = sampler.spec
+    if spec.kind == "k":
+        if sampler.schedule == "logsnr":
+            lo, hi = ms.sigma_min, ms.sigma_max
+            ts = torch.linspace(-math.log(hi), -math.log(lo), steps + 1, dtype=torch.float64)
+            return KPlan(sampler, (-ts).exp())
+        n = steps + 1 if spec.discard_penultimate_sigma else steps
+        sigmas = kd.build_sigmas(ms, sampler.schedule, n, model_spacing=spacing, model_offset=offset)
+        if spec.discard_penultimate_sigma:
+            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+        return KPlan(sampler, sigmas)
+    return _timestep_plan(loaded, sampler, steps, spacing, offset)
+
+
+def _timestep_plan(loaded, sampler: ResolvedSampler, steps: int, spacing: str, offset: int):
+    import diffusers
+
+    spec = sampler.spec
+    cls = getattr(diffusers, spec.algorithm)
+    kwargs = dict(spec.scheduler_kwargs)
+    sched_name = sampler.schedule
+    if sched_name == "default":
+        kwargs.update(timestep_spacing="linspace", steps_offset=0)
+    elif sched_name == "ddim":
+        kwargs.update(timestep_spacing="leading", steps_offset=1)
+    elif sched_name == "pndm":
+        kwargs.update(timestep_spacing=spacing, steps_offset=offset)
+    elif sched_name in ("karras", "exponential"):
+        kwargs.update(timestep_spacing="linspace", steps_offset=0)
+        kwargs["use_karras_sigmas" if sched_name == "karras" else "use_exponential_sigmas"] = True
+    base_cfg = {k: v for k, v in loaded.scheduler_config.items()
+                if k not in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "skip_prk_steps")}
+
+    def factory():
+        s = cls.from_config(base_cfg, **kwargs)
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas"):
+            if kwargs.get(flag) and not s.config.get(flag):
+                raise ValueError(f"{spec.name} cannot use the {sched_name} schedule")
+        s.set_timesteps(steps, device="cpu")
+        return s
+
+    probe = factory()
+    ts = probe.timesteps.clone()
+    ms = loaded.sigmas
+    if getattr(probe, "sigmas", None) is not None and len(probe.sigmas) >= len(ts):
+        sig = [float(v) for v in probe.sigmas[:len(ts)]]
+    else:
+        sig = [float(ms.sigmas[int(t)]) for t in ts]
+    return TimestepPlan(sampler, factory, ts, sig + [0.0])
+
+
+def img2img_tail(plan, steps_to_run: int):
+    """The last ``steps_to_run`` steps of ``plan`` (A1111's hires/img2img semantics)."""
+    k = max(plan.steps - steps_to_run, 0)
+    return plan.split(k)[1] if k else plan

@@ -1,0 +1,157 @@
+"""App factory. The lifespan starts the job service (recovery + worker) and stops it."""
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .config import Settings, get_settings
+
+log = logging.getLogger("diffusionapi")
+
+OPEN_PATHS = ("/hello",)
+
+
+def _field(loc) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def _validation_message(errors) -> str:
+    msgs = []
+    for e in errors:
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        msgs.append(f"{_field(e.get('loc', ()))}: {msg}")
+    return "; ".join(msgs)
+
+
+class GuardMiddleware:
+    """Request body cap and optional API key, as a plain ASGI layer (cheap on every call)."""
+
+    def __init__(self, app, settings: Settings):
+        self.app = app
+        self.max_body = settings.max_body_bytes
+        self.key = settings.api_key.encode() if settings.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.key is not None and scope["path"] not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+            auth = headers.get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+            if not hmac.compare_digest(given, self.key):
+                return await _send_json(send, 401, {"status": "error", "error": "missing or wrong API key "
+                                                    "(Authorization: Bearer <key> or X-API-Key)"},
+                                        extra=[(b"www-authenticate", b"Bearer")])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                return await _send_json(send, 400, {"status": "error", "error": "bad Content-Length"})
+            if too_big:
+                return await _send_json(send, 413, {"status": "error",
+                                                    "error": f"request body larger than {self.max_body} bytes"})
+            return await self.app(scope, receive, send)
+        seen = 0
+        limit = self.max_body
+
+        async def capped_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge()
+            return msg
+
+        try:
+            await self.app(scope, capped_receive, send)
+        except _BodyTooLarge:
+            await _send_json(send, 413, {"status": "error", "error": f"request body larger than {limit} bytes"})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_json(send, status: int, body: dict, extra=()):
+    import json
+
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *extra]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def create_app(settings: Settings | None = None, *, engine_factory=None) -> FastAPI:
+    settings = settings or get_settings()
+    from .jobs import JobService
+    from .registry import Registry
+
+    registry = Registry(settings)
+
+    def default_engine():
+        from .engine.engine import Engine
+
+        return Engine(settings)
+
+    jobs = JobService(settings, registry, engine_factory or default_engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        jobs.start()
+        log.info("DiffusionAPI %s: %d models installed", __version__, len(registry.models()))
+        try:
+            yield
+        finally:
+            jobs.stop()
+
+    app = FastAPI(title="DiffusionAPI", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.jobs = jobs
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        errors = exc.errors()
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": e.get("type")} for e in errors]
+        return JSONResponse({"status": "error", "error": _validation_message(errors), "detail": detail},
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return JSONResponse({"status": "error", "error": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    from .api import catalog, jobs as jobs_api
+
+    app.include_router(catalog.router)
+    app.include_router(jobs_api.router)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(GuardMiddleware, settings=settings)
+    return app
+
+
+def __getattr__(name: str):
+    # `uvicorn diffusionapi.main:app` builds the app on first access, after env is read.
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

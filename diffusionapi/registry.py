@@ -1,0 +1,335 @@
+"""What is installed: models (with labels), LoRAs and upscalers; request name -> path, safely.
+
+Names are matched only against what a directory scan found, so a request can never
+name a path: ``../x`` or ``/etc`` simply match nothing. Symlinks that point outside
+their directory are skipped during the scan.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SD15, SDXL, SDXL_REFINER = "sd15", "sdxl", "sdxl-refiner"
+FAMILY_LABELS = {SD15: "SD 1.5", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner"}
+SINGLE_FILE_EXTS = (".safetensors", ".ckpt")
+UPSCALER_EXTS = (".pth", ".safetensors", ".pt")
+
+# A1111's latent hires modes: name -> (torch interpolate mode, antialias).
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+
+
+class NameError_(LookupError):
+    """A request named something that is not installed; the message lists choices."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    label: str
+    path: Path          # diffusers folder (snapshot for hub caches) or the single file
+    family: str         # sd15 | sdxl | sdxl-refiner
+    format: str         # diffusers | hub-cache | single-file
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    name: str
+    path: Path
+    family: str | None
+
+
+@dataclass(frozen=True)
+class UpscalerEntry:
+    name: str
+    path: Path | None   # None for the internal latent modes
+
+    @property
+    def is_latent(self) -> bool:
+        return self.path is None
+
+
+def normalise(name: str) -> str:
+    """The seed's label matching: case-insensitive, '-', '_' and ' ' all alike."""
+    return re.sub(r"[-_\s]+", " ", name).strip().casefold()
+
+
+def derive_label(name: str) -> str:
+    """A readable label for a model with none configured: models--Meina--MeinaMix_V11 -> MeinaMix V11."""
+    base = name.split("--")[-1] if name.startswith("models--") else name
+    return re.sub(r"[_\s]+", " ", base).strip() or name
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file, without reading any tensor data."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path.name}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path.name}: not a safetensors file (header size {n})")
+        data = f.read(n)
+        if len(data) != n:
+            raise ValueError(f"{path.name}: truncated safetensors header")
+    return json.loads(data)
+
+
+def family_from_checkpoint_keys(keys) -> str:
+    """SD 1.5 / SDXL / refiner from original (CompVis/SGM) checkpoint keys."""
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return SDXL
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return SDXL_REFINER
+    return SD15
+
+
+def family_from_diffusers_folder(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    unet_cfg_path = folder / "unet" / "config.json"
+    unet_cfg = json.loads(unet_cfg_path.read_text()) if unet_cfg_path.exists() else {}
+    if unet_cfg.get("addition_embed_type") == "text_time" or "XL" in index.get("_class_name", ""):
+        te = index.get("text_encoder")
+        if index.get("requires_aesthetics_score") or not te or te[0] is None:
+            return SDXL_REFINER
+        return SDXL
+    return SD15
+
+
+def lora_family(path: Path) -> str | None:
+    try:
+        header = read_safetensors_header(path)
+    except (OSError, ValueError) as e:
+        log.warning("LoRA %s: %s", path, e)
+        return None
+    meta = header.get("__metadata__") or {}
+    base = str(meta.get("ss_base_model_version", ""))
+    if "sdxl" in base:
+        return SDXL
+    if base.startswith("sd_v1"):
+        return SD15
+    keys = [k for k in header if k != "__metadata__"]
+    if any(k.startswith(("lora_te2_", "lora_te1_", "lora_unet_input_blocks", "lora_unet_output_blocks"))
+           or "text_encoder_2" in k or "add_embedding" in k for k in keys):
+        return SDXL
+    return SD15 if keys else None
+
+
+class Registry:
+    """Scans the configured directories; each listing is a fresh, cheap directory walk."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._family_cache: dict[tuple[str, float], str] = {}
+        self._upscaler_cache: dict[tuple[str, float, int], str | None] = {}
+
+    # ------------------------------------------------------------------ labels
+    def labels(self) -> dict[str, str]:
+        path = Path(self.settings.model_labels)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("model labels file %s unreadable: %s", path, e)
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    # ------------------------------------------------------------------ models
+    def _cached_family(self, path: Path, compute, stamp: Path | None = None) -> str:
+        """compute(path), cached until ``stamp`` (default: path itself) changes."""
+        key = (str(path), (stamp or path).stat().st_mtime)
+        with self._lock:
+            fam = self._family_cache.get(key)
+        if fam is None:
+            fam = compute(path)
+            with self._lock:
+                self._family_cache[key] = fam
+        return fam
+
+    def models(self) -> list[ModelEntry]:
+        root = Path(self.settings.models_dir)
+        if not root.is_dir():
+            return []
+        labels = self.labels()
+        found: dict[str, ModelEntry] = {}
+
+        def add(name, path, fmt, family_fn, stamp=None):
+            if name in found:
+                log.warning("model name %r found twice; keeping %s", name, found[name].path)
+                return
+            try:
+                fam = self._cached_family(path, family_fn, stamp)
+            except Exception as e:  # a broken model must not hide the others
+                log.warning("skipping model %s: %s", path, e)
+                return
+            found[name] = ModelEntry(name, labels.get(name) or derive_label(name), path, fam, fmt)
+
+        for entry in sorted(root.iterdir()):
+            if not _inside(entry, root) or entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if (entry / "model_index.json").exists():
+                    add(entry.name, entry, "diffusers", family_from_diffusers_folder, entry / "model_index.json")
+                    continue
+                if entry.name.startswith("models--"):
+                    snap = self._hub_snapshot(entry)
+                    if snap is not None and _inside(snap, root):
+                        add(entry.name, snap, "hub-cache", family_from_diffusers_folder, snap / "model_index.json")
+                    continue
+                for f in sorted(entry.rglob("*")):
+                    self._maybe_single_file(f, root, add)
+            else:
+                self._maybe_single_file(entry, root, add)
+        return sorted(found.values(), key=lambda m: m.name.casefold())
+
+    def _maybe_single_file(self, f: Path, root: Path, add) -> None:
+        if f.suffix.lower() in SINGLE_FILE_EXTS and f.is_file() and _inside(f, root):
+            add(f.stem, f, "single-file", self._single_file_family)
+
+    @staticmethod
+    def _single_file_family(path: Path) -> str:
+        if path.suffix.lower() == ".safetensors":
+            return family_from_checkpoint_keys(read_safetensors_header(path).keys())
+        from .engine.checkpoints import ckpt_keys
+
+        return family_from_checkpoint_keys(ckpt_keys(path))
+
+    @staticmethod
+    def _hub_snapshot(folder: Path) -> Path | None:
+        ref = folder / "refs" / "main"
+        snaps = folder / "snapshots"
+        if ref.is_file():
+            snap = snaps / ref.read_text().strip()
+            if (snap / "model_index.json").exists():
+                return snap
+        if snaps.is_dir():  # no refs/main: take the newest snapshot with an index
+            cands = sorted((p for p in snaps.iterdir() if (p / "model_index.json").exists()),
+                           key=lambda p: p.stat().st_mtime, reverse=True)
+            if cands:
+                return cands[0]
+        return None
+
+    def resolve_model(self, requested: str, *, models: list[ModelEntry] | None = None) -> ModelEntry:
+        models = self.models() if models is None else models
+        by_name = {m.name: m for m in models}
+        if requested in by_name:
+            return by_name[requested]
+        key = normalise(requested)
+        for pick in (lambda m: normalise(m.label),
+                     lambda m: normalise(m.name.split("--")[-1]) if m.name.startswith("models--") else None,
+                     lambda m: normalise(m.name)):
+            hits = [m for m in models if pick(m) == key]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise NameError_(f"model {requested!r} is ambiguous; it matches: "
+                                 f"{', '.join(m.name for m in hits)}")
+        raise NameError_(_unknown("model", requested, [m.name for m in models] + [m.label for m in models]))
+
+    # ------------------------------------------------------------------ LoRAs
+    def loras(self) -> list[LoraEntry]:
+        root = Path(self.settings.loras_dir)
+        if not root.is_dir():
+            return []
+        out = []
+        for f in sorted(root.rglob("*.safetensors")):
+            if not f.is_file() or not _inside(f, root):
+                continue
+            name = f.relative_to(root).with_suffix("").as_posix()
+            out.append(LoraEntry(name, f, self._cached_family(f, lora_family) if f.stat().st_size else None))
+        return out
+
+    def resolve_lora(self, requested: str, *, loras: list[LoraEntry] | None = None) -> LoraEntry:
+        loras = self.loras() if loras is None else loras
+        for entry in loras:
+            if entry.name == requested:
+                return entry
+        key = normalise(requested.removesuffix(".safetensors"))
+        hits = [e for e in loras if normalise(e.name) == key]
+        if len(hits) == 1:
+            return hits[0]
+        raise NameError_(_unknown("LoRA", requested, [e.name for e in loras]))
+
+    # ------------------------------------------------------------------ upscalers
+    def upscalers(self) -> list[UpscalerEntry]:
+        out = [UpscalerEntry(n, None) for n in LATENT_UPSCALE_MODES]
+        root = Path(self.settings.upscalers_dir)
+        if not root.is_dir():
+            return out
+        for f in sorted(root.rglob("*")):
+            if f.suffix.lower() not in UPSCALER_EXTS or not f.is_file() or not _inside(f, root):
+                continue
+            problem = self._upscaler_problem(f)
+            if problem is None:
+                out.append(UpscalerEntry(f.stem, f))
+            else:
+                log.warning("upscaler %s not listed: %s", f, problem)
+        return out
+
+    def _upscaler_problem(self, f: Path) -> str | None:
+        st = f.stat()
+        key = (str(f), st.st_mtime, st.st_size)
+        with self._lock:
+            if key in self._upscaler_cache:
+                return self._upscaler_cache[key]
+        from .engine.upscalers import inspect_upscaler
+
+        problem = inspect_upscaler(f)
+        with self._lock:
+            self._upscaler_cache[key] = problem
+        return problem
+
+    def resolve_upscaler(self, requested: str) -> UpscalerEntry:
+        ups = self.upscalers()
+        for u in ups:
+            if u.name == requested:
+                return u
+        hits = [u for u in ups if normalise(u.name) == normalise(requested)]
+        if len(hits) == 1:
+            return hits[0]
+        raise NameError_(_unknown("upscaler", requested, [u.name for u in ups]))
+
+
+def display_path(path: Path) -> str:
+    """A path as the seed shows it: relative to the working directory when inside it."""
+    try:
+        return Path(os.path.relpath(path.resolve(), Path.cwd().resolve())).as_posix() \
+            if _inside(path, Path.cwd()) else str(path)
+    except ValueError:
+        return str(path)
+
+
+def _unknown(kind: str, requested: str, choices: list[str]) -> str:
+    uniq = list(dict.fromkeys(choices))
+    close = difflib.get_close_matches(requested, uniq, n=3, cutoff=0.5)
+    msg = f"unknown {kind} {requested!r}"
+    if close:
+        msg += f"; did you mean: {', '.join(close)}"
+    msg += f"; valid choices: {', '.join(uniq) if uniq else '(none installed)'}"
+    return msg

@@ -1,0 +1,183 @@
+"""The seed's request and response types (../shared/seed-api.md), in one place.
+
+Static rules (types, ranges that never change) live here; limits that an operator
+configures are checked in ``limits.py`` against the Settings.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
+
+DEFAULT_MODEL = "stable-diffusion-v1-5"
+
+
+class LoRA(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=512)
+    scale: float = Field(1.0, ge=-10.0, le=10.0)
+
+
+class HiresConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    scale: float = Field(2.0, ge=1.0)
+    upscaler: str = Field("Latent", min_length=1, max_length=512)
+    steps: int = Field(20, ge=1)
+    denoising_strength: float = Field(0.4, gt=0.0, le=1.0)
+
+
+class Txt2ImgRequest(BaseModel):
+    # Unknown fields are ignored rather than rejected: A1111 clients send many extras.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = Field(30, ge=1)
+    cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
+    width: int = Field(512, ge=8)
+    height: int = Field(512, ge=8)
+    model: str = Field(DEFAULT_MODEL, min_length=1, max_length=512)
+    sampler_name: str = "DPM++ 2M Karras"
+    # None means "not given": the sampler's own schedule applies where karras cannot
+    # (see engine.samplers.resolve_sampler); the payload echoes what was resolved.
+    scheduler_type: str | None = None
+    fileType: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(85, ge=1, le=100)
+    loras: list[LoRA | str] = Field(default_factory=list)
+    hires: HiresConfig | None = None
+    refiner_checkpoint: str | None = Field(None, max_length=512)
+    refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
+    seed: int | None = Field(None, ge=-1, le=2**64 - 1)
+
+    @field_validator("sampler_name")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        if v not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {v!r}; valid choices: {', '.join(SAMPLER_NAMES)}")
+        return v
+
+    @field_validator("scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, v: str | None) -> str | None:
+        if v is not None and v not in SCHEDULER_TYPES:
+            raise ValueError(f"unknown scheduler type {v!r}; valid choices: {', '.join(SCHEDULER_TYPES)}")
+        return v
+
+    @field_validator("loras")
+    @classmethod
+    def _normalise_loras(cls, v: list[LoRA | str]) -> list[LoRA | str]:
+        for item in v:
+            if isinstance(item, str) and not item.strip():
+                raise ValueError("LoRA name must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _empty_refiner_is_none(self) -> "Txt2ImgRequest":
+        if self.refiner_checkpoint is not None and not self.refiner_checkpoint.strip():
+            self.refiner_checkpoint = None
+        return self
+
+    def lora_list(self) -> list[LoRA]:
+        return [LoRA(name=x) if isinstance(x, str) else x for x in self.loras]
+
+
+class Txt2ImgResponse(BaseModel):
+    job_id: str
+    status: Literal["queued"] = "queued"
+
+
+class QueueStatusResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: Literal["success", "error"]
+    job_id: str
+    progress: float
+    current_phase: str
+    state: str
+    error: str | None = None
+    queue_position: int | None = None
+    payload: dict[str, Any] | None = None
+    image: str | None = None
+    output_path: str | None = None
+    width: int | None = None
+    height: int | None = None
+    file_type: Literal["jpg", "png"] | None = None
+    jpeg_quality: int | None = None
+    generation_time_sec: float | None = None
+    memory_before_mb: float | None = None
+    memory_after_mb: float | None = None
+    seed: int | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    label: str
+    type: str | None = None
+    format: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    models: list[ModelInfo]
+    error: str | None = None
+
+
+class ModelAliasesResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    models: list[ModelInfo]
+    message: str
+
+
+class LoraInfo(BaseModel):
+    name: str
+    scale: float = 1.0
+    family: str | None = None
+
+
+class LorasResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    loras: list[LoraInfo]
+    error: str | None = None
+
+
+class UpscalerInfo(BaseModel):
+    name: str
+    path: str
+
+
+class UpscalersResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    upscalers: list[UpscalerInfo]
+    error: str | None = None
+
+
+class SamplingMethodsResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    sampling_methods: list[str]
+    scheduler_types: list[str]
+    error: str | None = None
+
+
+class HelloResponse(BaseModel):
+    ok: bool = True
+
+
+class ErrorResponse(BaseModel):
+    status: Literal["error"] = "error"
+    error: str
+    detail: Any | None = None
+
+
+class QueueListEntry(BaseModel):
+    job_id: str
+    state: str
+    current_phase: str
+    progress: float
+    queue_position: int | None = None
+
+
+class QueueListResponse(BaseModel):
+    status: Literal["success"] = "success"
+    jobs: list[QueueListEntry]
