@@ -299,7 +299,7 @@ class Worker:
             final = {
                 "state": "done", "current_phase": "done", "progress": 100.0,
                 "payload": spec.request.model_dump(mode="json"),
-                "output_path": display_path(out_path), "width": image.width, "height": image.height,
+                "output_path": display_path(out_path), "output_file": str(out_path.resolve()), "width": image.width, "height": image.height,
                 "file_type": req.fileType, "jpeg_quality": req.jpeg_quality,
                 "generation_time_sec": round(time.perf_counter() - t0, 3),
                 "memory_before_mb": mem_before, "memory_after_mb": rss_mb(), "seed": spec.seed,
@@ -387,7 +387,7 @@ class JobService:
                 return None
             if state == "done":
                 try:
-                    image = base64.b64encode(Path(st["output_path"]).read_bytes()).decode()
+                    image = base64.b64encode(Path(st.get("output_file") or st["output_path"]).read_bytes()).decode()
                 except OSError:
                     image = None
                 resp.update({k: st.get(k) for k in ("payload", "output_path", "width", "height", "file_type",

@@ -74,13 +74,14 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         raise RequestError("scheduler_type" if "scheduler" in str(e) else "sampler_name", str(e)) from None
 
     models = registry.models()
+    bases = [m for m in models if m.family != SDXL_REFINER]
     try:
-        model = registry.resolve_model(req.model, models=models)
+        model = registry.resolve_model(req.model if model_given else settings.default_model, models=models)
     except NameError_ as e:
-        if model_given or not models:
+        if model_given or not bases:
             raise RequestError("model", str(e)) from None
-        # No model named, default not installed: the first installed model (e.g. the demo).
-        model = models[0]
+        # No model named and the default is not installed: the first installed one (e.g. the demo).
+        model = bases[0]
     if model.family == SDXL_REFINER:
         raise RequestError("model", f"{model.name!r} is an SDXL refiner; use it as refiner_checkpoint "
                                     "with an SDXL base model")

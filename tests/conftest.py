@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny models built once per session, a real uvicorn server per test module."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx
+import pytest
+
+from diffusionapi.config import Settings
+
+TINY = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sdxl-refiner": "sdxl-refiner"}
+HUB_NAME = "models--testorg--tiny-hub-sd15"
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> Path:
+    """A models dir with tiny SD 1.5, SDXL and refiner folders and a hub-cache copy."""
+    from diffusionapi.demo import save_tiny_model
+
+    root = tmp_path_factory.mktemp("store")
+    models = root / "models"
+    for name, fam in TINY.items():
+        save_tiny_model(fam, models / name)
+    snap = models / HUB_NAME / "snapshots" / "0123abcd"
+    shutil.copytree(models / "tiny-sd15", snap)
+    (models / HUB_NAME / "refs").mkdir()
+    (models / HUB_NAME / "refs" / "main").write_text("0123abcd")
+    (root / "labels.json").write_text(json.dumps({"tiny-sd15": "Tiny SD", "tiny-sdxl": "Tiny XL"}))
+    (root / "loras").mkdir()
+    (root / "upscalers").mkdir()
+    return root
+
+
+def make_settings(store: Path, work: Path, **overrides) -> Settings:
+    base = dict(models_dir=store / "models", loras_dir=store / "loras", upscalers_dir=store / "upscalers",
+                model_labels=store / "labels.json", outputs_dir=work / "outputs", queue_dir=work / "queue",
+                device="cpu", default_model="tiny-sd15")
+    base.update(overrides)
+    return Settings(**base)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The real app under real uvicorn, in this process (so pipelines stay warm between tests)."""
+
+    def __init__(self, settings: Settings):
+        import uvicorn
+
+        from diffusionapi.main import create_app
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                   log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+        return self
+
+    def __exit__(self, *exc):
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    # helpers ------------------------------------------------------------
+    def submit(self, **payload) -> str:
+        r = self.client.post("/txt2img", json=payload)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "queued"
+        return r.json()["job_id"]
+
+    def wait(self, job_id: str, timeout: float = 120, on_poll=None) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            r = self.client.get(f"/queue/{job_id}")
+            assert r.status_code == 200, r.text
+            body = r.json()
+            if on_poll:
+                on_poll(body)
+            if body["state"] in ("done", "error", "cancelled"):
+                return body
+            time.sleep(0.02)
+        raise TimeoutError(job_id)
+
+    def run(self, **payload) -> dict:
+        return self.wait(self.submit(**payload))
+
+    @property
+    def engine(self):
+        return self.app.state.jobs.worker.engine
+
+
+SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4)
+
+
+@pytest.fixture(scope="module")
+def server(model_store, tmp_path_factory):
+    settings = make_settings(model_store, tmp_path_factory.mktemp("work"))
+    with LiveServer(settings) as s:
+        yield s
