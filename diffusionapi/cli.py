@@ -1,0 +1,87 @@
+"""Command-line helpers: list_models.py and the checks init.sh runs before starting."""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from pathlib import Path
+
+from .registry import FAMILY_LABELS
+
+
+def list_models_main(argv: list[str] | None = None) -> int:
+    from .config import get_settings
+    from .registry import Registry
+
+    s = get_settings()
+    ap = argparse.ArgumentParser(prog="list_models.py", description="List installed models as 'Label -> name'.")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    ap.add_argument("--models-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.models_dir is not None:
+        s = s.model_copy(update={"models_dir": args.models_dir})
+    models = Registry(s).models()
+    rows = [{"name": m.name, "label": m.label, "family": m.family, "format": m.format, "path": str(m.path)}
+            for m in models]
+    if args.json:
+        print(json.dumps({"models_dir": str(s.models_dir), "models": rows}, indent=2))
+        return 0
+    if not rows:
+        where = Path(s.models_dir)
+        state = "does not exist" if not where.exists() else "holds no models"
+        print(f"No models installed: {where} {state}. Put diffusers folders, hub-cache folders "
+              f"(models--org--name) or .safetensors checkpoints there, or run: python -m diffusionapi.demo")
+        return 0
+    for r in rows:
+        print(f"{r['label']} -> {r['name']}  [{FAMILY_LABELS.get(r['family'], r['family'])}, {r['format']}]  {r['path']}")
+    return 0
+
+
+def _ensure_model() -> int:
+    from .config import get_settings
+    from .demo import DEMO_MODEL_NAME, install_demo
+    from .registry import Registry
+
+    s = get_settings()
+    if Registry(s).models():
+        return 0
+    print(f"No model installed in {s.models_dir}: installing the tiny demo model {DEMO_MODEL_NAME!r} "
+          "(random weights: it makes noise images; see README to add real checkpoints)")
+    install_demo(Path(s.models_dir), Path(s.model_labels))
+    return 0
+
+
+def _check_port(host: str, port: str) -> int:
+    try:
+        p = int(port)
+    except ValueError:
+        print(f"init.sh: PORT must be a number, got {port!r}", file=sys.stderr)
+        return 1
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, p))
+        except OSError as e:
+            print(f"init.sh: cannot listen on {host}:{p}: {e.strerror or e} (is another server running? set PORT)",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv else ""
+    if cmd == "ensure-model":
+        return _ensure_model()
+    if cmd == "check-port":
+        return _check_port(*argv)
+    if cmd == "list-models":
+        return list_models_main(argv)
+    print("usage: python -m diffusionapi.cli {ensure-model|check-port HOST PORT|list-models [--json]}",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
