@@ -193,3 +193,60 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------- tiny LoRAs
+
+_UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+_TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
+def _lora_targets(module, suffixes):
+    import torch
+
+    return [(n, m) for n, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.endswith(suffixes)]
+
+
+def _te_name(name: str) -> str:
+    # transformers >= 5.6 drops the "text_model." prefix from CLIPTextModel module names;
+    # LoRA files (kohya and diffusers alike) are written with it.
+    return name if name.startswith("text_model.") else "text_model." + name
+
+
+def write_tiny_lora(pipe, path: Path, fmt: str = "kohya", *, seed: int = 0, rank: int = 4,
+                    strength: float = 0.5, text_encoder: bool = True) -> Path:
+    """A random LoRA for ``pipe``'s UNet (and text encoders), as kohya (.alpha) or diffusers/PEFT keys."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    parts = [("unet", pipe.unet, _UNET_TARGETS)]
+    if text_encoder:
+        if getattr(pipe, "text_encoder", None) is not None:
+            parts.append(("te1" if getattr(pipe, "text_encoder_2", None) is not None else "te",
+                          pipe.text_encoder, _TE_TARGETS))
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            parts.append(("te2", pipe.text_encoder_2, _TE_TARGETS))
+    for part, module, suffixes in parts:
+        for name, lin in _lora_targets(module, suffixes):
+            down = torch.randn(rank, lin.in_features, generator=g) * strength
+            up = torch.randn(lin.out_features, rank, generator=g) * strength
+            full = name if part == "unet" else _te_name(name)
+            if fmt == "kohya":
+                key = f"lora_{part}_{full.replace('.', '_')}"
+                sd[f"{key}.lora_down.weight"] = down
+                sd[f"{key}.lora_up.weight"] = up
+                sd[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
+            elif fmt == "diffusers":
+                prefix = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}[part]
+                sd[f"{prefix}.{full}.lora_A.weight"] = down
+                sd[f"{prefix}.{full}.lora_B.weight"] = up
+            else:
+                raise ValueError(f"unknown LoRA format {fmt!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path

@@ -126,9 +126,9 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
             raise RequestError("hires.upscaler", str(e)) from None
 
     seed = req.seed if req.seed is not None and req.seed >= 0 else secrets.randbelow(2**32)
-    understood = req.model_copy(update=dict(
-        model=model.name, width=w, height=h, seed=seed, scheduler_type=resolved_scheduler_type(sampler),
-        refiner_checkpoint=refiner.name if refiner else None,
-        loras=[{"name": e.name, "scale": s} for e, s in loras]))
-    understood = Txt2ImgRequest.model_validate(understood.model_dump())
+    understood = Txt2ImgRequest.model_validate({
+        **req.model_dump(), "model": model.name, "width": w, "height": h, "seed": seed,
+        "scheduler_type": resolved_scheduler_type(sampler),
+        "refiner_checkpoint": refiner.name if refiner else None,
+        "loras": [{"name": e.name, "scale": s} for e, s in loras]})
     return JobSpec(understood, model, refiner, sampler, loras, upscaler, w, h, fw, fh, seed)

@@ -1,0 +1,118 @@
+"""LoRAs through HTTP: kohya and diffusers files, scales, combinations, no leaks, errors."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusionapi.demo import tiny_sd15_pipeline, tiny_sdxl_pipeline, write_tiny_lora
+from diffusionapi.images import read_infotext
+from diffusionapi.engine.loras import file_sha256
+
+from .conftest import SMALL, LiveServer, make_settings
+
+
+@pytest.fixture(scope="module")
+def lora_server(model_store, tmp_path_factory):
+    work = tmp_path_factory.mktemp("lora-work")
+    loras = work / "loras"
+    sd, xl = tiny_sd15_pipeline(0), tiny_sdxl_pipeline(0)
+    write_tiny_lora(sd, loras / "sd-kohya.safetensors", "kohya", seed=1)
+    write_tiny_lora(sd, loras / "style" / "sd-peft.safetensors", "diffusers", seed=2)
+    write_tiny_lora(sd, loras / "sd-second.safetensors", "kohya", seed=3)
+    write_tiny_lora(xl, loras / "xl-kohya.safetensors", "kohya", seed=4)
+    write_tiny_lora(xl, loras / "xl-peft.safetensors", "diffusers", seed=5)
+    good = (loras / "sd-kohya.safetensors").read_bytes()
+    (loras / "broken.safetensors").write_bytes(good[: len(good) // 2])
+    with LiveServer(make_settings(model_store, work, loras_dir=loras)) as s:
+        yield s
+
+
+def px(resp):
+    assert resp["state"] == "done", resp
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(resp["image"]))))
+
+
+def gen(server, model="tiny-sd15", **kw):
+    return px(server.run(**dict(SMALL, model=model, seed=42, fileType="png", **kw)))
+
+
+def test_listing(lora_server):
+    loras = {x["name"]: x for x in lora_server.client.get("/loras").json()["loras"]}
+    assert set(loras) == {"sd-kohya", "style/sd-peft", "sd-second", "xl-kohya", "xl-peft", "broken"}
+    assert all(x["scale"] == 1.0 for x in loras.values())
+    assert loras["sd-kohya"]["family"] == "sd15" and loras["xl-kohya"]["family"] == "sdxl"
+    assert loras["xl-peft"]["family"] == "sdxl" and loras["style/sd-peft"]["family"] == "sd15"
+
+
+@pytest.mark.parametrize("model, lora", [("tiny-sd15", "sd-kohya"), ("tiny-sd15", "style/sd-peft"),
+                                         ("tiny-sdxl", "xl-kohya"), ("tiny-sdxl", "xl-peft")])
+def test_lora_changes_output_and_scale_matters(lora_server, model, lora):
+    base = gen(lora_server, model)
+    full = gen(lora_server, model, loras=[{"name": lora, "scale": 1.0}])
+    half = gen(lora_server, model, loras=[{"name": lora, "scale": 0.5}])
+    zero = gen(lora_server, model, loras=[{"name": lora, "scale": 0.0}])
+    assert not np.array_equal(base, full) and not np.array_equal(full, half)
+    assert np.array_equal(base, zero)
+    assert np.array_equal(base, gen(lora_server, model))  # nothing leaks into the next job
+
+
+def test_string_and_object_forms_agree(lora_server):
+    assert np.array_equal(gen(lora_server, loras=["sd-kohya"]), gen(lora_server, loras=[{"name": "sd-kohya"}]))
+
+
+def test_two_loras_combine(lora_server):
+    a = gen(lora_server, loras=["sd-kohya"])
+    b = gen(lora_server, loras=["sd-second"])
+    both = gen(lora_server, loras=["sd-kohya", {"name": "sd-second", "scale": 0.7}])
+    assert not np.array_equal(both, a) and not np.array_equal(both, b)
+    # Order and a changed scale are honoured exactly, with no memory of the previous set.
+    assert np.array_equal(both, gen(lora_server, loras=[{"name": "sd-second", "scale": 0.7}, "sd-kohya"]))
+    assert np.array_equal(a, gen(lora_server, loras=["sd-kohya"]))
+
+
+def test_no_leak_bit_for_bit_against_a_fresh_server(lora_server, model_store, tmp_path):
+    gen(lora_server, loras=["sd-kohya", "style/sd-peft"])
+    after = gen(lora_server)
+    with LiveServer(make_settings(model_store, tmp_path, loras_dir=lora_server.settings.loras_dir)) as fresh:
+        assert np.array_equal(after, gen(fresh))
+
+
+def test_lora_file_read_once(lora_server):
+    gen(lora_server, loras=["sd-second"])
+    loads = lora_server.engine.loras.loads
+    gen(lora_server, loras=["sd-second"])
+    gen(lora_server)
+    gen(lora_server, loras=[{"name": "sd-second", "scale": 0.3}])
+    assert lora_server.engine.loras.loads == loads
+
+
+@pytest.mark.parametrize("lora, reason", [("xl-kohya", "SDXL"), ("broken", "broken")])
+def test_incompatible_or_corrupt_lora_fails_the_job_only(lora_server, lora, reason):
+    base = gen(lora_server)
+    r = lora_server.run(**dict(SMALL, model="tiny-sd15", seed=42, loras=["sd-kohya", lora]))
+    assert r["state"] == "error" and lora in r["error"] and reason in r["error"], r
+    assert np.array_equal(base, gen(lora_server))
+    assert not np.array_equal(base, gen(lora_server, loras=["sd-kohya"]))
+
+
+def test_unknown_lora_lists_close_matches(lora_server):
+    r = lora_server.client.post("/txt2img", json=dict(SMALL, loras=["sd-kohy"]))
+    assert r.status_code == 422
+    assert "loras[0]" in r.json()["error"] and "did you mean: sd-kohya" in r.json()["error"]
+    for bad in ("../loras/sd-kohya", "/etc/passwd", "style/../sd-kohya"):
+        assert lora_server.client.post("/txt2img", json=dict(SMALL, loras=[bad])).status_code == 422
+
+
+def test_infotext_lora_hashes(lora_server):
+    r = lora_server.run(**dict(SMALL, model="tiny-sd15", seed=1, fileType="png",
+                               prompt="portrait", loras=["sd-kohya", {"name": "style/sd-peft", "scale": 0.5}]))
+    info = read_infotext(base64.b64decode(r["image"]))
+    assert info.startswith("portrait\n")
+    h1 = file_sha256(lora_server.settings.loras_dir / "sd-kohya.safetensors")[:12]
+    h2 = file_sha256(lora_server.settings.loras_dir / "style" / "sd-peft.safetensors")[:12]
+    assert f'Lora hashes: "sd-kohya: {h1}, style/sd-peft: {h2}"' in info
+    assert r["payload"]["loras"] == [{"name": "sd-kohya", "scale": 1.0}, {"name": "style/sd-peft", "scale": 0.5}]
