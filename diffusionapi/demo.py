@@ -250,3 +250,53 @@ def write_tiny_lora(pipe, path: Path, fmt: str = "kohya", *, seed: int = 0, rank
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
+
+
+# ---------------------------------------------------------------------------- tiny upscalers
+
+def write_tiny_upscaler(path: Path, kind: str = "esrgan-old", *, scale: int = 4, seed: int = 0) -> Path:
+    """A random-weight upscaler file spandrel recognises: "esrgan-old" (model.N keys),
+    "esrgan-new" (Real-ESRGAN's conv_first/body keys) or "compact" (SRVGGNetCompact)."""
+    import re
+
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact import Compact
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    if kind.startswith("esrgan"):
+        # Narrow and one block deep; the RRDB growth channel stays 32 or spandrel will not detect it.
+        sd = {k: v * 0.1 for k, v in ESRGAN(num_filters=8, num_blocks=1, scale=scale).state_dict().items()}
+        if kind == "esrgan-new":
+            ups = sorted({int(m.group(1)) for k in sd if (m := re.match(r"model\.(\d+)\.", k))} - {0, 1})
+            *upconvs, hr, last = ups
+            new = {}
+            for k, v in sd.items():
+                m = re.match(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)", k)
+                if m:
+                    new[f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"] = v
+                    continue
+                idx, kind_ = k.split(".")[1], k.split(".")[-1]
+                if k.startswith("model.1.sub."):
+                    new[f"conv_body.{kind_}"] = v
+                elif idx == "0":
+                    new[f"conv_first.{kind_}"] = v
+                elif int(idx) in upconvs:
+                    new[f"conv_up{upconvs.index(int(idx)) + 1}.{kind_}"] = v
+                elif int(idx) == hr:
+                    new[f"conv_hr.{kind_}"] = v
+                else:
+                    new[f"conv_last.{kind_}"] = v
+            sd = new
+    elif kind == "compact":
+        sd = Compact(num_feat=8, num_conv=2, upscale=scale).state_dict()
+    else:
+        raise ValueError(f"unknown upscaler kind {kind!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, str(path))
+    return path

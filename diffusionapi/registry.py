@@ -277,7 +277,8 @@ class Registry:
         raise NameError_(_unknown("LoRA", requested, [e.name for e in loras]))
 
     # ------------------------------------------------------------------ upscalers
-    def upscalers(self) -> list[UpscalerEntry]:
+    def upscalers(self, problems: dict[str, str] | None = None) -> list[UpscalerEntry]:
+        """Latent modes, then every file spandrel loads; ``problems`` collects why others are not listed."""
         out = [UpscalerEntry(n, None) for n in LATENT_UPSCALE_MODES]
         root = Path(self.settings.upscalers_dir)
         if not root.is_dir():
@@ -290,6 +291,8 @@ class Registry:
                 out.append(UpscalerEntry(f.stem, f))
             else:
                 log.warning("upscaler %s not listed: %s", f, problem)
+                if problems is not None:
+                    problems[f.stem] = problem
         return out
 
     def _upscaler_problem(self, f: Path) -> str | None:
@@ -306,7 +309,10 @@ class Registry:
         return problem
 
     def resolve_upscaler(self, requested: str) -> UpscalerEntry:
-        ups = self.upscalers()
+        problems: dict[str, str] = {}
+        ups = self.upscalers(problems)
+        if requested in problems:
+            raise NameError_(f"upscaler {requested!r} is not usable: {problems[requested]}")
         for u in ups:
             if u.name == requested:
                 return u
