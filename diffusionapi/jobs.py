@@ -379,7 +379,7 @@ class JobService:
                 "state": state, "error": st.get("error")}
         if state not in FINAL_STATES:
             pos = self.queue.position(job_id)
-            if state == "queued" and pos is not None:
+            if pos is not None:
                 resp["queue_position"] = pos
             return resp
         with self._final_lock:  # exactly one reader gets the final response

@@ -63,26 +63,29 @@ class GuardMiddleware:
                 return await _send_json(send, 413, {"status": "error",
                                                     "error": f"request body larger than {self.max_body} bytes"})
             return await self.app(scope, receive, send)
+        # No Content-Length (chunked): count as the body streams in; past the cap, answer
+        # 413 ourselves and tell the app the client went away.
         seen = 0
         limit = self.max_body
+        answered = False
 
         async def capped_receive():
-            nonlocal seen
+            nonlocal seen, answered
             msg = await receive()
-            if msg["type"] == "http.request":
+            if msg["type"] == "http.request" and not answered:
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise _BodyTooLarge()
+                    answered = True
+                    await _send_json(send, 413, {"status": "error",
+                                                 "error": f"request body larger than {limit} bytes"})
+                    return {"type": "http.disconnect"}
             return msg
 
-        try:
-            await self.app(scope, capped_receive, send)
-        except _BodyTooLarge:
-            await _send_json(send, 413, {"status": "error", "error": f"request body larger than {limit} bytes"})
+        async def guarded_send(message):
+            if not answered:
+                await send(message)
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, capped_receive, guarded_send)
 
 
 async def _send_json(send, status: int, body: dict, extra=()):

@@ -121,3 +121,48 @@ def server(model_store, tmp_path_factory):
     settings = make_settings(model_store, tmp_path_factory.mktemp("work"))
     with LiveServer(settings) as s:
         yield s
+
+
+class ServerProcess:
+    """`uvicorn diffusionapi.main:app` as a real child process (for crash and restart tests)."""
+
+    def __init__(self, settings: Settings, port: int | None = None, extra_env: dict | None = None):
+        self.settings = settings
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(os.environ, **{f"DIFFUSIONAPI_{k.upper()}": (json.dumps(v) if isinstance(v, list) else str(v))
+                                       for k, v in settings.model_dump().items() if v is not None},
+                        **(extra_env or {}))
+        self.proc = None
+
+    def start(self, timeout: float = 60):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "diffusionapi.main:app", "--host",
+                                      "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+                                     env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited: " + self.proc.stdout.read().decode()[-2000:])
+            try:
+                if httpx.get(self.url + "/hello", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def kill9(self):
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except Exception:
+                self.proc.kill()
