@@ -2,7 +2,8 @@
 # Chooses how to serve, then starts the server through init.sh:
 #   1) HTTP (default)   2) HTTPS, self-signed certificate   3) HTTPS, your certificate and key
 # Interactive by default; scripted with --mode http|self-signed|custom [--cert F --key F]
-# or the environment HTTPS_MODE, SSL_CERTFILE, SSL_KEYFILE. Other arguments go to uvicorn.
+# or the environment HTTPS_MODE, SSL_CERTFILE, SSL_KEYFILE (SSL_DIR: where the self-signed
+# pair lives, default ssl/). Other arguments go to uvicorn.
 set -euo pipefail
 cd "$(dirname "$0")"
 mode="${HTTPS_MODE:-}"; cert="${SSL_CERTFILE:-}"; key="${SSL_KEYFILE:-}"
@@ -35,10 +36,11 @@ case "$mode" in
     export SSL_CERTFILE="" SSL_KEYFILE="" ;;
   self-signed|2)
     command -v openssl >/dev/null 2>&1 || fail "openssl not found; install it or choose HTTP"
-    if [ ! -e ssl/cert.pem ] || [ ! -e ssl/key.pem ]; then
-      ./generate_ssl_certs.sh --force
+    ssl_dir="${SSL_DIR:-ssl}"
+    if [ ! -e "$ssl_dir/cert.pem" ] || [ ! -e "$ssl_dir/key.pem" ]; then
+      ./generate_ssl_certs.sh --force --dir "$ssl_dir"
     fi
-    export SSL_CERTFILE=ssl/cert.pem SSL_KEYFILE=ssl/key.pem REQUIRE_TLS=1 ;;
+    export SSL_CERTFILE="$ssl_dir/cert.pem" SSL_KEYFILE="$ssl_dir/key.pem" REQUIRE_TLS=1 ;;
   custom|3)
     command -v openssl >/dev/null 2>&1 || fail "openssl not found; it is needed to check the certificate"
     [ -n "$cert" ] || read -r -p "Certificate file (PEM): " cert || true
