@@ -197,8 +197,9 @@ class JobQueue:
 class Worker:
     """The one thread that runs jobs, in order, on the engine."""
 
-    def __init__(self, settings, store: JobStore, queue: JobQueue, registry, engine_factory):
+    def __init__(self, settings, store: JobStore, queue: JobQueue, registry, engine_factory, on_final=None):
         self.settings = settings
+        self.on_final = on_final or (lambda job_id: None)
         self.store = store
         self.queue = queue
         self.registry = registry
@@ -306,6 +307,7 @@ class Worker:
             }
             self.store.write_status(job_id, final, fsync=True)
             self.jobs_run += 1
+            self.on_final(job_id)
         except JobInterrupted:
             self.store.write_status(job_id, {"state": "queued", "current_phase": "queued", "progress": 0.0},
                                     fsync=True)
@@ -324,6 +326,7 @@ class Worker:
         self.store.write_status(job_id, {"state": state, "current_phase": state, "progress": 0.0,
                                          "error": message,
                                          "generation_time_sec": round(time.perf_counter() - t0, 3)}, fsync=True)
+        self.on_final(job_id)
 
 
 class _Fail(Exception):
@@ -337,11 +340,49 @@ class JobService:
         self.settings = settings
         self.store = JobStore(settings.queue_dir)
         self.queue = JobQueue(settings.max_queued_jobs)
-        self.worker = Worker(settings, self.store, self.queue, registry, engine_factory)
+        self.worker = Worker(settings, self.store, self.queue, registry, engine_factory, on_final=self._notify)
         self._final_lock = threading.Lock()
-        self._known_final: set[str] = set()
+        self._loop = None
+        self._waiters: dict[str, list] = {}
+
+    # Long-poll: GET /queue/{id}?wait=N returns as soon as the job is final.
+    def _notify(self, job_id: str) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._wake, job_id)
+
+    def _wake(self, job_id: str) -> None:
+        for fut in self._waiters.pop(job_id, []):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait_final(self, job_id: str, timeout: float) -> None:
+        import asyncio
+
+        st = self.store.read_status(job_id)
+        if st is None or st.get("state") in FINAL_STATES or timeout <= 0:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append(fut)
+        st = self.store.read_status(job_id)  # it may have finished while we registered
+        if st is None or st.get("state") in FINAL_STATES:
+            self._wake(job_id)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            waiters = self._waiters.get(job_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    self._waiters.pop(job_id, None)
 
     def start(self) -> None:
+        import asyncio
+
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         for record, status in self.store.recover():
             job_id = record["job_id"]
             state = (status or {}).get("state")
@@ -409,6 +450,7 @@ class JobService:
         if self.queue.remove_waiting(job_id):
             self.store.write_status(job_id, {"state": "cancelled", "current_phase": "cancelled", "progress": 0.0,
                                              "error": "cancelled by request"}, fsync=True)
+            self._notify(job_id)
             return "cancelled"
         if self.queue.cancel_running(job_id):
             return "cancelling"

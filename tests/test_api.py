@@ -204,3 +204,15 @@ def test_second_job_reloads_nothing(server):
     loads = server.engine.cache.loads
     server.run(**SMALL, model="tiny-sd15", seed=3)
     assert server.engine.cache.loads == loads
+
+
+def test_long_poll_returns_when_done(server):
+    import time
+
+    job = server.submit(**dict(SMALL, steps=20, width=128, height=128))
+    t0 = time.time()
+    r = server.client.get(f"/queue/{job}", params={"wait": 30})
+    assert r.json()["state"] == "done" and time.time() - t0 < 25
+    assert server.client.get(f"/queue/{job}", params={"wait": 1}).status_code == 404
+    r = server.client.get(f"/queue/{job}", params={"wait": 99})
+    assert r.status_code == 422

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -50,11 +50,15 @@ async def queue_list(request: Request):
 
 @router.get("/queue/{job_id}", response_model=QueueStatusResponse, response_model_exclude_none=False,
             responses=_ERRORS)
-async def queue_status(job_id: str, request: Request):
+async def queue_status(job_id: str, request: Request,
+                       wait: float = Query(0, ge=0, le=60, description="long-poll: seconds to wait for the job to finish")):
     # async + one small file read: polling must never wait for a threadpool slot.
     if not _valid_job_id(job_id):
         return error(404, f"no job {job_id!r} (job ids are UUIDs)")
-    resp = request.app.state.jobs.status(job_id)
+    jobs = request.app.state.jobs
+    if wait:
+        await jobs.wait_final(job_id, wait)
+    resp = jobs.status(job_id)
     if resp is None:
         return error(404, f"no job {job_id!r}: unknown, or its final result was already read")
     return JSONResponse(resp)
