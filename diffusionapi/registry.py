@@ -172,7 +172,8 @@ class Registry:
                 self._family_cache[key] = fam
         return fam
 
-    def models(self) -> list[ModelEntry]:
+    def models(self, problems: dict[str, str] | None = None) -> list[ModelEntry]:
+        """Every usable model; ``problems`` collects why the others are left out."""
         root = Path(self.settings.models_dir)
         if not root.is_dir():
             return []
@@ -187,12 +188,14 @@ class Registry:
                 fam = self._cached_family(path, family_fn, stamp)
             except Exception as e:  # a broken model must not hide the others
                 log.warning("skipping model %s: %s", path, e)
+                if problems is not None:
+                    problems[name] = str(e)
                 return
             found[name] = ModelEntry(name, labels.get(name) or derive_label(name), path, fam, fmt)
 
         for entry in sorted(root.iterdir()):
-            if not _inside(entry, root) or entry.name.startswith("."):
-                continue
+            if not _inside(entry, root) or entry.name.startswith(".") or entry.name.endswith(".config"):
+                continue  # "<checkpoint>.config/" folders are a single file's config, not a model
             if entry.is_dir():
                 if (entry / "model_index.json").exists():
                     add(entry.name, entry, "diffusers", family_from_diffusers_folder, entry / "model_index.json")
@@ -235,8 +238,11 @@ class Registry:
                 return cands[0]
         return None
 
-    def resolve_model(self, requested: str, *, models: list[ModelEntry] | None = None) -> ModelEntry:
-        models = self.models() if models is None else models
+    def resolve_model(self, requested: str, *, models: list[ModelEntry] | None = None,
+                      problems: dict[str, str] | None = None) -> ModelEntry:
+        if models is None:
+            problems = {}
+            models = self.models(problems)
         by_name = {m.name: m for m in models}
         if requested in by_name:
             return by_name[requested]
@@ -250,6 +256,8 @@ class Registry:
             if len(hits) > 1:
                 raise NameError_(f"model {requested!r} is ambiguous; it matches: "
                                  f"{', '.join(m.name for m in hits)}")
+        if problems and requested in problems:
+            raise NameError_(f"model {requested!r} is not usable: {problems[requested]}")
         raise NameError_(_unknown("model", requested, [m.name for m in models] + [m.label for m in models]))
 
     # ------------------------------------------------------------------ LoRAs

@@ -73,10 +73,12 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     except SamplerChoiceError as e:
         raise RequestError("scheduler_type" if "scheduler" in str(e) else "sampler_name", str(e)) from None
 
-    models = registry.models()
+    problems: dict[str, str] = {}
+    models = registry.models(problems)
     bases = [m for m in models if m.family != SDXL_REFINER]
     try:
-        model = registry.resolve_model(req.model if model_given else settings.default_model, models=models)
+        model = registry.resolve_model(req.model if model_given else settings.default_model, models=models,
+                                       problems=problems)
     except NameError_ as e:
         if model_given or not bases:
             raise RequestError("model", str(e)) from None
@@ -89,7 +91,7 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     refiner = None
     if req.refiner_checkpoint:
         try:
-            refiner = registry.resolve_model(req.refiner_checkpoint, models=models)
+            refiner = registry.resolve_model(req.refiner_checkpoint, models=models, problems=problems)
         except NameError_ as e:
             raise RequestError("refiner_checkpoint", str(e)) from None
         if model.family != SDXL:

@@ -1,0 +1,80 @@
+"""Single-file checkpoints (.safetensors / .ckpt) loaded offline with ``from_single_file``.
+
+diffusers needs a diffusers-layout config folder for the architecture; without one it goes
+to the hub. We ship config-only folders for SD 1.5, SDXL and the SDXL refiner in
+``diffusionapi/configs`` (plus CLIP's BPE tokenizer files, rebuilt from open_clip's MIT-licensed
+vocabulary). A folder ``<checkpoint stem>.config/`` next to a checkpoint overrides them, for
+architectures we do not ship (and for the tiny test checkpoints).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from .. import __version__
+from ..registry import SD15, ModelEntry
+
+PACKAGED = Path(__file__).resolve().parents[1] / "configs"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def ckpt_keys(path: Path) -> list[str]:
+    """Tensor names of a .ckpt, loaded the safe way: a pickle needing more than tensors is refused."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path.name} refused: its pickle needs more than plain tensors "
+                              f"(weights_only loading): {str(e).splitlines()[0][:200]}") from e
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path.name} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from e
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path.name} holds no state dict")
+    return list(sd)
+
+
+def sidecar_config(path: Path) -> Path | None:
+    folder = path.with_name(path.stem + ".config")
+    return folder if (folder / "model_index.json").exists() else None
+
+
+def packaged_config(family: str) -> Path:
+    """The shipped config folder for ``family``, assembled once with the tokenizer files."""
+    target = Path(tempfile.gettempdir()) / f"diffusionapi-configs-{__version__}" / family
+    if (target / "model_index.json").exists():
+        return target
+    tmp = target.with_name(f"{family}.{id(target)}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(PACKAGED / family, tmp)
+    for tok in tmp.glob("tokenizer*"):
+        for f in TOKENIZER_FILES:
+            shutil.copy(PACKAGED / "clip-tokenizer" / f, tok / f)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_single_file(cls, entry: ModelEntry, dtype):
+    config = sidecar_config(entry.path) or packaged_config(entry.family)
+    kwargs = dict(config=str(config), local_files_only=True, torch_dtype=dtype)
+    if entry.family == SD15:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if entry.path.suffix.lower() == ".ckpt":
+        ckpt_keys(entry.path)  # refuse unsafe pickles before diffusers opens the file
+    return cls.from_single_file(str(entry.path), **kwargs)
