@@ -272,7 +272,6 @@ class Worker:
                 raise JobInterrupted()
             return cancel.is_set()
 
-        report("queued", 0.0)
         try:
             if record["attempts"] > MAX_ATTEMPTS:
                 raise _Fail(f"interrupted by restart {MAX_ATTEMPTS} times; not retried again")

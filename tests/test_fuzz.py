@@ -58,7 +58,7 @@ class _Fake(Registry):
     def __init__(self, models):
         self._m = models
 
-    def models(self):
+    def models(self, problems=None):
         return self._m
 
 

@@ -62,8 +62,8 @@ class Engine:
         tlog.disable_progress_bar()
         self.settings = settings
         self.device = pick_device(settings.device)
-        self.cache = PipelineCache(self.device, settings.pipeline_cache_size,
-                                   cpu_offload=settings.cpu_offload, channels_last=settings.channels_last)
+        self.cache = PipelineCache(self.device, settings.pipeline_cache_size, cpu_offload=settings.cpu_offload,
+                                   channels_last=settings.channels_last, compile_unet=settings.compile_unet)
         self.loras = LoraManager(settings.lora_cache_size)
         self.upscalers = UpscalerCache(self.device)
 
@@ -89,6 +89,11 @@ class Engine:
             if cancelled():
                 raise JobCancelled()
 
+        hires = spec.hires
+        first_hi = 50.0 if hires else 100.0
+        first_phase = "initial generation" if hires else "generation"
+        if self.cache.is_loaded(spec.model.name) and (spec.refiner is None or self.cache.is_loaded(spec.refiner.name)):
+            progress.phase(first_phase)
         base = self._load(spec.model, progress, keep=(spec.model.name, spec.refiner.name if spec.refiner else ""))
         refiner = None
         if spec.refiner is not None:
@@ -98,9 +103,6 @@ class Engine:
 
         generator = torch.Generator("cpu").manual_seed(spec.seed)
         noise = NoiseFactory(generator, spec.seed)
-        hires = spec.hires
-        first_hi = 50.0 if hires else 100.0
-        first_phase = "initial generation" if hires else "generation"
 
         plan = make_plan(base, spec.sampler, req.steps)
         shape = (1, base.pipe.unet.config.in_channels, spec.height // 8, spec.width // 8)

@@ -56,7 +56,7 @@ def _pipeline_class(family: str):
 
 
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *, share_from=None,
-                  cpu_offload: bool = False, channels_last: bool = False) -> LoadedModel:
+                  cpu_offload: bool = False, channels_last: bool = False, compile_unet: bool = False) -> LoadedModel:
     """Load a model offline. ``share_from`` (an SDXL base) lends its VAE and text_encoder_2
     to a refiner when they are the same architecture, so the two stay one copy in memory."""
     cls = _pipeline_class(entry.family)
@@ -79,6 +79,9 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
         pipe.to(device)
     if channels_last and device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
+    if compile_unet and device.type == "cuda":
+        # Compiles on the first job at each new shape; pays off for long-running servers.
+        pipe.unet = torch.compile(pipe.unet, dynamic=False)
     config = dict(pipe.scheduler.config)
     return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config)
 
@@ -113,11 +116,12 @@ def _check_no_meta(pipe, entry: ModelEntry) -> None:
 class PipelineCache:
     """Resident pipelines, least recently used evicted first. Only the worker thread calls it."""
 
-    def __init__(self, device: torch.device, capacity: int = 1, *, cpu_offload=False, channels_last=False):
+    def __init__(self, device: torch.device, capacity: int = 1, *, cpu_offload=False, channels_last=False,
+                 compile_unet=False):
         self.device = device
         self.dtype = dtype_for(device)
         self.capacity = capacity
-        self.cpu_offload, self.channels_last = cpu_offload, channels_last
+        self.options = dict(cpu_offload=cpu_offload, channels_last=channels_last, compile_unet=compile_unet)
         self._items: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # how many loads happened: tests and benchmarks read it
@@ -139,8 +143,7 @@ class PipelineCache:
                 if victim is None:
                     break
                 self._evict(victim)
-            loaded = load_pipeline(entry, self.device, self.dtype, share_from=share_from,
-                                   cpu_offload=self.cpu_offload, channels_last=self.channels_last)
+            loaded = load_pipeline(entry, self.device, self.dtype, share_from=share_from, **self.options)
             self.loads += 1
             self._items[entry.name] = loaded
             return loaded
