@@ -11,8 +11,8 @@ SSL_CERTFILE="${SSL_CERTFILE-ssl/cert.pem}"  # set empty to force HTTP
 SSL_KEYFILE="${SSL_KEYFILE-ssl/key.pem}"
 py=.venv/bin/python
 
-"$py" -m diffusionapi.cli ensure-model || exit 1
 "$py" -m diffusionapi.cli check-port "$HOST" "$PORT" || exit 1
+"$py" -m diffusionapi.cli ensure-model || exit 1
 
 tls=()
 scheme=http

@@ -48,7 +48,7 @@ def _ensure_model() -> int:
         return 0
     print(f"No model installed in {s.models_dir}: installing the tiny demo model {DEMO_MODEL_NAME!r} "
           "(random weights: it makes noise images; see README to add real checkpoints)")
-    install_demo(Path(s.models_dir), Path(s.model_labels))
+    install_demo(Path(s.models_dir))
     return 0
 
 

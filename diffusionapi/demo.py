@@ -8,7 +8,6 @@ weights. Real checkpoints go in the models directory (see README).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -160,7 +159,8 @@ def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:
     return target
 
 
-def install_demo(models_dir: Path, labels_file: Path | None = None) -> Path:
+def install_demo(models_dir: Path) -> Path:
+    """The demo model as a diffusers folder; its label is built in (see registry.BUILTIN_LABELS)."""
     target = Path(models_dir) / DEMO_MODEL_NAME
     if (target / "model_index.json").exists():
         return target
@@ -168,13 +168,6 @@ def install_demo(models_dir: Path, labels_file: Path | None = None) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     save_tiny_model("sd15", tmp)
     tmp.rename(target)
-    if labels_file is not None:
-        labels_file = Path(labels_file)
-        labels = json.loads(labels_file.read_text()) if labels_file.exists() else {}
-        if DEMO_MODEL_NAME not in labels:
-            labels[DEMO_MODEL_NAME] = DEMO_MODEL_LABEL
-            labels_file.parent.mkdir(parents=True, exist_ok=True)
-            labels_file.write_text(json.dumps(labels, indent=2) + "\n")
     return target
 
 
@@ -184,9 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     s = get_settings()
     ap = argparse.ArgumentParser(description="Install the tiny demo model (random weights: noise images).")
     ap.add_argument("--models-dir", type=Path, default=s.models_dir)
-    ap.add_argument("--labels", type=Path, default=s.model_labels)
     args = ap.parse_args(argv)
-    path = install_demo(args.models_dir, args.labels)
+    path = install_demo(args.models_dir)
     print(f"demo model {DEMO_MODEL_NAME!r} at {path} (random weights: it makes noise images)")
     return 0
 

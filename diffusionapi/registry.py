@@ -16,7 +16,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .demo import DEMO_MODEL_LABEL, DEMO_MODEL_NAME
+
 log = logging.getLogger(__name__)
+
+# Labels that need no labels file.
+BUILTIN_LABELS = {DEMO_MODEL_NAME: DEMO_MODEL_LABEL}
 
 SD15, SDXL, SDXL_REFINER = "sd15", "sdxl", "sdxl-refiner"
 FAMILY_LABELS = {SD15: "SD 1.5", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner"}
@@ -191,7 +196,8 @@ class Registry:
                 if problems is not None:
                     problems[name] = str(e)
                 return
-            found[name] = ModelEntry(name, labels.get(name) or derive_label(name), path, fam, fmt)
+            found[name] = ModelEntry(name, labels.get(name) or BUILTIN_LABELS.get(name) or derive_label(name),
+                                     path, fam, fmt)
 
         for entry in sorted(root.iterdir()):
             if not _inside(entry, root) or entry.name.startswith(".") or entry.name.endswith(".config"):

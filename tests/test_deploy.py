@@ -107,7 +107,8 @@ def test_init_sh_https_when_certs_exist_and_demo_model(tmp_path):
         url = s.wait_ready("https", verify=_ca(cert))
         c = httpx.Client(base_url=url, verify=_ca(cert), timeout=30)
         assert c.get("/hello").json() == {"ok": True}
-        assert [m["name"] for m in c.get("/models").json()["models"]] == ["demo-tiny-sd15"]
+        assert c.get("/models").json()["models"] == [{"name": "demo-tiny-sd15", "type": "sd15", "format": "diffusers",
+                                                      "label": "Demo (tiny random weights, noise images)"}]
         job = c.post("/txt2img", json={"prompt": "demo", "width": 64, "height": 64, "steps": 2}).json()["job_id"]
         while (r := c.get(f"/queue/{job}").json())["state"] not in ("done", "error"):
             time.sleep(0.1)
@@ -126,8 +127,10 @@ def test_init_sh_port_in_use(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         r = sh(ROOT / "init.sh", env={"HOST": "127.0.0.1", "PORT": str(port),
-                                      "DIFFUSIONAPI_MODELS_DIR": str(tmp_path / "m"), "SSL_CERTFILE": ""},
+                                      "DIFFUSIONAPI_MODELS_DIR": str(tmp_path / "m"),
+                                      "DIFFUSIONAPI_MODEL_LABELS": str(tmp_path / "labels.json"), "SSL_CERTFILE": ""},
                timeout=120)
+    assert not (tmp_path / "m").exists()  # fails before installing anything
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
 
