@@ -208,14 +208,14 @@ def _te_name(name: str) -> str:
 
 
 def write_tiny_lora(pipe, path: Path, fmt: str = "kohya", *, seed: int = 0, rank: int = 4,
-                    strength: float = 0.5, text_encoder: bool = True) -> Path:
+                    strength: float = 0.5, text_encoder: bool = True, unet: bool = True) -> Path:
     """A random LoRA for ``pipe``'s UNet (and text encoders), as kohya (.alpha) or diffusers/PEFT keys."""
     import torch
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
-    parts = [("unet", pipe.unet, _UNET_TARGETS)]
+    parts = [("unet", pipe.unet, _UNET_TARGETS)] if unet else []
     if text_encoder:
         if getattr(pipe, "text_encoder", None) is not None:
             parts.append(("te1" if getattr(pipe, "text_encoder_2", None) is not None else "te",

@@ -25,6 +25,8 @@ def lora_server(model_store, tmp_path_factory):
     write_tiny_lora(sd, loras / "sd-second.safetensors", "kohya", seed=3)
     write_tiny_lora(xl, loras / "xl-kohya.safetensors", "kohya", seed=4)
     write_tiny_lora(xl, loras / "xl-peft.safetensors", "diffusers", seed=5)
+    write_tiny_lora(sd, loras / "sd-te-only.safetensors", "kohya", seed=6, unet=False, strength=2.0)
+    write_tiny_lora(xl, loras / "xl-te-only.safetensors", "diffusers", seed=7, unet=False, strength=2.0)
     good = (loras / "sd-kohya.safetensors").read_bytes()
     (loras / "broken.safetensors").write_bytes(good[: len(good) // 2])
     with LiveServer(make_settings(model_store, work, loras_dir=loras)) as s:
@@ -42,7 +44,8 @@ def gen(server, model="tiny-sd15", **kw):
 
 def test_listing(lora_server):
     loras = {x["name"]: x for x in lora_server.client.get("/loras").json()["loras"]}
-    assert set(loras) == {"sd-kohya", "style/sd-peft", "sd-second", "xl-kohya", "xl-peft", "broken"}
+    assert set(loras) == {"sd-kohya", "style/sd-peft", "sd-second", "xl-kohya", "xl-peft", "broken",
+                          "sd-te-only", "xl-te-only"}
     assert all(x["scale"] == 1.0 for x in loras.values())
     assert loras["sd-kohya"]["family"] == "sd15" and loras["xl-kohya"]["family"] == "sdxl"
     assert loras["xl-peft"]["family"] == "sdxl" and loras["style/sd-peft"]["family"] == "sd15"
@@ -58,6 +61,14 @@ def test_lora_changes_output_and_scale_matters(lora_server, model, lora):
     assert not np.array_equal(base, full) and not np.array_equal(full, half)
     assert np.array_equal(base, zero)
     assert np.array_equal(base, gen(lora_server, model))  # nothing leaks into the next job
+
+
+@pytest.mark.parametrize("model, lora", [("tiny-sd15", "sd-te-only"), ("tiny-sdxl", "xl-te-only")])
+def test_text_encoder_only_lora_takes_effect(lora_server, model, lora):
+    # transformers >= 5.6 names CLIP modules without "text_model.": the text-encoder half of a
+    # LoRA must still land, not be silently dropped.
+    gen(lora_server, model, loras=["sd-kohya" if model == "tiny-sd15" else "xl-kohya"])  # another adapter first
+    assert not np.array_equal(gen(lora_server, model), gen(lora_server, model, loras=[lora]))
 
 
 def test_string_and_object_forms_agree(lora_server):

@@ -60,6 +60,9 @@ class Engine:
         # Progress bars on a server's stderr are noise; our progress is the job record.
         dlog.disable_progress_bar()
         tlog.disable_progress_bar()
+        # transformers' "LOAD REPORT" calls an earlier LoRA's weights "MISSING" each time another
+        # adapter loads (they are intact: tests/test_loras.py checks); keep such noise out of logs.
+        tlog.set_verbosity_error()
         self.settings = settings
         self.device = pick_device(settings.device)
         self.cache = PipelineCache(self.device, settings.pipeline_cache_size, cpu_offload=settings.cpu_offload,
