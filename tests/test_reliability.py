@@ -229,3 +229,19 @@ def test_symlinks_outside_are_ignored(model_store, tmp_path):
 
     reg = Registry(make_settings(model_store, tmp_path, loras_dir=loras, models_dir=models))
     assert reg.loras() == [] and reg.models() == []
+
+
+def test_job_interrupted_too_often_ends_in_error(model_store, tmp_path):
+    from diffusionapi.jobs import MAX_ATTEMPTS, JobStore
+
+    settings = make_settings(model_store, tmp_path)
+    store = JobStore(settings.queue_dir)
+    job = str(uuid.uuid4())
+    store.create(job, dict(SMALL, model="tiny-sd15", seed=1))
+    record = store.read_job(job)
+    record["attempts"] = MAX_ATTEMPTS
+    store.write_job(job, record)
+    store.write_status(job, {"state": "processing", "current_phase": "generation", "progress": 40.0})
+    with LiveServer(settings) as s:
+        r = s.wait(job)
+    assert r["state"] == "error" and "interrupted by restart" in r["error"]

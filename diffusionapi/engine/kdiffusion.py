@@ -171,6 +171,8 @@ class BrownianNoise:
         if hi - lo <= 0:
             return torch.zeros(self.shape, device=self.device, dtype=self.dtype)
         w = self.tree(lo, hi) / math.sqrt(hi - lo)
+        if a > b:  # k-diffusion's sign convention for a step down in sigma
+            w = -w
         return w.to(self.device, self.dtype)
 
 
