@@ -5,12 +5,11 @@ worker calls it again when it starts the job (the files may have changed meanwhi
 """
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass
 
 from .config import Settings
-from .registry import SD15, SDXL, SDXL_REFINER, LoraEntry, ModelEntry, NameError_, Registry, UpscalerEntry
+from .registry import SDXL, SDXL_REFINER, LoraEntry, ModelEntry, NameError_, Registry, UpscalerEntry
 from .schemas import Txt2ImgRequest
 from .engine.samplers import ResolvedSampler, SamplerChoiceError, resolve_sampler, resolved_scheduler_type
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import io
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -55,7 +54,7 @@ def test_each_upscaler_gives_the_final_size(hires_server, upscaler):
     assert (r["width"], r["height"]) == (96, 72) == img(r).size
     info = read_infotext(base64.b64decode(r["image"]))
     assert "Size: 64x48" in info
-    assert f"Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: " in info
+    assert "Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 2, Hires upscaler: " in info
     assert r["payload"]["hires"]["upscaler"] == upscaler
 
 

@@ -11,7 +11,7 @@ import torch
 
 from diffusionapi.demo import SD15_SCHEDULER
 from diffusionapi.engine import kdiffusion as kd
-from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPES, SamplerChoiceError, resolve_sampler
+from diffusionapi.engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES, SamplerChoiceError, resolve_sampler
 
 from .conftest import SMALL
 

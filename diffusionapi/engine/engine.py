@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from PIL import Image
 
-from ..registry import LATENT_UPSCALE_MODES, SDXL
+from ..registry import LATENT_UPSCALE_MODES
 from ..resolve import JobSpec, hires_total_steps
 from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
