@@ -199,23 +199,29 @@ class Registry:
             found[name] = ModelEntry(name, labels.get(name) or BUILTIN_LABELS.get(name) or derive_label(name),
                                      path, fam, fmt)
 
-        for entry in sorted(root.iterdir()):
+        self._scan(root, root, add, set())
+        return sorted(found.values(), key=lambda m: m.name.casefold())
+
+    def _scan(self, folder: Path, root: Path, add, seen: set) -> None:
+        """Diffusers and hub-cache folders are models as a whole; elsewhere, look for single files."""
+        real = folder.resolve()
+        if real in seen:  # a symlink loop inside the models dir
+            return
+        seen.add(real)
+        for entry in sorted(folder.iterdir()):
             if not _inside(entry, root) or entry.name.startswith(".") or entry.name.endswith(".config"):
                 continue  # "<checkpoint>.config/" folders are a single file's config, not a model
             if entry.is_dir():
                 if (entry / "model_index.json").exists():
                     add(entry.name, entry, "diffusers", family_from_diffusers_folder, entry / "model_index.json")
-                    continue
-                if entry.name.startswith("models--"):
+                elif entry.name.startswith("models--"):
                     snap = self._hub_snapshot(entry)
                     if snap is not None and _inside(snap, root):
                         add(entry.name, snap, "hub-cache", family_from_diffusers_folder, snap / "model_index.json")
-                    continue
-                for f in sorted(entry.rglob("*")):
-                    self._maybe_single_file(f, root, add)
+                else:
+                    self._scan(entry, root, add, seen)
             else:
                 self._maybe_single_file(entry, root, add)
-        return sorted(found.values(), key=lambda m: m.name.casefold())
 
     def _maybe_single_file(self, f: Path, root: Path, add) -> None:
         if f.suffix.lower() in SINGLE_FILE_EXTS and f.is_file() and _inside(f, root):

@@ -74,3 +74,12 @@ def test_seed_compat_functions(model_store, tmp_path, monkeypatch):
         assert generate.get_model_name_from_label("nothing") is None
     finally:
         config.get_settings.cache_clear()
+
+
+def test_nested_folders_and_single_files(model_store, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(model_store / "models" / "tiny-sd15", models / "anime" / "nested-sd15")
+    (models / "anime" / "loop").symlink_to(models / "anime")
+    reg = Registry(make_settings(model_store, tmp_path, models_dir=models))
+    # The folder is one model; the weight files inside it are not single-file checkpoints.
+    assert [(m.name, m.format) for m in reg.models()] == [("nested-sd15", "diffusers")]
