@@ -162,6 +162,7 @@ def test_model_omitted_uses_default(server):
     ({"prompt": "x", "refiner_checkpoint": "tiny-sdxl-refiner"}, "refiner_checkpoint", "SDXL base"),
     ({"prompt": "x", "model": "tiny-sdxl", "refiner_checkpoint": "nope"}, "refiner_checkpoint", "unknown model"),
     ({"prompt": "x", "model": "tiny-sdxl-refiner"}, "model", "refiner"),
+    ({"prompt": "x", "model": "tiny-sdxl", "refiner_checkpoint": "tiny-sd15"}, "refiner_checkpoint", "not an SDXL"),
     ({"prompt": "x", "seed": -5}, "seed", ""),
 ])
 def test_bad_input_is_4xx_naming_the_field(server, payload, field, needle):

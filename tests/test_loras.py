@@ -127,3 +127,12 @@ def test_infotext_lora_hashes(lora_server):
     h2 = file_sha256(lora_server.settings.loras_dir / "style" / "sd-peft.safetensors")[:12]
     assert f'Lora hashes: "sd-kohya: {h1}, style/sd-peft: {h2}"' in info
     assert r["payload"]["loras"] == [{"name": "sd-kohya", "scale": 1.0}, {"name": "style/sd-peft", "scale": 0.5}]
+
+
+def test_loras_apply_to_the_hires_pass(lora_server):
+    hires = {"enabled": True, "steps": 3, "upscaler": "Latent"}
+    plain = gen(lora_server, hires=hires)
+    with_lora = gen(lora_server, hires=hires, loras=["sd-kohya"])
+    assert with_lora.shape == plain.shape == (128, 128, 3)
+    assert not np.array_equal(plain, with_lora)
+    assert np.array_equal(plain, gen(lora_server, hires=hires))

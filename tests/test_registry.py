@@ -83,3 +83,13 @@ def test_nested_folders_and_single_files(model_store, tmp_path):
     reg = Registry(make_settings(model_store, tmp_path, models_dir=models))
     # The folder is one model; the weight files inside it are not single-file checkpoints.
     assert [(m.name, m.format) for m in reg.models()] == [("nested-sd15", "diffusers")]
+
+
+def test_demo_installer(tmp_path, capsys):
+    from diffusionapi import demo
+
+    assert demo.main(["--models-dir", str(tmp_path / "m")]) == 0
+    assert "noise images" in capsys.readouterr().out
+    reg = Registry(make_settings(tmp_path, tmp_path, models_dir=tmp_path / "m"))
+    assert [(m.name, m.label, m.family) for m in reg.models()] == [
+        ("demo-tiny-sd15", "Demo (tiny random weights, noise images)", "sd15")]
