@@ -28,23 +28,22 @@ class Conditioning:
     added: dict | None = None            # SDXL: text_embeds and time_ids, same layout
 
 
-def encode(loaded, prompt: str, negative: str, width: int, height: int, *,
-           target: tuple[int, int] | None = None) -> Conditioning:
+def encode(loaded, prompt: str, negative: str, width: int, height: int) -> Conditioning:
+    """Prompt embeddings for CFG; for SDXL also the micro-conditioning (original = target size)."""
     pipe = loaded.pipe
-    device = loaded.pipe.device if loaded.pipe.device.type != "meta" else torch.device("cpu")
+    device = pipe._execution_device  # the compute device, also under CPU offload
     if loaded.family == SD15:
         cond, uncond = pipe.encode_prompt(prompt, device, 1, True, negative_prompt=negative)
         return Conditioning(torch.cat([uncond, cond]))
     cond, uncond, pooled, upooled = pipe.encode_prompt(
         prompt=prompt, device=device, do_classifier_free_guidance=True, negative_prompt=negative)
     size = (height, width)
-    tgt = target or size
     proj = pipe.text_encoder_2.config.projection_dim
     if loaded.family == SDXL_REFINER:
-        ids, uids = pipe._get_add_time_ids(size, (0, 0), tgt, 6.0, 2.5, size, (0, 0), tgt,
+        ids, uids = pipe._get_add_time_ids(size, (0, 0), size, 6.0, 2.5, size, (0, 0), size,
                                            dtype=cond.dtype, text_encoder_projection_dim=proj)
     else:
-        ids = pipe._get_add_time_ids(size, (0, 0), tgt, dtype=cond.dtype, text_encoder_projection_dim=proj)
+        ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype, text_encoder_projection_dim=proj)
         uids = ids
     added = {"text_embeds": torch.cat([upooled, pooled]).to(device),
              "time_ids": torch.cat([uids, ids]).to(device)}
