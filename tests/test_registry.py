@@ -93,3 +93,17 @@ def test_demo_installer(tmp_path, capsys):
     reg = Registry(make_settings(tmp_path, tmp_path, models_dir=tmp_path / "m"))
     assert [(m.name, m.label, m.family) for m in reg.models()] == [
         ("demo-tiny-sd15", "Demo (tiny random weights, noise images)", "sd15")]
+
+
+def test_fp16_variant_only_folder_loads(tmp_path):
+    import torch
+
+    from diffusionapi.demo import tiny_sd15_pipeline
+    from diffusionapi.engine.pipelines import load_pipeline
+    from diffusionapi.registry import ModelEntry
+
+    folder = tmp_path / "fp16-only"
+    tiny_sd15_pipeline(0).save_pretrained(folder, variant="fp16")
+    assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = load_pipeline(ModelEntry("fp16-only", "x", folder, "sd15", "diffusers"), torch.device("cpu"), torch.float32)
+    assert loaded.pipe.unet is not None

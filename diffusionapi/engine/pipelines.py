@@ -70,6 +70,9 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
     else:
         if share_from is not None and entry.family == SDXL_REFINER:
             kwargs.update(_shareable(share_from.pipe, Path(entry.path)))
+        variant = _weights_variant(Path(entry.path))
+        if variant:
+            kwargs["variant"] = variant
         pipe = cls.from_pretrained(str(entry.path), **kwargs)
     _check_no_meta(pipe, entry)
     pipe.set_progress_bar_config(disable=True)
@@ -84,6 +87,19 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
         pipe.unet = torch.compile(pipe.unet, dynamic=False)
     config = dict(pipe.scheduler.config)
     return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config)
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """"fp16" when the UNet ships only as a variant file (hub downloads made with variant="fp16")."""
+    unet = folder / "unet"
+    if any(unet.glob("diffusion_pytorch_model.safetensors")) or any(unet.glob("diffusion_pytorch_model.bin")) \
+            or any(unet.glob("diffusion_pytorch_model.safetensors.index.json")):
+        return None
+    for f in sorted(unet.glob("diffusion_pytorch_model.*.safetensors")) + sorted(unet.glob("diffusion_pytorch_model.*.bin")):
+        parts = f.name.split(".")
+        if len(parts) == 3:  # diffusion_pytorch_model.<variant>.<ext>
+            return parts[1]
+    return None
 
 
 def _shareable(base_pipe, refiner_dir: Path) -> dict:
