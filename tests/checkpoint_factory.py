@@ -151,3 +151,27 @@ def save_original_checkpoint(pipe, target: Path, *, fmt: str = "safetensors", wi
         shutil.copytree(tmp, cfg, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
         shutil.rmtree(tmp)
     return target
+
+
+def kohya_lora_to_sgm_names(sd: dict, unet_config) -> dict:
+    """Rename a kohya LoRA's UNet keys from diffusers module names to SGM ones (input_blocks...),
+    the layout civitai SDXL LoRAs use; text-encoder keys stay as they are."""
+    out = {}
+    for k, v in sd.items():
+        head, _, tail = k.partition(".")
+        if head.startswith("lora_unet_"):
+            dotted = _diffusers_module_path(head[len("lora_unet_"):])
+            original = next(iter(unet_to_original({dotted + ".weight": v}, unet_config)))
+            head = "lora_unet_" + original[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+        out[f"{head}.{tail}"] = v
+    return out
+
+
+def _diffusers_module_path(flat: str) -> str:
+    """'down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q' -> dotted diffusers path."""
+    words = ("down_blocks", "up_blocks", "mid_block", "attentions", "transformer_blocks", "to_out", "to_q",
+             "to_k", "to_v", "resnets")
+    s = flat
+    for w in words:
+        s = s.replace(w, w.replace("_", "\0"))
+    return s.replace("_", ".").replace("\0", "_")

@@ -24,6 +24,12 @@ def lora_server(model_store, tmp_path_factory):
     write_tiny_lora(sd, loras / "style" / "sd-peft.safetensors", "diffusers", seed=2)
     write_tiny_lora(sd, loras / "sd-second.safetensors", "kohya", seed=3)
     write_tiny_lora(xl, loras / "xl-kohya.safetensors", "kohya", seed=4)
+    from safetensors.torch import load_file, save_file
+
+    from .checkpoint_factory import kohya_lora_to_sgm_names
+
+    save_file(kohya_lora_to_sgm_names(load_file(str(loras / "xl-kohya.safetensors")), xl.unet.config),
+              str(loras / "xl-civitai-sgm.safetensors"))
     write_tiny_lora(xl, loras / "xl-peft.safetensors", "diffusers", seed=5)
     write_tiny_lora(sd, loras / "sd-te-only.safetensors", "kohya", seed=6, unet=False, strength=2.0)
     write_tiny_lora(xl, loras / "xl-te-only.safetensors", "diffusers", seed=7, unet=False, strength=2.0)
@@ -45,7 +51,8 @@ def gen(server, model="tiny-sd15", **kw):
 def test_listing(lora_server):
     loras = {x["name"]: x for x in lora_server.client.get("/loras").json()["loras"]}
     assert set(loras) == {"sd-kohya", "style/sd-peft", "sd-second", "xl-kohya", "xl-peft", "broken",
-                          "sd-te-only", "xl-te-only"}
+                          "sd-te-only", "xl-te-only", "xl-civitai-sgm"}
+    assert loras["xl-civitai-sgm"]["family"] == "sdxl"
     assert all(x["scale"] == 1.0 for x in loras.values())
     assert loras["sd-kohya"]["family"] == "sd15" and loras["xl-kohya"]["family"] == "sdxl"
     assert loras["xl-peft"]["family"] == "sdxl" and loras["style/sd-peft"]["family"] == "sd15"
@@ -136,3 +143,9 @@ def test_loras_apply_to_the_hires_pass(lora_server):
     assert with_lora.shape == plain.shape == (128, 128, 3)
     assert not np.array_equal(plain, with_lora)
     assert np.array_equal(plain, gen(lora_server, hires=hires))
+
+
+def test_sdxl_lora_with_sgm_key_names(lora_server):
+    # civitai SDXL LoRAs name UNet modules the SGM way (lora_unet_input_blocks_4_1_...).
+    assert np.array_equal(gen(lora_server, "tiny-sdxl", loras=["xl-civitai-sgm"]),
+                          gen(lora_server, "tiny-sdxl", loras=["xl-kohya"]))
