@@ -121,19 +121,17 @@ class Engine:
             rden = Denoiser(refiner, rcond, req.cfg_scale, check)
             x = p_ref.run(rden, x, noise, progress.stage("refining", share, first_hi))
         latents = x
-        vae_owner = refiner or base
 
         params_hires = {}
         if hires:
-            up = progress.stage("upscaling", first_hi, first_hi)
-            latents = self._upscale(spec, vae_owner if spec.upscaler.is_latent else base, latents, base)
+            progress.phase("upscaling")
+            latents = self._upscale(spec, base, latents)
             check()
             total = hires_total_steps(hires.steps, hires.denoising_strength)
             plan2 = img2img_tail(make_plan(base, spec.sampler, total), hires.steps)
             cond2 = encode(base, req.prompt, req.negative_prompt, spec.final_width, spec.final_height)
             den2 = Denoiser(base, cond2, req.cfg_scale, check)
             x = latents + noise.initial(latents.shape, self.device) * plan2.start_sigma
-            up(0.0)
             latents = plan2.run(den2, x, noise, progress.stage("upscaling", first_hi, 100.0))
             params_hires = {"Denoising strength": hires.denoising_strength, "Hires upscale": hires.scale,
                             "Hires steps": hires.steps, "Hires upscaler": spec.upscaler.name}
@@ -210,7 +208,7 @@ class Engine:
             if upcast:
                 vae.to(torch.float16)
 
-    def _upscale(self, spec: JobSpec, vae_owner: LoadedModel, latents: torch.Tensor, base: LoadedModel) -> torch.Tensor:
+    def _upscale(self, spec: JobSpec, base: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
         size = (spec.final_height // 8, spec.final_width // 8)
         if spec.upscaler.is_latent:
             mode, antialias = LATENT_UPSCALE_MODES[spec.upscaler.name]
@@ -218,7 +216,7 @@ class Engine:
             if mode in ("bilinear", "bicubic"):
                 kwargs["align_corners"] = False
             return torch.nn.functional.interpolate(latents.float(), size=size, mode=mode, **kwargs)
-        image = self._decode(vae_owner, latents, spec.width, spec.height)
+        image = self._decode(base, latents, spec.width, spec.height)
         from .upscalers import UpscalerError
 
         try:
