@@ -206,7 +206,8 @@ def _steps(sigmas: torch.Tensor):
 
 
 def _s(x: torch.Tensor, v: float) -> torch.Tensor:
-    return x.new_full((x.shape[0],), v)
+    # Sigmas stay on the CPU: reading one back from a GPU would synchronise every evaluation.
+    return torch.full((x.shape[0],), v, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------- samplers
