@@ -128,7 +128,7 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
 
     seed = req.seed if req.seed is not None and req.seed >= 0 else secrets.randbelow(2**32)
     understood = Txt2ImgRequest.model_validate({
-        **req.model_dump(), "model": model.name, "width": w, "height": h, "seed": seed,
+        **req.model_dump(exclude=set(req.model_extra or ())), "model": model.name, "width": w, "height": h, "seed": seed,
         "scheduler_type": resolved_scheduler_type(sampler),
         "refiner_checkpoint": refiner.name if refiner else None,
         "loras": [{"name": e.name, "scale": s} for e, s in loras]})

@@ -30,8 +30,9 @@ class HiresConfig(BaseModel):
 
 
 class Txt2ImgRequest(BaseModel):
-    # Unknown fields are ignored rather than rejected: A1111 clients send many extras.
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # Unknown fields are accepted and ignored (A1111 clients send many extras); /txt2img names
+    # them in its answer so that a typo does not go unnoticed.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     prompt: str
     negative_prompt: str = ""
@@ -87,6 +88,7 @@ class Txt2ImgRequest(BaseModel):
 class Txt2ImgResponse(BaseModel):
     job_id: str
     status: Literal["queued"] = "queued"
+    ignored_fields: list[str] | None = None  # request fields this API does not know
 
 
 class QueueStatusResponse(BaseModel):

@@ -217,3 +217,13 @@ def test_long_poll_returns_when_done(server):
     assert server.client.get(f"/queue/{job}", params={"wait": 1}).status_code == 404
     r = server.client.get(f"/queue/{job}", params={"wait": 99})
     assert r.status_code == 422
+
+
+def test_unknown_fields_are_ignored_and_named(server):
+    r = server.client.post("/txt2img", json=dict(SMALL, sampler="Euler", batch_size=2))
+    assert r.status_code == 200 and r.json()["ignored_fields"] == ["batch_size", "sampler"]
+    done = server.wait(r.json()["job_id"])
+    assert "sampler" not in done["payload"] and done["payload"]["sampler_name"] == "DPM++ 2M Karras"
+    r = server.client.post("/txt2img", json=SMALL)
+    assert "ignored_fields" not in r.json()
+    server.wait(r.json()["job_id"])

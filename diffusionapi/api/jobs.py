@@ -26,7 +26,7 @@ def _valid_job_id(job_id: str) -> bool:
         return False
 
 
-@router.post("/txt2img", response_model=Txt2ImgResponse,
+@router.post("/txt2img", response_model=Txt2ImgResponse, response_model_exclude_none=True,
              responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
 def txt2img(body: Txt2ImgRequest, request: Request):
     state = request.app.state
@@ -40,7 +40,7 @@ def txt2img(body: Txt2ImgRequest, request: Request):
     except QueueFull:
         return error(503, f"the queue is full ({state.settings.max_queued_jobs} jobs); retry later",
                      headers={"Retry-After": "10"})
-    return Txt2ImgResponse(job_id=job_id)
+    return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
 
 
 @router.get("/queue", response_model=QueueListResponse)
