@@ -369,6 +369,8 @@ class JobService:
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
+            pass
+        finally:  # timed out or the client went away: forget this waiter
             waiters = self._waiters.get(job_id, [])
             if fut in waiters:
                 waiters.remove(fut)
