@@ -299,7 +299,8 @@ class Worker:
             final = {
                 "state": "done", "current_phase": "done", "progress": 100.0,
                 "payload": spec.request.model_dump(mode="json"),
-                "output_path": display_path(out_path), "output_file": str(out_path.resolve()), "width": image.width, "height": image.height,
+                "output_path": display_path(out_path), "output_file": str(out_path.resolve()),
+                "width": image.width, "height": image.height,
                 "file_type": req.fileType, "jpeg_quality": req.jpeg_quality,
                 "generation_time_sec": round(time.perf_counter() - t0, 3),
                 "memory_before_mb": mem_before, "memory_after_mb": rss_mb(), "seed": spec.seed,
@@ -307,7 +308,9 @@ class Worker:
             self.store.write_status(job_id, final, fsync=True)
             self.jobs_run += 1
             self.on_final(job_id)
-        except JobInterrupted:
+        except JobInterrupted:  # a graceful stop is not a failed attempt: back to the queue as it was
+            record["attempts"] -= 1
+            self.store.write_job(job_id, record)
             self.store.write_status(job_id, {"state": "queued", "current_phase": "queued", "progress": 0.0},
                                     fsync=True)
         except JobCancelled:

@@ -135,7 +135,7 @@ def save_original_checkpoint(pipe, target: Path, *, fmt: str = "safetensors", wi
     else:
         sd.update(clip_to_original(te.state_dict(), "conditioner.embedders.0.transformer."))
         sd.update(openclip_to_original(te2.state_dict(), "conditioner.embedders.1.model."))
-    sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":

@@ -78,6 +78,7 @@ def test_graceful_stop_requeues_the_running_job(model_store, tmp_path):
         time.sleep(0.02)
     srv.stop()
     assert json.loads(settings.queue_dir.joinpath(f"{job}.json").read_text())["state"] == "queued"
+    assert json.loads(settings.queue_dir.joinpath(f"{job}_job.json").read_text())["attempts"] == 0
     srv2 = ServerProcess(settings, port=srv.port).start()
     try:
         assert _final(httpx.Client(base_url=srv2.url, timeout=30), job)["state"] == "done"
