@@ -302,7 +302,7 @@ class Worker:
                 "output_path": display_path(out_path), "output_file": str(out_path.resolve()),
                 "width": image.width, "height": image.height,
                 "file_type": req.fileType, "jpeg_quality": req.jpeg_quality,
-                "generation_time_sec": round(time.perf_counter() - t0, 3),
+                "generation_time_sec": round(time.perf_counter() - t0, 3), "load_time_sec": result.load_time_sec,
                 "memory_before_mb": mem_before, "memory_after_mb": rss_mb(), "seed": spec.seed,
             }
             self.store.write_status(job_id, final, fsync=True)
@@ -436,8 +436,8 @@ class JobService:
                 except OSError:
                     image = None
                 resp.update({k: st.get(k) for k in ("payload", "output_path", "width", "height", "file_type",
-                                                    "jpeg_quality", "generation_time_sec", "memory_before_mb",
-                                                    "memory_after_mb", "seed")})
+                                                    "jpeg_quality", "generation_time_sec", "load_time_sec",
+                                                    "memory_before_mb", "memory_after_mb", "seed")})
                 resp["image"] = image
             else:
                 resp["generation_time_sec"] = st.get("generation_time_sec")

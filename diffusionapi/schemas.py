@@ -108,6 +108,7 @@ class QueueStatusResponse(BaseModel):
     file_type: Literal["jpg", "png"] | None = None
     jpeg_quality: int | None = None
     generation_time_sec: float | None = None
+    load_time_sec: float | None = None  # added: part of generation_time_sec spent loading models
     memory_before_mb: float | None = None
     memory_after_mb: float | None = None
     seed: int | None = None

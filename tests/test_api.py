@@ -203,8 +203,10 @@ def test_failing_job_then_succeeding_job(server, tmp_path):
 def test_second_job_reloads_nothing(server):
     server.run(**SMALL, model="tiny-sd15")
     loads = server.engine.cache.loads
-    server.run(**SMALL, model="tiny-sd15", seed=3)
-    assert server.engine.cache.loads == loads
+    again = server.run(**SMALL, model="tiny-sd15", seed=3)
+    assert server.engine.cache.loads == loads and again["load_time_sec"] < 0.01
+    other = server.run(**SMALL, model="tiny-sdxl")  # cache size 1: a switch loads
+    assert server.engine.cache.loads == loads + 1 and other["load_time_sec"] > 0
 
 
 def test_long_poll_returns_when_done(server):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +29,7 @@ class GenerationError(RuntimeError):
 class Generated:
     image: Image.Image
     params: dict  # infotext key/values after the prompt lines
+    load_time_sec: float = 0.0  # time spent loading models for this job (0: all were resident)
 
 
 class Progress:
@@ -90,6 +92,7 @@ class Engine:
             if cancelled():
                 raise JobCancelled()
 
+        t_load = time.perf_counter()
         hires = spec.hires
         first_hi = 50.0 if hires else 100.0
         first_phase = "initial generation" if hires else "generation"
@@ -99,6 +102,7 @@ class Engine:
         refiner = None
         if spec.refiner is not None:
             refiner = self._load(spec.refiner, progress, keep=(spec.model.name, spec.refiner.name), share_from=base)
+        load_time = time.perf_counter() - t_load
         self.loras.apply(base, spec.loras)
         check()
 
@@ -148,7 +152,7 @@ class Engine:
         hashes = lora_hashes_infotext(spec.loras)
         if hashes:
             params["Lora hashes"] = hashes
-        return Generated(image, params)
+        return Generated(image, params, round(load_time, 3))
 
     # ------------------------------------------------------------------ parts
     def _load(self, entry, progress: Progress, *, keep, share_from=None) -> LoadedModel:
