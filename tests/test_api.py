@@ -205,8 +205,16 @@ def test_second_job_reloads_nothing(server):
     loads = server.engine.cache.loads
     again = server.run(**SMALL, model="tiny-sd15", seed=3)
     assert server.engine.cache.loads == loads and again["load_time_sec"] < 0.01
-    other = server.run(**SMALL, model="tiny-sdxl")  # cache size 1: a switch loads
+    other = server.run(**SMALL, model="tiny-sdxl")  # cache size 1: a switch loads, and frees the other
     assert server.engine.cache.loads == loads + 1 and other["load_time_sec"] > 0
+    assert server.engine.cache.resident() == ["tiny-sdxl"]
+    back = server.run(**SMALL, model="tiny-sd15")
+    assert server.engine.cache.loads == loads + 2 and back["load_time_sec"] > 0
+    assert server.engine.cache.resident() == ["tiny-sd15"]
+    server.run(**SMALL, model="tiny-sdxl", refiner_checkpoint="tiny-sdxl-refiner")
+    assert sorted(server.engine.cache.resident()) == ["tiny-sdxl", "tiny-sdxl-refiner"]  # a job's models
+    server.run(**SMALL, model="tiny-sd15")
+    assert server.engine.cache.resident() == ["tiny-sd15"]
 
 
 def test_long_poll_returns_when_done(server):

@@ -84,3 +84,20 @@ def test_nan_image_is_an_error_not_a_black_image(server):
         shutil.rmtree(bad)
     assert r["state"] == "error" and "NaN" in r["error"]
     assert server.run(**dict(SMALL, model="tiny-sdxl"))["state"] == "done"
+
+
+def test_refiner_leaves_with_the_base_it_borrows_from(model_store, tmp_path):
+    import shutil
+
+    from .conftest import LiveServer, make_settings
+
+    models = tmp_path / "models"
+    for name in ("tiny-sdxl", "tiny-sdxl-refiner"):
+        shutil.copytree(model_store / "models" / name, models / name)
+    shutil.copytree(model_store / "models" / "tiny-sdxl", models / "other-sdxl")
+    with LiveServer(make_settings(model_store, tmp_path, models_dir=models)) as s:
+        s.run(**SMALL, model="tiny-sdxl", refiner_checkpoint="tiny-sdxl-refiner")
+        s.run(**SMALL, model="other-sdxl", refiner_checkpoint="tiny-sdxl-refiner")
+        cache = s.engine.cache
+        assert sorted(cache.resident()) == ["other-sdxl", "tiny-sdxl-refiner"]
+        assert cache._items["tiny-sdxl-refiner"].pipe.vae is cache._items["other-sdxl"].pipe.vae

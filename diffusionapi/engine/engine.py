@@ -98,10 +98,11 @@ class Engine:
         first_phase = "initial generation" if hires else "generation"
         if self.cache.is_loaded(spec.model.name) and (spec.refiner is None or self.cache.is_loaded(spec.refiner.name)):
             progress.phase(first_phase)
-        base = self._load(spec.model, progress, keep=(spec.model.name, spec.refiner.name if spec.refiner else ""))
+        needed = (spec.model.name,) + ((spec.refiner.name,) if spec.refiner else ())
+        base = self._load(spec.model, progress, keep=needed)
         refiner = None
         if spec.refiner is not None:
-            refiner = self._load(spec.refiner, progress, keep=(spec.model.name, spec.refiner.name), share_from=base)
+            refiner = self._load(spec.refiner, progress, keep=needed, share_from=base)
         load_time = time.perf_counter() - t_load
         self.loras.apply(base, spec.loras)
         check()

@@ -38,6 +38,7 @@ class LoadedModel:
     sigmas: ModelSigmas
     scheduler_config: dict
     loras: dict = field(default_factory=dict)  # adapter bookkeeping, owned by engine.loras
+    borrowed_from: str | None = None  # the base whose VAE/text_encoder_2 a refiner uses
 
     @property
     def family(self) -> str:
@@ -86,7 +87,8 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
         # Compiles on the first job at each new shape; pays off for long-running servers.
         pipe.unet = torch.compile(pipe.unet, dynamic=False)
     config = dict(pipe.scheduler.config)
-    return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config)
+    lender = share_from.entry.name if share_from is not None and entry.family == SDXL_REFINER else None
+    return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config, borrowed_from=lender)
 
 
 def _weights_variant(folder: Path) -> str | None:
@@ -145,6 +147,9 @@ class PipelineCache:
     def is_loaded(self, name: str) -> bool:
         return name in self._items
 
+    def resident(self) -> list[str]:
+        return list(self._items)
+
     def get(self, entry: ModelEntry, *, keep: tuple[str, ...] = (), share_from: LoadedModel | None = None) -> LoadedModel:
         with self._lock:
             item = self._items.get(entry.name)
@@ -153,9 +158,11 @@ class PipelineCache:
                 return item
             if item is not None:
                 self._evict(entry.name)
-            # Make room first, so the old model's memory is free before the new one loads.
-            while len(self._items) >= max(self.capacity, len(keep) + 1):
-                victim = next((n for n in self._items if n not in keep), None)
+            # Make room first, so the old model's memory is free before the new one loads. A job
+            # that needs several models at once (base + refiner) may exceed the capacity.
+            needed = set(keep) | {entry.name}
+            while len(self._items) >= max(self.capacity, len(needed)):
+                victim = next((n for n in self._items if n not in needed), None)
                 if victim is None:
                     break
                 self._evict(victim)
@@ -167,6 +174,9 @@ class PipelineCache:
     def _evict(self, name: str) -> None:
         item = self._items.pop(name)
         log.info("unloading model %s", name)
+        # A refiner holding this model's VAE/text encoder would keep them alive: it goes too.
+        for other in [n for n, it in self._items.items() if it.borrowed_from == name]:
+            self._items.pop(other)
         del item
         free_memory()
 
