@@ -406,7 +406,11 @@ class JobService:
     def submit(self, job_id: str, payload: dict) -> None:
         if self.queue.size() >= self.settings.max_queued_jobs:
             raise QueueFull()
-        self.store.create(job_id, payload)
+        try:
+            self.store.create(job_id, payload)
+        except OSError:
+            self.store.delete(job_id)
+            raise
         try:
             self.queue.put(job_id)
         except QueueFull:

@@ -162,6 +162,21 @@ def test_cancel_queued_and_running(rel_server):
     rel_server.wait(done)
 
 
+def test_unwritable_queue_dir_is_503_and_nothing_queued(model_store, tmp_path):
+    settings = make_settings(model_store, tmp_path)
+    with LiveServer(settings) as s:
+        shutil.rmtree(settings.queue_dir)
+        settings.queue_dir.write_text("a file where the queue directory should be")
+        try:
+            r = s.client.post("/txt2img", json=SMALL)
+            assert r.status_code == 503 and "queue directory" in r.json()["error"]
+            assert s.app.state.jobs.queue.size() == 0
+        finally:
+            settings.queue_dir.unlink()
+            settings.queue_dir.mkdir()
+        assert s.run(**SMALL, model="tiny-sd15")["state"] == "done"
+
+
 def test_queue_full_is_503_with_retry_after(rel_server):
     c = rel_server.client
     jobs = [rel_server.submit(**dict(SLOW, steps=100)) for _ in range(5)]

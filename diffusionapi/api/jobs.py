@@ -40,6 +40,9 @@ def txt2img(body: Txt2ImgRequest, request: Request):
     except QueueFull:
         return error(503, f"the queue is full ({state.settings.max_queued_jobs} jobs); retry later",
                      headers={"Retry-After": "10"})
+    except OSError as e:  # the job could not be made durable, so it is not accepted
+        return error(503, f"cannot record the job in the queue directory: {e.strerror or e}",
+                     headers={"Retry-After": "30"})
     return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
 
 
