@@ -144,3 +144,18 @@ def test_shipped_configs_build_the_published_architectures():
                 assert count(CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))) == te
             if te2:
                 assert count(CLIPTextModelWithProjection(CLIPTextConfig(**cfg("text_encoder_2")))) == te2
+
+
+def test_infotext_model_hash_for_single_files(ckpt_server):
+    import hashlib
+
+    from diffusionapi.images import read_infotext
+
+    path = ckpt_server.settings.models_dir / "single-sd15.safetensors"
+    short = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    info = read_infotext(base64.b64decode(ckpt_server.run(**dict(SMALL, model="single-sd15", fileType="png"))["image"]))
+    assert f"Model hash: {short}, Model: single-sd15," in info
+    info = read_infotext(base64.b64decode(ckpt_server.run(**dict(SMALL, model="tiny-sd15", fileType="png"))["image"]))
+    assert "Model hash" not in info  # a diffusers folder has no single file to hash
+    cache = json.loads((ckpt_server.settings.queue_dir / ".file-hashes.json").read_text())
+    assert any(v.startswith(short) for v in cache.values())

@@ -10,7 +10,7 @@ from PIL import Image
 
 from diffusionapi.demo import tiny_sd15_pipeline, tiny_sdxl_pipeline, write_tiny_lora
 from diffusionapi.images import read_infotext
-from diffusionapi.engine.loras import file_sha256
+from diffusionapi.engine.hashes import file_sha256
 
 from .conftest import SMALL, LiveServer, make_settings
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -11,6 +12,7 @@ from PIL import Image
 
 from ..registry import LATENT_UPSCALE_MODES
 from ..resolve import JobSpec, hires_total_steps
+from .hashes import FileHashes
 from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
 from .sampling import Denoiser, JobCancelled, NoiseFactory, encode, img2img_tail, make_plan
@@ -68,6 +70,7 @@ class Engine:
         self.cache = PipelineCache(self.device, settings.pipeline_cache_size, cpu_offload=settings.cpu_offload,
                                    channels_last=settings.channels_last, compile_unet=settings.compile_unet)
         self.loras = LoraManager(settings.lora_cache_size)
+        self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
         self.upscalers = UpscalerCache(self.device)
 
     # ------------------------------------------------------------------ entry point
@@ -145,12 +148,15 @@ class Engine:
         params = {
             "Steps": req.steps, "Sampler": spec.sampler.infotext_sampler,
             "Schedule type": spec.sampler.infotext_schedule, "CFG scale": req.cfg_scale, "Seed": spec.seed,
-            "Size": f"{spec.width}x{spec.height}", "Model": spec.model.name,
+            "Size": f"{spec.width}x{spec.height}",
+            # A1111's short hash of a checkpoint file (sites link images to models by it).
+            "Model hash": self.hashes.sha256(spec.model.path)[:10] if spec.model.format == "single-file" else None,
+            "Model": spec.model.name,
             **params_hires,
         }
         if spec.refiner:
             params.update({"Refiner": spec.refiner.name, "Refiner switch at": req.refiner_switch_at})
-        hashes = lora_hashes_infotext(spec.loras)
+        hashes = lora_hashes_infotext(spec.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes
         return Generated(image, params, round(load_time, 3))

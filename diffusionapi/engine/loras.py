@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections import OrderedDict
 from pathlib import Path
 
 from ..registry import FAMILY_LABELS, SDXL, SDXL_REFINER, LoraEntry
+from .hashes import FileHashes
 
 log = logging.getLogger(__name__)
 
@@ -26,30 +26,10 @@ def adapter_name(entry: LoraEntry) -> str:
     return "lora_" + hashlib.sha1(str(entry.path).encode()).hexdigest()[:12]
 
 
-_hash_cache: dict[tuple[str, float, int], str] = {}
-_hash_lock = threading.Lock()
-
-
-def file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_mtime, st.st_size)
-    with _hash_lock:
-        if key in _hash_cache:
-            return _hash_cache[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    with _hash_lock:
-        _hash_cache[key] = digest
-    return digest
-
-
-def lora_hashes_infotext(loras: list[tuple[LoraEntry, float]]) -> str | None:
+def lora_hashes_infotext(loras: list[tuple[LoraEntry, float]], hashes: FileHashes) -> str | None:
     if not loras:
         return None
-    return ", ".join(f"{e.name}: {file_sha256(e.path)[:12]}" for e, _ in loras)
+    return ", ".join(f"{e.name}: {hashes.sha256(e.path)[:12]}" for e, _ in loras)
 
 
 class LoraManager:

@@ -1,0 +1,59 @@
+"""sha256 of model and LoRA files, as A1111 puts them in the infotext ("Model hash", "Lora hashes").
+
+Hashing a multi-GB checkpoint takes seconds, so digests are kept in memory and, when a cache
+file is given, on disk (keyed by path, size and mtime), and computed once per file version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from pathlib import Path
+
+from ..images import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+class FileHashes:
+    def __init__(self, cache_file: Path | None = None):
+        self.cache_file = Path(cache_file) if cache_file else None
+        self._lock = threading.Lock()
+        self._digests: dict[str, str] = {}
+        if self.cache_file and self.cache_file.exists():
+            try:
+                self._digests = dict(json.loads(self.cache_file.read_text()))
+            except (OSError, ValueError) as e:
+                log.warning("hash cache %s unreadable (%s); starting afresh", self.cache_file, e)
+
+    @staticmethod
+    def _key(path: Path) -> str:
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def sha256(self, path: Path) -> str:
+        key = self._key(path)
+        with self._lock:
+            if key in self._digests:
+                return self._digests[key]
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        with self._lock:
+            self._digests[key] = digest
+            if self.cache_file:
+                try:
+                    write_atomic(self.cache_file, json.dumps(self._digests).encode(), fsync=False)
+                except OSError as e:
+                    log.warning("hash cache %s not written: %s", self.cache_file, e)
+        return digest
+
+
+_default = FileHashes()
+
+
+def file_sha256(path: Path) -> str:
+    return _default.sha256(path)
