@@ -168,6 +168,21 @@ def test_ancestral_samplers_reach_the_data_distribution(algo):
                                              abs=0.03)
 
 
+@pytest.mark.parametrize("algo", list(kd.FIXED_ALGORITHMS))
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_expected_evaluations_are_exact(algo, eta):
+    model = Gaussian()
+    model.evals = 0
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 14.6
+    sigmas = kd.sigmas_karras(MS, 7)
+    if algo == "dpmpp_sde":
+        ctx = kd.RunContext(noise=kd.BrownianNoise(x, MS.sigma_min, MS.sigma_max, 1), progress=lambda f: None, eta=eta)
+    else:
+        ctx = _ctx(eta, like=x)
+    kd.FIXED_ALGORITHMS[algo](model, x, sigmas, ctx)
+    assert model.evals == kd.expected_evals(algo, sigmas, eta)
+
+
 def test_brownian_noise_is_seeded():
     like = torch.zeros(1, 4, 4, 4)
     a = kd.BrownianNoise(like, 0.03, 14.6, seed=7)(5.0, 3.0)
@@ -217,6 +232,13 @@ def test_progress_monotonic_and_complete(server, name):
     seen = []
     server.engine.generate(spec, lambda phase, p: seen.append(p), lambda: False)
     assert seen == sorted(seen) and seen[-1] == 99.0  # 100 is written only when the job is done
+    evals = [p for p in seen if p > 0]
+    if name in ("Heun", "DPM2", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2S a"):
+        assert len(evals) == 2 * SMALL["steps"] - 1  # one report per model evaluation
+    elif name == "PLMS":
+        assert len(evals) == SMALL["steps"] + 1  # PLMS's extra step counts
+    elif name != "DPM adaptive":
+        assert len(evals) == SMALL["steps"]
     done = server.run(**SMALL, model="tiny-sd15", sampler_name=name, seed=1)
     assert done["progress"] == 100
 

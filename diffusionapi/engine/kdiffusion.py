@@ -494,6 +494,17 @@ def sample_dpm_adaptive(model, x, sigma_min: float, sigma_max: float, ctx: RunCo
     return x
 
 
+def expected_evals(algorithm: str, sigmas: torch.Tensor, eta: float) -> int:
+    """Model evaluations a fixed-schedule sampler makes over ``sigmas``: progress counts these."""
+    vals = [float(v) for v in sigmas]
+    pairs = list(zip(vals[:-1], vals[1:]))
+    if algorithm in ("heun", "dpm_2", "dpmpp_sde"):
+        return sum(2 if sn > 0 else 1 for _, sn in pairs)
+    if algorithm == "dpmpp_2s_ancestral":
+        return sum(2 if ancestral_step(s, sn, eta)[0] > 0 else 1 for s, sn in pairs)
+    return len(pairs)  # one per step; DPM fast: its sigma list has one entry per evaluation
+
+
 FIXED_ALGORITHMS = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,

@@ -120,14 +120,26 @@ class KPlan:
             src = kd.BrownianNoise(x, float(positive.min()), float(positive.max()), noise.seed)
         else:
             src = kd.SeededNoise(noise.generator, x)
-        ctx = kd.RunContext(noise=src, progress=progress, eta=eta)
-        if spec.algorithm in ("dpm_fast", "dpm_adaptive"):
+        if spec.algorithm == "dpm_adaptive":  # step count unknown: progress is the log-sigma covered
+            ctx = kd.RunContext(noise=src, progress=progress, eta=eta)
             lo = float(self.sigmas[-1]) if float(self.sigmas[-1]) > 0 else denoiser.ms.sigma_min
-            hi = float(self.sigmas[0])
-            if spec.algorithm == "dpm_fast":
-                return kd.sample_dpm_fast(denoiser, x, lo, hi, self.steps, ctx)
-            return kd.sample_dpm_adaptive(denoiser, x, lo, hi, ctx)
-        return kd.FIXED_ALGORITHMS[spec.algorithm](denoiser, x, self.sigmas, ctx)
+            return kd.sample_dpm_adaptive(denoiser, x, lo, float(self.sigmas[0]), ctx)
+        # Progress counts model evaluations, so two-evaluation steps weigh double.
+        total = kd.expected_evals(spec.algorithm, self.sigmas, eta)
+        done = 0
+
+        def counted(x_, sigma_):
+            nonlocal done
+            out = denoiser(x_, sigma_)
+            done += 1
+            progress(min(done / total, 1.0))
+            return out
+
+        ctx = kd.RunContext(noise=src, progress=lambda fraction: None, eta=eta)
+        if spec.algorithm == "dpm_fast":
+            lo = float(self.sigmas[-1]) if float(self.sigmas[-1]) > 0 else denoiser.ms.sigma_min
+            return kd.sample_dpm_fast(counted, x, lo, float(self.sigmas[0]), self.steps, ctx)
+        return kd.FIXED_ALGORITHMS[spec.algorithm](counted, x, self.sigmas, ctx)
 
 
 @dataclass
