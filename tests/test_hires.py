@@ -77,11 +77,9 @@ def test_second_pass_runs_exactly_hires_steps(hires_server, steps, strength, sam
     with torch.inference_mode():
         den = Denoiser(loaded, encode(loaded, "x", "", 64, 64), 7.0, lambda: None)
         plan.run(den, x, NoiseFactory(torch.Generator().manual_seed(0), 0), calls.append)
-    if sampler != "DPM fast":  # DPM fast reports per solver step; its evaluations equal the steps
-        assert len(calls) == steps
+    # Steps are sigma intervals; each reports once per model evaluation (Heun: two, the last one).
+    assert len(calls) == den.evals == (2 * steps - 1 if sampler == "Heun" else steps)
     assert calls == sorted(calls) and calls[-1] == 1.0
-    per_step = 2 if sampler == "Heun" else 1
-    assert den.evals <= steps * per_step and den.evals >= steps
 
 
 def test_phases_and_monotonic_progress(hires_server):

@@ -146,7 +146,7 @@ class KPlan:
 class TimestepPlan:
     """A slice of a diffusers scheduler's timesteps (DDIM, PLMS, UniPC)."""
     sampler: ResolvedSampler
-    factory: Callable[[], object]      # builds a fresh scheduler with set_timesteps done
+    factory: Callable[..., object]     # factory(device): a fresh scheduler with set_timesteps done
     timesteps: torch.Tensor            # the full list of the fresh scheduler
     sigma_at: list[float]              # VE sigma at each timestep index, plus 0 at the end
     start: int = 0
@@ -170,12 +170,12 @@ class TimestepPlan:
                 TimestepPlan(self.sampler, self.factory, self.timesteps, self.sigma_at, mid, self._end))
 
     def run(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFactory, progress) -> torch.Tensor:
-        sched = self.factory()  # a fresh instance per stage: schedulers carry state
+        sched = self.factory(x.device)  # a fresh instance per stage: schedulers carry state
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(self.start)
         x = x / math.sqrt(1 + self.start_sigma ** 2)
         n = self.steps
-        for i, t in enumerate(self.timesteps[self.start:self._end]):
+        for i, t in enumerate(sched.timesteps[self.start:self._end]):
             model_in = sched.scale_model_input(x, t)
             out = denoiser.model_output(model_in, t.to(torch.float32))
             x = sched.step(out, t, x, return_dict=False)[0]
@@ -222,12 +222,12 @@ def _timestep_plan(loaded, sampler: ResolvedSampler, steps: int, spacing: str, o
     base_cfg = {k: v for k, v in loaded.scheduler_config.items()
                 if k not in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "skip_prk_steps")}
 
-    def factory():
+    def factory(device="cpu"):
         s = cls.from_config(base_cfg, **kwargs)
         for flag in ("use_karras_sigmas", "use_exponential_sigmas"):
             if kwargs.get(flag) and not s.config.get(flag):
                 raise ValueError(f"{spec.name} cannot use the {sched_name} schedule")
-        s.set_timesteps(steps, device="cpu")
+        s.set_timesteps(steps, device=device)
         return s
 
     probe = factory()
