@@ -192,6 +192,9 @@ def test_list_models(model_store, tmp_path):
     assert fams["tiny-sd15"] == ("sd15", "diffusers") and fams["models--testorg--tiny-hub-sd15"] == ("sd15", "hub-cache")
     r = sh(sys.executable, "list_models.py", env={"DIFFUSIONAPI_MODELS_DIR": str(tmp_path / "none")})
     assert r.returncode == 0 and "No models installed" in r.stdout and "does not exist" in r.stdout
+    # The seed's habit: plain `python3 list_models.py`, outside the venv, works too.
+    r = sh("/usr/bin/env", "-u", "VIRTUAL_ENV", "python3", "list_models.py", "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["models"], r.stderr
     console = Path(sys.executable).parent / "diffusionapi-list-models"
     if console.exists():
         assert sh(console, "--json", env=env).returncode == 0
