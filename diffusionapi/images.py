@@ -82,6 +82,12 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+    if fsync:  # the rename itself must survive a power cut too
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 VERSION_TAG = f"diffusionapi {__version__}"
