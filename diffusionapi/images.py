@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
@@ -70,24 +68,6 @@ def read_infotext(data_or_path) -> str | None:
     if raw.startswith(UNICODE_PREFIX):
         return raw[len(UNICODE_PREFIX):].decode("utf-16-be")
     return raw[8:].decode("utf-8", "replace")
-
-
-def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write via a temp file and rename, so no reader ever sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:  # the rename itself must survive a power cut too
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 VERSION_TAG = f"diffusionapi {__version__}"

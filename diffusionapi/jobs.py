@@ -20,7 +20,8 @@ from pathlib import Path
 
 import psutil
 
-from .images import VERSION_TAG, build_infotext, encode_image, write_atomic
+from .files import write_atomic
+from .images import VERSION_TAG, build_infotext, encode_image
 from .registry import display_path
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import threading
 
-from diffusionapi.images import write_atomic
+from diffusionapi.files import write_atomic
 from diffusionapi.jobs import JobQueue, JobStore, QueueFull
 
 

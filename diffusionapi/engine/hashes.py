@@ -11,7 +11,7 @@ import logging
 import threading
 from pathlib import Path
 
-from ..images import write_atomic
+from ..files import write_atomic
 
 log = logging.getLogger(__name__)
 

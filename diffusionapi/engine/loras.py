@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from pathlib import Path
 
 from ..registry import FAMILY_LABELS, SDXL, SDXL_REFINER, LoraEntry
 from .hashes import FileHashes
