@@ -8,6 +8,7 @@ of a finished job both are deleted; the image stays in the outputs directory.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -360,8 +361,6 @@ class JobService:
                 fut.set_result(None)
 
     async def wait_final(self, job_id: str, timeout: float) -> None:
-        import asyncio
-
         st = self.store.read_status(job_id)
         if st is None or st.get("state") in FINAL_STATES or timeout <= 0:
             return
@@ -382,8 +381,6 @@ class JobService:
                     self._waiters.pop(job_id, None)
 
     def start(self) -> None:
-        import asyncio
-
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -102,7 +102,7 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
             raise RequestError("refiner_switch_at", f"with {req.steps} steps, switching at "
                                                     f"{req.refiner_switch_at} leaves no steps for the base or the refiner")
 
-    lora_entries = registry.loras()
+    lora_entries = registry.loras() if req.loras else []
     loras: list[tuple[LoraEntry, float]] = []
     for i, item in enumerate(req.lora_list()):
         try:
