@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .config import get_settings
-from .registry import NameError_, Registry
+from .registry import UnknownName, Registry
 
 
 def get_model_labels() -> dict[str, str]:
@@ -14,5 +14,5 @@ def get_model_name_from_label(label: str) -> str | None:
     """The model name a label (or name) resolves to, or None."""
     try:
         return Registry(get_settings()).resolve_model(label).name
-    except NameError_:
+    except UnknownName:
         return None

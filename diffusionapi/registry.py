@@ -39,7 +39,7 @@ LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
 }
 
 
-class NameError_(LookupError):
+class UnknownName(LookupError):
     """A request named something that is not installed; the message lists choices."""
 
 
@@ -266,11 +266,11 @@ class Registry:
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
-                raise NameError_(f"model {requested!r} is ambiguous; it matches: "
+                raise UnknownName(f"model {requested!r} is ambiguous; it matches: "
                                  f"{', '.join(m.name for m in hits)}")
         if problems and requested in problems:
-            raise NameError_(f"model {requested!r} is not usable: {problems[requested]}")
-        raise NameError_(_unknown("model", requested, [m.name for m in models] + [m.label for m in models]))
+            raise UnknownName(f"model {requested!r} is not usable: {problems[requested]}")
+        raise UnknownName(_unknown("model", requested, [m.name for m in models] + [m.label for m in models]))
 
     # ------------------------------------------------------------------ LoRAs
     def loras(self) -> list[LoraEntry]:
@@ -294,7 +294,7 @@ class Registry:
         hits = [e for e in loras if normalise(e.name) == key]
         if len(hits) == 1:
             return hits[0]
-        raise NameError_(_unknown("LoRA", requested, [e.name for e in loras]))
+        raise UnknownName(_unknown("LoRA", requested, [e.name for e in loras]))
 
     # ------------------------------------------------------------------ upscalers
     def upscalers(self, problems: dict[str, str] | None = None) -> list[UpscalerEntry]:
@@ -332,14 +332,14 @@ class Registry:
         problems: dict[str, str] = {}
         ups = self.upscalers(problems)
         if requested in problems:
-            raise NameError_(f"upscaler {requested!r} is not usable: {problems[requested]}")
+            raise UnknownName(f"upscaler {requested!r} is not usable: {problems[requested]}")
         for u in ups:
             if u.name == requested:
                 return u
         hits = [u for u in ups if normalise(u.name) == normalise(requested)]
         if len(hits) == 1:
             return hits[0]
-        raise NameError_(_unknown("upscaler", requested, [u.name for u in ups]))
+        raise UnknownName(_unknown("upscaler", requested, [u.name for u in ups]))
 
 
 def display_path(path: Path) -> str:

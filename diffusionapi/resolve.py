@@ -9,7 +9,7 @@ import secrets
 from dataclasses import dataclass
 
 from .config import Settings
-from .registry import SDXL, SDXL_REFINER, LoraEntry, ModelEntry, NameError_, Registry, UpscalerEntry
+from .registry import SDXL, SDXL_REFINER, LoraEntry, ModelEntry, UnknownName, Registry, UpscalerEntry
 from .schemas import Txt2ImgRequest
 from .engine.samplers import ResolvedSampler, SamplerChoiceError, resolve_sampler, resolved_scheduler_type
 
@@ -78,7 +78,7 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     try:
         model = registry.resolve_model(req.model if model_given else settings.default_model, models=models,
                                        problems=problems)
-    except NameError_ as e:
+    except UnknownName as e:
         if model_given or not bases:
             raise RequestError("model", str(e)) from None
         # No model named and the default is not installed: the first installed one (e.g. the demo).
@@ -91,7 +91,7 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     if req.refiner_checkpoint:
         try:
             refiner = registry.resolve_model(req.refiner_checkpoint, models=models, problems=problems)
-        except NameError_ as e:
+        except UnknownName as e:
             raise RequestError("refiner_checkpoint", str(e)) from None
         if model.family != SDXL:
             raise RequestError("refiner_checkpoint", f"a refiner needs an SDXL base model; {model.name!r} is SD 1.5")
@@ -107,7 +107,7 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     for i, item in enumerate(req.lora_list()):
         try:
             loras.append((registry.resolve_lora(item.name, loras=lora_entries), item.scale))
-        except NameError_ as e:
+        except UnknownName as e:
             raise RequestError(f"loras[{i}]", str(e)) from None
 
     upscaler = None
@@ -123,7 +123,7 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
             raise RequestError("hires.scale", f"final size {fw}x{fh} exceeds {settings.max_hires_pixels} pixels")
         try:
             upscaler = registry.resolve_upscaler(hires.upscaler)
-        except NameError_ as e:
+        except UnknownName as e:
             raise RequestError("hires.upscaler", str(e)) from None
 
     seed = req.seed if req.seed is not None and req.seed >= 0 else secrets.randbelow(2**32)

@@ -5,7 +5,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from diffusionapi.registry import ModelEntry, NameError_, Registry, derive_label, normalise
+from diffusionapi.registry import ModelEntry, UnknownName, Registry, derive_label, normalise
 from diffusionapi.schemas import Txt2ImgRequest
 
 from .conftest import LiveServer, make_settings
@@ -81,11 +81,11 @@ def test_label_resolution(model_names, data):
         hit = reg.resolve_model(variant)
         assert normalise(hit.label) == normalise(variant) or normalise(hit.name) == normalise(variant) \
             or hit.name == variant
-    except NameError_ as e:
+    except UnknownName as e:
         assert "ambiguous" in str(e)
     junk = data.draw(names)
     if all(normalise(junk) not in (normalise(m.name), normalise(m.label)) and junk != m.name for m in models):
-        with pytest.raises(NameError_, match="valid choices"):
+        with pytest.raises(UnknownName, match="valid choices"):
             reg.resolve_model(junk)
 
 

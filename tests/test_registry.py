@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from diffusionapi.registry import NameError_, Registry, derive_label
+from diffusionapi.registry import UnknownName, Registry, derive_label
 
 from .conftest import HUB_NAME, make_settings
 
@@ -47,7 +47,7 @@ def test_labels_and_resolution(model_store, tmp_path):
     assert reg.resolve_model("pastel_mix").name == "tiny-sd15"
     assert reg.resolve_model("PLANTMILK (hempii)").name == "tiny-sdxl"
     assert reg.resolve_model("tiny-hub-sd15").name == HUB_NAME
-    with pytest.raises(NameError_, match="did you mean"):
+    with pytest.raises(UnknownName, match="did you mean"):
         reg.resolve_model("Pastel Mixx")
     labels.write_text("{broken")
     assert Registry(make_settings(model_store, tmp_path, model_labels=labels)).labels() == {}
