@@ -108,6 +108,16 @@ class LiveServer:
     def run(self, **payload) -> dict:
         return self.wait(self.submit(**payload))
 
+    def submit_held(self, **payload) -> tuple[str, str]:
+        """Submit ``payload`` behind a slow job, so the test can change files before it starts.
+        Returns (blocker id, job id); the job is still queued when this returns."""
+        blocker = self.submit(prompt="blocker", model="tiny-sd15", width=256, height=256, steps=60)
+        while self.client.get(f"/queue/{blocker}").json()["state"] != "processing":
+            time.sleep(0.01)
+        job = self.submit(**payload)
+        assert self.client.get(f"/queue/{job}").json()["state"] == "queued"
+        return blocker, job
+
     @property
     def engine(self):
         return self.app.state.jobs.worker.engine

@@ -188,9 +188,10 @@ def test_failing_job_then_succeeding_job(server, tmp_path):
     models = Path(server.settings.models_dir)
     broken = models / "tiny-broken"
     shutil.copytree(models / "tiny-sd15", broken)
-    job = server.submit(**SMALL, model="tiny-broken")
+    blocker, job = server.submit_held(**SMALL, model="tiny-broken")
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 10)
     try:
+        server.wait(blocker)
         failed = server.wait(job)
     finally:
         shutil.rmtree(broken)

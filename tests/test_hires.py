@@ -112,9 +112,11 @@ def test_corrupt_upscaler_fails_the_job_and_next_job_works(hires_server):
     ups = hires_server.settings.upscalers_dir
     victim = ups / "Victim_2x.pth"
     write_tiny_upscaler(victim, "compact", scale=2)
-    job = hires_server.submit(**dict(SMALL, model="tiny-sd15", steps=8, hires={"enabled": True, "upscaler": "Victim_2x"}))
+    blocker, job = hires_server.submit_held(**dict(SMALL, model="tiny-sd15", steps=8,
+                                                    hires={"enabled": True, "upscaler": "Victim_2x"}))
     victim.write_bytes(b"\x80\x02garbage")
     try:
+        hires_server.wait(blocker)
         r = hires_server.wait(job)
     finally:
         victim.unlink()

@@ -119,10 +119,11 @@ def test_out_of_memory_fails_the_job_and_the_next_one_runs(rel_server, exc, need
 
 def test_output_write_failure(rel_server):
     out = rel_server.settings.outputs_dir
-    job = rel_server.submit(**dict(SLOW, steps=20))
+    blocker, job = rel_server.submit_held(**dict(SLOW, steps=20))
     shutil.rmtree(out, ignore_errors=True)
     out.write_text("a file where the outputs directory should be")
     try:
+        rel_server.wait(blocker)  # fails to write too
         r = rel_server.wait(job)
     finally:
         out.unlink()
