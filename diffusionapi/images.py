@@ -44,6 +44,21 @@ def build_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
     return "\n".join(lines)
 
 
+def exif_user_comment(text: str) -> bytes:
+    """An EXIF block holding only UserComment, typed UNDEFINED as the standard (and piexif, which
+    A1111 reads it with) requires; Pillow would type a bytes value as BYTE."""
+    import struct
+
+    comment = UNICODE_PREFIX + text.encode("utf-16-be")
+    # Big-endian TIFF: header, IFD0 (one entry: the Exif IFD pointer), Exif IFD (one entry), data.
+    ifd0_at, exif_ifd_at = 8, 8 + 2 + 12 + 4
+    data_at = exif_ifd_at + 2 + 12 + 4
+    tiff = b"MM\x00\x2a" + struct.pack(">I", ifd0_at)
+    tiff += struct.pack(">H", 1) + struct.pack(">HHII", EXIF_IFD, 4, 1, exif_ifd_at) + struct.pack(">I", 0)
+    tiff += struct.pack(">H", 1) + struct.pack(">HHII", USER_COMMENT, 7, len(comment), data_at) + struct.pack(">I", 0)
+    return b"Exif\x00\x00" + tiff + comment
+
+
 def encode_image(image: Image.Image, file_type: str, jpeg_quality: int, infotext: str) -> bytes:
     buf = io.BytesIO()
     if file_type == "png":
@@ -51,9 +66,7 @@ def encode_image(image: Image.Image, file_type: str, jpeg_quality: int, infotext
         info.add_text("parameters", infotext)
         image.save(buf, format="PNG", pnginfo=info, compress_level=4)
     else:
-        exif = Image.Exif()
-        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE_PREFIX + infotext.encode("utf-16-be")
-        image.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality, exif=exif.tobytes())
+        image.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality, exif=exif_user_comment(infotext))
     return buf.getvalue()
 
 

@@ -27,6 +27,17 @@ def test_png_text_chunk_and_jpeg_exif_usercomment():
     assert read_infotext(png) == read_infotext(jpg) == info
 
 
+def test_jpeg_comment_reads_back_the_way_a1111_reads_it():
+    # A1111's PNG Info: piexif.load + piexif.helper.UserComment.load (needs the UNDEFINED tag type).
+    import piexif
+    import piexif.helper
+
+    info = "portrait, ü\nNegative prompt: x\nSteps: 2, Seed: 3"
+    jpg = encode_image(Image.new("RGB", (8, 8)), "jpg", 90, info)
+    exif = piexif.load(Image.open(io.BytesIO(jpg)).info["exif"])
+    assert piexif.helper.UserComment.load(exif["Exif"][piexif.ExifIFD.UserComment]) == info
+
+
 def test_jpeg_quality_is_applied():
     img = Image.effect_noise((64, 64), 80).convert("RGB")
     assert len(encode_image(img, "jpg", 20, "x")) < len(encode_image(img, "jpg", 95, "x"))
