@@ -8,6 +8,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# The seed's default for a request's `model`.
+SEED_DEFAULT_MODEL = "stable-diffusion-v1-5"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DIFFUSIONAPI_", extra="ignore")
 
@@ -21,7 +25,7 @@ class Settings(BaseSettings):
 
     # "auto" picks cuda, then mps, then cpu.
     device: str = "auto"
-    default_model: str = "stable-diffusion-v1-5"
+    default_model: str = SEED_DEFAULT_MODEL  # used when a request names no model
 
     # Limits, enforced at submit so nothing oversized is ever queued.
     max_width: int = Field(2048, ge=8)

@@ -9,9 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .config import SEED_DEFAULT_MODEL
 from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
 
-DEFAULT_MODEL = "stable-diffusion-v1-5"
 
 
 class LoRA(BaseModel):
@@ -40,7 +40,7 @@ class Txt2ImgRequest(BaseModel):
     cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
     width: int = Field(512, ge=8)
     height: int = Field(512, ge=8)
-    model: str = Field(DEFAULT_MODEL, min_length=1, max_length=512)
+    model: str = Field(SEED_DEFAULT_MODEL, min_length=1, max_length=512)
     sampler_name: str = "DPM++ 2M Karras"
     # None means "not given": the sampler's own schedule applies where karras cannot
     # (see engine.samplers.resolve_sampler); the payload echoes what was resolved.
