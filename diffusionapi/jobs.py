@@ -306,6 +306,7 @@ class Worker:
                 "file_type": req.fileType, "jpeg_quality": req.jpeg_quality,
                 "generation_time_sec": round(time.perf_counter() - t0, 3), "load_time_sec": result.load_time_sec,
                 "memory_before_mb": mem_before, "memory_after_mb": rss_mb(), "seed": spec.seed,
+                "infotext": infotext,
             }
             self.store.write_status(job_id, final, fsync=True)
             self.jobs_run += 1
@@ -439,7 +440,7 @@ class JobService:
                     image = None
                 resp.update({k: st.get(k) for k in ("payload", "output_path", "width", "height", "file_type",
                                                     "jpeg_quality", "generation_time_sec", "load_time_sec",
-                                                    "memory_before_mb", "memory_after_mb", "seed")})
+                                                    "memory_before_mb", "memory_after_mb", "seed", "infotext")})
                 resp["image"] = image
             else:
                 resp["generation_time_sec"] = st.get("generation_time_sec")

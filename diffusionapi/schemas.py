@@ -112,6 +112,7 @@ class QueueStatusResponse(BaseModel):
     memory_before_mb: float | None = None
     memory_after_mb: float | None = None
     seed: int | None = None
+    infotext: str | None = None  # added: the A1111 "parameters" text embedded in the image
 
 
 class ModelInfo(BaseModel):

@@ -109,6 +109,7 @@ def test_png_and_jpg_metadata(server):
     png = server.run(**SMALL, model="Tiny SD", seed=7, fileType="png", negative_prompt="blurry, bad",
                      cfg_scale=5.5, sampler_name="Euler a")
     info = read_infotext(base64.b64decode(png["image"]))
+    assert png["infotext"] == info
     lines = info.split("\n")
     assert lines[0] == "a tiny test"
     assert lines[1] == "Negative prompt: blurry, bad"
