@@ -53,6 +53,15 @@ class Txt2ImgRequest(BaseModel):
     refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
     seed: int | None = Field(None, ge=-1, le=2**64 - 1)
 
+    @field_validator("fileType", mode="before")
+    @classmethod
+    def _file_type_spelling(cls, v):
+        # "JPG", "jpeg" and "PNG" mean what they say; the echo uses the seed's spelling.
+        if isinstance(v, str):
+            v = v.strip().lower()
+            return "jpg" if v == "jpeg" else v
+        return v
+
     @field_validator("sampler_name")
     @classmethod
     def _known_sampler(cls, v: str) -> str:

@@ -124,6 +124,12 @@ def test_png_and_jpg_metadata(server):
     assert img.format == "JPEG" and jpg["jpeg_quality"] == 40
 
 
+def test_file_type_spellings(server):
+    r = server.run(**dict(SMALL, fileType="JPEG"))
+    assert r["file_type"] == "jpg" and r["payload"]["fileType"] == "jpg" and r["output_path"].endswith(".jpg")
+    assert server.run(**dict(SMALL, fileType="PNG"))["file_type"] == "png"
+
+
 def test_size_rounded_to_multiple_of_8(server):
     r = server.run(prompt="x", width=61, height=75, steps=2, model="tiny-sd15", fileType="png")
     assert (r["width"], r["height"]) == (64, 72) == Image.open(io.BytesIO(base64.b64decode(r["image"]))).size
