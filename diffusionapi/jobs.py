@@ -209,7 +209,6 @@ class Worker:
         self._engine = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.jobs_run = 0
 
     @property
     def engine(self):
@@ -309,7 +308,6 @@ class Worker:
                 "infotext": infotext,
             }
             self.store.write_status(job_id, final, fsync=True)
-            self.jobs_run += 1
             self.on_final(job_id)
         except JobInterrupted:  # a graceful stop is not a failed attempt: back to the queue as it was
             record["attempts"] -= 1

@@ -10,7 +10,6 @@ from PIL import Image
 
 from diffusionapi.demo import tiny_sd15_pipeline, tiny_sdxl_pipeline, write_tiny_lora
 from diffusionapi.images import read_infotext
-from diffusionapi.engine.hashes import file_sha256
 
 from .conftest import SMALL, LiveServer, make_settings
 
@@ -130,8 +129,13 @@ def test_infotext_lora_hashes(lora_server):
                                prompt="portrait", loras=["sd-kohya", {"name": "style/sd-peft", "scale": 0.5}]))
     info = read_infotext(base64.b64decode(r["image"]))
     assert info.startswith("portrait\n")
-    h1 = file_sha256(lora_server.settings.loras_dir / "sd-kohya.safetensors")[:12]
-    h2 = file_sha256(lora_server.settings.loras_dir / "style" / "sd-peft.safetensors")[:12]
+    import hashlib
+
+    def sha(p):
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    h1 = sha(lora_server.settings.loras_dir / "sd-kohya.safetensors")[:12]
+    h2 = sha(lora_server.settings.loras_dir / "style" / "sd-peft.safetensors")[:12]
     assert f'Lora hashes: "sd-kohya: {h1}, style/sd-peft: {h2}"' in info
     assert r["payload"]["loras"] == [{"name": "sd-kohya", "scale": 1.0}, {"name": "style/sd-peft", "scale": 0.5}]
 

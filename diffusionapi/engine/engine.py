@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -174,26 +175,30 @@ class Engine:
             raise GenerationError(f"model {entry.name!r} could not be loaded from {entry.path.name}: "
                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
 
-    def _vae_tiling(self, vae, width: int, height: int) -> None:
+    @contextmanager
+    def _vae_for(self, loaded: LoadedModel, width: int, height: int):
+        """The VAE, tiled above the size threshold and in fp32 when its config asks for it
+        (the SDXL VAE overflows in fp16), back as it was afterwards."""
+        vae = loaded.pipe.vae
         if width * height > self.settings.vae_tiling_pixels:
             vae.enable_tiling()
         else:
             vae.disable_tiling()
-
-    def _decode(self, loaded: LoadedModel, latents: torch.Tensor, width: int, height: int) -> Image.Image:
-        vae = loaded.pipe.vae
-        self._vae_tiling(vae, width, height)
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         if upcast:
             vae.to(torch.float32)
         try:
+            yield vae
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+
+    def _decode(self, loaded: LoadedModel, latents: torch.Tensor, width: int, height: int) -> Image.Image:
+        with self._vae_for(loaded, width, height) as vae:
             z = latents.to(vae.dtype) / vae.config.scaling_factor
             if getattr(vae.config, "shift_factor", None):
                 z = z + vae.config.shift_factor
             img = vae.decode(z, return_dict=False)[0]
-        finally:
-            if upcast:
-                vae.to(torch.float16)
         if not torch.isfinite(img).all():
             raise GenerationError("the VAE produced NaN values (an fp16 overflow); set an fp16-fix VAE "
                                   "or run this model in fp32")
@@ -203,21 +208,13 @@ class Engine:
     def _encode(self, loaded: LoadedModel, image: Image.Image) -> torch.Tensor:
         import numpy as np
 
-        vae = loaded.pipe.vae
-        self._vae_tiling(vae, *image.size)
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        try:
+        with self._vae_for(loaded, *image.size) as vae:
             t = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1)
             t = t.permute(2, 0, 1).unsqueeze(0).to(self.device, vae.dtype)
             z = vae.encode(t, return_dict=False)[0].mode()
             if getattr(vae.config, "shift_factor", None):
                 z = z - vae.config.shift_factor
             return (z * vae.config.scaling_factor).float()
-        finally:
-            if upcast:
-                vae.to(torch.float16)
 
     def _upscale(self, spec: JobSpec, base: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
         size = (spec.final_height // 8, spec.final_width // 8)

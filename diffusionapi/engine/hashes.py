@@ -50,10 +50,3 @@ class FileHashes:
                 except OSError as e:
                     log.warning("hash cache %s not written: %s", self.cache_file, e)
         return digest
-
-
-_default = FileHashes()
-
-
-def file_sha256(path: Path) -> str:
-    return _default.sha256(path)
