@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     api_key: str | None = None
     cors_origins: list[str] = Field(default_factory=list)
 
+    # Live progress (README "Live progress"): previews, event streams, webhooks.
+    previews_default: dict | None = None  # a request's `preview` when it sends none, e.g. {"every": 5}
+    vae_approx_dir: Path = Path("stable_diffusion/vae-approx")  # TAESD decoders, per-model factor files
+    events_retention_sec: float = Field(300.0, ge=0)  # a streamed job's final event kept for reconnects
+    webhook_secret: str | None = None
+    webhook_allowed_hosts: list[str] = Field(default_factory=lambda: ["*"])
+    webhook_max_tries: int = Field(5, ge=1)
+    webhook_backoff_sec: float = Field(10.0, ge=0)  # first retry delay; doubles each time
+    webhook_timeout_sec: float = Field(10.0, gt=0)
+    webhook_progress_interval_sec: float = Field(2.0, ge=0)  # progress webhooks: at most one per interval
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -1,0 +1,131 @@
+"""What a job's life tells the outside while it runs: event-stream events and webhooks.
+
+A backend calls these hooks from its worker (any thread); they only append to the
+in-process :class:`EventLog` and hand webhooks to the durable :class:`WebhookQueue` through a
+small executor, so the worker never waits for a network, a listener or a large file write.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .events import EventLog
+from .webhooks import WebhookQueue
+
+log = logging.getLogger(__name__)
+
+
+class LiveFeed:
+    def __init__(self, settings):
+        self.settings = settings
+        self.events = EventLog(settings.events_retention_sec)
+        self.webhooks = WebhookQueue(Path(settings.queue_dir) / "webhooks", settings.webhook_secret,
+                                     settings.webhook_allowed_hosts, max_tries=settings.webhook_max_tries,
+                                     backoff_sec=settings.webhook_backoff_sec,
+                                     timeout_sec=settings.webhook_timeout_sec)
+        self._executor: ThreadPoolExecutor | None = None
+        self._positions: dict[str, int] = {}
+        self._progress_sent: dict[str, float] = {}
+        self._previews: dict[str, tuple[str, int]] = {}   # job -> (base64 JPEG, step): the latest
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="diffusionapi-webhook-enqueue")
+        self.webhooks.start()
+
+    def stop(self) -> None:
+        if self._executor:
+            self._executor.shutdown(wait=True)  # queued webhooks are recorded before we stop
+        self.webhooks.stop()
+
+    # ------------------------------------------------------------------ lifecycle hooks
+    def queued(self, job_id: str, position: int | None) -> None:
+        """A job's position (1, 2, ...) when it is queued or when it changes."""
+        if position is None:
+            return
+        with self._lock:
+            if self._positions.get(job_id) == position:
+                return
+            self._positions[job_id] = position
+        self.events.publish(job_id, "queued", {"position": position})
+
+    def positions(self, snapshot: list[tuple[str, int]]) -> None:
+        for job_id, pos in snapshot:
+            if pos > 0:
+                self.queued(job_id, pos)
+
+    def started(self, job_id: str) -> None:
+        with self._lock:
+            self._positions.pop(job_id, None)
+        self.events.publish(job_id, "started", {})
+
+    def progress(self, job_id: str, payload: dict | None, phase: str, progress: float,
+                 step: int | None = None, total: int | None = None) -> None:
+        data = {"progress": round(progress, 2), "phase": phase, "step": step, "total": total}
+        self.events.publish(job_id, "progress", data)
+        hook = _webhook(payload)
+        if hook and "progress" in hook.get("events", ()):
+            now = time.monotonic()
+            with self._lock:
+                if now - self._progress_sent.get(job_id, -1e9) < self.settings.webhook_progress_interval_sec:
+                    return
+                self._progress_sent[job_id] = now
+            body = {"job_id": job_id, "state": "processing", "current_phase": phase, **data}
+            self._submit(self._enqueue, job_id, "progress", hook["url"], body, 1)
+
+    def preview(self, job_id: str, jpeg: bytes, step: int, total: int | None = None) -> None:
+        b64 = base64.b64encode(jpeg).decode()
+        with self._lock:
+            self._previews[job_id] = (b64, step)
+        self.events.publish(job_id, "preview", {"image": b64, "step": step, "total": total})
+
+    def latest_preview(self, job_id: str) -> tuple[str, int] | None:
+        with self._lock:
+            return self._previews.get(job_id)
+
+    def ended(self, job_id: str, payload: dict | None, state: str, response: dict | None) -> None:
+        """The job reached a final state; ``response`` is its final /queue/{id} answer (image included),
+        built without consuming it."""
+        with self._lock:
+            self._positions.pop(job_id, None)
+            self._progress_sent.pop(job_id, None)
+            self._previews.pop(job_id, None)
+        hook = _webhook(payload)
+        if hook and state in hook.get("events", ()) and response is not None:
+            body = dict(response)
+            if not hook.get("include_image", True):
+                body.pop("image", None)
+                body.pop("images", None)
+            self._submit(self._enqueue, job_id, state, hook["url"], body, None)
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._positions.pop(job_id, None)
+            self._progress_sent.pop(job_id, None)
+            self._previews.pop(job_id, None)
+
+    # ------------------------------------------------------------------ internals
+    def _submit(self, fn, *args) -> None:
+        if self._executor is None:
+            fn(*args)
+            return
+        try:
+            self._executor.submit(fn, *args)
+        except RuntimeError:  # shutting down: record it here rather than lose it
+            fn(*args)
+
+    def _enqueue(self, job_id: str, event: str, url: str, body: dict, max_tries: int | None) -> None:
+        try:
+            self.webhooks.enqueue(job_id, event, url, json.dumps(body).encode(), max_tries=max_tries)
+        except Exception:  # noqa: BLE001 - a webhook must never fail a job
+            log.exception("could not record the %s webhook of job %s", event, job_id)
+
+
+def _webhook(payload: dict | None) -> dict | None:
+    hook = (payload or {}).get("webhook")
+    return hook if isinstance(hook, dict) and hook.get("url") else None
