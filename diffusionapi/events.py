@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 FINAL_EVENTS = ("done", "error", "cancelled")
 # Kinds where only the newest one matters: a newer one replaces the older in the log.
@@ -100,6 +100,18 @@ class EventLog:
                     return ev
             return None
 
+    def listening(self, job_id: str) -> bool:
+        """Someone follows the job right now."""
+        with self._lock:
+            log = self._logs.get(job_id)
+            return bool(log and log.waiters)
+
+    def listened(self, job_id: str) -> bool:
+        """Someone followed the job (and may reconnect)."""
+        with self._lock:
+            log = self._logs.get(job_id)
+            return bool(log and log.listened)
+
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._logs.pop(job_id, None)
@@ -126,9 +138,13 @@ class EventLog:
             return 0
         return int(n)
 
-    async def follow(self, job_id: str, after_id: str | None = None) -> AsyncIterator[JobEvent]:
+    async def follow(self, job_id: str, after_id: str | None = None,
+                     ready: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[JobEvent]:
         """Events after ``after_id``, then each new one as it comes, ending with the final event.
-        The caller makes sure the log exists (``open``) before following."""
+
+        ``ready`` runs once this listener is registered and before anything is read (so an
+        event published meanwhile is not missed): the owner can bring the log up to date there;
+        it returns False when the job is gone, which ends the stream at once."""
         wake = asyncio.Event()
         entry = (asyncio.get_running_loop(), wake)
         with self._lock:
@@ -136,6 +152,8 @@ class EventLog:
             log.listened = True
             log.waiters.add(entry)
         try:
+            if ready is not None and not await ready():
+                return
             last = after_id
             while True:
                 wake.clear()  # before reading, so a publish in between is not missed

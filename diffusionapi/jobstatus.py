@@ -46,6 +46,10 @@ class JobStatus(BaseModel):
     seed: int | None = None
     infotext: str | None = None
     images: list[ImageRecord] | None = None
+    # While running, with previews on: the latest one (base64 JPEG) and its sampler step.
+    # Kept in memory by the backend, not written to the record.
+    preview: str | None = None
+    preview_step: int | None = None
 
     @property
     def is_final(self) -> bool:

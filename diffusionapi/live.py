@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from .events import EventLog
 from .webhooks import WebhookQueue
@@ -88,20 +89,16 @@ class LiveFeed:
         with self._lock:
             return self._previews.get(job_id)
 
-    def ended(self, job_id: str, payload: dict | None, state: str, response: dict | None) -> None:
-        """The job reached a final state; ``response`` is its final /queue/{id} answer (image included),
-        built without consuming it."""
+    def ended(self, job_id: str, payload: dict | None, state: str, response: Callable[[], dict | None]) -> None:
+        """The job reached a final state; ``response()`` builds its final /queue/{id} answer (image
+        included) without consuming it. Called by the worker: the building happens elsewhere."""
         with self._lock:
             self._positions.pop(job_id, None)
             self._progress_sent.pop(job_id, None)
             self._previews.pop(job_id, None)
         hook = _webhook(payload)
-        if hook and state in hook.get("events", ()) and response is not None:
-            body = dict(response)
-            if not hook.get("include_image", True):
-                body.pop("image", None)
-                body.pop("images", None)
-            self._submit(self._enqueue, job_id, state, hook["url"], body, None)
+        if hook and state in hook.get("events", ()):
+            self._submit(self._enqueue_final, job_id, state, hook, response)
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -118,6 +115,18 @@ class LiveFeed:
             self._executor.submit(fn, *args)
         except RuntimeError:  # shutting down: record it here rather than lose it
             fn(*args)
+
+    def _enqueue_final(self, job_id: str, state: str, hook: dict, response: Callable[[], dict | None]) -> None:
+        try:
+            body = response()
+        except Exception:  # noqa: BLE001
+            log.exception("could not build the %s webhook body of job %s", state, job_id)
+            return
+        if body is None:
+            return
+        if not hook.get("include_image", True):
+            body = {k: v for k, v in body.items() if k not in ("image", "images")}
+        self._enqueue(job_id, state, hook["url"], body, None)
 
     def _enqueue(self, job_id: str, event: str, url: str, body: dict, max_tries: int | None) -> None:
         try:

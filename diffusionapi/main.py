@@ -148,6 +148,12 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     app.include_router(catalog.router)
     app.include_router(jobs_api.router)
+    from .api import events as events_api
+
+    app.include_router(events_api.router)
+    # Streams' final events and webhooks carry exactly the final GET /queue/{id} answer.
+    jobs.final_view = lambda job_id, final: jobs_api.final_response(job_id, final).model_dump(
+        mode="json", exclude_unset=True)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -9,10 +9,11 @@ import secrets
 from dataclasses import dataclass
 
 from .config import Settings
-from .engine.plan import GenerationPlan, HiresPlan, LoraUse
+from .engine.live import check_preview
+from .engine.plan import GenerationPlan, HiresPlan, LoraUse, PreviewPlan
 from .engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
 from .registry import Registry, UnknownName
-from .schemas import Txt2ImgRequest
+from .schemas import PreviewRequest, Txt2ImgRequest
 from .vocabulary import SDXL, SDXL_REFINER
 
 
@@ -131,15 +132,34 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
             raise RequestError("hires.upscaler", str(e)) from None
         hires_plan = HiresPlan(upscaler, hires.scale, hires.steps, hires.denoising_strength, fw, fh)
 
+    preview = resolve_preview(req, model.family, settings)
     seed = req.seed if req.seed is not None and req.seed >= 0 else secrets.randbelow(2**32)
     understood = Txt2ImgRequest.model_validate({
         **req.model_dump(exclude=set(req.model_extra or ())), "model": model.name, "width": w, "height": h, "seed": seed,
         "scheduler_type": resolved_scheduler_type(sampler),
         "refiner_checkpoint": refiner.name if refiner else None,
-        "loras": [{"name": u.entry.name, "scale": u.weight} for u in loras]})
+        "loras": [{"name": u.entry.name, "scale": u.weight} for u in loras],
+        "preview": preview.model_dump() if preview else None})
     plan = GenerationPlan(model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed,
                           width=w, height=h, steps=req.steps, cfg_scale=req.cfg_scale, sampler=sampler,
                           loras=tuple(loras), refiner=refiner, refiner_switch_at=req.refiner_switch_at,
-                          hires=hires_plan)
+                          hires=hires_plan,
+                          preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
     return ResolvedJob("txt2img", understood.model_dump(mode="json"), plan,
                        OutputSpec(req.fileType, req.jpeg_quality))
+
+
+def resolve_preview(req, family: str, settings: Settings) -> PreviewRequest | None:
+    """The request's ``preview``, or the operator's default when the request left it out."""
+    if "preview" in req.model_fields_set or not settings.previews_default:
+        spec = req.preview
+    else:
+        try:
+            spec = PreviewRequest.model_validate(settings.previews_default)
+        except ValueError as e:
+            raise RequestError("preview", f"DIFFUSIONAPI_PREVIEWS_DEFAULT is invalid: {e}", 500) from None
+    if spec is not None and spec.every:
+        why = check_preview(spec.method, family, settings.vae_approx_dir)
+        if why:
+            raise RequestError("preview.method", why)
+    return spec

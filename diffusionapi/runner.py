@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from .engine.plan import Cancelled, Engine, GenerationError, Report
+from .engine.plan import Cancelled, Engine, GenerationError, Report, StepObserver
 from .files import write_atomic
 from .images import VERSION_TAG, build_infotext, encode_image
 from .jobstatus import ImageRecord, JobStatus
@@ -51,7 +51,8 @@ class JobRunner:
             self._engine = self._engine_factory()
         return self._engine
 
-    def run(self, job_id: str, kind: str, payload: dict, report: Report, cancelled: Cancelled) -> JobStatus:
+    def run(self, job_id: str, kind: str, payload: dict, report: Report, cancelled: Cancelled,
+            observer: StepObserver | None = None) -> JobStatus:
         """The job's final ``done`` status. Raises JobFailed, engine.plan.JobCancelled or
         JobInterrupted (from ``cancelled``); anything else is a bug the caller records."""
         t0 = time.perf_counter()
@@ -63,7 +64,8 @@ class JobRunner:
         except ValueError as e:  # a payload that no longer validates (pydantic) after an upgrade
             raise JobFailed(f"cannot run any more: {e}") from e
         try:
-            result = self.engine.generate(job.plan, report, cancelled)
+            result = (self.engine.generate(job.plan, report, cancelled, observer) if observer is not None
+                      else self.engine.generate(job.plan, report, cancelled))
         except GenerationError as e:
             raise JobFailed(str(e)) from e
         plan, out = job.plan, job.output

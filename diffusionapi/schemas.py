@@ -29,6 +29,22 @@ class HiresConfig(BaseModel):
     denoising_strength: float = Field(0.4, gt=0.0, le=1.0)
 
 
+class PreviewRequest(BaseModel):
+    """Live previews while the job runs (README "Live progress")."""
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(1, ge=0, le=1000, description="sampler steps between previews; 0 = off")
+    method: Literal["approx", "taesd"] = "approx"
+
+
+class WebhookRequest(BaseModel):
+    """A signed POST to ``url`` when the job reaches one of ``events`` (README "Live progress")."""
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[Literal["done", "error", "cancelled", "progress"]] = Field(
+        default_factory=lambda: ["done", "error", "cancelled"])
+    include_image: bool = True
+
+
 class Txt2ImgRequest(BaseModel):
     # Unknown fields are accepted and ignored (A1111 clients send many extras); /txt2img names
     # them in its answer so that a typo does not go unnoticed.
@@ -52,6 +68,8 @@ class Txt2ImgRequest(BaseModel):
     refiner_checkpoint: str | None = Field(None, max_length=512)
     refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
     seed: int | None = Field(None, ge=-1, le=2**64 - 1)
+    preview: PreviewRequest | None = None  # added: when left out, DIFFUSIONAPI_PREVIEWS_DEFAULT
+    webhook: WebhookRequest | None = None  # added
 
     @field_validator("fileType", mode="before")
     @classmethod
@@ -134,6 +152,8 @@ class QueueStatusResponse(BaseModel):
     seed: int | None = None
     infotext: str | None = None  # added: the A1111 "parameters" text embedded in the image
     images: list[ImageOut] | None = None  # added: every image, only when a job made more than one
+    preview: str | None = None  # added: the latest preview (base64 JPEG) while the job runs
+    preview_step: int | None = None  # added: the sampler step that preview shows
 
 
 class ModelInfo(BaseModel):
@@ -203,6 +223,24 @@ class QueueListEntry(BaseModel):
     queue_position: int | None = None
 
 
+class WebhookAttempt(BaseModel):
+    at: float
+    status_code: int | None = None
+    error: str | None = None
+
+
+class WebhookDelivery(BaseModel):
+    id: str
+    job_id: str
+    event: str
+    url: str
+    state: Literal["pending", "delivered", "failed"]
+    max_tries: int
+    next_attempt_at: float
+    attempts: list[WebhookAttempt]
+
+
 class QueueListResponse(BaseModel):
     status: Literal["success"] = "success"
     jobs: list[QueueListEntry]
+    webhooks: list[WebhookDelivery] = Field(default_factory=list)  # added: deliveries, pending and recent

@@ -284,3 +284,16 @@ class WebhookQueue:
         if record["state"] != "pending":
             self._body_path(record["id"]).unlink(missing_ok=True)
 
+
+
+def check_webhook(hook: dict | None, settings) -> str | None:
+    """Why a request's ``webhook`` cannot be accepted (a 4xx message naming the field), or None."""
+    if not hook:
+        return None
+    if not settings.webhook_secret:
+        return "webhook: this server does not send webhooks (DIFFUSIONAPI_WEBHOOK_SECRET is not set)"
+    try:
+        check_target(hook["url"], settings.webhook_allowed_hosts)
+    except WebhookRefused as e:
+        return f"webhook.url: {e}"
+    return None

@@ -14,7 +14,8 @@ PKG = Path(__file__).resolve().parents[1] / "diffusionapi"
 # Higher numbers may import lower ones. Modules of one package (engine.*, api.*, backends.*)
 # may import each other; two different modules on the same level may not.
 LAYERS: dict[str, float] = {
-    "diffusionapi": 0, "vocabulary": 0, "files": 0, "config": 0, "jobstatus": 0,
+    "diffusionapi": 0, "vocabulary": 0, "files": 0, "config": 0, "jobstatus": 0, "events": 0,
+    "webhooks": 1, "live": 1.5,
     "fileinfo": 1, "images": 1,
     "engine": 2, "registry": 2, "demo": 2,
     "schemas": 3,

@@ -33,7 +33,10 @@ async def job_events(job_id: str, request: Request,
                      last_event_id: str | None = Header(None, alias="Last-Event-ID")):
     if not _valid(job_id):
         return _error(404, f"no job {job_id!r} (job ids are UUIDs)")
-    feed = await request.app.state.jobs.events(job_id, last_event_id)
+    try:
+        feed = await request.app.state.jobs.events(job_id, last_event_id)
+    except NotImplementedError as e:
+        return _error(501, str(e))
     if feed is None:
         return _error(404, f"no job {job_id!r}: unknown, or its final result was already read")
 

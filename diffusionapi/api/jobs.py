@@ -13,6 +13,7 @@ from ..jobstatus import JobStatus
 from ..resolve import RequestError, resolve_txt2img
 from ..schemas import (ErrorResponse, ImageOut, QueueListEntry, QueueListResponse, QueueStatusResponse,
                        Txt2ImgRequest, Txt2ImgResponse)
+from ..webhooks import check_webhook
 
 router = APIRouter()
 
@@ -37,6 +38,9 @@ def _valid_job_id(job_id: str) -> bool:
 def submit(request: Request, kind: str, echo: dict):
     """Queue a resolved job; the response for the submit routes (or an error response)."""
     state = request.app.state
+    refused = check_webhook(echo.get("webhook"), state.settings)
+    if refused:
+        return error(422, refused, detail=[{"loc": ["body", "webhook", "url"], "msg": refused}])
     try:
         return state.jobs.submit(kind, echo)
     except QueueFull:
@@ -65,7 +69,8 @@ async def queue_list(request: Request):
     entries = await run_in_threadpool(request.app.state.jobs.listing)
     return QueueListResponse(jobs=[QueueListEntry(job_id=e.job_id, state=e.state, current_phase=e.current_phase,
                                                   progress=e.progress, queue_position=e.queue_position)
-                                   for e in entries])
+                                   for e in entries],
+                             webhooks=await run_in_threadpool(request.app.state.jobs.webhook_deliveries))
 
 
 def status_response(job_id: str, st: JobStatus, position: int | None = None) -> QueueStatusResponse:
@@ -75,6 +80,8 @@ def status_response(job_id: str, st: JobStatus, position: int | None = None) -> 
                                error=st.error)
     if position is not None:
         resp.queue_position = position
+    if st.preview is not None:
+        resp.preview, resp.preview_step = st.preview, st.preview_step
     return resp
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from ..events import JobEvent
 
 from ..jobstatus import JobStatus
 
@@ -35,6 +38,10 @@ class QueueEntry:
 class JobBackend(ABC):
     """Submit, observe, cancel and collect jobs. Methods are called from the event loop's
     threadpool or directly (``status``/``position`` must be cheap: polls call them often)."""
+
+    # Set by the app (main.py): a final job -> its final GET /queue/{id} JSON. The event
+    # stream's final event and the webhooks carry exactly that.
+    final_view: Callable[[str, FinalJob], dict] | None = None
 
     @abstractmethod
     def start(self) -> None:
@@ -78,3 +85,26 @@ class JobBackend(ABC):
     @abstractmethod
     def current_job(self) -> str | None:
         """The id of the job running now (A1111's /progress reports the one current job)."""
+
+    # ------------------------------------------------------------------ live progress (#16)
+    async def events(self, job_id: str, after_id: str | None = None) -> AsyncIterator[JobEvent] | None:
+        """The job's event feed for ``GET /queue/{id}/events``; None when the job is unknown (404).
+
+        The iterator yields ``JobEvent(id, type, data)``: ``queued`` {position} (again when it
+        changes), ``started`` {}, ``progress`` {progress, phase, step, total}, ``preview``
+        {image (base64 JPEG), step, total}, and last exactly one ``done`` | ``error`` |
+        ``cancelled`` whose data is ``final_view(job_id, take_final(job_id))``: delivering it
+        consumes the job as a final poll does. Ids are strings that order the events of one
+        job; with ``after_id`` (the client's Last-Event-ID) only later events come, but the
+        newest state events and the final one are never skipped: an id the backend does not
+        know (e.g. from before a restart) replays from the start. ``progress``, ``preview`` and
+        ``queued`` are state events: a backend may keep only the newest of each. Several
+        iterators may follow one job; one that is closed early (client gone) must free what it
+        held. A backend across processes (Celery) keeps the log where all processes see it
+        (e.g. a Redis stream per job) and wakes listeners from there.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no event feed")
+
+    def webhook_deliveries(self) -> list[dict]:
+        """Webhook deliveries, pending and recently finished (``GET /queue`` lists them)."""
+        return []

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from ..files import write_atomic
 from ..jobstatus import FINAL_STATES, JobStatus
+from ..live import LiveFeed
 from ..runner import JobFailed, JobInterrupted, JobRunner
 from .base import BackendUnavailable, FinalJob, JobBackend, QueueEntry, QueueFull
 
@@ -202,8 +203,12 @@ class JobQueue:
 class Worker:
     """The one thread that runs jobs, in order, through the runner."""
 
-    def __init__(self, store: JobStore, queue: JobQueue, runner: JobRunner, on_final=None):
+    def __init__(self, store: JobStore, queue: JobQueue, runner: JobRunner, on_final=None,
+                 live: LiveFeed | None = None, on_ended=None):
         self.on_final = on_final or (lambda job_id: None)
+        self.live = live
+        self.on_ended = on_ended or (lambda job_id, status, payload: None)  # status, for webhooks/streams
+        self._payload: dict | None = None
         self.store = store
         self.queue = queue
         self.runner = runner
@@ -233,6 +238,8 @@ class Worker:
             running = self.queue.take()
             if running is None:
                 break
+            if self.live:
+                self.live.positions(self.queue.snapshot())  # everyone behind moved up one
             try:
                 self.run_job(running.job_id, running.cancel)
             except Exception:  # noqa: BLE001 - the worker must survive anything
@@ -254,8 +261,14 @@ class Worker:
         self.store.write_job(job_id, record)
         t0 = time.perf_counter()
         last = {"t": 0.0, "phase": None}
+        self._payload = record.get("payload")
+        observer = _LiveObserver(self.live, job_id) if self.live else None
+        if self.live:
+            self.live.started(job_id)
 
         def report(phase: str, progress: float) -> None:
+            if observer:
+                observer.report(self._payload, phase, progress)
             now = time.perf_counter()
             # Throttled: a status write per step would cost more than tiny steps themselves.
             if phase != last["phase"] or now - last["t"] >= 0.05:
@@ -270,8 +283,10 @@ class Worker:
         try:
             if record["attempts"] > MAX_ATTEMPTS:
                 raise JobFailed(f"interrupted by restart {MAX_ATTEMPTS} times; not retried again")
-            final = self.runner.run(job_id, record.get("kind", "txt2img"), record["payload"], report, cancelled)
+            final = self.runner.run(job_id, record.get("kind", "txt2img"), record["payload"], report, cancelled,
+                                    **({"observer": observer} if observer else {}))
             self.store.write_status(job_id, final, fsync=True)
+            self.on_ended(job_id, final, self._payload)
             self.on_final(job_id)
         except JobInterrupted:  # a graceful stop is not a failed attempt: back to the queue as it was
             record["attempts"] -= 1
@@ -289,9 +304,28 @@ class Worker:
         from ..engine.pipelines import free_memory
 
         free_memory()
-        self.store.write_status(job_id, JobStatus.failed(state, message, round(time.perf_counter() - t0, 3)),
-                                fsync=True)
+        status = JobStatus.failed(state, message, round(time.perf_counter() - t0, 3))
+        self.store.write_status(job_id, status, fsync=True)
+        self.on_ended(job_id, status, self._payload)
         self.on_final(job_id)
+
+
+class _LiveObserver:
+    """The engine's step/preview callbacks for one job, published as live events."""
+
+    def __init__(self, live: LiveFeed, job_id: str):
+        self.live, self.job_id = live, job_id
+        self._step: tuple[str, int, int] | None = None
+
+    def step(self, phase: str, step: int, total: int) -> None:
+        self._step = (phase, step, total)
+
+    def preview(self, jpeg: bytes, step: int, total: int) -> None:
+        self.live.preview(self.job_id, jpeg, step, total)
+
+    def report(self, payload, phase: str, progress: float) -> None:
+        s = self._step if self._step and self._step[0] == phase else None
+        self.live.progress(self.job_id, payload, phase, progress, s[1] if s else None, s[2] if s else None)
 
 
 class EmbeddedBackend(JobBackend):
@@ -302,7 +336,9 @@ class EmbeddedBackend(JobBackend):
         self.store = JobStore(settings.queue_dir)
         self.queue = JobQueue(settings.max_queued_jobs)
         self.runner = JobRunner(settings, registry, engine_factory)
-        self.worker = Worker(self.store, self.queue, self.runner, on_final=self._notify)
+        self.live = LiveFeed(settings)
+        self.worker = Worker(self.store, self.queue, self.runner, on_final=self._notify, live=self.live,
+                             on_ended=self._ended)
         self._final_lock = threading.Lock()
         self._loop = None
         self._waiters: dict[str, list] = {}
@@ -353,10 +389,12 @@ class EmbeddedBackend(JobBackend):
                 log.warning("job %s was interrupted by a restart; running it again", job_id)
                 self.store.write_status(job_id, JobStatus.queued())
             self.queue.put(job_id, force=True)
+        self.live.start()
         self.worker.start()
 
     def stop(self) -> None:
         self.worker.stop()
+        self.live.stop()
 
     def submit(self, kind: str, payload: dict) -> str:
         if self.queue.size() >= self.settings.max_queued_jobs:
@@ -372,10 +410,16 @@ class EmbeddedBackend(JobBackend):
         except QueueFull:
             self.store.delete(job_id)
             raise
+        self.live.queued(job_id, self.queue.position(job_id))
         return job_id
 
     def status(self, job_id: str) -> JobStatus | None:
-        return self.store.read_status(job_id)
+        st = self.store.read_status(job_id)
+        if st is not None and st.state == "processing":
+            latest = self.live.latest_preview(job_id)
+            if latest:
+                st.preview, st.preview_step = latest
+        return st
 
     def position(self, job_id: str) -> int | None:
         return self.queue.position(job_id)
@@ -388,16 +432,10 @@ class EmbeddedBackend(JobBackend):
             st = self.store.read_status(job_id)
             if st is None or not st.is_final:
                 return None
-            images: list[bytes | None] = []
-            if st.state == "done":
-                files = [r.output_file for r in st.images] if st.images else [st.output_file or st.output_path]
-                for f in files:
-                    try:
-                        images.append(Path(f).read_bytes())
-                    except (OSError, TypeError):
-                        images.append(None)
+            final = _peek_final(st)
             self.store.delete(job_id)
-        return FinalJob(st, images)
+        self._final_event(job_id, final)
+        return final
 
     def cancel(self, job_id: str) -> str | None:
         st = self.store.read_status(job_id)
@@ -406,12 +444,57 @@ class EmbeddedBackend(JobBackend):
         if st.is_final:
             return st.state
         if self.queue.remove_waiting(job_id):
-            self.store.write_status(job_id, JobStatus.failed("cancelled", "cancelled by request"), fsync=True)
+            status = JobStatus.failed("cancelled", "cancelled by request")
+            self.store.write_status(job_id, status, fsync=True)
+            self._ended(job_id, status, (self.store.read_job(job_id) or {}).get("payload"))
             self._notify(job_id)
+            self.live.positions(self.queue.snapshot())
             return "cancelled"
         if self.queue.cancel_running(job_id):
             return "cancelling"
         return st.state
+
+    # ------------------------------------------------------------------ live progress
+    def _ended(self, job_id: str, status: JobStatus, payload: dict | None) -> None:
+        """A job just became final (worker thread, or a cancel): webhooks, and the final event
+        for the clients following it now."""
+        view = self.final_view
+        if view is not None:
+            self.live.ended(job_id, payload, status.state, lambda: view(job_id, _peek_final(status)))
+        loop = self._loop
+        if loop is not None and self.live.events.listening(job_id):
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(asyncio.to_thread(self.take_final, job_id)))
+
+    def _final_event(self, job_id: str, final: FinalJob) -> None:
+        """Whoever consumed the final job (a poll or a stream): streams get it as their final event."""
+        self.live.forget(job_id)
+        if self.final_view is not None and self.live.events.listened(job_id):
+            self.live.events.publish(job_id, final.status.state, self.final_view(job_id, final))
+        else:
+            self.live.events.forget(job_id)
+
+    async def events(self, job_id: str, after_id: str | None = None):
+        if self.store.read_status(job_id) is None and self.live.events.final(job_id) is None:
+            return None
+        return self.live.events.follow(job_id, after_id, ready=lambda: self._catch_up(job_id))
+
+    async def _catch_up(self, job_id: str) -> bool:
+        """Bring the job's log up to date for a new listener: the current state when the log
+        knows nothing (after a restart), the final event when the job is already final."""
+        log = self.live.events
+        st = self.store.read_status(job_id)
+        if st is not None and not log.after(job_id, None):
+            if st.state == "queued":
+                self.live.queued(job_id, self.queue.position(job_id))
+            elif st.state == "processing":
+                self.live.started(job_id)
+                self.live.progress(job_id, None, st.current_phase, st.progress)
+        if st is not None and st.is_final and log.final(job_id) is None:
+            await asyncio.to_thread(self.take_final, job_id)
+        return st is not None or log.final(job_id) is not None
+
+    def webhook_deliveries(self) -> list[dict]:
+        return self.live.webhooks.deliveries()
 
     def listing(self) -> list[QueueEntry]:
         positions = dict(self.queue.snapshot())
@@ -426,6 +509,19 @@ class EmbeddedBackend(JobBackend):
                                   kind=record.get("kind", "txt2img")))
         out.sort(key=lambda j: (j.queue_position is None, j.queue_position or 0))
         return out
+
+
+def _peek_final(status: JobStatus) -> FinalJob:
+    """A final job with the bytes of its images (reading does not consume it)."""
+    images: list[bytes | None] = []
+    if status.state == "done":
+        files = [r.output_file for r in status.images] if status.images else [status.output_file or status.output_path]
+        for f in files:
+            try:
+                images.append(Path(f).read_bytes())
+            except (OSError, TypeError):
+                images.append(None)
+    return FinalJob(status, images)
 
 
 __all__ = ["EmbeddedBackend", "JobQueue", "JobStore", "MAX_ATTEMPTS", "QueueFull", "Worker", "FINAL_STATES"]

@@ -11,10 +11,11 @@ from PIL import Image
 
 from ..vocabulary import LATENT_UPSCALE_MODES, ModelFormat
 from .hashes import FileHashes
+from .live import LiveJob, TaesdCache
 from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
 from .plan import (Cancelled, GeneratedImage, GenerationError, GenerationPlan, GenerationResult, JobCancelled, Report,
-                   hires_total_steps)
+                   StepObserver, hires_total_steps)
 from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
 from .upscalers import UpscalerCache, UpscalerError, upscale_image
 
@@ -63,12 +64,14 @@ class Engine:
         self.loras = LoraManager(settings.lora_cache_size)
         self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
         self.upscalers = UpscalerCache(self.device)
+        self.taesd = TaesdCache(self.device)
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
-    def generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled) -> GenerationResult:
+    def generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled,
+                 observer: StepObserver | None = None) -> GenerationResult:
         try:
-            return self._generate(plan, report, cancelled)
+            return self._generate(plan, report, cancelled, observer)
         except (JobCancelled, GenerationError):
             raise
         except torch.cuda.OutOfMemoryError as e:
@@ -78,7 +81,8 @@ class Engine:
             free_memory()
             raise GenerationError("out of memory: try a smaller size, fewer steps or a lower hires scale") from e
 
-    def _generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled) -> GenerationResult:
+    def _generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled,
+                  observer: StepObserver | None = None) -> GenerationResult:
         progress = StageProgress(report)
 
         def check() -> None:
@@ -108,16 +112,22 @@ class Engine:
         x = noise.initial(shape, self.device) * schedule.start_sigma
         cond = encode(base, plan.prompt, plan.negative_prompt, plan.width, plan.height)
         den = CFGDenoiser(base, cond, plan.cfg_scale, check)
+        live = LiveJob(observer, plan.preview, family=base.family, model_name=plan.model.name,
+                       vae_approx_dir=self.settings.vae_approx_dir,
+                       image_size=(plan.final_width, plan.final_height), taesd=self.taesd)
         if refiner is None:
-            x = schedule.run(den, x, noise, progress.stage(first_phase, 0.0, first_hi))
+            x = schedule.run(den, x, noise, live.stage(first_phase, schedule.steps,
+                                                       progress.stage(first_phase, 0.0, first_hi), den.latest_x0))
         else:
             k = plan.refiner_switch_step
             s_base, s_ref = schedule.split(k)
             share = first_hi * k / plan.steps
-            x = s_base.run(den, x, noise, progress.stage(first_phase, 0.0, share))
+            x = s_base.run(den, x, noise, live.stage(first_phase, s_base.steps,
+                                                     progress.stage(first_phase, 0.0, share), den.latest_x0))
             rcond = encode(refiner, plan.prompt, plan.negative_prompt, plan.width, plan.height)
             rden = CFGDenoiser(refiner, rcond, plan.cfg_scale, check)
-            x = s_ref.run(rden, x, noise, progress.stage("refining", share, first_hi))
+            x = s_ref.run(rden, x, noise, live.stage("refining", s_ref.steps,
+                                                     progress.stage("refining", share, first_hi), rden.latest_x0))
         latents = x
 
         params_hires = {}
@@ -130,9 +140,12 @@ class Engine:
             cond2 = encode(base, plan.prompt, plan.negative_prompt, plan.final_width, plan.final_height)
             den2 = CFGDenoiser(base, cond2, plan.cfg_scale, check)
             x = latents + noise.initial(latents.shape, self.device) * schedule2.start_sigma
-            latents = schedule2.run(den2, x, noise, progress.stage("upscaling", first_hi, 100.0))
+            latents = schedule2.run(den2, x, noise, live.stage("upscaling", schedule2.steps,
+                                                               progress.stage("upscaling", first_hi, 100.0),
+                                                               den2.latest_x0))
             params_hires = {"Denoising strength": hires.denoising_strength, "Hires upscale": hires.scale,
                             "Hires steps": hires.steps, "Hires upscaler": hires.upscaler.name}
+        live.close()  # the last preview is out before the job's final event
         check()
         image = self._decode(base, latents, plan.final_width, plan.final_height)
         params = {

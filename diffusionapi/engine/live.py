@@ -7,27 +7,13 @@ observer, and, when a preview is due, hands the denoiser's latest x0 to the prev
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from . import previews as pv
-
-
-class StepObserver(Protocol):
-    """What a job's runner learns while sampling (the worker publishes it)."""
-
-    def step(self, phase: str, step: int, total: int) -> None: ...
-
-    def preview(self, jpeg: bytes, step: int, total: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class PreviewPlan:
-    method: str = "approx"   # "approx" | "taesd"
-    every: int = 1           # sampler steps between previews
+from .plan import GenerationError, PreviewPlan, StepObserver
 
 
 class TaesdCache:
@@ -46,14 +32,6 @@ class TaesdCache:
             return self._loaded[path]
 
 
-def x0_from_eps(x_vp: torch.Tensor, out: torch.Tensor, sigma: float, vpred: bool) -> torch.Tensor:
-    """The denoised estimate from a diffusers-style step (VP-scaled x, eps or v output, VE sigma)."""
-    scale = (1 + sigma * sigma) ** 0.5
-    if vpred:
-        return (x_vp - out * sigma) / scale
-    return x_vp * scale - out * sigma
-
-
 class LiveJob:
     def __init__(self, observer: StepObserver | None, preview: PreviewPlan | None, *, family: str,
                  model_name: str | None, vae_approx_dir: Path | None, image_size: tuple[int, int],
@@ -64,8 +42,11 @@ class LiveJob:
             if preview.method == "taesd":
                 path = pv.find_taesd(vae_approx_dir, family)
                 if path is None or taesd is None:
-                    raise FileNotFoundError(f"no TAESD decoder for {family} in {vae_approx_dir}")
-                decoder = taesd.get(path)
+                    raise GenerationError(check_preview("taesd", family, vae_approx_dir) or "no TAESD decoder")
+                try:
+                    decoder = taesd.get(path)
+                except Exception as e:  # noqa: BLE001 - a corrupt file names itself
+                    raise GenerationError(f"the TAESD decoder {path.name} could not be loaded: {e}") from e
 
                 def to_rgb(z):
                     return pv.taesd_rgb(decoder, z)
@@ -87,13 +68,13 @@ class LiveJob:
 
         def cb(fraction: float) -> None:
             nonlocal last
-            update(fraction)
             step = min(steps, int(fraction * steps + 1e-6))
-            if step <= last:
-                return
-            last = step
-            self.observer.step(phase, step, steps)
-            if self.sink is not None and self.sink.wants(step, steps):
+            new = step > last
+            if new:  # before ``update``, so the progress it reports carries this step
+                last = step
+                self.observer.step(phase, step, steps)
+            update(fraction)
+            if new and self.sink is not None and self.sink.wants(step, steps):
                 z = x0()
                 if z is not None:
                     self.sink.offer(z, step, steps, phase)
@@ -102,3 +83,13 @@ class LiveJob:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+
+
+def check_preview(method: str, family: str, vae_approx_dir: Path | None) -> str | None:
+    """Why ``method`` cannot give previews for a model of ``family`` (None: it can)."""
+    if method == "taesd" and pv.find_taesd(vae_approx_dir, family) is None:
+        name = pv.FAMILY_TAESD.get(str(family), "taesd")
+        return (f"no TAESD decoder for this model's family ({family}) is installed: put a diffusers "
+                f"AutoencoderTiny folder {name}/ or the file {name}_decoder.pth / .safetensors in "
+                f"{vae_approx_dir}, or use method 'approx'")
+    return None

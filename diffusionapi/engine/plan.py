@@ -47,6 +47,21 @@ class HiresPlan:
     height: int
 
 
+@dataclass(frozen=True)
+class PreviewPlan:
+    """Preview images while sampling (README "Live progress")."""
+    method: str = "approx"   # "approx" | "taesd"
+    every: int = 1           # sampler steps between previews
+
+
+class StepObserver(Protocol):
+    """What the runner of a job learns while sampling, beyond ``report``."""
+
+    def step(self, phase: str, step: int, total: int) -> None: ...
+
+    def preview(self, jpeg: bytes, step: int, total: int) -> None: ...
+
+
 @dataclass
 class GenerationPlan:
     model: ModelEntry
@@ -64,6 +79,7 @@ class GenerationPlan:
     hires: HiresPlan | None = None
     batch_size: int = 1   # images generated in one UNet batch
     n_iter: int = 1       # batches one after another; image k has seed ``seed + k``
+    preview: PreviewPlan | None = None  # previews for a StepObserver, when one is given
 
     @property
     def final_width(self) -> int:
@@ -103,7 +119,8 @@ class GenerationResult:
 class Engine(Protocol):
     """The engine's face, as the worker sees it."""
 
-    def generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled) -> GenerationResult: ...
+    def generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled,
+                 observer: StepObserver | None = None) -> GenerationResult: ...
 
 
 def hires_total_steps(steps: int, strength: float) -> int:

@@ -208,7 +208,10 @@ class PreviewSink:
     ``offer`` costs the sampler a tiny kernel and an asynchronous copy; the wait for the copy and
     the JPEG encoding happen on this sink's thread. When the encoder falls behind, only the
     newest pending preview is kept (a preview is a view of "now", older ones are worthless).
+    The thread starts with the first preview and ends after ``close`` or when idle for
+    ``IDLE_SEC`` (a job that fails mid-way leaves nothing running).
     """
+    IDLE_SEC = 2.0
 
     def __init__(self, method: str, every: int, to_rgb: Callable[[torch.Tensor], torch.Tensor],
                  size: tuple[int, int], publish: Callable[[Preview], None]):
@@ -220,8 +223,7 @@ class PreviewSink:
         self._pending: tuple | None = None
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="diffusionapi-previews", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def wants(self, step: int, total: int) -> bool:
         return step % self.every == 0 or step == total
@@ -243,14 +245,18 @@ class PreviewSink:
             rgb = rgb.clone()  # the sampler may reuse the tensor's storage
         with self._cond:
             self._pending = (rgb, event, step, total, phase)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="diffusionapi-previews", daemon=True)
+                self._thread.start()
             self._cond.notify()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._pending is None and not self._closed:
-                    self._cond.wait()
+                if self._pending is None and not self._closed:
+                    self._cond.wait(self.IDLE_SEC)
                 if self._pending is None:
+                    self._thread = None  # closed, or idle: a later offer starts a new thread
                     return
                 rgb, event, step, total, phase = self._pending
                 self._pending = None
@@ -265,5 +271,7 @@ class PreviewSink:
         """Publish what is pending, then stop; called when the job's sampling is over."""
         with self._cond:
             self._closed = True
+            thread = self._thread
             self._cond.notify()
-        self._thread.join(timeout)
+        if thread is not None:
+            thread.join(timeout)

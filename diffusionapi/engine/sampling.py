@@ -7,6 +7,7 @@ with any sampler.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -59,6 +60,11 @@ class CFGDenoiser:
         self.on_eval = on_eval
         self.dtype = self.unet.dtype
         self.evals = 0
+        self._x0 = None  # the latest denoised estimate (or a function making it), for previews
+
+    def latest_x0(self) -> torch.Tensor | None:
+        x0 = self._x0
+        return x0() if callable(x0) else x0
 
     def model_output(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.on_eval()
@@ -76,8 +82,11 @@ class CFGDenoiser:
         t = self.ms.sigma_to_t(torch.tensor(s, dtype=torch.float64))
         out = self.model_output(x * c_in, t)
         if self.vpred:
-            return x * (1 / (s * s + 1)) - out * (s * c_in)
-        return x - out * s
+            x0 = x * (1 / (s * s + 1)) - out * (s * c_in)
+        else:
+            x0 = x - out * s
+        self._x0 = x0
+        return x0
 
 
 @dataclass
@@ -174,10 +183,21 @@ class TimestepSchedule:
         for i, t in enumerate(sched.timesteps[self.start:self._end]):
             model_in = sched.scale_model_input(x, t)
             out = denoiser.model_output(model_in, t.to(torch.float32))
+            # x0 only when a preview asks for it: most steps never compute it.
+            denoiser._x0 = functools.partial(x0_from_model_output, x, out, self.sigma_at[self.start + i],
+                                             denoiser.vpred)
             x = sched.step(out, t, x, return_dict=False)[0]
             progress((i + 1) / n)
         end_sigma = self.sigma_at[self._end] if self._end < len(self.timesteps) else 0.0
         return x * math.sqrt(1 + end_sigma ** 2)
+
+
+def x0_from_model_output(x_vp: torch.Tensor, out: torch.Tensor, sigma: float, vpred: bool) -> torch.Tensor:
+    """The denoised estimate at a diffusers-style step: VP-scaled x, eps or v output, VE sigma."""
+    scale = math.sqrt(1 + sigma * sigma)
+    if vpred:
+        return (x_vp - out * sigma) / scale
+    return x_vp * scale - out * sigma
 
 
 def make_schedule(loaded, sampler: ResolvedSampler, steps: int):
