@@ -25,16 +25,60 @@ FINAL = ("done", "error", "cancelled")
 
 # ---------------------------------------------------------------------------- fixtures
 
+# The test model's decoder, per latent pixel: RGB = G^T z (up to one global normalization).
+G = torch.tensor([[0.4, 0.1, -0.2], [-0.1, 0.5, 0.1], [0.2, -0.2, 0.4], [-0.3, -0.1, -0.3]])
+
+
+def linear_vae(g: torch.Tensor):
+    """An AutoencoderKL whose decoder is the linear map ``g`` (4 latent channels -> RGB) at each latent
+    pixel, up to the global normalization of its last GroupNorm (one group): every conv is an identity
+    tap, every residual branch and the attention output are zeroed, and the final SiLU runs in its
+    linear range. Random-weight VAEs are far from linear, so a preview could not be compared with
+    their images; real SD VAEs are close enough to linear that the published factors work."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,) * 4, in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4, norm_num_groups=1, layers_per_block=1, sample_size=64).eval()
+    d = vae.decoder
+
+    def identity(conv, n):
+        conv.weight.zero_()
+        conv.bias.zero_()
+        k = conv.weight.shape[-1] // 2
+        for i in range(n):
+            conv.weight[i, i, k, k] = 1.0
+
+    with torch.no_grad():
+        identity(vae.post_quant_conv, 4)
+        identity(d.conv_in, 4)
+        for m in d.modules():
+            if type(m).__name__ == "ResnetBlock2D":
+                m.conv2.weight.zero_()
+                m.conv2.bias.zero_()
+            elif type(m).__name__ == "Attention":
+                m.to_out[0].weight.zero_()
+                m.to_out[0].bias.zero_()
+            elif type(m).__name__ == "Upsample2D":
+                identity(m.conv, 8)
+        d.conv_norm_out.weight.fill_(0.05)  # SiLU(0.05 u) ~ 0.025 u: linear
+        d.conv_norm_out.bias.zero_()
+        d.conv_out.weight.zero_()
+        d.conv_out.bias.zero_()
+        d.conv_out.weight[:, :4, 1, 1] = g.T / 0.05
+    return vae
+
+
 @pytest.fixture(scope="module")
 def live_store(model_store, tmp_path_factory):
-    """The shared tiny models plus ``tiny-linear``: an SD 1.5 tiny model whose VAE decoder is nearly
-    linear at latent-pixel scale (small GroupNorm gains keep SiLU in its linear range), as real SD
-    VAEs are closely enough for the published factors to work. Its own least-squares factors are
-    installed in vae-approx/tiny-linear.json, and a random TAESD decoder as vae-approx/taesd/."""
+    """The shared tiny SD 1.5/SDXL models plus ``tiny-linear`` (an SD 1.5 tiny model with the VAE
+    above) and its factor file ``vae-approx/tiny-linear.json``; a random TAESD decoder as
+    ``vae-approx/taesd/``."""
     from diffusers import AutoencoderTiny
 
     from diffusionapi.demo import tiny_sd15_pipeline
-    from diffusionapi.engine.previews import fit_latent_rgb
+    from diffusionapi.engine.previews import LatentRGB
 
     root = tmp_path_factory.mktemp("live-store")
     for sub in ("loras", "upscalers"):
@@ -45,21 +89,14 @@ def live_store(model_store, tmp_path_factory):
     for name in ("tiny-sd15", "tiny-sdxl"):  # copies: the registry skips links leading outside
         shutil.copytree(model_store / "models" / name, models / name)
     pipe = tiny_sd15_pipeline(seed=3)
-    vae = pipe.vae
-    with torch.no_grad():
-        for m in vae.decoder.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.mul_(0.05)
-        vae.decoder.conv_out.weight.mul_(6)
-        vae.decoder.conv_out.bias.mul_(6)
+    pipe.vae = linear_vae(G)
     pipe.save_pretrained(models / "tiny-linear", safe_serialization=True)
     approx = root / "vae-approx"
     approx.mkdir()
-
-    def decode(z):
-        return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
-
-    (approx / "tiny-linear.json").write_text(fit_latent_rgb(decode).to_json())
+    # The factors are G itself, scaled for this random UNet's latents (std ~15, where real models
+    # give ~1) so that the preview is not clipped; correlation does not depend on the scale.
+    factors = LatentRGB(tuple(tuple(float(v) / 40 for v in row) for row in G))
+    (approx / "tiny-linear.json").write_text(factors.to_json())
     torch.manual_seed(0)
     AutoencoderTiny().save_pretrained(approx / "taesd")
     return root
@@ -87,6 +124,8 @@ def listen(url: str, job_id: str, out: list, last_event_id: str | None = None, s
         if connected:
             connected.set()
         for ev in src.iter_sse():
+            if not ev.data:  # keep-alive
+                continue
             out.append((ev.id, ev.event, json.loads(ev.data)))
             if ev.event in FINAL or ev.event == stop_after:
                 return
@@ -194,6 +233,8 @@ def test_a_client_that_disconnects_costs_nothing(live):
 # ---------------------------------------------------------------------------- previews
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two [pixels, 3] images after removing each colour channel's mean."""
+    a, b = a - a.mean(0), b - b.mean(0)
     return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
 
 
@@ -218,14 +259,11 @@ def test_approx_previews_change_over_the_steps_and_the_last_resembles_the_image(
     assert len({p["image"] for p in previews}) >= max(3, len(previews) // 2)
     assert previews[0]["image"] != previews[-1]["image"]
     final = image_of(events[-1][2]["image"])
-    # The last preview is the final latents through the factors fitted for this model's VAE. The
-    # decoder is linear only approximately (GroupNorm, SiLU), so compare at latent resolution
-    # (16x16, where a linear map can hold); measured ~0.98 on random latents. Threshold 0.9;
-    # the first preview (mostly noise seen through x0) must agree less.
-    last, first = _small(images[-1], 16), _small(images[0], 16)
-    target = _small(final, 16)
-    assert _corr(last, target) > 0.9
-    assert _corr(last, target) > _corr(first, target)
+    # The last preview is the final latents through this model's factors; the image is the same
+    # latents through its VAE, which is that linear map up to a global normalization (see
+    # linear_vae). Compared at latent resolution (16x16), colour means removed: 0.998 on the raw
+    # tensors; 0.94 measured here, after the preview's JPEG and resizing. Threshold: 0.9.
+    assert _corr(_small(images[-1], 16), _small(final, 16)) > 0.9
 
 
 def test_latest_preview_is_in_the_status_and_at_the_preview_route(live):
