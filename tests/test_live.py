@@ -103,8 +103,9 @@ def live_store(model_store, tmp_path_factory):
 
 
 def live_settings(store, work, **overrides):
-    return make_settings(store, work, vae_approx_dir=store / "vae-approx", webhook_secret=SECRET,
-                         webhook_allowed_hosts=["127.0.0.1"], webhook_backoff_sec=0.1, **overrides)
+    return make_settings(store, work, **{"vae_approx_dir": store / "vae-approx", "webhook_secret": SECRET,
+                                         "webhook_allowed_hosts": ["127.0.0.1"], "webhook_backoff_sec": 0.1,
+                                         **overrides})
 
 
 @pytest.fixture(scope="module")
