@@ -114,6 +114,16 @@ def live(live_store, tmp_path_factory):
         yield s
 
 
+def hold(server, **payload) -> tuple[str, str]:
+    """Submit ``payload`` behind a running blocker job; returns (blocker id, job id), the job queued."""
+    blocker = server.submit(prompt="blocker", model="tiny-sd15", width=128, height=128, steps=40)
+    while server.client.get(f"/queue/{blocker}").json()["state"] != "processing":
+        time.sleep(0.01)
+    job = server.submit(**payload)
+    assert server.client.get(f"/queue/{job}").json()["state"] == "queued"
+    return blocker, job
+
+
 def listen(url: str, job_id: str, out: list, last_event_id: str | None = None, stop_after: str | None = None,
            connected: threading.Event | None = None) -> None:
     """Collect (id, event, data) from the job's stream until the final event (or ``stop_after``)."""
@@ -147,7 +157,7 @@ def image_of(b64: str) -> Image.Image:
 # ---------------------------------------------------------------------------- the event stream
 
 def test_two_listeners_get_queued_started_monotonic_progress_and_done_with_the_image(live):
-    blocker, job = live.submit_held(**{**SMALL, 'steps': 12}, seed=1)
+    blocker, job = hold(live, **{**SMALL, 'steps': 12}, seed=1)
     (t1, a), (t2, b) = start_listener(live.url, job), start_listener(live.url, job)
     for t in (t1, t2):
         t.join(120)
@@ -170,7 +180,7 @@ def test_two_listeners_get_queued_started_monotonic_progress_and_done_with_the_i
 
 
 def test_position_updates_while_queued(live):
-    blocker, first = live.submit_held(**{**SMALL, 'steps': 4})
+    blocker, first = hold(live, **{**SMALL, 'steps': 4})
     second = live.submit(**{**SMALL, 'steps': 4})
     t, events = start_listener(live.url, second)
     assert live.client.delete(f"/queue/{first}").status_code == 200  # the one ahead leaves the line
@@ -183,7 +193,7 @@ def test_position_updates_while_queued(live):
 
 
 def test_reconnect_with_last_event_id_resumes_and_gets_the_final_event(live):
-    blocker, job = live.submit_held(**{**SMALL, 'steps': 8})
+    blocker, job = hold(live, **{**SMALL, 'steps': 8})
     first: list = []
     listen(live.url, job, first, stop_after="queued")  # a client that goes away after one event
     assert [e[1] for e in first] == ["queued"]
@@ -220,7 +230,7 @@ def test_unknown_and_already_read_jobs_are_404(live):
 
 
 def test_a_client_that_disconnects_costs_nothing(live):
-    blocker, job = live.submit_held(**{**SMALL, 'steps': 4})
+    blocker, job = hold(live, **{**SMALL, 'steps': 4})
     for _ in range(3):
         listen(live.url, job, [], stop_after="queued")
     deadline = time.time() + 10  # the server notices the closed connections
