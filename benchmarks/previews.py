@@ -57,13 +57,13 @@ def main() -> int:
     svc = Service(work / "svc", models, work / "loras", args.device, DEFAULT_MODEL="bench-sd15")
     req = dict(REQ, steps=args.steps, width=args.size, height=args.size)
     try:
-        svc.job(poll_hz=None, **req)  # load the model once
+        svc.job(poll_hz=5, **req)  # load the model once
         plain, with_previews = [], []
         for i in range(pairs):
             # Alternate the order so drift on a shared machine hits both sides alike.
             order = [(plain, {}), (with_previews, {"preview": {"every": 1, "method": "approx"}})]
             for sink, extra in (order if i % 2 == 0 else order[::-1]):
-                body = svc.job(poll_hz=None, **req, seed=i, **extra)
+                body = svc.job(poll_hz=5, **req, seed=i, **extra)
                 sink.append(body["generation_time_sec"] - body["load_time_sec"])
     finally:
         svc.close()
