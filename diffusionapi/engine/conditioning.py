@@ -414,3 +414,48 @@ class PromptEncoder:
         neg = schedule(negative)
         empty = self._encode(slots, "", clip_skip, [], extra_key).hidden
         return StageConditioning(neg, parts, empty, zero_negative=zero_empty_negative and negative == "")
+
+
+# ---------------------------------------------------------------------------- embeddings for a job
+
+_FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+
+
+def usable_embeddings(entries, load, slots: list[EncoderSlot], model_family: str, texts: list[str],
+                      hash_of) -> tuple[list[Embedding], list[str]]:
+    """The embeddings a job's texts may call, fitted to the model's encoders, and a warning for
+    each one named in a prompt that does not fit (it is skipped and its word read as text, as
+    A1111 skips it). ``entries``: the library listing; ``load(entry)`` its tensors or None."""
+    haystack = "\n".join(texts).lower()
+    found, warnings = [], []
+    xl = model_family != "sd15"
+    for entry in entries:
+        if entry.name.lower() not in haystack:
+            continue
+        tensors = load(entry)
+        if tensors is None:
+            warnings.append(f"embedding {entry.name!r} skipped: {entry.error or 'unreadable'}")
+            continue
+        is_xl = "clip_g" in tensors
+        if is_xl != xl:
+            warnings.append(f"embedding {entry.name!r} is for {_FAMILY_LABELS['sdxl' if is_xl else 'sd15']}, "
+                            f"the model is {_FAMILY_LABELS['sdxl' if xl else 'sd15']}: skipped")
+            continue
+        vectors = {}
+        for slot in slots:
+            vec = tensors[slot.key] if slot.key else tensors[""]
+            if vec.shape[1] != slot.width:
+                break
+            vectors[slot.key] = vec
+        else:
+            found.append(Embedding(entry.name, vectors, hash_of(entry.path)[:12]))
+            continue
+        warnings.append(f"embedding {entry.name!r} does not fit this model's text encoder (width "
+                        f"{int(vec.shape[1])}, expected {slot.width}): skipped")
+    return found, warnings
+
+
+def ti_hashes_infotext(used: dict[str, str]) -> str | None:
+    """A1111's ``TI hashes`` value: ``name: shorthash, ...`` (names without ':' or ',')."""
+    items = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in used.items() if h]
+    return ", ".join(items) or None
