@@ -157,21 +157,21 @@ def test_embedding_vectors_replace_the_word(pipes, family):
 
 
 def test_usable_embeddings_skip_wrong_family(pipes, tmp_path):
-    from diffusionapi.engine.embeddings import EmbeddingLibrary
+    from diffusionapi.engine.embeddings import EmbeddingTensors
 
-    from .test_embeddings import write_embedding
+    from .test_embeddings import listing, write_embedding
 
     write_embedding(tmp_path / "sdword.pt", "a1111-pt", width=32)
     write_embedding(tmp_path / "xlword.safetensors", "sdxl", width=32, width_g=40)
     write_embedding(tmp_path / "wideword.pt", "a1111-pt", width=768)
-    lib = EmbeddingLibrary(tmp_path)
+    entries, tensors = listing(tmp_path), EmbeddingTensors()
     slots = slots_of(pipes, "sd15")
-    found, warnings = usable_embeddings(lib.listing(), lib.load, slots, "sd15",
+    found, warnings = usable_embeddings(entries, tensors.load, slots, "sd15",
                                         ["sdword xlword wideword", ""], lambda p: "f" * 64)
     assert [e.name for e in found] == ["sdword"] and found[0].shorthash == "f" * 12
     assert any("'xlword' is for SDXL" in w for w in warnings)
     assert any("'wideword' does not fit" in w for w in warnings)
-    found, warnings = usable_embeddings(lib.listing(), lib.load, slots_of(pipes, "sdxl"), "sdxl",
+    found, warnings = usable_embeddings(entries, tensors.load, slots_of(pipes, "sdxl"), "sdxl",
                                         ["xlword", "unrelated"], lambda p: "0" * 64)
     assert [e.name for e in found] == ["xlword"] and warnings == []
 

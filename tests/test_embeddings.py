@@ -1,4 +1,4 @@
-"""Textual-inversion files: every layout A1111 reads, the listing, bad files."""
+"""Textual-inversion files: every layout A1111 reads (fileinfo), the registry's listing, the engine's cache."""
 from __future__ import annotations
 
 import pickle
@@ -6,7 +6,14 @@ import pickle
 import pytest
 import torch
 
-from diffusionapi.engine.embeddings import EmbeddingError, EmbeddingLibrary, read_embedding
+from diffusionapi.config import Settings
+from diffusionapi.engine.embeddings import EmbeddingTensors
+from diffusionapi.fileinfo import EmbeddingError, read_embedding
+from diffusionapi.registry import Registry
+
+
+def listing(directory):
+    return Registry(Settings(embeddings_dir=directory)).embeddings()
 
 
 def write_embedding(path, layout: str, *, vectors: int = 2, width: int = 32, width_g: int = 40, seed: int = 0):
@@ -42,7 +49,7 @@ def test_layouts(tmp_path, layout, suffix, family, count):
     assert set(got) == set(written)
     for k in got:
         assert torch.equal(got[k], written[k])
-    [entry] = EmbeddingLibrary(tmp_path).listing()
+    [entry] = listing(tmp_path)
     assert (entry.name, entry.family, entry.vectors, entry.error) == ("emb", family, count, None)
 
 
@@ -56,31 +63,35 @@ def test_listing_subfolders_duplicates_and_bad_files(tmp_path):
     (tmp_path / "torn.pt").write_bytes(good[: len(good) // 2])
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(print))  # needs more than tensors: refused
     torch.save({"x": torch.zeros(2, 4), "y": torch.zeros(2, 4)}, str(tmp_path / "two.pt"))
-    lib = EmbeddingLibrary(tmp_path)
-    items = {e.name: e for e in lib.listing()}
+    items = {e.name: e for e in listing(tmp_path)}
+    tensors = EmbeddingTensors()
     assert set(items) == {"a", "b", "torn", "evil", "two"}
     assert items["a"].path.name == "a.pt" and items["b"].family == "sdxl"
     for bad in ("torn", "evil", "two"):
         assert items[bad].family is None and items[bad].error
-        assert lib.load(items[bad]) is None
+        assert tensors.load(items[bad]) == (None, items[bad].error)
+    assert torch.equal(tensors.load(items["a"])[0][""], read_embedding(tmp_path / "a.pt")[""])
     assert "neither" in items["two"].error
 
 
 def test_a_changed_file_is_read_again(tmp_path):
     path = tmp_path / "e.safetensors"
     write_embedding(path, "kohya-safetensors", vectors=1)
-    lib = EmbeddingLibrary(tmp_path)
-    assert lib.listing()[0].vectors == 1
+    registry = Registry(Settings(embeddings_dir=tmp_path))
+    assert registry.embeddings()[0].vectors == 1
+    tensors = EmbeddingTensors()
+    assert tensors.load(registry.embeddings()[0])[0][""].shape[0] == 1
     import os
     import time
 
     write_embedding(path, "kohya-safetensors", vectors=4)
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert lib.listing()[0].vectors == 4
+    assert registry.embeddings()[0].vectors == 4
+    assert tensors.load(registry.embeddings()[0])[0][""].shape[0] == 4
 
 
 def test_missing_directory_lists_nothing(tmp_path):
-    assert EmbeddingLibrary(tmp_path / "nope").listing() == []
+    assert listing(tmp_path / "nope") == []
 
 
 def test_mismatched_sdxl_vectors(tmp_path):

@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusionapi.demo import tiny_sd15_pipeline, write_tiny_lora
+from diffusionapi.demo import tiny_sd15_pipeline
 from diffusionapi.images import read_infotext
 
 from .conftest import LiveServer, make_settings
 from .test_embeddings import write_embedding
+from .tiny_files import write_tiny_lora
 
 SMALL = dict(width=64, height=64, steps=4, sampler_name="Euler", scheduler_type="default", seed=7, fileType="png")
 FAMILIES = ["tiny-sd15", "tiny-sdxl"]
@@ -53,9 +54,8 @@ def infotext(resp) -> str:
 
 
 def pipe_of(server, model):
-    """The resident pipeline of ``model`` (a job makes it resident first)."""
-    gen(server, "warm", model)
-    return server.engine.cache._items[model].pipe
+    """The resident pipeline of ``model`` (the worker is idle between these tests' jobs)."""
+    return server.engine.cache.get(server.app.state.registry.resolve_model(model)).pipe
 
 
 @contextmanager

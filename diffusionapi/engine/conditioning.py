@@ -425,16 +425,16 @@ def usable_embeddings(entries, load, slots: list[EncoderSlot], model_family: str
                       hash_of) -> tuple[list[Embedding], list[str]]:
     """The embeddings a job's texts may call, fitted to the model's encoders, and a warning for
     each one named in a prompt that does not fit (it is skipped and its word read as text, as
-    A1111 skips it). ``entries``: the library listing; ``load(entry)`` its tensors or None."""
+    A1111 skips it). ``entries``: registry entries; ``load(entry)`` -> (tensors or None, why not)."""
     haystack = "\n".join(texts).lower()
     found, warnings = [], []
     xl = model_family != "sd15"
     for entry in entries:
         if entry.name.lower() not in haystack:
             continue
-        tensors = load(entry)
+        tensors, error = load(entry)
         if tensors is None:
-            warnings.append(f"embedding {entry.name!r} skipped: {entry.error or 'unreadable'}")
+            warnings.append(f"embedding {entry.name!r} skipped: {error}")
             continue
         is_xl = "clip_g" in tensors
         if is_xl != xl:
