@@ -33,6 +33,8 @@ RESIZE_MODES = {0: "Just resize", 1: "Crop and resize", 2: "Resize and fill", 3:
 FILL_MODES = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 BACKGROUND = (255, 255, 255)  # transparent init images are flattened onto white, as in A1111
 LANCZOS = Image.Resampling.LANCZOS
+# Upscalers that are plain resampling (``/upscale``'s "Lanczos" and "Nearest", as A1111 names them).
+PIXEL_RESIZERS = {"Lanczos": LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 
 class ImageInputError(ValueError):

@@ -35,6 +35,32 @@ def img2img_steps(steps: int, denoising_strength: float) -> int:
     return t_enc + 1
 
 
+def prepare_input(init, width: int, height: int) -> imageinput.Prepared:
+    """The plan's init image (and mask) resized / cropped for a width x height generation."""
+    return imageinput.prepare(init.image, width, height, resize_mode=init.resize_mode, mask=init.mask,
+                              mask_blur=init.mask_blur, inpainting_fill=init.inpainting_fill,
+                              inpaint_full_res=init.inpaint_full_res,
+                              inpaint_full_res_padding=init.inpaint_full_res_padding,
+                              inpainting_mask_invert=init.inpainting_mask_invert)
+
+
+def infotext_params(init, prepared: imageinput.Prepared | None) -> dict:
+    """The img2img items of A1111's infotext."""
+    params: dict = {"Denoising strength": init.denoising_strength}
+    if init.resize_mode:
+        params["Resize mode"] = imageinput.RESIZE_MODES[init.resize_mode]
+    if init.mask is not None:
+        if init.mask_blur:
+            params["Mask blur"] = init.mask_blur
+        if init.inpainting_mask_invert:
+            params["Mask mode"] = "Inpaint not masked"
+        if prepared is not None:
+            params.update(prepared.info())
+        if init.inpaint_full_res and prepared is not None and prepared.full_res:
+            params["Masked area padding"] = init.inpaint_full_res_padding
+    return params
+
+
 def is_inpainting_unet(unet) -> bool:
     return int(unet.config.in_channels) == LATENT_CHANNELS + INPAINT_EXTRA_CHANNELS
 

@@ -23,6 +23,15 @@ class Conditioning:
     embeds: torch.Tensor                 # [uncond; cond] along the batch dimension
     added: dict | None = None            # SDXL: text_embeds and time_ids, same layout
 
+    def repeat(self, n: int) -> "Conditioning":
+        """The same prompt for a batch of ``n`` images: [uncond x n; cond x n]."""
+        if n == 1:
+            return self
+
+        def rep(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([half.repeat(n, *[1] * (half.dim() - 1)) for half in t.chunk(2)])
+        return Conditioning(rep(self.embeds), {k: rep(v) for k, v in self.added.items()} if self.added else None)
+
 
 def encode(loaded, prompt: str, negative: str, width: int, height: int) -> Conditioning:
     """Prompt embeddings for CFG; for SDXL also the micro-conditioning (original = target size)."""
@@ -65,7 +74,7 @@ class CFGDenoiser:
         self.evals += 1
         t = t.reshape(-1)[:1].to(torch.float32)
         xin = torch.cat([x_in, x_in]).to(self.dtype)
-        out = self.unet(xin, t.to(x_in.device).expand(2), encoder_hidden_states=self.cond.embeds,
+        out = self.unet(xin, t.to(x_in.device).expand(xin.shape[0]), encoder_hidden_states=self.cond.embeds,
                         added_cond_kwargs=self.cond.added, return_dict=False)[0]
         uncond, cond = out.float().chunk(2)
         return uncond + self.cfg * (cond - uncond)
@@ -82,11 +91,39 @@ class CFGDenoiser:
 
 @dataclass
 class NoiseFactory:
+    """Seeded Gaussian noise from CPU generators, one per image of a batch (``more`` holds the
+    (generator, seed) of images 2..n), so an image is the same alone or in a batch."""
     generator: torch.Generator
     seed: int
+    more: tuple = ()
+
+    @classmethod
+    def for_seeds(cls, seeds) -> "NoiseFactory":
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        return cls(gens[0], int(seeds[0]), tuple(zip(gens[1:], (int(s) for s in seeds[1:]))))
+
+    @property
+    def streams(self) -> list:
+        return [(self.generator, self.seed), *self.more]
+
+    def draw(self, shape) -> torch.Tensor:
+        if not self.more:
+            return torch.randn(shape, generator=self.generator, dtype=torch.float32)
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g, _ in self.streams])
 
     def initial(self, shape, device) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(device)
+        return self.draw(shape).to(device)
+
+    def sampler_noise(self, like: torch.Tensor):
+        """Fresh noise per step (ancestral and SDE samplers)."""
+        return lambda sigma=None, sigma_next=None: self.draw(like.shape).to(like.device, like.dtype)
+
+    def brownian(self, like: torch.Tensor, sigma_min: float, sigma_max: float):
+        """DPM++ SDE's Brownian-tree noise, one tree per image seeded by its seed."""
+        if not self.more:
+            return kd.BrownianNoise(like, sigma_min, sigma_max, self.seed)
+        trees = [kd.BrownianNoise(like[i:i + 1], sigma_min, sigma_max, seed) for i, (_, seed) in enumerate(self.streams)]
+        return lambda sigma, sigma_next: torch.cat([tree(sigma, sigma_next) for tree in trees])
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -113,9 +150,9 @@ class SigmaSchedule:
         eta = 1.0 if spec.stochastic else 0.0
         if spec.algorithm == "dpmpp_sde":
             positive = self.sigmas[self.sigmas > 0]
-            src = kd.BrownianNoise(x, float(positive.min()), float(positive.max()), noise.seed)
+            src = noise.brownian(x, float(positive.min()), float(positive.max()))
         else:
-            src = kd.SeededNoise(noise.generator, x)
+            src = noise.sampler_noise(x)
         if spec.algorithm == "dpm_adaptive":  # step count unknown: progress is the log-sigma covered
             ctx = kd.RunContext(noise=src, progress=progress, eta=eta)
             lo = float(self.sigmas[-1]) if float(self.sigmas[-1]) > 0 else denoiser.ms.sigma_min
