@@ -93,10 +93,12 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
             raise ImageInputError(field, f"image too large (decompression bomb guard): {e}", 413) from None
         except Exception as e:  # noqa: BLE001 - truncated data: OSError, SyntaxError, ValueError, ...
             raise ImageInputError(field, f"truncated or corrupt {im.format} image: {_reason(e)}") from None
+    fmt = im.format
     try:
         im = ImageOps.exif_transpose(im)  # phones store rotated JPEGs; A1111 turns them upright too
     except Exception:  # noqa: BLE001 - a broken EXIF block is not worth refusing the image for
         pass
+    im.format = fmt  # a transposed copy forgets it; echoes describe the image by it
     return im
 
 

@@ -360,7 +360,8 @@ BAD = [
     ("/upscale", {"upscaler": "Latent"}, 422, "upscaler", "hires fix only"),
     ("/upscale", {"upscaler": "no-such-upscaler"}, 422, "upscaler", "Lanczos"),
     ("/upscale", {"upscaler": "Lanczos", "scale": 100}, 422, "scale", "less than or equal to 16"),
-    ("/upscale", {"upscaler": "Lanczos", "scale": 10}, 422, "scale", "exceeds 4000000"),
+    ("/upscale", {"upscaler": "Lanczos", "scale": 10, "image": b64png(picture(300, 300))}, 422, "scale",
+     "exceeds 4000000"),
     ("/upscale", {"upscaler": "Lanczos", "width": 64}, 422, "width and height go together", ""),
     ("/upscale", {"upscaler": "Lanczos", "image": _truncated_png()}, 422, "image", "truncated or corrupt"),
 ]
