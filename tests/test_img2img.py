@@ -389,3 +389,9 @@ def test_image_bodies_have_their_own_size_limit(i2i_server):
                                                     padding_field=big))
     assert r.status_code == 200 and r.json()["ignored_fields"] == ["padding_field"]
     assert i2i_server.wait(r.json()["job_id"])["state"] == "done"
+
+
+def test_txt2img_on_an_inpainting_model_gets_the_blank_conditioning(i2i_server):
+    with UNetCalls(i2i_server, "tiny-sdxl-inpaint") as calls:
+        r = i2i_server.run(**dict(I2I, model="tiny-sdxl-inpaint", width=64, height=64, steps=2))
+    assert r["state"] == "done" and set(calls.channels) == {9}
