@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_loras: int = Field(16, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    max_n_iter: int = Field(16, ge=1)
+    max_image_body_bytes: int = Field(50_000_000, ge=1024)  # image-carrying endpoints (img2img, upscale)
 
     # Engine behaviour.
     pipeline_cache_size: int = Field(1, ge=1)

@@ -16,6 +16,9 @@ from .config import Settings, get_settings
 log = logging.getLogger("diffusionapi")
 
 OPEN_PATHS = ("/hello",)
+# Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
+IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
+                    "/sdapi/v1/png-info", "/png-info")
 
 
 def _field(loc) -> str:
@@ -40,6 +43,7 @@ class GuardMiddleware:
     def __init__(self, app, settings: Settings):
         self.app = app
         self.max_body = settings.max_body_bytes
+        self.max_image_body = max(settings.max_image_body_bytes, settings.max_body_bytes)
         self.key = settings.api_key.encode() if settings.api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -53,20 +57,20 @@ class GuardMiddleware:
                 return await _send_json(send, 401, {"status": "error", "error": "missing or wrong API key "
                                                     "(Authorization: Bearer <key> or X-API-Key)"},
                                         extra=[(b"www-authenticate", b"Bearer")])
+        limit = self.max_image_body if scope["path"] in IMAGE_BODY_PATHS else self.max_body
         length = headers.get(b"content-length")
         if length is not None:
             try:
-                too_big = int(length) > self.max_body
+                too_big = int(length) > limit
             except ValueError:
                 return await _send_json(send, 400, {"status": "error", "error": "bad Content-Length"})
             if too_big:
                 return await _send_json(send, 413, {"status": "error",
-                                                    "error": f"request body larger than {self.max_body} bytes"})
+                                                    "error": f"request body larger than {limit} bytes"})
             return await self.app(scope, receive, send)
         # No Content-Length (chunked): count as the body streams in; past the cap, answer
         # 413 ourselves and tell the app the client went away.
         seen = 0
-        limit = self.max_body
         answered = False
 
         async def capped_receive():
