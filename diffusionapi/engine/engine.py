@@ -10,19 +10,37 @@ import torch
 from PIL import Image
 
 from .. import imageinput
-from ..vocabulary import LATENT_UPSCALE_MODES, ModelFormat
+from ..vocabulary import LATENT_UPSCALE_MODES, SD15, SDXL, ModelFormat
 from .hashes import FileHashes
 from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
 from .plan import (Cancelled, GeneratedImage, GenerationError, GenerationPlan, GenerationResult, JobCancelled, Report,
                    UpscalePlan, hires_total_steps)
 from . import img2img
+from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
+from .embeddings import EmbeddingTensors
+from .prompts import extract_extra_networks
 from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
 from .upscalers import UpscalerCache, UpscalerError, upscale_image
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "GenerationError", "JobCancelled"]
+
+
+class JobText:
+    """A job's prompts as the text encoders see them (LoRA tags removed), and what encoding found."""
+
+    def __init__(self, plan: GenerationPlan, lora_key: tuple):
+        self.prompt = extract_extra_networks(plan.prompt)[0]
+        self.negative = plan.negative_prompt
+        self.clip_skip = plan.clip_skip
+        self.steps = plan.steps
+        self.evals_per_step = evaluations_per_step(plan.sampler.spec.algorithm)
+        self.embeddings = plan.embeddings
+        self.lora_key = lora_key
+        self.used_embeddings: dict[str, str] = {}
+        self.warnings: list[str] = []
 
 
 class StageProgress:
@@ -65,6 +83,8 @@ class Engine:
         self.loras = LoraManager(settings.lora_cache_size)
         self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
         self.upscalers = UpscalerCache(self.device)
+        self.prompt_encoder = PromptEncoder(settings.conditioning_cache_size)
+        self.embedding_tensors = EmbeddingTensors()
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -109,15 +129,16 @@ class Engine:
             prepared = img2img.prepare_input(plan.init, plan.width, plan.height)
             init = img2img.encode_init(encode_image, prepared, self.device)
             check()
-        cond = encode(base, plan.prompt, plan.negative_prompt, plan.width, plan.height)
-        rcond = encode(refiner, plan.prompt, plan.negative_prompt, plan.width, plan.height) if refiner else None
+        text = JobText(plan, self._lora_key(plan.loras))
+        cond = self._conditioning(base, text, plan.width, plan.height)
+        rcond = self._conditioning(refiner, text, plan.width, plan.height) if refiner else None
 
         images = []
         # n_iter batches one after another, each its share of the progress; image k has seed + k.
         for it in range(plan.n_iter):
             seeds = [plan.seed + it * plan.batch_size + j for j in range(plan.batch_size)]
             window = (100.0 * it / plan.n_iter, 100.0 * (it + 1) / plan.n_iter)
-            latents = self._sample_batch(plan, base, refiner, cond, rcond, seeds, prepared, init, progress,
+            latents = self._sample_batch(plan, base, refiner, text, cond, rcond, seeds, prepared, init, progress,
                                          window, check)
             for j, seed in enumerate(seeds):
                 check()
@@ -143,18 +164,21 @@ class Engine:
             params.update(img2img.infotext_params(plan.init, prepared))
         if plan.refiner:
             params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
+        if plan.clip_skip != 1:
+            params["Clip skip"] = plan.clip_skip
         hashes = lora_hashes_infotext(plan.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes
+        params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
         if plan.image_count > 1:
             params["Batch size"] = plan.batch_size
         results = []
         for k, image in enumerate(images):
             extra = {"Batch pos": k % plan.batch_size} if plan.batch_size > 1 else {}
             results.append(GeneratedImage(image, plan.seed + k, {**params, "Seed": plan.seed + k, **extra}))
-        return GenerationResult(results, round(load_time, 3))
+        return GenerationResult(results, round(load_time, 3), warnings=text.warnings)
 
-    def _sample_batch(self, plan: GenerationPlan, base: LoadedModel, refiner: LoadedModel | None, cond, rcond,
+    def _sample_batch(self, plan: GenerationPlan, base: LoadedModel, refiner: LoadedModel | None, text, cond, rcond,
                       seeds: list[int], prepared, init, progress: StageProgress, window, check) -> torch.Tensor:
         """Latents of one batch (one UNet batch of ``len(seeds)`` images), over ``window`` of the progress."""
         lo, hi = window
@@ -175,7 +199,7 @@ class Engine:
             first = noise.initial(shape, self.device)
             init_z = img2img.fill_latents(init, plan.init.inpainting_fill, first)
             x = init_z + first * schedule.start_sigma
-        den = self._denoiser(base, cond.repeat(n), plan, check, prepared, plan.width, plan.height, init, init_z)
+        den = self._denoiser(base, cond, plan, check, prepared, plan.width, plan.height, init, init_z)
         if refiner is None:
             x = schedule.run(den, x, noise, progress.stage(first_phase, lo, first_hi))
         else:
@@ -184,7 +208,9 @@ class Engine:
             share = lo + (first_hi - lo) * s_base.steps / schedule.steps
             x = s_base.run(den, x, noise, progress.stage(first_phase, lo, share))
             if s_ref is not None:
-                rden = self._denoiser(refiner, rcond.repeat(n), plan, check, None, plan.width, plan.height, init, init_z)
+                # A1111 keeps counting the steps of prompt editing across the switch.
+                rden = self._denoiser(refiner, rcond, plan, check, None, plan.width, plan.height, init, init_z,
+                                      step_offset=den.evals)
                 x = s_ref.run(rden, x, noise, progress.stage("refining", share, first_hi))
         if init is not None and init.keep is not None:
             x = x * init.repaint + init_z * init.keep  # A1111 blends the final latents once more
@@ -196,18 +222,18 @@ class Engine:
             check()
             total = hires_total_steps(hires.steps, hires.denoising_strength)
             schedule2 = img2img_tail(make_schedule(base, plan.sampler, total), hires.steps)
-            cond2 = encode(base, plan.prompt, plan.negative_prompt, plan.final_width, plan.final_height)
-            den2 = self._denoiser(base, cond2.repeat(n), plan, check, None, plan.final_width, plan.final_height)
+            cond2 = self._conditioning(base, text, plan.final_width, plan.final_height, hires_steps=hires.steps)
+            den2 = self._denoiser(base, cond2, plan, check, None, plan.final_width, plan.final_height)
             x = latents + noise.initial(latents.shape, self.device) * schedule2.start_sigma
             latents = schedule2.run(den2, x, noise, progress.stage("upscaling", first_hi, hi))
         check()
         return latents
 
     def _denoiser(self, loaded: LoadedModel, cond, plan: GenerationPlan, check, prepared, width: int, height: int,
-                  init=None, init_z=None):
+                  init=None, init_z=None, step_offset: int = 0):
         """The CFG denoiser; an inpainting UNet gets its mask + masked-image conditioning, and
         a mask keeps the init latents outside it at every evaluation."""
-        den = CFGDenoiser(loaded, cond, plan.cfg_scale, check)
+        den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset)
         if img2img.is_inpainting_unet(loaded.pipe.unet):
             extra = img2img.inpainting_conditioning(lambda im: self._encode(loaded, im), prepared, width, height,
                                                     self.device)
@@ -217,6 +243,29 @@ class Engine:
         return den
 
     # ------------------------------------------------------------------ parts
+    def _conditioning(self, loaded: LoadedModel, text: "JobText", width: int, height: int,
+                      hires_steps: int | None = None):
+        """A stage's conditioning; prompt editing counts model evaluations, as A1111 does."""
+        slots = encoder_slots(loaded.pipe, loaded.family != SD15)
+        found, warnings = usable_embeddings(text.embeddings, self.embedding_tensors.load, slots,
+                                            SD15 if loaded.family == SD15 else SDXL, [text.prompt, text.negative],
+                                            self.hashes.sha256)
+        for w in warnings:
+            if w not in text.warnings:
+                log.warning("%s", w)
+                text.warnings.append(w)
+        cond = encode(loaded, text.prompt, text.negative, width, height, prompts=self.prompt_encoder,
+                      clip_skip=text.clip_skip, total_steps=text.steps * text.evals_per_step,
+                      hires_steps=hires_steps * text.evals_per_step if hires_steps else None,
+                      embeddings=found, extra_key=text.lora_key)
+        text.used_embeddings.update(cond.used_embeddings())
+        return cond
+
+    @staticmethod
+    def _lora_key(loras) -> tuple:
+        # LoRAs change the text encoders: an encoding is reused only under the same LoRAs.
+        return tuple((str(u.entry.path), u.entry.path.stat().st_mtime_ns, float(u.weight)) for u in loras)
+
     def _load(self, entry, progress: StageProgress, *, keep, share_from=None) -> LoadedModel:
         if not self.cache.is_loaded(entry.name):
             progress.phase("loading model")
