@@ -32,8 +32,28 @@ def _get(obj, name, default=None):
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
 
 
+def peek(jobs, job_id: str):
+    if hasattr(jobs, "take_final"):
+        return jobs.status(job_id)
+    return jobs.store.read_status(job_id)  # PRE-SEAMS
+
+
+def current_job(jobs) -> str | None:
+    if hasattr(jobs, "current_job"):
+        return jobs.current_job()
+    snap = jobs.queue.snapshot()  # PRE-SEAMS
+    return snap[0][0] if snap and snap[0][1] == 0 else None
+
+
 def take_final(jobs, job_id: str) -> Final | None:
     """The job's final record, read exactly once."""
+    if not hasattr(jobs, "take_final"):  # PRE-SEAMS
+        resp = jobs.status(job_id)
+        if resp is None:
+            return None
+        imgs = [FinalImage(base64.b64decode(resp["image"]), resp.get("seed"), resp.get("infotext"),
+                           resp.get("width"), resp.get("height"))] if resp.get("image") else []
+        return Final(resp["state"], resp.get("error"), resp.get("payload") or {}, imgs)
     fj = jobs.take_final(job_id)
     if fj is None:
         return None
@@ -56,9 +76,21 @@ async def wait_for(request, jobs, job_id: str) -> Final | None:
     left to receive the image). None when the client left."""
     while True:
         await jobs.wait_final(job_id, POLL_SEC)
-        st = jobs.status(job_id)
+        st = peek(jobs, job_id)
         if st is None or _get(st, "state") in FINAL:
             return take_final(jobs, job_id)
         if await request.is_disconnected():
             jobs.cancel(job_id)
+            # Nobody will read the final record: take it once the job has stopped.
+            _background.add(task := asyncio.get_running_loop().create_task(_discard(jobs, job_id)))
+            task.add_done_callback(_background.discard)
             return None
+
+
+_background: set = set()  # keeps the discard tasks referenced until they finish
+DISCARD_WAIT_SEC = 600
+
+
+async def _discard(jobs, job_id: str) -> None:
+    await jobs.wait_final(job_id, DISCARD_WAIT_SEC)
+    take_final(jobs, job_id)

@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
@@ -43,7 +44,7 @@ class SdapiState:
 
     # ------------------------------------------------------------------ native endpoints
     def _native(self, path: str):
-        for route in self.app.routes:
+        for route in _walk(self.app.routes):
             if isinstance(route, Route) and route.path == path and "POST" in (route.methods or ()):
                 return route.endpoint
         return None
@@ -52,8 +53,7 @@ class SdapiState:
         endpoint = self._native(f"/{kind}")
         if endpoint is None:
             return None
-        for param in inspect.signature(endpoint).parameters.values():
-            ann = param.annotation
+        for ann in _hints(endpoint).values():
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 return ann
         return None
@@ -72,10 +72,11 @@ class SdapiState:
             return None, _error(422, "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
                                                for err in e.errors()))
         kwargs = {}
-        for name, param in inspect.signature(endpoint).parameters.items():
-            if param.annotation is model:
+        hints = _hints(endpoint)
+        for name in inspect.signature(endpoint).parameters:
+            if hints.get(name) is model:
                 kwargs[name] = parsed
-            elif name == "request" or getattr(param.annotation, "__name__", "") == "Request":
+            elif hints.get(name) is Request or name == "request":
                 kwargs[name] = request
         if inspect.iscoroutinefunction(endpoint):
             resp = await endpoint(**kwargs)
@@ -176,13 +177,15 @@ class SdapiState:
 
     # ------------------------------------------------------------------ progress
     def progress(self, skip_current_image: bool) -> dict:
+        from .jobs import current_job, peek
+
         jobs = self.jobs
-        current = jobs.current_job()
+        current = current_job(jobs)
         pending = [e for e in jobs.listing() if _get(e, "state") in ("queued", "processing")]
         state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
                  "job_count": len(pending), "job_timestamp": "0", "job_no": 0,
                  "sampling_step": 0, "sampling_steps": 0}
-        st = jobs.status(current) if current else None
+        st = peek(jobs, current) if current else None
         if st is None or _get(st, "state") != "processing":
             self._started.clear()
             return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
@@ -202,10 +205,31 @@ class SdapiState:
                 "current_image": preview, "textinfo": _get(st, "current_phase")}
 
     def interrupt(self) -> None:
-        current = self.jobs.current_job()
+        from .jobs import current_job
+
+        current = current_job(self.jobs)
         if current:
             self._interrupted = current
             self.jobs.cancel(current)
+
+
+def _walk(routes):
+    """Every route, also inside included routers (FastAPI >= 0.16x keeps them nested)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _walk(inner.routes)
+        else:
+            yield route
+
+
+def _hints(fn) -> dict:
+    import typing
+
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: no body model found
+        return {}
 
 
 def _safetensors_metadata(path: Path) -> dict:
