@@ -142,7 +142,7 @@ def test_sillytavern(server):
     data = sillytavern_session(server.url, auth=None)  # auth never set: "Basic dW5kZWZpbmVk"
     assert png(data["images"][0]).size == (64, 64)  # { format: 'png', data: data.images[0] }
     info = json.loads(data["info"])
-    assert info["sampler_name"] == "DDIM" and "Schedule type: Normal" in info["infotexts"][0]
+    assert info["sampler_name"] == "DDIM" and "Sampler: DDIM" in info["infotexts"][0]
 
 
 def test_sillytavern_with_auth(auth_server):
