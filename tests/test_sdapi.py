@@ -3,6 +3,7 @@ tiny models; plus the conversion rules in `diffusionapi/api/sdapi/protocol.py`."
 from __future__ import annotations
 
 import base64
+import json
 import io
 import threading
 import time
@@ -304,7 +305,8 @@ def test_img2img_and_inpainting(api, server):
 
 @pytest.fixture(scope="module")
 def auth_server(model_store, tmp_path_factory):
-    settings = make_settings(model_store, tmp_path_factory.mktemp("sdapi-auth"), api_auth="alice:s3cret,bob:pw")
+    settings = make_settings(model_store, tmp_path_factory.mktemp("sdapi-auth"), api_auth="alice:s3cret,bob:pw",
+                             api_key="the-key")
     with LiveServer(settings) as s:
         yield s
 
@@ -320,5 +322,69 @@ def test_basic_auth(auth_server):
     alice = webuiapi.WebUIApi(baseurl=url, username="alice", password="s3cret", steps=2)
     assert alice.txt2img(prompt="x", width=64, height=64, seed=1).image.size == (64, 64)
     assert httpx.get(url + "/options", auth=("bob", "pw")).status_code == 200
-    # Only /sdapi is behind Basic auth; the native API is as configured (open here).
-    assert httpx.get(auth_server.url + "/models").status_code == 200
+    # The API key admits /sdapi callers too: as a Bearer token, or as the password A1111 clients can send.
+    assert httpx.get(url + "/options", headers={"Authorization": "Bearer the-key"}).status_code == 200
+    assert httpx.get(url + "/options", auth=("any", "the-key")).status_code == 200
+    # Basic credentials are for /sdapi only; the native API keeps its key.
+    assert httpx.get(auth_server.url + "/models", auth=("alice", "s3cret")).status_code == 401
+    assert httpx.get(auth_server.url + "/models", headers={"X-API-Key": "the-key"}).status_code == 200
+
+
+def test_catalog_titles_for_files_and_folders(tmp_path):
+    import hashlib
+    import json as _json
+
+    from safetensors.torch import save_file
+    import torch
+
+    from diffusionapi.api.sdapi.catalog import Catalog
+    from diffusionapi.registry import Registry
+
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    single = models / "sub" / "my-model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, str(single))
+    folder = models / "folder-model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(_json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (folder / "unet" / "config.json").write_text("{}")
+    save_file({"w": torch.ones(3)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    settings = make_settings(tmp_path, tmp_path / "work")
+    cat = Catalog(Registry(settings), settings)
+    listed = {m["model_name"]: m for m in cat.sd_models()}
+    sha = hashlib.sha256(single.read_bytes()).hexdigest()
+    assert listed["my-model"]["title"] == f"sub/my-model.safetensors [{sha[:10]}]"  # A1111's title and hash
+    assert listed["my-model"]["sha256"] == sha
+    folder_title = listed["folder-model"]["title"]
+    assert folder_title.startswith("folder-model [") and cat.sd_models() == list(listed.values())
+    for name in (f"sub/my-model.safetensors [{sha[:10]}]", "my-model.safetensors", "my-model", sha[:10]):
+        assert cat.resolve(name).name == "my-model"
+    assert cat.resolve(folder_title).name == "folder-model"
+    with pytest.raises(LookupError, match="valid choices: .*folder-model \\["):
+        cat.resolve("nope [0123456789]")
+    # New weights, new hash.
+    save_file({"w": torch.full((3,), 2.0)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {m["model_name"]: m for m in cat.sd_models()}["folder-model"]["title"] != folder_title
+
+
+def test_bodies_without_json_content_type_and_bad_input(server):
+    body = json.dumps({"prompt": "x", "width": "64", "height": 64, "steps": "2", "unknown": {"a": 1}})
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", content=body, headers={"content-type": "text/plain"},
+                   timeout=120)
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", content=b"{not json", timeout=10)
+    assert r.status_code == 422 and "body" in r.json()["detail"]
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 100000}, timeout=10)
+    assert r.status_code == 422 and "steps" in r.json()["detail"]  # the native limit, named
+    assert server.client.get("/queue").json()["jobs"] == []  # nothing queued
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "override_settings": {
+        "sd_model_checkpoint": "missing-model"}}, timeout=10)
+    assert r.status_code == 422 and "tiny-sd15 [" in r.json()["detail"]
+
+
+def test_hires_fix(api):
+    r = api.txt2img(prompt="x", seed=4, width=64, height=64, steps=3, enable_hr=True, hr_scale=2,
+                    hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.5)
+    assert r.image.size == (128, 128)
+    assert "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent" in r.info["infotexts"][0]
+    assert r.info["denoising_strength"] == 0.5 and r.info["width"] == 64  # A1111: the first-pass size

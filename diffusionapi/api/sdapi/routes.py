@@ -360,7 +360,8 @@ async def checkpoint_residency():
 
 def build_router(state) -> APIRouter:
     """The router with its auth dependency (set per app)."""
-    outer = APIRouter(dependencies=[Depends(state.auth)])
+    # Not in the native OpenAPI schema: A1111's models are its documentation (README table).
+    outer = APIRouter(dependencies=[Depends(state.auth)], include_in_schema=False)
     outer.include_router(router)
     return outer
 
