@@ -268,6 +268,21 @@ def checkpoint_key(value: str) -> str:
     return v
 
 
+class FieldError(ValueError):
+    """A value that names something not installed: the field and the choices go to the client."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _checkpoint(ctx: "Context", value: str, field: str) -> str:
+    try:
+        return ctx.resolve_checkpoint(value)
+    except LookupError as e:
+        raise FieldError(field, str(e.args[0] if e.args else e)) from None
+
+
 @dataclass
 class Context:
     """What a conversion needs besides the request: set once per request by the route."""
@@ -292,11 +307,11 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
         "fileType": "png",  # A1111 answers PNGs; the infotext rides in their text chunk
     }
     checkpoint = overrides.get("sd_model_checkpoint")
-    model = ctx.resolve_checkpoint(str(checkpoint)) if checkpoint else ctx.model
+    model = _checkpoint(ctx, str(checkpoint), "override_settings.sd_model_checkpoint") if checkpoint else ctx.model
     if model:
         body["model"] = model
     if req.refiner_checkpoint and req.refiner_checkpoint.strip() not in ("", "None"):
-        body["refiner_checkpoint"] = ctx.resolve_checkpoint(req.refiner_checkpoint)
+        body["refiner_checkpoint"] = _checkpoint(ctx, req.refiner_checkpoint, "refiner_checkpoint")
         if req.refiner_switch_at:
             body["refiner_switch_at"] = req.refiner_switch_at
     clip_skip = overrides.get("CLIP_stop_at_last_layers", req.clip_skip if req.clip_skip else ctx.clip_skip)

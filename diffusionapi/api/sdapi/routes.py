@@ -90,7 +90,7 @@ def _context(request: Request) -> p.Context:
     if img2img is not None:
         fields |= set(img2img.model_fields)
     return p.Context(default_sampler=Txt2ImgRequest.model_fields["sampler_name"].default,
-                     model=s.options.model, clip_skip=s.options.clip_skip,
+                     model=s.chosen_model(), clip_skip=s.options.clip_skip,
                      resolve_checkpoint=lambda v: s.catalog.resolve(v).name, supports=frozenset(fields))
 
 
@@ -133,7 +133,7 @@ def _info(req: p.Txt2ImgAPIRequest, final, sdapi, started: float) -> dict:
 
 async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
     sdapi = sdapi_state(request)
-    ctx = _context(request)
+    ctx = await run_in_threadpool(_context, request)
     try:
         if kind == "img2img":
             if not req.init_images:
@@ -141,8 +141,8 @@ async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
             body = await run_in_threadpool(p.img2img_native, req, ctx)
         else:
             body = await run_in_threadpool(p.to_native, req, ctx)
-    except LookupError as e:
-        raise BadRequest(422, f"override_settings.sd_model_checkpoint: {e.args[0] if e.args else e}") from None
+    except p.FieldError as e:
+        raise BadRequest(422, str(e)) from None
     for w in ctx.warnings:
         log.warning("sdapi %s: %s", kind, w)
     started = time.time()
@@ -158,7 +158,8 @@ async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
     if final.state == "error":
         return _error(500, final.error or "generation failed", kind="GenerationError")
     images = [_b64(im.data) for im in final.images] if req.send_images else []
-    return {"images": images, "parameters": parameters, "info": json.dumps(_info(req, final, sdapi, started))}
+    info = await run_in_threadpool(_info, req, final, sdapi, started)  # may hash a model file once
+    return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
 
 @router.post("/txt2img", response_model=p.GenerationResponse)
@@ -218,7 +219,7 @@ async def png_info(request: Request):
 # ---------------------------------------------------------------------- progress and control
 @router.get("/progress", response_model=p.ProgressResponse)
 async def progress(request: Request, skip_current_image: bool = Query(False)):
-    return sdapi_state(request).progress(skip_current_image)
+    return await run_in_threadpool(sdapi_state(request).progress, skip_current_image)
 
 
 @router.post("/interrupt")

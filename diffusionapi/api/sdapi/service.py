@@ -124,6 +124,11 @@ class SdapiState:
         return job_id, error, None
 
     # ------------------------------------------------------------------ models and options
+    def chosen_model(self) -> str | None:
+        """The model POST /options chose, while it is still installed (else the service default)."""
+        name = self.options.model
+        return name if name and any(m.name == name for m in self.registry.models()) else None
+
     def default_model(self):
         models = self.registry.models()
         if self.options.model:
