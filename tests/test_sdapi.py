@@ -388,3 +388,26 @@ def test_hires_fix(api):
     assert r.image.size == (128, 128)
     assert "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent" in r.info["infotexts"][0]
     assert r.info["denoising_strength"] == 0.5 and r.info["width"] == 64  # A1111: the first-pass size
+
+
+def test_embeddings_come_from_the_native_listing(model_store, tmp_path):
+    from fastapi import FastAPI, Request
+
+    from diffusionapi.api.sdapi.service import SdapiState
+    from diffusionapi.registry import Registry
+
+    app = FastAPI()
+
+    @app.get("/embeddings")
+    def listing(request: Request):
+        assert request.app is app
+        return {"status": "success", "embeddings": [{"name": "sdword", "family": "sd15", "vectors": 2},
+                                                    {"name": "xlword", "family": "sdxl", "vectors": 3}]}
+
+    settings = make_settings(model_store, tmp_path)
+    state = SdapiState(app, settings, Registry(settings))  # current model: tiny-sd15
+    assert state.embeddings() == {
+        "loaded": {"sdword": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768,
+                              "vectors": 2}},
+        "skipped": {"xlword": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 2048,
+                               "vectors": 3}}}

@@ -43,9 +43,9 @@ class SdapiState:
         return self.app.state.jobs
 
     # ------------------------------------------------------------------ native endpoints
-    def _native(self, path: str):
+    def _native(self, path: str, method: str = "POST"):
         for route in _walk(self.app.routes):
-            if isinstance(route, Route) and route.path == path and "POST" in (route.methods or ()):
+            if isinstance(route, Route) and route.path == path and method in (route.methods or ()):
                 return route.endpoint
         return None
 
@@ -173,12 +173,23 @@ class SdapiState:
         return out
 
     def embeddings(self) -> dict:
-        lister = getattr(self.registry, "embeddings", None)
-        loaded = {}
-        for e in (lister() if lister else []):
-            loaded[_get(e, "name")] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                       "shape": _get(e, "shape", 768) or 768, "vectors": _get(e, "vectors", 1)}
-        return {"loaded": loaded, "skipped": {}}
+        """The native GET /embeddings (when the server has one) in A1111's shape: "loaded" are
+        those for the current model's family, "skipped" the others."""
+        endpoint = self._native("/embeddings", "GET")
+        if endpoint is None:
+            return {"loaded": {}, "skipped": {}}
+        listing = _call_with_request(endpoint, self.app)
+        if isinstance(listing, JSONResponse):
+            listing = json.loads(listing.body)
+        current = self.default_model()
+        out: dict = {"loaded": {}, "skipped": {}}
+        for e in _get(listing, "embeddings", None) or []:
+            family = _get(e, "family")
+            item = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                    "shape": EMBEDDING_WIDTH.get(family, 768), "vectors": int(_get(e, "vectors", 1) or 1)}
+            fits = current is None or family in (None, current.family)
+            out["loaded" if fits else "skipped"][_get(e, "name")] = item
+        return out
 
     # ------------------------------------------------------------------ progress
     def progress(self, skip_current_image: bool) -> dict:
@@ -216,6 +227,23 @@ class SdapiState:
         if current:
             self._interrupted = current
             self.jobs.cancel(current)
+
+
+# A1111's EmbeddingItem.shape: the width of one vector (SDXL: CLIP-L + CLIP-G).
+EMBEDDING_WIDTH = {"sd15": 768, "sdxl": 2048, "sdxl-refiner": 1280}
+
+
+def _call_with_request(endpoint, app):
+    """Call a plain native GET endpoint in process, giving it a minimal Request for app.state."""
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b"", "app": app}
+    kwargs = {name: Request(scope) for name, ann in _hints(endpoint).items() if ann is Request}
+    if inspect.iscoroutinefunction(endpoint):  # we run in a worker thread (run_in_threadpool)
+        import functools
+
+        import anyio.from_thread
+
+        return anyio.from_thread.run(functools.partial(endpoint, **kwargs))
+    return endpoint(**kwargs)
 
 
 def _walk(routes):
