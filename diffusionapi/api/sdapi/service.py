@@ -236,7 +236,9 @@ EMBEDDING_WIDTH = {"sd15": 768, "sdxl": 2048, "sdxl-refiner": 1280}
 def _call_with_request(endpoint, app):
     """Call a plain native GET endpoint in process, giving it a minimal Request for app.state."""
     scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b"", "app": app}
-    kwargs = {name: Request(scope) for name, ann in _hints(endpoint).items() if ann is Request}
+    hints = _hints(endpoint)
+    kwargs = {name: Request(scope) for name in inspect.signature(endpoint).parameters
+              if hints.get(name) is Request or name == "request"}
     if inspect.iscoroutinefunction(endpoint):  # we run in a worker thread (run_in_threadpool)
         import functools
 
