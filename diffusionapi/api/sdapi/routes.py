@@ -17,9 +17,9 @@ from pydantic import BaseModel, ValidationError
 from ... import __version__
 from ...images import infotext_parameters, parse_infotext, read_infotext_and_items
 from ...engine.samplers import SAMPLER_NAMES, SAMPLERS
-from ...registry import LATENT_UPSCALE_MODES
+from ...vocabulary import LATENT_UPSCALE_MODES
 from . import protocol as p
-from .jobs import FINAL, take_final, wait_for
+from .jobs import wait_for
 
 log = logging.getLogger("diffusionapi.sdapi")
 
@@ -367,4 +367,4 @@ def build_router(state) -> APIRouter:
     return outer
 
 
-__all__ = ["router", "build_router", "FINAL", "take_final"]
+__all__ = ["router", "build_router"]

@@ -193,15 +193,13 @@ class SdapiState:
 
     # ------------------------------------------------------------------ progress
     def progress(self, skip_current_image: bool) -> dict:
-        from .jobs import current_job, peek
-
         jobs = self.jobs
-        current = current_job(jobs)
+        current = jobs.current_job()
         pending = [e for e in jobs.listing() if _get(e, "state") in ("queued", "processing")]
         state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
                  "job_count": len(pending), "job_timestamp": "0", "job_no": 0,
                  "sampling_step": 0, "sampling_steps": 0}
-        st = peek(jobs, current) if current else None
+        st = jobs.status(current) if current else None
         if st is None or _get(st, "state") != "processing":
             self._started.clear()
             return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
@@ -221,9 +219,7 @@ class SdapiState:
                 "current_image": preview, "textinfo": _get(st, "current_phase")}
 
     def interrupt(self) -> None:
-        from .jobs import current_job
-
-        current = current_job(self.jobs)
+        current = self.jobs.current_job()
         if current:
             self._interrupted = current
             self.jobs.cancel(current)
@@ -268,10 +264,8 @@ def _hints(fn) -> dict:
 
 
 def _safetensors_metadata(path: Path) -> dict:
-    try:
-        from ...registry import read_safetensors_header
-    except ImportError:  # moved by the core refactor
-        from ...fileinfo import read_safetensors_header  # type: ignore[no-redef]
+    from ...fileinfo import read_safetensors_header
+
     try:
         meta = read_safetensors_header(path).get("__metadata__") or {}
     except (OSError, ValueError):
