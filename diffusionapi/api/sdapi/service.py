@@ -65,7 +65,7 @@ class SdapiState:
         endpoint = self._native(f"/{kind}")
         model = self.native_model(kind)
         if endpoint is None or model is None:
-            return None, _error(501, f"this server has no native /{kind} endpoint yet", kind="NotImplemented")
+            return None, self._missing(kind)
         try:
             parsed = model.model_validate(body)
         except ValidationError as e:
@@ -89,6 +89,12 @@ class SdapiState:
             resp = json.loads(resp.body)
         return _get(resp, "job_id"), None
 
+    @staticmethod
+    def _missing(kind: str):
+        from .routes import _error
+
+        return _error(501, f"this server has no native /{kind} endpoint yet", kind="NotImplemented")
+
     async def submit(self, kind: str, body: dict, request):
         return await self.call_native(kind, body, request)
 
@@ -105,17 +111,19 @@ class SdapiState:
             log.warning("sdapi extra-single-image: upscaler_2 is not supported; ignored")
         if req.gfpgan_visibility or req.codeformer_visibility:
             log.warning("sdapi extra-single-image: face restoration is not supported; ignored")
-        if req.upscaler_1 in BUILTIN_UPSCALERS or not req.upscaler_1:
-            from PIL import Image as _I
-
-            resample = _I.NEAREST if req.upscaler_1 == "Nearest" else _I.LANCZOS
+        # A1111's "None" upscaler still resizes to the target, with Lanczos.
+        upscaler = "Lanczos" if req.upscaler_1 in ("None", "") else req.upscaler_1
+        if self.native_model("upscale") is None:
+            if upscaler not in BUILTIN_UPSCALERS:
+                return None, self._missing("upscale"), None
+            # No native /upscale on this server yet: the plain resizes are done here.
+            resample = Image.NEAREST if upscaler == "Nearest" else Image.LANCZOS
             out = io.BytesIO()
             img.convert("RGBA" if img.mode in ("RGBA", "LA", "P") else "RGB").resize(size, resample).save(out, "PNG")
             return None, None, out.getvalue()
         import base64
 
-        body = {"image": base64.b64encode(data).decode(), "upscaler": req.upscaler_1,
-                "fileType": "png"}
+        body = {"image": base64.b64encode(data).decode(), "upscaler": upscaler, "fileType": "png"}
         if req.resize_mode == 1:
             body.update(width=size[0], height=size[1])
         else:
