@@ -424,3 +424,13 @@ def test_batch(api, server):
     assert len(r.images) == 2 and r.info["all_seeds"] == [20, 21] and len(r.info["infotexts"]) == 2
     assert r.info["batch_size"] == 2 and r.info["index_of_first_image"] == 0  # no grid first
     assert "Seed: 21" in r.info["infotexts"][1]
+
+
+def test_clip_skip_and_lora_tags_reach_the_native_request(api):
+    from diffusionapi.schemas import Txt2ImgRequest
+
+    if "clip_skip" not in Txt2ImgRequest.model_fields:
+        pytest.skip("native clip_skip / prompt language is not on this branch yet (prompts issue)")
+    r = api.txt2img(prompt="<lora:ink:0.7> a cat", seed=3, override_settings={"CLIP_stop_at_last_layers": 2}, **TINY)
+    assert "Clip skip: 2" in r.info["infotexts"][0] and r.info["clip_skip"] == 2
+    assert "Lora hashes" in r.info["infotexts"][0]  # Dify prepends LoRA tags like this one

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from ...files import write_atomic
+from .protocol import PREVIEW_EVERY_N_STEPS
 
 log = logging.getLogger("diffusionapi.sdapi")
 
@@ -25,7 +26,7 @@ STATIC_OPTIONS = {
     "save_images_add_number": True,
     "enable_pnginfo": True,
     "live_previews_enable": True,
-    "show_progress_every_n_steps": 1,
+    "show_progress_every_n_steps": PREVIEW_EVERY_N_STEPS,
     "eta_noise_seed_delta": 0,
     "sd_checkpoint_cache": 0,
     "hires_fix_refiner_pass": "second pass",

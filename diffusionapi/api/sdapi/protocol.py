@@ -327,6 +327,8 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
             body[name] = value
         elif value != 1:
             ctx.warnings.append(f"{name} {value} is not supported by this server; making one image")
+    if "preview" in ctx.supports:  # feeds /progress's current_image, as A1111's live previews do
+        body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
     if req.enable_hr and not isinstance(req, Img2ImgAPIRequest):
         body["hires"] = _hires(req)
     for unused in ("hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
@@ -335,6 +337,7 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     return body
 
 
+PREVIEW_EVERY_N_STEPS = 10  # A1111's show_progress_every_n_steps default
 HIRES_DENOISING_DEFAULT = 0.75  # A1111's txt2img default; 0 or absent means "not set" here
 
 
