@@ -247,6 +247,14 @@ def test_progress_queue_and_interrupt(api, server):
         time.sleep(0.05)
     assert seen is not None and 0 < seen["progress"] < 1 and seen["state"]["job_count"] == 1
     assert seen["state"]["job"] and seen["textinfo"] and seen["eta_relative"] >= 0
+    from diffusionapi.schemas import Txt2ImgRequest
+
+    if "preview" in Txt2ImgRequest.model_fields:  # live previews (events issue) feed current_image
+        while time.time() < deadline and not api.get_progress()["current_image"]:
+            time.sleep(0.1)
+        preview = Image.open(io.BytesIO(base64.b64decode(api.get_progress()["current_image"])))
+        assert preview.size[0] > 0
+        assert httpx.get(api.baseurl + "/progress?skip_current_image=true").json()["current_image"] is None
     assert api.interrupt() == {}
     t.join(120)
     assert result["r"].images == []  # interrupted: nothing finished to send
