@@ -15,9 +15,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ... import __version__
-from ...images import infotext_parameters, parse_infotext, read_infotext_and_items
+from ...images import parse_infotext, read_infotext_and_items
 from ...engine.samplers import SAMPLER_NAMES, SAMPLERS
 from ...vocabulary import LATENT_UPSCALE_MODES
+from ..pnginfo import decode_image_b64
 from . import protocol as p
 from .jobs import wait_for
 
@@ -31,7 +32,7 @@ def sdapi_state(request: Request):
 
 
 def _error(status: int, message: str, *, kind: str = "HTTPException") -> JSONResponse:
-    # A1111's error body, plus our "status"/"error" message so both kinds of client read it.
+    # A1111's error body ("error" is the kind, "detail" the message), plus the native "status".
     return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message, "status": "error"},
                         status_code=status)
 
@@ -184,23 +185,26 @@ async def extra_single_image(request: Request):
     if error is not None:
         return error
     if resized is not None:  # "None", "Lanczos", "Nearest": a plain resize, done here
-        return {"image": _b64(resized), "html_info": f"<p>{req.upscaler_1}</p>"}
+        return {"image": _b64(resized), "html_info": _html_info(req)}
     final = await wait_for(request, request.app.state.jobs, job_id)
     if final is None:
         return _error(499, "client closed the request")
     if final.state != "done" or not final.images:
         return _error(500, final.error or "upscaling failed", kind="UpscaleError")
-    return {"image": _b64(final.images[0].data), "html_info": f"<p>{req.upscaler_1}</p>"}
+    return {"image": _b64(final.images[0].data), "html_info": _html_info(req)}
+
+
+def _html_info(req: p.ExtrasSingleImageRequest) -> str:
+    import html
+
+    return f"<p>Postprocess upscaler: {html.escape(req.upscaler_1)}</p>"
 
 
 def decode_image_arg(value: str, field: str) -> bytes:
     from PIL import Image
 
-    s = (value or "").strip()
-    if s.startswith("data:"):
-        s = s.partition(",")[2]
     try:
-        data = base64.b64decode(s, validate=False)
+        data = decode_image_b64(value or "")
         Image.open(io.BytesIO(data)).verify()
     except Exception:  # noqa: BLE001 - anything undecodable is the caller's input
         raise BadRequest(422, f"{field}: not a base64-encoded image") from None
