@@ -226,7 +226,7 @@ def test_options_model_switch(api, server):
 def test_progress_queue_and_interrupt(api, server):
     assert api.get_progress()["progress"] == 0 and api.get_progress()["state"]["job_count"] == 0
     result = {}
-    blocker = server.submit(prompt="blocker", width=64, height=64, steps=10)
+    blocker = server.submit(prompt="blocker", width=64, height=64, steps=60)
     t = threading.Thread(target=lambda: result.update(r=api.txt2img(prompt="long", width=64, height=64,
                                                                      steps=150, seed=1)))
     t.start()
