@@ -54,6 +54,7 @@ class Settings(BaseSettings):
 
     # Access.
     api_key: str | None = None
+    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic on /sdapi (A1111's --api-auth)
     cors_origins: list[str] = Field(default_factory=list)
 
 

@@ -19,6 +19,7 @@ OPEN_PATHS = ("/hello",)
 # Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
 IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
                     "/sdapi/v1/png-info", "/png-info")
+SDAPI_PREFIX = "/sdapi/"  # checks its own credentials (Basic or the API key): api/sdapi/auth.py
 
 
 def _field(loc) -> str:
@@ -50,7 +51,8 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and scope["path"] not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+        if self.key is not None and scope["path"] not in OPEN_PATHS and scope.get("method") != "OPTIONS" \
+                and not scope["path"].startswith(SDAPI_PREFIX):
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(given, self.key):
@@ -148,10 +150,12 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         return JSONResponse({"status": "error", "error": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    from .api import catalog, jobs as jobs_api
+    from .api import catalog, jobs as jobs_api, pnginfo, sdapi
 
     app.include_router(catalog.router)
     app.include_router(jobs_api.router)
+    app.include_router(pnginfo.router)
+    sdapi.install(app, settings, registry)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
