@@ -50,7 +50,7 @@ def settings_env(work: Path, models: Path, **extra) -> dict:
            "DIFFUSIONAPI_UPSCALERS_DIR": str(work / "upscalers"), "DIFFUSIONAPI_OUTPUTS_DIR": str(work / "outputs"),
            "DIFFUSIONAPI_QUEUE_DIR": str(work / "queue"), "DIFFUSIONAPI_MODEL_LABELS": str(work / "labels.json"),
            "DIFFUSIONAPI_DEVICE": "cpu", "DIFFUSIONAPI_MAX_QUEUED_JOBS": "100000", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     env.update({f"DIFFUSIONAPI_{k.upper()}": str(v) for k, v in extra.items()})
     return env
 

@@ -33,7 +33,7 @@ class CeleryBackend(JobBackend):
         self.settings = settings
         self.state = RedisJobState(settings.redis_url, results_ttl=settings.results_ttl_sec, max_attempts=MAX_ATTEMPTS)
         self.celery = make_celery(settings)
-        self.registry = CatalogRegistry(settings, self.state)
+        self.catalog = CatalogRegistry(settings, self.state)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._stopping = threading.Event()
