@@ -245,7 +245,11 @@ def _sequential(url, n, body):
             t = time.perf_counter()
             job = c.post("/txt2img", json={**body, "seed": i}).json()["job_id"]
             r = c.get(f"/queue/{job}", params={"wait": 60}).json()
+            while r.get("state") in ("queued", "processing"):
+                r = c.get(f"/queue/{job}", params={"wait": 60}).json()
             wall = time.perf_counter() - t
+            if r.get("state") != "done":
+                raise RuntimeError(f"job failed: {r}")
             if i == 0:
                 continue  # warm-up: the model's first load
             over.append((wall - r["generation_time_sec"]) * 1000)
@@ -321,6 +325,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=200)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--real-jobs", type=int, default=20)
+    ap.add_argument("--parts", default="throughput,latency,overhead,affinity")
     ap.add_argument("--serve-embedded", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     args = ap.parse_args()
@@ -330,6 +335,7 @@ def main() -> int:
     if args.quick:
         args.jobs, args.workers, args.seconds, args.real_jobs = 200, "1,4", 5, 8
     counts = [int(x) for x in args.workers.split(",")]
+    parts = set(args.parts.split(","))
 
     from diffusionapi.demo import save_tiny_model
 
@@ -343,22 +349,64 @@ def main() -> int:
                        worker_heartbeat_sec=1.0)
     res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
            "sleep_sec": args.sleep, "jobs": args.jobs}
-    try:
+    def measure(name, fn, *a):
+        # A figure that cannot be taken is reported, not fatal: the others still print.
+        try:
+            res[name] = fn(*a)
+        except Exception as e:  # noqa: BLE001
+            res.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
+            print(f"{name}: not measured: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def throughput():
         tp = [throughput_celery(n, args.jobs, args.sleep, env, root, rabbit, redis_srv) for n in counts]
         base = tp[0]["jobs_per_sec"] if tp and tp[0]["workers"] == 1 else None
         for row in tp:
             row["ratio_vs_1"] = round(row["jobs_per_sec"] / base, 2) if base else None
             row["efficiency"] = round(row["ratio_vs_1"] / row["workers"], 3) if base else None
             row["ideal_jobs_per_sec"] = round(row["workers"] / args.sleep, 1)
-        res["throughput_celery"] = tp
-        res["throughput_embedded"] = throughput_embedded(args.jobs, args.sleep, env)
-        res["submit_latency"] = submit_latency(args.rate, args.seconds, args.sleep, env, root, redis_srv)
-        res["per_job_overhead"] = real_jobs(args.real_jobs, env, root, redis_srv)
-        res["affinity"] = reloads(max(8, args.real_jobs), env, root, redis_srv)
+        return tp
+
+    try:
+        if "throughput" in parts:
+            measure("throughput_celery", throughput)
+            measure("throughput_embedded", throughput_embedded, args.jobs, args.sleep, env)
+        if "latency" in parts:
+            measure("submit_latency", submit_latency, args.rate, args.seconds, args.sleep, env, root, redis_srv)
+        if "overhead" in parts:
+            measure("per_job_overhead", real_jobs, args.real_jobs, env, root, redis_srv)
+        if "affinity" in parts:
+            measure("affinity", reloads, max(8, args.real_jobs), env, root, redis_srv)
     finally:
         rabbit.close()
         redis_srv.stop()
 
+    report(res, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def report(res, args) -> None:
+    if "throughput_celery" in res and "throughput_embedded" in res:
+        _report_throughput(res, args)
+    if "submit_latency" in res:
+        print(f"\nsubmit latency at {args.rate:g} req/s for {args.seconds:g} s:")
+        for k, v in res["submit_latency"].items():
+            print(f"  {k:20} p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, max {v['max_ms']} ms, "
+                  f"achieved {v['achieved_rate']}/s, {v['codes']}")
+    if "per_job_overhead" in res:
+        print("\nper-job queue overhead, tiny real jobs (wall of submit + long-poll - generation time):")
+        for k, v in res["per_job_overhead"].items():
+            print(f"  {k:10} median {v['overhead_ms_median']} ms, p90 {v['overhead_ms_p90']} ms "
+                  f"(generation {v['generation_ms_median']} ms)")
+    if "affinity" in res:
+        a = res["affinity"]
+        print(f"\naffinity: {a['jobs']} jobs alternating 2 models on 2 workers: {a['jobs_that_loaded_a_model']} "
+              f"loaded a model ({a['done']} done)")
+
+
+def _report_throughput(res, args) -> None:
     print(f"\nsleep-engine: {args.jobs} jobs of {args.sleep} s, {os.cpu_count()} CPUs")
     print(f"{'backend':10} {'workers':>7} {'jobs/s':>8} {'ideal':>7} {'ratio':>6} {'effic.':>6} {'seconds':>8}")
     for r in res["throughput_celery"]:
@@ -366,21 +414,6 @@ def main() -> int:
               f"{r['ratio_vs_1']!s:>6} {r['efficiency']!s:>6} {r['seconds']:>8}")
     e = res["throughput_embedded"]
     print(f"{'embedded':10} {1:>7} {e['jobs_per_sec']:>8} {round(1 / args.sleep, 1):>7} {'-':>6} {'-':>6} {e['seconds']:>8}")
-    print(f"\nsubmit latency at {args.rate:g} req/s for {args.seconds:g} s:")
-    for k, v in res["submit_latency"].items():
-        print(f"  {k:20} p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, max {v['max_ms']} ms, "
-              f"achieved {v['achieved_rate']}/s, {v['codes']}")
-    print("\nper-job queue overhead, tiny real jobs (wall of submit + long-poll - generation time):")
-    for k, v in res["per_job_overhead"].items():
-        print(f"  {k:10} median {v['overhead_ms_median']} ms, p90 {v['overhead_ms_p90']} ms "
-              f"(generation {v['generation_ms_median']} ms)")
-    a = res["affinity"]
-    print(f"\naffinity: {a['jobs']} jobs alternating 2 models on 2 workers: {a['jobs_that_loaded_a_model']} "
-          f"loaded a model ({a['done']} done)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"\nwrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
