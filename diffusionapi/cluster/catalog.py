@@ -8,12 +8,17 @@ for nobody.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
 
+import redis
+
 from ..registry import (LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, Registry, UnknownName, UpscalerEntry,
                         display_path)
+
+log = logging.getLogger(__name__)
 
 
 def _model_hash(registry: Registry, m) -> str | None:
@@ -79,9 +84,13 @@ class CatalogRegistry(Registry):
     def union(self) -> dict:
         with self._lock:
             if self._union is None or time.monotonic() - self._at >= self.refresh_sec:
-                live = [w["name"] for w in self.state.workers()
-                        if w["heartbeat_age"] <= 3 * self.settings.worker_heartbeat_sec]
-                self._union = merge(self.state.catalogs(live))
+                try:
+                    live = [w["name"] for w in self.state.workers()
+                            if w["heartbeat_age"] <= 3 * self.settings.worker_heartbeat_sec]
+                    self._union = merge(self.state.catalogs(live))
+                except redis.RedisError as e:  # Redis restarting: the last view (or none) until it is back
+                    log.warning("cluster catalog unavailable: %s", e)
+                    self._union = self._union or merge([])
                 self._at = time.monotonic()
             return self._union
 
