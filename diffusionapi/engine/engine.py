@@ -9,18 +9,36 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..vocabulary import LATENT_UPSCALE_MODES, ModelFormat
+from ..vocabulary import LATENT_UPSCALE_MODES, SD15, SDXL, ModelFormat
 from .hashes import FileHashes
 from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
 from .plan import (Cancelled, GeneratedImage, GenerationError, GenerationPlan, GenerationResult, JobCancelled, Report,
                    hires_total_steps)
+from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
+from .embeddings import EmbeddingTensors
+from .prompts import extract_extra_networks
 from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
 from .upscalers import UpscalerCache, UpscalerError, upscale_image
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "GenerationError", "JobCancelled"]
+
+
+class JobText:
+    """A job's prompts as the text encoders see them (LoRA tags removed), and what encoding found."""
+
+    def __init__(self, plan: GenerationPlan, lora_key: tuple):
+        self.prompt = extract_extra_networks(plan.prompt)[0]
+        self.negative = plan.negative_prompt
+        self.clip_skip = plan.clip_skip
+        self.steps = plan.steps
+        self.evals_per_step = evaluations_per_step(plan.sampler.spec.algorithm)
+        self.embeddings = plan.embeddings
+        self.lora_key = lora_key
+        self.used_embeddings: dict[str, str] = {}
+        self.warnings: list[str] = []
 
 
 class StageProgress:
@@ -63,6 +81,8 @@ class Engine:
         self.loras = LoraManager(settings.lora_cache_size)
         self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
         self.upscalers = UpscalerCache(self.device)
+        self.prompt_encoder = PromptEncoder(settings.conditioning_cache_size)
+        self.embedding_tensors = EmbeddingTensors()
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -106,7 +126,8 @@ class Engine:
         schedule = make_schedule(base, plan.sampler, plan.steps)
         shape = (1, base.pipe.unet.config.in_channels, plan.height // 8, plan.width // 8)
         x = noise.initial(shape, self.device) * schedule.start_sigma
-        cond = encode(base, plan.prompt, plan.negative_prompt, plan.width, plan.height)
+        text = JobText(plan, self._lora_key(plan.loras))
+        cond = self._conditioning(base, text, plan.width, plan.height)
         den = CFGDenoiser(base, cond, plan.cfg_scale, check)
         if refiner is None:
             x = schedule.run(den, x, noise, progress.stage(first_phase, 0.0, first_hi))
@@ -115,8 +136,9 @@ class Engine:
             s_base, s_ref = schedule.split(k)
             share = first_hi * k / plan.steps
             x = s_base.run(den, x, noise, progress.stage(first_phase, 0.0, share))
-            rcond = encode(refiner, plan.prompt, plan.negative_prompt, plan.width, plan.height)
-            rden = CFGDenoiser(refiner, rcond, plan.cfg_scale, check)
+            rcond = self._conditioning(refiner, text, plan.width, plan.height)
+            # A1111 keeps counting the steps of prompt editing across the switch.
+            rden = CFGDenoiser(refiner, rcond, plan.cfg_scale, check, step_offset=den.evals)
             x = s_ref.run(rden, x, noise, progress.stage("refining", share, first_hi))
         latents = x
 
@@ -127,7 +149,7 @@ class Engine:
             check()
             total = hires_total_steps(hires.steps, hires.denoising_strength)
             schedule2 = img2img_tail(make_schedule(base, plan.sampler, total), hires.steps)
-            cond2 = encode(base, plan.prompt, plan.negative_prompt, plan.final_width, plan.final_height)
+            cond2 = self._conditioning(base, text, plan.final_width, plan.final_height, hires_steps=hires.steps)
             den2 = CFGDenoiser(base, cond2, plan.cfg_scale, check)
             x = latents + noise.initial(latents.shape, self.device) * schedule2.start_sigma
             latents = schedule2.run(den2, x, noise, progress.stage("upscaling", first_hi, 100.0))
@@ -147,12 +169,39 @@ class Engine:
         }
         if plan.refiner:
             params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
+        if plan.clip_skip != 1:
+            params["Clip skip"] = plan.clip_skip
         hashes = lora_hashes_infotext(plan.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes
-        return GenerationResult([GeneratedImage(image, plan.seed, params)], round(load_time, 3))
+        params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
+        return GenerationResult([GeneratedImage(image, plan.seed, params)], round(load_time, 3),
+                                warnings=text.warnings)
 
     # ------------------------------------------------------------------ parts
+    def _conditioning(self, loaded: LoadedModel, text: "JobText", width: int, height: int,
+                      hires_steps: int | None = None):
+        """A stage's conditioning; prompt editing counts model evaluations, as A1111 does."""
+        slots = encoder_slots(loaded.pipe, loaded.family != SD15)
+        found, warnings = usable_embeddings(text.embeddings, self.embedding_tensors.load, slots,
+                                            SD15 if loaded.family == SD15 else SDXL, [text.prompt, text.negative],
+                                            self.hashes.sha256)
+        for w in warnings:
+            if w not in text.warnings:
+                log.warning("%s", w)
+                text.warnings.append(w)
+        cond = encode(loaded, text.prompt, text.negative, width, height, prompts=self.prompt_encoder,
+                      clip_skip=text.clip_skip, total_steps=text.steps * text.evals_per_step,
+                      hires_steps=hires_steps * text.evals_per_step if hires_steps else None,
+                      embeddings=found, extra_key=text.lora_key)
+        text.used_embeddings.update(cond.used_embeddings())
+        return cond
+
+    @staticmethod
+    def _lora_key(loras) -> tuple:
+        # LoRAs change the text encoders: an encoding is reused only under the same LoRAs.
+        return tuple((str(u.entry.path), u.entry.path.stat().st_mtime_ns, float(u.weight)) for u in loras)
+
     def _load(self, entry, progress: StageProgress, *, keep, share_from=None) -> LoadedModel:
         if not self.cache.is_loaded(entry.name):
             progress.phase("loading model")
