@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,6 +52,13 @@ class Settings(BaseSettings):
     cpu_offload: bool = False
     channels_last: bool = False
     compile_unet: bool = False
+
+    # Scale-out (README "Several GPUs and machines"): embedded = this process runs the jobs.
+    backend: Literal["embedded", "celery"] = "embedded"
+    broker_url: str = "amqp://guest:guest@localhost:5672//"
+    redis_url: str = "redis://localhost:6379/0"
+    results_ttl_sec: int = Field(3600, ge=10)  # unread results (and their images) kept in Redis this long
+    worker_heartbeat_sec: float = Field(2.0, gt=0)  # a worker silent for 3 beats is dead
 
     # Access.
     api_key: str | None = None

@@ -107,6 +107,10 @@ async def _send_json(send, status: int, body: dict, extra=()):
 def make_backend(settings: Settings, registry, engine_factory=None):
     """The job backend the settings name; ``engine_factory`` builds the engine in the worker
     (tests pass a fake one)."""
+    if settings.backend == "celery":  # an API node of a cluster: workers run the jobs
+        from .backends.celery_backend import CeleryBackend
+
+        return CeleryBackend(settings)
     from .backends.embedded import EmbeddedBackend
 
     def default_engine():
@@ -123,6 +127,7 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     registry = Registry(settings)
     jobs = make_backend(settings, registry, engine_factory)
+    registry = getattr(jobs, "catalog", registry)  # a cluster's API node sees the workers' catalog
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -150,11 +155,12 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         return JSONResponse({"status": "error", "error": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    from .api import catalog, jobs as jobs_api, pnginfo, sdapi
+    from .api import catalog, cluster, jobs as jobs_api, pnginfo, sdapi
 
     app.include_router(catalog.router)
     app.include_router(jobs_api.router)
     app.include_router(pnginfo.router)
+    app.include_router(cluster.router)
     sdapi.install(app, settings, registry)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

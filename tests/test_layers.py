@@ -20,6 +20,7 @@ LAYERS: dict[str, float] = {
     "schemas": 3,
     "resolve": 3.5,
     "runner": 4,
+    "cluster": 4.25,  # Celery workers and their Redis state: run jobs through the runner; backends use them
     "backends": 4.5,
     "api": 5, "main": 6, "cli": 6, "generate": 6,
 }
