@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
+scripts/system-deps.sh
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest -q "$@"
