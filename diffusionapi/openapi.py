@@ -69,8 +69,66 @@ def _link_name(method: str, path: str) -> str:
     return method.capitalize() + "".join(w.capitalize() for w in words)
 
 
-def complete(doc: dict, *, api_key_required: bool, is_public: Callable[[str], bool]) -> dict:
+def _request_schemas(doc: dict) -> set[str]:
+    """Names of the component schemas that native request bodies use (A1111's /sdapi bodies
+    follow A1111's own rules and keep theirs)."""
+    schemas = doc.get("components", {}).get("schemas", {})
+
+    def walk(node: Any, found: set[str]) -> None:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            name = ref.rsplit("/", 1)[-1]
+            if ref.startswith("#/components/schemas/") and name not in found and name in schemas:
+                found.add(name)
+                walk(schemas[name], found)
+            for value in node.values():
+                walk(value, found)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, found)
+
+    native: set[str] = set()
+    foreign: set[str] = set()
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method in METHODS and "requestBody" in op:
+                walk(op["requestBody"], foreign if path.startswith("/sdapi/") else native)
+    return native - foreign
+
+
+def _constrain(schema: dict, kind: str, extra: dict) -> None:
+    branches = [b for b in schema.get("anyOf", []) if b.get("type") == kind] or [schema]
+    for branch in branches:
+        branch.update(extra)
+
+
+def request_limits(settings) -> dict[str, tuple[str, dict]]:
+    """The configured limits that hold for every request, whatever else it asks for, as JSON
+    schema keywords: a client (and the fuzzer) sees them; a value past one is a 422."""
+    from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
+    from .resolve import round8
+
+    def side(limit: int) -> int:  # the largest value that still rounds to <= limit
+        return max(v for v in range(limit, limit + 8) if round8(v) <= limit)
+
+    return {"prompt": ("string", {"maxLength": settings.max_prompt_chars}),
+            "negative_prompt": ("string", {"maxLength": settings.max_prompt_chars}),
+            "steps": ("integer", {"maximum": settings.max_steps}),
+            "width": ("integer", {"maximum": side(settings.max_width)}),
+            "height": ("integer", {"maximum": side(settings.max_height)}),
+            "loras": ("array", {"maxItems": settings.max_loras}),
+            "sampler_name": ("string", {"enum": list(SAMPLER_NAMES)}),
+            "scheduler_type": ("string", {"enum": list(SCHEDULER_TYPES)})}
+
+
+def complete(doc: dict, *, api_key_required: bool, is_public: Callable[[str], bool],
+             limits: dict[str, tuple[str, dict]] | None = None) -> dict:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name in _request_schemas(doc) if limits else ():
+        properties = schemas[name].get("properties", {})
+        for field, (kind, extra) in limits.items():
+            if field in properties and name != "HiresConfig":  # hires limits apply only when enabled
+                _constrain(properties[field], kind, extra)
     schemas.setdefault("ErrorResponse", ERROR_SCHEMA)
     schemas["ValidationErrorResponse"] = VALIDATION_SCHEMA
     job_ops = [(path, method, op) for path, item in doc["paths"].items() if JOB_PATH.match(path)
@@ -114,14 +172,26 @@ def complete(doc: dict, *, api_key_required: bool, is_public: Callable[[str], bo
     return doc
 
 
-def install(app: FastAPI, *, api_key_required: bool, is_public: Callable[[str], bool]) -> None:
-    """Replaces app.openapi with the completed document (built once, on first request)."""
+def install(app: FastAPI, settings, *, is_public: Callable[[str], bool]) -> None:
+    """Replaces app.openapi with the completed document (built once, on first request:
+    settings are read once at start-up)."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description,
                               routes=app.routes)
-            app.openapi_schema = complete(doc, api_key_required=api_key_required, is_public=is_public)
+            app.openapi_schema = complete(doc, api_key_required=bool(settings.api_key), is_public=is_public,
+                                          limits=request_limits(settings))
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> str:
+    """The `Allow` header of a 405: every method some route takes at this path. (Starlette's own
+    names only the first matching route's, so `/queue/{job_id}` would lose DELETE.)"""
+    from starlette.routing import Match
+
+    allowed = [m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+               if any(route.matches({**scope, "method": m})[0] == Match.FULL for route in app.router.routes)]
+    return ", ".join(allowed)
