@@ -12,10 +12,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .config import Settings, get_settings
+from .playground import is_public
 
 log = logging.getLogger("diffusionapi")
 
-OPEN_PATHS = ("/hello",)
 
 
 def _field(loc) -> str:
@@ -46,7 +46,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and scope["path"] not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+        if self.key is not None and not is_public(scope["path"]) and scope.get("method") != "OPTIONS":
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(given, self.key):
@@ -121,7 +121,8 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         finally:
             jobs.stop()
 
-    app = FastAPI(title="DiffusionAPI", version=__version__, lifespan=lifespan)
+    # /docs and /redoc are served by playground.install, with their assets (offline boxes have no CDN).
+    app = FastAPI(title="DiffusionAPI", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.registry = registry
     app.state.jobs = jobs
@@ -135,13 +136,19 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": openapi.allowed_methods(app, request.scope)}
         return JSONResponse({"status": "error", "error": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers)
 
+    from . import openapi, playground
     from .api import catalog, jobs as jobs_api
 
     app.include_router(catalog.router)
     app.include_router(jobs_api.router)
+    playground.install(app)
+    openapi.install(app, settings, is_public=is_public)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -42,20 +42,20 @@ ROOT = Path(__file__).resolve().parents[1]
 FUZZ_KEY = "fuzz-key"
 
 
-def schemathesis_run(url: str, *args: str) -> str:
+def schemathesis_run(url: str, workdir: Path, *args: str) -> str:
     """The schemathesis CLI against a live server, as anyone would run it; returns its output."""
     env = dict(os.environ, SCHEMATHESIS_HOOKS="tests.schemathesis_hooks", PYTHONPATH=str(ROOT), NO_COLOR="1")
     proc = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json",
                            "--checks", ",".join(CHECKS), "--seed", "1", "--workers", "1",
                            "--request-timeout", "60", "--no-color", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-8000:]
     return out
 
 
-def test_schemathesis_all_phases_no_5xx_responses_match_and_links_are_followed(fuzz_server):
-    out = schemathesis_run(fuzz_server.url, "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "15",
+def test_schemathesis_all_phases_no_5xx_responses_match_and_links_are_followed(fuzz_server, tmp_path):
+    out = schemathesis_run(fuzz_server.url, tmp_path, "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "15",
                            "-H", f"X-API-Key: {FUZZ_KEY}")
     operations = sum(len([m for m in item if m != "parameters"]) for item in fuzz_server.app.openapi()["paths"].values())
     assert re.search(rf"Tested:\s+{operations}\b", out), out[-4000:]  # every operation was exercised
