@@ -21,7 +21,7 @@ LAYERS: dict[str, float] = {
     "resolve": 3.5,
     "runner": 4,
     "backends": 4.5,
-    "api": 5, "main": 6, "cli": 6, "generate": 6,
+    "api": 5, "openapi": 5, "playground": 5, "main": 6, "cli": 6, "generate": 6,
 }
 
 
