@@ -66,6 +66,9 @@ export class InitImage {
     this.image.getContext("2d").drawImage(img, 0, 0);
     this.clearMask();
     this.dataUrl = dataUrl;
+    // The output size starts as the image's own (a multiple of 8, as the server rounds).
+    byId("width").value = String(Math.max(8, Math.round(img.naturalWidth / 8) * 8));
+    byId("height").value = String(Math.max(8, Math.round(img.naturalHeight / 8) * 8));
     this.area.hidden = false;
     this.showError("");
     byId("img2img-box").open = true;
