@@ -112,12 +112,20 @@ byId("reset-form").addEventListener("click", () => {
 const progress = byId("progress");
 const phase = byId("phase");
 
-function showProgress(value, text) {
+// Screen readers hear the phase when it changes, not every step.
+let announced = "";
+
+function showProgress(value, text, phaseName) {
   if (typeof value === "number" && Number.isFinite(value)) {
     progress.value = value;
     progress.setAttribute("aria-valuetext", `${Math.round(value)} %`);
   }
   if (text) phase.textContent = text;
+  const say = phaseName ?? text;
+  if (say && say !== announced) {
+    announced = say;
+    byId("phase-announce").textContent = say;
+  }
 }
 
 function showPreview(b64, step) {
@@ -137,12 +145,12 @@ function onEvent(jobId, kind, data) {
   if (jobId !== currentJob) return;
   if (kind === "queued") showProgress(0, `Queued${data.position ? ` — position ${data.position}` : ""}`);
   else if (kind === "started") showProgress(undefined, "Started");
-  else if (kind === "progress") showProgress(data.progress, describe(data));
+  else if (kind === "progress") showProgress(data.progress, describe(data), data.phase);
   else if (kind === "preview") showPreview(data.image, data.step);
   else if (kind === "status") {
     const queued = data.state === "queued";
     showProgress(data.progress, queued ? `Queued${data.queue_position ? ` — position ${data.queue_position}` : ""}`
-                                       : describe(data));
+                                       : describe(data), queued ? "Queued" : data.current_phase);
     showPreview(data.preview, data.preview_step);
   }
 }
