@@ -12,10 +12,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .config import Settings, get_settings
+from .playground import is_public
 
 log = logging.getLogger("diffusionapi")
 
-OPEN_PATHS = ("/hello",)
 # Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
 IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
                     "/sdapi/v1/png-info", "/png-info")
@@ -51,7 +51,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and scope["path"] not in OPEN_PATHS and scope.get("method") != "OPTIONS" \
+        if self.key is not None and not is_public(scope["path"]) and scope.get("method") != "OPTIONS" \
                 and not scope["path"].startswith(SDAPI_PREFIX):
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
@@ -138,7 +138,8 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         finally:
             jobs.stop()
 
-    app = FastAPI(title="DiffusionAPI", version=__version__, lifespan=lifespan)
+    # /docs and /redoc are served by playground.install, with their assets (offline boxes have no CDN).
+    app = FastAPI(title="DiffusionAPI", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.registry = registry
     app.state.jobs = jobs
@@ -152,9 +153,13 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": openapi.allowed_methods(app, request.scope)}
         return JSONResponse({"status": "error", "error": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers)
 
+    from . import openapi, playground
     from .api import catalog, cluster, jobs as jobs_api, pnginfo, sdapi
 
     app.include_router(catalog.router)
@@ -162,6 +167,8 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
     app.include_router(pnginfo.router)
     app.include_router(cluster.router)
     sdapi.install(app, settings, registry)
+    playground.install(app)
+    openapi.install(app, settings, is_public=is_public)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

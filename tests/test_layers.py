@@ -22,7 +22,7 @@ LAYERS: dict[str, float] = {
     "runner": 4,
     "cluster": 4.25,  # Celery workers and their Redis state: run jobs through the runner; backends use them
     "backends": 4.5,
-    "api": 5, "main": 6, "cli": 6, "generate": 6,
+    "api": 5, "openapi": 5, "playground": 5, "main": 6, "cli": 6, "generate": 6,
 }
 
 
