@@ -50,6 +50,7 @@ class JobStatus(BaseModel):
     # Kept in memory by the backend, not written to the record.
     preview: str | None = None
     preview_step: int | None = None
+    warnings: list[str] | None = None  # what the engine skipped (GenerationResult.warnings)
 
     @property
     def is_final(self) -> bool:

@@ -1,6 +1,7 @@
 """What the API needs from a job queue, whatever implements it."""
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
@@ -42,6 +43,7 @@ class JobBackend(ABC):
     # Set by the app (main.py): a final job -> its final GET /queue/{id} JSON. The event
     # stream's final event and the webhooks carry exactly that.
     final_view: Callable[[str, FinalJob], dict] | None = None
+    delivers_webhooks = False  # a backend that does not refuses requests with a ``webhook`` (422)
 
     @abstractmethod
     def start(self) -> None:
@@ -100,11 +102,65 @@ class JobBackend(ABC):
         know (e.g. from before a restart) replays from the start. ``progress``, ``preview`` and
         ``queued`` are state events: a backend may keep only the newest of each. Several
         iterators may follow one job; one that is closed early (client gone) must free what it
-        held. A backend across processes (Celery) keeps the log where all processes see it
-        (e.g. a Redis stream per job) and wakes listeners from there.
+        held. This default polls ``status`` (``polled_events``): enough for a backend across
+        processes (Celery); a log that all processes see (e.g. a Redis stream per job) would
+        add previews and resumable ids.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no event feed")
+        return await polled_events(self, job_id)
 
     def webhook_deliveries(self) -> list[dict]:
         """Webhook deliveries, pending and recently finished (``GET /queue`` lists them)."""
         return []
+
+
+POLL_SEC = 1.0  # how often a polled feed reads a job's status
+
+
+async def polled_events(backend: JobBackend, job_id: str) -> AsyncIterator[JobEvent] | None:
+    """An event feed made by polling ``status`` (the default ``events``): for a backend with no
+    push feed of its own (Celery). It has the same events and final event; ids are only this
+    feed's own, so a reconnect (any ``Last-Event-ID``) replays from the current state."""
+    if await asyncio.to_thread(backend.status, job_id) is None:
+        return None
+
+    async def feed():
+        n = 0
+        seen: dict[str, object] = {}
+
+        def event(kind: str, data: dict, key: object = None) -> JobEvent | None:
+            nonlocal n
+            if kind in seen and seen[kind] == key:
+                return None
+            seen[kind] = key
+            n += 1
+            return JobEvent(f"poll-{n:08d}", kind, data)
+
+        while True:
+            st = await asyncio.to_thread(backend.status, job_id)
+            if st is None:
+                return
+            out: list[JobEvent | None] = []
+            if st.is_final:
+                final = await asyncio.to_thread(backend.take_final, job_id)
+                if final is None:
+                    return
+                view = backend.final_view(job_id, final) if backend.final_view is not None else \
+                    final.status.model_dump(mode="json", exclude_none=True)
+                yield JobEvent(f"poll-{n + 1:08d}", final.status.state, view)
+                return
+            if st.state == "queued":
+                position = await asyncio.to_thread(backend.position, job_id)
+                out.append(event("queued", {"position": position}, position))
+            else:
+                out.append(event("started", {}))
+                out.append(event("progress", {"progress": st.progress, "phase": st.current_phase,
+                                              "step": None, "total": None}, (st.progress, st.current_phase)))
+                if st.preview:
+                    out.append(event("preview", {"image": st.preview, "step": st.preview_step, "total": None},
+                                     st.preview_step))
+            for ev in out:
+                if ev is not None:
+                    yield ev
+            await backend.wait_final(job_id, POLL_SEC)
+
+    return feed()

@@ -330,6 +330,7 @@ class _LiveObserver:
 
 class EmbeddedBackend(JobBackend):
     """Store + queue + worker in this process: one server per GPU and queue directory."""
+    delivers_webhooks = True
 
     def __init__(self, settings, registry, engine_factory):
         self.settings = settings

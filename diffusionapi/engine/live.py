@@ -76,8 +76,8 @@ class LiveJob:
             update(fraction)
             if new and self.sink is not None and self.sink.wants(step, steps):
                 z = x0()
-                if z is not None:
-                    self.sink.offer(z, step, steps, phase)
+                if z is not None:  # a batch's preview shows its first image
+                    self.sink.offer(z[:1], step, steps, phase)
         return cb
 
     def close(self) -> None:
