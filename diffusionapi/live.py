@@ -33,6 +33,7 @@ class LiveFeed:
         self._positions: dict[str, int] = {}
         self._progress_sent: dict[str, float] = {}
         self._previews: dict[str, tuple[str, int]] = {}   # job -> (base64 JPEG, step): the latest
+        self._steps: dict[str, tuple[int, int]] = {}      # job -> (step, total) of the current stage
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -68,6 +69,9 @@ class LiveFeed:
     def progress(self, job_id: str, payload: dict | None, phase: str, progress: float,
                  step: int | None = None, total: int | None = None) -> None:
         data = {"progress": round(progress, 2), "phase": phase, "step": step, "total": total}
+        if step is not None:
+            with self._lock:
+                self._steps[job_id] = (step, total)
         self.events.publish(job_id, "progress", data)
         hook = _webhook(payload)
         if hook and "progress" in hook.get("events", ()):
@@ -89,6 +93,10 @@ class LiveFeed:
         with self._lock:
             return self._previews.get(job_id)
 
+    def latest_step(self, job_id: str) -> tuple[int, int] | None:
+        with self._lock:
+            return self._steps.get(job_id)
+
     def ended(self, job_id: str, payload: dict | None, state: str, response: Callable[[], dict | None]) -> None:
         """The job reached a final state; ``response()`` builds its final /queue/{id} answer (image
         included) without consuming it. Called by the worker: the building happens elsewhere."""
@@ -96,6 +104,7 @@ class LiveFeed:
             self._positions.pop(job_id, None)
             self._progress_sent.pop(job_id, None)
             self._previews.pop(job_id, None)
+            self._steps.pop(job_id, None)
         hook = _webhook(payload)
         if hook and state in hook.get("events", ()):
             self._submit(self._enqueue_final, job_id, state, hook, response)
@@ -105,6 +114,7 @@ class LiveFeed:
             self._positions.pop(job_id, None)
             self._progress_sent.pop(job_id, None)
             self._previews.pop(job_id, None)
+            self._steps.pop(job_id, None)
 
     # ------------------------------------------------------------------ internals
     def _submit(self, fn, *args) -> None:

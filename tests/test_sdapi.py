@@ -250,10 +250,14 @@ def test_progress_queue_and_interrupt(api, server):
     from diffusionapi.schemas import Txt2ImgRequest
 
     if "preview" in Txt2ImgRequest.model_fields:  # live previews (events issue) feed current_image
-        while time.time() < deadline and not api.get_progress()["current_image"]:
+        prog = api.get_progress()
+        while time.time() < deadline and not prog["current_image"]:
             time.sleep(0.1)
-        preview = Image.open(io.BytesIO(base64.b64decode(api.get_progress()["current_image"])))
+            prog = api.get_progress()
+        preview = Image.open(io.BytesIO(base64.b64decode(prog["current_image"])))
         assert preview.size[0] > 0
+        # The sampler steps of the running stage, as A1111 reports them.
+        assert prog["state"]["sampling_steps"] == 150 and 1 <= prog["state"]["sampling_step"] <= 150
         assert httpx.get(api.baseurl + "/progress?skip_current_image=true").json()["current_image"] is None
     assert api.interrupt() == {}
     t.join(120)

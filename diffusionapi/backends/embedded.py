@@ -420,6 +420,9 @@ class EmbeddedBackend(JobBackend):
             latest = self.live.latest_preview(job_id)
             if latest:
                 st.preview, st.preview_step = latest
+            step = self.live.latest_step(job_id)
+            if step:  # extra fields: A1111's /progress reports sampling_step / sampling_steps
+                st.step, st.total = step
         return st
 
     def position(self, job_id: str) -> int | None:
