@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_loras: int = Field(16, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    max_n_iter: int = Field(16, ge=1)
+    max_image_body_bytes: int = Field(50_000_000, ge=1024)  # image-carrying endpoints (img2img, upscale)
 
     # Engine behaviour.
     pipeline_cache_size: int = Field(1, ge=1)
@@ -59,6 +62,7 @@ class Settings(BaseSettings):
 
     # Access.
     api_key: str | None = None
+    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic on /sdapi (A1111's --api-auth)
     cors_origins: list[str] = Field(default_factory=list)
 
 
