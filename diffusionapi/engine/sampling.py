@@ -99,11 +99,39 @@ class CFGDenoiser:
 
 @dataclass
 class NoiseFactory:
+    """Seeded Gaussian noise from CPU generators, one per image of a batch (``more`` holds the
+    (generator, seed) of images 2..n), so an image is the same alone or in a batch."""
     generator: torch.Generator
     seed: int
+    more: tuple = ()
+
+    @classmethod
+    def for_seeds(cls, seeds) -> "NoiseFactory":
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        return cls(gens[0], int(seeds[0]), tuple(zip(gens[1:], (int(s) for s in seeds[1:]))))
+
+    @property
+    def streams(self) -> list:
+        return [(self.generator, self.seed), *self.more]
+
+    def draw(self, shape) -> torch.Tensor:
+        if not self.more:
+            return torch.randn(shape, generator=self.generator, dtype=torch.float32)
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g, _ in self.streams])
 
     def initial(self, shape, device) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(device)
+        return self.draw(shape).to(device)
+
+    def sampler_noise(self, like: torch.Tensor):
+        """Fresh noise per step (ancestral and SDE samplers)."""
+        return lambda sigma=None, sigma_next=None: self.draw(like.shape).to(like.device, like.dtype)
+
+    def brownian(self, like: torch.Tensor, sigma_min: float, sigma_max: float):
+        """DPM++ SDE's Brownian-tree noise, one tree per image seeded by its seed."""
+        if not self.more:
+            return kd.BrownianNoise(like, sigma_min, sigma_max, self.seed)
+        trees = [kd.BrownianNoise(like[i:i + 1], sigma_min, sigma_max, seed) for i, (_, seed) in enumerate(self.streams)]
+        return lambda sigma, sigma_next: torch.cat([tree(sigma, sigma_next) for tree in trees])
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -130,9 +158,9 @@ class SigmaSchedule:
         eta = 1.0 if spec.stochastic else 0.0
         if spec.algorithm == "dpmpp_sde":
             positive = self.sigmas[self.sigmas > 0]
-            src = kd.BrownianNoise(x, float(positive.min()), float(positive.max()), noise.seed)
+            src = noise.brownian(x, float(positive.min()), float(positive.max()))
         else:
-            src = kd.SeededNoise(noise.generator, x)
+            src = noise.sampler_noise(x)
         if spec.algorithm == "dpm_adaptive":  # step count unknown: progress is the log-sigma covered
             ctx = kd.RunContext(noise=src, progress=progress, eta=eta)
             lo = float(self.sigmas[-1]) if float(self.sigmas[-1]) > 0 else denoiser.ms.sigma_min
