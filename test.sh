@@ -3,6 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
-scripts/system-deps.sh
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest -q "$@"

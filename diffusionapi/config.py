@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("stable_diffusion/models")
     loras_dir: Path = Path("stable_diffusion/loras")
     upscalers_dir: Path = Path("stable_diffusion/upscalers")
+    embeddings_dir: Path = Path("stable_diffusion/embeddings")
     outputs_dir: Path = Path("outputs")
     queue_dir: Path = Path("queue")
     model_labels: Path = Path("stable_diffusion/model_labels.json")
@@ -38,17 +40,29 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_loras: int = Field(16, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    max_n_iter: int = Field(16, ge=1)
+    max_image_body_bytes: int = Field(50_000_000, ge=1024)  # image-carrying endpoints (img2img, upscale)
 
     # Engine behaviour.
     pipeline_cache_size: int = Field(1, ge=1)
     lora_cache_size: int = Field(8, ge=1)
+    conditioning_cache_size: int = Field(32, ge=0)  # encoded prompt texts kept (LRU); 0: off
     vae_tiling_pixels: int = Field(1536 * 1536, ge=64)
     cpu_offload: bool = False
     channels_last: bool = False
     compile_unet: bool = False
 
+    # Scale-out (README "Several GPUs and machines"): embedded = this process runs the jobs.
+    backend: Literal["embedded", "celery"] = "embedded"
+    broker_url: str = "amqp://guest:guest@localhost:5672//"
+    redis_url: str = "redis://localhost:6379/0"
+    results_ttl_sec: int = Field(3600, ge=10)  # unread results (and their images) kept in Redis this long
+    worker_heartbeat_sec: float = Field(2.0, gt=0)  # a worker silent for 3 beats is dead
+
     # Access.
     api_key: str | None = None
+    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic on /sdapi (A1111's --api-auth)
     cors_origins: list[str] = Field(default_factory=list)
 
 

@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse
 
 from ..backends.base import BackendUnavailable, FinalJob, QueueFull
 from ..jobstatus import JobStatus
-from ..resolve import RequestError, resolve_txt2img
-from ..schemas import (ErrorResponse, ImageOut, QueueListEntry, QueueListResponse, QueueStatusResponse,
-                       Txt2ImgRequest, Txt2ImgResponse)
+from ..resolve import RequestError, resolve_img2img, resolve_txt2img, resolve_upscale
+from ..schemas import (ErrorResponse, ImageOut, Img2ImgRequest, QueueListEntry, QueueListResponse,
+                       QueueStatusResponse, Txt2ImgRequest, Txt2ImgResponse, UpscaleRequest)
 
 router = APIRouter()
 
@@ -60,6 +60,37 @@ def txt2img(body: Txt2ImgRequest, request: Request):
     return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
 
 
+@router.post("/img2img", response_model=Txt2ImgResponse, response_model_exclude_none=True,
+             responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
+def img2img(body: Img2ImgRequest, request: Request):
+    """txt2img from an init image; with ``mask``, inpainting. Images are decoded and checked
+    before the job is recorded."""
+    state = request.app.state
+    try:
+        job = resolve_img2img(body, state.registry, state.settings, model_given="model" in body.model_fields_set)
+    except RequestError as e:
+        return request_error(e)
+    job_id = submit(request, job.kind, job.payload)
+    if isinstance(job_id, JSONResponse):
+        return job_id
+    return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
+
+
+@router.post("/upscale", response_model=Txt2ImgResponse, response_model_exclude_none=True,
+             responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
+def upscale(body: UpscaleRequest, request: Request):
+    """Upscale one image (queued like any job): an upscaler file, or "Lanczos" / "Nearest"."""
+    state = request.app.state
+    try:
+        job = resolve_upscale(body, state.registry, state.settings)
+    except RequestError as e:
+        return request_error(e)
+    job_id = submit(request, job.kind, job.payload)
+    if isinstance(job_id, JSONResponse):
+        return job_id
+    return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
+
+
 @router.get("/queue", response_model=QueueListResponse)
 async def queue_list(request: Request):
     entries = await run_in_threadpool(request.app.state.jobs.listing)
@@ -87,7 +118,7 @@ def final_response(job_id: str, final: FinalJob) -> QueueStatusResponse:
         return resp
     b64 = [base64.b64encode(data).decode() if data is not None else None for data in final.images]
     for field in ("payload", "output_path", "width", "height", "file_type", "jpeg_quality", "generation_time_sec",
-                  "load_time_sec", "memory_before_mb", "memory_after_mb", "seed", "infotext"):
+                  "load_time_sec", "memory_before_mb", "memory_after_mb", "seed", "infotext", "warnings"):
         setattr(resp, field, getattr(st, field))
     resp.image = b64[0] if b64 else None
     if st.images and len(st.images) > 1:
