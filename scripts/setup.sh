@@ -18,7 +18,3 @@ if [ ! -f "$stamp" ]; then
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi
-# The tests run real brokers (the cluster backend): ./test.sh installs the Debian packages it lacks.
-if [ "$(basename "$0")" = "test.sh" ]; then
-  bash "$root/scripts/system-deps.sh"
-fi

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from diffusionapi.registry import UnknownName, Registry, derive_label, normalise
 from diffusionapi.vocabulary import ModelEntry
