@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,12 +48,23 @@ TINY = {"sd15": (64, 4), "sdxl": (64, 4)}
 
 # ---------------------------------------------------------------------------- bookkeeping
 
-class Run:
-    """Results, the time budget, and what was skipped or failed."""
+class OutOfTime(Exception):
+    """The hard limit (budget + grace) passed inside a section: it stops, the report is still written."""
 
-    def __init__(self, budget: float | None):
+
+class Run:
+    """Results, the time budget, and what was skipped or failed. JSON is rewritten after each section,
+    so a run killed from outside still leaves what it measured."""
+
+    def __init__(self, budget: float | None, out: Path | None = None, grace: float = 40):
         self.t0 = time.perf_counter()
         self.budget = budget
+        self.out = out
+        if budget is not None and hasattr(signal, "SIGALRM"):
+            def expire(signum, frame):
+                raise OutOfTime(f"hard limit of {budget + grace:.0f} s reached")
+            signal.signal(signal.SIGALRM, expire)
+            signal.alarm(int(budget + grace))
         self.results: dict = {"speed": [], "options": [], "load": {}, "build": {}, "fast_service": [],
                               "batching": {}, "skipped": [], "errors": []}
 
@@ -60,11 +72,19 @@ class Run:
         return time.perf_counter() - self.t0
 
     def allows(self, name: str, estimate_s: float) -> bool:
+        if self.budget is not None and self.elapsed() >= self.budget:
+            estimate_s = max(estimate_s, 1)
         if self.budget is None or self.elapsed() + estimate_s <= self.budget:
             return True
         self.results["skipped"].append(f"{name} (needs ~{estimate_s:.0f} s, {self.budget - self.elapsed():.0f} s left)")
         log(f"skip {name}: budget")
         return False
+
+    def save(self) -> None:
+        if self.out is not None:
+            self.results["elapsed_s"] = round(self.elapsed(), 1)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(self.results, indent=2))
 
     def section(self, name: str):
         run = self
@@ -75,6 +95,7 @@ class Run:
                 return self
 
             def __exit__(self, et, e, tb):
+                run.save()
                 if et is None:
                     return False
                 if et is KeyboardInterrupt:
@@ -152,7 +173,7 @@ def folder_gb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9, 3)
 
 
-def install_models(run: Run, models: Path, families, tiny: bool, device: str) -> None:
+def install_models(run: Run, models: Path, families, tiny: bool, device: str, single_file: bool = True) -> None:
     """Each family twice: ``<family>`` (diffusers folder) and ``<family>-file`` (single file)."""
     from tests.checkpoint_factory import save_original_checkpoint
 
@@ -167,14 +188,16 @@ def install_models(run: Run, models: Path, families, tiny: bool, device: str) ->
             saved_folder = time.perf_counter() - t
             t = time.perf_counter()
             # Tiny architectures differ from the shipped configs: they travel with a sidecar config.
-            save_original_checkpoint(pipe, models / f"{fam}-file.safetensors", with_config=tiny)
+            if single_file or fam == "sd15":
+                save_original_checkpoint(pipe, models / f"{fam}-file.safetensors", with_config=tiny)
             saved_file = time.perf_counter() - t
             del pipe
             free(device)
             run.results["build"][fam] = {"build_s": round(built, 2), "save_folder_s": round(saved_folder, 2),
                                          "save_single_file_s": round(saved_file, 2),
                                          "folder_gb": folder_gb(models / fam),
-                                         "single_file_gb": folder_gb(models / f"{fam}-file.safetensors")}
+                                         "single_file_gb": folder_gb(models / f"{fam}-file.safetensors")
+                                         if (models / f"{fam}-file.safetensors").exists() else None}
             log(f"   {run.results['build'][fam]}")
 
 
@@ -415,47 +438,59 @@ def speed_rows(run: Run, fam: str, pipe, svc: Service | None, size: int, steps: 
         run.results["skipped"].append(f"service {fam} batch {batch}: this build has no batch_size field")
 
 
-def option_rows(run: Run, fam: str, pipe, size: int, steps: int, reps: int, device: str, compile_ok: bool) -> None:
-    """Each fast-mode option switched on in turn, on top of the previous ones (bare pipeline, batch 1)."""
+def option_rows(run: Run, fam: str, pipe, size: int, steps: int, reps: int, device: str) -> None:
+    """Each fast-mode option switched on in turn, on top of the previous ones (bare pipeline, batch 1).
+    torch.compile is measured apart (``compile_rows``): it costs a minute or more of compiling."""
     import torch
 
     from diffusionapi.engine import fastmode
 
-    def measure(label: str, on: bool, extra: dict | None = None):
-        bare_call(pipe, size, max(2, steps // 5), 1, 1, device)  # warm (cuDNN picks, layouts)
-        times = [bare_call(pipe, size, steps, 1, 200 + i, device)[0] for i in range(reps)]
-        m = median(times)
-        row = {"family": fam, "size": size, "steps": steps, "option": label, "on": on, "runs_s": times,
-               "s_per_image": round(m, 4), "it_per_s": round(steps / m, 3), **(extra or {})}
-        run.results["options"].append(row)
-        log(f"   {fam} {label} {'on' if on else 'off'}: {row['it_per_s']:.2f} it/s")
-
     unet = pipe.unet
-    if run.allows(f"options {fam}: attention", 3 * reps * 1.0):
+    if fam == "sd15":
         from diffusers.models.attention_processor import AttnProcessor
 
         saved = unet.attn_processors
         unet.set_attn_processor(AttnProcessor())
-        measure("SDPA attention (off: classic attention)", False)
+        measure_option(run, fam, pipe, size, steps, reps, device, "SDPA attention (off: classic attention)", False)
         unet.set_attn_processor(saved)
-    measure("baseline: fp16 + SDPA (bare diffusers)", True)
+    measure_option(run, fam, pipe, size, steps, reps, device, "baseline: bare diffusers (fp16 on CUDA, SDPA)", True)
     if device.startswith("cuda"):
         unet.to(memory_format=torch.channels_last)
-        measure("+ channels-last UNet", True)
+        measure_option(run, fam, pipe, size, steps, reps, device, "+ channels-last UNet", True)
     fastmode.fuse_qkv(unet)
-    measure("+ fused QKV projections", True)
+    measure_option(run, fam, pipe, size, steps, reps, device, "+ fused QKV projections", True)
     if fam == "sdxl":
         # Bare SDXL decodes in fp32 (force_upcast); the service decodes in fp16 and redoes it
         # in fp32 only if the result has NaNs (real SDXL VAE weights do; these random ones do not).
         pipe.vae.register_to_config(force_upcast=False)
-        measure("+ VAE decode in fp16", True)
-    if compile_ok and device.startswith("cuda") and run.allows(f"options {fam}: torch.compile", 150 if fam == "sdxl" else 90):
-        t = time.perf_counter()
-        pipe.unet = torch.compile(unet, mode=fastmode.DEFAULT_COMPILE_MODE, dynamic=False)
-        bare_call(pipe, size, 2, 1, 1, device)
-        compile_s = time.perf_counter() - t
-        measure("+ torch.compile UNet", True, {"compile_s": round(compile_s, 1)})
-        pipe.unet = unet
+        measure_option(run, fam, pipe, size, steps, reps, device, "+ VAE decode in fp16", True)
+
+
+def measure_option(run: Run, fam, pipe, size, steps, reps, device, label: str, on: bool, extra: dict | None = None):
+    bare_call(pipe, size, max(2, steps // 5), 1, 1, device)  # warm (cuDNN picks, layouts)
+    times = [bare_call(pipe, size, steps, 1, 200 + i, device)[0] for i in range(reps)]
+    m = median(times)
+    row = {"family": fam, "size": size, "steps": steps, "option": label, "on": on, "runs_s": times,
+           "s_per_image": round(m, 4), "it_per_s": round(steps / m, 3), **(extra or {})}
+    run.results["options"].append(row)
+    log(f"   {fam} {label} {'on' if on else 'off'}: {row['it_per_s']:.2f} it/s")
+
+
+def compile_rows(run: Run, fam: str, pipe, size: int, steps: int, reps: int, device: str) -> None:
+    """torch.compile of the UNet on top of the other options (first call = compile time)."""
+    import torch
+
+    from diffusionapi.engine import fastmode
+
+    unet = pipe.unet
+    t = time.perf_counter()
+    pipe.unet = torch.compile(unet, mode=None if fastmode.DEFAULT_COMPILE_MODE == "default"
+                              else fastmode.DEFAULT_COMPILE_MODE, dynamic=False)
+    bare_call(pipe, size, 2, 1, 1, device)
+    compile_s = time.perf_counter() - t
+    measure_option(run, fam, pipe, size, steps, reps, device, "+ torch.compile UNet", True,
+                   {"compile_s": round(compile_s, 1)})
+    pipe.unet = unet
 
 
 def batching_run(svc: Service, fam: str, size: int, steps: int, clients: int, jobs_each: int) -> dict:
@@ -509,7 +544,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU check of the whole flow)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and sections (under 4 minutes on an H100)")
     ap.add_argument("--budget", type=float, default=None, help="seconds; sections that would overrun are skipped "
-                    "(default 450, --quick 210, --tiny none)")
+                    "(default 430, --quick 195, --tiny none); a section still running 40 s past it is stopped")
     ap.add_argument("--families", default="sd15,sdxl")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile measurements")
@@ -520,88 +555,103 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.budget is None and not args.tiny:
-        args.budget = 210 if args.quick else 450
+        args.budget = 195 if args.quick else 430
     families = [f for f in args.families.split(",") if f]
     shapes = TINY if args.tiny else FULL
     reps = 1 if args.tiny else (2 if args.quick else 3)
-    reps4 = 1 if (args.tiny or args.quick) else 2
     compile_ok = not args.no_compile and device.startswith("cuda")
     out = args.out or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT")
                        else ROOT / "benchmarks" / "results-gpu" / ("tiny.json" if args.tiny else "latest.json"))
 
-    run = Run(args.budget)
+    run = Run(args.budget, out)
     R = run.results
     R["machine"] = machine(device)
     R["mode"] = "tiny" if args.tiny else ("quick" if args.quick else "full")
     R["budget_s"] = args.budget
     R["settings"] = {"shapes": {f: {"size": shapes[f][0], "steps": shapes[f][1]} for f in families},
                      "sampler": "Euler, default (linspace) schedule", "cfg_scale": CFG_SCALE, "file_type": "jpg",
-                     "repetitions": reps, "repetitions_batch4": reps4}
+                     "repetitions": reps}
     log(f"GPU benchmark ({R['mode']}) on {R['machine'].get('gpu', device)}")
     work = Path(tempfile.mkdtemp(prefix="dapi-gpu-"))
     models = work / "models"
     services: list[Service] = []
     try:
-        install_models(run, models, families, args.tiny, device)
+        install_models(run, models, families, args.tiny, device, single_file=not args.quick)
         fams = [f for f in families if f in R["build"]]
 
         # S1: the service with default settings, started now so it imports while bare diffusers loads.
         s1 = Service("default", work, models, device)
         services.append(s1)
         supports_batch = False
+        pipes = {}
         for fam in fams:
             size, steps = shapes[fam]
             with run.section(f"{fam}: bare diffusers vs service"):
                 t = time.perf_counter()
-                pipe = bare_load(models / fam, fam, device)
+                pipe = pipes[fam] = bare_load(models / fam, fam, device)
                 R["load"].setdefault(fam, {})["bare_folder_s"] = round(time.perf_counter() - t, 2)
                 s1.ready()
                 if fam == fams[0]:
-                    supports_batch = service_supports_batch_size(s1)
+                    supports_batch = service_supports_batch_size(s1)  # also: CUDA initialised in the service
                     R["service_batch_size_field"] = supports_batch
                 # Load times as the service reports them (load_time_sec): single file, then folder.
-                for name, key in ((f"{fam}-file", "service_single_file_s"), (fam, "service_folder_s")):
+                names = ([(f"{fam}-file", "service_single_file_s")] if (models / f"{fam}-file.safetensors").exists()
+                         else []) + [(fam, "service_folder_s")]
+                for name, key in names:
                     body = s1.job(**request(name, size, 1, 1, 0))
                     R["load"][fam][key] = body["load_time_sec"]
                 log(f"   load {R['load'][fam]}")
                 speed_rows(run, fam, pipe, s1, size, steps, 1, reps, device, supports_batch)
-                est4 = 0 if args.tiny else (25 if fam == "sd15" else 70) * reps4
-                if run.allows(f"{fam} batch 4", est4):
+                reps4 = 1 if (args.tiny or args.quick or fam == "sdxl") else 2
+                if not (args.quick and fam == "sdxl") and run.allows(f"{fam} batch 4", 0 if args.tiny else
+                                                                     (25 if fam == "sd15" else 45) * reps4):
                     speed_rows(run, fam, pipe, s1, size, steps, 4, reps4, device, supports_batch)
-            with run.section(f"{fam}: fast-mode options"):
-                est = 0 if args.tiny else (20 if fam == "sd15" else 60)
-                if run.allows(f"options {fam}", est):
-                    option_rows(run, fam, pipe, size, steps, reps, device, compile_ok and not (args.quick and fam == "sdxl"))
-            del pipe
-            free(device)
+            if not (args.quick and fam == "sdxl") and run.allows(f"options {fam}", 0 if args.tiny else
+                                                                 (25 if fam == "sd15" else 45)):
+                with run.section(f"{fam}: fast-mode options"):
+                    option_rows(run, fam, pipe, size, steps, reps, device)
+            if fam != "sd15":
+                del pipes[fam], pipe
+                free(device)
 
         # Dynamic batching: the same clients against the default service, then one that batches.
-        if "sd15" in fams:
+        if "sd15" in fams and run.allows("dynamic batching", 0 if args.tiny else 55):
             size, steps = shapes["sd15"]
             jobs_each = 1 if args.tiny else 2
-            est = 0 if args.tiny else 60
-            if run.allows("dynamic batching", est):
-                with run.section("dynamic batching"):
-                    s1.job(**request("sd15", size, 2, 1, 0))  # resident again after SDXL
-                    solo = batching_run(s1, "sd15", size, steps, args.clients, jobs_each)
-                    s1.close()
-                    s2 = Service("batching", work, models, device, max_batch_jobs=args.clients)
-                    services.append(s2)
-                    s2.ready()
-                    s2.job(**request("sd15", size, 2, 1, 0))
-                    batched = batching_run(s2, "sd15", size, steps, args.clients, jobs_each)
-                    s2.close()
-                    R["batching"] = {"family": "sd15", "size": size, "steps": steps, "max_batch_jobs_1": solo,
-                                     f"max_batch_jobs_{args.clients}": batched,
-                                     "speedup": round(batched["images_per_s"] / solo["images_per_s"], 3)}
-                    log(f"   batching {R['batching']}")
+            with run.section("dynamic batching"):
+                s1.job(**request("sd15", size, 2, 1, 0))  # resident again after SDXL
+                solo = batching_run(s1, "sd15", size, steps, args.clients, jobs_each)
+                s1.close()
+                s2 = Service("batching", work, models, device, max_batch_jobs=args.clients)
+                services.append(s2)
+                s2.ready()
+                s2.job(**request("sd15", size, 2, 1, 0))
+                batched = batching_run(s2, "sd15", size, steps, args.clients, jobs_each)
+                s2.close()
+                R["batching"] = {"family": "sd15", "size": size, "steps": steps, "max_batch_jobs_1": solo,
+                                 f"max_batch_jobs_{args.clients}": batched,
+                                 "speedup": round(batched["images_per_s"] / solo["images_per_s"], 3)}
+                log(f"   batching {R['batching']}")
         s1.close()
 
-        # S3: the service in fast mode, torch.compile warmed up at start for the measured shapes.
-        est = 0 if args.tiny else (60 + (150 if "sdxl" in fams and not args.quick else 0))
-        if run.allows("fast-mode service", est):
+        # torch.compile, in process (on top of the options above) and in the fast-mode service,
+        # which compiles and warms up the measured shapes at start (the in-process compile fills
+        # inductor's cache first, as a restarted server would find it).
+        if compile_ok and "sd15" in pipes and run.allows("torch.compile sd15 (in process)", 80):
+            with run.section("sd15: torch.compile option"):
+                compile_rows(run, "sd15", pipes["sd15"], *shapes["sd15"], reps, device)
+        pipes.clear()
+        free(device)
+        fast_fams = [f for f in fams if not (args.quick and f == "sdxl")]
+        for k in range(len(fast_fams), 0, -1):  # as many families as the budget allows
+            est = 0 if args.tiny else (30 + (150 if "sdxl" in fast_fams[:k] else 0) + 45 * (not compile_ok))
+            if run.allows(f"fast-mode service {','.join(fast_fams[:k])}", est):
+                fast_fams = fast_fams[:k]
+                break
+        else:
+            fast_fams = []
+        if fast_fams:
             with run.section("fast-mode service"):
-                fast_fams = [f for f in fams if not (args.quick and f == "sdxl")]
                 shapes_env = ",".join(f"{f}:{shapes[f][0]}x{shapes[f][0]}" for f in fast_fams)
                 t = time.perf_counter()
                 s3 = Service("fast", work, models, device, channels_last="true", fused_qkv="true",
@@ -621,15 +671,17 @@ def main(argv=None) -> int:
                     log(f"   fast service {fam}: {steps / m:.2f} it/s")
                 R["fast_service_warmup_total_s"] = round(time.perf_counter() - t, 1)
                 s3.close()
+    except OutOfTime as e:
+        R["errors"].append(str(e))
     finally:
         for s in services:
             try:
                 s.close()
             except Exception:  # noqa: BLE001
                 pass
-        R["elapsed_s"] = round(run.elapsed(), 1)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(R, indent=2))
+        if hasattr(signal, "SIGALRM"):
+            signal.alarm(0)
+        run.save()
         shutil.rmtree(work, ignore_errors=True)
     print_table(R)
     log(f"\nJSON: {out}")
