@@ -144,7 +144,7 @@ def main() -> int:
     print("building bench models ...", flush=True)
     install_bench_model(models / "bench-a", seed=0)
     install_bench_model(models / "bench-b", seed=1)
-    from diffusionapi.demo import write_tiny_lora
+    from tests.tiny_files import write_tiny_lora
 
     bp = build_bench_pipeline(0)
     write_tiny_lora(bp, loras / "l1.safetensors", "kohya", seed=1, strength=0.05)

@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .registry import FAMILY_LABELS
+from .vocabulary import FAMILY_LABELS
 
 
 def list_models_main(argv: list[str] | None = None) -> int:

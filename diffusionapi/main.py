@@ -1,4 +1,4 @@
-"""App factory. The lifespan starts the job service (recovery + worker) and stops it."""
+"""App factory. The lifespan starts the job backend (recovery + worker) and stops it."""
 from __future__ import annotations
 
 import hmac
@@ -98,19 +98,25 @@ async def _send_json(send, status: int, body: dict, extra=()):
     await send({"type": "http.response.body", "body": data})
 
 
-def create_app(settings: Settings | None = None, *, engine_factory=None) -> FastAPI:
-    settings = settings or get_settings()
-    from .jobs import JobService
-    from .registry import Registry
-
-    registry = Registry(settings)
+def make_backend(settings: Settings, registry, engine_factory=None):
+    """The job backend the settings name; ``engine_factory`` builds the engine in the worker
+    (tests pass a fake one)."""
+    from .backends.embedded import EmbeddedBackend
 
     def default_engine():
         from .engine.engine import Engine
 
         return Engine(settings)
 
-    jobs = JobService(settings, registry, engine_factory or default_engine)
+    return EmbeddedBackend(settings, registry, engine_factory or default_engine)
+
+
+def create_app(settings: Settings | None = None, *, engine_factory=None) -> FastAPI:
+    settings = settings or get_settings()
+    from .registry import Registry
+
+    registry = Registry(settings)
+    jobs = make_backend(settings, registry, engine_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -11,62 +11,20 @@ import json
 import logging
 import os
 import re
-import struct
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
-from .demo import DEMO_MODEL_LABEL, DEMO_MODEL_NAME
+from .fileinfo import family_from_diffusers_folder, lora_family, single_file_family, upscaler_problem
+from .vocabulary import BUILTIN_LABELS, LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, ModelFormat, UpscalerEntry
 
 log = logging.getLogger(__name__)
 
-# Labels that need no labels file.
-BUILTIN_LABELS = {DEMO_MODEL_NAME: DEMO_MODEL_LABEL}
-
-SD15, SDXL, SDXL_REFINER = "sd15", "sdxl", "sdxl-refiner"
-FAMILY_LABELS = {SD15: "SD 1.5", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner"}
 SINGLE_FILE_EXTS = (".safetensors", ".ckpt")
 UPSCALER_EXTS = (".pth", ".safetensors", ".pt")
-
-# A1111's latent hires modes: name -> (torch interpolate mode, antialias).
-LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
 
 
 class UnknownName(LookupError):
     """A request named something that is not installed; the message lists choices."""
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    label: str
-    path: Path          # diffusers folder (snapshot for hub caches) or the single file
-    family: str         # sd15 | sdxl | sdxl-refiner
-    format: str         # diffusers | hub-cache | single-file
-
-
-@dataclass(frozen=True)
-class LoraEntry:
-    name: str
-    path: Path
-    family: str | None
-
-
-@dataclass(frozen=True)
-class UpscalerEntry:
-    name: str
-    path: Path | None   # None for the internal latent modes
-
-    @property
-    def is_latent(self) -> bool:
-        return self.path is None
 
 
 def normalise(name: str) -> str:
@@ -86,62 +44,6 @@ def _inside(path: Path, root: Path) -> bool:
         return True
     except (ValueError, OSError):
         return False
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file, without reading any tensor data."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path.name}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path.name}: not a safetensors file (header size {n})")
-        data = f.read(n)
-        if len(data) != n:
-            raise ValueError(f"{path.name}: truncated safetensors header")
-    return json.loads(data)
-
-
-def family_from_checkpoint_keys(keys) -> str:
-    """SD 1.5 / SDXL / refiner from original (CompVis/SGM) checkpoint keys."""
-    keys = list(keys)
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return SDXL
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        return SDXL_REFINER
-    return SD15
-
-
-def family_from_diffusers_folder(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text())
-    unet_cfg_path = folder / "unet" / "config.json"
-    unet_cfg = json.loads(unet_cfg_path.read_text()) if unet_cfg_path.exists() else {}
-    if unet_cfg.get("addition_embed_type") == "text_time" or "XL" in index.get("_class_name", ""):
-        te = index.get("text_encoder")
-        if index.get("requires_aesthetics_score") or not te or te[0] is None:
-            return SDXL_REFINER
-        return SDXL
-    return SD15
-
-
-def lora_family(path: Path) -> str | None:
-    try:
-        header = read_safetensors_header(path)
-    except (OSError, ValueError) as e:
-        log.warning("LoRA %s: %s", path, e)
-        return None
-    meta = header.get("__metadata__") or {}
-    base = str(meta.get("ss_base_model_version", ""))
-    if "sdxl" in base:
-        return SDXL
-    if base.startswith("sd_v1"):
-        return SD15
-    keys = [k for k in header if k != "__metadata__"]
-    if any(k.startswith(("lora_te2_", "lora_te1_", "lora_unet_input_blocks", "lora_unet_output_blocks"))
-           or "text_encoder_2" in k or "add_embedding" in k for k in keys):
-        return SDXL
-    return SD15 if keys else None
 
 
 class Registry:
@@ -213,11 +115,11 @@ class Registry:
                 continue  # "<checkpoint>.config/" folders are a single file's config, not a model
             if entry.is_dir():
                 if (entry / "model_index.json").exists():
-                    add(entry.name, entry, "diffusers", family_from_diffusers_folder, entry / "model_index.json")
+                    add(entry.name, entry, ModelFormat.DIFFUSERS, family_from_diffusers_folder, entry / "model_index.json")
                 elif entry.name.startswith("models--"):
                     snap = self._hub_snapshot(entry)
                     if snap is not None and _inside(snap, root):
-                        add(entry.name, snap, "hub-cache", family_from_diffusers_folder, snap / "model_index.json")
+                        add(entry.name, snap, ModelFormat.HUB_CACHE, family_from_diffusers_folder, snap / "model_index.json")
                 else:
                     self._scan(entry, root, add, seen)
             else:
@@ -225,15 +127,7 @@ class Registry:
 
     def _maybe_single_file(self, f: Path, root: Path, add) -> None:
         if f.suffix.lower() in SINGLE_FILE_EXTS and f.is_file() and _inside(f, root):
-            add(f.stem, f, "single-file", self._single_file_family)
-
-    @staticmethod
-    def _single_file_family(path: Path) -> str:
-        if path.suffix.lower() == ".safetensors":
-            return family_from_checkpoint_keys(read_safetensors_header(path).keys())
-        from .engine.checkpoints import ckpt_keys
-
-        return family_from_checkpoint_keys(ckpt_keys(path))
+            add(f.stem, f, ModelFormat.SINGLE_FILE, single_file_family)
 
     @staticmethod
     def _hub_snapshot(folder: Path) -> Path | None:
@@ -321,9 +215,7 @@ class Registry:
         with self._lock:
             if key in self._upscaler_cache:
                 return self._upscaler_cache[key]
-        from .engine.upscalers import inspect_upscaler
-
-        problem = inspect_upscaler(f)
+        problem = upscaler_problem(f)
         with self._lock:
             self._upscaler_cache[key] = problem
         return problem

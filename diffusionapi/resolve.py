@@ -9,9 +9,11 @@ import secrets
 from dataclasses import dataclass
 
 from .config import Settings
-from .registry import SDXL, SDXL_REFINER, LoraEntry, ModelEntry, UnknownName, Registry, UpscalerEntry
+from .engine.plan import GenerationPlan, HiresPlan, LoraUse
+from .engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
+from .registry import Registry, UnknownName
 from .schemas import Txt2ImgRequest
-from .engine.samplers import ResolvedSampler, SamplerChoiceError, resolve_sampler, resolved_scheduler_type
+from .vocabulary import SDXL, SDXL_REFINER
 
 
 class RequestError(ValueError):
@@ -20,37 +22,40 @@ class RequestError(ValueError):
         self.field, self.message, self.status = field, message, status
 
 
-@dataclass
-class JobSpec:
-    request: Txt2ImgRequest      # defaults filled in, names as resolved: the payload echo
-    model: ModelEntry
-    refiner: ModelEntry | None
-    sampler: ResolvedSampler
-    loras: list[tuple[LoraEntry, float]]
-    upscaler: UpscalerEntry | None
-    width: int
-    height: int
-    final_width: int
-    final_height: int
-    seed: int
+@dataclass(frozen=True)
+class OutputSpec:
+    """How the worker encodes the images (not the engine's business)."""
+    file_type: str = "jpg"
+    jpeg_quality: int = 85
 
-    @property
-    def hires(self):
-        h = self.request.hires
-        return h if h is not None and h.enabled else None
+
+@dataclass
+class ResolvedJob:
+    kind: str                # "txt2img" (the job record's kind; later: "img2img", "upscale")
+    echo: dict               # the request as understood (defaults filled, names resolved): the payload echo
+    plan: GenerationPlan
+    output: OutputSpec
 
 
 def round8(v: float) -> int:
     return max(8, int(round(v / 8)) * 8)
 
 
-def hires_total_steps(steps: int, strength: float) -> int:
-    """A1111: a hires pass of ``steps`` steps at ``strength`` is the tail of a schedule this long."""
-    return max(int(steps / min(strength, 0.999)), steps)
-
-
 def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings, *,
-                    model_given: bool = True) -> JobSpec:
+                    model_given: bool = True) -> GenerationPlan:
+    """Just the plan (tests and benchmarks drive the engine with it)."""
+    return resolve_txt2img(req, registry, settings, model_given=model_given).plan
+
+
+def resolve_job(kind: str, payload: dict, registry: Registry, settings: Settings) -> ResolvedJob:
+    """A job record's payload (validated again: files may have changed since submit) -> what runs."""
+    if kind != "txt2img":
+        raise RequestError("kind", f"unknown job kind {kind!r}")
+    return resolve_txt2img(Txt2ImgRequest.model_validate(payload), registry, settings)
+
+
+def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings, *,
+                    model_given: bool = True) -> ResolvedJob:
     if len(req.prompt) > settings.max_prompt_chars:
         raise RequestError("prompt", f"longer than {settings.max_prompt_chars} characters")
     if len(req.negative_prompt) > settings.max_prompt_chars:
@@ -97,21 +102,20 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
             raise RequestError("refiner_checkpoint", f"a refiner needs an SDXL base model; {model.name!r} is SD 1.5")
         if refiner.family not in (SDXL, SDXL_REFINER):
             raise RequestError("refiner_checkpoint", f"{refiner.name!r} is not an SDXL-family model")
-        switch_step = int(round(req.steps * req.refiner_switch_at))
+        switch_step = int(round(req.steps * req.refiner_switch_at))  # as GenerationPlan.refiner_switch_step
         if not 1 <= switch_step <= req.steps - 1:
             raise RequestError("refiner_switch_at", f"with {req.steps} steps, switching at "
                                                     f"{req.refiner_switch_at} leaves no steps for the base or the refiner")
 
     lora_entries = registry.loras() if req.loras else []
-    loras: list[tuple[LoraEntry, float]] = []
+    loras: list[LoraUse] = []
     for i, item in enumerate(req.lora_list()):
         try:
-            loras.append((registry.resolve_lora(item.name, loras=lora_entries), item.scale))
+            loras.append(LoraUse(registry.resolve_lora(item.name, loras=lora_entries), item.scale))
         except UnknownName as e:
             raise RequestError(f"loras[{i}]", str(e)) from None
 
-    upscaler = None
-    fw, fh = w, h
+    hires_plan = None
     hires = req.hires
     if hires is not None and hires.enabled:
         if hires.scale > settings.max_hires_scale:
@@ -125,11 +129,17 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
             upscaler = registry.resolve_upscaler(hires.upscaler)
         except UnknownName as e:
             raise RequestError("hires.upscaler", str(e)) from None
+        hires_plan = HiresPlan(upscaler, hires.scale, hires.steps, hires.denoising_strength, fw, fh)
 
     seed = req.seed if req.seed is not None and req.seed >= 0 else secrets.randbelow(2**32)
     understood = Txt2ImgRequest.model_validate({
         **req.model_dump(exclude=set(req.model_extra or ())), "model": model.name, "width": w, "height": h, "seed": seed,
         "scheduler_type": resolved_scheduler_type(sampler),
         "refiner_checkpoint": refiner.name if refiner else None,
-        "loras": [{"name": e.name, "scale": s} for e, s in loras]})
-    return JobSpec(understood, model, refiner, sampler, loras, upscaler, w, h, fw, fh, seed)
+        "loras": [{"name": u.entry.name, "scale": u.weight} for u in loras]})
+    plan = GenerationPlan(model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed,
+                          width=w, height=h, steps=req.steps, cfg_scale=req.cfg_scale, sampler=sampler,
+                          loras=tuple(loras), refiner=refiner, refiner_switch_at=req.refiner_switch_at,
+                          hires=hires_plan)
+    return ResolvedJob("txt2img", understood.model_dump(mode="json"), plan,
+                       OutputSpec(req.fileType, req.jpeg_quality))

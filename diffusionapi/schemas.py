@@ -1,7 +1,7 @@
-"""The seed's request and response types (../shared/seed-api.md), in one place.
+"""The native API's wire types: the seed's request and response types (../shared/seed-api.md).
 
 Static rules (types, ranges that never change) live here; limits that an operator
-configures are checked in ``limits.py`` against the Settings.
+configures are checked in ``resolve.py`` against the Settings.
 """
 from __future__ import annotations
 
@@ -100,7 +100,18 @@ class Txt2ImgResponse(BaseModel):
     ignored_fields: list[str] | None = None  # request fields this API does not know
 
 
+class ImageOut(BaseModel):
+    """One image of a job that made several."""
+    image: str | None  # base64; None if its file could no longer be read
+    seed: int
+    output_path: str
+    infotext: str
+    width: int
+    height: int
+
+
 class QueueStatusResponse(BaseModel):
+    """GET /queue/{id}: built from ``jobstatus.JobStatus`` (api/jobs.py); unset fields are left out."""
     model_config = ConfigDict(extra="allow")
     status: Literal["success", "error"]
     job_id: str
@@ -122,6 +133,7 @@ class QueueStatusResponse(BaseModel):
     memory_after_mb: float | None = None
     seed: int | None = None
     infotext: str | None = None  # added: the A1111 "parameters" text embedded in the image
+    images: list[ImageOut] | None = None  # added: every image, only when a job made more than one
 
 
 class ModelInfo(BaseModel):

@@ -44,7 +44,8 @@ def build(family: str):
 def main(families) -> int:
     from diffusionapi.engine.checkpoints import load_single_file
     from diffusionapi.engine.pipelines import _check_no_meta, _pipeline_class
-    from diffusionapi.registry import ModelEntry, family_from_checkpoint_keys, read_safetensors_header
+    from diffusionapi.fileinfo import family_from_checkpoint_keys, read_safetensors_header
+    from diffusionapi.vocabulary import ModelEntry
     from tests.checkpoint_factory import save_original_checkpoint
 
     ok = True

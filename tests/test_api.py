@@ -212,7 +212,8 @@ def test_second_job_reloads_nothing(server):
     server.run(**SMALL, model="tiny-sd15")
     loads = server.engine.cache.loads
     again = server.run(**SMALL, model="tiny-sd15", seed=3)
-    assert server.engine.cache.loads == loads and again["load_time_sec"] < 0.01
+    assert again["state"] == "done"
+    assert server.engine.cache.loads == loads
     other = server.run(**SMALL, model="tiny-sdxl")  # cache size 1: a switch loads, and frees the other
     assert server.engine.cache.loads == loads + 1 and other["load_time_sec"] > 0
     assert server.engine.cache.resident() == ["tiny-sdxl"]
@@ -230,8 +231,9 @@ def test_long_poll_returns_when_done(server):
 
     job = server.submit(**dict(SMALL, steps=20, width=128, height=128))
     t0 = time.time()
-    r = server.client.get(f"/queue/{job}", params={"wait": 30})
-    assert r.json()["state"] == "done" and time.time() - t0 < 25
+    r = server.client.get(f"/queue/{job}", params={"wait": 60}, timeout=90)
+    # Done, and answered before the wait ran out (not a speed bound: the job takes seconds).
+    assert r.json()["state"] == "done" and time.time() - t0 < 60
     assert server.client.get(f"/queue/{job}", params={"wait": 1}).status_code == 404
     r = server.client.get(f"/queue/{job}", params={"wait": 99})
     assert r.status_code == 422

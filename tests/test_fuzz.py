@@ -5,7 +5,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from diffusionapi.registry import ModelEntry, UnknownName, Registry, derive_label, normalise
+from diffusionapi.registry import UnknownName, Registry, derive_label, normalise
+from diffusionapi.vocabulary import ModelEntry
 from diffusionapi.schemas import Txt2ImgRequest
 
 from .conftest import LiveServer, make_settings

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusionapi.demo import write_tiny_upscaler
+from .tiny_files import write_tiny_upscaler
 from diffusionapi.images import read_infotext
-from diffusionapi.registry import LATENT_UPSCALE_MODES
-from diffusionapi.resolve import hires_total_steps
+from diffusionapi.vocabulary import LATENT_UPSCALE_MODES
+from diffusionapi.engine.plan import hires_total_steps
 
 from .conftest import SMALL, LiveServer, make_settings
 
@@ -66,16 +66,16 @@ def test_hires_disabled_is_plain(hires_server):
 @pytest.mark.parametrize("steps, strength", [(10, 0.7), (3, 0.4), (5, 1.0), (1, 0.05), (7, 0.33)])
 @pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M Karras", "Heun", "DDIM", "UniPC", "DPM fast"])
 def test_second_pass_runs_exactly_hires_steps(hires_server, steps, strength, sampler):
-    from diffusionapi.engine.sampling import Denoiser, NoiseFactory, encode, img2img_tail, make_plan
+    from diffusionapi.engine.sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
     from diffusionapi.engine.samplers import resolve_sampler
 
     loaded = hires_server.engine.cache.get(hires_server.app.state.registry.resolve_model("tiny-sd15"))
-    plan = img2img_tail(make_plan(loaded, resolve_sampler(sampler, None), hires_total_steps(steps, strength)), steps)
+    plan = img2img_tail(make_schedule(loaded, resolve_sampler(sampler, None), hires_total_steps(steps, strength)), steps)
     assert plan.steps == steps
     calls = []
     x = torch.randn(1, 4, 8, 8) * plan.start_sigma
     with torch.inference_mode():
-        den = Denoiser(loaded, encode(loaded, "x", "", 64, 64), 7.0, lambda: None)
+        den = CFGDenoiser(loaded, encode(loaded, "x", "", 64, 64), 7.0, lambda: None)
         plan.run(den, x, NoiseFactory(torch.Generator().manual_seed(0), 0), calls.append)
     # Steps are sigma intervals; each reports once per model evaluation (Heun: two, the last one).
     assert len(calls) == den.evals == (2 * steps - 1 if sampler == "Heun" else steps)

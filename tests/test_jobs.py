@@ -5,14 +5,14 @@ import json
 import threading
 
 from diffusionapi.files import write_atomic
-from diffusionapi.jobs import JobQueue, JobStore, QueueFull
+from diffusionapi.backends.embedded import JobQueue, JobStore, QueueFull
 
 
 def test_create_and_read(tmp_path):
     store = JobStore(tmp_path)
     store.create("a", {"prompt": "x"})
     assert store.read_job("a")["payload"] == {"prompt": "x"}
-    assert store.read_status("a")["state"] == "queued"
+    assert store.read_status("a").state == "queued"
     store.delete("a")
     assert store.read_job("a") is None and store.read_status("a") is None
     assert not list(tmp_path.iterdir())
@@ -20,20 +20,21 @@ def test_create_and_read(tmp_path):
 
 def test_atomic_writes_never_show_half_a_file(tmp_path):
     store = JobStore(tmp_path)
-    store.write_status("j", {"state": "processing", "progress": 0})
+    store.write_status("j", {"state": "processing", "current_phase": "generation", "progress": 0})
     stop = threading.Event()
     bad = []
 
     def reader():
         while not stop.is_set():
             st = store.read_status("j")
-            if st is None or "state" not in st:
+            if st is None or st.state != "processing":
                 bad.append(st)
 
     t = threading.Thread(target=reader)
     t.start()
     for i in range(500):
-        store.write_status("j", {"state": "processing", "progress": i, "pad": "x" * (i % 97) * 50})
+        store.write_status("j", {"state": "processing", "current_phase": "generation", "progress": i,
+                                "pad": "x" * (i % 97) * 50})
     stop.set()
     t.join()
     assert bad == []

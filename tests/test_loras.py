@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusionapi.demo import tiny_sd15_pipeline, tiny_sdxl_pipeline, write_tiny_lora
+from diffusionapi.demo import tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+from .tiny_files import write_tiny_lora
 from diffusionapi.images import read_infotext
 
 from .conftest import SMALL, LiveServer, make_settings

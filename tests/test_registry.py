@@ -100,7 +100,7 @@ def test_fp16_variant_only_folder_loads(tmp_path):
 
     from diffusionapi.demo import tiny_sd15_pipeline
     from diffusionapi.engine.pipelines import load_pipeline
-    from diffusionapi.registry import ModelEntry
+    from diffusionapi.vocabulary import ModelEntry
 
     folder = tmp_path / "fp16-only"
     tiny_sd15_pipeline(0).save_pretrained(folder, variant="fp16")

@@ -267,9 +267,9 @@ def test_same_pixels_on_a_fresh_engine(server, model_store, tmp_path):
 
 
 def test_scheduler_objects_are_fresh_per_stage(server):
-    from diffusionapi.engine.sampling import make_plan
+    from diffusionapi.engine.sampling import make_schedule
 
     loaded = server.engine.cache.get(server.app.state.registry.resolve_model("tiny-sd15"))
-    plan = make_plan(loaded, resolve_sampler("UniPC", "karras"), 5)
+    plan = make_schedule(loaded, resolve_sampler("UniPC", "karras"), 5)
     assert plan.factory() is not plan.factory()
     assert loaded.pipe.scheduler.__class__.__name__ == "PNDMScheduler"  # never mutated

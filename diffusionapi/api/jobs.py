@@ -1,14 +1,18 @@
+"""Routes that submit, watch, cancel and collect jobs. Thin: the backend does the work."""
 from __future__ import annotations
 
+import base64
 import uuid
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from ..jobs import QueueFull
-from ..resolve import RequestError, resolve_request
-from ..schemas import ErrorResponse, QueueListResponse, QueueStatusResponse, Txt2ImgRequest, Txt2ImgResponse
+from ..backends.base import BackendUnavailable, FinalJob, QueueFull
+from ..jobstatus import JobStatus
+from ..resolve import RequestError, resolve_txt2img
+from ..schemas import (ErrorResponse, ImageOut, QueueListEntry, QueueListResponse, QueueStatusResponse,
+                       Txt2ImgRequest, Txt2ImgResponse)
 
 router = APIRouter()
 
@@ -19,6 +23,10 @@ def error(status: int, message: str, headers: dict | None = None, **extra) -> JS
     return JSONResponse({"status": "error", "error": message, **extra}, status_code=status, headers=headers)
 
 
+def request_error(e: RequestError) -> JSONResponse:
+    return error(e.status, str(e), detail=[{"loc": ["body", *e.field.split(".")], "msg": e.message}])
+
+
 def _valid_job_id(job_id: str) -> bool:
     try:
         return str(uuid.UUID(job_id)) == job_id
@@ -26,45 +34,86 @@ def _valid_job_id(job_id: str) -> bool:
         return False
 
 
+def submit(request: Request, kind: str, echo: dict):
+    """Queue a resolved job; the response for the submit routes (or an error response)."""
+    state = request.app.state
+    try:
+        return state.jobs.submit(kind, echo)
+    except QueueFull:
+        return error(503, f"the queue is full ({state.settings.max_queued_jobs} jobs); retry later",
+                     headers={"Retry-After": "10"})
+    except BackendUnavailable as e:  # the job could not be made durable, so it is not accepted
+        return error(503, str(e), headers={"Retry-After": "30"})
+
+
 @router.post("/txt2img", response_model=Txt2ImgResponse, response_model_exclude_none=True,
              responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
 def txt2img(body: Txt2ImgRequest, request: Request):
     state = request.app.state
     try:
-        spec = resolve_request(body, state.registry, state.settings, model_given="model" in body.model_fields_set)
+        job = resolve_txt2img(body, state.registry, state.settings, model_given="model" in body.model_fields_set)
     except RequestError as e:
-        return error(e.status, str(e), detail=[{"loc": ["body", *e.field.split(".")], "msg": e.message}])
-    job_id = str(uuid.uuid4())
-    try:
-        state.jobs.submit(job_id, spec.request.model_dump(mode="json"))
-    except QueueFull:
-        return error(503, f"the queue is full ({state.settings.max_queued_jobs} jobs); retry later",
-                     headers={"Retry-After": "10"})
-    except OSError as e:  # the job could not be made durable, so it is not accepted
-        return error(503, f"cannot record the job in the queue directory: {e.strerror or e}",
-                     headers={"Retry-After": "30"})
+        return request_error(e)
+    job_id = submit(request, job.kind, job.echo)
+    if isinstance(job_id, JSONResponse):
+        return job_id
     return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
 
 
 @router.get("/queue", response_model=QueueListResponse)
 async def queue_list(request: Request):
-    return QueueListResponse(jobs=await run_in_threadpool(request.app.state.jobs.listing))
+    entries = await run_in_threadpool(request.app.state.jobs.listing)
+    return QueueListResponse(jobs=[QueueListEntry(job_id=e.job_id, state=e.state, current_phase=e.current_phase,
+                                                  progress=e.progress, queue_position=e.queue_position)
+                                   for e in entries])
 
 
-@router.get("/queue/{job_id}", response_model=QueueStatusResponse, response_model_exclude_none=False,
+def status_response(job_id: str, st: JobStatus, position: int | None = None) -> QueueStatusResponse:
+    """The response of a job that is not final yet (or the head of a final one)."""
+    resp = QueueStatusResponse(status="error" if st.state == "error" else "success", job_id=job_id,
+                               progress=st.progress, current_phase=st.current_phase or st.state, state=st.state,
+                               error=st.error)
+    if position is not None:
+        resp.queue_position = position
+    return resp
+
+
+def final_response(job_id: str, final: FinalJob) -> QueueStatusResponse:
+    """A final job's response: the seed's fields; ``image`` = the first image, ``images`` when several."""
+    st = final.status
+    resp = status_response(job_id, st)
+    if st.state != "done":
+        resp.generation_time_sec = st.generation_time_sec
+        return resp
+    b64 = [base64.b64encode(data).decode() if data is not None else None for data in final.images]
+    for field in ("payload", "output_path", "width", "height", "file_type", "jpeg_quality", "generation_time_sec",
+                  "load_time_sec", "memory_before_mb", "memory_after_mb", "seed", "infotext"):
+        setattr(resp, field, getattr(st, field))
+    resp.image = b64[0] if b64 else None
+    if st.images and len(st.images) > 1:
+        resp.images = [ImageOut(image=data, seed=r.seed, output_path=r.output_path, infotext=r.infotext,
+                                width=r.width, height=r.height) for r, data in zip(st.images, b64)]
+    return resp
+
+
+@router.get("/queue/{job_id}", response_model=QueueStatusResponse, response_model_exclude_unset=True,
             responses=_ERRORS)
 async def queue_status(job_id: str, request: Request,
                        wait: float = Query(0, ge=0, le=60, description="long-poll: seconds to wait for the job to finish")):
-    # async + one small file read: polling must never wait for a threadpool slot.
+    # async + one small file read: polling must never wait for a threadpool slot. Only the
+    # final read (image files, base64) goes to a thread.
     if not _valid_job_id(job_id):
         return error(404, f"no job {job_id!r} (job ids are UUIDs)")
     jobs = request.app.state.jobs
     if wait:
         await jobs.wait_final(job_id, wait)
-    resp = jobs.status(job_id)
-    if resp is None:
+    st = jobs.status(job_id)
+    if st is not None and not st.is_final:
+        return status_response(job_id, st, jobs.position(job_id))
+    final = await run_in_threadpool(jobs.take_final, job_id) if st is not None else None
+    if final is None:
         return error(404, f"no job {job_id!r}: unknown, or its final result was already read")
-    return JSONResponse(resp)
+    return await run_in_threadpool(final_response, job_id, final)
 
 
 @router.delete("/queue/{job_id}", responses={**_ERRORS, 409: {"model": ErrorResponse}})

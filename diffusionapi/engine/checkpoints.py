@@ -13,38 +13,13 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__
-from ..registry import SD15, ModelEntry
+from ..fileinfo import CheckpointError, ckpt_keys
+from ..vocabulary import ModelEntry, sd15_loader_kwargs
+
+__all__ = ["CheckpointError", "ckpt_keys", "load_single_file", "packaged_config", "sidecar_config"]
 
 PACKAGED = Path(__file__).resolve().parents[1] / "configs"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def ckpt_keys(path: Path) -> list[str]:
-    """Tensor names of a .ckpt, loaded the safe way: a pickle needing more than tensors is refused."""
-    import pickle
-
-    import torch
-
-    try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path.name} refused: its pickle needs more than plain tensors "
-                              f"(weights_only loading): {str(e).splitlines()[0][:200]}") from e
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path.name} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from e
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path.name} holds no state dict")
-    return list(sd)
 
 
 def sidecar_config(path: Path) -> Path | None:
@@ -72,9 +47,7 @@ def packaged_config(family: str) -> Path:
 
 def load_single_file(cls, entry: ModelEntry, dtype):
     config = sidecar_config(entry.path) or packaged_config(entry.family)
-    kwargs = dict(config=str(config), local_files_only=True, torch_dtype=dtype)
-    if entry.family == SD15:
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    kwargs = dict(config=str(config), local_files_only=True, torch_dtype=dtype, **sd15_loader_kwargs(entry.family))
     if entry.path.suffix.lower() == ".ckpt":
         ckpt_keys(entry.path)  # refuse unsafe pickles before diffusers opens the file
     return cls.from_single_file(str(entry.path), **kwargs)

@@ -4,38 +4,26 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
 
-from ..registry import LATENT_UPSCALE_MODES
-from ..resolve import JobSpec, hires_total_steps
+from ..vocabulary import LATENT_UPSCALE_MODES, ModelFormat
 from .hashes import FileHashes
 from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
-from .sampling import Denoiser, JobCancelled, NoiseFactory, encode, img2img_tail, make_plan
-from .upscalers import UpscalerCache, upscale_image
+from .plan import (Cancelled, GeneratedImage, GenerationError, GenerationPlan, GenerationResult, JobCancelled, Report,
+                   hires_total_steps)
+from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
+from .upscalers import UpscalerCache, UpscalerError, upscale_image
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[str, float], None]
+__all__ = ["Engine", "GenerationError", "JobCancelled"]
 
 
-class GenerationError(RuntimeError):
-    """A job failed for a reason the user can act on; the message says which."""
-
-
-@dataclass
-class Generated:
-    image: Image.Image
-    params: dict  # infotext key/values after the prompt lines
-    load_time_sec: float = 0.0  # time spent loading models for this job (0: all were resident)
-
-
-class Progress:
+class StageProgress:
     """Maps a stage's 0..1 onto its share of the job; never goes backwards, stays < 100."""
 
     def __init__(self, report: Report):
@@ -56,6 +44,8 @@ class Progress:
 
 
 class Engine:
+    """The diffusers engine (implements ``plan.Engine``); one per worker, used by one thread."""
+
     def __init__(self, settings):
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
@@ -76,9 +66,9 @@ class Engine:
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
-    def generate(self, spec: JobSpec, report: Report, cancelled: Callable[[], bool]) -> Generated:
+    def generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled) -> GenerationResult:
         try:
-            return self._generate(spec, report, cancelled)
+            return self._generate(plan, report, cancelled)
         except (JobCancelled, GenerationError):
             raise
         except torch.cuda.OutOfMemoryError as e:
@@ -88,82 +78,82 @@ class Engine:
             free_memory()
             raise GenerationError("out of memory: try a smaller size, fewer steps or a lower hires scale") from e
 
-    def _generate(self, spec: JobSpec, report: Report, cancelled: Callable[[], bool]) -> Generated:
-        req = spec.request
-        progress = Progress(report)
+    def _generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled) -> GenerationResult:
+        progress = StageProgress(report)
 
         def check() -> None:
             if cancelled():
                 raise JobCancelled()
 
         t_load = time.perf_counter()
-        hires = spec.hires
+        hires = plan.hires
         first_hi = 50.0 if hires else 100.0
         first_phase = "initial generation" if hires else "generation"
-        if self.cache.is_loaded(spec.model.name) and (spec.refiner is None or self.cache.is_loaded(spec.refiner.name)):
+        if self.cache.is_loaded(plan.model.name) and (plan.refiner is None or self.cache.is_loaded(plan.refiner.name)):
             progress.phase(first_phase)
-        needed = (spec.model.name,) + ((spec.refiner.name,) if spec.refiner else ())
-        base = self._load(spec.model, progress, keep=needed)
+        needed = (plan.model.name,) + ((plan.refiner.name,) if plan.refiner else ())
+        base = self._load(plan.model, progress, keep=needed)
         refiner = None
-        if spec.refiner is not None:
-            refiner = self._load(spec.refiner, progress, keep=needed, share_from=base)
+        if plan.refiner is not None:
+            refiner = self._load(plan.refiner, progress, keep=needed, share_from=base)
         load_time = time.perf_counter() - t_load
-        self.loras.apply(base, spec.loras)
+        self.loras.apply(base, plan.loras)
         check()
 
-        generator = torch.Generator("cpu").manual_seed(spec.seed)
-        noise = NoiseFactory(generator, spec.seed)
+        generator = torch.Generator("cpu").manual_seed(plan.seed)
+        noise = NoiseFactory(generator, plan.seed)
 
-        plan = make_plan(base, spec.sampler, req.steps)
-        shape = (1, base.pipe.unet.config.in_channels, spec.height // 8, spec.width // 8)
-        x = noise.initial(shape, self.device) * plan.start_sigma
-        cond = encode(base, req.prompt, req.negative_prompt, spec.width, spec.height)
-        den = Denoiser(base, cond, req.cfg_scale, check)
+        schedule = make_schedule(base, plan.sampler, plan.steps)
+        shape = (1, base.pipe.unet.config.in_channels, plan.height // 8, plan.width // 8)
+        x = noise.initial(shape, self.device) * schedule.start_sigma
+        cond = encode(base, plan.prompt, plan.negative_prompt, plan.width, plan.height)
+        den = CFGDenoiser(base, cond, plan.cfg_scale, check)
         if refiner is None:
-            x = plan.run(den, x, noise, progress.stage(first_phase, 0.0, first_hi))
+            x = schedule.run(den, x, noise, progress.stage(first_phase, 0.0, first_hi))
         else:
-            k = int(round(req.steps * req.refiner_switch_at))
-            p_base, p_ref = plan.split(k)
-            share = first_hi * k / req.steps
-            x = p_base.run(den, x, noise, progress.stage(first_phase, 0.0, share))
-            rcond = encode(refiner, req.prompt, req.negative_prompt, spec.width, spec.height)
-            rden = Denoiser(refiner, rcond, req.cfg_scale, check)
-            x = p_ref.run(rden, x, noise, progress.stage("refining", share, first_hi))
+            k = plan.refiner_switch_step
+            s_base, s_ref = schedule.split(k)
+            share = first_hi * k / plan.steps
+            x = s_base.run(den, x, noise, progress.stage(first_phase, 0.0, share))
+            rcond = encode(refiner, plan.prompt, plan.negative_prompt, plan.width, plan.height)
+            rden = CFGDenoiser(refiner, rcond, plan.cfg_scale, check)
+            x = s_ref.run(rden, x, noise, progress.stage("refining", share, first_hi))
         latents = x
 
         params_hires = {}
         if hires:
             progress.phase("upscaling")
-            latents = self._upscale(spec, base, latents)
+            latents = self._upscale(plan, base, latents)
             check()
             total = hires_total_steps(hires.steps, hires.denoising_strength)
-            plan2 = img2img_tail(make_plan(base, spec.sampler, total), hires.steps)
-            cond2 = encode(base, req.prompt, req.negative_prompt, spec.final_width, spec.final_height)
-            den2 = Denoiser(base, cond2, req.cfg_scale, check)
-            x = latents + noise.initial(latents.shape, self.device) * plan2.start_sigma
-            latents = plan2.run(den2, x, noise, progress.stage("upscaling", first_hi, 100.0))
+            schedule2 = img2img_tail(make_schedule(base, plan.sampler, total), hires.steps)
+            cond2 = encode(base, plan.prompt, plan.negative_prompt, plan.final_width, plan.final_height)
+            den2 = CFGDenoiser(base, cond2, plan.cfg_scale, check)
+            x = latents + noise.initial(latents.shape, self.device) * schedule2.start_sigma
+            latents = schedule2.run(den2, x, noise, progress.stage("upscaling", first_hi, 100.0))
             params_hires = {"Denoising strength": hires.denoising_strength, "Hires upscale": hires.scale,
-                            "Hires steps": hires.steps, "Hires upscaler": spec.upscaler.name}
+                            "Hires steps": hires.steps, "Hires upscaler": hires.upscaler.name}
         check()
-        image = self._decode(base, latents, spec.final_width, spec.final_height)
+        image = self._decode(base, latents, plan.final_width, plan.final_height)
         params = {
-            "Steps": req.steps, "Sampler": spec.sampler.infotext_sampler,
-            "Schedule type": spec.sampler.infotext_schedule, "CFG scale": req.cfg_scale, "Seed": spec.seed,
-            "Size": f"{spec.width}x{spec.height}",
+            "Steps": plan.steps, "Sampler": plan.sampler.infotext_sampler,
+            "Schedule type": plan.sampler.infotext_schedule, "CFG scale": plan.cfg_scale, "Seed": plan.seed,
+            "Size": f"{plan.width}x{plan.height}",
             # A1111's short hash of a checkpoint file (sites link images to models by it).
-            "Model hash": self.hashes.sha256(spec.model.path)[:10] if spec.model.format == "single-file" else None,
-            "Model": spec.model.name,
+            "Model hash": (self.hashes.sha256(plan.model.path)[:10]
+                           if plan.model.format == ModelFormat.SINGLE_FILE else None),
+            "Model": plan.model.name,
             **params_hires,
         }
-        if spec.refiner:
-            params.update({"Refiner": spec.refiner.name, "Refiner switch at": req.refiner_switch_at})
-        hashes = lora_hashes_infotext(spec.loras, self.hashes)
+        if plan.refiner:
+            params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
+        hashes = lora_hashes_infotext(plan.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes
-        return Generated(image, params, round(load_time, 3))
+        return GenerationResult([GeneratedImage(image, plan.seed, params)], round(load_time, 3))
 
     # ------------------------------------------------------------------ parts
-    def _load(self, entry, progress: Progress, *, keep, share_from=None) -> LoadedModel:
+    def _load(self, entry, progress: StageProgress, *, keep, share_from=None) -> LoadedModel:
         if not self.cache.is_loaded(entry.name):
             progress.phase("loading model")
         try:
@@ -216,22 +206,21 @@ class Engine:
                 z = z - vae.config.shift_factor
             return (z * vae.config.scaling_factor).float()
 
-    def _upscale(self, spec: JobSpec, base: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
-        size = (spec.final_height // 8, spec.final_width // 8)
-        if spec.upscaler.is_latent:
-            mode, antialias = LATENT_UPSCALE_MODES[spec.upscaler.name]
+    def _upscale(self, plan: GenerationPlan, base: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+        hires = plan.hires
+        size = (hires.height // 8, hires.width // 8)
+        if hires.upscaler.is_latent:
+            mode, antialias = LATENT_UPSCALE_MODES[hires.upscaler.name]
             kwargs = {"antialias": antialias} if mode in ("bilinear", "bicubic") else {}
             if mode in ("bilinear", "bicubic"):
                 kwargs["align_corners"] = False
             return torch.nn.functional.interpolate(latents.float(), size=size, mode=mode, **kwargs)
-        image = self._decode(base, latents, spec.width, spec.height)
-        from .upscalers import UpscalerError
-
+        image = self._decode(base, latents, plan.width, plan.height)
         try:
-            model = self.upscalers.get(spec.upscaler.path)
-            big = upscale_image(model, image, (spec.final_width, spec.final_height))
+            model = self.upscalers.get(hires.upscaler.path)
+            big = upscale_image(model, image, (hires.width, hires.height))
         except UpscalerError as e:
             raise GenerationError(str(e)) from e
         except Exception as e:  # noqa: BLE001
-            raise GenerationError(f"upscaler {spec.upscaler.path.name!r} failed: {e}") from e
+            raise GenerationError(f"upscaler {hires.upscaler.path.name!r} failed: {e}") from e
         return self._encode(base, big)

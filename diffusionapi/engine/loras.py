@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from typing import Sequence
 
-from ..registry import FAMILY_LABELS, SDXL, SDXL_REFINER, LoraEntry
+from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER, LoraEntry
 from .hashes import FileHashes
+from .plan import LoraUse
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +27,10 @@ def adapter_name(entry: LoraEntry) -> str:
     return "lora_" + hashlib.sha1(str(entry.path).encode()).hexdigest()[:12]
 
 
-def lora_hashes_infotext(loras: list[tuple[LoraEntry, float]], hashes: FileHashes) -> str | None:
+def lora_hashes_infotext(loras: Sequence[LoraUse], hashes: FileHashes) -> str | None:
     if not loras:
         return None
-    return ", ".join(f"{e.name}: {hashes.sha256(e.path)[:12]}" for e, _ in loras)
+    return ", ".join(f"{u.entry.name}: {hashes.sha256(u.entry.path)[:12]}" for u in loras)
 
 
 class LoraManager:
@@ -38,13 +40,14 @@ class LoraManager:
         self.cache_size = cache_size
         self.loads = 0  # LoRA files read; tests and benchmarks check the cache with it
 
-    def apply(self, loaded, loras: list[tuple[LoraEntry, float]]) -> None:
+    def apply(self, loaded, loras: Sequence[LoraUse]) -> None:
         pipe = loaded.pipe
         book: OrderedDict = loaded.loras if isinstance(loaded.loras, OrderedDict) else OrderedDict(loaded.loras)
         loaded.loras = book
         model_family = SDXL if loaded.family in (SDXL, SDXL_REFINER) else loaded.family
         names, weights = [], []
-        for entry, scale in loras:
+        for use in loras:
+            entry, scale = use.entry, use.weight
             if entry.family and entry.family != model_family:
                 raise LoraError(f"LoRA {entry.name!r} is for {FAMILY_LABELS.get(entry.family, entry.family)}, "
                                 f"but model {loaded.entry.name!r} is {FAMILY_LABELS.get(loaded.family)}")

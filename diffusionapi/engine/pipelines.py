@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..registry import SD15, SDXL, SDXL_REFINER, ModelEntry
+from ..vocabulary import SD15, SDXL, SDXL_REFINER, ModelEntry, ModelFormat, sd15_loader_kwargs
 from .kdiffusion import ModelSigmas
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,8 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
     """Load a model offline. ``share_from`` (an SDXL base) lends its VAE and text_encoder_2
     to a refiner when they are the same architecture, so the two stay one copy in memory."""
     cls = _pipeline_class(entry.family)
-    kwargs: dict = dict(dtype=dtype, local_files_only=True)
-    if entry.family == SD15:
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if entry.format == "single-file":
+    kwargs: dict = dict(dtype=dtype, local_files_only=True, **sd15_loader_kwargs(entry.family))
+    if entry.format == ModelFormat.SINGLE_FILE:
         from .checkpoints import load_single_file
 
         pipe = load_single_file(cls, entry, dtype)
@@ -179,11 +177,6 @@ class PipelineCache:
             self._items.pop(other)
         del item
         free_memory()
-
-    def clear(self) -> None:
-        with self._lock:
-            for n in list(self._items):
-                self._evict(n)
 
 
 def free_memory() -> None:

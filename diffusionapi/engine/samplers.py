@@ -24,16 +24,13 @@ SCHEDULE_LABELS = {
     "ddim": "DDIM", "pndm": "PNDM", "logsnr": "Automatic",
 }
 
-ALL = SCHEDULER_TYPES
-SIGMA_SCHEDULES = ("default", "karras", "exponential", "ddim", "pndm")
-
 
 @dataclass(frozen=True)
 class SamplerSpec:
     name: str            # the A1111 name a request uses
     base_name: str       # what the infotext's "Sampler:" says (A1111 writes "DPM++ 2M" + "Schedule type: Karras")
     kind: str            # "k" or "timestep"
-    algorithm: str       # key in kdiffusion.ALGORITHMS, or a diffusers scheduler class name
+    algorithm: str       # key in kdiffusion.FIXED_ALGORITHMS (or dpm_fast/dpm_adaptive), or a diffusers scheduler class name
     schedules: tuple[str, ...]
     implicit_schedule: str  # used when the request names no scheduler_type
     stochastic: bool = False
@@ -41,7 +38,7 @@ class SamplerSpec:
     scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def _k(name, algorithm, *, base=None, schedules=SIGMA_SCHEDULES, implicit="karras", **kw):
+def _k(name, algorithm, *, base=None, schedules=SCHEDULER_TYPES, implicit="karras", **kw):
     return SamplerSpec(name, base or name, "k", algorithm, schedules, implicit, **kw)
 
 
@@ -67,7 +64,7 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
                 scheduler_kwargs={"set_alpha_to_one": False, "clip_sample": False}),
     SamplerSpec("PLMS", "PLMS", "timestep", "PNDMScheduler", ("default", "pndm", "ddim"), "pndm",
                 scheduler_kwargs={"skip_prk_steps": True}),
-    SamplerSpec("UniPC", "UniPC", "timestep", "UniPCMultistepScheduler", SIGMA_SCHEDULES, "karras"),
+    SamplerSpec("UniPC", "UniPC", "timestep", "UniPCMultistepScheduler", SCHEDULER_TYPES, "karras"),
 )}
 assert tuple(SAMPLERS) == SAMPLER_NAMES
 

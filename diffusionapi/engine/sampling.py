@@ -1,6 +1,6 @@
-"""Running a sampler over a loaded model: conditioning, the CFG denoiser, sampling plans.
+"""Running a sampler over a loaded model: conditioning, the CFG denoiser, sampling schedules.
 
-A *plan* is the part of a noise schedule one stage runs. Everything between stages is
+A *schedule* is the part of a noise schedule one stage runs. Everything between stages is
 exchanged in the variance-exploding form x = x0 + sigma * eps, so a base model can hand
 its half-denoised latents to a refiner, and a hires pass can re-noise an upscaled image,
 with any sampler.
@@ -13,13 +13,9 @@ from typing import Callable
 
 import torch
 
-from ..registry import SD15, SDXL_REFINER
+from ..vocabulary import SD15, SDXL_REFINER
 from . import kdiffusion as kd
 from .samplers import ResolvedSampler
-
-
-class JobCancelled(Exception):
-    pass
 
 
 @dataclass
@@ -50,7 +46,7 @@ def encode(loaded, prompt: str, negative: str, width: int, height: int) -> Condi
     return Conditioning(torch.cat([uncond, cond]), added)
 
 
-class Denoiser:
+class CFGDenoiser:
     """Classifier-free-guided UNet, usable as a k-diffusion denoiser D(x, sigma) -> x0
     and as a diffusers-style model output eps(x, t)."""
 
@@ -93,10 +89,10 @@ class NoiseFactory:
         return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(device)
 
 
-# ---------------------------------------------------------------------------- plans
+# ---------------------------------------------------------------------------- schedules
 
 @dataclass
-class KPlan:
+class SigmaSchedule:
     """A slice of a sigma schedule for one of our k-diffusion samplers."""
     sampler: ResolvedSampler
     sigmas: torch.Tensor  # descending; the stage ends at sigmas[-1]
@@ -109,10 +105,10 @@ class KPlan:
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
-    def split(self, k: int) -> tuple["KPlan", "KPlan"]:
-        return KPlan(self.sampler, self.sigmas[:k + 1]), KPlan(self.sampler, self.sigmas[k:])
+    def split(self, k: int) -> tuple["SigmaSchedule", "SigmaSchedule"]:
+        return SigmaSchedule(self.sampler, self.sigmas[:k + 1]), SigmaSchedule(self.sampler, self.sigmas[k:])
 
-    def run(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFactory, progress) -> torch.Tensor:
+    def run(self, denoiser: CFGDenoiser, x: torch.Tensor, noise: NoiseFactory, progress) -> torch.Tensor:
         spec = self.sampler.spec
         eta = 1.0 if spec.stochastic else 0.0
         if spec.algorithm == "dpmpp_sde":
@@ -143,7 +139,7 @@ class KPlan:
 
 
 @dataclass
-class TimestepPlan:
+class TimestepSchedule:
     """A slice of a diffusers scheduler's timesteps (DDIM, PLMS, UniPC)."""
     sampler: ResolvedSampler
     factory: Callable[..., object]     # factory(device): a fresh scheduler with set_timesteps done
@@ -166,10 +162,10 @@ class TimestepPlan:
 
     def split(self, k: int):
         mid = self.start + k
-        return (TimestepPlan(self.sampler, self.factory, self.timesteps, self.sigma_at, self.start, mid),
-                TimestepPlan(self.sampler, self.factory, self.timesteps, self.sigma_at, mid, self._end))
+        return (TimestepSchedule(self.sampler, self.factory, self.timesteps, self.sigma_at, self.start, mid),
+                TimestepSchedule(self.sampler, self.factory, self.timesteps, self.sigma_at, mid, self._end))
 
-    def run(self, denoiser: Denoiser, x: torch.Tensor, noise: NoiseFactory, progress) -> torch.Tensor:
+    def run(self, denoiser: CFGDenoiser, x: torch.Tensor, noise: NoiseFactory, progress) -> torch.Tensor:
         sched = self.factory(x.device)  # a fresh instance per stage: schedulers carry state
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(self.start)
@@ -184,8 +180,8 @@ class TimestepPlan:
         return x * math.sqrt(1 + end_sigma ** 2)
 
 
-def make_plan(loaded, sampler: ResolvedSampler, steps: int):
-    """The full plan for ``steps`` steps of ``sampler`` on ``loaded``'s noise schedule."""
+def make_schedule(loaded, sampler: ResolvedSampler, steps: int):
+    """The whole schedule of ``steps`` steps of ``sampler`` on ``loaded``'s noise schedule."""
     ms = loaded.sigmas
     cfg = loaded.scheduler_config
     spacing, offset = cfg.get("timestep_spacing", "leading"), int(cfg.get("steps_offset", 0))
@@ -194,16 +190,16 @@ def make_plan(loaded, sampler: ResolvedSampler, steps: int):
         if sampler.schedule == "logsnr":
             lo, hi = ms.sigma_min, ms.sigma_max
             ts = torch.linspace(-math.log(hi), -math.log(lo), steps + 1, dtype=torch.float64)
-            return KPlan(sampler, (-ts).exp())
+            return SigmaSchedule(sampler, (-ts).exp())
         n = steps + 1 if spec.discard_penultimate_sigma else steps
         sigmas = kd.build_sigmas(ms, sampler.schedule, n, model_spacing=spacing, model_offset=offset)
         if spec.discard_penultimate_sigma:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
-        return KPlan(sampler, sigmas)
-    return _timestep_plan(loaded, sampler, steps, spacing, offset)
+        return SigmaSchedule(sampler, sigmas)
+    return _timestep_schedule(loaded, sampler, steps, spacing, offset)
 
 
-def _timestep_plan(loaded, sampler: ResolvedSampler, steps: int, spacing: str, offset: int):
+def _timestep_schedule(loaded, sampler: ResolvedSampler, steps: int, spacing: str, offset: int):
     import diffusers
 
     spec = sampler.spec
@@ -237,10 +233,10 @@ def _timestep_plan(loaded, sampler: ResolvedSampler, steps: int, spacing: str, o
         sig = [float(v) for v in probe.sigmas[:len(ts)]]
     else:
         sig = [float(ms.sigmas[int(t)]) for t in ts]
-    return TimestepPlan(sampler, factory, ts, sig + [0.0])
+    return TimestepSchedule(sampler, factory, ts, sig + [0.0])
 
 
-def img2img_tail(plan, steps_to_run: int):
-    """The last ``steps_to_run`` steps of ``plan`` (A1111's hires/img2img semantics)."""
-    k = max(plan.steps - steps_to_run, 0)
-    return plan.split(k)[1] if k else plan
+def img2img_tail(schedule, steps_to_run: int):
+    """The last ``steps_to_run`` steps of ``schedule`` (A1111's hires/img2img semantics)."""
+    k = max(schedule.steps - steps_to_run, 0)
+    return schedule.split(k)[1] if k else schedule

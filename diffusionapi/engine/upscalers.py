@@ -8,33 +8,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..fileinfo import UpscalerError, load_upscaler_descriptor
+
 log = logging.getLogger(__name__)
 
-
-class UpscalerError(RuntimeError):
-    pass
-
-
-def _load_descriptor(path: Path):
-    import spandrel
-
-    try:
-        desc = spandrel.ModelLoader(device="cpu").load_from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - spandrel's UnsupportedModelError has an empty message
-        reason = str(e).strip() or type(e).__name__
-        raise UpscalerError(f"upscaler file {path.name!r} could not be loaded: {reason}") from e
-    if not isinstance(desc, spandrel.ImageModelDescriptor):
-        raise UpscalerError(f"upscaler file {path.name!r} is not an image-to-image upscaler")
-    return desc
-
-
-def inspect_upscaler(path: Path) -> str | None:
-    """None when spandrel recognises the file as an upscaler, else why not."""
-    try:
-        _load_descriptor(path)
-        return None
-    except UpscalerError as e:
-        return str(e)
+__all__ = ["UpscalerCache", "UpscalerError", "upscale_image"]
 
 
 class UpscalerCache:
@@ -51,7 +29,7 @@ class UpscalerCache:
         key = (str(path), st.st_mtime, st.st_size)
         with self._lock:
             if self._key != key:
-                desc = _load_descriptor(path)
+                desc = load_upscaler_descriptor(path)
                 self._model = desc.to(self.device).eval()
                 self._key = key
             return self._model

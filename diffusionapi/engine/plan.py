@@ -1,0 +1,111 @@
+"""What the engine is asked to do and what it gives back: plain dataclasses, no wire types.
+
+``resolve.py`` turns a validated request (native or A1111 dialect) into a ``GenerationPlan``
+once; the worker hands the plan to an ``Engine`` and gets a ``GenerationResult``. Nothing in
+here knows about HTTP, pydantic or job records, so an engine (real, or a fake in tests)
+can be driven with nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from PIL import Image
+
+from ..vocabulary import LoraEntry, ModelEntry, UpscalerEntry
+from .samplers import ResolvedSampler
+
+# report(phase, progress): progress in 0..100 for the whole job, never going backwards.
+Report = Callable[[str, float], None]
+# cancelled(): True when the job should stop at the next model evaluation.
+Cancelled = Callable[[], bool]
+
+
+class GenerationError(RuntimeError):
+    """A job failed for a reason the user can act on; the message says which."""
+
+
+class JobCancelled(Exception):
+    """Raised inside the engine when ``cancelled()`` said so."""
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    entry: LoraEntry
+    weight: float
+
+
+@dataclass(frozen=True)
+class HiresPlan:
+    """A1111's hires fix: upscale the first pass, then re-denoise the last ``steps`` steps
+    of a schedule entered at ``denoising_strength``."""
+    upscaler: UpscalerEntry
+    scale: float
+    steps: int
+    denoising_strength: float
+    width: int    # the final size
+    height: int
+
+
+@dataclass
+class GenerationPlan:
+    model: ModelEntry
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    sampler: ResolvedSampler
+    loras: tuple[LoraUse, ...] = ()
+    refiner: ModelEntry | None = None
+    refiner_switch_at: float = 0.8
+    hires: HiresPlan | None = None
+    batch_size: int = 1   # images generated in one UNet batch
+    n_iter: int = 1       # batches one after another; image k has seed ``seed + k``
+
+    @property
+    def final_width(self) -> int:
+        return self.hires.width if self.hires else self.width
+
+    @property
+    def final_height(self) -> int:
+        return self.hires.height if self.hires else self.height
+
+    @property
+    def refiner_switch_step(self) -> int:
+        return int(round(self.steps * self.refiner_switch_at))
+
+    @property
+    def image_count(self) -> int:
+        return self.batch_size * self.n_iter
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    params: dict  # infotext key/values after the prompt lines (None values are left out)
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage]
+    load_time_sec: float = 0.0  # time spent loading models for this job (0: all were resident)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0].image
+
+
+class Engine(Protocol):
+    """The engine's face, as the worker sees it."""
+
+    def generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled) -> GenerationResult: ...
+
+
+def hires_total_steps(steps: int, strength: float) -> int:
+    """A1111: a hires pass of ``steps`` steps at ``strength`` is the tail of a schedule this long."""
+    return max(int(steps / min(strength, 0.999)), steps)

@@ -1,0 +1,130 @@
+"""Everything read from a model file without loading it for generation: safetensors headers,
+``.ckpt`` tensor names (the safe way), families of checkpoints, folders and LoRAs, and whether
+spandrel takes a file as an upscaler."""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+from .vocabulary import SD15, SDXL, SDXL_REFINER, Family
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file, without reading any tensor data."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path.name}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path.name}: not a safetensors file (header size {n})")
+        data = f.read(n)
+        if len(data) != n:
+            raise ValueError(f"{path.name}: truncated safetensors header")
+    return json.loads(data)
+
+
+def ckpt_keys(path: Path) -> list[str]:
+    """Tensor names of a .ckpt, loaded the safe way: a pickle needing more than tensors is refused."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path.name} refused: its pickle needs more than plain tensors "
+                              f"(weights_only loading): {str(e).splitlines()[0][:200]}") from e
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path.name} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from e
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path.name} holds no state dict")
+    return list(sd)
+
+
+def family_from_checkpoint_keys(keys) -> Family:
+    """SD 1.5 / SDXL / refiner from original (CompVis/SGM) checkpoint keys."""
+    keys = list(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return SDXL
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return SDXL_REFINER
+    return SD15
+
+
+def single_file_family(path: Path) -> Family:
+    if path.suffix.lower() == ".safetensors":
+        return family_from_checkpoint_keys(read_safetensors_header(path).keys())
+    return family_from_checkpoint_keys(ckpt_keys(path))
+
+
+def family_from_diffusers_folder(folder: Path) -> Family:
+    index = json.loads((folder / "model_index.json").read_text())
+    unet_cfg_path = folder / "unet" / "config.json"
+    unet_cfg = json.loads(unet_cfg_path.read_text()) if unet_cfg_path.exists() else {}
+    if unet_cfg.get("addition_embed_type") == "text_time" or "XL" in index.get("_class_name", ""):
+        te = index.get("text_encoder")
+        if index.get("requires_aesthetics_score") or not te or te[0] is None:
+            return SDXL_REFINER
+        return SDXL
+    return SD15
+
+
+def lora_family(path: Path) -> Family | None:
+    try:
+        header = read_safetensors_header(path)
+    except (OSError, ValueError) as e:
+        log.warning("LoRA %s: %s", path, e)
+        return None
+    meta = header.get("__metadata__") or {}
+    base = str(meta.get("ss_base_model_version", ""))
+    if "sdxl" in base:
+        return SDXL
+    if base.startswith("sd_v1"):
+        return SD15
+    keys = [k for k in header if k != "__metadata__"]
+    if any(k.startswith(("lora_te2_", "lora_te1_", "lora_unet_input_blocks", "lora_unet_output_blocks"))
+           or "text_encoder_2" in k or "add_embedding" in k for k in keys):
+        return SDXL
+    return SD15 if keys else None
+
+
+class UpscalerError(RuntimeError):
+    pass
+
+
+def load_upscaler_descriptor(path: Path):
+    """spandrel's descriptor of an image-to-image upscaler file (on the CPU)."""
+    import spandrel
+
+    try:
+        desc = spandrel.ModelLoader(device="cpu").load_from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - spandrel's UnsupportedModelError has an empty message
+        reason = str(e).strip() or type(e).__name__
+        raise UpscalerError(f"upscaler file {path.name!r} could not be loaded: {reason}") from e
+    if not isinstance(desc, spandrel.ImageModelDescriptor):
+        raise UpscalerError(f"upscaler file {path.name!r} is not an image-to-image upscaler")
+    return desc
+
+
+def upscaler_problem(path: Path) -> str | None:
+    """None when spandrel recognises the file as an image upscaler, else why not."""
+    try:
+        load_upscaler_descriptor(path)
+        return None
+    except UpscalerError as e:
+        return str(e)

@@ -1,0 +1,77 @@
+"""The words both sides share: model families and formats, and what the registry hands the engine.
+
+Plain data only (no torch, no files): the registry (directory scanner), the resolver and the
+engine all import this module, and it imports nothing of theirs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class Family(StrEnum):
+    """What a checkpoint is, read from its files (never guessed from its name)."""
+    SD15 = "sd15"
+    SDXL = "sdxl"
+    SDXL_REFINER = "sdxl-refiner"
+
+
+class ModelFormat(StrEnum):
+    """How a model is stored on disk."""
+    DIFFUSERS = "diffusers"      # a folder with model_index.json
+    HUB_CACHE = "hub-cache"      # models--org--repo/snapshots/<hash>/ as huggingface_hub leaves it
+    SINGLE_FILE = "single-file"  # .safetensors / .ckpt in the original (CompVis/SGM) layout
+
+
+SD15, SDXL, SDXL_REFINER = Family.SD15, Family.SDXL, Family.SDXL_REFINER
+FAMILY_LABELS = {SD15: "SD 1.5", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner"}
+
+# The demo model (diffusionapi.demo) has a label without a labels file.
+DEMO_MODEL_NAME = "demo-tiny-sd15"
+DEMO_MODEL_LABEL = "Demo (tiny random weights, noise images)"
+BUILTIN_LABELS = {DEMO_MODEL_NAME: DEMO_MODEL_LABEL}
+
+# A1111's latent hires modes: name -> (torch interpolate mode, antialias).
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    label: str
+    path: Path          # diffusers folder (snapshot for hub caches) or the single file
+    family: Family
+    format: ModelFormat
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    name: str
+    path: Path
+    family: Family | None
+
+
+@dataclass(frozen=True)
+class UpscalerEntry:
+    name: str
+    path: Path | None   # None for the internal latent modes
+
+    @property
+    def is_latent(self) -> bool:
+        return self.path is None
+
+
+def sd15_loader_kwargs(family: Family) -> dict:
+    """What SD 1.5 pipelines are loaded with, folder or single file: no safety checker
+    (a server's operator decides on filtering; the checker costs memory and time)."""
+    if family == SD15:
+        return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return {}

@@ -1,0 +1,113 @@
+"""The import graph: data flows one way (api -> backends -> runner -> resolve -> engine/registry ->
+vocabulary/files), with no circle and no import from a lower layer up to a higher one.
+
+Every import counts, also the ones inside functions (a lazy import is still a dependency).
+A new module must be given a layer here: where it sits is a design decision, not an accident.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "diffusionapi"
+
+# Higher numbers may import lower ones. Modules of one package (engine.*, api.*, backends.*)
+# may import each other; two different modules on the same level may not.
+LAYERS: dict[str, float] = {
+    "diffusionapi": 0, "vocabulary": 0, "files": 0, "config": 0, "jobstatus": 0,
+    "fileinfo": 1, "images": 1,
+    "engine": 2, "registry": 2, "demo": 2,
+    "schemas": 3,
+    "resolve": 3.5,
+    "runner": 4,
+    "backends": 4.5,
+    "api": 5, "main": 6, "cli": 6, "generate": 6,
+}
+
+
+def _modules():
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield ".".join(parts), path
+
+
+def _group(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    is_pkg = path.name == "__init__.py"
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base[: len(base) - (node.level - 1)]
+                target = ".".join(anchor + ([node.module] if node.module else []))
+                names = [target] if node.module else [f"{target}.{a.name}" for a in node.names]
+            else:
+                names = [node.module or ""]
+            out.update(n for n in names if n.startswith("diffusionapi"))
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("diffusionapi"))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = dict(_modules())
+    graph = {}
+    for m, p in mods.items():
+        deps = set()
+        for target in _imports(m, p):
+            while target not in mods and "." in target:  # "pkg.mod.name" -> the module "pkg.mod"
+                target = target.rsplit(".", 1)[0]
+            if target in mods and target != m:
+                deps.add(target)
+        graph[m] = deps
+    return graph
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({_group(m) for m, _ in _modules()} - set(LAYERS))
+    assert not missing, f"give these modules a layer in tests/test_layers.py: {missing}"
+
+
+def test_no_import_reaches_up_or_sideways():
+    bad = []
+    for m, deps in _graph().items():
+        for d in deps:
+            gm, gd = _group(m), _group(d)
+            if gd == "diffusionapi":  # the package itself: __version__
+                continue
+            if gm == gd:
+                continue
+            if not LAYERS[gd] < LAYERS[gm]:
+                bad.append(f"{m} (layer {LAYERS[gm]}) imports {d} (layer {LAYERS[gd]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circle():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycle.extend(stack[stack.index(d):] + [d])
+                return True
+            if state.get(d) is None and visit(d, stack + [d]):
+                return True
+        state[m] = 2
+        return False
+
+    for m in sorted(graph):
+        if state.get(m) is None and visit(m, [m]):
+            break
+    assert not cycle, " -> ".join(cycle)
