@@ -10,6 +10,7 @@ error) always run alone.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import torch
@@ -97,7 +98,7 @@ class Rows:
         self.alive = [True] * len(cancelled)
 
     def check(self) -> None:
-        from .sampling import JobCancelled
+        from .plan import JobCancelled
 
         for i, is_cancelled in enumerate(self.cancelled):
             if self.alive[i] and is_cancelled():
@@ -111,3 +112,69 @@ class Rows:
                 if self.alive[i]:
                     u(fraction)
         return update
+
+
+def generate_batch(engine, plans, reports, cancelled) -> list:
+    """Run ``plans`` (one ``batch_key``) as one UNet batch on ``engine``; a GenerationResult or an
+    exception per plan. Everything but the UNet (encoding, noise, decoding) runs per row, as
+    alone, so a row's image differs from its solo image only by the batched kernels' rounding."""
+    from . import fastmode
+    from .engine import StageProgress
+    from .plan import GeneratedImage, GenerationError, GenerationResult, JobCancelled
+    from .sampling import CFGDenoiser, NoiseFactory, encode, make_schedule
+
+    if len(plans) == 1 or len({batch_key(p) for p in plans}) != 1 or batch_key(plans[0]) is None:
+        return [_solo(engine, p, r, c) for p, r, c in zip(plans, reports, cancelled)]
+    first = plans[0]
+    progresses = [StageProgress(r) for r in reports]
+    rows = Rows(cancelled)
+    t_load = time.perf_counter()
+    try:
+        loaded = engine.cache.is_loaded(first.model.name)
+        for p in progresses:
+            p.phase("generation" if loaded else "loading model")
+        base = engine._load(first.model, progresses[0], keep=(first.model.name,))
+        load_time = time.perf_counter() - t_load
+        engine.loras.apply(base, first.loras)
+        fastmode.set_fused(base.pipe.unet, not first.loras)
+        rows.check()
+        schedule = make_schedule(base, first.sampler, first.steps)
+        noise = BatchNoise(NoiseFactory(torch.Generator("cpu").manual_seed(p.seed), p.seed) for p in plans)
+        shape = (len(plans), base.pipe.unet.config.in_channels, first.height // 8, first.width // 8)
+        x = noise.initial(shape, engine.device) * schedule.start_sigma
+        cond = stack_conditioning([encode(base, p.prompt, p.negative_prompt, p.width, p.height) for p in plans])
+        if cond is None:  # prompts encoded to different lengths: no common batch
+            return [_solo(engine, p, r, c) for p, r, c in zip(plans, reports, cancelled)]
+        den = CFGDenoiser(base, cond, first.cfg_scale, rows.check)
+        latents = schedule.run(den, x, noise, rows.fan_out([p.stage("generation", 0.0, 100.0) for p in progresses]))
+    except (JobCancelled, GenerationError) as e:  # every row cancelled, or a failure shared by all
+        return [e if alive else JobCancelled() for alive in rows.alive]
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        from .pipelines import free_memory
+
+        free_memory()
+        err = GenerationError(f"out of GPU memory in a batch of {len(plans)} jobs: try a smaller size "
+                              f"or fewer batched jobs (DIFFUSIONAPI_MAX_BATCH_JOBS)")
+        err.__cause__ = e
+        return [err] * len(plans)
+    out: list = []
+    for i, plan in enumerate(plans):
+        if not rows.alive[i]:
+            out.append(JobCancelled())
+            continue
+        try:
+            image = engine._decode(base, latents[i:i + 1], plan.width, plan.height)
+            out.append(GenerationResult([GeneratedImage(image, plan.seed, engine._params(plan, {}))],
+                                        round(load_time, 3) if i == 0 else 0.0))
+        except Exception as e:  # noqa: BLE001 - one row's failure (a NaN decode) is that job's alone
+            out.append(e)
+    return out
+
+
+def _solo(engine, plan, report, cancelled):
+    from .plan import GenerationError, JobCancelled
+
+    try:
+        return engine.generate(plan, report, cancelled)
+    except (JobCancelled, GenerationError) as e:
+        return e

@@ -65,7 +65,7 @@ class CFGDenoiser:
         self.evals += 1
         t = t.reshape(-1)[:1].to(torch.float32)
         xin = torch.cat([x_in, x_in]).to(self.dtype)
-        out = self.unet(xin, t.to(x_in.device).expand(2), encoder_hidden_states=self.cond.embeds,
+        out = self.unet(xin, t.to(x_in.device).expand(xin.shape[0]), encoder_hidden_states=self.cond.embeds,
                         added_cond_kwargs=self.cond.added, return_dict=False)[0]
         uncond, cond = out.float().chunk(2)
         return uncond + self.cfg * (cond - uncond)
@@ -87,6 +87,13 @@ class NoiseFactory:
 
     def initial(self, shape, device) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(device)
+
+    def source(self, algorithm: str, x: torch.Tensor, sigmas: torch.Tensor):
+        """The sampler's per-step noise (engine/batching.py's BatchNoise gives one per row)."""
+        if algorithm == "dpmpp_sde":
+            positive = sigmas[sigmas > 0]
+            return kd.BrownianNoise(x, float(positive.min()), float(positive.max()), self.seed)
+        return kd.SeededNoise(self.generator, x)
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -111,11 +118,7 @@ class SigmaSchedule:
     def run(self, denoiser: CFGDenoiser, x: torch.Tensor, noise: NoiseFactory, progress) -> torch.Tensor:
         spec = self.sampler.spec
         eta = 1.0 if spec.stochastic else 0.0
-        if spec.algorithm == "dpmpp_sde":
-            positive = self.sigmas[self.sigmas > 0]
-            src = kd.BrownianNoise(x, float(positive.min()), float(positive.max()), noise.seed)
-        else:
-            src = kd.SeededNoise(noise.generator, x)
+        src = noise.source(spec.algorithm, x, self.sigmas)
         if spec.algorithm == "dpm_adaptive":  # step count unknown: progress is the log-sigma covered
             ctx = kd.RunContext(noise=src, progress=progress, eta=eta)
             lo = float(self.sigmas[-1]) if float(self.sigmas[-1]) > 0 else denoiser.ms.sigma_min
