@@ -114,19 +114,19 @@ class Rows:
         return update
 
 
-def generate_batch(engine, plans, reports, cancelled) -> list:
+def generate_batch(engine, plans, reports, cancelled, stage_progress) -> list:
     """Run ``plans`` (one ``batch_key``) as one UNet batch on ``engine``; a GenerationResult or an
-    exception per plan. Everything but the UNet (encoding, noise, decoding) runs per row, as
+    exception per plan (``stage_progress``: the engine's per-job progress mapper). Everything but the UNet (encoding, noise, decoding) runs per row, as
     alone, so a row's image differs from its solo image only by the batched kernels' rounding."""
     from . import fastmode
-    from .engine import StageProgress
     from .plan import GeneratedImage, GenerationError, GenerationResult, JobCancelled
     from .sampling import CFGDenoiser, NoiseFactory, encode, make_schedule
 
     if len(plans) == 1 or len({batch_key(p) for p in plans}) != 1 or batch_key(plans[0]) is None:
         return [_solo(engine, p, r, c) for p, r, c in zip(plans, reports, cancelled)]
     first = plans[0]
-    progresses = [StageProgress(r) for r in reports]
+    engine.batches.append(len(plans))
+    progresses = [stage_progress(r) for r in reports]
     rows = Rows(cancelled)
     t_load = time.perf_counter()
     try:

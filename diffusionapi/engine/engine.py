@@ -65,6 +65,7 @@ class Engine:
         self.loras = LoraManager(settings.lora_cache_size)
         self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
         self.upscalers = UpscalerCache(self.device)
+        self.batches: list[int] = []  # sizes of the UNet batches of several jobs (tests, logs)
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -147,7 +148,7 @@ class Engine:
         """Several jobs of one ``batching.batch_key`` in one UNet batch; a result or an error per job."""
         from .batching import generate_batch
 
-        return generate_batch(self, plans, reports, cancelled)
+        return generate_batch(self, plans, reports, cancelled, StageProgress)
 
     def _params(self, plan: GenerationPlan, params_hires: dict) -> dict:
         params = {
