@@ -403,7 +403,7 @@ def check_image(body: dict, size: int, batch: int) -> None:
 def speed_rows(run: Run, fam: str, pipe, svc: Service | None, size: int, steps: int, batch: int, reps: int,
                device: str, supports_batch: bool) -> None:
     """Bare and service at one shape, interleaved (bare, service, bare, ...) after a warm-up of each."""
-    warm_steps = max(2, steps // 5)
+    warm_steps = steps if batch == 1 else max(2, steps // 5)  # b1: a whole run, so clocks are up
     peak_reset(device)
     bare_call(pipe, size, warm_steps, batch, 1, device)
     bare_t, svc_t, svc_gen = [], [], []
@@ -439,7 +439,7 @@ def speed_rows(run: Run, fam: str, pipe, svc: Service | None, size: int, steps: 
         run.results["skipped"].append(f"service {fam} batch {batch}: this build has no batch_size field")
 
 
-def option_rows(run: Run, fam: str, pipe, size: int, steps: int, reps: int, device: str) -> None:
+def option_rows(run: Run, fam: str, pipe, size: int, steps: int, reps: int, device: str, attention: bool = True) -> None:
     """Each fast-mode option switched on in turn, on top of the previous ones (bare pipeline, batch 1).
     torch.compile is measured apart (``compile_rows``): it costs a minute or more of compiling."""
     import torch
@@ -447,7 +447,7 @@ def option_rows(run: Run, fam: str, pipe, size: int, steps: int, reps: int, devi
     from diffusionapi.engine import fastmode
 
     unet = pipe.unet
-    if fam == "sd15":
+    if fam == "sd15" and attention:
         from diffusers.models.attention_processor import AttnProcessor
 
         saved = unet.attn_processors
@@ -468,7 +468,7 @@ def option_rows(run: Run, fam: str, pipe, size: int, steps: int, reps: int, devi
 
 
 def measure_option(run: Run, fam, pipe, size, steps, reps, device, label: str, on: bool, extra: dict | None = None):
-    bare_call(pipe, size, max(2, steps // 5), 1, 1, device)  # warm (cuDNN picks, layouts)
+    bare_call(pipe, size, steps, 1, 1, device)  # warm: kernels picked, layouts, clocks up
     times = [bare_call(pipe, size, steps, 1, 200 + i, device)[0] for i in range(reps)]
     m = median(times)
     row = {"family": fam, "size": size, "steps": steps, "option": label, "on": on, "runs_s": times,
@@ -550,6 +550,12 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile measurements")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--sections", default="speed,batch4,attention,options,batching,compile,fast",
+                    help="which to run (the model build always runs)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per figure (default 3, --quick 2)")
+    ap.add_argument("--no-single-file", action="store_true", help="install SDXL as a folder only")
+    ap.add_argument("--fast-options", default="channels_last,fused_qkv",
+                    help="settings the fast-mode service turns on besides compile_unet")
     args = ap.parse_args(argv)
 
     import torch
@@ -559,7 +565,8 @@ def main(argv=None) -> int:
         args.budget = 195 if args.quick else 430
     families = [f for f in args.families.split(",") if f]
     shapes = TINY if args.tiny else FULL
-    reps = 1 if args.tiny else (2 if args.quick else 3)
+    reps = args.reps or (1 if args.tiny else (2 if args.quick else 3))
+    sections = set(args.sections.split(","))
     compile_ok = not args.no_compile and device.startswith("cuda")
     out = args.out or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT")
                        else ROOT / "benchmarks" / "results-gpu" / ("tiny.json" if args.tiny else "latest.json"))
@@ -571,13 +578,13 @@ def main(argv=None) -> int:
     R["budget_s"] = args.budget
     R["settings"] = {"shapes": {f: {"size": shapes[f][0], "steps": shapes[f][1]} for f in families},
                      "sampler": "Euler, default (linspace) schedule", "cfg_scale": CFG_SCALE, "file_type": "jpg",
-                     "repetitions": reps}
+                     "repetitions": reps, "argv": sys.argv[1:]}
     log(f"GPU benchmark ({R['mode']}) on {R['machine'].get('gpu', device)}")
     work = Path(tempfile.mkdtemp(prefix="dapi-gpu-"))
     models = work / "models"
     services: list[Service] = []
     try:
-        install_models(run, models, families, args.tiny, device, single_file=not args.quick)
+        install_models(run, models, families, args.tiny, device, single_file=not (args.quick or args.no_single_file))
         fams = [f for f in families if f in R["build"]]
 
         # S1: the service with default settings, started now so it imports while bare diffusers loads.
@@ -587,6 +594,7 @@ def main(argv=None) -> int:
         pipes = {}
         for fam in fams:
             size, steps = shapes[fam]
+            fam_reps = reps if fam == "sd15" else min(reps, 3)  # SDXL images take 2-3x longer
             with run.section(f"{fam}: bare diffusers vs service"):
                 t = time.perf_counter()
                 pipe = pipes[fam] = bare_load(models / fam, fam, device)
@@ -602,21 +610,21 @@ def main(argv=None) -> int:
                     body = s1.job(**request(name, size, 1, 1, 0))
                     R["load"][fam][key] = body["load_time_sec"]
                 log(f"   load {R['load'][fam]}")
-                speed_rows(run, fam, pipe, s1, size, steps, 1, reps, device, supports_batch)
+                speed_rows(run, fam, pipe, s1, size, steps, 1, fam_reps, device, supports_batch)
                 reps4 = 1 if (args.tiny or args.quick or fam == "sdxl") else 2
-                if not (args.quick and fam == "sdxl") and run.allows(f"{fam} batch 4", 0 if args.tiny else
+                if "batch4" in sections and not (args.quick and fam == "sdxl") and run.allows(f"{fam} batch 4", 0 if args.tiny else
                                                                      (25 if fam == "sd15" else 45) * reps4):
                     speed_rows(run, fam, pipe, s1, size, steps, 4, reps4, device, supports_batch)
-            if not (args.quick and fam == "sdxl") and run.allows(f"options {fam}", 0 if args.tiny else
+            if "options" in sections and not (args.quick and fam == "sdxl") and run.allows(f"options {fam}", 0 if args.tiny else
                                                                  (25 if fam == "sd15" else 45)):
                 with run.section(f"{fam}: fast-mode options"):
-                    option_rows(run, fam, pipe, size, steps, reps, device)
+                    option_rows(run, fam, pipe, size, steps, fam_reps, device, "attention" in sections)
             if fam != "sd15":
                 del pipes[fam], pipe
                 free(device)
 
         # Dynamic batching: the same clients against the default service, then one that batches.
-        if "sd15" in fams and run.allows("dynamic batching", 0 if args.tiny else 55):
+        if "batching" in sections and "sd15" in fams and run.allows("dynamic batching", 0 if args.tiny else 55):
             size, steps = shapes["sd15"]
             jobs_each = 1 if args.tiny else 2
             with run.section("dynamic batching"):
@@ -639,12 +647,12 @@ def main(argv=None) -> int:
         # torch.compile, in process (on top of the options above) and in the fast-mode service,
         # which compiles and warms up the measured shapes at start (the in-process compile fills
         # inductor's cache first, as a restarted server would find it).
-        if compile_ok and "sd15" in pipes and run.allows("torch.compile sd15 (in process)", 80):
+        if "compile" in sections and compile_ok and "sd15" in pipes and run.allows("torch.compile sd15 (in process)", 80):
             with run.section("sd15: torch.compile option"):
                 compile_rows(run, "sd15", pipes["sd15"], *shapes["sd15"], reps, device)
         pipes.clear()
         free(device)
-        fast_fams = [f for f in fams if not (args.quick and f == "sdxl")]
+        fast_fams = [f for f in fams if not (args.quick and f == "sdxl")] if "fast" in sections else []
         for k in range(len(fast_fams), 0, -1):  # as many families as the budget allows
             est = 0 if args.tiny else (30 + (150 if "sdxl" in fast_fams[:k] else 0) + 45 * (not compile_ok))
             if run.allows(f"fast-mode service {','.join(fast_fams[:k])}", est):
@@ -657,9 +665,10 @@ def main(argv=None) -> int:
                 shapes_env = ",".join(f"{f}:{shapes[f][0]}x{shapes[f][0]}" for f in fast_fams)
                 t = time.perf_counter()
                 # Both models stay resident (cache 2): each keeps its compiled UNet.
-                s3 = Service("fast", work, models, device, channels_last="true", fused_qkv="true",
-                             compile_unet=str(compile_ok).lower(), warmup_shapes=shapes_env,
-                             pipeline_cache_size=len(fast_fams))
+                opts = {o: "true" for o in args.fast_options.split(",") if o}
+                R["fast_service_settings"] = {**opts, "compile_unet": compile_ok, "warmup_shapes": shapes_env}
+                s3 = Service("fast", work, models, device, compile_unet=str(compile_ok).lower(),
+                             warmup_shapes=shapes_env, pipeline_cache_size=len(fast_fams), **opts)
                 services.append(s3)
                 s3.ready()
                 for fam in fast_fams:
