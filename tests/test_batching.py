@@ -39,7 +39,7 @@ def batching_server(model_store, tmp_path_factory):
 
 def hold(server: LiveServer) -> str:
     """A slow job of another shape, running, so that the next submissions queue up together."""
-    blocker = server.submit(prompt="blocker", model="tiny-sd15", width=128, height=128, steps=30)
+    blocker = server.submit(prompt="blocker", model="tiny-sd15", width=96, height=96, steps=16)
     while server.client.get(f"/queue/{blocker}").json()["state"] != "processing":
         time.sleep(0.01)
     return blocker
@@ -73,7 +73,7 @@ def test_batched_jobs_each_equal_their_solo_image(batching_server):
 
 def test_cancel_one_job_of_a_batch(batching_server):
     s = batching_server
-    jobs = [dict(JOB, steps=40, prompt=f"a lighthouse {i}", seed=7 + i) for i in range(3)]
+    jobs = [dict(JOB, steps=30, prompt=f"a lighthouse {i}", seed=7 + i) for i in range(3)]
     runs = len(s.engine.batches)
     blocker = hold(s)
     ids = [s.submit(**j) for j in jobs]
