@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     models_dir: Path = Path("stable_diffusion/models")
     loras_dir: Path = Path("stable_diffusion/loras")
     upscalers_dir: Path = Path("stable_diffusion/upscalers")
+    embeddings_dir: Path = Path("stable_diffusion/embeddings")
     outputs_dir: Path = Path("outputs")
     queue_dir: Path = Path("queue")
     model_labels: Path = Path("stable_diffusion/model_labels.json")
@@ -43,6 +44,7 @@ class Settings(BaseSettings):
     # Engine behaviour.
     pipeline_cache_size: int = Field(1, ge=1)
     lora_cache_size: int = Field(8, ge=1)
+    conditioning_cache_size: int = Field(32, ge=0)  # encoded prompt texts kept (LRU); 0: off
     vae_tiling_pixels: int = Field(1536 * 1536, ge=64)
     cpu_offload: bool = False
     channels_last: bool = False

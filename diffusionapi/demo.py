@@ -72,7 +72,16 @@ def _text_encoder(hidden: int, layers: int, *, projection: int | None = None, se
                          num_hidden_layers=layers, vocab_size=VOCAB, max_position_embeddings=77,
                          layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=projection or hidden)
     torch.manual_seed(seed)
-    return (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
+    model = (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
+    # A fresh final LayerNorm (weight 1, bias 0) makes every token's hidden state average to
+    # exactly zero, which no trained CLIP does (A1111's emphasis divides by that mean): give it
+    # seeded, trained-looking parameters.
+    norm = model.final_layer_norm if hasattr(model, "final_layer_norm") else model.text_model.final_layer_norm
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=g))
+        norm.bias.copy_(0.25 + 0.5 * torch.randn(hidden, generator=g))
+    return model
 
 
 def _vae(seed: int = 0, width: int = 8):

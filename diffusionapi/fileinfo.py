@@ -128,3 +128,71 @@ def upscaler_problem(path: Path) -> str | None:
         return None
     except UpscalerError as e:
         return str(e)
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+
+
+class EmbeddingError(ValueError):
+    pass
+
+
+def read_embedding(path: Path) -> dict:
+    """A textual-inversion file's vectors, as A1111 reads its layouts:
+
+    - A1111 ``.pt``: ``{"string_to_param": {"*": tensor[n, width]}, "name": ..., "step": ...}``
+    - kohya ``.safetensors`` (SD 1.5): ``{"emb_params": tensor[n, width]}``
+    - diffusers ``learned_embeds.bin``: ``{"<token>": tensor[width]}`` (one vector)
+    - SDXL: ``{"clip_l": tensor[n, 768], "clip_g": tensor[n, 1280]}``
+
+    Returns ``{"": [n, width]}`` or ``{"clip_l": .., "clip_g": ..}`` (float32, CPU).
+    ``.pt``/``.bin`` load with ``weights_only=True``: a pickle needing more than tensors,
+    strings and numbers is refused."""
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(str(path), device="cpu")
+        else:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or unsafe files are reported, never fatal
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EmbeddingError(f"{path.name} could not be read: {reason[:200]}") from e
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path.name}: not an embedding (a {type(data).__name__})")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        params = getattr(params, "_parameters", params)
+        if not isinstance(params, dict) or len(params) != 1:
+            raise EmbeddingError(f"{path.name}: an embedding file must hold exactly one term")
+        raw = {"": next(iter(params.values()))}
+    elif "clip_l" in data and "clip_g" in data:
+        raw = {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+    elif len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
+        raw = {"": next(iter(data.values()))}
+    else:
+        raise EmbeddingError(f"{path.name}: neither an A1111, a diffusers nor an SDXL embedding")
+    out = {}
+    for key, t in raw.items():
+        if not isinstance(t, torch.Tensor):
+            raise EmbeddingError(f"{path.name}: {key or 'the vectors'} is not a tensor")
+        t = t.detach().float()
+        if t.dim() == 1:
+            t = t.unsqueeze(0)
+        if t.dim() != 2 or t.shape[0] == 0:
+            raise EmbeddingError(f"{path.name}: vectors must be [count, width], not {list(t.shape)}")
+        out[key] = t
+    if len(out) == 2 and out["clip_l"].shape[0] != out["clip_g"].shape[0]:
+        raise EmbeddingError(f"{path.name}: clip_l and clip_g hold different numbers of vectors")
+    return out
+
+
+def embedding_info(path: Path) -> tuple[Family, int]:
+    """(family, vector count) of an embedding file; raises EmbeddingError."""
+    tensors = read_embedding(path)
+    return (SDXL if "clip_g" in tensors else SD15), int(next(iter(tensors.values())).shape[0])

@@ -46,6 +46,7 @@ class JobStatus(BaseModel):
     seed: int | None = None
     infotext: str | None = None
     images: list[ImageRecord] | None = None
+    warnings: list[str] | None = None  # what the engine skipped (GenerationResult.warnings)
 
     @property
     def is_final(self) -> bool:

@@ -14,8 +14,10 @@ import re
 import threading
 from pathlib import Path
 
-from .fileinfo import family_from_diffusers_folder, lora_family, single_file_family, upscaler_problem
-from .vocabulary import BUILTIN_LABELS, LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, ModelFormat, UpscalerEntry
+from .fileinfo import (EMBEDDING_SUFFIXES, EmbeddingError, embedding_info, family_from_diffusers_folder, lora_family,
+                       single_file_family, upscaler_problem)
+from .vocabulary import (BUILTIN_LABELS, LATENT_UPSCALE_MODES, EmbeddingEntry, LoraEntry, ModelEntry, ModelFormat,
+                         UpscalerEntry)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class Registry:
         self._lock = threading.Lock()
         self._family_cache: dict[tuple[str, float], str] = {}
         self._upscaler_cache: dict[tuple[str, float, int], str | None] = {}
+        self._embedding_cache: dict[tuple[str, int, int], EmbeddingEntry] = {}
 
     # ------------------------------------------------------------------ labels
     def labels(self) -> dict[str, str]:
@@ -178,6 +181,34 @@ class Registry:
             name = f.relative_to(root).with_suffix("").as_posix()
             out.append(LoraEntry(name, f, self._cached_family(f, lora_family) if f.stat().st_size else None))
         return out
+
+    # ------------------------------------------------------------------ embeddings
+    def embeddings(self) -> list[EmbeddingEntry]:
+        """Textual-inversion files; each is read once per version. A name found twice (in
+        subfolders) is the first in path order, as a prompt word can call only one."""
+        root = Path(self.settings.embeddings_dir)
+        if not root.is_dir():
+            return []
+        out: dict[str, EmbeddingEntry] = {}
+        for f in sorted(root.rglob("*")):
+            if f.suffix.lower() not in EMBEDDING_SUFFIXES or not f.is_file() or not _inside(f, root):
+                continue
+            st = f.stat()
+            if not st.st_size or f.stem in out:
+                continue
+            key = (str(f), st.st_size, st.st_mtime_ns)
+            with self._lock:
+                entry = self._embedding_cache.get(key)
+            if entry is None:
+                try:
+                    entry = EmbeddingEntry(f.stem, f, *embedding_info(f))
+                except EmbeddingError as e:
+                    log.warning("embedding skipped: %s", e)
+                    entry = EmbeddingEntry(f.stem, f, None, 0, str(e))
+                with self._lock:
+                    self._embedding_cache[key] = entry
+            out[f.stem] = entry
+        return list(out.values())
 
     def resolve_lora(self, requested: str, *, loras: list[LoraEntry] | None = None) -> LoraEntry:
         loras = self.loras() if loras is None else loras

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .engine.plan import GenerationPlan, HiresPlan, LoraUse
+from .engine.prompts import PromptError, extract_extra_networks
 from .engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
 from .registry import Registry, UnknownName
 from .schemas import Txt2ImgRequest
@@ -107,13 +108,19 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
             raise RequestError("refiner_switch_at", f"with {req.steps} steps, switching at "
                                                     f"{req.refiner_switch_at} leaves no steps for the base or the refiner")
 
-    lora_entries = registry.loras() if req.loras else []
+    try:  # <lora:name:weight> tags in the prompt: A1111's way of naming LoRAs
+        encoded_prompt, lora_tags, _ = extract_extra_networks(req.prompt)
+    except PromptError as e:
+        raise RequestError("prompt", str(e)) from None
+    lora_entries = registry.loras() if req.loras or lora_tags else []
     loras: list[LoraUse] = []
     for i, item in enumerate(req.lora_list()):
         try:
             loras.append(LoraUse(registry.resolve_lora(item.name, loras=lora_entries), item.scale))
         except UnknownName as e:
             raise RequestError(f"loras[{i}]", str(e)) from None
+    own_loras = len(loras)
+    loras += _tag_loras(lora_tags, loras, registry, lora_entries, settings)
 
     hires_plan = None
     hires = req.hires
@@ -136,10 +143,42 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         **req.model_dump(exclude=set(req.model_extra or ())), "model": model.name, "width": w, "height": h, "seed": seed,
         "scheduler_type": resolved_scheduler_type(sampler),
         "refiner_checkpoint": refiner.name if refiner else None,
-        "loras": [{"name": u.entry.name, "scale": u.weight} for u in loras]})
+        # The prompt keeps its LoRA tags, so the echo lists only the request's own LoRAs.
+        "loras": [{"name": u.entry.name, "scale": u.weight} for u in loras[:own_loras]]})
     plan = GenerationPlan(model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed,
                           width=w, height=h, steps=req.steps, cfg_scale=req.cfg_scale, sampler=sampler,
                           loras=tuple(loras), refiner=refiner, refiner_switch_at=req.refiner_switch_at,
-                          hires=hires_plan)
+                          hires=hires_plan, clip_skip=req.clip_skip,
+                          embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt))
     return ResolvedJob("txt2img", understood.model_dump(mode="json"), plan,
                        OutputSpec(req.fileType, req.jpeg_quality))
+
+
+def _tag_loras(tags, named: list[LoraUse], registry: Registry, entries, settings: Settings) -> list[LoraUse]:
+    """The prompt's LoRA tags; a LoRA named twice (in tags, or in tags and ``loras``) is
+    ambiguous, so it is refused rather than guessed."""
+    out: list[LoraUse] = []
+    seen = {u.entry.path for u in named}
+    for tag in tags:
+        try:
+            entry = registry.resolve_lora(tag.name, loras=entries)
+        except UnknownName as e:
+            raise RequestError("prompt", f"{tag.text}: {e}") from None
+        if entry.path in seen:
+            raise RequestError("prompt", f"{tag.text}: LoRA {entry.name!r} is named more than once "
+                                         "(in the prompt, or also in loras); name it once")
+        if not -10.0 <= tag.weight <= 10.0:
+            raise RequestError("prompt", f"{tag.text}: the weight must be between -10 and 10")
+        seen.add(entry.path)
+        out.append(LoraUse(entry, tag.weight))
+    if len(named) + len(out) > settings.max_loras:
+        raise RequestError("prompt", f"at most {settings.max_loras} LoRAs per request (tags included)")
+    return out
+
+
+def _called_embeddings(registry: Registry, prompt: str, negative: str) -> tuple:
+    """Embeddings whose name occurs in a prompt (a cheap superset; the tokenizer decides)."""
+    text = f"{prompt}\n{negative}".lower()
+    if not text.strip():
+        return ()
+    return tuple(e for e in registry.embeddings() if e.name.lower() in text)

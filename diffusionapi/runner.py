@@ -95,8 +95,7 @@ class JobRunner:
             file_type=out.file_type, jpeg_quality=out.jpeg_quality,
             generation_time_sec=round(time.perf_counter() - t0, 3), load_time_sec=result.load_time_sec,
             memory_before_mb=mem_before, memory_after_mb=rss_mb(), seed=first.seed, infotext=first.infotext,
-            images=records if len(records) > 1 else None)
-
+            images=records if len(records) > 1 else None, warnings=result.warnings or None)
 
     def warm_up(self) -> None:
         """Run each of ``settings.warmup_shapes`` once (2 steps) before the first job: the model

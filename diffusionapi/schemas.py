@@ -52,6 +52,7 @@ class Txt2ImgRequest(BaseModel):
     refiner_checkpoint: str | None = Field(None, max_length=512)
     refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
     seed: int | None = Field(None, ge=-1, le=2**64 - 1)
+    clip_skip: int = Field(1, ge=1, le=12)  # added: A1111's "Clip skip"; 1 = the text encoder's last layer
 
     @field_validator("fileType", mode="before")
     @classmethod
@@ -134,6 +135,7 @@ class QueueStatusResponse(BaseModel):
     seed: int | None = None
     infotext: str | None = None  # added: the A1111 "parameters" text embedded in the image
     images: list[ImageOut] | None = None  # added: every image, only when a job made more than one
+    warnings: list[str] | None = None  # added: what a done job skipped (e.g. an embedding for another family)
 
 
 class ModelInfo(BaseModel):
@@ -165,6 +167,17 @@ class LorasResponse(BaseModel):
     status: Literal["success", "error"] = "success"
     loras: list[LoraInfo]
     error: str | None = None
+
+
+class EmbeddingInfo(BaseModel):
+    name: str
+    family: str | None  # "sd15" | "sdxl"; None: the file could not be read
+    vectors: int
+
+
+class EmbeddingsResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    embeddings: list[EmbeddingInfo]
 
 
 class UpscalerInfo(BaseModel):

@@ -60,6 +60,16 @@ class LoraEntry:
 
 
 @dataclass(frozen=True)
+class EmbeddingEntry:
+    """A textual-inversion file: its stem is the word that calls it in a prompt."""
+    name: str
+    path: Path
+    family: Family | None   # SD15 or SDXL from the file's layout; None: unreadable (see error)
+    vectors: int            # tokens it stands for
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class UpscalerEntry:
     name: str
     path: Path | None   # None for the internal latent modes

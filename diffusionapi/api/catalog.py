@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request
 
 from ..engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
 from ..registry import display_path
-from ..schemas import (HelloResponse, LoraInfo, LorasResponse, ModelAliasesResponse, ModelInfo, ModelsResponse,
+from ..schemas import (EmbeddingInfo, EmbeddingsResponse, HelloResponse, LoraInfo, LorasResponse, ModelAliasesResponse, ModelInfo, ModelsResponse,
                        SamplingMethodsResponse, UpscalerInfo, UpscalersResponse)
 
 router = APIRouter()
@@ -35,6 +35,12 @@ def model_aliases(request: Request) -> ModelAliasesResponse:
 def loras(request: Request) -> LorasResponse:
     return LorasResponse(loras=[LoraInfo(name=e.name, scale=1.0, family=e.family)
                                 for e in request.app.state.registry.loras()])
+
+
+@router.get("/embeddings", response_model=EmbeddingsResponse, response_model_exclude_none=True)
+def embeddings(request: Request) -> EmbeddingsResponse:
+    return EmbeddingsResponse(embeddings=[EmbeddingInfo(name=e.name, family=e.family, vectors=e.vectors)
+                                          for e in request.app.state.registry.embeddings()])
 
 
 @router.get("/upscalers", response_model=UpscalersResponse, response_model_exclude_none=True)

@@ -87,7 +87,7 @@ def final_response(job_id: str, final: FinalJob) -> QueueStatusResponse:
         return resp
     b64 = [base64.b64encode(data).decode() if data is not None else None for data in final.images]
     for field in ("payload", "output_path", "width", "height", "file_type", "jpeg_quality", "generation_time_sec",
-                  "load_time_sec", "memory_before_mb", "memory_after_mb", "seed", "infotext"):
+                  "load_time_sec", "memory_before_mb", "memory_after_mb", "seed", "infotext", "warnings"):
         setattr(resp, field, getattr(st, field))
     resp.image = b64[0] if b64 else None
     if st.images and len(st.images) > 1:

@@ -71,22 +71,34 @@ class RowNoise:
 
 
 def stack_conditioning(conds):
-    """Several jobs' [uncond; cond] conditionings as one: [uncond_1..uncond_n; cond_1..cond_n],
-    the layout the CFG denoiser splits in two. None when their shapes differ (e.g. a long prompt
-    encoded in more 77-token chunks than the others): those jobs run alone."""
-    from .sampling import Conditioning
-
-    if len({tuple(c.embeds.shape) for c in conds}) != 1:
+    """Several jobs' conditionings as one whose rows are per job: [negative_1..negative_n;
+    part_1..part_n; ...], the layout the CFG denoiser splits by image. None unless every job's is
+    static (no prompt editing) with the same AND weights and the same shapes: those run alone."""
+    first = conds[0]
+    if not all(getattr(c, "is_static", False) for c in conds) or any(c.weights != first.weights for c in conds):
         return None
+    parts = [c.batch(0) for c in conds]
+    if len({tuple(p[0].shape) for p in parts}) != 1:
+        return None
+    return StackedConditioning(conds, parts)
 
-    def stack(tensors):
-        halves = [t.chunk(2) for t in tensors]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
 
-    added = None
-    if conds[0].added is not None:
-        added = {k: stack([c.added[k] for c in conds]) for k in conds[0].added}
-    return Conditioning(stack([c.embeds for c in conds]), added)
+class StackedConditioning:
+    per_row = True  # rows already hold one entry per image (CFGDenoiser must not repeat them)
+
+    def __init__(self, conds, parts):
+        self.weights = conds[0].weights
+        rows = parts[0][0].shape[0]
+
+        def interleave(tensors):  # row r of every job, then row r + 1 of every job
+            return torch.cat([t[r:r + 1] for r in range(rows) for t in tensors])
+
+        self._embeds = interleave([p[0] for p in parts])
+        added = parts[0][1]
+        self._added = None if added is None else {k: interleave([p[1][k] for p in parts]) for k in added}
+
+    def batch(self, step: int):
+        return self._embeds, self._added
 
 
 class Rows:
@@ -114,13 +126,13 @@ class Rows:
         return update
 
 
-def generate_batch(engine, plans, reports, cancelled, stage_progress) -> list:
+def generate_batch(engine, plans, reports, cancelled, stage_progress, job_text) -> list:
     """Run ``plans`` (one ``batch_key``) as one UNet batch on ``engine``; a GenerationResult or an
-    exception per plan (``stage_progress``: the engine's per-job progress mapper). Everything but the UNet (encoding, noise, decoding) runs per row, as
+    exception per plan (``stage_progress``, ``job_text``: the engine's per-job progress and text). Everything but the UNet (encoding, noise, decoding) runs per row, as
     alone, so a row's image differs from its solo image only by the batched kernels' rounding."""
     from . import fastmode
     from .plan import GeneratedImage, GenerationError, GenerationResult, JobCancelled
-    from .sampling import CFGDenoiser, NoiseFactory, encode, make_schedule
+    from .sampling import CFGDenoiser, NoiseFactory, make_schedule
 
     if len(plans) == 1 or len({batch_key(p) for p in plans}) != 1 or batch_key(plans[0]) is None:
         return [_solo(engine, p, r, c) for p, r, c in zip(plans, reports, cancelled)]
@@ -142,8 +154,10 @@ def generate_batch(engine, plans, reports, cancelled, stage_progress) -> list:
         noise = BatchNoise(NoiseFactory(torch.Generator("cpu").manual_seed(p.seed), p.seed) for p in plans)
         shape = (len(plans), base.pipe.unet.config.in_channels, first.height // 8, first.width // 8)
         x = noise.initial(shape, engine.device) * schedule.start_sigma
-        cond = stack_conditioning([encode(base, p.prompt, p.negative_prompt, p.width, p.height) for p in plans])
-        if cond is None:  # prompts encoded to different lengths: no common batch
+        texts = [job_text(p, engine._lora_key(p.loras)) for p in plans]
+        cond = stack_conditioning([engine._conditioning(base, t, p.width, p.height) for t, p in zip(texts, plans)])
+        if cond is None:  # prompt editing, AND parts or lengths differ: no common batch
+            engine.batches.pop()
             return [_solo(engine, p, r, c) for p, r, c in zip(plans, reports, cancelled)]
         den = CFGDenoiser(base, cond, first.cfg_scale, rows.check)
         latents = schedule.run(den, x, noise, rows.fan_out([p.stage("generation", 0.0, 100.0) for p in progresses]))
@@ -164,8 +178,8 @@ def generate_batch(engine, plans, reports, cancelled, stage_progress) -> list:
             continue
         try:
             image = engine._decode(base, latents[i:i + 1], plan.width, plan.height)
-            out.append(GenerationResult([GeneratedImage(image, plan.seed, engine._params(plan, {}))],
-                                        round(load_time, 3) if i == 0 else 0.0))
+            out.append(GenerationResult([GeneratedImage(image, plan.seed, engine._params(plan, {}, texts[i]))],
+                                        round(load_time, 3) if i == 0 else 0.0, warnings=texts[i].warnings))
         except Exception as e:  # noqa: BLE001 - one row's failure (a NaN decode) is that job's alone
             out.append(e)
     return out

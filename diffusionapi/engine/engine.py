@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..vocabulary import LATENT_UPSCALE_MODES, ModelFormat
+from ..vocabulary import LATENT_UPSCALE_MODES, SD15, SDXL, ModelFormat
 from . import fastmode
 from .fastmode import FastMode
 from .hashes import FileHashes
@@ -16,12 +16,30 @@ from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
 from .plan import (Cancelled, GeneratedImage, GenerationError, GenerationPlan, GenerationResult, JobCancelled, Report,
                    hires_total_steps)
+from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
+from .embeddings import EmbeddingTensors
+from .prompts import extract_extra_networks
 from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
 from .upscalers import UpscalerCache, UpscalerError, upscale_image
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "GenerationError", "JobCancelled"]
+
+
+class JobText:
+    """A job's prompts as the text encoders see them (LoRA tags removed), and what encoding found."""
+
+    def __init__(self, plan: GenerationPlan, lora_key: tuple):
+        self.prompt = extract_extra_networks(plan.prompt)[0]
+        self.negative = plan.negative_prompt
+        self.clip_skip = plan.clip_skip
+        self.steps = plan.steps
+        self.evals_per_step = evaluations_per_step(plan.sampler.spec.algorithm)
+        self.embeddings = plan.embeddings
+        self.lora_key = lora_key
+        self.used_embeddings: dict[str, str] = {}
+        self.warnings: list[str] = []
 
 
 class StageProgress:
@@ -65,6 +83,8 @@ class Engine:
         self.loras = LoraManager(settings.lora_cache_size)
         self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
         self.upscalers = UpscalerCache(self.device)
+        self.prompt_encoder = PromptEncoder(settings.conditioning_cache_size)
+        self.embedding_tensors = EmbeddingTensors()
         self.batches: list[int] = []  # sizes of the UNet batches of several jobs (tests, logs)
 
     # ------------------------------------------------------------------ entry point
@@ -110,7 +130,8 @@ class Engine:
         schedule = make_schedule(base, plan.sampler, plan.steps)
         shape = (1, base.pipe.unet.config.in_channels, plan.height // 8, plan.width // 8)
         x = noise.initial(shape, self.device) * schedule.start_sigma
-        cond = encode(base, plan.prompt, plan.negative_prompt, plan.width, plan.height)
+        text = JobText(plan, self._lora_key(plan.loras))
+        cond = self._conditioning(base, text, plan.width, plan.height)
         den = CFGDenoiser(base, cond, plan.cfg_scale, check)
         if refiner is None:
             x = schedule.run(den, x, noise, progress.stage(first_phase, 0.0, first_hi))
@@ -119,8 +140,9 @@ class Engine:
             s_base, s_ref = schedule.split(k)
             share = first_hi * k / plan.steps
             x = s_base.run(den, x, noise, progress.stage(first_phase, 0.0, share))
-            rcond = encode(refiner, plan.prompt, plan.negative_prompt, plan.width, plan.height)
-            rden = CFGDenoiser(refiner, rcond, plan.cfg_scale, check)
+            rcond = self._conditioning(refiner, text, plan.width, plan.height)
+            # A1111 keeps counting the steps of prompt editing across the switch.
+            rden = CFGDenoiser(refiner, rcond, plan.cfg_scale, check, step_offset=den.evals)
             x = s_ref.run(rden, x, noise, progress.stage("refining", share, first_hi))
         latents = x
 
@@ -131,7 +153,7 @@ class Engine:
             check()
             total = hires_total_steps(hires.steps, hires.denoising_strength)
             schedule2 = img2img_tail(make_schedule(base, plan.sampler, total), hires.steps)
-            cond2 = encode(base, plan.prompt, plan.negative_prompt, plan.final_width, plan.final_height)
+            cond2 = self._conditioning(base, text, plan.final_width, plan.final_height, hires_steps=hires.steps)
             den2 = CFGDenoiser(base, cond2, plan.cfg_scale, check)
             x = latents + noise.initial(latents.shape, self.device) * schedule2.start_sigma
             latents = schedule2.run(den2, x, noise, progress.stage("upscaling", first_hi, 100.0))
@@ -139,8 +161,9 @@ class Engine:
                             "Hires steps": hires.steps, "Hires upscaler": hires.upscaler.name}
         check()
         image = self._decode(base, latents, plan.final_width, plan.final_height)
-        params = self._params(plan, params_hires)
-        return GenerationResult([GeneratedImage(image, plan.seed, params)], round(load_time, 3))
+        params = self._params(plan, params_hires, text)
+        return GenerationResult([GeneratedImage(image, plan.seed, params)], round(load_time, 3),
+                                warnings=text.warnings)
 
     @torch.inference_mode()
     def generate_batch(self, plans: list[GenerationPlan], reports: list[Report],
@@ -148,9 +171,9 @@ class Engine:
         """Several jobs of one ``batching.batch_key`` in one UNet batch; a result or an error per job."""
         from .batching import generate_batch
 
-        return generate_batch(self, plans, reports, cancelled, StageProgress)
+        return generate_batch(self, plans, reports, cancelled, StageProgress, JobText)
 
-    def _params(self, plan: GenerationPlan, params_hires: dict) -> dict:
+    def _params(self, plan: GenerationPlan, params_hires: dict, text: "JobText") -> dict:
         params = {
             "Steps": plan.steps, "Sampler": plan.sampler.infotext_sampler,
             "Schedule type": plan.sampler.infotext_schedule, "CFG scale": plan.cfg_scale, "Seed": plan.seed,
@@ -163,12 +186,38 @@ class Engine:
         }
         if plan.refiner:
             params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
+        if plan.clip_skip != 1:
+            params["Clip skip"] = plan.clip_skip
         hashes = lora_hashes_infotext(plan.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes
+        params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
         return params
 
     # ------------------------------------------------------------------ parts
+    def _conditioning(self, loaded: LoadedModel, text: "JobText", width: int, height: int,
+                      hires_steps: int | None = None):
+        """A stage's conditioning; prompt editing counts model evaluations, as A1111 does."""
+        slots = encoder_slots(loaded.pipe, loaded.family != SD15)
+        found, warnings = usable_embeddings(text.embeddings, self.embedding_tensors.load, slots,
+                                            SD15 if loaded.family == SD15 else SDXL, [text.prompt, text.negative],
+                                            self.hashes.sha256)
+        for w in warnings:
+            if w not in text.warnings:
+                log.warning("%s", w)
+                text.warnings.append(w)
+        cond = encode(loaded, text.prompt, text.negative, width, height, prompts=self.prompt_encoder,
+                      clip_skip=text.clip_skip, total_steps=text.steps * text.evals_per_step,
+                      hires_steps=hires_steps * text.evals_per_step if hires_steps else None,
+                      embeddings=found, extra_key=text.lora_key)
+        text.used_embeddings.update(cond.used_embeddings())
+        return cond
+
+    @staticmethod
+    def _lora_key(loras) -> tuple:
+        # LoRAs change the text encoders: an encoding is reused only under the same LoRAs.
+        return tuple((str(u.entry.path), u.entry.path.stat().st_mtime_ns, float(u.weight)) for u in loras)
+
     def _load(self, entry, progress: StageProgress, *, keep, share_from=None) -> LoadedModel:
         if not self.cache.is_loaded(entry.name):
             progress.phase("loading model")

@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 from PIL import Image
 
-from ..vocabulary import LoraEntry, ModelEntry, UpscalerEntry
+from ..vocabulary import EmbeddingEntry, LoraEntry, ModelEntry, UpscalerEntry
 from .samplers import ResolvedSampler
 
 # report(phase, progress): progress in 0..100 for the whole job, never going backwards.
@@ -64,6 +64,8 @@ class GenerationPlan:
     hires: HiresPlan | None = None
     batch_size: int = 1   # images generated in one UNet batch
     n_iter: int = 1       # batches one after another; image k has seed ``seed + k``
+    clip_skip: int = 1    # A1111's "Clip skip" (engine/conditioning.py)
+    embeddings: tuple[EmbeddingEntry, ...] = ()  # textual inversions the prompts may call
 
     @property
     def final_width(self) -> int:

@@ -15,42 +15,49 @@ import torch
 
 from ..vocabulary import SD15, SDXL_REFINER
 from . import kdiffusion as kd
+from .conditioning import PromptEncoder, StageConditioning
 from .samplers import ResolvedSampler
 
 
-@dataclass
-class Conditioning:
-    embeds: torch.Tensor                 # [uncond; cond] along the batch dimension
-    added: dict | None = None            # SDXL: text_embeds and time_ids, same layout
-
-
-def encode(loaded, prompt: str, negative: str, width: int, height: int) -> Conditioning:
-    """Prompt embeddings for CFG; for SDXL also the micro-conditioning (original = target size)."""
+def encode(loaded, prompt: str, negative: str, width: int, height: int, *, prompts: PromptEncoder | None = None,
+           clip_skip: int = 1, total_steps: int = 1, hires_steps: int | None = None, embeddings=(),
+           extra_key: tuple = ()) -> StageConditioning:
+    """One stage's conditioning in A1111's prompt language (engine/conditioning.py; ``prompt``
+    without its LoRA tags; ``prompts`` holds the cache); for SDXL also the micro-conditioning
+    (original = target size)."""
+    prompts = prompts or PromptEncoder(0)
     pipe = loaded.pipe
+    xl = loaded.family != SD15
+    cond = prompts.build(pipe, xl=xl, prompt=prompt, negative=negative, clip_skip=clip_skip,
+                         total_steps=total_steps, hires_steps=hires_steps, embeddings=embeddings,
+                         extra_key=extra_key,
+                         zero_empty_negative=xl and bool(pipe.config.get("force_zeros_for_empty_prompt", False)))
+    if not xl:
+        return cond
     device = pipe._execution_device  # the compute device, also under CPU offload
-    if loaded.family == SD15:
-        cond, uncond = pipe.encode_prompt(prompt, device, 1, True, negative_prompt=negative)
-        return Conditioning(torch.cat([uncond, cond]))
-    cond, uncond, pooled, upooled = pipe.encode_prompt(
-        prompt=prompt, device=device, do_classifier_free_guidance=True, negative_prompt=negative)
     size = (height, width)
     proj = pipe.text_encoder_2.config.projection_dim
+    dtype = pipe.text_encoder_2.dtype
     if loaded.family == SDXL_REFINER:
         ids, uids = pipe._get_add_time_ids(size, (0, 0), size, 6.0, 2.5, size, (0, 0), size,
-                                           dtype=cond.dtype, text_encoder_projection_dim=proj)
+                                           dtype=dtype, text_encoder_projection_dim=proj)
     else:
-        ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype, text_encoder_projection_dim=proj)
+        ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=proj)
         uids = ids
-    added = {"text_embeds": torch.cat([upooled, pooled]).to(device),
-             "time_ids": torch.cat([uids, ids]).to(device)}
-    return Conditioning(torch.cat([uncond, cond]), added)
+    cond.time_ids, cond.neg_time_ids = ids.to(device), uids.to(device)
+    return cond
 
 
 class CFGDenoiser:
     """Classifier-free-guided UNet, usable as a k-diffusion denoiser D(x, sigma) -> x0
-    and as a diffusers-style model output eps(x, t)."""
+    and as a diffusers-style model output eps(x, t).
 
-    def __init__(self, loaded, cond: Conditioning, cfg_scale: float, on_eval: Callable[[], None]):
+    Each model evaluation takes the conditioning of its step (prompt editing, alternation),
+    counting evaluations from ``step_offset`` as A1111 does, and combines AND parts as A1111
+    does: uncond + cfg * sum(w_i * (cond_i - uncond))."""
+
+    def __init__(self, loaded, cond: StageConditioning, cfg_scale: float, on_eval: Callable[[], None],
+                 step_offset: int = 0):
         self.unet = loaded.pipe.unet
         self.ms = loaded.sigmas
         self.cond = cond
@@ -59,16 +66,29 @@ class CFGDenoiser:
         self.on_eval = on_eval
         self.dtype = self.unet.dtype
         self.evals = 0
+        self.step_offset = step_offset
 
     def model_output(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.on_eval()
+        embeds, added = self.cond.batch(self.step_offset + self.evals)
         self.evals += 1
         t = t.reshape(-1)[:1].to(torch.float32)
-        xin = torch.cat([x_in, x_in]).to(self.dtype)
-        out = self.unet(xin, t.to(x_in.device).expand(xin.shape[0]), encoder_hidden_states=self.cond.embeds,
-                        added_cond_kwargs=self.cond.added, return_dict=False)[0]
-        uncond, cond = out.float().chunk(2)
-        return uncond + self.cfg * (cond - uncond)
+        rows, b = embeds.shape[0], x_in.shape[0]
+        per_row = getattr(self.cond, "per_row", False)  # batched jobs: one conditioning row per image
+        if per_row:
+            rows //= b
+        xin = x_in.repeat(rows, *([1] * (x_in.dim() - 1))).to(self.dtype)
+        if b > 1 and not per_row:  # several images of one job: each row once per image
+            embeds = embeds.repeat_interleave(b, 0)
+            added = {k: v.repeat_interleave(b, 0) for k, v in added.items()} if added else added
+        out = self.unet(xin, t.to(x_in.device).expand(rows * b), encoder_hidden_states=embeds,
+                        added_cond_kwargs=added, return_dict=False)[0]
+        outs = out.float().split(b)
+        uncond = outs[0]
+        guided = uncond
+        for weight, cond in zip(self.cond.weights, outs[1:]):
+            guided = guided + (cond - uncond) * (weight * self.cfg)
+        return guided
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         s = float(sigma.reshape(-1)[0])
