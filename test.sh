@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
+bash scripts/system-deps.sh  # real brokers and a browser: the Debian packages it lacks
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest -q "$@"

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_loras: int = Field(16, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    max_n_iter: int = Field(16, ge=1)
+    max_image_body_bytes: int = Field(50_000_000, ge=1024)  # image-carrying endpoints (img2img, upscale)
 
     # Engine behaviour.
     pipeline_cache_size: int = Field(1, ge=1)
@@ -58,8 +61,16 @@ class Settings(BaseSettings):
     max_batch_jobs: int = Field(1, ge=1, le=64)
     batch_wait_ms: float = Field(0.0, ge=0, le=1000)
 
+    # Scale-out (README "Several GPUs and machines"): embedded = this process runs the jobs.
+    backend: Literal["embedded", "celery"] = "embedded"
+    broker_url: str = "amqp://guest:guest@localhost:5672//"
+    redis_url: str = "redis://localhost:6379/0"
+    results_ttl_sec: int = Field(3600, ge=10)  # unread results (and their images) kept in Redis this long
+    worker_heartbeat_sec: float = Field(2.0, gt=0)  # a worker silent for 3 beats is dead
+
     # Access.
     api_key: str | None = None
+    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic on /sdapi (A1111's --api-auth)
     cors_origins: list[str] = Field(default_factory=list)
 
 

@@ -72,6 +72,22 @@ def single_file_family(path: Path) -> Family:
     return family_from_checkpoint_keys(ckpt_keys(path))
 
 
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def single_file_unet_in_channels(path: Path) -> int:
+    """The UNet's input channels in an original-layout checkpoint: 9 for inpainting models."""
+    if path.suffix.lower() == ".safetensors":
+        shape = read_safetensors_header(path).get(UNET_CONV_IN, {}).get("shape")
+    else:
+        import torch
+
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+        shape = tuple(sd[UNET_CONV_IN].shape) if UNET_CONV_IN in sd else None
+    return int(shape[1]) if shape and len(shape) == 4 else 4
+
+
 def family_from_diffusers_folder(folder: Path) -> Family:
     index = json.loads((folder / "model_index.json").read_text())
     unet_cfg_path = folder / "unet" / "config.json"

@@ -84,3 +84,142 @@ def read_infotext(data_or_path) -> str | None:
 
 
 VERSION_TAG = f"diffusionapi {__version__}"
+
+
+# ---------------------------------------------------------------------- reading infotext back
+# A1111 treats the last line as the parameters line only when it holds at least this many
+# "Key: value" pairs; otherwise it is part of the prompt.
+_MIN_PARAM_PAIRS = 3
+_NEGATIVE = "Negative prompt:"
+_SIZE_KEYS = ("Size", "Hires resize")
+
+
+def _param_pairs(line: str) -> list[tuple[str, str]]:
+    """'Key: value, Key: "quoted, value", ...' -> pairs; quoted values are JSON strings."""
+    pairs: list[tuple[str, str]] = []
+    i, n = 0, len(line)
+    while i < n:
+        while i < n and line[i] in " ,":
+            i += 1
+        colon = line.find(":", i)
+        comma = line.find(",", i)
+        if colon < 0:
+            break
+        if 0 <= comma < colon:  # a segment without a key: not a pair
+            i = comma + 1
+            continue
+        key = line[i:colon].strip()
+        i = colon + 1
+        while i < n and line[i] == " ":
+            i += 1
+        if i < n and line[i] == '"':
+            j = i + 1
+            while j < n and line[j] != '"':
+                j += 2 if line[j] == "\\" else 1
+            raw = line[i:j + 1]
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw.strip('"')
+            i = j + 1
+            end = line.find(",", i)
+            i = n if end < 0 else end + 1
+        else:
+            end = line.find(",", i)
+            end = n if end < 0 else end
+            value = line[i:end].strip()
+            i = end + 1
+        if key and all(c.isalnum() or c in " _-/()+." for c in key):
+            pairs.append((key, value))
+    return pairs
+
+
+def parse_infotext(text: str) -> dict:
+    """AUTOMATIC1111's "parameters" text -> its items: "Prompt", "Negative prompt" and every
+    "Key: value" of the last line as strings ("Size: 512x768" also gives "Size-1"/"Size-2")."""
+    lines = (text or "").strip().replace("\r\n", "\n").split("\n")
+    pairs = _param_pairs(lines[-1]) if lines else []
+    if len(pairs) >= _MIN_PARAM_PAIRS:
+        lines = lines[:-1]
+    else:
+        pairs = []
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        if negative or line.startswith(_NEGATIVE):
+            negative.append(line.removeprefix(_NEGATIVE).lstrip() if not negative else line)
+        else:
+            prompt.append(line)
+    items: dict = {"Prompt": "\n".join(prompt).strip(), "Negative prompt": "\n".join(negative).strip()}
+    for key, value in pairs:
+        items[key] = value
+        if key in _SIZE_KEYS:
+            w, sep, h = value.partition("x")
+            if sep and w.strip().isdigit() and h.strip().isdigit():
+                items[f"{key}-1"], items[f"{key}-2"] = w.strip(), h.strip()
+    return items
+
+
+# A1111's "Schedule type:" labels -> our scheduler_type ("Automatic": the sampler's own).
+_SCHEDULE_TYPES = {"normal": "default", "uniform": "default", "karras": "karras", "exponential": "exponential",
+                   "ddim": "ddim", "pndm": "pndm"}
+
+
+def _number(value, kind):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if kind is int and v.is_integer() else (v if kind is float else None)
+
+
+def infotext_parameters(items: dict) -> dict:
+    """Parsed infotext items -> the native request fields that reproduce the image
+    (only those the text states; the rest keep their defaults)."""
+    out: dict = {"prompt": items.get("Prompt", ""), "negative_prompt": items.get("Negative prompt", "")}
+    simple = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
+              "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int)}
+    for key, (field, kind) in simple.items():
+        v = _number(items.get(key), kind)
+        if v is not None:
+            out[field] = v
+    if items.get("Sampler"):
+        out["sampler_name"] = items["Sampler"]
+    schedule = _SCHEDULE_TYPES.get(str(items.get("Schedule type", "")).strip().casefold())
+    if schedule:
+        out["scheduler_type"] = schedule
+    if items.get("Model"):
+        out["model"] = items["Model"]
+    if items.get("Refiner"):
+        out["refiner_checkpoint"] = items["Refiner"]
+        switch = _number(items.get("Refiner switch at"), float)
+        if switch is not None:
+            out["refiner_switch_at"] = switch
+    strength = _number(items.get("Denoising strength"), float)
+    if any(k in items for k in ("Hires upscale", "Hires steps", "Hires upscaler", "Hires resize-1")):
+        hires: dict = {"enabled": True}
+        scale = _number(items.get("Hires upscale"), float)
+        if scale is None and "width" in out and _number(items.get("Hires resize-1"), int):
+            scale = _number(items["Hires resize-1"], int) / out["width"]
+        if scale is not None:
+            hires["scale"] = scale
+        # A1111 leaves "Hires steps" out when the second pass runs as many steps as the first.
+        steps = _number(items.get("Hires steps"), int) or out.get("steps")
+        if steps:
+            hires["steps"] = steps
+        if items.get("Hires upscaler"):
+            hires["upscaler"] = items["Hires upscaler"]
+        if strength is not None:
+            hires["denoising_strength"] = strength
+        out["hires"] = hires
+    elif strength is not None:
+        out["denoising_strength"] = strength  # img2img
+    return out
+
+
+def read_infotext_and_items(data: bytes) -> tuple[str | None, dict]:
+    """The infotext and the image's other text fields (as A1111's PNG Info lists them)."""
+    img = Image.open(io.BytesIO(data))
+    others = {k: v for k, v in img.info.items()
+              if k != "parameters" and isinstance(k, str) and isinstance(v, str)}
+    return read_infotext(data), others

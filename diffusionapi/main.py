@@ -12,10 +12,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .config import Settings, get_settings
+from .playground import is_public
 
 log = logging.getLogger("diffusionapi")
 
-OPEN_PATHS = ("/hello",)
+# Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
+IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
+                    "/sdapi/v1/png-info", "/png-info")
+SDAPI_PREFIX = "/sdapi/"  # checks its own credentials (Basic or the API key): api/sdapi/auth.py
 
 
 def _field(loc) -> str:
@@ -40,33 +44,35 @@ class GuardMiddleware:
     def __init__(self, app, settings: Settings):
         self.app = app
         self.max_body = settings.max_body_bytes
+        self.max_image_body = max(settings.max_image_body_bytes, settings.max_body_bytes)
         self.key = settings.api_key.encode() if settings.api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and scope["path"] not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+        if self.key is not None and not is_public(scope["path"]) and scope.get("method") != "OPTIONS" \
+                and not scope["path"].startswith(SDAPI_PREFIX):
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(given, self.key):
                 return await _send_json(send, 401, {"status": "error", "error": "missing or wrong API key "
                                                     "(Authorization: Bearer <key> or X-API-Key)"},
                                         extra=[(b"www-authenticate", b"Bearer")])
+        limit = self.max_image_body if scope["path"] in IMAGE_BODY_PATHS else self.max_body
         length = headers.get(b"content-length")
         if length is not None:
             try:
-                too_big = int(length) > self.max_body
+                too_big = int(length) > limit
             except ValueError:
                 return await _send_json(send, 400, {"status": "error", "error": "bad Content-Length"})
             if too_big:
                 return await _send_json(send, 413, {"status": "error",
-                                                    "error": f"request body larger than {self.max_body} bytes"})
+                                                    "error": f"request body larger than {limit} bytes"})
             return await self.app(scope, receive, send)
         # No Content-Length (chunked): count as the body streams in; past the cap, answer
         # 413 ourselves and tell the app the client went away.
         seen = 0
-        limit = self.max_body
         answered = False
 
         async def capped_receive():
@@ -101,6 +107,10 @@ async def _send_json(send, status: int, body: dict, extra=()):
 def make_backend(settings: Settings, registry, engine_factory=None):
     """The job backend the settings name; ``engine_factory`` builds the engine in the worker
     (tests pass a fake one)."""
+    if settings.backend == "celery":  # an API node of a cluster: workers run the jobs
+        from .backends.celery_backend import CeleryBackend
+
+        return CeleryBackend(settings)
     from .backends.embedded import EmbeddedBackend
 
     def default_engine():
@@ -117,6 +127,7 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     registry = Registry(settings)
     jobs = make_backend(settings, registry, engine_factory)
+    registry = getattr(jobs, "catalog", registry)  # a cluster's API node sees the workers' catalog
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -127,7 +138,8 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         finally:
             jobs.stop()
 
-    app = FastAPI(title="DiffusionAPI", version=__version__, lifespan=lifespan)
+    # /docs and /redoc are served by playground.install, with their assets (offline boxes have no CDN).
+    app = FastAPI(title="DiffusionAPI", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.registry = registry
     app.state.jobs = jobs
@@ -141,13 +153,22 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": openapi.allowed_methods(app, request.scope)}
         return JSONResponse({"status": "error", "error": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers)
 
-    from .api import catalog, jobs as jobs_api
+    from . import openapi, playground
+    from .api import catalog, cluster, jobs as jobs_api, pnginfo, sdapi
 
     app.include_router(catalog.router)
     app.include_router(jobs_api.router)
+    app.include_router(pnginfo.router)
+    app.include_router(cluster.router)
+    sdapi.install(app, settings, registry)
+    playground.install(app)
+    openapi.install(app, settings, is_public=is_public)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

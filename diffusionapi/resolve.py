@@ -9,11 +9,12 @@ import secrets
 from dataclasses import dataclass
 
 from .config import Settings
-from .engine.plan import GenerationPlan, HiresPlan, LoraUse
+from .engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, UpscalePlan
 from .engine.prompts import PromptError, extract_extra_networks
 from .engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
 from .registry import Registry, UnknownName
-from .schemas import Txt2ImgRequest
+from .imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
+from .schemas import Img2ImgRequest, Txt2ImgRequest, UpscaleRequest
 from .vocabulary import SDXL, SDXL_REFINER
 
 
@@ -34,8 +35,15 @@ class OutputSpec:
 class ResolvedJob:
     kind: str                # "txt2img" (the job record's kind; later: "img2img", "upscale")
     echo: dict               # the request as understood (defaults filled, names resolved): the payload echo
-    plan: GenerationPlan
+    plan: GenerationPlan | UpscalePlan
     output: OutputSpec
+    # What the job record keeps, when it differs from the echo: img2img and upscale jobs keep
+    # their images there, while the echo (returned with the result) only describes them.
+    record: dict | None = None
+
+    @property
+    def payload(self) -> dict:
+        return self.record if self.record is not None else self.echo
 
 
 def round8(v: float) -> int:
@@ -50,6 +58,10 @@ def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings,
 
 def resolve_job(kind: str, payload: dict, registry: Registry, settings: Settings) -> ResolvedJob:
     """A job record's payload (validated again: files may have changed since submit) -> what runs."""
+    if kind == "img2img":
+        return resolve_img2img(Img2ImgRequest.model_validate(payload), registry, settings)
+    if kind == "upscale":
+        return resolve_upscale(UpscaleRequest.model_validate(payload), registry, settings)
     if kind != "txt2img":
         raise RequestError("kind", f"unknown job kind {kind!r}")
     return resolve_txt2img(Txt2ImgRequest.model_validate(payload), registry, settings)
@@ -68,8 +80,14 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         raise RequestError("width", f"must be <= {settings.max_width}")
     if h > settings.max_height:
         raise RequestError("height", f"must be <= {settings.max_height}")
-    if w * h > settings.max_pixels:
-        raise RequestError("width", f"width x height must be <= {settings.max_pixels} pixels")
+    if req.batch_size > settings.max_batch_size:
+        raise RequestError("batch_size", f"must be <= {settings.max_batch_size}")
+    if req.n_iter > settings.max_n_iter:
+        raise RequestError("n_iter", f"must be <= {settings.max_n_iter}")
+    # One UNet batch holds batch_size images: the pixel limits count all of them.
+    if w * h * req.batch_size > settings.max_pixels:
+        raise RequestError("width", f"width x height{' x batch_size' if req.batch_size > 1 else ''} "
+                                    f"must be <= {settings.max_pixels} pixels")
     if len(req.loras) > settings.max_loras:
         raise RequestError("loras", f"at most {settings.max_loras} LoRAs per request")
 
@@ -130,7 +148,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         if hires.steps > settings.max_steps:
             raise RequestError("hires.steps", f"must be <= {settings.max_steps}")
         fw, fh = round8(w * hires.scale), round8(h * hires.scale)
-        if fw * fh > settings.max_hires_pixels:
+        if fw * fh * req.batch_size > settings.max_hires_pixels:
             raise RequestError("hires.scale", f"final size {fw}x{fh} exceeds {settings.max_hires_pixels} pixels")
         try:
             upscaler = registry.resolve_upscaler(hires.upscaler)
@@ -149,7 +167,8 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           width=w, height=h, steps=req.steps, cfg_scale=req.cfg_scale, sampler=sampler,
                           loras=tuple(loras), refiner=refiner, refiner_switch_at=req.refiner_switch_at,
                           hires=hires_plan, clip_skip=req.clip_skip,
-                          embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt))
+                          embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
+                          batch_size=req.batch_size, n_iter=req.n_iter)
     return ResolvedJob("txt2img", understood.model_dump(mode="json"), plan,
                        OutputSpec(req.fileType, req.jpeg_quality))
 
@@ -182,3 +201,68 @@ def _called_embeddings(registry: Registry, prompt: str, negative: str) -> tuple:
     if not text.strip():
         return ()
     return tuple(e for e in registry.embeddings() if e.name.lower() in text)
+
+
+def input_image(text: str, field: str, settings: Settings):
+    """A request image decoded and checked (format, truncation, size) or a RequestError naming it.
+    The largest image the service makes is also the largest it takes in."""
+    try:
+        return decode_image(text, field, settings.max_hires_pixels)
+    except ImageInputError as e:
+        raise RequestError(e.field, e.message, e.status) from None
+
+
+def resolve_img2img(req: Img2ImgRequest, registry: Registry, settings: Settings, *,
+                    model_given: bool = True) -> ResolvedJob:
+    init = input_image(req.init_image, "init_image", settings)
+    mask = input_image(req.mask, "mask", settings) if req.mask else None
+    if mask is not None and mask.size != init.size:
+        raise RequestError("mask", f"mask is {mask.width}x{mask.height} but init_image is "
+                                   f"{init.width}x{init.height}; they must be the same size")
+    if req.hires is not None and req.hires.enabled:
+        raise RequestError("hires", "hires fix is for txt2img; img2img makes width x height directly")
+    sized = req.model_copy(update={"width": req.width or init.width, "height": req.height or init.height})
+    if req.width is None and round8(init.width) > settings.max_width or \
+            req.height is None and round8(init.height) > settings.max_height:
+        raise RequestError("width", f"init_image is {init.width}x{init.height}, over the size limit "
+                                    f"{settings.max_width}x{settings.max_height}; give width and height")
+    job = resolve_txt2img(sized, registry, settings, model_given=model_given)
+    plan = job.plan
+    plan.init = InitImagePlan(init, req.denoising_strength, req.resize_mode, mask, req.mask_blur, req.inpainting_fill,
+                              req.inpaint_full_res, req.inpaint_full_res_padding, bool(req.inpainting_mask_invert))
+    fields = ("denoising_strength", "resize_mode", "mask_blur", "inpainting_fill", "inpaint_full_res",
+              "inpaint_full_res_padding", "inpainting_mask_invert")
+    echo = {**job.echo, **{f: getattr(req, f) for f in fields},
+            "init_image": describe(init), "mask": describe(mask) if mask is not None else None}
+    record = {**echo, "init_image": req.init_image, "mask": req.mask}
+    return ResolvedJob("img2img", echo, plan, job.output, record)
+
+
+def resolve_upscale(req: UpscaleRequest, registry: Registry, settings: Settings) -> ResolvedJob:
+    image = input_image(req.image, "image", settings)
+    if req.width is not None:
+        w, h, scale = req.width, req.height, None
+    else:
+        scale = req.scale if req.scale is not None else 2.0
+        w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    if w * h > settings.max_hires_pixels:
+        raise RequestError("scale" if scale is not None else "width",
+                           f"result {w}x{h} exceeds {settings.max_hires_pixels} pixels")
+    builtin = {k.lower(): k for k in PIXEL_RESIZERS}
+    entry = None
+    if req.upscaler.strip().lower() in builtin:
+        method = builtin[req.upscaler.strip().lower()]
+    else:
+        try:
+            entry = registry.resolve_upscaler(req.upscaler)
+        except UnknownName as e:
+            raise RequestError("upscaler", f"{e}; or one of: {', '.join(PIXEL_RESIZERS)}") from None
+        if entry.is_latent:
+            raise RequestError("upscaler", f"{entry.name!r} works on latents (hires fix only); use an upscaler "
+                                           f"file or one of: {', '.join(PIXEL_RESIZERS)}")
+        method = entry.name
+    plan = UpscalePlan(image, entry, method, w, h, scale)
+    echo = {**req.model_dump(mode="json", exclude=set(req.model_extra or ())), "image": describe(image),
+            "upscaler": method, "scale": scale, "width": w, "height": h}
+    record = {**echo, "image": req.image, "width": req.width, "height": req.height}
+    return ResolvedJob("upscale", echo, plan, OutputSpec(req.fileType, req.jpeg_quality), record)

@@ -14,6 +14,14 @@ from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
 
 
 
+def file_type_spelling(v):
+    # "JPG", "jpeg" and "PNG" mean what they say; the echo uses the seed's spelling.
+    if isinstance(v, str):
+        v = v.strip().lower()
+        return "jpg" if v == "jpeg" else v
+    return v
+
+
 class LoRA(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=512)
@@ -53,15 +61,13 @@ class Txt2ImgRequest(BaseModel):
     refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
     seed: int | None = Field(None, ge=-1, le=2**64 - 1)
     clip_skip: int = Field(1, ge=1, le=12)  # added: A1111's "Clip skip"; 1 = the text encoder's last layer
+    batch_size: int = Field(1, ge=1, description="images made in one UNet batch; seeds seed, seed+1, ...")
+    n_iter: int = Field(1, ge=1, description="batches made one after another")
 
     @field_validator("fileType", mode="before")
     @classmethod
     def _file_type_spelling(cls, v):
-        # "JPG", "jpeg" and "PNG" mean what they say; the echo uses the seed's spelling.
-        if isinstance(v, str):
-            v = v.strip().lower()
-            return "jpg" if v == "jpeg" else v
-        return v
+        return file_type_spelling(v)
 
     @field_validator("sampler_name")
     @classmethod
@@ -93,6 +99,55 @@ class Txt2ImgRequest(BaseModel):
 
     def lora_list(self) -> list[LoRA]:
         return [LoRA(name=x) if isinstance(x, str) else x for x in self.loras]
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """Everything of txt2img, starting from ``init_image`` (A1111's img2img/inpainting fields)."""
+    init_image: str = Field(min_length=1, description="base64 or data URL: PNG, JPEG or WebP")
+    denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, "
+                                                        "3 just resize (latent upscale)")
+    # None: the init image's size (rounded to a multiple of 8).
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    mask: str | None = Field(None, description="base64 or data URL, same size as init_image; white = repaint")
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(1, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing")
+    inpaint_full_res: bool = Field(False, description="only masked: generate the masked area at width x height")
+    inpaint_full_res_padding: int = Field(32, ge=0, le=1024)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: repaint what the mask leaves black")
+
+    @field_validator("mask", mode="before")
+    @classmethod
+    def _empty_mask_is_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+
+class UpscaleRequest(BaseModel):
+    """One image upscaled by an upscaler file or "Lanczos" / "Nearest": by ``scale``, or to
+    ``width`` x ``height`` (both given)."""
+    model_config = ConfigDict(extra="allow")
+
+    image: str = Field(min_length=1, description="base64 or data URL: PNG, JPEG or WebP")
+    upscaler: str = Field(min_length=1, max_length=512)
+    scale: float | None = Field(None, gt=0.0, le=16.0, description="default 2 when width/height are not given")
+    width: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=1)
+    fileType: Literal["jpg", "png"] = "png"
+    jpeg_quality: int = Field(85, ge=1, le=100)
+
+    @field_validator("fileType", mode="before")
+    @classmethod
+    def _file_type_spelling(cls, v):
+        return file_type_spelling(v)
+
+    @model_validator(mode="after")
+    def _size_or_scale(self) -> "UpscaleRequest":
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height go together (or give scale)")
+        if self.width is not None and self.scale is not None:
+            raise ValueError("give scale or width and height, not both")
+        return self
 
 
 class Txt2ImgResponse(BaseModel):

@@ -15,13 +15,14 @@ PKG = Path(__file__).resolve().parents[1] / "diffusionapi"
 # may import each other; two different modules on the same level may not.
 LAYERS: dict[str, float] = {
     "diffusionapi": 0, "vocabulary": 0, "files": 0, "config": 0, "jobstatus": 0,
-    "fileinfo": 1, "images": 1,
+    "fileinfo": 1, "images": 1, "imageinput": 1,
     "engine": 2, "registry": 2, "demo": 2,
     "schemas": 3,
     "resolve": 3.5,
     "runner": 4,
+    "cluster": 4.25,  # Celery workers and their Redis state: run jobs through the runner; backends use them
     "backends": 4.5,
-    "api": 5, "main": 6, "cli": 6, "generate": 6,
+    "api": 5, "openapi": 5, "playground": 5, "main": 6, "cli": 6, "generate": 6,
 }
 
 

@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse
 
 from ..backends.base import BackendUnavailable, FinalJob, QueueFull
 from ..jobstatus import JobStatus
-from ..resolve import RequestError, resolve_txt2img
-from ..schemas import (ErrorResponse, ImageOut, QueueListEntry, QueueListResponse, QueueStatusResponse,
-                       Txt2ImgRequest, Txt2ImgResponse)
+from ..resolve import RequestError, resolve_img2img, resolve_txt2img, resolve_upscale
+from ..schemas import (ErrorResponse, ImageOut, Img2ImgRequest, QueueListEntry, QueueListResponse,
+                       QueueStatusResponse, Txt2ImgRequest, Txt2ImgResponse, UpscaleRequest)
 
 router = APIRouter()
 
@@ -55,6 +55,37 @@ def txt2img(body: Txt2ImgRequest, request: Request):
     except RequestError as e:
         return request_error(e)
     job_id = submit(request, job.kind, job.echo)
+    if isinstance(job_id, JSONResponse):
+        return job_id
+    return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
+
+
+@router.post("/img2img", response_model=Txt2ImgResponse, response_model_exclude_none=True,
+             responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
+def img2img(body: Img2ImgRequest, request: Request):
+    """txt2img from an init image; with ``mask``, inpainting. Images are decoded and checked
+    before the job is recorded."""
+    state = request.app.state
+    try:
+        job = resolve_img2img(body, state.registry, state.settings, model_given="model" in body.model_fields_set)
+    except RequestError as e:
+        return request_error(e)
+    job_id = submit(request, job.kind, job.payload)
+    if isinstance(job_id, JSONResponse):
+        return job_id
+    return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
+
+
+@router.post("/upscale", response_model=Txt2ImgResponse, response_model_exclude_none=True,
+             responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
+def upscale(body: UpscaleRequest, request: Request):
+    """Upscale one image (queued like any job): an upscaler file, or "Lanczos" / "Nearest"."""
+    state = request.app.state
+    try:
+        job = resolve_upscale(body, state.registry, state.settings)
+    except RequestError as e:
+        return request_error(e)
+    job_id = submit(request, job.kind, job.payload)
     if isinstance(job_id, JSONResponse):
         return job_id
     return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)

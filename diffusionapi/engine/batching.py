@@ -18,7 +18,7 @@ import torch
 # Fields that differ per row; every other plan field must be equal for two jobs to share a batch.
 ROW_FIELDS = frozenset({"prompt", "negative_prompt", "seed"})
 # A job with any of these set (not None / False / empty) runs alone.
-SOLO_IF_SET = ("refiner", "hires", "init_image", "mask", "preview")
+SOLO_IF_SET = ("refiner", "hires", "init", "init_image", "mask", "preview")
 
 
 def _frozen(value):
@@ -44,30 +44,6 @@ def batch_key(plan) -> tuple | None:
         return None
     return tuple((f.name, _frozen(getattr(plan, f.name))) for f in dataclasses.fields(plan)
                  if f.name not in ROW_FIELDS)
-
-
-class BatchNoise:
-    """The noise interface of one job's ``NoiseFactory`` over several jobs: row i draws from job i's
-    generator exactly what job i would draw alone."""
-
-    def __init__(self, factories):
-        self.factories = list(factories)
-
-    def initial(self, shape, device) -> torch.Tensor:
-        one = (1,) + tuple(shape[1:])
-        return torch.cat([f.initial(one, device) for f in self.factories])
-
-    def source(self, algorithm: str, x: torch.Tensor, sigmas: torch.Tensor):
-        rows = [f.source(algorithm, x[i:i + 1], sigmas) for i, f in enumerate(self.factories)]
-        return RowNoise(rows)
-
-
-class RowNoise:
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __call__(self, sigma=None, sigma_next=None) -> torch.Tensor:
-        return torch.cat([r(sigma, sigma_next) for r in self.rows])
 
 
 def stack_conditioning(conds):
@@ -151,7 +127,7 @@ def generate_batch(engine, plans, reports, cancelled, stage_progress, job_text) 
         fastmode.set_fused(base.pipe.unet, not first.loras)
         rows.check()
         schedule = make_schedule(base, first.sampler, first.steps)
-        noise = BatchNoise(NoiseFactory(torch.Generator("cpu").manual_seed(p.seed), p.seed) for p in plans)
+        noise = NoiseFactory.for_seeds([p.seed for p in plans])  # each row its own seeded streams
         shape = (len(plans), base.pipe.unet.config.in_channels, first.height // 8, first.width // 8)
         x = noise.initial(shape, engine.device) * schedule.start_sigma
         texts = [job_text(p, engine._lora_key(p.loras)) for p in plans]
@@ -178,7 +154,7 @@ def generate_batch(engine, plans, reports, cancelled, stage_progress, job_text) 
             continue
         try:
             image = engine._decode(base, latents[i:i + 1], plan.width, plan.height)
-            out.append(GenerationResult([GeneratedImage(image, plan.seed, engine._params(plan, {}, texts[i]))],
+            out.append(GenerationResult([GeneratedImage(image, plan.seed, engine._params(plan, texts[i]))],
                                         round(load_time, 3) if i == 0 else 0.0, warnings=texts[i].warnings))
         except Exception as e:  # noqa: BLE001 - one row's failure (a NaN decode) is that job's alone
             out.append(e)

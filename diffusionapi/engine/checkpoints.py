@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__
-from ..fileinfo import CheckpointError, ckpt_keys
+from ..fileinfo import CheckpointError, ckpt_keys, single_file_unet_in_channels
 from ..vocabulary import ModelEntry, sd15_loader_kwargs
 
 __all__ = ["CheckpointError", "ckpt_keys", "load_single_file", "packaged_config", "sidecar_config"]
@@ -27,17 +27,24 @@ def sidecar_config(path: Path) -> Path | None:
     return folder if (folder / "model_index.json").exists() else None
 
 
-def packaged_config(family: str) -> Path:
-    """The shipped config folder for ``family``, assembled once with the tokenizer files."""
-    target = Path(tempfile.gettempdir()) / f"diffusionapi-configs-{__version__}" / family
+def packaged_config(family: str, unet_in_channels: int = 4) -> Path:
+    """The shipped config folder for ``family``, assembled once with the tokenizer files; an
+    inpainting checkpoint (9 UNet input channels) gets a copy whose UNet config says so."""
+    name = family if unet_in_channels == 4 else f"{family}-in{unet_in_channels}"
+    target = Path(tempfile.gettempdir()) / f"diffusionapi-configs-{__version__}" / name
     if (target / "model_index.json").exists():
         return target
-    tmp = target.with_name(f"{family}.{id(target)}.tmp")
+    tmp = target.with_name(f"{name}.{id(target)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(PACKAGED / family, tmp)
     for tok in tmp.glob("tokenizer*"):
         for f in TOKENIZER_FILES:
             shutil.copy(PACKAGED / "clip-tokenizer" / f, tok / f)
+    if unet_in_channels != 4:
+        import json
+
+        unet_cfg = tmp / "unet" / "config.json"
+        unet_cfg.write_text(json.dumps({**json.loads(unet_cfg.read_text()), "in_channels": unet_in_channels}, indent=2))
     try:
         tmp.rename(target)
     except OSError:  # another process won the race
@@ -46,7 +53,7 @@ def packaged_config(family: str) -> Path:
 
 
 def load_single_file(cls, entry: ModelEntry, dtype):
-    config = sidecar_config(entry.path) or packaged_config(entry.family)
+    config = sidecar_config(entry.path) or packaged_config(entry.family, single_file_unet_in_channels(entry.path))
     kwargs = dict(config=str(config), local_files_only=True, torch_dtype=dtype, **sd15_loader_kwargs(entry.family))
     if entry.path.suffix.lower() == ".ckpt":
         ckpt_keys(entry.path)  # refuse unsafe pickles before diffusers opens the file

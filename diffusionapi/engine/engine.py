@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .. import imageinput
 from ..vocabulary import LATENT_UPSCALE_MODES, SD15, SDXL, ModelFormat
 from . import fastmode
 from .fastmode import FastMode
@@ -15,7 +16,8 @@ from .hashes import FileHashes
 from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
 from .plan import (Cancelled, GeneratedImage, GenerationError, GenerationPlan, GenerationResult, JobCancelled, Report,
-                   hires_total_steps)
+                   UpscalePlan, hires_total_steps)
+from . import img2img
 from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
 from .embeddings import EmbeddingTensors
 from .prompts import extract_extra_networks
@@ -89,7 +91,7 @@ class Engine:
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
-    def generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled) -> GenerationResult:
+    def generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled) -> GenerationResult:
         try:
             return self._generate(plan, report, cancelled)
         except (JobCancelled, GenerationError):
@@ -101,17 +103,17 @@ class Engine:
             free_memory()
             raise GenerationError("out of memory: try a smaller size, fewer steps or a lower hires scale") from e
 
-    def _generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled) -> GenerationResult:
+    def _generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled) -> GenerationResult:
         progress = StageProgress(report)
 
         def check() -> None:
             if cancelled():
                 raise JobCancelled()
 
+        if isinstance(plan, UpscalePlan):
+            return self._upscale_only(plan, progress)
         t_load = time.perf_counter()
-        hires = plan.hires
-        first_hi = 50.0 if hires else 100.0
-        first_phase = "initial generation" if hires else "generation"
+        first_phase = "encoding" if plan.init else "initial generation" if plan.hires else "generation"
         if self.cache.is_loaded(plan.model.name) and (plan.refiner is None or self.cache.is_loaded(plan.refiner.name)):
             progress.phase(first_phase)
         needed = (plan.model.name,) + ((plan.refiner.name,) if plan.refiner else ())
@@ -124,29 +126,79 @@ class Engine:
         fastmode.set_fused(base.pipe.unet, not plan.loras)  # LoRA adapters wrap the unfused projections
         check()
 
-        generator = torch.Generator("cpu").manual_seed(plan.seed)
-        noise = NoiseFactory(generator, plan.seed)
-
-        schedule = make_schedule(base, plan.sampler, plan.steps)
-        shape = (1, base.pipe.unet.config.in_channels, plan.height // 8, plan.width // 8)
-        x = noise.initial(shape, self.device) * schedule.start_sigma
+        prepared = init = None
+        encode_image = lambda im: self._encode(base, im)  # noqa: E731
+        if plan.init is not None:
+            progress.phase("encoding")
+            prepared = img2img.prepare_input(plan.init, plan.width, plan.height)
+            init = img2img.encode_init(encode_image, prepared, self.device)
+            check()
         text = JobText(plan, self._lora_key(plan.loras))
         cond = self._conditioning(base, text, plan.width, plan.height)
-        den = CFGDenoiser(base, cond, plan.cfg_scale, check)
-        if refiner is None:
-            x = schedule.run(den, x, noise, progress.stage(first_phase, 0.0, first_hi))
+        rcond = self._conditioning(refiner, text, plan.width, plan.height) if refiner else None
+
+        images = []
+        # n_iter batches one after another, each its share of the progress; image k has seed + k.
+        for it in range(plan.n_iter):
+            seeds = [plan.seed + it * plan.batch_size + j for j in range(plan.batch_size)]
+            window = (100.0 * it / plan.n_iter, 100.0 * (it + 1) / plan.n_iter)
+            latents = self._sample_batch(plan, base, refiner, cond, rcond, seeds, prepared, init, progress,
+                                         window, check, text)
+            for j, seed in enumerate(seeds):
+                check()
+                image = self._decode(base, latents[j:j + 1], plan.final_width, plan.final_height)
+                if prepared is not None:
+                    image = prepared.composite(image)
+                images.append(image)
+
+        params = self._params(plan, text, prepared)
+        if plan.image_count > 1:
+            params["Batch size"] = plan.batch_size
+        results = []
+        for k, image in enumerate(images):
+            extra = {"Batch pos": k % plan.batch_size} if plan.batch_size > 1 else {}
+            results.append(GeneratedImage(image, plan.seed + k, {**params, "Seed": plan.seed + k, **extra}))
+        return GenerationResult(results, round(load_time, 3), warnings=text.warnings)
+
+    def _sample_batch(self, plan: GenerationPlan, base: LoadedModel, refiner: LoadedModel | None, cond, rcond,
+                      seeds: list[int], prepared, init, progress: StageProgress, window, check,
+                      text: "JobText") -> torch.Tensor:
+        """Latents of one batch (one UNet batch of ``len(seeds)`` images), over ``window`` of the progress."""
+        lo, hi = window
+        n = len(seeds)
+        hires = plan.hires
+        first_hi = lo + (hi - lo) * (0.5 if hires else 1.0)
+        first_phase = "initial generation" if hires else "generation"
+        noise = NoiseFactory.for_seeds(seeds)
+        schedule = make_schedule(base, plan.sampler, plan.steps)
+        shape = (n, base.pipe.vae.config.latent_channels, plan.height // 8, plan.width // 8)
+        init_z = None
+        if init is None:
+            x = noise.initial(shape, self.device) * schedule.start_sigma
         else:
-            k = plan.refiner_switch_step
-            s_base, s_ref = schedule.split(k)
-            share = first_hi * k / plan.steps
-            x = s_base.run(den, x, noise, progress.stage(first_phase, 0.0, share))
-            rcond = self._conditioning(refiner, text, plan.width, plan.height)
-            # A1111 keeps counting the steps of prompt editing across the switch.
-            rden = CFGDenoiser(refiner, rcond, plan.cfg_scale, check, step_offset=den.evals)
-            x = s_ref.run(rden, x, noise, progress.stage("refining", share, first_hi))
+            # A1111's img2img: the tail of the steps-step schedule, from the init latents noised
+            # with the image's own seeded noise (which "latent noise" fill also uses).
+            schedule = img2img_tail(schedule, img2img.img2img_steps(plan.steps, plan.init.denoising_strength))
+            first = noise.initial(shape, self.device)
+            init_z = img2img.fill_latents(init, plan.init.inpainting_fill, first)
+            x = init_z + first * schedule.start_sigma
+        den = self._denoiser(base, cond, plan, check, prepared, plan.width, plan.height, init, init_z)
+        if refiner is None:
+            x = schedule.run(den, x, noise, progress.stage(first_phase, lo, first_hi))
+        else:
+            k = int(round(schedule.steps * plan.refiner_switch_at))
+            s_base, s_ref = schedule.split(k) if 0 < k < schedule.steps else (schedule, None)
+            share = lo + (first_hi - lo) * s_base.steps / schedule.steps
+            x = s_base.run(den, x, noise, progress.stage(first_phase, lo, share))
+            if s_ref is not None:
+                # A1111 keeps counting the steps of prompt editing across the switch.
+                rden = self._denoiser(refiner, rcond, plan, check, None, plan.width, plan.height, init, init_z,
+                                      step_offset=den.evals)
+                x = s_ref.run(rden, x, noise, progress.stage("refining", share, first_hi))
+        if init is not None and init.keep is not None:
+            x = x * init.repaint + init_z * init.keep  # A1111 blends the final latents once more
         latents = x
 
-        params_hires = {}
         if hires:
             progress.phase("upscaling")
             latents = self._upscale(plan, base, latents)
@@ -154,45 +206,24 @@ class Engine:
             total = hires_total_steps(hires.steps, hires.denoising_strength)
             schedule2 = img2img_tail(make_schedule(base, plan.sampler, total), hires.steps)
             cond2 = self._conditioning(base, text, plan.final_width, plan.final_height, hires_steps=hires.steps)
-            den2 = CFGDenoiser(base, cond2, plan.cfg_scale, check)
+            den2 = self._denoiser(base, cond2, plan, check, None, plan.final_width, plan.final_height)
             x = latents + noise.initial(latents.shape, self.device) * schedule2.start_sigma
-            latents = schedule2.run(den2, x, noise, progress.stage("upscaling", first_hi, 100.0))
-            params_hires = {"Denoising strength": hires.denoising_strength, "Hires upscale": hires.scale,
-                            "Hires steps": hires.steps, "Hires upscaler": hires.upscaler.name}
+            latents = schedule2.run(den2, x, noise, progress.stage("upscaling", first_hi, hi))
         check()
-        image = self._decode(base, latents, plan.final_width, plan.final_height)
-        params = self._params(plan, params_hires, text)
-        return GenerationResult([GeneratedImage(image, plan.seed, params)], round(load_time, 3),
-                                warnings=text.warnings)
+        return latents
 
-    @torch.inference_mode()
-    def generate_batch(self, plans: list[GenerationPlan], reports: list[Report],
-                       cancelled: list[Cancelled]) -> list[GenerationResult | BaseException]:
-        """Several jobs of one ``batching.batch_key`` in one UNet batch; a result or an error per job."""
-        from .batching import generate_batch
-
-        return generate_batch(self, plans, reports, cancelled, StageProgress, JobText)
-
-    def _params(self, plan: GenerationPlan, params_hires: dict, text: "JobText") -> dict:
-        params = {
-            "Steps": plan.steps, "Sampler": plan.sampler.infotext_sampler,
-            "Schedule type": plan.sampler.infotext_schedule, "CFG scale": plan.cfg_scale, "Seed": plan.seed,
-            "Size": f"{plan.width}x{plan.height}",
-            # A1111's short hash of a checkpoint file (sites link images to models by it).
-            "Model hash": (self.hashes.sha256(plan.model.path)[:10]
-                           if plan.model.format == ModelFormat.SINGLE_FILE else None),
-            "Model": plan.model.name,
-            **params_hires,
-        }
-        if plan.refiner:
-            params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
-        if plan.clip_skip != 1:
-            params["Clip skip"] = plan.clip_skip
-        hashes = lora_hashes_infotext(plan.loras, self.hashes)
-        if hashes:
-            params["Lora hashes"] = hashes
-        params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
-        return params
+    def _denoiser(self, loaded: LoadedModel, cond, plan: GenerationPlan, check, prepared, width: int, height: int,
+                  init=None, init_z=None, step_offset: int = 0):
+        """The CFG denoiser; an inpainting UNet gets its mask + masked-image conditioning, and
+        a mask keeps the init latents outside it at every evaluation."""
+        den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset)
+        if img2img.is_inpainting_unet(loaded.pipe.unet):
+            extra = img2img.inpainting_conditioning(lambda im: self._encode(loaded, im), prepared, width, height,
+                                                    self.device)
+            den.unet = img2img.ConcatUNet(den.unet, extra)
+        if init is not None and init.keep is not None:
+            den = img2img.MaskedDenoiser(den, init_z, init.keep)
+        return den
 
     # ------------------------------------------------------------------ parts
     def _conditioning(self, loaded: LoadedModel, text: "JobText", width: int, height: int,
@@ -229,6 +260,40 @@ class Engine:
             free_memory()
             raise GenerationError(f"model {entry.name!r} could not be loaded from {entry.path.name}: "
                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+
+    @torch.inference_mode()
+    def generate_batch(self, plans: list[GenerationPlan], reports: list[Report],
+                       cancelled: list[Cancelled]) -> list[GenerationResult | BaseException]:
+        """Several jobs of one ``batching.batch_key`` in one UNet batch; a result or an error per job."""
+        from .batching import generate_batch
+
+        return generate_batch(self, plans, reports, cancelled, StageProgress, JobText)
+
+    def _params(self, plan: GenerationPlan, text: "JobText", prepared=None) -> dict:
+        params = {
+            "Steps": plan.steps, "Sampler": plan.sampler.infotext_sampler,
+            "Schedule type": plan.sampler.infotext_schedule, "CFG scale": plan.cfg_scale, "Seed": plan.seed,
+            "Size": f"{plan.width}x{plan.height}",
+            # A1111's short hash of a checkpoint file (sites link images to models by it).
+            "Model hash": (self.hashes.sha256(plan.model.path)[:10]
+                           if plan.model.format == ModelFormat.SINGLE_FILE else None),
+            "Model": plan.model.name,
+        }
+        if plan.hires:
+            hires = plan.hires
+            params.update({"Denoising strength": hires.denoising_strength, "Hires upscale": hires.scale,
+                           "Hires steps": hires.steps, "Hires upscaler": hires.upscaler.name})
+        if plan.init is not None:
+            params.update(img2img.infotext_params(plan.init, prepared))
+        if plan.refiner:
+            params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
+        if plan.clip_skip != 1:
+            params["Clip skip"] = plan.clip_skip
+        hashes = lora_hashes_infotext(plan.loras, self.hashes)
+        if hashes:
+            params["Lora hashes"] = hashes
+        params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
+        return params
 
     def _vae_for(self, loaded: LoadedModel, width: int, height: int):
         """The VAE, tiled above the size threshold. Its precision is fastmode.vae_run's: fp16
@@ -280,12 +345,35 @@ class Engine:
             if mode in ("bilinear", "bicubic"):
                 kwargs["align_corners"] = False
             return torch.nn.functional.interpolate(latents.float(), size=size, mode=mode, **kwargs)
-        image = self._decode(base, latents, plan.width, plan.height)
+        bigs = []
+        for i in range(latents.shape[0]):
+            image = self._decode(base, latents[i:i + 1], plan.width, plan.height)
+            bigs.append(self._encode(base, self._run_upscaler(hires.upscaler, image, (hires.width, hires.height))))
+        return torch.cat(bigs)
+
+    def _run_upscaler(self, upscaler, image: Image.Image, size: tuple[int, int]) -> Image.Image:
         try:
-            model = self.upscalers.get(hires.upscaler.path)
-            big = upscale_image(model, image, (hires.width, hires.height))
+            model = self.upscalers.get(upscaler.path)
+            return upscale_image(model, image, size)
         except UpscalerError as e:
             raise GenerationError(str(e)) from e
         except Exception as e:  # noqa: BLE001
-            raise GenerationError(f"upscaler {hires.upscaler.path.name!r} failed: {e}") from e
-        return self._encode(base, big)
+            raise GenerationError(f"upscaler {upscaler.path.name!r} failed: {e}") from e
+
+    def _upscale_only(self, plan: UpscalePlan, progress: StageProgress) -> GenerationResult:
+        """``/upscale``: the hires path's pixel upscaler (tiled, then resized to the exact size)."""
+        progress.stage("upscaling", 0.0, 100.0)
+        image = imageinput.flatten(plan.image)
+        size = (plan.width, plan.height)
+        t0 = time.perf_counter()
+        if plan.upscaler is None:
+            out = image.resize(size, imageinput.PIXEL_RESIZERS[plan.method])
+            load_time = 0.0
+        else:
+            loaded_before = self.upscalers.is_loaded(plan.upscaler.path)
+            out = self._run_upscaler(plan.upscaler, image, size)
+            load_time = 0.0 if loaded_before else time.perf_counter() - t0
+        params = {"Postprocess upscaler": plan.method}
+        params.update({"Postprocess upscale by": plan.scale} if plan.scale is not None
+                      else {"Postprocess upscale to": f"{plan.width}x{plan.height}"})
+        return GenerationResult([GeneratedImage(out, -1, params)], round(load_time, 3))

@@ -47,6 +47,21 @@ class HiresPlan:
     height: int
 
 
+@dataclass(frozen=True)
+class InitImagePlan:
+    """img2img: start from ``image`` (decoded, checked) instead of noise; with ``mask`` (same size,
+    white = repaint) only the masked part is repainted. A1111's fields and meanings."""
+    image: Image.Image
+    denoising_strength: float = 0.75
+    resize_mode: int = 0              # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale
+    mask: Image.Image | None = None
+    mask_blur: int = 4
+    inpainting_fill: int = 1          # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False    # "only masked": generate the masked area at width x height, paste back
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+
+
 @dataclass
 class GenerationPlan:
     model: ModelEntry
@@ -66,6 +81,7 @@ class GenerationPlan:
     n_iter: int = 1       # batches one after another; image k has seed ``seed + k``
     clip_skip: int = 1    # A1111's "Clip skip" (engine/conditioning.py)
     embeddings: tuple[EmbeddingEntry, ...] = ()  # textual inversions the prompts may call
+    init: InitImagePlan | None = None  # img2img / inpainting
 
     @property
     def final_width(self) -> int:
@@ -82,6 +98,20 @@ class GenerationPlan:
     @property
     def image_count(self) -> int:
         return self.batch_size * self.n_iter
+
+
+@dataclass
+class UpscalePlan:
+    """Upscale one image (``/upscale``): an upscaler file, or ``method`` "Lanczos" / "Nearest"
+    when ``upscaler`` is None; the result is exactly width x height."""
+    image: Image.Image
+    upscaler: UpscalerEntry | None
+    method: str
+    width: int
+    height: int
+    scale: float | None = None        # as requested (None: width and height were given)
+    prompt: str = ""                  # no prompt: the infotext has only the parameters line
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -105,7 +135,7 @@ class GenerationResult:
 class Engine(Protocol):
     """The engine's face, as the worker sees it."""
 
-    def generate(self, plan: GenerationPlan, report: Report, cancelled: Cancelled) -> GenerationResult: ...
+    def generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled) -> GenerationResult: ...
 
 
 def hires_total_steps(steps: int, strength: float) -> int:

@@ -78,7 +78,7 @@ class CFGDenoiser:
         if per_row:
             rows //= b
         xin = x_in.repeat(rows, *([1] * (x_in.dim() - 1))).to(self.dtype)
-        if b > 1 and not per_row:  # several images of one job: each row once per image
+        if b > 1 and not per_row:  # several images of one job: each conditioning row once per image
             embeds = embeds.repeat_interleave(b, 0)
             added = {k: v.repeat_interleave(b, 0) for k, v in added.items()} if added else added
         out = self.unet(xin, t.to(x_in.device).expand(rows * b), encoder_hidden_states=embeds,
@@ -102,18 +102,39 @@ class CFGDenoiser:
 
 @dataclass
 class NoiseFactory:
+    """Seeded Gaussian noise from CPU generators, one per image of a batch (``more`` holds the
+    (generator, seed) of images 2..n), so an image is the same alone or in a batch."""
     generator: torch.Generator
     seed: int
+    more: tuple = ()
+
+    @classmethod
+    def for_seeds(cls, seeds) -> "NoiseFactory":
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        return cls(gens[0], int(seeds[0]), tuple(zip(gens[1:], (int(s) for s in seeds[1:]))))
+
+    @property
+    def streams(self) -> list:
+        return [(self.generator, self.seed), *self.more]
+
+    def draw(self, shape) -> torch.Tensor:
+        if not self.more:
+            return torch.randn(shape, generator=self.generator, dtype=torch.float32)
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g, _ in self.streams])
 
     def initial(self, shape, device) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(device)
+        return self.draw(shape).to(device)
 
-    def source(self, algorithm: str, x: torch.Tensor, sigmas: torch.Tensor):
-        """The sampler's per-step noise (engine/batching.py's BatchNoise gives one per row)."""
-        if algorithm == "dpmpp_sde":
-            positive = sigmas[sigmas > 0]
-            return kd.BrownianNoise(x, float(positive.min()), float(positive.max()), self.seed)
-        return kd.SeededNoise(self.generator, x)
+    def sampler_noise(self, like: torch.Tensor):
+        """Fresh noise per step (ancestral and SDE samplers)."""
+        return lambda sigma=None, sigma_next=None: self.draw(like.shape).to(like.device, like.dtype)
+
+    def brownian(self, like: torch.Tensor, sigma_min: float, sigma_max: float):
+        """DPM++ SDE's Brownian-tree noise, one tree per image seeded by its seed."""
+        if not self.more:
+            return kd.BrownianNoise(like, sigma_min, sigma_max, self.seed)
+        trees = [kd.BrownianNoise(like[i:i + 1], sigma_min, sigma_max, seed) for i, (_, seed) in enumerate(self.streams)]
+        return lambda sigma, sigma_next: torch.cat([tree(sigma, sigma_next) for tree in trees])
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -138,7 +159,11 @@ class SigmaSchedule:
     def run(self, denoiser: CFGDenoiser, x: torch.Tensor, noise: NoiseFactory, progress) -> torch.Tensor:
         spec = self.sampler.spec
         eta = 1.0 if spec.stochastic else 0.0
-        src = noise.source(spec.algorithm, x, self.sigmas)
+        if spec.algorithm == "dpmpp_sde":
+            positive = self.sigmas[self.sigmas > 0]
+            src = noise.brownian(x, float(positive.min()), float(positive.max()))
+        else:
+            src = noise.sampler_noise(x)
         if spec.algorithm == "dpm_adaptive":  # step count unknown: progress is the log-sigma covered
             ctx = kd.RunContext(noise=src, progress=progress, eta=eta)
             lo = float(self.sigmas[-1]) if float(self.sigmas[-1]) > 0 else denoiser.ms.sigma_min

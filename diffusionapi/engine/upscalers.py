@@ -24,6 +24,10 @@ class UpscalerCache:
         self._model = None
         self._lock = threading.Lock()
 
+    def is_loaded(self, path: Path) -> bool:
+        st = path.stat()
+        return self._key == (str(path), st.st_mtime, st.st_size)
+
     def get(self, path: Path):
         st = path.stat()
         key = (str(path), st.st_mtime, st.st_size)

@@ -1,0 +1,10 @@
+"""AUTOMATIC1111-compatible API at `/sdapi/v1`, as an adapter onto the native API and its queue."""
+from __future__ import annotations
+
+
+def install(app, settings, registry) -> None:
+    from .routes import build_router
+    from .service import SdapiState
+
+    app.state.sdapi = SdapiState(app, settings, registry)
+    app.include_router(build_router(app.state.sdapi))

@@ -1,0 +1,377 @@
+"""AUTOMATIC1111's `/sdapi/v1` wire format (v1.10 `modules/api/models.py`), and its conversion,
+in one place, into the native request this service queues.
+
+Clients send A1111's whole processing object, often with fields we do not model: unknown fields
+are ignored, numbers may come as strings ("1.0"), and a value A1111 would have accepted never
+becomes a 4xx here when there is a faithful fallback (an unknown sampler runs the default one,
+with a warning, as A1111 does).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ...engine.samplers import SAMPLER_NAMES, SamplerChoiceError, resolve_sampler
+
+log = logging.getLogger("diffusionapi.sdapi")
+
+
+def _lenient_number(v):
+    """'32' -> 32, '1.0' -> 1.0 (text-generation-webui sends hr_scale as a string)."""
+    if isinstance(v, str):
+        s = v.strip()
+        try:
+            f = float(s)
+        except ValueError:
+            return v
+        return int(f) if f.is_integer() and "." not in s and "e" not in s.lower() else f
+    return v
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _coerce(cls, v, info):
+        v = _lenient_number(v)
+        ann = cls.model_fields[info.field_name].annotation
+        if ann in (int, int | None) and isinstance(v, float) and v.is_integer():
+            return int(v)
+        return v
+
+
+class Txt2ImgAPIRequest(_Wire):
+    """A1111's StableDiffusionProcessingTxt2Img, as its API accepts it (defaults are A1111's)."""
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    comments: dict | None = None
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    force_task_id: str | None = None
+    script_name: str | None = None
+    script_args: list = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict = Field(default_factory=dict)
+    infotext: str | None = None
+    clip_skip: int | None = None  # SD.Next's top-level field; SillyTavern sends it too
+
+
+class Img2ImgAPIRequest(Txt2ImgAPIRequest):
+    """A1111's StableDiffusionProcessingImg2Img, as its API accepts it."""
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float | None = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class GenerationResponse(BaseModel):
+    images: list[str] | None = None
+    parameters: dict
+    info: str
+
+
+class ExtrasSingleImageRequest(_Wire):
+    image: str = ""
+    resize_mode: int = 0  # 0: by upscaling_resize, 1: to upscaling_resize_w x _h
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0
+    codeformer_visibility: float = 0
+    codeformer_weight: float = 0
+    upscaling_resize: float = Field(2.0, gt=0)
+    upscaling_resize_w: int = Field(512, ge=1)
+    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    image: str | None = None
+    html_info: str
+
+
+class PNGInfoRequest(_Wire):
+    image: str
+
+
+class PNGInfoResponse(BaseModel):
+    info: str
+    items: dict
+    parameters: dict
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+# A1111's built-in upscalers that are plain resizes (listed first; SillyTavern assumes item 0 is "None").
+BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")
+
+
+# ---------------------------------------------------------------------- samplers and schedulers
+# A1111 1.10 lists samplers by base name and takes the schedule separately; old names such as
+# "DPM++ 2M Karras" still arrive (Dify, old configs). Our table has both kinds of names.
+SAMPLER_ALIASES: dict[str, list[str]] = {
+    "Euler": ["k_euler"], "Euler a": ["k_euler_a", "k_euler_ancestral"], "Heun": ["k_heun"],
+    "DPM2": ["k_dpm_2"], "DPM++ 2S a": ["k_dpmpp_2s_a"], "DPM++ 2M": ["k_dpmpp_2m"],
+    "DPM++ SDE": ["k_dpmpp_sde"], "DPM fast": ["k_dpm_fast"], "DPM adaptive": ["k_dpm_ad"], "LMS": ["k_lms"],
+    "DDIM": ["ddim"], "PLMS": ["plms"], "UniPC": ["unipc"],
+}
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    name: str                # A1111's name
+    label: str               # A1111's label (also accepted)
+    native: str | None       # our scheduler_type; None: the sampler's own ("Automatic")
+    aliases: tuple[str, ...] = ()
+    default_rho: float = -1
+    need_inner_model: bool = False
+
+
+# The schedules this service can run, under A1111's names. "uniform" and "normal" both mean
+# timesteps evenly spaced over the whole range here (A1111's two differ in the last step only).
+SCHEDULERS: tuple[Scheduler, ...] = (
+    Scheduler("automatic", "Automatic", None),
+    Scheduler("uniform", "Uniform", "default", need_inner_model=True),
+    Scheduler("karras", "Karras", "karras", default_rho=7.0),
+    Scheduler("exponential", "Exponential", "exponential"),
+    Scheduler("normal", "Normal", "default", need_inner_model=True),
+    Scheduler("ddim", "DDIM", "ddim", need_inner_model=True),
+    Scheduler("pndm", "PNDM", "pndm"),  # not in A1111: the spacing of the model's own scheduler config
+)
+
+
+def _scheduler(name: str | None) -> Scheduler | None:
+    key = (name or "").strip().casefold()
+    for s in SCHEDULERS:
+        if key in (s.name, s.label.casefold(), *(a.casefold() for a in s.aliases)):
+            return s
+    return None
+
+
+def _sampler_name(name: str | None) -> str | None:
+    key = (name or "").strip().casefold()
+    for n in SAMPLER_NAMES:
+        if key == n.casefold() or key in SAMPLER_ALIASES.get(n, ()):
+            return n
+    return None
+
+
+def resolve_sampler_choice(sampler: str | None, scheduler: str | None, default_sampler: str,
+                           warnings: list[str]) -> tuple[str, str | None]:
+    """A1111's (sampler, scheduler) -> our (sampler_name, scheduler_type); never fails."""
+    requested = (sampler or "").strip() or default_sampler
+    sched = _scheduler(scheduler)
+    if scheduler and sched is None:
+        warnings.append(f"scheduler {scheduler!r} is not available; using the sampler's own schedule")
+    name = _sampler_name(requested)
+    if name is None:
+        # "<sampler> <Schedule>" as A1111 still accepts it: "DPM++ 2M Exponential", "Euler a Karras".
+        for s in SCHEDULERS[1:]:
+            for suffix in (s.label, s.name):
+                if requested.casefold().endswith(" " + suffix.casefold()):
+                    base = _sampler_name(requested[: -len(suffix) - 1])
+                    if base is not None:
+                        name, sched = base, s
+                        break
+            if name:
+                break
+    if name is None:
+        warnings.append(f"sampler {requested!r} is not available; using {default_sampler!r}")
+        name = default_sampler
+    scheduler_type = sched.native if sched else None
+    try:
+        resolve_sampler(name, scheduler_type)
+    except SamplerChoiceError:
+        warnings.append(f"sampler {name!r} cannot run with schedule {sched.label!r}; using its own schedule")
+        scheduler_type = None
+    return name, scheduler_type
+
+
+# ---------------------------------------------------------------------- conversion
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$")
+
+
+def checkpoint_key(value: str) -> str:
+    """A1111 names a checkpoint by title "dir/file.safetensors [hash]", file name, or model name."""
+    v = _TITLE_HASH.sub("", value.strip())
+    for ext in (".safetensors", ".ckpt"):
+        if v.lower().endswith(ext):
+            v = v[: -len(ext)]
+    return v
+
+
+class FieldError(ValueError):
+    """A value that names something not installed: the field and the choices go to the client."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _checkpoint(ctx: "Context", value: str, field: str) -> str:
+    try:
+        return ctx.resolve_checkpoint(value)
+    except LookupError as e:
+        raise FieldError(field, str(e.args[0] if e.args else e)) from None
+
+
+@dataclass
+class Context:
+    """What a conversion needs besides the request: set once per request by the route."""
+    default_sampler: str
+    model: str | None               # the /sdapi options model (a native name), None: the service default
+    clip_skip: int | None           # the /sdapi options CLIP_stop_at_last_layers
+    resolve_checkpoint: Any         # callable(str) -> native model name (raises LookupError)
+    supports: frozenset[str]        # native request fields that exist
+    warnings: list[str] = field(default_factory=list)
+
+
+def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
+    """The native /txt2img (or /img2img) request body for an A1111 request."""
+    overrides = req.override_settings or {}
+    sampler, scheduler_type = resolve_sampler_choice(req.sampler_name or req.sampler_index, req.scheduler,
+                                                     ctx.default_sampler, ctx.warnings)
+    body: dict[str, Any] = {
+        "prompt": req.prompt, "negative_prompt": req.negative_prompt or "",
+        "steps": req.steps, "cfg_scale": req.cfg_scale, "width": req.width, "height": req.height,
+        "sampler_name": sampler, "scheduler_type": scheduler_type,
+        "seed": req.seed if req.seed is not None and req.seed >= 0 else None,
+        "fileType": "png",  # A1111 answers PNGs; the infotext rides in their text chunk
+    }
+    checkpoint = overrides.get("sd_model_checkpoint")
+    model = _checkpoint(ctx, str(checkpoint), "override_settings.sd_model_checkpoint") if checkpoint else ctx.model
+    if model:
+        body["model"] = model
+    if req.refiner_checkpoint and req.refiner_checkpoint.strip() not in ("", "None"):
+        body["refiner_checkpoint"] = _checkpoint(ctx, req.refiner_checkpoint, "refiner_checkpoint")
+        if req.refiner_switch_at:
+            body["refiner_switch_at"] = req.refiner_switch_at
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", req.clip_skip if req.clip_skip else ctx.clip_skip)
+    clip_skip = _lenient_number(clip_skip)
+    if isinstance(clip_skip, (int, float)) and clip_skip >= 1:
+        if "clip_skip" in ctx.supports:
+            body["clip_skip"] = int(clip_skip)
+        elif clip_skip > 1:
+            ctx.warnings.append("clip skip is not supported by this server; ignored")
+    for name in ("batch_size", "n_iter"):
+        value = getattr(req, name)
+        if name in ctx.supports:
+            body[name] = value
+        elif value != 1:
+            ctx.warnings.append(f"{name} {value} is not supported by this server; making one image")
+    if "preview" in ctx.supports:  # feeds /progress's current_image, as A1111's live previews do
+        body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
+    if req.enable_hr and not isinstance(req, Img2ImgAPIRequest):
+        body["hires"] = _hires(req)
+    for unused in ("hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
+        if getattr(req, unused) and getattr(req, unused) not in ("Use same checkpoint", "Use same sampler"):
+            ctx.warnings.append(f"{unused} is not supported; the second pass uses the first pass's")
+    return body
+
+
+PREVIEW_EVERY_N_STEPS = 10  # A1111's show_progress_every_n_steps default
+HIRES_DENOISING_DEFAULT = 0.75  # A1111's txt2img default; 0 or absent means "not set" here
+
+
+def _hires(req: Txt2ImgAPIRequest) -> dict:
+    scale = req.hr_scale
+    # A1111: a resize target wins over the scale. With both sides given it crops to fit; here the
+    # scale that covers the target is used (same size when the aspect ratios agree).
+    if req.hr_resize_x or req.hr_resize_y:
+        ratios = [r for r in ((req.hr_resize_x / req.width) if req.hr_resize_x else 0,
+                              (req.hr_resize_y / req.height) if req.hr_resize_y else 0) if r]
+        scale = max(ratios)
+    hires: dict[str, Any] = {"enabled": True, "scale": scale,
+                             "upscaler": req.hr_upscaler if req.hr_upscaler not in (None, "", "None") else "Latent",
+                             # A1111: 0 second-pass steps means as many as the first pass
+                             "steps": req.hr_second_pass_steps or req.steps}
+    hires["denoising_strength"] = req.denoising_strength if req.denoising_strength else HIRES_DENOISING_DEFAULT
+    return hires
+
+
+def img2img_native(req: Img2ImgAPIRequest, ctx: Context) -> dict:
+    body = to_native(req, ctx)
+    images = req.init_images or []
+    body.update({
+        "init_image": images[0] if images else None,
+        "denoising_strength": req.denoising_strength if req.denoising_strength is not None else 0.75,
+        "resize_mode": req.resize_mode,
+        "inpainting_fill": req.inpainting_fill,
+        "inpaint_full_res": req.inpaint_full_res,
+        "inpaint_full_res_padding": req.inpaint_full_res_padding,
+        "inpainting_mask_invert": req.inpainting_mask_invert,
+    })
+    if req.mask:
+        body["mask"] = req.mask
+        body["mask_blur"] = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
+    if len(images) > 1:
+        ctx.warnings.append(f"{len(images)} init images given; the first is used")
+    return body

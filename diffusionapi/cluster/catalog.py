@@ -1,0 +1,118 @@
+"""The cluster catalog: what each worker has, published to Redis; API nodes see the union.
+
+A worker publishes its models (name, label, family, format, hash where it has one), LoRAs,
+upscalers and embeddings at start and on each refresh. An API node answers the list
+endpoints and validates requests against the union of the catalogs of the *live* workers, so
+a job for a model no live worker has is a 422 naming the model — it is never queued to wait
+for nobody.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import redis
+
+from ..registry import (LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, Registry, UnknownName, UpscalerEntry,
+                        display_path)
+
+log = logging.getLogger(__name__)
+
+
+def _model_hash(registry: Registry, m) -> str | None:
+    # A1111's short hash is only defined for single files; it is cached on disk per file version.
+    if m.format != "single-file":
+        return None
+    try:
+        from ..engine.hashes import FileHashes
+
+        return FileHashes(Path(registry.settings.queue_dir) / ".file-hashes.json").sha256(m.path)[:10]
+    except Exception:  # noqa: BLE001 - a hash is informative; an unreadable file shows up when used
+        return None
+
+
+def catalog_of(registry: Registry, models) -> dict:
+    out = {
+        "models": [{"name": m.name, "label": m.label, "family": m.family, "format": m.format,
+                    "path": display_path(m.path), "hash": _model_hash(registry, m)} for m in models],
+        "loras": [{"name": e.name, "family": e.family, "path": display_path(e.path)} for e in registry.loras()],
+        "upscalers": [{"name": u.name, "path": display_path(u.path)}
+                      for u in registry.upscalers() if not u.is_latent],
+    }
+    embeddings = getattr(registry, "embeddings", None)
+    if callable(embeddings):
+        try:
+            out["embeddings"] = [_plain(e) for e in embeddings()]
+        except Exception:  # noqa: BLE001
+            out["embeddings"] = []
+    return out
+
+
+def _plain(entry) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    d = asdict(entry) if is_dataclass(entry) else dict(entry)
+    return {k: (display_path(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def merge(catalogs: list[dict]) -> dict:
+    """The union, first worker's entry winning per name (names are the identity across hosts)."""
+    out: dict[str, dict[str, dict]] = {"models": {}, "loras": {}, "upscalers": {}, "embeddings": {}}
+    for cat in catalogs:
+        for kind, seen in out.items():
+            for e in cat.get(kind, []):
+                seen.setdefault(e["name"], e)
+    return {kind: sorted(v.values(), key=lambda e: e["name"].casefold()) for kind, v in out.items()}
+
+
+class CatalogRegistry(Registry):
+    """The Registry interface over the union of live workers' catalogs (API nodes of a cluster).
+
+    Name resolution (labels, hub-cache short names, close-match suggestions) is the Registry's
+    own; only the scans are replaced by the catalog. Paths are the workers' display paths."""
+
+    def __init__(self, settings, state, *, refresh_sec: float = 1.0):
+        super().__init__(settings)
+        self.state = state
+        self.refresh_sec = refresh_sec
+        self._union: dict | None = None
+        self._at = 0.0
+        self._lock = threading.Lock()
+
+    def union(self) -> dict:
+        with self._lock:
+            if self._union is None or time.monotonic() - self._at >= self.refresh_sec:
+                try:
+                    live = [w["name"] for w in self.state.workers()
+                            if w["heartbeat_age"] <= 3 * self.settings.worker_heartbeat_sec]
+                    self._union = merge(self.state.catalogs(live))
+                except redis.RedisError as e:  # Redis restarting: the last view (or none) until it is back
+                    log.warning("cluster catalog unavailable: %s", e)
+                    self._union = self._union or merge([])
+                self._at = time.monotonic()
+            return self._union
+
+    def models(self, problems: dict[str, str] | None = None) -> list[ModelEntry]:
+        return [ModelEntry(m["name"], m.get("label") or m["name"], Path(m.get("path") or m["name"]), m["family"],
+                           m["format"]) for m in self.union()["models"]]
+
+    def resolve_model(self, requested: str, **kw) -> ModelEntry:
+        try:
+            return super().resolve_model(requested, **kw)
+        except UnknownName as e:
+            msg = str(e)
+            if msg.startswith("unknown model"):
+                msg = "no live worker has model" + msg[len("unknown model"):]
+            raise UnknownName(msg) from None
+
+    def loras(self) -> list[LoraEntry]:
+        return [LoraEntry(e["name"], Path(e.get("path") or e["name"]), e.get("family"))
+                for e in self.union()["loras"]]
+
+    def upscalers(self, problems: dict[str, str] | None = None) -> list[UpscalerEntry]:
+        return [UpscalerEntry(n, None) for n in LATENT_UPSCALE_MODES] + [UpscalerEntry(u["name"], Path(u.get("path") or u["name"])) for u in self.union()["upscalers"]]
+
+    def embeddings(self) -> list[dict]:
+        return list(self.union()["embeddings"])

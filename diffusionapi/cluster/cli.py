@@ -1,0 +1,69 @@
+"""The `diffusionapi` command: the two roles of a cluster.
+
+  diffusionapi api    [--host H] [--port P] [--workers N]        stateless HTTP node (Celery backend)
+  diffusionapi worker [--device cuda:N] [--models a,b] [--name N] one process per GPU
+
+Both read the same DIFFUSIONAPI_* settings (BROKER_URL, REDIS_URL, ...). ``api`` sets
+DIFFUSIONAPI_BACKEND=celery unless it is set; an API node holds no job state, so uvicorn's
+``--workers`` may be above 1 here (unlike the embedded backend).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _api(args) -> int:
+    import uvicorn
+
+    os.environ.setdefault("DIFFUSIONAPI_BACKEND", "celery")
+    uvicorn.run("diffusionapi.main:app", host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    return 0
+
+
+def _worker(args) -> int:
+    from ..config import Settings
+    from .worker import serve
+
+    if args.device:
+        os.environ["DIFFUSIONAPI_DEVICE"] = args.device
+    settings = Settings()
+    engine_factory = None
+    if args.sleep_engine is not None:
+        from .sleep_engine import SleepEngine
+
+        seconds = args.sleep_engine
+        engine_factory = lambda: SleepEngine(seconds)  # noqa: E731
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    return serve(settings, name=args.name, models=models, engine_factory=engine_factory,
+                 loglevel=args.log_level.upper())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="diffusionapi", description="DiffusionAPI cluster roles")
+    sub = ap.add_subparsers(dest="role", required=True)
+    api = sub.add_parser("api", help="an HTTP node (Celery backend)")
+    api.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    api.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7866")))
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (stateless: any number)")
+    api.add_argument("--ssl-certfile", default=os.environ.get("SSL_CERTFILE") or None)
+    api.add_argument("--ssl-keyfile", default=os.environ.get("SSL_KEYFILE") or None)
+    api.add_argument("--log-level", default="info")
+    wk = sub.add_parser("worker", help="a GPU worker")
+    wk.add_argument("--device", default=None, help="cuda:N, cuda, mps, cpu (default: DIFFUSIONAPI_DEVICE)")
+    wk.add_argument("--models", default=None, help="comma-separated model names to serve (default: all installed); "
+                                                   "the first is loaded at start and preferred")
+    wk.add_argument("--name", default=None, help="worker name in /cluster (default host:device:pid)")
+    wk.add_argument("--sleep-engine", type=float, default=None, metavar="SECONDS",
+                    help="benchmarks: each job sleeps instead of generating")
+    wk.add_argument("--log-level", default="warning")
+    args = ap.parse_args(argv)
+    return _api(args) if args.role == "api" else _worker(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

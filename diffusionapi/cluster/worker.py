@@ -1,0 +1,209 @@
+"""`diffusionapi worker`: one process per GPU, consuming the queues of the models it serves.
+
+The model stays loaded in this process between jobs. A heartbeat thread publishes the worker's
+info (device, loaded model, current job) and its catalog to Redis and renews the lease on the
+running job; a worker whose heartbeat stops is shown dead in ``GET /cluster`` and its job is
+claimed by the next worker the broker hands it to (attempts counted; three is the cap).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from .celery_app import AFFINITY_PRIORITY, ANY_QUEUE, TASK_NAME, make_celery, make_queue, queue_name
+from .state import RedisJobState, status_dict
+
+log = logging.getLogger("diffusionapi.worker")
+
+MAX_ATTEMPTS = 3
+CATALOG_REFRESH_SEC = 30.0
+
+
+def build_catalog(registry, models) -> dict:
+    """What this worker can run, as plain JSON: the API nodes validate against the union."""
+    from .catalog import catalog_of
+
+    return catalog_of(registry, models)
+
+
+class ClusterWorker:
+    def __init__(self, settings, *, name: str | None = None, models: list[str] | None = None,
+                 engine_factory=None):
+        from ..registry import Registry
+
+        self.settings = settings
+        self.name = name or f"{socket.gethostname()}:{settings.device}:{os.getpid()}"
+        self.state = RedisJobState(settings.redis_url, results_ttl=settings.results_ttl_sec, max_attempts=MAX_ATTEMPTS)
+        self.registry = Registry(settings)
+        self.requested_models = models
+        self._engine_factory = engine_factory
+        self._engine = None
+        self._engine_lock = threading.Lock()
+        self.hb = settings.worker_heartbeat_sec
+        self.lease_sec = 3 * self.hb
+        self.current_job: str | None = None
+        self.loaded_model: str | None = None
+        self.started_at = time.time()
+        self.jobs_done = 0
+        self._stop = threading.Event()
+        self._catalog_at = 0.0
+        self.models = self._served_models()
+
+    # ------------------------------------------------------------------ what it serves
+    def _served_models(self):
+        from ..registry import UnknownName
+
+        installed = [m for m in self.registry.models()]
+        if not self.requested_models:
+            return installed
+        out = []
+        for name in self.requested_models:
+            try:
+                out.append(self.registry.resolve_model(name, models=installed))
+            except UnknownName as e:
+                raise SystemExit(f"worker: --models: {e}") from None
+        return out
+
+    @property
+    def home_model(self) -> str | None:
+        """The model whose queue this worker prefers (its first one; loaded on start when possible)."""
+        return self.models[0].name if self.models else None
+
+    def queues(self):
+        qs = [make_queue(queue_name(m.name), AFFINITY_PRIORITY if m.name == self.home_model else 0)
+              for m in self.models]
+        return qs + [make_queue(ANY_QUEUE)]
+
+    @property
+    def engine(self):
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = self._engine_factory() if self._engine_factory else self._default_engine()
+            return self._engine
+
+    def _default_engine(self):
+        from ..engine.engine import Engine
+
+        return Engine(self.settings)
+
+    # ------------------------------------------------------------------ heartbeat
+    def info(self) -> dict:
+        return {"device": self.settings.device, "host": socket.gethostname(), "pid": os.getpid(),
+                "models": [m.name for m in self.models], "loaded_model": self.loaded_model,
+                "current_job": self.current_job, "jobs_done": self.jobs_done, "started_at": self.started_at}
+
+    def beat(self) -> None:
+        catalog = None
+        if time.time() - self._catalog_at >= CATALOG_REFRESH_SEC:
+            self.registry = type(self.registry)(self.settings)  # rescan: files may have been added
+            self.models = [m for m in self._served_models()]
+            catalog = build_catalog(self.registry, self.models)
+            self._catalog_at = time.time()
+        ttl = max(60, int(self.hb * 30))
+        self.state.heartbeat(self.name, self.info(), ttl, catalog)
+        job = self.current_job
+        if job:
+            self.state.renew_lease(job, self.name, self.lease_sec)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.hb):
+            try:
+                self.beat()
+            except Exception as e:  # noqa: BLE001 - Redis may be restarting; keep beating
+                log.warning("heartbeat failed: %s", e)
+
+    def start_heartbeat(self) -> None:
+        self.beat()
+        threading.Thread(target=self._heartbeat_loop, name="diffusionapi-heartbeat", daemon=True).start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        try:
+            self.state.remove_worker(self.name)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+    # ------------------------------------------------------------------ one job
+    def run(self, job_id: str) -> str:
+        """Called for each broker delivery of ``job_id``; returns what happened (for logs and tests)."""
+        while True:
+            verdict, attempt, record = self.state.claim(job_id, self.name, self.lease_sec)
+            if verdict != "busy":
+                break
+            # Another worker holds it and is alive (a redelivery after a broker restart, or a Redis
+            # broker's visibility timeout): wait until it finishes or its lease runs out.
+            time.sleep(self.hb)
+        if verdict != "run":
+            return verdict
+        self.current_job = job_id
+        try:
+            self.beat()
+            from .execute import execute_job
+
+            final, images = execute_job(self, job_id, record)
+            if not self.state.finish(job_id, self.name, final, images):
+                log.warning("job %s: finished here but no longer ours (lease lost); result dropped", job_id)
+            self.jobs_done += 1
+            return final["state"]
+        finally:
+            self.current_job = None
+            try:
+                self.beat()  # /cluster shows the worker free at once
+            except Exception:  # noqa: BLE001
+                pass
+
+    def report_progress(self, job_id: str):
+        last = {"t": 0.0, "phase": None, "p": 0.0}
+
+        def report(phase: str, progress: float) -> None:
+            now = time.perf_counter()
+            # Throttled as the embedded worker is: a Redis write per tiny step costs more than the step.
+            if phase != last["phase"] or now - last["t"] >= 0.05:
+                last.update(t=now, phase=phase)
+                self.state.progress(job_id, self.name, status_dict("processing", phase, round(progress, 2)))
+        return report
+
+    def cancel_check(self, job_id: str):
+        last = {"t": 0.0, "v": False}
+
+        def cancelled() -> bool:
+            now = time.perf_counter()
+            if not last["v"] and now - last["t"] >= 0.05:
+                last["t"] = now
+                last["v"] = self.state.cancel_requested(job_id)
+            return last["v"]
+        return cancelled
+
+
+def serve(settings, *, name: str | None = None, models: list[str] | None = None, engine_factory=None,
+          loglevel: str = "INFO") -> int:
+    """Runs a Celery worker (one execution slot, threads pool: the model stays in this process)."""
+    worker = ClusterWorker(settings, name=name, models=models, engine_factory=engine_factory)
+    app = make_celery(settings)
+    queues = worker.queues()
+    app.conf.task_queues = queues
+
+    @app.task(name=TASK_NAME, ignore_result=True)
+    def run_job(job_id: str) -> str:
+        return worker.run(job_id)
+
+    if worker.home_model:
+        try:  # load the home model now, so its first job does not pay for it
+            from .execute import preload
+
+            preload(worker, worker.home_model)
+        except Exception as e:  # noqa: BLE001 - the first job reports the real error
+            log.warning("could not preload %s: %s", worker.home_model, e)
+    worker.start_heartbeat()
+    log.info("worker %s: device %s, queues %s", worker.name, settings.device, ", ".join(q.name for q in queues))
+    try:
+        w = app.Worker(pool="threads", concurrency=1, queues=[q.name for q in queues], hostname=worker.name,
+                       without_gossip=True, without_mingle=True, without_heartbeat=True, loglevel=loglevel,
+                       optimization="fair", quiet=True)
+        w.start()  # SIGTERM: warm shutdown, the running job finishes first
+        return w.exitcode or 0
+    finally:
+        worker.stop_heartbeat()

@@ -1,0 +1,41 @@
+"""The cluster catalog: a worker publishes what its registry found; API nodes resolve names against
+the union of the live workers' catalogs (real Redis, real registry scans of tiny models)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from diffusionapi.cluster.catalog import CatalogRegistry, catalog_of
+from diffusionapi.cluster.state import RedisJobState
+from diffusionapi.registry import Registry, UnknownName
+from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+def state(redis_server):  # noqa: F811
+    s = RedisJobState(redis_server.url)
+    s.r.flushdb()
+    yield s
+    s.close()
+
+
+def test_union_of_live_workers_resolves_names_and_names_what_is_missing(state, model_store, tmp_path):
+    settings = make_settings(model_store, tmp_path, worker_heartbeat_sec=0.2)
+    local = Registry(settings)
+    models = {m.name: m for m in local.models()}
+    cat_sd15 = catalog_of(local, [models["tiny-sd15"]])
+    assert cat_sd15["models"] == [{"name": "tiny-sd15", "label": "Tiny SD", "family": "sd15", "format": "diffusers",
+                                   "path": cat_sd15["models"][0]["path"], "hash": None}]
+    state.heartbeat("a", {"device": "cuda:0"}, ttl=30, catalog=cat_sd15)
+    state.heartbeat("b", {"device": "cuda:1"}, ttl=30, catalog=catalog_of(local, [models["tiny-sdxl"]]))
+    api = CatalogRegistry(settings, state, refresh_sec=0)
+    assert [m.name for m in api.models()] == ["tiny-sd15", "tiny-sdxl"]
+    assert api.resolve_model("Tiny XL").name == "tiny-sdxl"  # labels resolve as on one box
+    assert [u.name for u in api.upscalers()][:1] == ["Latent"]
+    time.sleep(0.7)  # both stop beating: dead after 3 heartbeats
+    state.heartbeat("a", {"device": "cuda:0"}, ttl=30)
+    assert [m.name for m in api.models()] == ["tiny-sd15"]
+    with pytest.raises(UnknownName, match="no live worker has model 'tiny-sdxl'"):
+        api.resolve_model("tiny-sdxl")

@@ -1,0 +1,127 @@
+"""The Redis job state of the Celery backend, against a real redis-server: every transition two
+nodes could race on is atomic, and the final response is taken exactly once."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from diffusionapi.cluster.state import RedisJobState, status_dict
+from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
+
+
+@pytest.fixture
+def state(redis_server):  # noqa: F811
+    s = RedisJobState(redis_server.url, results_ttl=60, max_attempts=3)
+    s.r.flushdb()
+    yield s
+    s.close()
+
+
+def _jid() -> str:
+    return str(uuid.uuid4())
+
+
+def _queue(state, n=1, max_jobs=0) -> list[str]:
+    ids = [_jid() for _ in range(n)]
+    for j in ids:
+        assert state.create(j, {"kind": "txt2img", "payload": {"prompt": j}, "queue": "q"}, max_jobs) is not None
+    return ids
+
+
+def test_positions_are_exact_in_submit_order_and_running_is_zero(state):
+    a, b, c = _queue(state, 3)
+    assert [state.position(j) for j in (a, b, c)] == [1, 2, 3]
+    verdict, attempt, record = state.claim(b, "w1", 5)
+    assert (verdict, attempt, record["payload"]["prompt"]) == ("run", 1, b)
+    assert [state.position(j) for j in (a, b, c)] == [1, 0, 2]
+    st, pos = state.status(b)
+    assert st["state"] == "processing" and pos == 0
+    assert state.running() == {b: "w1"} and state.waiting_ids() == [a, c]
+
+
+def test_final_response_is_taken_exactly_once_by_racing_readers(state):
+    (j,) = _queue(state)
+    state.claim(j, "w1", 5)
+    assert state.take_final(j) is None  # not final yet: nothing taken, still there
+    assert state.progress(j, "w1", status_dict("processing", "generation", 50.0))
+    assert state.status(j)[0]["progress"] == 50.0
+    assert state.finish(j, "w1", status_dict("done", progress=100.0, seed=3), [b"img0", b"img1"])
+    assert state.r.ttl(f"dapi:job:{j}") > 0  # unread results expire
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(RedisJobState(state.url).take_final(j)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [g for g in got if g is not None]
+    assert len(winners) == 1
+    st, images = winners[0]
+    assert st["state"] == "done" and st["seed"] == 3 and images == [b"img0", b"img1"]
+    assert state.status(j) == (None, None) and state.is_final(j) is None
+
+
+def test_cancel_queued_at_once_running_by_flag(state):
+    a, b = _queue(state, 2)
+    assert state.cancel(a) == "cancelled"
+    assert state.claim(a, "w1", 5)[0] == "final"  # its broker message is skipped later
+    assert state.take_final(a)[0]["state"] == "cancelled"
+    state.claim(b, "w1", 5)
+    assert not state.cancel_requested(b)
+    assert state.cancel(b) == "cancelling"
+    assert state.cancel_requested(b)
+    state.finish(b, "w1", status_dict("cancelled", error="cancelled by request"))
+    assert state.cancel(b) == "cancelled"  # a final state: reported, not changed
+    assert state.cancel(_jid()) is None
+
+
+def test_a_job_held_by_a_live_worker_is_not_claimed_twice_and_a_dead_ones_is(state):
+    (j,) = _queue(state)
+    assert state.claim(j, "w1", 0.3)[0] == "run"
+    assert state.claim(j, "w2", 5)[0] == "busy"  # w1's lease is live (a broker redelivery after a restart)
+    assert not state.finish(j, "w2", status_dict("done"))  # only the owner may end it
+    time.sleep(0.4)  # w1 stopped renewing: dead
+    verdict, attempt, _ = state.claim(j, "w2", 5)
+    assert (verdict, attempt) == ("run", 2)
+    assert not state.progress(j, "w1", status_dict("processing", "generation", 10.0))  # the dead owner is ignored
+    assert state.finish(j, "w2", status_dict("done"))
+
+
+def test_attempt_cap_ends_a_job_that_kills_workers_in_error(state):
+    (j,) = _queue(state)
+    for attempt, w in enumerate(("w1", "w2", "w3"), 1):
+        assert state.claim(j, w, 0.01)[:2] == ("run", attempt)
+        time.sleep(0.03)
+    assert state.claim(j, "w4", 5)[0] == "exhausted"
+    st, images = state.take_final(j)
+    assert st["state"] == "error" and "3 times" in st["error"] and images == []
+
+
+def test_capacity_counts_waiting_and_running_jobs(state):
+    a, b = _queue(state, 2, max_jobs=2)
+    assert state.create(_jid(), {"kind": "txt2img", "payload": {}}, 2) is None
+    state.claim(a, "w1", 5)
+    assert state.size() == 2
+    state.finish(a, "w1", status_dict("done"))
+    assert state.create(_jid(), {"kind": "txt2img", "payload": {}}, 2) is not None
+
+
+def test_release_puts_a_running_job_back_in_its_place(state):
+    a, b = _queue(state, 2)
+    state.claim(a, "w1", 5)
+    assert state.release(a, "w1")
+    assert [state.position(a), state.position(b)] == [1, 2]
+    assert state.claim(a, "w2", 5)[:2] == ("run", 1)  # a graceful stop is not an attempt
+
+
+def test_heartbeats_give_ages_on_the_redis_clock(state):
+    state.heartbeat("w1", {"device": "cpu", "models": []}, ttl=30, catalog={"models": [{"name": "m"}]})
+    time.sleep(0.2)
+    (w,) = state.workers()
+    assert w["name"] == "w1" and w["device"] == "cpu" and w["models"] == [] and w["heartbeat_age"] >= 0.2
+    assert state.catalogs(["w1"]) == [{"models": [{"name": "m"}]}]
+    state.remove_worker("w1")
+    assert state.workers() == []
