@@ -273,7 +273,7 @@ def submit_latency(rate, seconds, sleep, env, root, redis_srv):
 
 
 def _sequential(url, n, body):
-    over, gens, loads = [], [], 0
+    over, gens = [], []
     with httpx.Client(base_url=url, timeout=120) as c:
         for i in range(n + 1):
             t = time.perf_counter()

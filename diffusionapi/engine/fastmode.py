@@ -55,9 +55,9 @@ def apply(pipe, device: torch.device, mode: FastMode) -> list[str]:
         # Compiles at the first call with each new shape (batch, size); warm-up shapes do it at start.
         # Every resident model and shape is an entry for the same UNet forward code: past dynamo's
         # default of 8 it would silently run eager, so a server gets room for many.
-        import torch._dynamo
+        from torch import _dynamo as dynamo  # not "import torch._dynamo": that makes torch a local name
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
         pipe.unet = torch.compile(pipe.unet, mode=None if mode.compile_mode == "default" else mode.compile_mode,
                                   dynamic=False)
         applied.append(f"compile_unet({mode.compile_mode})")
