@@ -56,8 +56,8 @@ def http_times(device: str, jobs: int, cache_size: int, models: Path, work: Path
     try:
         req = dict(prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=STEPS,
                    sampler_name="Euler", scheduler_type="default", fileType="png", model="bench")
-        svc.job(None, **req, seed=0)  # warm-up: the model loads
-        return [svc.job(None, **req, seed=seed)["wall"] for seed in range(1, jobs + 1)]
+        svc.job(2, **req, seed=0)  # warm-up: the model loads
+        return [svc.job(2, **req, seed=seed)["wall"] for seed in range(1, jobs + 1)]
     finally:
         svc.close()
 

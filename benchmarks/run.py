@@ -73,7 +73,8 @@ class Service:
                 body = self.client.get(f"/queue/{job}").json()
             if body["state"] in ("done", "error", "cancelled"):
                 break
-            time.sleep(1 / poll_hz)
+            if poll_hz is not None:  # a long-poll that came back early just asks again
+                time.sleep(1 / poll_hz)
         body["wall"] = time.perf_counter() - t0
         assert body["state"] == "done", body
         return body

@@ -262,6 +262,7 @@ def submit_latency(rate, seconds, sleep, env, root, redis_srv):
             p.stop()
     port = free_port()
     emb_env = {**env, "DIFFUSIONAPI_BACKEND": "embedded"}
+    emb_env.update(DIFFUSIONAPI_QUEUE_DIR=str(root / "emb-lat" / "queue"))  # its own queue: left jobs stay there
     emb = Proc([__file__, "--serve-embedded", str(port), "--sleep", str(sleep)], emb_env, root / "emb-lat", port)
     try:
         emb.wait_http()
@@ -272,7 +273,7 @@ def submit_latency(rate, seconds, sleep, env, root, redis_srv):
 
 
 def _sequential(url, n, body):
-    over, gens, loads = [], [], 0
+    over, gens = [], []
     with httpx.Client(base_url=url, timeout=120) as c:
         for i in range(n + 1):
             t = time.perf_counter()
@@ -312,7 +313,8 @@ def real_jobs(n, env, root, redis_srv):
         w.stop()
     port = free_port()
     emb = Proc(["-m", "uvicorn", "diffusionapi.main:app", "--port", str(port), "--log-level", "warning"],
-               {**env, "DIFFUSIONAPI_BACKEND": "embedded"}, root / "real-emb", port)
+               {**env, "DIFFUSIONAPI_BACKEND": "embedded", "DIFFUSIONAPI_QUEUE_DIR": str(root / "real-emb" / "queue")},
+               root / "real-emb", port)
     try:
         emb.wait_http()
         out["embedded"] = _sequential(emb.url, n, dict(TINY, model="bench"))
@@ -388,6 +390,7 @@ def main() -> int:
             rabbit.ctl("purge_queue", q)
         try:
             res[name] = fn(*a)
+            print(json.dumps({name: res[name]}), flush=True)
         except Exception as e:  # noqa: BLE001
             res.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: not measured: {type(e).__name__}: {e}", file=sys.stderr)

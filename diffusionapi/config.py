@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     cpu_offload: bool = False
     channels_last: bool = False
     compile_unet: bool = False
+    # Fast mode and batching (engine/fastmode.py, engine/batching.py; benchmarks/gpu.py measures each).
+    fused_qkv: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    vae_fp16: bool = True
+    vae_upcast_dtype: Literal["float32", "bfloat16"] = "float32"
+    warmup_shapes: str = ""
+    max_batch_jobs: int = Field(1, ge=1, le=64)
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000)
 
     # Scale-out (README "Several GPUs and machines"): embedded = this process runs the jobs.
     backend: Literal["embedded", "celery"] = "embedded"

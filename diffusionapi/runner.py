@@ -59,18 +59,21 @@ class JobRunner:
             self._engine = self._engine_factory()
         return self._engine
 
+    def resolve(self, kind: str, payload: dict):
+        try:
+            return resolve_job(kind, payload, self.registry, self.settings)
+        except RequestError as e:
+            raise JobFailed(f"cannot run any more: {e}") from e
+        except ValueError as e:  # a payload that no longer validates (pydantic) after an upgrade
+            raise JobFailed(f"cannot run any more: {e}") from e
+
     def run(self, job_id: str, kind: str, payload: dict, report: Report, cancelled: Cancelled,
             observer: StepObserver | None = None) -> JobStatus:
         """The job's final ``done`` status. Raises JobFailed, engine.plan.JobCancelled or
         JobInterrupted (from ``cancelled``); anything else is a bug the caller records."""
         t0 = time.perf_counter()
         mem_before = rss_mb()
-        try:
-            job = resolve_job(kind, payload, self.registry, self.settings)
-        except RequestError as e:
-            raise JobFailed(f"cannot run any more: {e}") from e
-        except ValueError as e:  # a payload that no longer validates (pydantic) after an upgrade
-            raise JobFailed(f"cannot run any more: {e}") from e
+        job = self.resolve(kind, payload)
         try:
             if observer is not None and _takes_observer(self.engine):
                 result = self.engine.generate(job.plan, report, cancelled, observer)
@@ -78,6 +81,10 @@ class JobRunner:
                 result = self.engine.generate(job.plan, report, cancelled)
         except GenerationError as e:
             raise JobFailed(str(e)) from e
+        return self.finish(job_id, job, result, t0, mem_before)
+
+    def finish(self, job_id: str, job, result, t0: float, mem_before: float) -> JobStatus:
+        """The images of ``result`` written to the outputs directory, as the job's ``done`` status."""
         plan, out = job.plan, job.output
         out_dir = Path(self.settings.outputs_dir)
         records = []
@@ -101,3 +108,32 @@ class JobRunner:
             generation_time_sec=round(time.perf_counter() - t0, 3), load_time_sec=result.load_time_sec,
             memory_before_mb=mem_before, memory_after_mb=rss_mb(), seed=first.seed, infotext=first.infotext,
             images=records if len(records) > 1 else None, warnings=result.warnings or None)
+
+    def warm_up(self) -> None:
+        """Run each of ``settings.warmup_shapes`` once (2 steps) before the first job: the model
+        loads and torch.compile compiles that shape now, not in a user's job. A batch of N runs
+        N rows in one UNet batch, the shape of N batched jobs."""
+        from .engine.fastmode import parse_warmup_shapes
+
+        try:
+            shapes = parse_warmup_shapes(getattr(self.settings, "warmup_shapes", ""))
+        except ValueError as e:
+            log.error("%s; no warm-up", e)
+            return
+        for shape in shapes:
+            t0 = time.perf_counter()
+            payload = {"prompt": "warm-up", "width": shape.width, "height": shape.height, "steps": 2, "seed": 0}
+            if shape.model:
+                payload["model"] = shape.model
+            try:
+                plan = self.resolve("txt2img", payload).plan
+                plans = [plan] * shape.batch
+                results = self.engine.generate_batch(plans, [lambda phase, p: None] * shape.batch,
+                                                     [lambda: False] * shape.batch)
+                failed = next((r for r in results if isinstance(r, BaseException)), None)
+                if failed is not None:
+                    raise failed
+            except Exception as e:  # noqa: BLE001 - a bad shape must not keep the server from serving
+                log.error("warm-up %s failed: %s", shape, e)
+                continue
+            log.info("warm-up %s done in %.1f s", shape, time.perf_counter() - t0)

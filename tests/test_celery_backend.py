@@ -118,7 +118,7 @@ class Cluster:
     def live_workers(self) -> list[dict]:
         return [w for w in httpx.get(self.api[0].url + "/cluster").json()["workers"] if w["alive"]]
 
-    def wait_workers(self, n: int, timeout: float = 120) -> None:
+    def wait_workers(self, n: int, timeout: float = 300) -> None:  # torch import + model load, busy box
         deadline = time.time() + timeout
         while len(self.live_workers()) < n:
             for w in self.workers:

@@ -34,6 +34,8 @@ def test_union_of_live_workers_resolves_names_and_names_what_is_missing(state, m
     assert [m.name for m in api.models()] == ["tiny-sd15", "tiny-sdxl"]
     assert api.resolve_model("Tiny XL").name == "tiny-sdxl"  # labels resolve as on one box
     assert [u.name for u in api.upscalers()][:1] == ["Latent"]
+    assert [(e.name, e.family, e.vectors) for e in api.embeddings()] == \
+        [(e.name, e.family, e.vectors) for e in sorted(local.embeddings(), key=lambda e: e.name.casefold())]
     time.sleep(0.7)  # both stop beating: dead after 3 heartbeats
     state.heartbeat("a", {"device": "cuda:0"}, ttl=30)
     assert [m.name for m in api.models()] == ["tiny-sd15"]

@@ -353,6 +353,7 @@ def test_img2img_with_a_painted_mask(ui, pg_server, tmp_path):
     label(page, "Input image (PNG, JPEG or WebP)").set_input_files(str(src))
     canvas = page.locator("#mask-canvas")
     canvas.wait_for()
+    canvas.scroll_into_view_if_needed()  # the mouse paints in viewport coordinates
     box = canvas.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
     page.mouse.down()

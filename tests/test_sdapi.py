@@ -226,7 +226,7 @@ def test_options_model_switch(api, server):
 def test_progress_queue_and_interrupt(api, server):
     assert api.get_progress()["progress"] == 0 and api.get_progress()["state"]["job_count"] == 0
     result = {}
-    blocker = server.submit(prompt="blocker", width=64, height=64, steps=60)
+    blocker = server.submit(prompt="blocker", width=64, height=64, steps=30)
     t = threading.Thread(target=lambda: result.update(r=api.txt2img(prompt="long", width=64, height=64,
                                                                      steps=150, seed=1)))
     t.start()
@@ -236,7 +236,7 @@ def test_progress_queue_and_interrupt(api, server):
         time.sleep(0.05)
     jobs = server.client.get("/queue").json()["jobs"]
     assert [j["queue_position"] for j in jobs] == [0, 1] and jobs[0]["job_id"] == blocker
-    server.wait(blocker)
+    server.wait(blocker, timeout=600)
     seen = None
     deadline = time.time() + 120
     while time.time() < deadline:

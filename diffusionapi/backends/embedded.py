@@ -127,12 +127,12 @@ class RunningJob:
 
 
 class JobQueue:
-    """The waiting line and the running job; positions are 0 for running, then 1, 2, ..."""
+    """The waiting line and the running jobs (one, or a batch); positions are 0 for running, then 1, 2, ..."""
 
     def __init__(self, max_jobs: int):
         self.max_jobs = max_jobs
         self._waiting: deque[str] = deque()
-        self._running: RunningJob | None = None
+        self._running: list[RunningJob] = []
         self._cond = threading.Condition()
         self._closed = False
 
@@ -144,7 +144,7 @@ class JobQueue:
             self._cond.notify()
 
     def size(self) -> int:
-        return len(self._waiting) + (1 if self._running else 0)
+        return len(self._waiting) + len(self._running)
 
     def take(self) -> RunningJob | None:
         with self._cond:
@@ -152,20 +152,41 @@ class JobQueue:
                 self._cond.wait()
             if self._closed:
                 return None
-            self._running = RunningJob(self._waiting.popleft(), threading.Event())
-            return self._running
+            self._running = [RunningJob(self._waiting.popleft(), threading.Event())]
+            return self._running[0]
+
+    def peek(self, n: int) -> list[str]:
+        """The first ``n`` waiting jobs: the batch window."""
+        with self._cond:
+            return list(self._waiting)[:n]
+
+    def wait_for_waiting(self, n: int, timeout: float) -> None:
+        """Until ``n`` jobs wait (or ``timeout`` seconds passed): a batch may fill up."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._waiting) >= n or self._closed, timeout)
+
+    def claim(self, job_ids: list[str]) -> list[RunningJob]:
+        """Those of ``job_ids`` still waiting, now running beside the taken one."""
+        with self._cond:
+            claimed = []
+            for job_id in job_ids:
+                if job_id in self._waiting:
+                    self._waiting.remove(job_id)
+                    claimed.append(RunningJob(job_id, threading.Event()))
+            self._running.extend(claimed)
+            return claimed
 
     def finish(self) -> None:
         with self._cond:
-            self._running = None
+            self._running = []
 
     def running(self) -> str | None:
         with self._cond:
-            return self._running.job_id if self._running else None
+            return self._running[0].job_id if self._running else None
 
     def position(self, job_id: str) -> int | None:
         with self._cond:
-            if self._running and self._running.job_id == job_id:
+            if any(r.job_id == job_id for r in self._running):
                 return 0
             try:
                 return self._waiting.index(job_id) + 1
@@ -182,21 +203,22 @@ class JobQueue:
 
     def cancel_running(self, job_id: str) -> bool:
         with self._cond:
-            if self._running and self._running.job_id == job_id:
-                self._running.cancel.set()
-                return True
+            for r in self._running:
+                if r.job_id == job_id:
+                    r.cancel.set()
+                    return True
             return False
 
     def snapshot(self) -> list[tuple[str, int]]:
         with self._cond:
-            out = [(self._running.job_id, 0)] if self._running else []
+            out = [(r.job_id, 0) for r in self._running]
             return out + [(j, i + 1) for i, j in enumerate(self._waiting)]
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            if self._running:
-                self._running.cancel.set()
+            for r in self._running:
+                r.cancel.set()
             self._cond.notify_all()
 
 
@@ -208,7 +230,7 @@ class Worker:
         self.on_final = on_final or (lambda job_id: None)
         self.live = live
         self.on_ended = on_ended or (lambda job_id, status, payload: None)  # status, for webhooks/streams
-        self._payload: dict | None = None
+        self._payloads: dict[str, dict | None] = {}  # running jobs' payloads (webhooks), for on_ended
         self.store = store
         self.queue = queue
         self.runner = runner
@@ -232,6 +254,7 @@ class Worker:
     def _loop(self) -> None:
         try:
             self.runner.engine  # import torch and pick the device now, not in the first job's time
+            self.runner.warm_up()  # DIFFUSIONAPI_WARMUP_SHAPES: load and compile before the first job
         except Exception:  # noqa: BLE001 - reported again by the first job that needs it
             log.exception("engine failed to start")
         while not self._stopping.is_set():
@@ -241,11 +264,125 @@ class Worker:
             if self.live:
                 self.live.positions(self.queue.snapshot())  # everyone behind moved up one
             try:
-                self.run_job(running.job_id, running.cancel)
+                batch = self._gather(running)
+                if batch:
+                    self.run_batch(batch)
+                else:
+                    self.run_job(running.job_id, running.cancel)
             except Exception:  # noqa: BLE001 - the worker must survive anything
                 log.exception("job %s: unexpected failure outside the job", running.job_id)
             finally:
                 self.queue.finish()
+
+    # ------------------------------------------------------------------ dynamic batching
+    def _gather(self, head: RunningJob) -> list | None:
+        """``head`` and the jobs among the next ``max_batch_jobs - 1`` waiting ones (the batch
+        window: no job moves ahead of more than that many) that can share its UNet batch
+        (engine/batching.py's batch_key). None: run ``head`` alone."""
+        from ..engine.batching import batch_key
+
+        n = getattr(self.runner.settings, "max_batch_jobs", 1)
+        if n <= 1:
+            return None
+        first = self._prepare(head.job_id)
+        key = batch_key(first[1].plan) if first else None
+        if key is None:
+            return None
+        wait_ms = getattr(self.runner.settings, "batch_wait_ms", 0)
+        if wait_ms > 0:
+            self.queue.wait_for_waiting(n - 1, wait_ms / 1000)
+        chosen = {}
+        for job_id in self.queue.peek(n - 1):
+            prepared = self._prepare(job_id)
+            if prepared and batch_key(prepared[1].plan) == key:
+                chosen[job_id] = prepared
+        claimed = self.queue.claim(list(chosen))
+        if not claimed:
+            return None
+        return [(head, first)] + [(r, chosen[r.job_id]) for r in claimed]
+
+    def _prepare(self, job_id: str):
+        """(record, resolved job) for a job that may join a batch, else None (it runs alone,
+        where a record, status or resolution problem is reported as usual)."""
+        record = self.store.read_job(job_id)
+        status = self.store.read_status(job_id)
+        if record is None or (status is not None and status.is_final) \
+                or record.get("attempts", 0) + 1 > MAX_ATTEMPTS:
+            return None
+        try:
+            return record, self.runner.resolve(record.get("kind", "txt2img"), record["payload"])
+        except (JobFailed, KeyError):
+            return None
+
+    def run_batch(self, batch: list) -> None:
+        """One UNet batch of several jobs; each ends on its own (done, error or cancelled)."""
+        from ..engine.plan import GenerationError, JobCancelled, GenerationResult
+        from ..runner import rss_mb
+
+        t0 = time.perf_counter()
+        mem_before = rss_mb()
+        ended: set[str] = set()  # ended before the batch did (cancelled)
+        reports, cancels = [], []
+        for running, (record, _job) in batch:
+            record["attempts"] = record.get("attempts", 0) + 1
+            self.store.write_job(running.job_id, record)
+            reports.append(self._begin(running.job_id, record.get("payload"))[0])  # no step events in a batch
+            cancels.append(self._batched_canceller(running, ended, t0))
+        try:
+            results = self.runner.engine.generate_batch([job.plan for _, (_, job) in batch], reports, cancels)
+        except JobInterrupted:  # a graceful stop: every job of the batch goes back to the queue
+            for running, (record, _job) in batch:
+                self._payloads.pop(running.job_id, None)
+                if running.job_id not in ended:
+                    record["attempts"] -= 1
+                    self.store.write_job(running.job_id, record)
+                    self.store.write_status(running.job_id, JobStatus.queued(), fsync=True)
+            return
+        except Exception as e:  # noqa: BLE001 - a failure of the whole batch is each job's failure
+            log.exception("batch of %d jobs failed", len(batch))
+            results = [e] * len(batch)
+        for (running, (_record, job)), result in zip(batch, results):
+            job_id = running.job_id
+            if job_id in ended:
+                continue
+            try:
+                if isinstance(result, GenerationResult):
+                    final = self.runner.finish(job_id, job, result, t0, mem_before)
+                    self.store.write_status(job_id, final, fsync=True)
+                    self._ended(job_id, final)
+                elif isinstance(result, JobCancelled):
+                    self._final_error(job_id, "cancelled", "cancelled by request", t0)
+                elif isinstance(result, GenerationError):
+                    self._final_error(job_id, "error", str(result), t0)
+                else:
+                    self._final_error(job_id, "error", f"{type(result).__name__}: {result}", t0)
+            except JobFailed as e:
+                self._final_error(job_id, "error", str(e), t0)
+
+    def _batched_canceller(self, running: RunningJob, ended: set, t0: float):
+        def cancelled() -> bool:
+            if self._stopping.is_set():
+                raise JobInterrupted()
+            if running.cancel.is_set():
+                if running.job_id not in ended:  # ends now; its row's remaining work is discarded
+                    ended.add(running.job_id)
+                    self._final_error(running.job_id, "cancelled", "cancelled by request", t0)
+                return True
+            return False
+        return cancelled
+
+    def _reporter(self, job_id: str, payload: dict | None = None, observer: "_LiveObserver | None" = None):
+        last = {"t": 0.0, "phase": None}
+
+        def report(phase: str, progress: float) -> None:
+            if observer:
+                observer.report(payload, phase, progress)
+            now = time.perf_counter()
+            # Throttled: a status write per step would cost more than tiny steps themselves.
+            if phase != last["phase"] or now - last["t"] >= 0.05:
+                last["t"], last["phase"] = now, phase
+                self.store.write_status(job_id, JobStatus.processing(phase, progress))
+        return report
 
     # ------------------------------------------------------------------ one job
     def run_job(self, job_id: str, cancel: threading.Event) -> None:
@@ -260,20 +397,7 @@ class Worker:
         record["attempts"] = record.get("attempts", 0) + 1
         self.store.write_job(job_id, record)
         t0 = time.perf_counter()
-        last = {"t": 0.0, "phase": None}
-        self._payload = record.get("payload")
-        observer = _LiveObserver(self.live, job_id) if self.live else None
-        if self.live:
-            self.live.started(job_id)
-
-        def report(phase: str, progress: float) -> None:
-            if observer:
-                observer.report(self._payload, phase, progress)
-            now = time.perf_counter()
-            # Throttled: a status write per step would cost more than tiny steps themselves.
-            if phase != last["phase"] or now - last["t"] >= 0.05:
-                last["t"], last["phase"] = now, phase
-                self.store.write_status(job_id, JobStatus.processing(phase, progress))
+        report, observer = self._begin(job_id, record.get("payload"))
 
         def cancelled() -> bool:
             if self._stopping.is_set():
@@ -286,9 +410,9 @@ class Worker:
             final = self.runner.run(job_id, record.get("kind", "txt2img"), record["payload"], report, cancelled,
                                     **({"observer": observer} if observer else {}))
             self.store.write_status(job_id, final, fsync=True)
-            self.on_ended(job_id, final, self._payload)
-            self.on_final(job_id)
+            self._ended(job_id, final)
         except JobInterrupted:  # a graceful stop is not a failed attempt: back to the queue as it was
+            self._payloads.pop(job_id, None)
             record["attempts"] -= 1
             self.store.write_job(job_id, record)
             self.store.write_status(job_id, JobStatus.queued(), fsync=True)
@@ -306,8 +430,20 @@ class Worker:
         free_memory()
         status = JobStatus.failed(state, message, round(time.perf_counter() - t0, 3))
         self.store.write_status(job_id, status, fsync=True)
-        self.on_ended(job_id, status, self._payload)
+        self._ended(job_id, status)
+
+    def _ended(self, job_id: str, status: JobStatus) -> None:
+        """A final status is written: streams and webhooks first, then the long-polls."""
+        self.on_ended(job_id, status, self._payloads.pop(job_id, None))
         self.on_final(job_id)
+
+    def _begin(self, job_id: str, payload: dict | None):
+        """A job starts running: its ``started`` event; the reporter that also feeds live progress."""
+        self._payloads[job_id] = payload
+        observer = _LiveObserver(self.live, job_id) if self.live else None
+        if self.live:
+            self.live.started(job_id)
+        return self._reporter(job_id, payload, observer), observer
 
 
 class _LiveObserver:

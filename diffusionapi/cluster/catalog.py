@@ -17,6 +17,7 @@ import redis
 
 from ..registry import (LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, Registry, UnknownName, UpscalerEntry,
                         display_path)
+from ..vocabulary import EmbeddingEntry
 
 log = logging.getLogger(__name__)
 
@@ -114,5 +115,6 @@ class CatalogRegistry(Registry):
     def upscalers(self, problems: dict[str, str] | None = None) -> list[UpscalerEntry]:
         return [UpscalerEntry(n, None) for n in LATENT_UPSCALE_MODES] + [UpscalerEntry(u["name"], Path(u.get("path") or u["name"])) for u in self.union()["upscalers"]]
 
-    def embeddings(self) -> list[dict]:
-        return list(self.union()["embeddings"])
+    def embeddings(self) -> list[EmbeddingEntry]:
+        return [EmbeddingEntry(e["name"], Path(e.get("path") or e["name"]), e.get("family"), e.get("vectors", 1),
+                               e.get("error")) for e in self.union()["embeddings"]]

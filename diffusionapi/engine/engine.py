@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,6 +10,8 @@ from PIL import Image
 
 from .. import imageinput
 from ..vocabulary import LATENT_UPSCALE_MODES, SD15, SDXL, ModelFormat
+from . import fastmode
+from .fastmode import FastMode
 from .hashes import FileHashes
 from .live import LiveJob, TaesdCache
 from .loras import LoraManager, lora_hashes_infotext
@@ -79,14 +80,16 @@ class Engine:
         tlog.set_verbosity_error()
         self.settings = settings
         self.device = pick_device(settings.device)
+        self.fast = FastMode.from_settings(settings)
         self.cache = PipelineCache(self.device, settings.pipeline_cache_size, cpu_offload=settings.cpu_offload,
-                                   channels_last=settings.channels_last, compile_unet=settings.compile_unet)
+                                   fast=self.fast)
         self.loras = LoraManager(settings.lora_cache_size)
         self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
         self.upscalers = UpscalerCache(self.device)
         self.prompt_encoder = PromptEncoder(settings.conditioning_cache_size)
         self.embedding_tensors = EmbeddingTensors()
         self.taesd = TaesdCache(self.device)
+        self.batches: list[int] = []  # sizes of the UNet batches of several jobs (tests, logs)
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -124,6 +127,7 @@ class Engine:
             refiner = self._load(plan.refiner, progress, keep=needed, share_from=base)
         load_time = time.perf_counter() - t_load
         self.loras.apply(base, plan.loras)
+        fastmode.set_fused(base.pipe.unet, not plan.loras)  # LoRA adapters wrap the unfused projections
         check()
 
         prepared = init = None
@@ -156,29 +160,7 @@ class Engine:
                     image = prepared.composite(image)
                 images.append(image)
 
-        params = {
-            "Steps": plan.steps, "Sampler": plan.sampler.infotext_sampler,
-            "Schedule type": plan.sampler.infotext_schedule, "CFG scale": plan.cfg_scale, "Seed": plan.seed,
-            "Size": f"{plan.width}x{plan.height}",
-            # A1111's short hash of a checkpoint file (sites link images to models by it).
-            "Model hash": (self.hashes.sha256(plan.model.path)[:10]
-                           if plan.model.format == ModelFormat.SINGLE_FILE else None),
-            "Model": plan.model.name,
-        }
-        if plan.hires:
-            hires = plan.hires
-            params.update({"Denoising strength": hires.denoising_strength, "Hires upscale": hires.scale,
-                           "Hires steps": hires.steps, "Hires upscaler": hires.upscaler.name})
-        if plan.init is not None:
-            params.update(img2img.infotext_params(plan.init, prepared))
-        if plan.refiner:
-            params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
-        if plan.clip_skip != 1:
-            params["Clip skip"] = plan.clip_skip
-        hashes = lora_hashes_infotext(plan.loras, self.hashes)
-        if hashes:
-            params["Lora hashes"] = hashes
-        params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
+        params = self._params(plan, text, prepared)
         if plan.image_count > 1:
             params["Batch size"] = plan.batch_size
         results = []
@@ -293,30 +275,60 @@ class Engine:
             raise GenerationError(f"model {entry.name!r} could not be loaded from {entry.path.name}: "
                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
 
-    @contextmanager
+    @torch.inference_mode()
+    def generate_batch(self, plans: list[GenerationPlan], reports: list[Report],
+                       cancelled: list[Cancelled]) -> list[GenerationResult | BaseException]:
+        """Several jobs of one ``batching.batch_key`` in one UNet batch; a result or an error per job."""
+        from .batching import generate_batch
+
+        return generate_batch(self, plans, reports, cancelled, StageProgress, JobText)
+
+    def _params(self, plan: GenerationPlan, text: "JobText", prepared=None) -> dict:
+        params = {
+            "Steps": plan.steps, "Sampler": plan.sampler.infotext_sampler,
+            "Schedule type": plan.sampler.infotext_schedule, "CFG scale": plan.cfg_scale, "Seed": plan.seed,
+            "Size": f"{plan.width}x{plan.height}",
+            # A1111's short hash of a checkpoint file (sites link images to models by it).
+            "Model hash": (self.hashes.sha256(plan.model.path)[:10]
+                           if plan.model.format == ModelFormat.SINGLE_FILE else None),
+            "Model": plan.model.name,
+        }
+        if plan.hires:
+            hires = plan.hires
+            params.update({"Denoising strength": hires.denoising_strength, "Hires upscale": hires.scale,
+                           "Hires steps": hires.steps, "Hires upscaler": hires.upscaler.name})
+        if plan.init is not None:
+            params.update(img2img.infotext_params(plan.init, prepared))
+        if plan.refiner:
+            params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
+        if plan.clip_skip != 1:
+            params["Clip skip"] = plan.clip_skip
+        hashes = lora_hashes_infotext(plan.loras, self.hashes)
+        if hashes:
+            params["Lora hashes"] = hashes
+        params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
+        return params
+
     def _vae_for(self, loaded: LoadedModel, width: int, height: int):
-        """The VAE, tiled above the size threshold and in fp32 when its config asks for it
-        (the SDXL VAE overflows in fp16), back as it was afterwards."""
+        """The VAE, tiled above the size threshold. Its precision is fastmode.vae_run's: fp16
+        first, redone in the wider type when the result overflows (the SDXL VAE does)."""
         vae = loaded.pipe.vae
         if width * height > self.settings.vae_tiling_pixels:
             vae.enable_tiling()
         else:
             vae.disable_tiling()
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            yield vae
-        finally:
-            if upcast:
-                vae.to(torch.float16)
+        return vae
 
     def _decode(self, loaded: LoadedModel, latents: torch.Tensor, width: int, height: int) -> Image.Image:
-        with self._vae_for(loaded, width, height) as vae:
-            z = latents.to(vae.dtype) / vae.config.scaling_factor
-            if getattr(vae.config, "shift_factor", None):
-                z = z + vae.config.shift_factor
-            img = vae.decode(z, return_dict=False)[0]
+        vae = self._vae_for(loaded, width, height)
+
+        def decode(v):
+            z = latents.to(v.dtype) / v.config.scaling_factor
+            if getattr(v.config, "shift_factor", None):
+                z = z + v.config.shift_factor
+            return v.decode(z, return_dict=False)[0]
+
+        img = fastmode.vae_run(loaded, vae, decode, self.fast)
         if not torch.isfinite(img).all():
             raise GenerationError("the VAE produced NaN values (an fp16 overflow); set an fp16-fix VAE "
                                   "or run this model in fp32")
@@ -326,13 +338,17 @@ class Engine:
     def _encode(self, loaded: LoadedModel, image: Image.Image) -> torch.Tensor:
         import numpy as np
 
-        with self._vae_for(loaded, *image.size) as vae:
-            t = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1)
-            t = t.permute(2, 0, 1).unsqueeze(0).to(self.device, vae.dtype)
-            z = vae.encode(t, return_dict=False)[0].mode()
-            if getattr(vae.config, "shift_factor", None):
-                z = z - vae.config.shift_factor
-            return (z * vae.config.scaling_factor).float()
+        vae = self._vae_for(loaded, *image.size)
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1)
+
+        def encode(v):
+            t = pixels.permute(2, 0, 1).unsqueeze(0).to(self.device, v.dtype)
+            z = v.encode(t, return_dict=False)[0].mode()
+            if getattr(v.config, "shift_factor", None):
+                z = z - v.config.shift_factor
+            return z * v.config.scaling_factor
+
+        return fastmode.vae_run(loaded, vae, encode, self.fast).float()
 
     def _upscale(self, plan: GenerationPlan, base: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
         hires = plan.hires

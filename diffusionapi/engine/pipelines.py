@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from ..vocabulary import SD15, SDXL, SDXL_REFINER, ModelEntry, ModelFormat, sd15_loader_kwargs
+from . import fastmode
+from .fastmode import FastMode
 from .kdiffusion import ModelSigmas
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class LoadedModel:
     scheduler_config: dict
     loras: dict = field(default_factory=dict)  # adapter bookkeeping, owned by engine.loras
     borrowed_from: str | None = None  # the base whose VAE/text_encoder_2 a refiner uses
+    vae_upcast: bool = False  # its VAE overflowed in fp16 once: it runs in the wider type (fastmode.vae_run)
 
     @property
     def family(self) -> str:
@@ -57,7 +60,7 @@ def _pipeline_class(family: str):
 
 
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *, share_from=None,
-                  cpu_offload: bool = False, channels_last: bool = False, compile_unet: bool = False) -> LoadedModel:
+                  cpu_offload: bool = False, fast: FastMode = FastMode()) -> LoadedModel:
     """Load a model offline. ``share_from`` (an SDXL base) lends its VAE and text_encoder_2
     to a refiner when they are the same architecture, so the two stay one copy in memory."""
     cls = _pipeline_class(entry.family)
@@ -79,11 +82,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(device)
-    if channels_last and device.type == "cuda":
-        pipe.unet.to(memory_format=torch.channels_last)
-    if compile_unet and device.type == "cuda":
-        # Compiles on the first job at each new shape; pays off for long-running servers.
-        pipe.unet = torch.compile(pipe.unet, dynamic=False)
+        fastmode.apply(pipe, device, fast)
     config = dict(pipe.scheduler.config)
     lender = share_from.entry.name if share_from is not None and entry.family == SDXL_REFINER else None
     return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config, borrowed_from=lender)
@@ -132,12 +131,11 @@ def _check_no_meta(pipe, entry: ModelEntry) -> None:
 class PipelineCache:
     """Resident pipelines, least recently used evicted first. Only the worker thread calls it."""
 
-    def __init__(self, device: torch.device, capacity: int = 1, *, cpu_offload=False, channels_last=False,
-                 compile_unet=False):
+    def __init__(self, device: torch.device, capacity: int = 1, *, cpu_offload=False, fast: FastMode = FastMode()):
         self.device = device
         self.dtype = dtype_for(device)
         self.capacity = capacity
-        self.options = dict(cpu_offload=cpu_offload, channels_last=channels_last, compile_unet=compile_unet)
+        self.options = dict(cpu_offload=cpu_offload, fast=fast)
         self._items: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # how many loads happened: tests and benchmarks read it

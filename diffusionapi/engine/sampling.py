@@ -80,8 +80,11 @@ class CFGDenoiser:
         self.evals += 1
         t = t.reshape(-1)[:1].to(torch.float32)
         rows, b = embeds.shape[0], x_in.shape[0]
+        per_row = getattr(self.cond, "per_row", False)  # batched jobs: one conditioning row per image
+        if per_row:
+            rows //= b
         xin = x_in.repeat(rows, *([1] * (x_in.dim() - 1))).to(self.dtype)
-        if b > 1:  # several images: each conditioning row once per image
+        if b > 1 and not per_row:  # several images of one job: each conditioning row once per image
             embeds = embeds.repeat_interleave(b, 0)
             added = {k: v.repeat_interleave(b, 0) for k, v in added.items()} if added else added
         out = self.unet(xin, t.to(x_in.device).expand(rows * b), encoder_hidden_states=embeds,

@@ -1,0 +1,753 @@
+#!/usr/bin/env python3
+"""GPU benchmark: bare diffusers vs the service (real uvicorn, HTTP, long-poll), side by side in one run.
+
+    python benchmarks/gpu.py [--quick] [--budget S] [--out FILE]      # full size, on CUDA
+    python benchmarks/gpu.py --tiny --device cpu                      # tiny models: correctness only
+
+No downloads. Full size builds SD 1.5 and SDXL (UNet, VAE, text encoders) from the configs the
+package ships (``diffusionapi/configs``) with random fp16 weights (speed does not depend on the
+weights' values), installs each as a diffusers folder and as a single-file checkpoint, and
+measures: steps/s and s/image at 512x512 (SD 1.5) and 1024x1024 (SDXL), 20 steps, batch 1 and 4,
+bare diffusers vs the service; peak VRAM; model load times; each fast-mode option on/off; the
+service in fast mode (torch.compile warmed up at start); dynamic batching with 8 concurrent
+clients. Prints a table last and writes JSON ($OUT/gpu.json when OUT is set). Sections that would
+overrun ``--budget`` seconds are skipped and listed as skipped; a failing section is recorded and
+the run goes on. Never fails on slow numbers: figures belong here, not in the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+PROMPT = "a lighthouse on a cliff at dusk, dramatic clouds"
+CFG_SCALE = 7.0
+BATCH_WAIT_MS = 20  # the batching service waits this long for a batch to fill
+FAMILIES = ("sd15", "sdxl")
+# Per family: image side, steps. Tiny mode keeps the shapes of the flow, not the sizes.
+FULL = {"sd15": (512, 20), "sdxl": (1024, 20)}
+TINY = {"sd15": (64, 4), "sdxl": (64, 4)}
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+
+class OutOfTime(Exception):
+    """The hard limit (budget + grace) passed inside a section: it stops, the report is still written."""
+
+
+class Run:
+    """Results, the time budget, and what was skipped or failed. JSON is rewritten after each section,
+    so a run killed from outside still leaves what it measured."""
+
+    def __init__(self, budget: float | None, out: Path | None = None, grace: float = 40):
+        self.t0 = time.perf_counter()
+        self.budget = budget
+        self.out = out
+        if budget is not None and hasattr(signal, "SIGALRM"):
+            def expire(signum, frame):
+                raise OutOfTime(f"hard limit of {budget + grace:.0f} s reached")
+            signal.signal(signal.SIGALRM, expire)
+            signal.alarm(int(budget + grace))
+        self.results: dict = {"speed": [], "options": [], "load": {}, "build": {}, "fast_service": [],
+                              "batching": {}, "skipped": [], "errors": []}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def allows(self, name: str, estimate_s: float) -> bool:
+        if self.budget is not None and self.elapsed() >= self.budget:
+            estimate_s = max(estimate_s, 1)
+        if self.budget is None or self.elapsed() + estimate_s <= self.budget:
+            return True
+        self.results["skipped"].append(f"{name} (needs ~{estimate_s:.0f} s, {self.budget - self.elapsed():.0f} s left)")
+        log(f"skip {name}: budget")
+        return False
+
+    def save(self) -> None:
+        if self.out is not None:
+            self.results["elapsed_s"] = round(self.elapsed(), 1)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(self.results, indent=2))
+
+    def section(self, name: str):
+        run = self
+
+        class _S:
+            def __enter__(self):
+                log(f"== {name} (t={run.elapsed():.0f} s)")
+                return self
+
+            def __exit__(self, et, e, tb):
+                run.save()
+                if et is None:
+                    return False
+                if et is KeyboardInterrupt:
+                    return False
+                run.results["errors"].append(f"{name}: {et.__name__}: {e}")
+                log(f"!! {name} failed: {et.__name__}: {e}\n{''.join(traceback.format_tb(tb)[-4:])}")
+                return True  # the run goes on
+        return _S()
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+# ---------------------------------------------------------------------------- models
+
+def build_full(family: str, device: str):
+    """The full-size architecture from the shipped configs, random fp16 weights, on ``device``."""
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from diffusionapi.engine.checkpoints import packaged_config
+
+    folder = packaged_config(family)  # config jsons + CLIP's tokenizer files, no weights
+
+    def cfg(part):
+        return json.loads((folder / part / "config.json").read_text())
+
+    torch.manual_seed(0)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(cfg("unet")).eval()
+            vae = AutoencoderKL.from_config(cfg("vae")).eval()
+            te = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder"))).eval()
+            te2 = (CLIPTextModelWithProjection(CLIPTextConfig(**cfg("text_encoder_2"))).eval()
+                   if family == "sdxl" else None)
+    finally:
+        torch.set_default_dtype(old)
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    if family == "sd15":
+        return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                       scheduler=PNDMScheduler.from_config(sched_cfg), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    tok2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+                                     unet=unet, scheduler=EulerDiscreteScheduler.from_config(sched_cfg))
+
+
+def build_tiny(family: str, device: str):
+    from diffusionapi.demo import BUILDERS
+
+    return BUILDERS[family](0)
+
+
+def folder_gb(path: Path) -> float:
+    if path.is_file():
+        return round(path.stat().st_size / 1e9, 3)
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9, 3)
+
+
+def install_models(run: Run, models: Path, families, tiny: bool, device: str, single_file: bool = True) -> None:
+    """Each family twice: ``<family>`` (diffusers folder) and ``<family>-file`` (single file)."""
+    from tests.checkpoint_factory import save_original_checkpoint
+
+    for fam in families:
+        with run.section(f"build {fam}"):
+            t = time.perf_counter()
+            pipe = (build_tiny if tiny else build_full)(fam, device)
+            sync(device)
+            built = time.perf_counter() - t
+            t = time.perf_counter()
+            pipe.save_pretrained(models / fam, safe_serialization=True)
+            saved_folder = time.perf_counter() - t
+            t = time.perf_counter()
+            # Tiny architectures differ from the shipped configs: they travel with a sidecar config.
+            if single_file or fam == "sd15":
+                save_original_checkpoint(pipe, models / f"{fam}-file.safetensors", with_config=tiny)
+            saved_file = time.perf_counter() - t
+            del pipe
+            free(device)
+            run.results["build"][fam] = {"build_s": round(built, 2), "save_folder_s": round(saved_folder, 2),
+                                         "save_single_file_s": round(saved_file, 2),
+                                         "folder_gb": folder_gb(models / fam),
+                                         "single_file_gb": folder_gb(models / f"{fam}-file.safetensors")
+                                         if (models / f"{fam}-file.safetensors").exists() else None}
+            log(f"   {run.results['build'][fam]}")
+
+
+def free(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- bare diffusers
+
+def bare_load(path: Path, family: str, device: str):
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from diffusionapi.demo import _quiet
+
+    _quiet()
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
+    kw = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family == "sd15" else {}
+    pipe = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True, **kw).to(device)
+    # The service's "Euler" with the "default" schedule: same number of UNet evaluations.
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
+    pipe.set_progress_bar_config(disable=True)
+    sync(device)
+    return pipe
+
+
+def bare_call(pipe, size: int, steps: int, batch: int, seed: int, device: str) -> tuple[float, list]:
+    import torch
+
+    sync(device)
+    t = time.perf_counter()
+    images = pipe(PROMPT, negative_prompt="", num_inference_steps=steps, height=size, width=size,
+                  guidance_scale=CFG_SCALE, num_images_per_prompt=batch,
+                  generator=torch.Generator("cpu").manual_seed(seed)).images
+    sync(device)
+    return time.perf_counter() - t, images
+
+
+def peak_reset(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mb(device: str) -> float | None:
+    import torch
+
+    if device.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated() / 2**20)
+    return None
+
+
+# ---------------------------------------------------------------------------- the service
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """`uvicorn diffusionapi.main:app` as a child process; one kept-alive client, long-polling."""
+
+    def __init__(self, name: str, work: Path, models: Path, device: str, **settings):
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        work = work / name
+        work.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+               "DIFFUSIONAPI_MODELS_DIR": str(models), "DIFFUSIONAPI_LORAS_DIR": str(work / "loras"),
+               "DIFFUSIONAPI_UPSCALERS_DIR": str(work / "upscalers"),
+               "DIFFUSIONAPI_OUTPUTS_DIR": str(work / "out"), "DIFFUSIONAPI_QUEUE_DIR": str(work / "queue"),
+               "DIFFUSIONAPI_MODEL_LABELS": str(work / "labels.json"), "DIFFUSIONAPI_DEVICE": device,
+               "DIFFUSIONAPI_DEFAULT_MODEL": "sd15", "DIFFUSIONAPI_MAX_QUEUED_JOBS": "1000",
+               **{f"DIFFUSIONAPI_{k.upper()}": str(v) for k, v in settings.items()}}
+        self.log_path = work / "server.log"
+        self._log = open(self.log_path, "wb")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "diffusionapi.main:app", "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--log-level", "warning"],
+                                     env=env, cwd=work, stdout=self._log, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(600, connect=10))
+
+    def ready(self, timeout: float = 300) -> "Service":
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service {self.name} exited: {self.tail()}")
+            try:
+                if self.client.get("/hello").status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"service {self.name} did not start: {self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def submit(self, client: httpx.Client | None = None, **req) -> str:
+        r = (client or self.client).post("/txt2img", json=req)
+        if r.status_code != 200:
+            raise RuntimeError(f"POST /txt2img {r.status_code}: {r.text[:500]}")
+        return r.json()["job_id"]
+
+    def wait(self, job_id: str, client: httpx.Client | None = None) -> dict:
+        c = client or self.client
+        while True:
+            body = c.get(f"/queue/{job_id}", params={"wait": 60}).json()
+            if body.get("state") in ("done", "error", "cancelled"):
+                return body
+
+    def job(self, client: httpx.Client | None = None, **req) -> dict:
+        t = time.perf_counter()
+        body = self.wait(self.submit(client, **req), client)
+        body["wall"] = time.perf_counter() - t
+        if body["state"] != "done":
+            raise RuntimeError(f"job failed: {body.get('error')}\n{self.tail()}")
+        return body
+
+    def gpu_mb(self) -> float | None:
+        return process_gpu_mb(self.proc.pid)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def process_gpu_mb(pid: int) -> float | None:
+    """GPU memory the driver charges to ``pid`` (the CUDA context and the caching allocator's pool)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+            if p.pid == pid and p.usedGpuMemory:
+                return round(p.usedGpuMemory / 2**20)
+    except Exception:  # noqa: BLE001 - not available everywhere (containers hide pids)
+        return None
+    return None
+
+
+def request(family: str, size: int, steps: int, batch: int, seed: int, **extra) -> dict:
+    req = dict(prompt=PROMPT, negative_prompt="", model=family, width=size, height=size, steps=steps,
+               cfg_scale=CFG_SCALE, sampler_name="Euler", scheduler_type="default", seed=seed, fileType="jpg")
+    if batch > 1:
+        req["batch_size"] = batch
+    req.update(extra)
+    return req
+
+
+def service_supports_batch_size(svc: Service) -> bool:
+    """Whether this build knows the request field batch_size (several images of one job)."""
+    r = svc.client.post("/txt2img", json={**request("sd15", 64, 1, 2, 0), "prompt": "probe"})
+    if r.status_code != 200:
+        return False
+    body = r.json()
+    svc.wait(body["job_id"])
+    return "batch_size" not in (body.get("ignored_fields") or [])
+
+
+def check_image(body: dict, size: int, batch: int) -> None:
+    """The done response carries decodable images of the requested size (and count)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    imgs = [body["image"]] + [i["image"] for i in (body.get("images") or [])[1:]]
+    if batch > 1 and body.get("images"):
+        assert len(body["images"]) == batch, f"expected {batch} images, got {len(body['images'])}"
+    for b64 in imgs:
+        im = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert im.size == (size, size), im.size
+
+
+# ---------------------------------------------------------------------------- sections
+
+def speed_rows(run: Run, fam: str, pipe, svc: Service | None, size: int, steps: int, batch: int, reps: int,
+               device: str, supports_batch: bool) -> None:
+    """Bare and service at one shape, interleaved (bare, service, bare, ...) after a warm-up of each."""
+    warm_steps = steps if batch == 1 else max(2, steps // 5)  # b1: a whole run, so clocks are up
+    peak_reset(device)
+    bare_call(pipe, size, warm_steps, batch, 1, device)
+    bare_t, svc_t, svc_gen = [], [], []
+    bare_images = None
+    use_svc = svc is not None and (batch == 1 or supports_batch)
+    if use_svc:
+        svc.job(**request(fam, size, warm_steps, batch, 1))
+    for i in range(reps):
+        dt, bare_images = bare_call(pipe, size, steps, batch, 100 + i, device)
+        bare_t.append(dt)
+        if use_svc:
+            body = svc.job(**request(fam, size, steps, batch, 100 + i))
+            check_image(body, size, batch)
+            svc_t.append(body["wall"])
+            svc_gen.append(body["generation_time_sec"])
+    assert bare_images and bare_images[0].size == (size, size)
+    peak = peak_mb(device)
+    for harness, times in (("bare diffusers", bare_t), ("service", svc_t)):
+        if not times:
+            continue
+        m = median(times)
+        row = {"family": fam, "size": size, "steps": steps, "batch": batch, "harness": harness, "runs_s": times,
+               "s_per_call": round(m, 4), "s_per_image": round(m / batch, 4), "it_per_s": round(steps / m, 3),
+               "images_per_s": round(batch / m, 3)}
+        if harness == "bare diffusers":
+            row["peak_vram_mb"] = peak
+        else:
+            row["worker_s_median"] = median(svc_gen)
+            row["service_gpu_mb"] = svc.gpu_mb()
+        run.results["speed"].append(row)
+        log(f"   {fam} b{batch} {harness}: {row['s_per_image']:.3f} s/image, {row['it_per_s']:.2f} it/s")
+    if svc is not None and not use_svc:
+        run.results["skipped"].append(f"service {fam} batch {batch}: this build has no batch_size field")
+
+
+def option_rows(run: Run, fam: str, pipe, size: int, steps: int, reps: int, device: str, attention: bool = True) -> None:
+    """Each fast-mode option switched on in turn, on top of the previous ones (bare pipeline, batch 1).
+    torch.compile is measured apart (``compile_rows``): it costs a minute or more of compiling."""
+    import torch
+
+    from diffusionapi.engine import fastmode
+
+    unet = pipe.unet
+    if fam == "sd15" and attention:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        saved = unet.attn_processors
+        unet.set_attn_processor(AttnProcessor())
+        measure_option(run, fam, pipe, size, steps, reps, device, "SDPA attention (off: classic attention)", False)
+        unet.set_attn_processor(saved)
+    measure_option(run, fam, pipe, size, steps, reps, device, "baseline: bare diffusers (fp16 on CUDA, SDPA)", True)
+    if device.startswith("cuda"):
+        unet.to(memory_format=torch.channels_last)
+        measure_option(run, fam, pipe, size, steps, reps, device, "+ channels-last UNet", True)
+    fastmode.fuse_qkv(unet)
+    measure_option(run, fam, pipe, size, steps, reps, device, "+ fused QKV projections", True)
+    if fam == "sdxl":
+        # Bare SDXL decodes in fp32 (force_upcast); the service decodes in fp16 and redoes it
+        # in fp32 only if the result has NaNs (real SDXL VAE weights do; these random ones do not).
+        pipe.vae.register_to_config(force_upcast=False)
+        measure_option(run, fam, pipe, size, steps, reps, device, "+ VAE decode in fp16", True)
+
+
+def measure_option(run: Run, fam, pipe, size, steps, reps, device, label: str, on: bool, extra: dict | None = None):
+    bare_call(pipe, size, steps, 1, 1, device)  # warm: kernels picked, layouts, clocks up
+    times = [bare_call(pipe, size, steps, 1, 200 + i, device)[0] for i in range(reps)]
+    m = median(times)
+    row = {"family": fam, "size": size, "steps": steps, "option": label, "on": on, "runs_s": times,
+           "s_per_image": round(m, 4), "it_per_s": round(steps / m, 3), **(extra or {})}
+    run.results["options"].append(row)
+    log(f"   {fam} {label} {'on' if on else 'off'}: {row['it_per_s']:.2f} it/s")
+
+
+def compile_rows(run: Run, fam: str, pipe, size: int, steps: int, reps: int, device: str) -> None:
+    """torch.compile of the UNet on top of the other options (first call = compile time)."""
+    import torch
+
+    from diffusionapi.engine import fastmode
+
+    unet = pipe.unet
+    t = time.perf_counter()
+    pipe.unet = torch.compile(unet, mode=None if fastmode.DEFAULT_COMPILE_MODE == "default"
+                              else fastmode.DEFAULT_COMPILE_MODE, dynamic=False)
+    bare_call(pipe, size, 2, 1, 1, device)
+    compile_s = time.perf_counter() - t
+    measure_option(run, fam, pipe, size, steps, reps, device, "+ torch.compile UNet", True,
+                   {"compile_s": round(compile_s, 1)})
+    pipe.unet = unet
+
+
+def batching_run(svc: Service, fam: str, size: int, steps: int, clients: int, jobs_each: int) -> dict:
+    """``clients`` threads, each with its own kept-alive client, each running ``jobs_each`` jobs in turn."""
+    errors: list[str] = []
+    walls: list[float] = []
+    barrier = threading.Barrier(clients)
+
+    def client(k: int):
+        with httpx.Client(base_url=svc.url, timeout=httpx.Timeout(600, connect=10)) as c:
+            barrier.wait()
+            for j in range(jobs_each):
+                try:
+                    body = svc.job(c, **request(fam, size, steps, 1, 1000 + k * 100 + j,
+                                                prompt=f"{PROMPT}, variation {k}-{j}"))
+                    walls.append(body["wall"])
+                except Exception as e:  # noqa: BLE001
+                    errors.append(str(e)[:300])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    dt = time.perf_counter() - t
+    n = clients * jobs_each - len(errors)
+    return {"clients": clients, "jobs": clients * jobs_each, "ok": n, "errors": errors[:3], "wall_s": round(dt, 3),
+            "images_per_s": round(n / dt, 3), "job_latency_median_s": median(walls)}
+
+
+# ---------------------------------------------------------------------------- main
+
+def machine(device: str) -> dict:
+    import diffusers
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "device": device,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if device.startswith("cuda"):
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    capability=f"{p.major}.{p.minor}")
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU check of the whole flow)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and sections (under 4 minutes on an H100)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds; sections that would overrun are skipped "
+                    "(default 430, --quick 195, --tiny none); a section still running 40 s past it is stopped")
+    ap.add_argument("--families", default="sd15,sdxl")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile measurements")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--sections", default="speed,batch4,attention,options,batching,compile,fast",
+                    help="which to run (the model build always runs)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per figure (default 3, --quick 2)")
+    ap.add_argument("--no-single-file", action="store_true", help="install SDXL as a folder only")
+    ap.add_argument("--fast-options", default="channels_last,fused_qkv",
+                    help="settings the fast-mode service turns on besides compile_unet")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.budget is None and not args.tiny:
+        args.budget = 195 if args.quick else 430
+    families = [f for f in args.families.split(",") if f]
+    shapes = TINY if args.tiny else FULL
+    reps = args.reps or (1 if args.tiny else (2 if args.quick else 3))
+    sections = set(args.sections.split(","))
+    compile_ok = not args.no_compile and device.startswith("cuda")
+    out = args.out or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT")
+                       else ROOT / "benchmarks" / "results-gpu" / ("tiny.json" if args.tiny else "latest.json"))
+
+    run = Run(args.budget, out)
+    R = run.results
+    R["machine"] = machine(device)
+    R["mode"] = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    R["budget_s"] = args.budget
+    R["settings"] = {"shapes": {f: {"size": shapes[f][0], "steps": shapes[f][1]} for f in families},
+                     "sampler": "Euler, default (linspace) schedule", "cfg_scale": CFG_SCALE, "file_type": "jpg",
+                     "repetitions": reps, "argv": sys.argv[1:]}
+    log(f"GPU benchmark ({R['mode']}) on {R['machine'].get('gpu', device)}")
+    work = Path(tempfile.mkdtemp(prefix="dapi-gpu-"))
+    models = work / "models"
+    services: list[Service] = []
+    try:
+        install_models(run, models, families, args.tiny, device, single_file=not (args.quick or args.no_single_file))
+        fams = [f for f in families if f in R["build"]]
+
+        # S1: the service with default settings, started now so it imports while bare diffusers loads.
+        s1 = Service("default", work, models, device)
+        services.append(s1)
+        supports_batch = False
+        pipes = {}
+        for fam in fams:
+            size, steps = shapes[fam]
+            fam_reps = reps if fam == "sd15" else min(reps, 3)  # SDXL images take 2-3x longer
+            with run.section(f"{fam}: bare diffusers vs service"):
+                t = time.perf_counter()
+                pipe = pipes[fam] = bare_load(models / fam, fam, device)
+                R["load"].setdefault(fam, {})["bare_folder_s"] = round(time.perf_counter() - t, 2)
+                s1.ready()
+                if fam == fams[0]:
+                    supports_batch = service_supports_batch_size(s1)  # also: CUDA initialised in the service
+                    R["service_batch_size_field"] = supports_batch
+                # Load times as the service reports them (load_time_sec): single file, then folder.
+                names = ([(f"{fam}-file", "service_single_file_s")] if (models / f"{fam}-file.safetensors").exists()
+                         else []) + [(fam, "service_folder_s")]
+                for name, key in names:
+                    body = s1.job(**request(name, size, 1, 1, 0))
+                    R["load"][fam][key] = body["load_time_sec"]
+                log(f"   load {R['load'][fam]}")
+                speed_rows(run, fam, pipe, s1, size, steps, 1, fam_reps, device, supports_batch)
+                reps4 = 1 if (args.tiny or args.quick or fam == "sdxl") else 2
+                if "batch4" in sections and not (args.quick and fam == "sdxl") and run.allows(f"{fam} batch 4", 0 if args.tiny else
+                                                                     (25 if fam == "sd15" else 45) * reps4):
+                    speed_rows(run, fam, pipe, s1, size, steps, 4, reps4, device, supports_batch)
+            if "options" in sections and not (args.quick and fam == "sdxl") and run.allows(f"options {fam}", 0 if args.tiny else
+                                                                 (25 if fam == "sd15" else 45)):
+                with run.section(f"{fam}: fast-mode options"):
+                    option_rows(run, fam, pipe, size, steps, fam_reps, device, "attention" in sections)
+            if fam != "sd15":
+                del pipes[fam], pipe
+                free(device)
+
+        # Dynamic batching: the same clients against the default service, then one that batches.
+        if "batching" in sections and "sd15" in fams and run.allows("dynamic batching", 0 if args.tiny else 55):
+            size, steps = shapes["sd15"]
+            jobs_each = 1 if args.tiny else 2
+            with run.section("dynamic batching"):
+                s1.job(**request("sd15", size, 2, 1, 0))  # resident again after SDXL
+                solo = batching_run(s1, "sd15", size, steps, args.clients, jobs_each)
+                s1.close()
+                s2 = Service("batching", work, models, device, max_batch_jobs=args.clients, batch_wait_ms=BATCH_WAIT_MS)
+                services.append(s2)
+                s2.ready()
+                s2.job(**request("sd15", size, 2, 1, 0))
+                batched = batching_run(s2, "sd15", size, steps, args.clients, jobs_each)
+                s2.close()
+                R["batching"] = {"family": "sd15", "size": size, "steps": steps, "batch_wait_ms": BATCH_WAIT_MS,
+                                 "max_batch_jobs_1": solo,
+                                 f"max_batch_jobs_{args.clients}": batched,
+                                 "speedup": round(batched["images_per_s"] / solo["images_per_s"], 3)}
+                log(f"   batching {R['batching']}")
+        s1.close()
+
+        # torch.compile, in process (on top of the options above) and in the fast-mode service,
+        # which compiles and warms up the measured shapes at start (the in-process compile fills
+        # inductor's cache first, as a restarted server would find it).
+        if "compile" in sections and compile_ok and "sd15" in pipes and run.allows("torch.compile sd15 (in process)", 80):
+            with run.section("sd15: torch.compile option"):
+                compile_rows(run, "sd15", pipes["sd15"], *shapes["sd15"], reps, device)
+        pipes.clear()
+        free(device)
+        fast_fams = [f for f in fams if not (args.quick and f == "sdxl")] if "fast" in sections else []
+        for k in range(len(fast_fams), 0, -1):  # as many families as the budget allows
+            est = 0 if args.tiny else (30 + (150 if "sdxl" in fast_fams[:k] else 0) + 45 * (not compile_ok))
+            if run.allows(f"fast-mode service {','.join(fast_fams[:k])}", est):
+                fast_fams = fast_fams[:k]
+                break
+        else:
+            fast_fams = []
+        if fast_fams:
+            with run.section("fast-mode service"):
+                shapes_env = ",".join(f"{f}:{shapes[f][0]}x{shapes[f][0]}" for f in fast_fams)
+                t = time.perf_counter()
+                # Both models stay resident (cache 2): each keeps its compiled UNet.
+                opts = {o: "true" for o in args.fast_options.split(",") if o}
+                R["fast_service_settings"] = {**opts, "compile_unet": compile_ok, "warmup_shapes": shapes_env}
+                s3 = Service("fast", work, models, device, compile_unet=str(compile_ok).lower(),
+                             warmup_shapes=shapes_env, pipeline_cache_size=len(fast_fams), **opts)
+                services.append(s3)
+                s3.ready()
+                for fam in fast_fams:
+                    size, steps = shapes[fam]
+                    s3.job(**request(fam, size, steps, 1, 1))  # waits for the start-up warm-up, then warm
+                    if fam == fast_fams[0]:
+                        R["fast_service_warmup_s"] = round(time.perf_counter() - t, 1)
+                    times = [s3.job(**request(fam, size, steps, 1, 300 + i))["wall"] for i in range(reps)]
+                    m = median(times)
+                    R["fast_service"].append({"family": fam, "size": size, "steps": steps, "batch": 1, "runs_s": times,
+                                              "s_per_image": round(m, 4), "it_per_s": round(steps / m, 3),
+                                              "compile": compile_ok, "service_gpu_mb": s3.gpu_mb()})
+                    log(f"   fast service {fam}: {steps / m:.2f} it/s")
+                R["fast_service_warmup_total_s"] = round(time.perf_counter() - t, 1)
+                s3.close()
+    except OutOfTime as e:
+        R["errors"].append(str(e))
+    finally:
+        for s in services:
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001
+                pass
+            R.setdefault("service_log_tails", {})[s.name] = s.tail(4000)
+        if hasattr(signal, "SIGALRM"):
+            signal.alarm(0)
+        run.save()
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(R)
+    log(f"\nJSON: {out}")
+    return 0
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def print_table(R: dict) -> None:
+    m = R["machine"]
+    log(f"\nDiffusionAPI GPU benchmark ({R['mode']}): {m.get('gpu', m['device'])}, torch {m['torch']}, "
+        f"diffusers {m['diffusers']}, {m['date']}, {R['elapsed_s']} s")
+    log("| model | size | batch | bare diffusers s/image (it/s) | service s/image (it/s) | service / bare it/s | bare peak VRAM MB |")
+    log("|---|---|---|---|---|---|---|")
+    rows = {(r["family"], r["batch"], r["harness"]): r for r in R["speed"]}
+    for (fam, batch, h), r in rows.items():
+        if h != "bare diffusers":
+            continue
+        s = rows.get((fam, batch, "service"))
+        log(f"| {fam} | {r['size']} | {batch} | {r['s_per_image']:.3f} ({r['it_per_s']:.2f}) | "
+            + (f"{s['s_per_image']:.3f} ({s['it_per_s']:.2f}) | {ratio(s['it_per_s'], r['it_per_s'])} |" if s else "- | - |")
+            + f" {r.get('peak_vram_mb') or '-'} |")
+    if R["options"]:
+        log("\n| model | fast-mode option (cumulative, bare pipeline, batch 1) | it/s | vs baseline |")
+        log("|---|---|---|---|")
+        base = {r["family"]: r["it_per_s"] for r in R["options"] if r["option"].startswith("baseline")}
+        for r in R["options"]:
+            extra = f" (compile {r['compile_s']} s)" if "compile_s" in r else ""
+            log(f"| {r['family']} | {r['option']}{extra} | {r['it_per_s']:.2f} | {ratio(r['it_per_s'], base.get(r['family']))} |")
+    if R["fast_service"]:
+        log("\n| model | service, fast mode (batch 1) it/s | vs bare diffusers |")
+        log("|---|---|---|")
+        for r in R["fast_service"]:
+            b = rows.get((r["family"], 1, "bare diffusers"))
+            log(f"| {r['family']} | {r['it_per_s']:.2f} | {ratio(r['it_per_s'], b and b['it_per_s'])} |")
+    if R["load"]:
+        log("\n| model | bare from_pretrained s | service single file s | service folder s |")
+        log("|---|---|---|---|")
+        for fam, v in R["load"].items():
+            log(f"| {fam} | {v.get('bare_folder_s', '-')} | {v.get('service_single_file_s', '-')} | {v.get('service_folder_s', '-')} |")
+    b = R.get("batching")
+    if b:
+        keys = [k for k in b if k.startswith("max_batch_jobs_")]
+        log(f"\ndynamic batching, {b['family']} {b['size']}, {b[keys[0]]['clients']} clients: "
+            + ", ".join(f"{k}: {b[k]['images_per_s']} images/s" for k in keys) + f"; speed-up {b['speedup']}x")
+    if R["skipped"]:
+        log("skipped: " + "; ".join(R["skipped"]))
+    if R["errors"]:
+        log("errors: " + "; ".join(R["errors"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Fast mode: speed settings applied when a pipeline loads, warm-up shapes, and the VAE's fp16 policy.
+
+What runs by default never changes an image beyond fp16 noise: fp16 weights on CUDA, PyTorch's
+scaled-dot-product attention (diffusers' default in torch 2), and VAE decode/encode in fp16 with a
+redo in fp32 (or bf16) only when the fp16 result has NaN/inf values, remembered per model so an
+overflowing VAE (SDXL's) goes straight to the wider type afterwards. The rest are settings, each
+measured by ``benchmarks/gpu.py``: channels-last UNet, fused QKV projections, ``torch.compile``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Inductor's default mode: no CUDA graphs (they pin input buffers and break with LoRA/shape changes),
+# no autotuning (minutes of start-up); the fusions are where most of the gain is.
+DEFAULT_COMPILE_MODE = "default"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+UPCAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class FastMode:
+    channels_last: bool = False
+    fused_qkv: bool = False
+    compile_unet: bool = False
+    compile_mode: str = DEFAULT_COMPILE_MODE
+    vae_fp16: bool = True
+    vae_upcast_dtype: str = "float32"
+
+    @classmethod
+    def from_settings(cls, settings) -> "FastMode":
+        return cls(**{k: getattr(settings, k) for k in cls.__dataclass_fields__ if hasattr(settings, k)})
+
+
+def apply(pipe, device: torch.device, mode: FastMode) -> list[str]:
+    """Put ``pipe`` (already on ``device``) into fast mode; returns what was switched on."""
+    applied = []
+    if device.type != "cuda":
+        # channels-last and compile are CUDA speed-ups; fused QKV is exact everywhere, so it is
+        # applied on every device (the CPU tests check it against the unfused model).
+        if mode.fused_qkv and fuse_qkv(pipe.unet):
+            applied.append("fused_qkv")
+        return applied
+    if mode.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if mode.fused_qkv and fuse_qkv(pipe.unet):
+        applied.append("fused_qkv")
+    if mode.compile_unet:
+        # Compiles at the first call with each new shape (batch, size); warm-up shapes do it at start.
+        # Every resident model and shape is an entry for the same UNet forward code: past dynamo's
+        # default of 8 it would silently run eager, so a server gets room for many.
+        from torch import _dynamo as dynamo  # not "import torch._dynamo": that makes torch a local name
+
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        pipe.unet = torch.compile(pipe.unet, mode=None if mode.compile_mode == "default" else mode.compile_mode,
+                                  dynamic=False)
+        applied.append(f"compile_unet({mode.compile_mode})")
+    return applied
+
+
+# ---------------------------------------------------------------------------- fused QKV
+
+def _base(unet):
+    return getattr(unet, "_orig_mod", unet)  # the module under a torch.compile wrapper
+
+
+def fuse_qkv(unet) -> bool:
+    """One matmul for q, k and v (k and v for cross-attention) instead of three. The unfused
+    projections stay, so LoRA jobs can switch back (``set_fused``): LoRA adapters wrap to_q/to_k/to_v."""
+    unet = _base(unet)
+    if getattr(unet, "_dapi_fused", None) is not None:
+        return True
+    try:
+        with torch.no_grad():
+            unet.fuse_qkv_projections()
+    except (ValueError, AttributeError) as e:  # e.g. added-KV attention: not supported by diffusers
+        log.info("fused QKV not available for this UNet: %s", e)
+        return False
+    unet._dapi_fused = unet.attn_processors  # the fused processors, to switch back to
+    unet._dapi_fused_on = True
+    return True
+
+
+def set_fused(unet, on: bool) -> None:
+    """Switch a fused UNet between its fused and its original attention processors."""
+    unet = _base(unet)
+    fused = getattr(unet, "_dapi_fused", None)
+    if fused is None or unet._dapi_fused_on == on:
+        return
+    unet.set_attn_processor(fused if on else unet.original_attn_processors)
+    unet._dapi_fused_on = on
+
+
+def is_fused(unet) -> bool:
+    return bool(getattr(_base(unet), "_dapi_fused_on", False))
+
+
+# ---------------------------------------------------------------------------- VAE precision
+
+def vae_run(loaded, vae, fn, mode: FastMode):
+    """``fn(vae)`` -> tensor, in the VAE's fp16 first (unless ``mode.vae_fp16`` is off or this model
+    already overflowed), then once more in the upcast type if the result is not finite.
+
+    ``loaded.vae_upcast`` remembers the overflow for the model. With ``vae_fp16`` off, the config's
+    ``force_upcast`` decides, as diffusers' SDXL pipeline does."""
+    wide = UPCAST_DTYPES.get(mode.vae_upcast_dtype, torch.float32)
+    if vae.dtype != torch.float16:
+        return fn(vae)
+    first_wide = getattr(loaded, "vae_upcast", False) or (
+        not mode.vae_fp16 and bool(getattr(vae.config, "force_upcast", False)))
+    if not first_wide:
+        out = fn(vae)
+        if torch.isfinite(out).all():
+            return out
+        log.info("model %s: the VAE overflowed in fp16; it runs in %s from now on",
+                 getattr(getattr(loaded, "entry", None), "name", "?"), mode.vae_upcast_dtype)
+        try:
+            loaded.vae_upcast = True
+        except AttributeError:
+            pass
+    vae.to(wide)
+    try:
+        return fn(vae)
+    finally:
+        vae.to(torch.float16)
+
+
+# ---------------------------------------------------------------------------- warm-up shapes
+
+_SHAPE = re.compile(r"^(?:(?P<model>[^:]+):)?(?P<w>\d+)x(?P<h>\d+)(?:x(?P<n>\d+))?$")
+
+
+@dataclass(frozen=True)
+class WarmupShape:
+    model: str | None  # None: the default model
+    width: int
+    height: int
+    batch: int = 1
+
+
+def parse_warmup_shapes(text: str) -> list[WarmupShape]:
+    """``"[model:]WIDTHxHEIGHT[xBATCH], ..."``, e.g. ``"sd15:512x512,sd15:512x512x4,sdxl:1024x1024"``."""
+    out = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        m = _SHAPE.match(item)
+        if not m:
+            raise ValueError(f"warmup_shapes: {item!r} is not [model:]WIDTHxHEIGHT[xBATCH]")
+        n = int(m["n"] or 1)
+        if n < 1 or int(m["w"]) < 8 or int(m["h"]) < 8:
+            raise ValueError(f"warmup_shapes: {item!r} has a size under 8 or a batch under 1")
+        out.append(WarmupShape(m["model"].strip() if m["model"] else None, int(m["w"]), int(m["h"]), n))
+    return out

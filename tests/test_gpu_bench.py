@@ -1,0 +1,44 @@
+"""benchmarks/gpu.py in its tiny CPU mode: the whole flow runs and reports (correctness, not timing)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_tiny_cpu_runs_every_section(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
+                           "--families", "sd15", "--clients", "3", "--out", str(out)],
+                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["errors"] == [], r["errors"]
+    assert r["mode"] == "tiny" and r["machine"]["device"] == "cpu"
+    # Built and installed twice: a diffusers folder and a single file, each loaded by the service.
+    assert r["build"]["sd15"]["folder_gb"] > 0 and r["build"]["sd15"]["single_file_gb"] > 0
+    load = r["load"]["sd15"]
+    assert load["service_single_file_s"] > 0 and load["service_folder_s"] > 0 and load["bare_folder_s"] > 0
+    # Bare diffusers and the service measured side by side at batch 1 (and bare at batch 4).
+    rows = {(x["harness"], x["batch"]) for x in r["speed"]}
+    assert {("bare diffusers", 1), ("service", 1), ("bare diffusers", 4)} <= rows
+    if r["service_batch_size_field"]:
+        assert ("service", 4) in rows
+    for x in r["speed"]:
+        assert x["s_per_image"] > 0 and x["it_per_s"] > 0
+    # Each fast-mode option that exists on CPU measured; the fast-mode service ran its jobs.
+    options = [x["option"] for x in r["options"]]
+    assert any(o.startswith("baseline") for o in options) and any("fused QKV" in o for o in options)
+    assert [x["family"] for x in r["fast_service"]] == ["sd15"]
+    # Dynamic batching: every client's job finished on both services.
+    b = r["batching"]
+    for key in ("max_batch_jobs_1", "max_batch_jobs_3"):
+        assert b[key]["ok"] == b[key]["jobs"] == 3, b
+    # The table is printed last.
+    assert "| sd15 | 64 | 1 |" in proc.stdout and "dynamic batching" in proc.stdout
