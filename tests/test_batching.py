@@ -151,3 +151,22 @@ def test_jobs_that_must_run_alone(model_store, tmp_path):
     assert key(sampler_name="DPM adaptive") is None
     assert key(hires={"enabled": True, "scale": 2, "upscaler": "Latent", "steps": 2}) is None
     assert key(model="tiny-sdxl", refiner_checkpoint="tiny-sdxl-refiner") is None
+
+
+def test_each_job_of_a_batch_streams_its_own_events(batching_server):
+    from .test_live import start_listener
+
+    s = batching_server
+    runs = len(s.engine.batches)
+    blocker = hold(s)
+    jobs = [dict(JOB, prompt=f"a streamed fox {i}", seed=200 + i) for i in range(2)]
+    ids = [s.submit(**j) for j in jobs]
+    listeners = [start_listener(s.url, j) for j in ids]
+    for t, _ in listeners:
+        t.join(120)
+    assert s.wait(blocker)["state"] == "done"
+    assert s.engine.batches[runs:] == [2]  # they did run as one batch
+    for (_, events), job in zip(listeners, jobs):
+        kinds = [e[1] for e in events]
+        assert "started" in kinds and "progress" in kinds and kinds[-1] == "done", kinds
+        assert events[-1][2]["seed"] == job["seed"] and events[-1][2]["image"]
