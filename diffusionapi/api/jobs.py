@@ -54,49 +54,40 @@ def submit(request: Request, kind: str, echo: dict):
         return error(503, str(e), headers={"Retry-After": "30"})
 
 
-@router.post("/txt2img", response_model=Txt2ImgResponse, response_model_exclude_none=True,
-             responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
-def txt2img(body: Txt2ImgRequest, request: Request):
+_SUBMIT_ERRORS = {**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}}
+
+
+def _resolve_and_submit(request: Request, body, resolve):
+    """The submit routes' one shape: resolve (a 4xx names the field), record + queue, answer the id."""
     state = request.app.state
     try:
-        job = resolve_txt2img(body, state.registry, state.settings, model_given="model" in body.model_fields_set)
+        job = resolve(body, state.registry, state.settings)
     except RequestError as e:
         return request_error(e)
-    job_id = submit(request, job.kind, job.echo)
+    job_id = submit(request, job.kind, job.payload)
     if isinstance(job_id, JSONResponse):
         return job_id
     return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
 
 
-@router.post("/img2img", response_model=Txt2ImgResponse, response_model_exclude_none=True,
-             responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
+@router.post("/txt2img", response_model=Txt2ImgResponse, response_model_exclude_none=True, responses=_SUBMIT_ERRORS)
+def txt2img(body: Txt2ImgRequest, request: Request):
+    return _resolve_and_submit(request, body, lambda b, registry, settings: resolve_txt2img(
+        b, registry, settings, model_given="model" in b.model_fields_set))
+
+
+@router.post("/img2img", response_model=Txt2ImgResponse, response_model_exclude_none=True, responses=_SUBMIT_ERRORS)
 def img2img(body: Img2ImgRequest, request: Request):
     """txt2img from an init image; with ``mask``, inpainting. Images are decoded and checked
     before the job is recorded."""
-    state = request.app.state
-    try:
-        job = resolve_img2img(body, state.registry, state.settings, model_given="model" in body.model_fields_set)
-    except RequestError as e:
-        return request_error(e)
-    job_id = submit(request, job.kind, job.payload)
-    if isinstance(job_id, JSONResponse):
-        return job_id
-    return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
+    return _resolve_and_submit(request, body, lambda b, registry, settings: resolve_img2img(
+        b, registry, settings, model_given="model" in b.model_fields_set))
 
 
-@router.post("/upscale", response_model=Txt2ImgResponse, response_model_exclude_none=True,
-             responses={**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
+@router.post("/upscale", response_model=Txt2ImgResponse, response_model_exclude_none=True, responses=_SUBMIT_ERRORS)
 def upscale(body: UpscaleRequest, request: Request):
     """Upscale one image (queued like any job): an upscaler file, or "Lanczos" / "Nearest"."""
-    state = request.app.state
-    try:
-        job = resolve_upscale(body, state.registry, state.settings)
-    except RequestError as e:
-        return request_error(e)
-    job_id = submit(request, job.kind, job.payload)
-    if isinstance(job_id, JSONResponse):
-        return job_id
-    return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
+    return _resolve_and_submit(request, body, resolve_upscale)
 
 
 @router.get("/queue", response_model=QueueListResponse)

@@ -164,3 +164,51 @@ async def polled_events(backend: JobBackend, job_id: str) -> AsyncIterator[JobEv
             await backend.wait_final(job_id, POLL_SEC)
 
     return feed()
+
+
+class FinalWaiters:
+    """Long-polls (GET /queue/{id}?wait=N) waiting on the event loop for jobs to become final.
+    ``bind`` once on the loop; ``notify`` from any thread when a job became final."""
+
+    def __init__(self):
+        self._loop = None
+        self._waiters: dict[str, list] = {}
+
+    def bind(self) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+
+    def waiting_for(self, job_id: str) -> bool:
+        return job_id in self._waiters
+
+    def notify(self, job_id: str) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._wake, job_id)
+
+    def _wake(self, job_id: str) -> None:
+        for fut in self._waiters.pop(job_id, []):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, job_id: str, timeout: float, is_final) -> None:
+        """Until ``is_final()`` (checked again after registering: it may have finished meanwhile),
+        a notify for the job, or ``timeout`` seconds."""
+        if timeout <= 0 or is_final():
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append(fut)
+        if is_final():
+            self._wake(job_id)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:  # timed out or the client went away: forget this waiter
+            waiters = self._waiters.get(job_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    self._waiters.pop(job_id, None)

@@ -9,7 +9,6 @@ other side.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -21,7 +20,7 @@ from ..cluster.catalog import CatalogRegistry
 from ..cluster.celery_app import TASK_NAME, make_celery, make_queue, queue_name
 from ..cluster.state import FINAL_CHANNEL, RedisJobState
 from ..jobstatus import JobStatus
-from .base import BackendUnavailable, FinalJob, JobBackend, QueueEntry, QueueFull
+from .base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +33,13 @@ class CeleryBackend(JobBackend):
         self.state = RedisJobState(settings.redis_url, results_ttl=settings.results_ttl_sec, max_attempts=MAX_ATTEMPTS)
         self.celery = make_celery(settings)
         self.catalog = CatalogRegistry(settings, self.state)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._waiters = FinalWaiters()
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
+        self._waiters.bind()
         self._listener = threading.Thread(target=self._listen, name="diffusionapi-final-listener", daemon=True)
         self._listener.start()
 
@@ -62,36 +57,16 @@ class CeleryBackend(JobBackend):
                     msg = pubsub.get_message(timeout=1.0)
                     if msg and msg.get("type") == "message":
                         job_id = msg["data"].decode() if isinstance(msg["data"], bytes) else msg["data"]
-                        if job_id in self._waiters and self._loop is not None:
-                            self._loop.call_soon_threadsafe(self._wake, job_id)
+                        if self._waiters.waiting_for(job_id):
+                            self._waiters.notify(job_id)
             except (redis.RedisError, OSError, ValueError) as e:
                 if self._stopping.is_set():
                     return
                 log.warning("final-event subscription lost (%s); resubscribing", e)
                 time.sleep(0.5)
 
-    def _wake(self, job_id: str) -> None:
-        for fut in self._waiters.pop(job_id, []):
-            if not fut.done():
-                fut.set_result(None)
-
     async def wait_final(self, job_id: str, timeout: float) -> None:
-        if timeout <= 0 or self.state.is_final(job_id) is not False:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(job_id, []).append(fut)
-        if self.state.is_final(job_id) is not False:  # it may have finished while we registered
-            self._wake(job_id)
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:  # timed out or the client went away: forget this waiter
-            waiters = self._waiters.get(job_id, [])
-            if fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    self._waiters.pop(job_id, None)
+        await self._waiters.wait(job_id, timeout, lambda: self.state.is_final(job_id) is not False)
 
     # ------------------------------------------------------------------ jobs
     def submit(self, kind: str, payload: dict) -> str:

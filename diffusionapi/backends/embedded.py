@@ -25,7 +25,7 @@ from ..files import write_atomic
 from ..jobstatus import FINAL_STATES, JobStatus
 from ..live import LiveFeed
 from ..runner import JobFailed, JobInterrupted, JobRunner
-from .base import BackendUnavailable, FinalJob, JobBackend, QueueEntry, QueueFull
+from .base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -478,44 +478,25 @@ class EmbeddedBackend(JobBackend):
                              on_ended=self._ended)
         self._final_lock = threading.Lock()
         self._loop = None
-        self._waiters: dict[str, list] = {}
+        self._waiters = FinalWaiters()
 
     # Long-poll: GET /queue/{id}?wait=N returns as soon as the job is final.
     def _notify(self, job_id: str) -> None:
-        loop = self._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._wake, job_id)
-
-    def _wake(self, job_id: str) -> None:
-        for fut in self._waiters.pop(job_id, []):
-            if not fut.done():
-                fut.set_result(None)
+        self._waiters.notify(job_id)
 
     async def wait_final(self, job_id: str, timeout: float) -> None:
-        st = self.store.read_status(job_id)
-        if st is None or st.is_final or timeout <= 0:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(job_id, []).append(fut)
-        st = self.store.read_status(job_id)  # it may have finished while we registered
-        if st is None or st.is_final:
-            self._wake(job_id)
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:  # timed out or the client went away: forget this waiter
-            waiters = self._waiters.get(job_id, [])
-            if fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    self._waiters.pop(job_id, None)
+        def is_final() -> bool:
+            st = self.store.read_status(job_id)
+            return st is None or st.is_final
+
+        await self._waiters.wait(job_id, timeout, is_final)
 
     def start(self) -> None:
         try:
-            self._loop = asyncio.get_running_loop()
+            self._loop = asyncio.get_running_loop()  # the final-event hand-off below runs on it
         except RuntimeError:
             self._loop = None
+        self._waiters.bind()
         for record, status in self.store.recover():
             job_id = record["job_id"]
             if status is not None and status.is_final:
