@@ -3,26 +3,16 @@ from __future__ import annotations
 
 import base64
 import json
-import uuid
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from .jobs import valid_job_id, error
 
 router = APIRouter()
 
 PING_SEC = 15  # a comment line now and then keeps proxies from closing an idle stream
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"status": "error", "error": message}, status_code=status)
-
-
-def _valid(job_id: str) -> bool:
-    try:
-        return str(uuid.UUID(job_id)) == job_id
-    except ValueError:
-        return False
 
 
 @router.get("/queue/{job_id}/events", response_class=EventSourceResponse,
@@ -31,14 +21,14 @@ def _valid(job_id: str) -> bool:
                        404: {"description": "unknown job, or its final result was already read"}})
 async def job_events(job_id: str, request: Request,
                      last_event_id: str | None = Header(None, alias="Last-Event-ID")):
-    if not _valid(job_id):
-        return _error(404, f"no job {job_id!r} (job ids are UUIDs)")
+    if not valid_job_id(job_id):
+        return error(404, f"no job {job_id!r} (job ids are UUIDs)")
     try:
         feed = await request.app.state.jobs.events(job_id, last_event_id)
     except NotImplementedError as e:
-        return _error(501, str(e))
+        return error(501, str(e))
     if feed is None:
-        return _error(404, f"no job {job_id!r}: unknown, or its final result was already read")
+        return error(404, f"no job {job_id!r}: unknown, or its final result was already read")
 
     async def stream():
         async for ev in feed:
@@ -52,14 +42,14 @@ async def job_events(job_id: str, request: Request,
             responses={200: {"content": {"image/jpeg": {}}, "description": "the latest preview"},
                        404: {"description": "unknown job, or no preview (yet)"}})
 async def job_preview(job_id: str, request: Request):
-    if not _valid(job_id):
-        return _error(404, f"no job {job_id!r} (job ids are UUIDs)")
+    if not valid_job_id(job_id):
+        return error(404, f"no job {job_id!r} (job ids are UUIDs)")
     st = request.app.state.jobs.status(job_id)
     if st is None:
-        return _error(404, f"no job {job_id!r}")
+        return error(404, f"no job {job_id!r}")
     preview = getattr(st, "preview", None)
     if not preview:
-        return _error(404, f"job {job_id} has no preview (yet): previews are sent while it runs, "
+        return error(404, f"job {job_id} has no preview (yet): previews are sent while it runs, "
                            "when the request asks for them (`preview`)")
     return Response(base64.b64decode(preview), media_type="image/jpeg",
                     headers={"X-Preview-Step": str(getattr(st, "preview_step", "")), "Cache-Control": "no-store"})

@@ -28,7 +28,7 @@ def request_error(e: RequestError) -> JSONResponse:
     return error(e.status, str(e), detail=[{"loc": ["body", *e.field.split(".")], "msg": e.message}])
 
 
-def _valid_job_id(job_id: str) -> bool:
+def valid_job_id(job_id: str) -> bool:
     try:
         return str(uuid.UUID(job_id)) == job_id
     except ValueError:
@@ -135,7 +135,7 @@ async def queue_status(job_id: str, request: Request,
                        wait: float = Query(0, ge=0, le=60, description="long-poll: seconds to wait for the job to finish")):
     # async + one small file read: polling must never wait for a threadpool slot. Only the
     # final read (image files, base64) goes to a thread.
-    if not _valid_job_id(job_id):
+    if not valid_job_id(job_id):
         return error(404, f"no job {job_id!r} (job ids are UUIDs)")
     jobs = request.app.state.jobs
     if wait:
@@ -151,7 +151,7 @@ async def queue_status(job_id: str, request: Request,
 
 @router.delete("/queue/{job_id}", responses={**_ERRORS, 409: {"model": ErrorResponse}})
 async def queue_cancel(job_id: str, request: Request):
-    if not _valid_job_id(job_id):
+    if not valid_job_id(job_id):
         return error(404, f"no job {job_id!r} (job ids are UUIDs)")
     outcome = request.app.state.jobs.cancel(job_id)
     if outcome is None:
