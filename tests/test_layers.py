@@ -113,3 +113,38 @@ def test_no_import_circle():
         if state.get(m) is None and visit(m, [m]):
             break
     assert not cycle, " -> ".join(cycle)
+
+
+def test_an_api_node_does_not_load_torch(tmp_path):
+    """A cluster API node validates and queues; it never generates. Loading torch there costs
+    ~700 MB per node and, with its half a million objects, garbage-collection pauses of up to a
+    second in the middle of requests (seen as the submit p99 of benchmarks/scale.py)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from fastapi.testclient import TestClient
+from diffusionapi.main import create_app
+from diffusionapi.resolve import resolve_txt2img
+from diffusionapi.registry import Registry
+from diffusionapi.schemas import Txt2ImgRequest
+import diffusionapi.backends.celery_backend, diffusionapi.cluster.catalog, diffusionapi.api.sdapi.routes
+app = create_app()
+app.openapi()
+try:
+    resolve_txt2img(Txt2ImgRequest(prompt="a (cat:1.2)", preview={"every": 1, "method": "approx"}),
+                    Registry(app.state.settings), app.state.settings)
+except Exception:
+    pass  # no model installed here: only the imports on the way matter
+loaded = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+print(loaded)
+sys.exit(1 if loaded else 0)
+"""
+    env = {**os.environ, "DIFFUSIONAPI_BACKEND": "celery", "DIFFUSIONAPI_BROKER_URL": "amqp://127.0.0.1:1//",
+           "DIFFUSIONAPI_REDIS_URL": "redis://127.0.0.1:1/0", "DIFFUSIONAPI_MODELS_DIR": str(tmp_path / "models"),
+           "DIFFUSIONAPI_QUEUE_DIR": str(tmp_path / "queue"), "DIFFUSIONAPI_OUTPUTS_DIR": str(tmp_path / "out")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stdout + r.stderr

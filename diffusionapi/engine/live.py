@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from . import previews as pv
 from .plan import GenerationError, PreviewPlan, StepObserver
+
+if TYPE_CHECKING:
+    import torch  # imported by the engine that runs a job; an API node imports this module without it
 
 
 class TaesdCache:
@@ -27,6 +28,8 @@ class TaesdCache:
     def get(self, path: Path):
         with self._lock:
             if path not in self._loaded:
+                import torch
+
                 dtype = torch.float16 if torch.device(self.device).type == "cuda" else torch.float32
                 self._loaded[path] = pv.load_taesd(path, self.device, dtype)
             return self._loaded[path]

@@ -25,10 +25,14 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where a preview is made, not here: an API node imports this module (through
+# resolve's checks) and must not load torch (hundreds of MB and long garbage-collection pauses).
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,8 @@ def latent_rgb_for(family: str, model_name: str | None, vae_approx_dir: Path | N
 
 def approx_rgb(latents: torch.Tensor, rgb: LatentRGB) -> torch.Tensor:
     """[1, C, h, w] latents -> [h, w, 3] uint8, computed where the latents are (no sync)."""
+    import torch
+
     x = latents[0].float()
     f = torch.tensor(rgb.factors, dtype=torch.float32, device=x.device)  # C x 3
     b = torch.tensor(rgb.bias, dtype=torch.float32, device=x.device)
@@ -100,6 +106,8 @@ def fit_latent_rgb(decode: Callable[[torch.Tensor], torch.Tensor], channels: int
 
     ``decode`` maps scaled latents [n, C, h, w] to images [n, 3, 8h, 8w] in [-1, 1]; each
     decoded image is averaged over the 8x8 patch each latent pixel covers."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(samples, channels, size, size, generator=g)
     with torch.no_grad():
@@ -133,13 +141,16 @@ def find_taesd(vae_approx_dir: Path | None, family: str) -> Path | None:
     return None
 
 
-def load_taesd(path: Path, device, dtype=torch.float32):
+def load_taesd(path: Path, device, dtype: torch.dtype | None = None):
     """An ``AutoencoderTiny`` from a diffusers folder, or one built around an original decoder file.
 
     The original file is a ``nn.Sequential`` whose index 0 is a parameter-free clamp; diffusers'
     ``DecoderTiny`` applies that clamp in ``forward`` and numbers its layers from the first conv,
     so original key ``N.rest`` is ``decoder.layers.(N-1).rest``."""
+    import torch
     from diffusers import AutoencoderTiny
+
+    dtype = dtype or torch.float32
 
     path = Path(path)
     if path.is_dir():
@@ -168,6 +179,8 @@ def load_taesd(path: Path, device, dtype=torch.float32):
 
 def taesd_rgb(decoder, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents [1, 4, h, w] -> [8h, 8w, 3] uint8 (TAESD works on the sampler's latents as is)."""
+    import torch
+
     p = next(decoder.parameters())
     with torch.inference_mode():
         img = decoder.decode(latents.to(p.device, p.dtype), return_dict=False)[0]  # [-1, 1]
@@ -234,6 +247,8 @@ class PreviewSink:
         rgb = self.to_rgb(denoised)
         event = None
         if rgb.is_cuda:
+            import torch
+
             host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
             host.copy_(rgb, non_blocking=True)
             event = torch.cuda.Event()
