@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from ..events import JobEvent
-
-from ..jobstatus import JobStatus
+from ..jobstatus import FinalJob, JobStatus
 
 
 class QueueFull(Exception):
@@ -17,13 +16,6 @@ class QueueFull(Exception):
 
 class BackendUnavailable(Exception):
     """The job could not be recorded durably (disk full, broker down); nothing was queued (503)."""
-
-
-@dataclass
-class FinalJob:
-    """A finished job as handed out exactly once: its status and the bytes of each image."""
-    status: JobStatus
-    images: list[bytes | None]  # None where an image file could no longer be read
 
 
 @dataclass
