@@ -143,6 +143,11 @@ class JobWebhooks:
         if hook and state in hook.get("events", ()):
             self._submit(self._enqueue_final, job_id, state, hook, response)
 
+    def record_final(self, job_id: str, state: str, hook: dict, body: dict) -> None:
+        """Record a final webhook whose body is built already, now (in the caller's thread)."""
+        if state in hook.get("events", ()):
+            self._enqueue_final(job_id, state, hook, lambda: body)
+
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._progress_sent.pop(job_id, None)

@@ -164,7 +164,7 @@ class WebhookQueue:
         write_atomic(self._record_path(record["id"]), json.dumps(record).encode(), fsync=True)
         if self.on_record is not None:
             try:
-                self.on_record({k: v for k, v in record.items() if k != "created_at"})
+                self.on_record(dict(record))
             except Exception as e:  # noqa: BLE001 - the file is the record; a mirror may lag
                 log.warning("webhook record %s not mirrored: %s", record["id"], e)
 
