@@ -5,6 +5,7 @@ This is the one place that lists a job's states and the fields a finished job ca
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -72,3 +73,10 @@ class JobStatus(BaseModel):
 
     def to_record(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)
+
+
+@dataclass
+class FinalJob:
+    """A finished job as handed out exactly once: its status and the bytes of each image."""
+    status: JobStatus
+    images: list[bytes | None]  # None where an image file could no longer be read

@@ -25,25 +25,18 @@ class LiveFeed:
     def __init__(self, settings):
         self.settings = settings
         self.events = EventLog(settings.events_retention_sec)
-        self.webhooks = WebhookQueue(Path(settings.queue_dir) / "webhooks", settings.webhook_secret,
-                                     settings.webhook_allowed_hosts, max_tries=settings.webhook_max_tries,
-                                     backoff_sec=settings.webhook_backoff_sec,
-                                     timeout_sec=settings.webhook_timeout_sec)
-        self._executor: ThreadPoolExecutor | None = None
+        self.hooks = JobWebhooks(settings)
+        self.webhooks = self.hooks.queue
         self._positions: dict[str, int] = {}
-        self._progress_sent: dict[str, float] = {}
         self._previews: dict[str, tuple[str, int]] = {}   # job -> (base64 JPEG, step): the latest
         self._steps: dict[str, tuple[int, int]] = {}      # job -> (step, total) of the current stage
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="diffusionapi-webhook-enqueue")
-        self.webhooks.start()
+        self.hooks.start()
 
     def stop(self) -> None:
-        if self._executor:
-            self._executor.shutdown(wait=True)  # queued webhooks are recorded before we stop
-        self.webhooks.stop()
+        self.hooks.stop()
 
     # ------------------------------------------------------------------ lifecycle hooks
     def queued(self, job_id: str, position: int | None) -> None:
@@ -73,15 +66,7 @@ class LiveFeed:
             with self._lock:
                 self._steps[job_id] = (step, total)
         self.events.publish(job_id, "progress", data)
-        hook = _webhook(payload)
-        if hook and "progress" in hook.get("events", ()):
-            now = time.monotonic()
-            with self._lock:
-                if now - self._progress_sent.get(job_id, -1e9) < self.settings.webhook_progress_interval_sec:
-                    return
-                self._progress_sent[job_id] = now
-            body = {"job_id": job_id, "state": "processing", "current_phase": phase, **data}
-            self._submit(self._enqueue, job_id, "progress", hook["url"], body, 1)
+        self.hooks.progress(job_id, payload, data)
 
     def preview(self, job_id: str, jpeg: bytes, step: int, total: int | None = None) -> None:
         b64 = base64.b64encode(jpeg).decode()
@@ -100,21 +85,72 @@ class LiveFeed:
     def ended(self, job_id: str, payload: dict | None, state: str, response: Callable[[], dict | None]) -> None:
         """The job reached a final state; ``response()`` builds its final /queue/{id} answer (image
         included) without consuming it. Called by the worker: the building happens elsewhere."""
-        with self._lock:
-            self._positions.pop(job_id, None)
-            self._progress_sent.pop(job_id, None)
-            self._previews.pop(job_id, None)
-            self._steps.pop(job_id, None)
-        hook = _webhook(payload)
-        if hook and state in hook.get("events", ()):
-            self._submit(self._enqueue_final, job_id, state, hook, response)
+        self.forget(job_id)
+        self.hooks.ended(job_id, payload, state, response)
 
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._positions.pop(job_id, None)
-            self._progress_sent.pop(job_id, None)
             self._previews.pop(job_id, None)
             self._steps.pop(job_id, None)
+        self.hooks.forget(job_id)
+
+
+class JobWebhooks:
+    """A job's webhooks (its ``webhook`` field): progress ones throttled, final ones with the final
+    answer as body, recorded in the durable :class:`WebhookQueue` by a small executor. Used by the
+    embedded backend's :class:`LiveFeed` and by cluster workers alike."""
+
+    def __init__(self, settings, on_record: Callable[[dict], None] | None = None):
+        self.settings = settings
+        self.queue = WebhookQueue(Path(settings.queue_dir) / "webhooks", settings.webhook_secret,
+                                  settings.webhook_allowed_hosts, max_tries=settings.webhook_max_tries,
+                                  backoff_sec=settings.webhook_backoff_sec, timeout_sec=settings.webhook_timeout_sec,
+                                  on_record=on_record)
+        self._executor: ThreadPoolExecutor | None = None
+        self._progress_sent: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="diffusionapi-webhook-enqueue")
+        self.queue.start()
+
+    def stop(self) -> None:
+        if self._executor:
+            self._executor.shutdown(wait=True)  # queued webhooks are recorded before we stop
+        self.queue.stop()
+
+    def deliveries(self) -> list[dict]:
+        return self.queue.deliveries()
+
+    def progress(self, job_id: str, payload: dict | None, data: dict) -> None:
+        """``data``: the progress event's {progress, phase, step, total}."""
+        hook = _webhook(payload)
+        if not hook or "progress" not in hook.get("events", ()):
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._progress_sent.get(job_id, -1e9) < self.settings.webhook_progress_interval_sec:
+                return
+            self._progress_sent[job_id] = now
+        body = {"job_id": job_id, "state": "processing", "current_phase": data["phase"], **data}
+        self._submit(self._enqueue, job_id, "progress", hook["url"], body, 1)
+
+    def ended(self, job_id: str, payload: dict | None, state: str, response: Callable[[], dict | None]) -> None:
+        """The job reached ``state``; ``response()`` builds its final answer (run on the executor)."""
+        self.forget(job_id)
+        hook = _webhook(payload)
+        if hook and state in hook.get("events", ()):
+            self._submit(self._enqueue_final, job_id, state, hook, response)
+
+    def record_final(self, job_id: str, state: str, hook: dict, body: dict) -> None:
+        """Record a final webhook whose body is built already, now (in the caller's thread)."""
+        if state in hook.get("events", ()):
+            self._enqueue_final(job_id, state, hook, lambda: body)
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._progress_sent.pop(job_id, None)
 
     # ------------------------------------------------------------------ internals
     def _submit(self, fn, *args) -> None:
@@ -140,7 +176,7 @@ class LiveFeed:
 
     def _enqueue(self, job_id: str, event: str, url: str, body: dict, max_tries: int | None) -> None:
         try:
-            self.webhooks.enqueue(job_id, event, url, json.dumps(body).encode(), max_tries=max_tries)
+            self.queue.enqueue(job_id, event, url, json.dumps(body).encode(), max_tries=max_tries)
         except Exception:  # noqa: BLE001 - a webhook must never fail a job
             log.exception("could not record the %s webhook of job %s", event, job_id)
 

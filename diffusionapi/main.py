@@ -161,6 +161,7 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     from . import openapi, playground
     from .api import catalog, cluster, jobs as jobs_api, pnginfo, sdapi
+    from .views import final_view
 
     app.include_router(catalog.router)
     app.include_router(jobs_api.router)
@@ -168,8 +169,7 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     app.include_router(events_api.router)
     # Streams' final events and webhooks carry exactly the final GET /queue/{id} answer.
-    jobs.final_view = lambda job_id, final: jobs_api.final_response(job_id, final).model_dump(
-        mode="json", exclude_unset=True)
+    jobs.final_view = final_view
     app.include_router(pnginfo.router)
     app.include_router(cluster.router)
     sdapi.install(app, settings, registry)

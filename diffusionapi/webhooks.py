@@ -138,7 +138,7 @@ class WebhookQueue:
 
     def __init__(self, directory: Path, secret: str | None, allowed_hosts: Iterable[str] = ("*",), *,
                  max_tries: int = 5, backoff_sec: float = 10.0, timeout_sec: float = 10.0,
-                 keep_sec: float = 3600.0):
+                 keep_sec: float = 3600.0, on_record: Callable[[dict], None] | None = None):
         self.dir = Path(directory)
         self.secret = secret
         self.allowed_hosts = list(allowed_hosts)
@@ -146,6 +146,8 @@ class WebhookQueue:
         self.backoff_sec = backoff_sec
         self.timeout_sec = timeout_sec
         self.keep_sec = keep_sec
+        # Told each record as written (a cluster worker mirrors them to Redis for GET /queue).
+        self.on_record = on_record
         self._cond = threading.Condition()
         self._lock = threading.Lock()  # record files: one writer at a time
         self._thread: threading.Thread | None = None
@@ -160,6 +162,11 @@ class WebhookQueue:
 
     def _write(self, record: dict) -> None:
         write_atomic(self._record_path(record["id"]), json.dumps(record).encode(), fsync=True)
+        if self.on_record is not None:
+            try:
+                self.on_record(dict(record))
+            except Exception as e:  # noqa: BLE001 - the file is the record; a mirror may lag
+                log.warning("webhook record %s not mirrored: %s", record["id"], e)
 
     def _records(self) -> list[dict]:
         out = []

@@ -125,3 +125,73 @@ def test_heartbeats_give_ages_on_the_redis_clock(state):
     assert state.catalogs(["w1"]) == [{"models": [{"name": "m"}]}]
     state.remove_worker("w1")
     assert state.workers() == []
+
+
+# ---------------------------------------------------------------------------- live events
+
+def _events(state, j) -> list[tuple[str, dict]]:
+    import json
+
+    return [(f[b"type"].decode(), json.loads(f[b"data"])) for _, f in state.r.xrange(f"dapi:ev:{j}")]
+
+
+def test_transitions_write_the_jobs_events_and_live_fields(state):
+    (j,) = _queue(state)
+    assert _events(state, j) == []  # queued events are the feed's own (the position changes without a write)
+    state.claim(j, "w1", 5)
+    assert state.progress(j, "w1", status_dict("processing", "generation", 25.0), step=1, total=4)
+    assert state.preview(j, "w1", "SlBFRw==", 1, 4)
+    assert not state.preview(j, "w2", "eA==", 2, 4)  # not the owner: ignored
+    st, pos = state.status(j)
+    assert (st["step"], st["total"], st["preview"], st["preview_step"], pos) == (1, 4, "SlBFRw==", 1, 0)
+    assert "preview" not in state.r.hget(f"dapi:job:{j}", "status").decode()  # apart from the status JSON
+    assert state.finish(j, "w1", status_dict("done", progress=100.0), [b"img"])
+    assert _events(state, j) == [
+        ("started", {}), ("progress", {"progress": 25.0, "phase": "generation", "step": 1, "total": 4}),
+        ("preview", {"image": "SlBFRw==", "step": 1, "total": 4}), ("final", {"state": "done"})]
+    assert 0 < state.r.ttl(f"dapi:ev:{j}") <= 60  # expires with the results
+    assert "preview" not in state.r.hkeys(f"dapi:job:{j}")
+
+
+def test_cancel_and_exhaustion_end_the_stream_and_a_cancel_queues_its_webhook(state):
+    import json
+
+    a, b = _queue(state, 2)
+    hook = {"job_id": a, "state": "cancelled", "hook": {"url": "http://x/"}, "body": {"state": "cancelled"}}
+    assert state.cancel(a, hook) == "cancelled"
+    assert _events(state, a) == [("final", {"state": "cancelled"})]
+    raw = state.next_pending_hook("w1")
+    assert json.loads(raw) == hook and state.next_pending_hook("w2") is None  # one worker takes it
+    assert state.next_pending_hook("w1", leftover=True) == raw  # until done: found again after a crash
+    state.pending_hook_done("w1", raw)
+    assert state.next_pending_hook("w1", leftover=True) is None
+    for w in ("w1", "w2", "w3"):
+        state.claim(b, w, 0.01)
+        time.sleep(0.03)
+    verdict, _, record = state.claim(b, "w4", 5)
+    assert verdict == "exhausted" and record["payload"]["prompt"] == b  # its webhook is that worker's to send
+    assert [t for t, _ in _events(state, b)] == ["started"] * 3 + ["final"]
+    assert _events(state, b)[-1][1] == {"state": "error"}
+
+
+def test_a_listened_job_keeps_its_final_answer_for_other_listeners_after_the_take(state):
+    quiet, heard = _queue(state, 2)
+    assert state.listen(heard) == "job" and state.listen(str(uuid.uuid4())) is None
+    for j in (quiet, heard):
+        state.claim(j, "w1", 5)
+        state.finish(j, "w1", status_dict("done", progress=100.0, seed=7), [b"png"])
+    assert state.take_final(quiet)[1] == [b"png"]
+    assert not state.r.exists(f"dapi:ev:{quiet}") and state.taken(quiet) is None  # no listener: nothing kept
+    assert state.take_final(heard)[0]["seed"] == 7
+    assert state.take_final(heard) is None  # still taken exactly once...
+    assert state.status(heard) == (None, None)
+    st, images = state.taken(heard)  # ...but its listeners can read it
+    assert st["seed"] == 7 and images == [b"png"] and state.listen(heard) == "taken"
+    assert 0 < state.r.pttl(f"dapi:taken:{heard}") <= 300_000 and state.r.exists(f"dapi:ev:{heard}")
+
+
+def test_webhook_records_are_mirrored_for_every_node(state):
+    state.mirror_webhook({"id": "d2", "job_id": "j", "state": "pending", "created_at": 2.0}, 60)
+    state.mirror_webhook({"id": "d1", "job_id": "j", "state": "delivered", "created_at": 1.0}, 60)
+    assert [(d["id"], d["state"]) for d in state.webhooks()] == [("d1", "delivered"), ("d2", "pending")]
+    assert all("created_at" not in d for d in state.webhooks())

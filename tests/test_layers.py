@@ -18,7 +18,7 @@ LAYERS: dict[str, float] = {
     "webhooks": 1, "live": 1.5,
     "fileinfo": 1, "images": 1, "imageinput": 1,
     "engine": 2, "registry": 2, "demo": 2,
-    "schemas": 3,
+    "schemas": 3, "views": 3.25,  # views: the GET /queue/{id} answer, built by API nodes and cluster workers
     "resolve": 3.5,
     "runner": 4,
     "cluster": 4.25,  # Celery workers and their Redis state: run jobs through the runner; backends use them

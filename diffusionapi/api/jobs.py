@@ -1,18 +1,17 @@
 """Routes that submit, watch, cancel and collect jobs. Thin: the backend does the work."""
 from __future__ import annotations
 
-import base64
 import uuid
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from ..backends.base import BackendUnavailable, FinalJob, QueueFull
-from ..jobstatus import JobStatus
+from ..backends.base import BackendUnavailable, QueueFull
 from ..resolve import RequestError, resolve_img2img, resolve_txt2img, resolve_upscale
-from ..schemas import (ErrorResponse, ImageOut, Img2ImgRequest, QueueListEntry, QueueListResponse,
-                       QueueStatusResponse, Txt2ImgRequest, Txt2ImgResponse, UpscaleRequest)
+from ..schemas import (ErrorResponse, Img2ImgRequest, QueueListEntry, QueueListResponse, QueueStatusResponse,
+                       Txt2ImgRequest, Txt2ImgResponse, UpscaleRequest)
+from ..views import final_response, status_response  # noqa: F401 - final_response: also imported from here
 from ..webhooks import check_webhook
 
 router = APIRouter()
@@ -97,36 +96,6 @@ async def queue_list(request: Request):
                                                   progress=e.progress, queue_position=e.queue_position)
                                    for e in entries],
                              webhooks=await run_in_threadpool(request.app.state.jobs.webhook_deliveries))
-
-
-def status_response(job_id: str, st: JobStatus, position: int | None = None) -> QueueStatusResponse:
-    """The response of a job that is not final yet (or the head of a final one)."""
-    resp = QueueStatusResponse(status="error" if st.state == "error" else "success", job_id=job_id,
-                               progress=st.progress, current_phase=st.current_phase or st.state, state=st.state,
-                               error=st.error)
-    if position is not None:
-        resp.queue_position = position
-    if st.preview is not None:
-        resp.preview, resp.preview_step = st.preview, st.preview_step
-    return resp
-
-
-def final_response(job_id: str, final: FinalJob) -> QueueStatusResponse:
-    """A final job's response: the seed's fields; ``image`` = the first image, ``images`` when several."""
-    st = final.status
-    resp = status_response(job_id, st)
-    if st.state != "done":
-        resp.generation_time_sec = st.generation_time_sec
-        return resp
-    b64 = [base64.b64encode(data).decode() if data is not None else None for data in final.images]
-    for field in ("payload", "output_path", "width", "height", "file_type", "jpeg_quality", "generation_time_sec",
-                  "load_time_sec", "memory_before_mb", "memory_after_mb", "seed", "infotext", "warnings"):
-        setattr(resp, field, getattr(st, field))
-    resp.image = b64[0] if b64 else None
-    if st.images and len(st.images) > 1:
-        resp.images = [ImageOut(image=data, seed=r.seed, output_path=r.output_path, infotext=r.infotext,
-                                width=r.width, height=r.height) for r, data in zip(st.images, b64)]
-    return resp
 
 
 @router.get("/queue/{job_id}", response_model=QueueStatusResponse, response_model_exclude_unset=True,

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from ..events import JobEvent
-
-from ..jobstatus import JobStatus
+from ..jobstatus import FinalJob, JobStatus
 
 
 class QueueFull(Exception):
@@ -17,13 +16,6 @@ class QueueFull(Exception):
 
 class BackendUnavailable(Exception):
     """The job could not be recorded durably (disk full, broker down); nothing was queued (503)."""
-
-
-@dataclass
-class FinalJob:
-    """A finished job as handed out exactly once: its status and the bytes of each image."""
-    status: JobStatus
-    images: list[bytes | None]  # None where an image file could no longer be read
 
 
 @dataclass
@@ -102,9 +94,9 @@ class JobBackend(ABC):
         know (e.g. from before a restart) replays from the start. ``progress``, ``preview`` and
         ``queued`` are state events: a backend may keep only the newest of each. Several
         iterators may follow one job; one that is closed early (client gone) must free what it
-        held. This default polls ``status`` (``polled_events``): enough for a backend across
-        processes (Celery); a log that all processes see (e.g. a Redis stream per job) would
-        add previews and resumable ids.
+        held. This default polls ``status`` (``polled_events``), for a backend with no push feed of
+        its own; the embedded backend follows its in-process log, the Celery backend each job's
+        Redis stream.
         """
         return await polled_events(self, job_id)
 
@@ -118,7 +110,7 @@ POLL_SEC = 1.0  # how often a polled feed reads a job's status
 
 async def polled_events(backend: JobBackend, job_id: str) -> AsyncIterator[JobEvent] | None:
     """An event feed made by polling ``status`` (the default ``events``): for a backend with no
-    push feed of its own (Celery). It has the same events and final event; ids are only this
+    push feed of its own. It has the same events and final event; ids are only this
     feed's own, so a reconnect (any ``Last-Event-ID``) replays from the current state."""
     if await asyncio.to_thread(backend.status, job_id) is None:
         return None

@@ -6,31 +6,60 @@ record, place in the cluster-wide waiting line) and publishes one persistent mes
 to the queue of its model; everything else (status, position, cancel, the final response) is a
 read or a script on Redis. See ``cluster/state.py`` for the keys and ``cluster/worker.py`` for the
 other side.
+
+Live progress: the event stream of a job (``events``) follows its Redis stream with blocking
+reads, so any API node serves any listener, with the stream's ids as event ids (a reconnect
+resumes after its ``Last-Event-ID``). Webhooks are sent by the workers (``delivers_webhooks``).
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import re
 import threading
 import time
 import uuid
 
 import redis
+import redis.asyncio as aioredis
 
 from ..cluster.catalog import CatalogRegistry
 from ..cluster.celery_app import TASK_NAME, make_celery, make_queue, queue_name
-from ..cluster.state import FINAL_CHANNEL, RedisJobState
-from ..jobstatus import JobStatus
+from ..cluster.state import (FINAL_CHANNEL, FINAL_EVENT, WAITING, RedisJobState, events_key, job_key)
+from ..events import JobEvent
+from ..jobstatus import FINAL_STATES, JobStatus
+from ..views import final_view
 from .base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+QUEUED_POLL_MS = 500  # a queued job's position is read again this often (its stream starts at claim)
+BLOCK_MS = 5000       # the longest blocking stream read: bounds how long a job that vanished goes unnoticed
+# An event id: the stream id of the job's last stored event, and for a (synthetic, unstored)
+# ``queued`` event after it ".<n>.<position>".
+_EVENT_ID = re.compile(r"^(\d+-\d+)(?:\.(\d+)\.(\d+))?$")
+
+
+def _parse_event_id(event_id: str | None) -> tuple[str, int, int | None]:
+    """(stream id to read after, queued events sent after it, last position sent); an id this
+    backend did not make replays from the start."""
+    m = _EVENT_ID.match(event_id or "")
+    if not m:
+        return "0-0", 0, None
+    return m.group(1), int(m.group(2) or 0), int(m.group(3)) if m.group(3) else None
 
 
 class CeleryBackend(JobBackend):
+    delivers_webhooks = True  # by the workers (cluster/worker.py); checked at submit here as everywhere
+
     def __init__(self, settings):
         self.settings = settings
-        self.state = RedisJobState(settings.redis_url, results_ttl=settings.results_ttl_sec, max_attempts=MAX_ATTEMPTS)
+        self.state = RedisJobState(settings.redis_url, results_ttl=settings.results_ttl_sec, max_attempts=MAX_ATTEMPTS,
+                                   retention=settings.events_retention_sec)
+        self._aredis: aioredis.Redis | None = None  # the event streams' connections, on the event loop
+        self._aredis_loop = None
         self.celery = make_celery(settings)
         self.catalog = CatalogRegistry(settings, self.state)
         self._waiters = FinalWaiters()
@@ -46,6 +75,11 @@ class CeleryBackend(JobBackend):
     def stop(self) -> None:
         self._stopping.set()
         self.state.close()
+        if self._aredis is not None:
+            try:
+                asyncio.get_running_loop().create_task(self._aredis.aclose())
+            except RuntimeError:  # not on a loop: its connections go with the process
+                pass
 
     def _listen(self) -> None:
         """One subscription per API node: wakes the long-polls of jobs that became final."""
@@ -104,7 +138,81 @@ class CeleryBackend(JobBackend):
         return FinalJob(JobStatus.model_validate(st), list(images))
 
     def cancel(self, job_id: str) -> str | None:
-        return self.state.cancel(job_id)
+        # A job cancelled while queued never reaches a worker's run: its webhook goes with the
+        # cancel, for a worker to send (an API node keeps no durable queue).
+        hook = (self.state.record(job_id) or {}).get("payload", {}).get("webhook")
+        entry = None
+        if isinstance(hook, dict) and "cancelled" in hook.get("events", ()):
+            st = JobStatus.model_validate(self.state.CANCELLED)
+            entry = {"job_id": job_id, "state": "cancelled", "hook": hook,
+                     "body": self._view(job_id, FinalJob(st, []))}
+        return self.state.cancel(job_id, entry)
+
+    def webhook_deliveries(self) -> list[dict]:
+        return self.state.webhooks()
+
+    def _view(self, job_id: str, final: FinalJob) -> dict:
+        return (self.final_view or final_view)(job_id, final)
+
+    # ------------------------------------------------------------------ event stream
+    async def events(self, job_id: str, after_id: str | None = None):
+        # Marks the job listened: whoever takes its final answer then keeps a copy for the listeners.
+        if await asyncio.to_thread(self.state.listen, job_id) is None:
+            return None
+        return self._feed(job_id, after_id)
+
+    def _redis(self) -> aioredis.Redis:
+        loop = asyncio.get_running_loop()
+        if self._aredis is None or self._aredis_loop is not loop:
+            self._aredis_loop = loop
+            self._aredis = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5,
+                                                   socket_timeout=BLOCK_MS / 1000 + 10, health_check_interval=30)
+        return self._aredis
+
+    async def _feed(self, job_id: str, after_id: str | None):
+        """``queued`` events while the job waits, then its stream's events, then the final answer.
+        A client that goes away cancels the pending read: its connection is closed, nothing waits on."""
+        r = self._redis()
+        sid, n, sent_position = _parse_event_id(after_id)
+        key = events_key(job_id)
+        while True:
+            p = r.pipeline(transaction=True)
+            p.hget(job_key(job_id), "state")
+            p.zrank(WAITING, job_id)
+            state, rank = await p.execute()
+            state = state.decode() if state is not None else None  # None: taken (its events are complete)
+            if state == "queued" and rank is not None and rank + 1 != sent_position:
+                n, sent_position = n + 1, rank + 1
+                yield JobEvent(f"{sid}.{n}.{sent_position}", "queued", {"position": sent_position})
+            block = QUEUED_POLL_MS if state == "queued" else BLOCK_MS if state == "processing" else None
+            got = await r.xread({key: sid}, count=100, block=block)
+            entries = got[0][1] if got else []
+            for eid, fields in entries:
+                sid, n = eid.decode(), 0
+                kind = fields[b"type"].decode()
+                if kind == FINAL_EVENT:
+                    final = await asyncio.to_thread(self._final, job_id)
+                    if final is not None:
+                        yield JobEvent(sid, final.status.state, self._view(job_id, final))
+                    return
+                yield JobEvent(sid, kind, json.loads(fields[b"data"]))
+            if entries:
+                continue
+            if state is None:
+                return  # taken, and this client had its final event already (or it expired)
+            if state in FINAL_STATES:  # final with no final event in its stream (written before it had one)
+                final = await asyncio.to_thread(self._final, job_id)
+                if final is not None:
+                    yield JobEvent(f"{sid}.{n + 1}.0", final.status.state, self._view(job_id, final))
+                return
+
+    def _final(self, job_id: str) -> FinalJob | None:
+        """The final answer for a listener: taken now, or the copy kept when another reader took it."""
+        got = self.state.take_final(job_id) or self.state.taken(job_id)
+        if got is None:
+            return None
+        st, images = got
+        return FinalJob(JobStatus.model_validate(st), list(images))
 
     def current_job(self) -> str | None:
         running = self.state.running()

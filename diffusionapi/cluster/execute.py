@@ -38,7 +38,8 @@ def _free_memory() -> None:
         free_memory()
 
 
-def execute_job(worker, job_id: str, record: dict) -> tuple[dict, list[bytes]]:
+def execute_job(worker, job_id: str, record: dict, progress) -> tuple[dict, list[bytes]]:
+    """``progress``: the job's ``worker.JobProgress`` (report + step observer)."""
     from ..engine.plan import JobCancelled
     from ..jobstatus import JobStatus
     from ..runner import JobFailed
@@ -51,8 +52,8 @@ def execute_job(worker, job_id: str, record: dict) -> tuple[dict, list[bytes]]:
         return JobStatus.failed(state, message, round(time.perf_counter() - t0, 3)).to_record(), []
 
     try:
-        final = runner_of(worker).run(job_id, kind, payload, worker.report_progress(job_id),
-                                      worker.cancel_check(job_id))
+        final = runner_of(worker).run(job_id, kind, payload, progress.report, worker.cancel_check(job_id),
+                                      observer=progress)
     except JobCancelled:
         return failed("cancelled", "cancelled by request")
     except JobFailed as e:

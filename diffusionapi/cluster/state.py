@@ -4,11 +4,25 @@ Every transition that two nodes could race on is one script, so it is atomic in 
 submit (capacity check + record + waiting line), claim (a worker starts a job; counts the
 attempt; refuses a job another live worker still holds), finish (only the job's current
 owner may end it), cancel (queued: at once; running: a flag the worker polls) and take (the
-final response, exactly once: read and delete in one step).
+final response, exactly once: read and delete in one step). The live events of a job are written
+by the same scripts, so a listener sees exactly the transitions the job went through.
 
 Keys (prefix ``dapi:``):
   job:<id>      hash: record (JSON: kind, payload, queue), status (JSON, the JobStatus fields),
-                state, attempts, worker, cancel, final, n_images, img:<i> (bytes)
+                state, attempts, worker, cancel, final, n_images, img:<i> (bytes); while running
+                also step, total (the sampler's) and preview (base64 JPEG), preview_step: apart from
+                ``status`` so that the frequent status writes do not carry the preview; listened
+                (an event stream followed the job: take keeps a copy for the others, below)
+  ev:<id>       stream of the job's events, fields type + data (JSON): started (claim), progress
+                and preview (worker), final {state} (finish, cancel, attempts exhausted); capped
+                (approximate MAXLEN), expiring with the job's results (``events_retention_sec``
+                after they were taken)
+  taken:<id>    the job hash as it was when taken, kept ``events_retention_sec`` when the job had
+                a listener: every listener (and a reconnect) gets the final event, whoever took it
+  hooks         list: webhooks of jobs that became final without a worker (cancelled while queued),
+                JSON {job_id, state, hook, body}; a worker moves each to hooks:<worker name> and
+                records it in its durable webhook queue (``cluster/worker.py``)
+  webhook:<id>  a worker's webhook delivery record (JSON, expiring): ``GET /queue`` on any node lists them
   waiting       sorted set: queued job ids scored by submit sequence (exact cluster-wide positions)
   running       hash: job id -> worker name
   lease:<id>    the running job's owner, expiring unless its worker's heartbeat renews it
@@ -31,6 +45,9 @@ WAITING = PREFIX + "waiting"
 RUNNING = PREFIX + "running"
 SEQ = PREFIX + "seq"
 WORKERS = PREFIX + "workers"
+PENDING_HOOKS = PREFIX + "hooks"
+EVENTS_MAXLEN = 500  # per job's stream; approximate trim. Previews are the big entries (a few kB each)
+FINAL_EVENT = "final"  # the stream's last entry: data {state}; feeds send the final answer for it
 
 
 def job_key(job_id: str) -> str:
@@ -49,6 +66,34 @@ def catalog_key(name: str) -> str:
     return f"{PREFIX}catalog:{name}"
 
 
+def events_key(job_id: str) -> str:
+    return f"{PREFIX}ev:{job_id}"
+
+
+def taken_key(job_id: str) -> str:
+    return f"{PREFIX}taken:{job_id}"
+
+
+def webhook_key(delivery_id: str) -> str:
+    return f"{PREFIX}webhook:{delivery_id}"
+
+
+def hooks_key(worker: str) -> str:
+    return f"{PENDING_HOOKS}:{worker}"
+
+
+# Appends one event to a job's stream (KEYS[n] below): type, data JSON, MAXLEN.
+_XADD = """
+local function event(key, type, data, maxlen)
+  redis.call('XADD', key, 'MAXLEN', '~', tonumber(maxlen), '*', 'type', type, 'data', data)
+end
+local function final_event(key, state, maxlen, ttl)
+  event(key, 'final', '{"state": "' .. state .. '"}', maxlen)
+  redis.call('EXPIRE', key, tonumber(ttl))
+end
+"""
+
+
 _SUBMIT = """
 local max = tonumber(ARGV[3])
 if max > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max then return -1 end
@@ -58,9 +103,9 @@ redis.call('ZADD', KEYS[2], seq, ARGV[4])
 return seq
 """
 
-# KEYS: job, waiting, running, lease. ARGV: id, worker, lease_ms, max_attempts, processing status,
-# exhausted status, ttl
-_CLAIM = """
+# KEYS: job, waiting, running, lease, events. ARGV: id, worker, lease_ms, max_attempts, processing status,
+# exhausted status, ttl, events maxlen
+_CLAIM = _XADD + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'processing' then return {'final'} end
@@ -75,34 +120,51 @@ if attempts > tonumber(ARGV[4]) then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('DEL', KEYS[4])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
+  final_event(KEYS[5], 'error', ARGV[8], ARGV[7])
   redis.call('PUBLISH', 'dapi:final', ARGV[1])
-  return {'exhausted'}
+  return {'exhausted', '0', redis.call('HGET', KEYS[1], 'record')}
 end
 redis.call('HSET', KEYS[1], 'state', 'processing', 'status', ARGV[5], 'worker', ARGV[2])
+redis.call('HDEL', KEYS[1], 'step', 'total', 'preview', 'preview_step')  -- an earlier attempt's
+event(KEYS[5], 'started', '{}', ARGV[8])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('SET', KEYS[4], ARGV[2], 'PX', tonumber(ARGV[3]))
 return {'run', tostring(attempts), redis.call('HGET', KEYS[1], 'record')}
 """
 
-# KEYS: job. ARGV: worker, status
-_PROGRESS = """
+# KEYS: job, events. ARGV: worker, status, step ('' = none), total, progress event data, events maxlen
+_PROGRESS = _XADD + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'processing' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'step', ARGV[3], 'total', ARGV[4]) end
+event(KEYS[2], 'progress', ARGV[5], ARGV[6])
 return 1
 """
 
-# KEYS: job, running, lease. ARGV: id, worker, state, status, ttl, image bytes...
-_FINISH = """
+# KEYS: job, events. ARGV: worker, preview (base64 JPEG), its step, preview event data, events maxlen
+_PREVIEW = _XADD + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'processing' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'preview', ARGV[2], 'preview_step', ARGV[3])
+event(KEYS[2], 'preview', ARGV[4], ARGV[5])
+return 1
+"""
+
+# KEYS: job, running, lease, events. ARGV: id, worker, state, status, ttl, events maxlen, image bytes...
+_FINISH = _XADD + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'processing' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
   return 0
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'final', '1', 'n_images', #ARGV - 5)
-for i = 6, #ARGV do redis.call('HSET', KEYS[1], 'img:' .. (i - 6), ARGV[i]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'final', '1', 'n_images', #ARGV - 6)
+redis.call('HDEL', KEYS[1], 'step', 'total', 'preview', 'preview_step')
+for i = 7, #ARGV do redis.call('HSET', KEYS[1], 'img:' .. (i - 7), ARGV[i]) end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+final_event(KEYS[4], ARGV[3], ARGV[6], ARGV[5])
 redis.call('PUBLISH', 'dapi:final', ARGV[1])
 return 1
 """
@@ -114,21 +176,24 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'processing' or redis.call('HGET', KE
 end
 redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 redis.call('HSET', KEYS[1], 'state', 'queued', 'status', ARGV[3])
-redis.call('HDEL', KEYS[1], 'worker')
+redis.call('HDEL', KEYS[1], 'worker', 'step', 'total', 'preview', 'preview_step')
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
 redis.call('ZADD', KEYS[4], tonumber(redis.call('HGET', KEYS[1], 'seq')), ARGV[1])
 return 1
 """
 
-# KEYS: job, waiting. ARGV: id, cancelled status, ttl
-_CANCEL = """
+# KEYS: job, waiting, events, pending hooks. ARGV: id, cancelled status, ttl, events maxlen,
+# the job's cancelled webhook ('' = none; no worker will see this job run, one sends it)
+_CANCEL = _XADD + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'status', ARGV[2], 'final', '1')
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  final_event(KEYS[3], 'cancelled', ARGV[4], ARGV[3])
+  if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[5]) end
   redis.call('PUBLISH', 'dapi:final', ARGV[1])
   return 'cancelled'
 elseif state == 'processing' then
@@ -138,12 +203,30 @@ end
 return state
 """
 
-# KEYS: job. The final response, read and deleted in one step: exactly one caller gets it.
+# KEYS: job, taken, events. ARGV: retention ms. The final response, read and deleted in one step:
+# exactly one caller gets it. A job that had a listener keeps its hash (renamed: no copy of the
+# images) and its events for ``retention``, so that every listener gets the final event.
 _TAKE = """
 if redis.call('HGET', KEYS[1], 'final') ~= '1' then return false end
 local all = redis.call('HGETALL', KEYS[1])
-redis.call('DEL', KEYS[1])
+if redis.call('HGET', KEYS[1], 'listened') == '1' and tonumber(ARGV[1]) > 0 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[1]))
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[1]))
+else
+  redis.call('DEL', KEYS[1], KEYS[3])
+end
 return all
+"""
+
+# KEYS: job, taken. A listener comes: 'job' (marked listened) | 'taken' (its final copy) | nil (404).
+_LISTEN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'listened', '1')
+  return 'job'
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'taken' end
+return false
 """
 
 # KEYS: worker info, workers, catalog (or ''). ARGV: name, info JSON, ttl, catalog JSON (or '')
@@ -161,18 +244,29 @@ def status_dict(state: str, phase: str | None = None, progress: float = 0.0, **e
     return {"state": state, "current_phase": phase or state, "progress": progress, **extra}
 
 
+def progress_event(status: dict, step: int | None, total: int | None) -> dict:
+    """A ``progress`` event's data (also a progress webhook's fields) for a running job's status."""
+    return {"progress": status["progress"], "phase": status["current_phase"], "step": step, "total": total}
+
+
 def _s(v) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _final_of(fields: dict) -> tuple[dict, list[bytes]]:
+    n = int(fields.get("n_images") or 0)
+    return json.loads(fields["status"]), [fields[f"img:{i}"] for i in range(n)]
 
 
 class RedisJobState:
     """All Redis reads and writes of the Celery backend, for API nodes and workers alike."""
 
-    def __init__(self, url: str, *, results_ttl: int = 3600, max_attempts: int = 3):
+    def __init__(self, url: str, *, results_ttl: int = 3600, max_attempts: int = 3, retention: float = 300.0):
         self.url = url
         self.r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
         self.results_ttl = results_ttl
         self.max_attempts = max_attempts
+        self.retention = retention  # seconds a taken job's final answer stays for its listeners
         self._submit = self.r.register_script(_SUBMIT)
         self._claim = self.r.register_script(_CLAIM)
         self._progress = self.r.register_script(_PROGRESS)
@@ -180,6 +274,8 @@ class RedisJobState:
         self._release = self.r.register_script(_RELEASE)
         self._cancel = self.r.register_script(_CANCEL)
         self._take = self.r.register_script(_TAKE)
+        self._listen = self.r.register_script(_LISTEN)
+        self._preview = self.r.register_script(_PREVIEW)
         self._heartbeat = self.r.register_script(_HEARTBEAT)
 
     def close(self) -> None:
@@ -207,36 +303,62 @@ class RedisJobState:
         p.execute()
 
     def status(self, job_id: str) -> tuple[dict | None, int | None]:
-        """(status dict, position): position 0 while running, 1, 2, ... while queued, else None."""
+        """(status dict, position): position 0 while running, 1, 2, ... while queued, else None.
+        While running, the status has the latest ``preview``/``preview_step`` and the sampler's
+        ``step``/``total`` when the worker reported them."""
         p = self.r.pipeline(transaction=True)
-        p.hmget(job_key(job_id), "status", "state")
+        p.hmget(job_key(job_id), "status", "state", "preview", "preview_step", "step", "total")
         p.zrank(WAITING, job_id)
-        (raw, state), rank = p.execute()
+        (raw, state, preview, preview_step, step, total), rank = p.execute()
         if raw is None:
             return None, None
         st = json.loads(raw)
         state = _s(state)
         if rank is not None:
             return st, rank + 1
-        return st, (0 if state == "processing" else None)
+        if state != "processing":
+            return st, None
+        if preview is not None:
+            st.update(preview=_s(preview), preview_step=int(preview_step))
+        if step is not None:
+            st.update(step=int(step), total=int(total))
+        return st, 0
 
     def position(self, job_id: str) -> int | None:
         return self.status(job_id)[1]
 
-    def cancel(self, job_id: str) -> str | None:
-        out = self._cancel(keys=[job_key(job_id), WAITING],
-                           args=[job_id, json.dumps(status_dict("cancelled", error="cancelled by request")),
-                                 self.results_ttl])
+    CANCELLED = status_dict("cancelled", error="cancelled by request")
+
+    def cancel(self, job_id: str, hook: dict | None = None) -> str | None:
+        """``hook``: the webhook to send if this cancels a queued job (JSON {job_id, state, hook,
+        body}); a worker sends it (``next_pending_hook``)."""
+        out = self._cancel(keys=[job_key(job_id), WAITING, events_key(job_id), PENDING_HOOKS],
+                           args=[job_id, json.dumps(self.CANCELLED), self.results_ttl, EVENTS_MAXLEN,
+                                 json.dumps(hook) if hook else ""])
         return _s(out) if out else None
+
+    def record(self, job_id: str) -> dict | None:
+        raw = self.r.hget(job_key(job_id), "record")
+        return json.loads(raw) if raw else None
 
     def take_final(self, job_id: str) -> tuple[dict, list[bytes]] | None:
         """The final status and image bytes, exactly once across all callers; None if not final/unknown."""
-        flat = self._take(keys=[job_key(job_id)])
+        flat = self._take(keys=[job_key(job_id), taken_key(job_id), events_key(job_id)],
+                          args=[int(self.retention * 1000)])
         if not flat:
             return None
-        fields = {_s(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
-        n = int(fields.get("n_images") or 0)
-        return json.loads(fields["status"]), [fields[f"img:{i}"] for i in range(n)]
+        return _final_of({_s(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)})
+
+    def taken(self, job_id: str) -> tuple[dict, list[bytes]] | None:
+        """The final status and images of a job taken while it had a listener (for the other
+        listeners), within ``retention`` of the take; None otherwise."""
+        fields = {_s(k): v for k, v in self.r.hgetall(taken_key(job_id)).items()}
+        return _final_of(fields) if fields.get("final") == b"1" else None
+
+    def listen(self, job_id: str) -> str | None:
+        """A listener comes: 'job' (now marked listened), 'taken' (its final answer is kept), None (unknown)."""
+        out = self._listen(keys=[job_key(job_id), taken_key(job_id)])
+        return _s(out) if out else None
 
     def is_final(self, job_id: str) -> bool | None:
         """True when final, False while queued/running, None when unknown (or already taken)."""
@@ -267,28 +389,42 @@ class RedisJobState:
 
     # ------------------------------------------------------------------ worker side
     def claim(self, job_id: str, worker: str, lease_sec: float) -> tuple[str, int, dict | None]:
-        """('run', attempt, record) | ('busy', 0, None) | ('final'|'gone'|'exhausted', 0, None)."""
-        exhausted = status_dict("error", error=f"interrupted {self.max_attempts} times (its worker died or "
-                                               "stopped); not retried again")
-        out = self._claim(keys=[job_key(job_id), WAITING, RUNNING, lease_key(job_id)],
+        """('run', attempt, record) | ('exhausted', 0, record) | ('busy'|'final'|'gone', 0, None)."""
+        exhausted = self.exhausted_status()
+        out = self._claim(keys=[job_key(job_id), WAITING, RUNNING, lease_key(job_id), events_key(job_id)],
                           args=[job_id, worker, int(lease_sec * 1000), self.max_attempts,
                                 json.dumps(status_dict("processing", "starting")), json.dumps(exhausted),
-                                self.results_ttl])
+                                self.results_ttl, EVENTS_MAXLEN])
         verdict = _s(out[0])
-        if verdict == "run":
+        if verdict in ("run", "exhausted"):
             return verdict, int(out[1]), json.loads(out[2])
         return verdict, 0, None
 
-    def progress(self, job_id: str, worker: str, status: dict) -> bool:
-        return bool(self._progress(keys=[job_key(job_id)], args=[worker, json.dumps(status)]))
+    def exhausted_status(self) -> dict:
+        return status_dict("error", error=f"interrupted {self.max_attempts} times (its worker died or "
+                                          "stopped); not retried again")
+
+    def progress(self, job_id: str, worker: str, status: dict, step: int | None = None,
+                 total: int | None = None) -> bool:
+        """The running job's status, sampler step and a ``progress`` event, in one step."""
+        data = progress_event(status, step, total)
+        return bool(self._progress(keys=[job_key(job_id), events_key(job_id)],
+                                   args=[worker, json.dumps(status), "" if step is None else step,
+                                         "" if total is None else total, json.dumps(data), EVENTS_MAXLEN]))
+
+    def preview(self, job_id: str, worker: str, b64: str, step: int, total: int | None) -> bool:
+        """The running job's latest preview (base64 JPEG) and a ``preview`` event, in one step."""
+        data = {"image": b64, "step": step, "total": total}
+        return bool(self._preview(keys=[job_key(job_id), events_key(job_id)],
+                                  args=[worker, b64, step, json.dumps(data), EVENTS_MAXLEN]))
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(job_key(job_id), "cancel") is not None
 
     def finish(self, job_id: str, worker: str, status: dict, images: list[bytes] = ()) -> bool:
-        return bool(self._finish(keys=[job_key(job_id), RUNNING, lease_key(job_id)],
+        return bool(self._finish(keys=[job_key(job_id), RUNNING, lease_key(job_id), events_key(job_id)],
                                  args=[job_id, worker, status["state"], json.dumps(status), self.results_ttl,
-                                       *images]))
+                                       EVENTS_MAXLEN, *images]))
 
     def release(self, job_id: str, worker: str) -> bool:
         """Give a running job back to the waiting line (graceful stop; not counted as an attempt)."""
@@ -302,6 +438,26 @@ class RedisJobState:
         out = self._heartbeat(keys=[worker_key(name), WORKERS, catalog_key(name)],
                               args=[name, json.dumps(info), ttl, json.dumps(catalog) if catalog is not None else ""])
         return float(out)
+
+    def next_pending_hook(self, worker: str, leftover: bool = False) -> bytes | None:
+        """A webhook no worker ran (see ``hooks``), moved to this worker's own list until
+        ``pending_hook_done``: a worker that dies in between finds it there again (``leftover``)."""
+        if leftover:
+            return self.r.lindex(hooks_key(worker), -1)
+        return self.r.lmove(PENDING_HOOKS, hooks_key(worker), "RIGHT", "LEFT")
+
+    def pending_hook_done(self, worker: str, raw: bytes) -> None:
+        self.r.lrem(hooks_key(worker), -1, raw)
+
+    def mirror_webhook(self, record: dict, ttl: float) -> None:
+        self.r.set(webhook_key(record["id"]), json.dumps(record), ex=max(1, int(ttl)))
+
+    def webhooks(self) -> list[dict]:
+        """The workers' webhook delivery records (pending ones and recently finished), oldest first."""
+        keys = list(self.r.scan_iter(webhook_key("*"), count=500))
+        records = [json.loads(v) for v in (self.r.mget(keys) if keys else []) if v]
+        records.sort(key=lambda r: r.get("created_at", 0))
+        return [{k: v for k, v in r.items() if k != "created_at"} for r in records]
 
     def remove_worker(self, name: str) -> None:
         p = self.r.pipeline()

@@ -4,17 +4,27 @@ The model stays loaded in this process between jobs. A heartbeat thread publishe
 info (device, loaded model, current job) and its catalog to Redis and renews the lease on the
 running job; a worker whose heartbeat stops is shown dead in ``GET /cluster`` and its job is
 claimed by the next worker the broker hands it to (attempts counted; three is the cap).
+
+Live progress goes to Redis as the job runs (``JobProgress``): status, sampler step, previews and
+the job's event stream, which any API node reads. Webhooks are sent from here, by a durable
+``WebhookQueue`` in ``<queue dir>/webhooks`` on this worker's host (a restarted worker there goes
+on retrying; its delivery records are mirrored to Redis for ``GET /queue``).
 """
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import socket
 import threading
 import time
 
+from ..jobstatus import FinalJob, JobStatus
+from ..live import JobWebhooks
+from ..views import final_view
 from .celery_app import AFFINITY_PRIORITY, ANY_QUEUE, TASK_NAME, make_celery, make_queue, queue_name
-from .state import RedisJobState, status_dict
+from .state import RedisJobState, progress_event, status_dict
 
 log = logging.getLogger("diffusionapi.worker")
 
@@ -51,6 +61,7 @@ class ClusterWorker:
         self._stop = threading.Event()
         self._catalog_at = 0.0
         self.models = self._served_models()
+        self.hooks = JobWebhooks(settings, on_record=lambda rec: self.state.mirror_webhook(rec, self.hooks.queue.keep_sec))
 
     # ------------------------------------------------------------------ what it serves
     def _served_models(self):
@@ -112,8 +123,28 @@ class ClusterWorker:
         while not self._stop.wait(self.hb):
             try:
                 self.beat()
+                self.send_pending_hooks()
             except Exception as e:  # noqa: BLE001 - Redis may be restarting; keep beating
                 log.warning("heartbeat failed: %s", e)
+
+    # ------------------------------------------------------------------ webhooks
+    def start_webhooks(self) -> None:
+        self.hooks.start()
+        self.send_pending_hooks(leftover=True)
+
+    def stop_webhooks(self) -> None:
+        self.hooks.stop()
+
+    def send_pending_hooks(self, leftover: bool = False) -> None:
+        """Record the webhooks of jobs that ended without a worker (cancelled while queued; the API
+        node that cancelled them has no durable queue), each taken by exactly one worker."""
+        while True:
+            raw = self.state.next_pending_hook(self.name, leftover=leftover)
+            if raw is None:
+                return
+            entry = json.loads(raw)
+            self.hooks.record_final(entry["job_id"], entry["state"], entry["hook"], entry["body"])
+            self.state.pending_hook_done(self.name, raw)
 
     def start_heartbeat(self) -> None:
         self.beat()
@@ -136,6 +167,10 @@ class ClusterWorker:
             # Another worker holds it and is alive (a redelivery after a broker restart, or a Redis
             # broker's visibility timeout): wait until it finishes or its lease runs out.
             time.sleep(self.hb)
+        if verdict == "exhausted":  # it became final here: its webhook is ours to send
+            st = self.state.exhausted_status()
+            self.hooks.ended(job_id, record.get("payload"), "error",
+                             lambda: final_view(job_id, FinalJob(JobStatus.model_validate(st), [])))
         if verdict != "run":
             return verdict
         self.current_job = job_id
@@ -143,8 +178,11 @@ class ClusterWorker:
             self.beat()
             from .execute import execute_job
 
-            final, images = execute_job(self, job_id, record)
-            if not self.state.finish(job_id, self.name, final, images):
+            final, images = execute_job(self, job_id, record, JobProgress(self, job_id, record.get("payload")))
+            if self.state.finish(job_id, self.name, final, images):
+                self.hooks.ended(job_id, record.get("payload"), final["state"],
+                                 lambda: final_view(job_id, FinalJob(JobStatus.model_validate(final), list(images))))
+            else:
                 log.warning("job %s: finished here but no longer ours (lease lost); result dropped", job_id)
             self.jobs_done += 1
             return final["state"]
@@ -154,17 +192,6 @@ class ClusterWorker:
                 self.beat()  # /cluster shows the worker free at once
             except Exception:  # noqa: BLE001
                 pass
-
-    def report_progress(self, job_id: str):
-        last = {"t": 0.0, "phase": None, "p": 0.0}
-
-        def report(phase: str, progress: float) -> None:
-            now = time.perf_counter()
-            # Throttled as the embedded worker is: a Redis write per tiny step costs more than the step.
-            if phase != last["phase"] or now - last["t"] >= 0.05:
-                last.update(t=now, phase=phase)
-                self.state.progress(job_id, self.name, status_dict("processing", phase, round(progress, 2)))
-        return report
 
     def cancel_check(self, job_id: str):
         last = {"t": 0.0, "v": False}
@@ -176,6 +203,38 @@ class ClusterWorker:
                 last["v"] = self.state.cancel_requested(job_id)
             return last["v"]
         return cancelled
+
+
+class JobProgress:
+    """One running job's progress (``report``) and the engine's step/preview callbacks
+    (``engine.plan.StepObserver``), written to Redis: the job's status, step and preview fields
+    and its event stream, in one script each. Progress writes are throttled as the embedded
+    worker's are (a Redis write per tiny step costs more than the step); a phase change and a
+    stage's last step are always written, so a listener sees every phase and the final count."""
+
+    def __init__(self, worker: ClusterWorker, job_id: str, payload: dict | None):
+        self.worker, self.job_id, self.payload = worker, job_id, payload
+        self._step: tuple[str, int, int] | None = None  # (phase, step, total) of the current stage
+        self._last_t = 0.0
+        self._last: tuple | None = None  # (phase, step) last written
+
+    def step(self, phase: str, step: int, total: int) -> None:
+        self._step = (phase, step, total)
+
+    def preview(self, jpeg: bytes, step: int, total: int) -> None:
+        self.worker.state.preview(self.job_id, self.worker.name, base64.b64encode(jpeg).decode(), step, total)
+
+    def report(self, phase: str, progress: float) -> None:
+        s = self._step if self._step and self._step[0] == phase else None
+        step, total = (s[1], s[2]) if s else (None, None)
+        status = status_dict("processing", phase, round(progress, 2))
+        self.worker.hooks.progress(self.job_id, self.payload, progress_event(status, step, total))
+        now = time.perf_counter()
+        last_phase = self._last[0] if self._last else None
+        stage_end = step is not None and step == total and self._last != (phase, step)
+        if phase != last_phase or stage_end or now - self._last_t >= 0.05:
+            self._last_t, self._last = now, (phase, step)
+            self.worker.state.progress(self.job_id, self.worker.name, status, step, total)
 
 
 def serve(settings, *, name: str | None = None, models: list[str] | None = None, engine_factory=None,
@@ -197,6 +256,7 @@ def serve(settings, *, name: str | None = None, models: list[str] | None = None,
             preload(worker, worker.home_model)
         except Exception as e:  # noqa: BLE001 - the first job reports the real error
             log.warning("could not preload %s: %s", worker.home_model, e)
+    worker.start_webhooks()
     worker.start_heartbeat()
     log.info("worker %s: device %s, queues %s", worker.name, settings.device, ", ".join(q.name for q in queues))
     try:
@@ -207,3 +267,4 @@ def serve(settings, *, name: str | None = None, models: list[str] | None = None,
         return w.exitcode or 0
     finally:
         worker.stop_heartbeat()
+        worker.stop_webhooks()
