@@ -92,7 +92,10 @@ class ClusterWorker:
     def engine(self):
         with self._engine_lock:
             if self._engine is None:
+                from ..runner import freeze_imports
+
                 self._engine = self._engine_factory() if self._engine_factory else self._default_engine()
+                freeze_imports()  # before the home model loads (preload)
             return self._engine
 
     def _default_engine(self):
