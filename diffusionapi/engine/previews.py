@@ -19,6 +19,7 @@ its own thread, so previews never make the sampler wait for the GPU or for the e
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -94,10 +95,19 @@ def approx_rgb(latents: torch.Tensor, rgb: LatentRGB) -> torch.Tensor:
     import torch
 
     x = latents[0].float()
-    f = torch.tensor(rgb.factors, dtype=torch.float32, device=x.device)  # C x 3
-    b = torch.tensor(rgb.bias, dtype=torch.float32, device=x.device)
+    f, b = _factor_tensors(rgb, x.device)
     out = torch.einsum("chw,cr->hwr", x, f) + b
     return ((out + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def _factor_tensors(rgb: LatentRGB, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors and bias as tensors on ``device``, made once: building them from Python numbers
+    at every step would be a blocking host-to-GPU copy, a sync that stalls the sampler's queue."""
+    import torch
+
+    return (torch.tensor(rgb.factors, dtype=torch.float32, device=device),  # C x 3
+            torch.tensor(rgb.bias, dtype=torch.float32, device=device))
 
 
 def fit_latent_rgb(decode: Callable[[torch.Tensor], torch.Tensor], channels: int = 4, size: int = 16,
