@@ -50,6 +50,7 @@ class EventLog:
         self.epoch = uuid.uuid4().hex[:8]
         self.retention_sec = retention_sec
         self._logs: dict[str, _JobLog] = {}
+        self._pruned_at = 0.0
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ producers
@@ -116,8 +117,18 @@ class EventLog:
         with self._lock:
             self._logs.pop(job_id, None)
 
+    def listened_jobs(self) -> set[str]:
+        """The jobs someone follows right now."""
+        with self._lock:
+            return {job_id for job_id, lg in self._logs.items() if lg.waiters}
+
     def _prune(self) -> None:
+        # At most once a second (or per retention, when shorter): a walk over every log at each
+        # publish would make a long queue quadratic.
         now = time.monotonic()
+        if now - self._pruned_at < min(1.0, self.retention_sec):
+            return
+        self._pruned_at = now
         for job_id in [j for j, lg in self._logs.items()
                        if lg.final_at is not None and now - lg.final_at > self.retention_sec and not lg.waiters]:
             del self._logs[job_id]

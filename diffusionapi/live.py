@@ -50,8 +50,11 @@ class LiveFeed:
         self.events.publish(job_id, "queued", {"position": position})
 
     def positions(self, snapshot: list[tuple[str, int]]) -> None:
+        """Everyone behind moved up: tell the jobs someone follows now (a listener that comes
+        later is sent the position then; see the backend's catch-up)."""
+        followed = self.events.listened_jobs()
         for job_id, pos in snapshot:
-            if pos > 0:
+            if pos > 0 and job_id in followed:
                 self.queued(job_id, pos)
 
     def started(self, job_id: str) -> None:

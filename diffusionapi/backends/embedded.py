@@ -604,10 +604,10 @@ class EmbeddedBackend(JobBackend):
         knows nothing (after a restart), the final event when the job is already final."""
         log = self.live.events
         st = self.store.read_status(job_id)
-        if st is not None and not log.after(job_id, None):
-            if st.state == "queued":
-                self.live.queued(job_id, self.queue.position(job_id))
-            elif st.state == "processing":
+        if st is not None and st.state == "queued":  # positions are sent only to followed jobs
+            self.live.queued(job_id, self.queue.position(job_id))
+        elif st is not None and not log.after(job_id, None):
+            if st.state == "processing":
                 self.live.started(job_id)
                 self.live.progress(job_id, None, st.current_phase, st.progress)
         if st is not None and st.is_final and log.final(job_id) is None:
