@@ -5,7 +5,8 @@
 1. Throughput with a sleep-engine (each job sleeps ``--sleep`` seconds instead of generating):
    1, 4 and 16 worker processes on ``--jobs`` queued jobs; ratio vs one worker and efficiency
    (ratio / workers; the goal is >= 0.9). The embedded backend (one in-process worker) beside it.
-2. Submit latency at ``--rate`` requests/s (open loop) spread over 2 API nodes, vs one embedded server.
+2. Submit latency at ``--rate`` requests/s (open loop, after 2 s of the same load not counted)
+   spread over 2 API nodes, vs one embedded server.
 3. Per-job queue overhead on tiny real jobs (wall time of submit + long-poll minus the worker's
    own generation time), Celery vs embedded; and model reloads with two models on two workers
    (affinity: each worker prefers the model it loaded first).
@@ -36,6 +37,7 @@ import httpx  # noqa: E402
 
 from tests.cluster_fixtures import RabbitMQServer, RedisServer, free_port  # noqa: E402
 
+WARMUP_SEC = 2  # of load at the measured rate before a latency figure, not counted
 TINY = dict(prompt="a lighthouse", width=64, height=64, steps=4, fileType="png")
 
 
@@ -264,7 +266,9 @@ def submit_latency(rate, seconds, sleep, env, root, redis_srv):
         for a in apis:
             a.wait_http()
         time.sleep(1.5)  # the API nodes' catalog view is warm
-        out["celery_2_api_nodes"] = _open_loop([a.url for a in apis], rate, seconds, dict(TINY, model="bench"))
+        urls = [a.url for a in apis]
+        _open_loop(urls, rate, WARMUP_SEC, dict(TINY, model="bench"))  # steady state: threads, connections, caches
+        out["celery_2_api_nodes"] = _open_loop(urls, rate, seconds, dict(TINY, model="bench"))
     finally:
         for p in apis + workers:
             p.stop()
@@ -274,6 +278,7 @@ def submit_latency(rate, seconds, sleep, env, root, redis_srv):
     emb = Proc([__file__, "--serve-embedded", str(port), "--sleep", str(sleep)], emb_env, root / "emb-lat", port)
     try:
         emb.wait_http()
+        _open_loop([emb.url], rate, WARMUP_SEC, dict(TINY, model="bench"))
         out["embedded_1_server"] = _open_loop([emb.url], rate, seconds, dict(TINY, model="bench"))
     finally:
         emb.stop()
