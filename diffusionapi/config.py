@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     results_ttl_sec: int = Field(3600, ge=10)  # unread results (and their images) kept in Redis this long
     worker_heartbeat_sec: float = Field(2.0, gt=0)  # a worker silent for 3 beats is dead
+    # A job recorded but with no broker message confirmed this long (its API node died mid-submit),
+    # or running with a lapsed lease this long, is published again by an API node's orphan sweep.
+    orphan_grace_sec: float = Field(30.0, gt=0)
 
     # Access.
     api_key: str | None = None

@@ -25,6 +25,7 @@ from tests.conftest import free_port, make_settings
 pytestmark = pytest.mark.timeout(300)
 
 HEARTBEAT = 0.5
+ORPHAN_GRACE = 2.0  # short, for the orphan test; the other tests show the duplicates it may cause are harmless
 ROOT = Path(__file__).resolve().parents[1]
 JOB = dict(prompt="a tiny test", width=64, height=64, steps=2, model="tiny-sd15")
 SLOW = dict(JOB, width=128, height=128, steps=150)  # long enough to be seen running, cancelled or killed
@@ -89,7 +90,8 @@ class Cluster:
     def env(self, name: str) -> dict:
         work = self.root / name
         s = make_settings(self.model_store, work, backend="celery", broker_url=self.rabbit.url,
-                          redis_url=self.redis.url, worker_heartbeat_sec=HEARTBEAT, max_queued_jobs=500)
+                          redis_url=self.redis.url, worker_heartbeat_sec=HEARTBEAT, max_queued_jobs=500,
+                          orphan_grace_sec=ORPHAN_GRACE)
         # PYTHONPATH: the children import this checkout whatever their working directory.
         return _env(s, HF_HUB_OFFLINE=1, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=1, PYTHONPATH=ROOT)
 
@@ -251,6 +253,36 @@ def test_cancel_a_running_job_through_the_other_api_node(cluster):
     for j in queued[:2]:
         httpx.delete(f"{a.url}/queue/{j}")
         assert wait_final(b, j)["state"] == "cancelled"
+
+
+def test_a_job_orphaned_by_an_api_node_dying_mid_submit_is_published_again_and_done_once(cluster):
+    # The crash: an API node recorded a job in Redis (step 1 of submit) and died before publishing
+    # its message (step 2). Recorded here exactly as a node records it, then nothing is published.
+    import json
+    import uuid
+
+    from diffusionapi.cluster.state import RedisJobState
+
+    a, b = cluster.api
+    state = RedisJobState(cluster.redis.url)
+    template = submit(a, **dict(JOB, seed=77))
+    record = state.record(template)  # what an API node records for such a request
+    record["payload"]["seed"], record["created_at"] = 78, time.time()
+    orphan = str(uuid.uuid4())
+    assert state.create(orphan, record, 0) is not None
+    assert orphan in state.unsent_ids() and template not in state.unsent_ids()  # the template was confirmed
+    deadline = time.time() + 120  # the sweep of an API node publishes it after the grace; a worker runs it
+    while state.is_final(orphan) is not True and time.time() < deadline:
+        time.sleep(0.1)
+    assert state.r.hget(f"dapi:job:{orphan}", "attempts") == b"1"  # ran once
+    assert [f[b"type"] for _, f in state.r.xrange(f"dapi:ev:{orphan}")].count(b"started") == 1
+    assert orphan not in state.unsent_ids()
+    body = wait_final(b, orphan)
+    assert body["state"] == "done" and "Seed: 78" in body["infotext"], json.dumps(body)[:500]
+    assert gone_everywhere(cluster, orphan)  # its final response served once
+    assert sum((w.dir / "outputs" / f"{orphan}.jpg").exists() for w in cluster.workers) == 1
+    assert wait_final(a, template)["state"] == "done"
+    state.close()
 
 
 def test_rabbitmq_restart_with_jobs_queued_loses_none(cluster):

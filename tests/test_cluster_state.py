@@ -195,3 +195,107 @@ def test_webhook_records_are_mirrored_for_every_node(state):
     state.mirror_webhook({"id": "d1", "job_id": "j", "state": "delivered", "created_at": 1.0}, 60)
     assert [(d["id"], d["state"]) for d in state.webhooks()] == [("d1", "delivered"), ("d2", "pending")]
     assert all("created_at" not in d for d in state.webhooks())
+
+
+# ---------------------------------------------------------------------------- orphans (an API node
+# died between recording a job and the broker's confirm: no message will ever deliver it)
+
+GRACE = 0.2
+
+
+def _swept(state, grace=GRACE) -> list[str]:
+    return [j for j, _ in state.sweep_orphans(grace)]
+
+
+def test_an_unsent_job_is_swept_once_after_the_grace_a_sent_or_young_one_never(state):
+    orphan, sent = _queue(state, 2)
+    state.mark_sent(sent)  # what submit does once the broker confirmed
+    assert _swept(state, grace=60) == []  # young: its submit may still be publishing
+    time.sleep(GRACE + 0.1)
+    got = state.sweep_orphans(GRACE)
+    assert [j for j, _ in got] == [orphan] and got[0][1]["payload"]["prompt"] == orphan  # the record, to publish
+    assert _swept(state) == []  # claimed: not again within another grace period...
+    state.mark_sent(orphan)  # ...and never once re-published
+    time.sleep(GRACE + 0.1)
+    assert _swept(state) == [] and state.unsent_ids() == []
+    assert state.waiting_ids() == [orphan, sent]  # positions untouched
+
+
+def test_a_sweeper_that_dies_before_publishing_leaves_the_job_due_again(state):
+    (j,) = _queue(state)
+    time.sleep(GRACE + 0.1)
+    assert _swept(state) == [j]  # this sweeper dies here: no publish, no mark
+    time.sleep(GRACE + 0.1)
+    assert _swept(state) == [j]
+
+
+def test_claimed_cancelled_and_pre_upgrade_jobs_are_never_swept(state):
+    import json
+
+    claimed, cancelled, queued = _queue(state, 3)
+    state.claim(claimed, "w1", 30)  # a message reached a worker
+    state.cancel(cancelled)
+    old = _jid()  # recorded by a node before this change: no unsent entry
+    state.r.hset(f"dapi:job:{old}", mapping={"record": json.dumps({"payload": {}}), "state": "queued",
+                                              "status": json.dumps(status_dict("queued")), "seq": 99})
+    state.r.zadd("dapi:waiting", {old: 99})
+    time.sleep(GRACE + 0.1)
+    assert _swept(state) == [queued]
+    assert state.unsent_ids() == [queued]
+
+
+def test_a_job_whose_message_was_consumed_first_is_dropped_from_the_set_when_due(state):
+    (j,) = _queue(state)
+    state.r.zadd("dapi:unsent", {"vanished": 0})  # an entry whose job expired meanwhile
+    state.claim(j, "w1", 30)
+    state.r.zadd("dapi:unsent", {j: 0})  # (a claim by a worker of the old version leaves it there)
+    assert _swept(state) == [] and state.unsent_ids() == []
+
+
+def test_two_sweepers_at_once_republish_each_orphan_once(state):
+    ids = _queue(state, 50)
+    time.sleep(GRACE + 0.1)
+    got: list[list[str]] = []
+    barrier = threading.Barrier(2)
+
+    def sweep():
+        s = RedisJobState(state.url)
+        barrier.wait()
+        mine = []
+        for _ in range(5):
+            mine += [j for j, _ in s.sweep_orphans(GRACE, limit=20)]
+        got.append(mine)
+        s.close()
+
+    threads = [threading.Thread(target=sweep) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got[0] + got[1]) == sorted(ids)  # each exactly once, between the two
+
+
+def test_a_running_job_whose_lease_lapsed_is_swept_after_the_grace(state):
+    a, b = _queue(state, 2)
+    for j in (a, b):
+        state.mark_sent(j)
+    state.claim(a, "w1", 0.05)  # its worker dies: the lease lapses
+    state.claim(b, "w2", 30)    # alive
+    time.sleep(0.1)
+    assert _swept(state) == []  # first seen without a lease: its grace starts now
+    time.sleep(GRACE + 0.1)
+    assert _swept(state) == [a]
+    assert state.claim(a, "w3", 30)[:2] == ("run", 2)  # the new message's delivery takes it over
+
+
+def test_a_first_delivery_of_a_busy_job_is_dropped_at_once_a_redelivery_waits_for_the_lease(state):
+    from types import SimpleNamespace
+
+    from diffusionapi.cluster.worker import ClusterWorker
+
+    (j,) = _queue(state)
+    assert state.claim(j, "owner", 30)[0] == "run"
+    other = SimpleNamespace(state=state, name="w2", lease_sec=0.3, hb=0.05)
+    assert ClusterWorker.run(other, j, redelivered=False) == "busy"  # a duplicate: the owner is alive
+    assert ClusterWorker.run(other, j, redelivered=True) == "busy"  # waited a dead owner's lease, no more
+    assert state.running() == {j: "owner"}

@@ -2,10 +2,14 @@
 holds their state, progress and results. Any API node answers for any job.
 
 An API node is stateless: submit records the job in Redis (one atomic script: capacity check,
-record, place in the cluster-wide waiting line) and publishes one persistent message naming it
-to the queue of its model; everything else (status, position, cancel, the final response) is a
-read or a script on Redis. See ``cluster/state.py`` for the keys and ``cluster/worker.py`` for the
-other side.
+record, place in the cluster-wide waiting line), publishes one persistent message naming it to the
+queue of its model, then marks the job sent (``mark_sent``); everything else (status, position,
+cancel, the final response) is a read or a script on Redis. See ``cluster/state.py`` for the keys
+and ``cluster/worker.py`` for the other side.
+
+Orphans: an API node that dies between recording a job and the broker's confirm leaves a job that
+no message will deliver. Every API node runs an orphan sweep (``_sweep``) that re-publishes such a
+job after ``orphan_grace_sec``; see ``_sweep`` for why here and not on the workers.
 
 Live progress: the event stream of a job (``events``) follows its Redis stream with blocking
 reads, so any API node serves any listener, with the stream's ids as event ids (a reconnect
@@ -65,12 +69,15 @@ class CeleryBackend(JobBackend):
         self._waiters = FinalWaiters()
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
+        self._sweeper: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._waiters.bind()
         self._listener = threading.Thread(target=self._listen, name="diffusionapi-final-listener", daemon=True)
         self._listener.start()
+        self._sweeper = threading.Thread(target=self._sweep, name="diffusionapi-orphan-sweep", daemon=True)
+        self._sweeper.start()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -99,6 +106,38 @@ class CeleryBackend(JobBackend):
                 log.warning("final-event subscription lost (%s); resubscribing", e)
                 time.sleep(0.5)
 
+    def _sweep(self) -> None:
+        """Re-publishes orphaned jobs (``RedisJobState.sweep_orphans``): recorded but never confirmed
+        sent (this or another API node died between ``create`` and the broker's confirm), or
+        running with a lapsed lease that no redelivery claimed. Every API node sweeps every few
+        seconds (one Lua call, cheap whatever the queue length); the script hands each orphan to one
+        sweeper per grace period, so nodes sweeping at once publish it once.
+
+        Why on the API nodes and not in the workers' heartbeat: orphans come from API nodes dying,
+        and publishing is the API side's job (its Celery app publishes with confirms and a short
+        retry policy). The workers' heartbeat thread renews the running job's lease: a publish that
+        blocks there while the broker is down would let a live worker's lease lapse and its job
+        be taken over. Its own thread, not the final-event listener's: a slow publish must not
+        delay the long-polls' wake-ups. With no API node up, orphans wait for the first to start
+        (and no client can collect a result meanwhile anyway)."""
+        grace = self.settings.orphan_grace_sec
+        every = min(5.0, max(0.2, grace / 4))
+        while not self._stopping.wait(every):
+            try:
+                for job_id, record in self.state.sweep_orphans(grace):
+                    if self._stopping.is_set():
+                        return
+                    self._publish(job_id, record.get("queue") or queue_name(None))
+                    self.state.mark_sent(job_id)
+                    log.warning("job %s: no broker message confirmed after %.0f s; published again", job_id, grace)
+            except Exception as e:  # noqa: BLE001 - Redis or the broker down: the jobs come due again
+                if self._stopping.is_set():
+                    return
+                log.warning("orphan sweep failed (%s); retrying", e)
+
+    def _publish(self, job_id: str, queue: str) -> None:
+        self.celery.send_task(TASK_NAME, args=[job_id], queue=make_queue(queue), task_id=job_id)
+
     async def wait_final(self, job_id: str, timeout: float) -> None:
         await self._waiters.wait(job_id, timeout, lambda: self.state.is_final(job_id) is not False)
 
@@ -114,13 +153,17 @@ class CeleryBackend(JobBackend):
         if seq is None:
             raise QueueFull()
         try:
-            self.celery.send_task(TASK_NAME, args=[job_id], queue=make_queue(queue), task_id=job_id)
+            self._publish(job_id, queue)
         except Exception as e:  # noqa: BLE001 - kombu raises several kinds for a broker that is down
             try:
                 self.state.forget(job_id)
             except redis.RedisError:
                 pass
             raise BackendUnavailable(f"the broker is unavailable: {e}") from e
+        try:  # the broker has the message: the orphan sweep leaves the job alone
+            self.state.mark_sent(job_id)
+        except redis.RedisError:  # the job is queued and will run; at worst the sweep sends a duplicate
+            log.warning("job %s: could not mark it sent; the orphan sweep may publish it again", job_id)
         return job_id
 
     def status(self, job_id: str) -> JobStatus | None:

@@ -24,6 +24,15 @@ Keys (prefix ``dapi:``):
                 records it in its durable webhook queue (``cluster/worker.py``)
   webhook:<id>  a worker's webhook delivery record (JSON, expiring): ``GET /queue`` on any node lists them
   waiting       sorted set: queued job ids scored by submit sequence (exact cluster-wide positions)
+  unsent        sorted set: jobs no broker message is known to carry, scored by the Redis time since
+                when: submit adds the job, the submitting node removes it once the broker confirmed
+                its message (``mark_sent``), a claim removes it. A job left there longer than the
+                grace period (its API node died between the two steps of submit), or a running job
+                whose lease lapsed (its owner died and no redelivery claimed it), is re-published
+                by the orphan sweep (``sweep_orphans``, run by every API node). Queued jobs
+                recorded before this set existed are never in it, so never re-published: no storm
+                on upgrade (they were published by the old submit, which answered only after the
+                broker's confirm; the rare one orphaned before the upgrade stays as it was)
   running       hash: job id -> worker name
   lease:<id>    the running job's owner, expiring unless its worker's heartbeat renews it
   seq           submit counter
@@ -42,6 +51,7 @@ PREFIX = "dapi:"
 FINAL_STATES = ("done", "error", "cancelled")
 FINAL_CHANNEL = PREFIX + "final"
 WAITING = PREFIX + "waiting"
+UNSENT = PREFIX + "unsent"
 RUNNING = PREFIX + "running"
 SEQ = PREFIX + "seq"
 WORKERS = PREFIX + "workers"
@@ -94,17 +104,54 @@ end
 """
 
 
+# KEYS: job, waiting, running, seq, unsent. ARGV: record, queued status, max jobs, id
 _SUBMIT = """
 local max = tonumber(ARGV[3])
 if max > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max then return -1 end
 local seq = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', ARGV[2], 'state', 'queued', 'attempts', 0, 'seq', seq)
 redis.call('ZADD', KEYS[2], seq, ARGV[4])
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[5], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[4])  -- until mark_sent: no message known yet
 return seq
 """
 
-# KEYS: job, waiting, running, lease, events. ARGV: id, worker, lease_ms, max_attempts, processing status,
-# exhausted status, ttl, events maxlen
+# KEYS: unsent, waiting, running. ARGV: grace ms, at most this many jobs. Scores: Redis time in ms.
+# The orphan sweep's claim, atomic: the jobs of ``unsent`` older than the grace period that still
+# need a message (queued in the waiting line, or running with no live lease), each moved to now in
+# ``unsent`` so that a concurrent sweep (another API node) does not find it again before another
+# grace period; the caller publishes each and then removes it (``mark_sent``). If it dies in between,
+# the job comes due again. Entries that need nothing (claimed, final, gone) are dropped. Running jobs
+# whose lease lapsed enter ``unsent`` here first (their owner died; the broker's redelivery normally
+# claims them long before their grace is over). Cost: the due entries plus the running jobs (one
+# per worker at most), never the whole waiting line. It reads job and lease keys it derives from
+# the ids (not in KEYS): one Redis, as everywhere here, not Redis Cluster.
+_SWEEP = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if redis.call('EXISTS', 'dapi:lease:' .. id) == 0 then redis.call('ZADD', KEYS[1], 'NX', now, id) end
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(due) do
+  local job = 'dapi:job:' .. id
+  local state = redis.call('HGET', job, 'state')
+  local orphan = (state == 'queued' and redis.call('ZSCORE', KEYS[2], id))
+              or (state == 'processing' and redis.call('EXISTS', 'dapi:lease:' .. id) == 0)
+  if orphan then
+    redis.call('ZADD', KEYS[1], now, id)
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGET', job, 'record')
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+"""
+
+# KEYS: job, waiting, running, lease, events, unsent. ARGV: id, worker, lease_ms, max_attempts,
+# processing status, exhausted status, ttl, events maxlen
 _CLAIM = _XADD + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -115,6 +162,7 @@ if state == 'processing' then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])  -- a message reached a worker: nothing to re-publish
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'state', 'error', 'status', ARGV[6], 'final', '1')
   redis.call('HDEL', KEYS[3], ARGV[1])
@@ -183,7 +231,7 @@ redis.call('ZADD', KEYS[4], tonumber(redis.call('HGET', KEYS[1], 'seq')), ARGV[1
 return 1
 """
 
-# KEYS: job, waiting, events, pending hooks. ARGV: id, cancelled status, ttl, events maxlen,
+# KEYS: job, waiting, events, pending hooks, unsent. ARGV: id, cancelled status, ttl, events maxlen,
 # the job's cancelled webhook ('' = none; no worker will see this job run, one sends it)
 _CANCEL = _XADD + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
@@ -191,6 +239,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'status', ARGV[2], 'final', '1')
   redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   final_event(KEYS[3], 'cancelled', ARGV[4], ARGV[3])
   if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[5]) end
@@ -277,6 +326,7 @@ class RedisJobState:
         self._listen = self.r.register_script(_LISTEN)
         self._preview = self.r.register_script(_PREVIEW)
         self._heartbeat = self.r.register_script(_HEARTBEAT)
+        self._sweep = self.r.register_script(_SWEEP)
 
     def close(self) -> None:
         self.r.close()
@@ -291,7 +341,7 @@ class RedisJobState:
     # ------------------------------------------------------------------ API side
     def create(self, job_id: str, record: dict, max_jobs: int) -> int | None:
         """Records a queued job; None when the cluster already holds ``max_jobs`` (0: no limit)."""
-        seq = self._submit(keys=[job_key(job_id), WAITING, RUNNING, SEQ],
+        seq = self._submit(keys=[job_key(job_id), WAITING, RUNNING, SEQ, UNSENT],
                            args=[json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id])
         return None if int(seq) < 0 else int(seq)
 
@@ -299,8 +349,25 @@ class RedisJobState:
         """Undo create() (the broker refused the message)."""
         p = self.r.pipeline()
         p.zrem(WAITING, job_id)
+        p.zrem(UNSENT, job_id)
         p.delete(job_key(job_id))
         p.execute()
+
+    def mark_sent(self, job_id: str) -> None:
+        """The broker confirmed a message for the job: the orphan sweep leaves it alone. One ZREM
+        (submit's hot path); on a job already claimed or gone it changes nothing."""
+        self.r.zrem(UNSENT, job_id)
+
+    def sweep_orphans(self, grace_sec: float, limit: int = 100) -> list[tuple[str, dict]]:
+        """Claims the jobs that need a (new) broker message: recorded longer than ``grace_sec``
+        ago and never confirmed sent, or running with a lapsed lease for that long. Each is
+        returned to exactly one caller per grace period, (job id, record); publish it, then
+        ``mark_sent``."""
+        flat = self._sweep(keys=[UNSENT, WAITING, RUNNING], args=[max(0, int(grace_sec * 1000)), limit])
+        return [(_s(flat[i]), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    def unsent_ids(self) -> list[str]:
+        return [_s(j) for j in self.r.zrange(UNSENT, 0, -1)]
 
     def status(self, job_id: str) -> tuple[dict | None, int | None]:
         """(status dict, position): position 0 while running, 1, 2, ... while queued, else None.
@@ -332,7 +399,7 @@ class RedisJobState:
     def cancel(self, job_id: str, hook: dict | None = None) -> str | None:
         """``hook``: the webhook to send if this cancels a queued job (JSON {job_id, state, hook,
         body}); a worker sends it (``next_pending_hook``)."""
-        out = self._cancel(keys=[job_key(job_id), WAITING, events_key(job_id), PENDING_HOOKS],
+        out = self._cancel(keys=[job_key(job_id), WAITING, events_key(job_id), PENDING_HOOKS, UNSENT],
                            args=[job_id, json.dumps(self.CANCELLED), self.results_ttl, EVENTS_MAXLEN,
                                  json.dumps(hook) if hook else ""])
         return _s(out) if out else None
@@ -391,7 +458,7 @@ class RedisJobState:
     def claim(self, job_id: str, worker: str, lease_sec: float) -> tuple[str, int, dict | None]:
         """('run', attempt, record) | ('exhausted', 0, record) | ('busy'|'final'|'gone', 0, None)."""
         exhausted = self.exhausted_status()
-        out = self._claim(keys=[job_key(job_id), WAITING, RUNNING, lease_key(job_id), events_key(job_id)],
+        out = self._claim(keys=[job_key(job_id), WAITING, RUNNING, lease_key(job_id), events_key(job_id), UNSENT],
                           args=[job_id, worker, int(lease_sec * 1000), self.max_attempts,
                                 json.dumps(status_dict("processing", "starting")), json.dumps(exhausted),
                                 self.results_ttl, EVENTS_MAXLEN])

@@ -161,14 +161,25 @@ class ClusterWorker:
             pass
 
     # ------------------------------------------------------------------ one job
-    def run(self, job_id: str) -> str:
-        """Called for each broker delivery of ``job_id``; returns what happened (for logs and tests)."""
+    def run(self, job_id: str, redelivered: bool = True) -> str:
+        """Called for each broker delivery of ``job_id``; returns what happened (for logs and tests).
+        ``redelivered``: the broker's flag (the message went to a consumer before)."""
+        deadline = time.monotonic() + self.lease_sec + 2 * self.hb
         while True:
             verdict, attempt, record = self.state.claim(job_id, self.name, self.lease_sec)
             if verdict != "busy":
                 break
-            # Another worker holds it and is alive (a redelivery after a broker restart, or a Redis
-            # broker's visibility timeout): wait until it finishes or its lease runs out.
+            # Another worker holds the job and its lease is live. A first delivery is a duplicate
+            # (the orphan sweep re-published a job whose submit looked unfinished): the owner holds
+            # the message it claimed from, which the broker gives back if the owner dies. Dropped
+            # at once, so it never blocks this worker. A redelivery may come from the owner's death
+            # (its lease runs out within ``lease_sec``) or a broker restart / Redis broker's
+            # visibility timeout (the owner lives on): wait for the lease to lapse, but no longer
+            # than a dead owner's lease could last. If the owner outlives that and dies later, the
+            # orphan sweep re-publishes its job (a running job with a lapsed lease).
+            if not redelivered or time.monotonic() > deadline:
+                log.info("job %s: delivery dropped, another worker holds the job", job_id)
+                return verdict
             time.sleep(self.hb)
         if verdict == "exhausted":  # it became final here: its webhook is ours to send
             st = self.state.exhausted_status()
@@ -248,9 +259,10 @@ def serve(settings, *, name: str | None = None, models: list[str] | None = None,
     queues = worker.queues()
     app.conf.task_queues = queues
 
-    @app.task(name=TASK_NAME, ignore_result=True)
-    def run_job(job_id: str) -> str:
-        return worker.run(job_id)
+    @app.task(name=TASK_NAME, ignore_result=True, bind=True)
+    def run_job(task, job_id: str) -> str:
+        redelivered = bool((task.request.delivery_info or {}).get("redelivered", True))
+        return worker.run(job_id, redelivered=redelivered)
 
     if worker.home_model:
         try:  # load the home model now, so its first job does not pay for it
