@@ -287,9 +287,15 @@ def test_a_job_orphaned_by_an_api_node_dying_mid_submit_is_published_again_and_d
 
 def test_rabbitmq_restart_with_jobs_queued_loses_none(cluster):
     a, b = cluster.api
+    # Both workers busy first, so the jobs below are surely still queued when the broker goes
+    # (the running ones' messages are unacknowledged: they come back as redeliveries).
+    running = [submit(node, **SLOW) for node in (a, b)]
+    for job_id in running:
+        wait_state(a, job_id, ("processing",))
     ids = [submit((a, b)[i % 2], **dict(JOB, width=96, height=96, steps=20, seed=i)) for i in range(8)]
     listing = httpx.get(a.url + "/queue").json()["jobs"]  # (a poll would collect a finished job)
     assert sum(j["state"] == "queued" for j in listing) >= 4
+    ids = running + ids
     cluster.rabbit.stop()
     # While the broker is down a submit is refused (503), never accepted and lost.
     r = httpx.post(a.url + "/txt2img", json=JOB, timeout=60)
