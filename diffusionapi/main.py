@@ -161,15 +161,12 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     from . import openapi, playground
     from .api import catalog, cluster, jobs as jobs_api, pnginfo, sdapi
-    from .views import final_view
 
     app.include_router(catalog.router)
     app.include_router(jobs_api.router)
     from .api import events as events_api
 
     app.include_router(events_api.router)
-    # Streams' final events and webhooks carry exactly the final GET /queue/{id} answer.
-    jobs.final_view = final_view
     app.include_router(pnginfo.router)
     app.include_router(cluster.router)
     sdapi.install(app, settings, registry)

@@ -11,7 +11,7 @@ from ..backends.base import BackendUnavailable, QueueFull
 from ..resolve import RequestError, resolve_img2img, resolve_txt2img, resolve_upscale
 from ..schemas import (ErrorResponse, Img2ImgRequest, QueueListEntry, QueueListResponse, QueueStatusResponse,
                        Txt2ImgRequest, Txt2ImgResponse, UpscaleRequest)
-from ..views import final_response, status_response  # noqa: F401 - final_response: also imported from here
+from ..views import final_response, status_response
 from ..webhooks import check_webhook
 
 router = APIRouter()

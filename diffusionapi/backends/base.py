@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from .. import views
 from ..events import JobEvent
 from ..jobstatus import FinalJob, JobStatus
 
@@ -32,9 +33,9 @@ class JobBackend(ABC):
     """Submit, observe, cancel and collect jobs. Methods are called from the event loop's
     threadpool or directly (``status``/``position`` must be cheap: polls call them often)."""
 
-    # Set by the app (main.py): a final job -> its final GET /queue/{id} JSON. The event
-    # stream's final event and the webhooks carry exactly that.
-    final_view: Callable[[str, FinalJob], dict] | None = None
+    # A final job -> its final GET /queue/{id} JSON: the event stream's final event and the
+    # webhooks carry exactly that (a test may put a simpler one on an instance).
+    final_view: Callable[[str, FinalJob], dict] = staticmethod(views.final_view)
     delivers_webhooks = False  # a backend that does not refuses requests with a ``webhook`` (422)
 
     @abstractmethod
@@ -136,9 +137,7 @@ async def polled_events(backend: JobBackend, job_id: str) -> AsyncIterator[JobEv
                 final = await asyncio.to_thread(backend.take_final, job_id)
                 if final is None:
                     return
-                view = backend.final_view(job_id, final) if backend.final_view is not None else \
-                    final.status.model_dump(mode="json", exclude_none=True)
-                yield JobEvent(f"poll-{n + 1:08d}", final.status.state, view)
+                yield JobEvent(f"poll-{n + 1:08d}", final.status.state, backend.final_view(job_id, final))
                 return
             if st.state == "queued":
                 position = await asyncio.to_thread(backend.position, job_id)

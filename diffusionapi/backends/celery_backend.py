@@ -33,7 +33,6 @@ from ..cluster.celery_app import TASK_NAME, make_celery, make_queue, queue_name
 from ..cluster.state import (FINAL_CHANNEL, FINAL_EVENT, WAITING, RedisJobState, events_key, job_key)
 from ..events import JobEvent
 from ..jobstatus import FINAL_STATES, JobStatus
-from ..views import final_view
 from .base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
 
 log = logging.getLogger(__name__)
@@ -188,14 +187,11 @@ class CeleryBackend(JobBackend):
         if isinstance(hook, dict) and "cancelled" in hook.get("events", ()):
             st = JobStatus.model_validate(self.state.CANCELLED)
             entry = {"job_id": job_id, "state": "cancelled", "hook": hook,
-                     "body": self._view(job_id, FinalJob(st, []))}
+                     "body": self.final_view(job_id, FinalJob(st, []))}
         return self.state.cancel(job_id, entry)
 
     def webhook_deliveries(self) -> list[dict]:
         return self.state.webhooks()
-
-    def _view(self, job_id: str, final: FinalJob) -> dict:
-        return (self.final_view or final_view)(job_id, final)
 
     # ------------------------------------------------------------------ event stream
     async def events(self, job_id: str, after_id: str | None = None):
@@ -236,7 +232,7 @@ class CeleryBackend(JobBackend):
                 if kind == FINAL_EVENT:
                     final = await asyncio.to_thread(self._final, job_id)
                     if final is not None:
-                        yield JobEvent(sid, final.status.state, self._view(job_id, final))
+                        yield JobEvent(sid, final.status.state, self.final_view(job_id, final))
                     return
                 yield JobEvent(sid, kind, json.loads(fields[b"data"]))
             if entries:
@@ -246,7 +242,7 @@ class CeleryBackend(JobBackend):
             if state in FINAL_STATES:  # final with no final event in its stream (written before it had one)
                 final = await asyncio.to_thread(self._final, job_id)
                 if final is not None:
-                    yield JobEvent(f"{sid}.{n + 1}.0", final.status.state, self._view(job_id, final))
+                    yield JobEvent(f"{sid}.{n + 1}.0", final.status.state, self.final_view(job_id, final))
                 return
 
     def _final(self, job_id: str) -> FinalJob | None:

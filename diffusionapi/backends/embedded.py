@@ -579,9 +579,7 @@ class EmbeddedBackend(JobBackend):
     def _ended(self, job_id: str, status: JobStatus, payload: dict | None) -> None:
         """A job just became final (worker thread, or a cancel): webhooks, and the final event
         for the clients following it now."""
-        view = self.final_view
-        if view is not None:
-            self.live.ended(job_id, payload, status.state, lambda: view(job_id, _peek_final(status)))
+        self.live.ended(job_id, payload, status.state, lambda: self.final_view(job_id, _peek_final(status)))
         loop = self._loop
         if loop is not None and self.live.events.listening(job_id):
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(asyncio.to_thread(self.take_final, job_id)))
@@ -589,7 +587,7 @@ class EmbeddedBackend(JobBackend):
     def _final_event(self, job_id: str, final: FinalJob) -> None:
         """Whoever consumed the final job (a poll or a stream): streams get it as their final event."""
         self.live.forget(job_id)
-        if self.final_view is not None and self.live.events.listened(job_id):
+        if self.live.events.listened(job_id):
             self.live.events.publish(job_id, final.status.state, self.final_view(job_id, final))
         else:
             self.live.events.forget(job_id)
