@@ -108,10 +108,10 @@ def make_backend(settings: Settings, registry, engine_factory=None):
     """The job backend the settings name; ``engine_factory`` builds the engine in the worker
     (tests pass a fake one)."""
     if settings.backend == "celery":  # an API node of a cluster: workers run the jobs
-        from .backends.celery_backend import CeleryBackend
+        from .jobs.backends.celery.backend import CeleryBackend
 
         return CeleryBackend(settings)
-    from .backends.embedded import EmbeddedBackend
+    from .jobs.backends.embedded import EmbeddedBackend
 
     def default_engine():
         from .engine.engine import Engine

@@ -106,7 +106,7 @@ def request_limits(settings) -> dict[str, tuple[str, dict]]:
     """The configured limits that hold for every request, whatever else it asks for, as JSON
     schema keywords: a client (and the fuzzer) sees them; a value past one is a 422."""
     from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
-    from .resolve import round8
+    from .jobs.resolve import round8
 
     def side(limit: int) -> int:  # the largest value that still rounds to <= limit
         return max(v for v in range(limit, limit + 8) if round8(v) <= limit)

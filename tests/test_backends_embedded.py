@@ -9,11 +9,12 @@ import time
 import pytest
 from PIL import Image
 
-from diffusionapi.backends.embedded import MAX_ATTEMPTS, EmbeddedBackend
+from diffusionapi.jobs.backends.embedded import EmbeddedBackend
+from diffusionapi.jobs.states import MAX_ATTEMPTS
 from diffusionapi.config import Settings
 from diffusionapi.engine.plan import GeneratedImage, GenerationResult, JobCancelled
 from diffusionapi.registry import Registry
-from diffusionapi.runner import JobInterrupted
+from diffusionapi.jobs.runner import JobInterrupted
 
 
 class FakeEngine:
@@ -156,7 +157,7 @@ def test_retry_cap_after_interrupted_attempts(make_backend):
     last_chance, too_many = job_ids
     assert wait_state(restarted, last_chance, ("done", "error")).state == "done"
     st = wait_state(restarted, too_many, ("done", "error"))
-    assert st.state == "error" and "interrupted by restart" in st.error
+    assert st.state == "error" and "interrupted 3 times" in st.error
 
 
 def test_engine_failure_is_a_job_error_and_the_worker_goes_on(make_backend):

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from diffusionapi.cluster.catalog import CatalogRegistry, catalog_of
-from diffusionapi.cluster.state import RedisJobState
+from diffusionapi.jobs.backends.celery.catalog import CatalogRegistry, catalog_of
+from diffusionapi.jobs.backends.celery.state import RedisJobState
 from diffusionapi.registry import Registry, UnknownName
 from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
 from tests.conftest import make_settings

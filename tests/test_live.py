@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusionapi.webhooks import SIGNATURE_HEADER, verify
+from diffusionapi.jobs.webhooks import SIGNATURE_HEADER, verify
 
 from .conftest import SMALL, LiveServer, ServerProcess, make_settings
 from .test_webhooks import Receiver, wait_for

@@ -7,12 +7,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from ..backends.base import BackendUnavailable, QueueFull
-from ..resolve import RequestError, resolve_img2img, resolve_txt2img, resolve_upscale
+from ..jobs.backends.base import BackendUnavailable, QueueFull
+from ..jobs.resolve import RequestError, resolve_img2img, resolve_txt2img, resolve_upscale
 from ..schemas import (ErrorResponse, Img2ImgRequest, QueueListEntry, QueueListResponse, QueueStatusResponse,
                        Txt2ImgRequest, Txt2ImgResponse, UpscaleRequest)
-from ..views import final_response, status_response
-from ..webhooks import check_webhook
+from ..jobs.views import final_response, status_response
+from ..jobs.webhooks import check_webhook
 
 router = APIRouter()
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import redis
 
-from ..registry import (LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, Registry, UnknownName, UpscalerEntry,
+from ....registry import (LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, Registry, UnknownName, UpscalerEntry,
                         display_path)
-from ..vocabulary import EmbeddingEntry
+from ....vocabulary import EmbeddingEntry
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def _model_hash(registry: Registry, m) -> str | None:
     if m.format != "single-file":
         return None
     try:
-        from ..engine.hashes import FileHashes
+        from ....engine.hashes import FileHashes
 
         return FileHashes(Path(registry.settings.queue_dir) / ".file-hashes.json").sha256(m.path)[:10]
     except Exception:  # noqa: BLE001 - a hash is informative; an unreadable file shows up when used

@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-JobState = Literal["queued", "processing", "done", "error", "cancelled"]
-FINAL_STATES: tuple[str, ...] = ("done", "error", "cancelled")
+from .states import FINAL_STATES, JobState  # noqa: F401 - the one list of states (states.py)
 
 
 class ImageRecord(BaseModel):

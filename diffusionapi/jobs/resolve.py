@@ -8,15 +8,15 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from .config import Settings
-from .engine.live import check_preview
-from .engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, PreviewPlan, UpscalePlan
-from .engine.prompts import PromptError, extract_extra_networks
-from .engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
-from .registry import Registry, UnknownName
-from .imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
-from .schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
-from .vocabulary import SDXL, SDXL_REFINER
+from ..config import Settings
+from ..engine.live import check_preview
+from ..engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, PreviewPlan, UpscalePlan
+from ..engine.prompts import PromptError, extract_extra_networks
+from ..engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
+from ..registry import Registry, UnknownName
+from ..imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
+from ..schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
+from ..vocabulary import SDXL, SDXL_REFINER
 
 
 class RequestError(ValueError):

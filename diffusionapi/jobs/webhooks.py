@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
-from .files import write_atomic
+from ..files import write_atomic
 
 log = logging.getLogger(__name__)
 

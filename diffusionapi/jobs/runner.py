@@ -13,22 +13,15 @@ from pathlib import Path
 
 import psutil
 
-from .engine.plan import Cancelled, Engine, GenerationError, Report, StepObserver
-from .files import write_atomic
-from .images import VERSION_TAG, build_infotext, encode_image
-from .jobstatus import ImageRecord, JobStatus
-from .registry import display_path
+from ..engine.plan import Cancelled, Engine, GenerationError, Report, StepObserver
+from ..files import write_atomic
+from ..images import VERSION_TAG, build_infotext, encode_image
+from .states import JobFailed, JobInterrupted  # noqa: F401 - re-exported for the workers
+from .status import ImageRecord, JobStatus
+from ..registry import display_path
 from .resolve import RequestError, resolve_job
 
 log = logging.getLogger(__name__)
-
-
-class JobFailed(Exception):
-    """The job ends in ``error`` with this message (the user can act on it)."""
-
-
-class JobInterrupted(Exception):
-    """The server is shutting down: the job goes back to the queue, not to an error."""
 
 
 def rss_mb() -> float:
@@ -132,7 +125,7 @@ class JobRunner:
         """Run each of ``settings.warmup_shapes`` once (2 steps) before the first job: the model
         loads and torch.compile compiles that shape now, not in a user's job. A batch of N runs
         N rows in one UNet batch, the shape of N batched jobs."""
-        from .engine.fastmode import parse_warmup_shapes
+        from ..engine.fastmode import parse_warmup_shapes
 
         try:
             shapes = parse_warmup_shapes(getattr(self.settings, "warmup_shapes", ""))
