@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # A job recorded but with no broker message confirmed this long (its API node died mid-submit),
     # or running with a lapsed lease this long, is published again by an API node's orphan sweep.
     orphan_grace_sec: float = Field(30.0, gt=0)
+    # A submit's Idempotency-Key is remembered this long (both backends): a retry within it returns
+    # the first submit's job instead of making another.
+    idempotency_window_sec: float = Field(86400.0, gt=0)
 
     # Access.
     api_key: str | None = None

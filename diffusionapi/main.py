@@ -151,6 +151,14 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         return JSONResponse({"status": "error", "error": _validation_message(errors), "detail": detail},
                             status_code=422)
 
+    async def _unavailable(request, exc: Exception):
+        # Redis, the broker or the queue directory unreachable: a client retries later (#32).
+        return JSONResponse({"status": "error", "error": f"the job backend is unavailable: {exc}"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    for exc_type in jobs.unavailable_errors:
+        app.add_exception_handler(exc_type, _unavailable)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         headers = getattr(exc, "headers", None)

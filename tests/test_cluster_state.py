@@ -288,14 +288,103 @@ def test_a_running_job_whose_lease_lapsed_is_swept_after_the_grace(state):
     assert state.claim(a, "w3", 30)[:2] == ("run", 2)  # the new message's delivery takes it over
 
 
-def test_a_first_delivery_of_a_busy_job_is_dropped_at_once_a_redelivery_waits_for_the_lease(state):
+def _worker_like(state, name: str, lease_sec: float = 0.3, hb: float = 0.05):
+    """Enough of a ClusterWorker for its claim logic (``ClusterWorker._claim``)."""
     from types import SimpleNamespace
 
     from diffusionapi.jobs.backends.celery.worker import ClusterWorker
 
+    w = SimpleNamespace(state=state, name=name, lease_sec=lease_sec, hb=hb)
+    w.until_redis = lambda what, fn: ClusterWorker.until_redis(w, what, fn)
+    w._claim = lambda job_id, redelivered: ClusterWorker._claim(w, job_id, redelivered)
+    w.run = lambda job_id, redelivered: ClusterWorker.run(w, job_id, redelivered)
+    return w
+
+
+def test_a_first_delivery_of_a_busy_job_is_dropped_at_once_a_redelivery_waits_for_the_lease(state, monkeypatch):
+    from diffusionapi.jobs.backends.celery import state as state_mod
+
+    monkeypatch.setattr(state_mod, "RECONNECT_GRACE_SEC", 0)  # the test's Redis may have just started
     (j,) = _queue(state)
-    assert state.claim(j, "owner", 30)[0] == "run"
-    other = SimpleNamespace(state=state, name="w2", lease_sec=0.3, hb=0.05)
-    assert ClusterWorker.run(other, j, redelivered=False) == "busy"  # a duplicate: the owner is alive
-    assert ClusterWorker.run(other, j, redelivered=True) == "busy"  # waited a dead owner's lease, no more
-    assert state.running() == {j: "owner"}
+    owner = RedisJobState(state.url, client_name=state_mod.worker_client_name("owner"))
+    owner.ping()  # the owner is alive: it holds a connection, named after it
+    try:
+        assert owner.claim(j, "owner", 30)[0] == "run"
+        other = _worker_like(state, "w2")
+        assert other.run(j, redelivered=False) == "busy"  # a duplicate: the owner is alive
+        assert other.run(j, redelivered=True) == "busy"  # waited a dead owner's lease, no more
+        assert state.running() == {j: "owner"}
+    finally:
+        owner.close()
+
+
+def test_a_redelivery_takes_over_at_once_from_an_owner_with_no_redis_connection(state, monkeypatch):
+    # The owner was killed: its connections closed with it. Its lease (30 s here) is not waited out.
+    from diffusionapi.jobs.backends.celery import state as state_mod
+
+    monkeypatch.setattr(state_mod, "RECONNECT_GRACE_SEC", 0)
+    (j,) = _queue(state)
+    assert state.claim(j, "dead", 30)[0] == "run"
+    assert state.owner_connected("dead") is False
+    other = _worker_like(state, "w2", lease_sec=30)
+    assert other._claim(j, redelivered=True)[:2] == ("run", 2)
+    assert state.running() == {j: "w2"}
+    assert not state.renew_lease(j, "dead", 30)  # the dead one's lease can no longer be renewed
+    assert state.r.get(f"dapi:lease:{j}") == b"w2"
+    monkeypatch.setattr(state_mod, "RECONNECT_GRACE_SEC", 10 ** 9)  # Redis "just restarted": not known
+    assert state.owner_connected("w2") is None
+
+
+def test_a_finish_whose_reply_was_lost_is_repeated_safely_and_a_lost_claim_keeps_the_result(state):
+    a, b = _queue(state, 2)
+    state.claim(a, "w1", 30)
+    done = status_dict("done", progress=100.0)
+    assert state.finish(a, "w1", done, [b"x"])
+    assert state.finish(a, "w1", done, [b"x"])  # the same finish again: its first reply was lost
+    assert not state.finish(a, "w2", done, [b"y"])  # another worker's: refused
+    # b's claim was lost (Redis came back without its last writes): b is queued, w1 ran it anyway.
+    assert state.finish(b, "w1", done, [b"z"])
+    assert state.r.hget(f"dapi:job:{b}", "attempts") == b"1"
+    assert state.waiting_ids() == [] and state.take_final(b)[1] == [b"z"]
+
+
+def test_a_new_redis_run_id_makes_every_waiting_job_due_for_one_more_message(state):
+    ids = _queue(state, 3)
+    for j in ids:
+        state.mark_sent(j)
+    assert _swept(state) == []  # the run id is recorded: nothing to do
+    state.claim(ids[0], "w1", 30)
+    state.r.set("dapi:run_id", "another-server")  # as after a restart or a failover
+    assert sorted(_swept(state)) == sorted(ids[1:])  # at once, not after the grace; not the running one
+    assert _swept(state) == []  # once
+
+
+def test_an_idempotency_key_names_its_first_job_and_goes_with_a_forgotten_one(state):
+    from diffusionapi.jobs.backends.celery.state import idem_key
+
+    rec = {"kind": "txt2img", "payload": {}, "queue": "q"}
+    k = idem_key("caller", "key-1")
+    first, second = _jid(), _jid()
+    assert state.create_once(first, rec, 0, k, 60) == (1, first)
+    assert state.create_once(second, rec, 0, k, 60) == (0, first)
+    assert not state.r.exists(f"dapi:job:{second}") and state.waiting_ids() == [first]
+    other = _jid()  # another caller, same key: its own job
+    assert state.create_once(other, rec, 0, idem_key("caller2", "key-1"), 60)[1] == other
+    assert 0 < state.r.pttl(k) <= 60_000
+    state.forget(first)  # its publish failed: the key goes too, a retry makes a job
+    assert state.create_once(second, rec, 0, k, 60)[1] == second
+
+
+def test_progress_and_preview_writes_never_fail_a_job_when_redis_is_unreachable(state):
+    from types import SimpleNamespace
+
+    from diffusionapi.jobs.backends.celery.worker import ClusterWorker, JobProgress
+
+    down = RedisJobState("redis://127.0.0.1:1/0")  # nothing listens there
+    w = SimpleNamespace(state=down, name="w1", hooks=SimpleNamespace(progress=lambda *a: None))
+    p = JobProgress(w, _jid(), {})
+    p.step("generation", 1, 4)
+    p.report("generation", 25.0)  # logged and skipped, not raised
+    p.preview(b"jpeg", 1, 4)
+    cancelled = ClusterWorker.cancel_check(w, _jid())
+    assert cancelled() is False  # a blip is not a cancel

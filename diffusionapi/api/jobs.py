@@ -1,6 +1,7 @@
 """Routes that submit, watch, cancel and collect jobs. Thin: the backend does the work."""
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 from fastapi import APIRouter, Query, Request
@@ -45,12 +46,34 @@ def submit(request: Request, kind: str, echo: dict):
     if refused:
         return error(422, refused, detail=[{"loc": ["body", "webhook", "url"], "msg": refused}])
     try:
-        return state.jobs.submit(kind, echo)
+        return state.jobs.submit(kind, echo, **idempotency(request))
+    except ValueError as e:  # an unusable Idempotency-Key
+        return error(400, str(e))
     except QueueFull:
         return error(503, f"the queue is full ({state.settings.max_queued_jobs} jobs); retry later",
                      headers={"Retry-After": "10"})
     except BackendUnavailable as e:  # the job could not be made durable, so it is not accepted
         return error(503, str(e), headers={"Retry-After": "30"})
+
+
+# ---- Idempotency-Key (#32): read here, kept by the backends (JobBackend.submit). The lead moves
+# this into jobs/service.py when merging.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def idempotency(request: Request) -> dict:
+    """The submit's idempotency arguments: {} without the header, else the key and the caller
+    (a hash of the credentials the request carries: two callers' keys never meet; without
+    credentials every caller is the same one). ValueError for an unusable key."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return {}
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise ValueError(f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY} printable characters")
+    cred = request.headers.get("authorization") or request.headers.get("x-api-key") or ""
+    caller = hashlib.sha256(cred.encode()).hexdigest() if cred else ""
+    return {"idempotency_key": key, "caller": caller}
 
 
 _SUBMIT_ERRORS = {**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}}

@@ -38,6 +38,9 @@ class JobBackend(ABC):
     # webhooks carry exactly that (a test may put a simpler one on an instance).
     final_view: Callable[[str, FinalJob], dict] = staticmethod(views.final_view)
     delivers_webhooks = False  # a backend that does not refuses requests with a ``webhook`` (422)
+    # Exceptions that mean "a part this backend needs is unreachable now" (not a bug): any route
+    # that meets one answers 503 + Retry-After (main.py), never 500.
+    unavailable_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
 
     @abstractmethod
     def start(self) -> None:
@@ -48,9 +51,15 @@ class JobBackend(ABC):
         """Stop; a running job goes back to the queue (not counted as a failed attempt)."""
 
     @abstractmethod
-    def submit(self, kind: str, payload: dict) -> str:
+    def submit(self, kind: str, payload: dict, idempotency_key: str | None = None, caller: str = "") -> str:
         """Record the job durably and queue it; returns its id.
-        Raises QueueFull or BackendUnavailable (then nothing was queued)."""
+        Raises QueueFull or BackendUnavailable (then nothing was queued).
+
+        ``idempotency_key`` (the client's Idempotency-Key, per ``caller``: an opaque id of its
+        credentials): a submit with a key that the same caller used within
+        ``settings.idempotency_window_sec`` returns the first submit's job id and queues nothing,
+        whatever happened in between (the first submit's node died, the backend restarted, the
+        job finished and was collected). The key is recorded durably with the job, in one step."""
 
     @abstractmethod
     def status(self, job_id: str) -> JobStatus | None:

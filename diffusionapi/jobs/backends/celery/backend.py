@@ -25,12 +25,14 @@ import threading
 import time
 import uuid
 
+import kombu.exceptions
 import redis
 import redis.asyncio as aioredis
 
 from .catalog import CatalogRegistry
 from .celery_app import TASK_NAME, make_celery, make_queue, queue_name
-from .state import (FINAL_CHANNEL, FINAL_EVENT, WAITING, RedisJobState, events_key, job_key)
+from .state import (FINAL_CHANNEL, FINAL_EVENT, UNAVAILABLE, WAITING, RedisJobState, connect, events_key, idem_key,
+                    job_key)
 from ...events import JobEvent
 from ...status import FINAL_STATES, JobStatus
 from ...states import MAX_ATTEMPTS
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 
 QUEUED_POLL_MS = 500  # a queued job's position is read again this often (its stream starts at claim)
 BLOCK_MS = 5000       # the longest blocking stream read: bounds how long a job that vanished goes unnoticed
+# An open event stream rides out a Redis outage this long (reading again where it was), then ends:
+# the client reconnects with its Last-Event-ID and misses nothing, the final event included.
+STREAM_OUTAGE_SEC = 60.0
 # An event id: the stream id of the job's last stored event, and for a (synthetic, unstored)
 # ``queued`` event after it ".<n>.<position>".
 _EVENT_ID = re.compile(r"^(\d+-\d+)(?:\.(\d+)\.(\d+))?$")
@@ -54,8 +59,18 @@ def _parse_event_id(event_id: str | None) -> tuple[str, int, int | None]:
     return m.group(1), int(m.group(2) or 0), int(m.group(3)) if m.group(3) else None
 
 
+class _Step:
+    """A feed read's event with the feed's cursor after it (stream id, queued events, position)."""
+    __slots__ = ("cursor", "event")
+
+    def __init__(self, cursor, event):
+        self.cursor, self.event = cursor, event
+
+
 class CeleryBackend(JobBackend):
     delivers_webhooks = True  # by the workers (cluster/worker.py); checked at submit here as everywhere
+    # Redis or the broker unreachable: every route answers 503 + Retry-After (main.py), not 500.
+    unavailable_errors = (BackendUnavailable, *UNAVAILABLE, kombu.exceptions.OperationalError)
 
     def __init__(self, settings):
         self.settings = settings
@@ -141,16 +156,20 @@ class CeleryBackend(JobBackend):
         await self._waiters.wait(job_id, timeout, lambda: self.state.is_final(job_id) is not False)
 
     # ------------------------------------------------------------------ jobs
-    def submit(self, kind: str, payload: dict) -> str:
+    def submit(self, kind: str, payload: dict, idempotency_key: str | None = None, caller: str = "") -> str:
         job_id = str(uuid.uuid4())
         queue = queue_name(payload.get("model"))
         record = {"kind": kind, "payload": payload, "queue": queue, "created_at": time.time()}
+        idem = idem_key(caller, idempotency_key) if idempotency_key else None
         try:
-            seq = self.state.create(job_id, record, self.settings.max_queued_jobs)
+            seq, got = self.state.create_once(job_id, record, self.settings.max_queued_jobs, idem,
+                                              self.settings.idempotency_window_sec)
         except redis.RedisError as e:
             raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
         if seq is None:
             raise QueueFull()
+        if got != job_id:  # the key's first submit made it; if that one died before publishing, the sweep does
+            return got
         try:
             self._publish(job_id, queue)
         except Exception as e:  # noqa: BLE001 - kombu raises several kinds for a broker that is down
@@ -204,46 +223,77 @@ class CeleryBackend(JobBackend):
         loop = asyncio.get_running_loop()
         if self._aredis is None or self._aredis_loop is not loop:
             self._aredis_loop = loop
-            self._aredis = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5,
-                                                   socket_timeout=BLOCK_MS / 1000 + 10, health_check_interval=30)
+            self._aredis = connect(self.settings.redis_url, asyncio=True, socket_connect_timeout=2,
+                                   socket_timeout=BLOCK_MS / 1000 + 10, health_check_interval=30)
         return self._aredis
 
     async def _feed(self, job_id: str, after_id: str | None):
         """``queued`` events while the job waits, then its stream's events, then the final answer.
-        A client that goes away cancels the pending read: its connection is closed, nothing waits on."""
+        A client that goes away cancels the pending read: its connection is closed, nothing waits on.
+        A Redis outage is ridden out (STREAM_OUTAGE_SEC): the reads start again after the last
+        event sent, so nothing is skipped or sent twice."""
         r = self._redis()
         sid, n, sent_position = _parse_event_id(after_id)
         key = events_key(job_id)
+        outage_since = None
         while True:
-            p = r.pipeline(transaction=True)
-            p.hget(job_key(job_id), "state")
-            p.zrank(WAITING, job_id)
-            state, rank = await p.execute()
-            state = state.decode() if state is not None else None  # None: taken (its events are complete)
-            if state == "queued" and rank is not None and rank + 1 != sent_position:
-                n, sent_position = n + 1, rank + 1
-                yield JobEvent(f"{sid}.{n}.{sent_position}", "queued", {"position": sent_position})
-            block = QUEUED_POLL_MS if state == "queued" else BLOCK_MS if state == "processing" else None
-            got = await r.xread({key: sid}, count=100, block=block)
-            entries = got[0][1] if got else []
-            for eid, fields in entries:
-                sid, n = eid.decode(), 0
-                kind = fields[b"type"].decode()
-                if kind == FINAL_EVENT:
-                    final = await asyncio.to_thread(self._final, job_id)
-                    if final is not None:
-                        yield JobEvent(sid, final.status.state, self.final_view(job_id, final))
+            try:
+                async for ev in self._feed_step(r, job_id, key, sid, n, sent_position):
+                    if ev is None:
+                        return
+                    sid, n, sent_position = ev.cursor
+                    outage_since = None
+                    if ev.event is not None:
+                        yield ev.event
+                outage_since = None
+            except UNAVAILABLE as e:
+                now = time.monotonic()
+                outage_since = outage_since or now
+                if now - outage_since > STREAM_OUTAGE_SEC:
+                    log.warning("job %s: event stream ended, Redis unreachable for %.0f s (%s)", job_id,
+                                now - outage_since, e)
                     return
-                yield JobEvent(sid, kind, json.loads(fields[b"data"]))
-            if entries:
-                continue
-            if state is None:
-                return  # taken, and this client had its final event already (or it expired)
-            if state in FINAL_STATES:  # final with no final event in its stream (written before it had one)
+                await asyncio.sleep(0.5)
+
+    async def _feed_step(self, r, job_id: str, key: str, sid: str, n: int, sent_position):
+        """One read of the feed: yields _Step(cursor, event) for each event (the cursor after it),
+        then None when the feed is complete."""
+        p = r.pipeline(transaction=True)
+        p.hget(job_key(job_id), "state")
+        p.zrank(WAITING, job_id)
+        state, rank = await p.execute()
+        state = state.decode() if state is not None else None  # None: taken (its events are complete)
+        if state == "queued" and rank is not None and rank + 1 != sent_position:
+            n, sent_position = n + 1, rank + 1
+            yield _Step((sid, n, sent_position), JobEvent(f"{sid}.{n}.{sent_position}", "queued",
+                                                          {"position": sent_position}))
+        block = QUEUED_POLL_MS if state == "queued" else BLOCK_MS if state == "processing" else None
+        got = await r.xread({key: sid}, count=100, block=block)
+        entries = got[0][1] if got else []
+        for eid, fields in entries:
+            eid = eid.decode()
+            kind = fields[b"type"].decode()
+            if kind == FINAL_EVENT:
                 final = await asyncio.to_thread(self._final, job_id)
                 if final is not None:
-                    yield JobEvent(f"{sid}.{n + 1}.0", final.status.state, self.final_view(job_id, final))
+                    yield _Step((eid, 0, sent_position), JobEvent(eid, final.status.state,
+                                                                  self.final_view(job_id, final)))
+                yield None
                 return
+            sid, n = eid, 0
+            yield _Step((sid, n, sent_position), JobEvent(sid, kind, json.loads(fields[b"data"])))
+        if entries:
+            return
+        if state is None:
+            yield None  # taken, and this client had its final event already (or it expired)
+            return
+        if state in FINAL_STATES:  # final with no final event in its stream (written before it had one)
+            final = await asyncio.to_thread(self._final, job_id)
+            if final is not None:
+                yield _Step((sid, n, sent_position), JobEvent(f"{sid}.{n + 1}.0", final.status.state,
+                                                              self.final_view(job_id, final)))
+            yield None
+            return
 
     def _final(self, job_id: str) -> FinalJob | None:
         """The final answer for a listener: taken now, or the copy kept when another reader took it."""

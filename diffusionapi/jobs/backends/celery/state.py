@@ -39,13 +39,22 @@ Keys (prefix ``dapi:``):
   workers       sorted set: worker name scored by its last heartbeat (Redis clock: no skew between hosts);
                 worker:<name> (JSON info) and catalog:<name> (JSON), both expiring
   final         pub/sub channel: a job id, each time a job becomes final
+  idem:<hash>   the job id a submit with an Idempotency-Key made (hash of caller + key), set by the
+                submit script with the job itself, expiring after the idempotency window
+  run_id        the run id of the Redis server the orphan sweep last saw: a different one means
+                Redis restarted or failed over (and may have lost its last writes), so the sweep
+                publishes every waiting job once more (a duplicate message is harmless)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from urllib.parse import unquote, urlsplit
 
 import redis
+import redis.asyncio as aioredis
+from redis.sentinel import Sentinel
 
 from ...states import (CANCELLED, ERROR, FINAL_STATES, MAX_ATTEMPTS, PROCESSING, QUEUED,  # noqa: F401
                        attempts_exhausted_message, lua_prelude, progress_event)
@@ -58,6 +67,10 @@ RUNNING = PREFIX + "running"
 SEQ = PREFIX + "seq"
 WORKERS = PREFIX + "workers"
 PENDING_HOOKS = PREFIX + "hooks"
+RUN_ID = PREFIX + "run_id"
+# A Redis up for less than this may not yet have the connections of every live worker (each
+# reconnects at its next heartbeat): a missing one then says nothing about the worker's death.
+RECONNECT_GRACE_SEC = 10
 EVENTS_MAXLEN = 500  # per job's stream; approximate trim. Previews are the big entries (a few kB each)
 FINAL_EVENT = "final"  # the stream's last entry: data {state}; feeds send the final answer for it
 
@@ -94,6 +107,51 @@ def hooks_key(worker: str) -> str:
     return f"{PENDING_HOOKS}:{worker}"
 
 
+def worker_client_name(worker: str) -> str:
+    """The CLIENT SETNAME of a worker's Redis connections (names allow no spaces)."""
+    return "dapi-worker:" + "".join(c if c.isprintable() and not c.isspace() else "_" for c in worker)
+
+
+def idem_key(caller: str, key: str) -> str:
+    """One submit's Idempotency-Key, per caller (a hash: keys and credentials never stored as such)."""
+    return f"{PREFIX}idem:" + hashlib.sha256(f"{caller}\0{key}".encode()).hexdigest()
+
+
+# Redis errors that mean "not reachable now" (down, restarting, loading its AOF, failing over: a
+# replica refuses writes), as opposed to a bug: callers wait and retry these, or answer 503.
+UNAVAILABLE: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError,
+                                                redis.exceptions.ReadOnlyError)
+
+
+def connect(url: str, *, client_name: str | None = None, asyncio: bool = False, **kw):
+    """A Redis client for ``redis://`` / ``rediss://`` / ``unix://`` URLs, and for Sentinel:
+    ``redis+sentinel://host:port[,host:port...]/service_name[/db]`` (optionally
+    ``user:password@`` before the hosts, used for the master): the client asks the sentinels
+    for the current master on every (re)connect, so a failover is followed by itself."""
+    if not url.startswith("redis+sentinel://"):
+        cls = aioredis.Redis if asyncio else redis.Redis
+        return cls.from_url(url, client_name=client_name, **kw)
+    parsed = urlsplit(url)
+    hosts = []
+    for hp in parsed.netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = hp.rpartition(":")
+        hosts.append((host or hp, int(port or 26379)))
+    parts = [p for p in parsed.path.split("/") if p]
+    if not parts:
+        raise ValueError(f"{url}: a Sentinel URL names its service: redis+sentinel://host:port/service_name[/db]")
+    service, db = parts[0], int(parts[1]) if len(parts) > 1 else 0
+    auth = {"username": unquote(parsed.username) if parsed.username else None,
+            "password": unquote(parsed.password) if parsed.password else None}
+    sentinel_kw = {k: kw[k] for k in ("socket_timeout", "socket_connect_timeout") if k in kw}
+    if asyncio:
+        from redis.asyncio.sentinel import Sentinel as ASentinel
+
+        s = ASentinel(hosts, sentinel_kwargs=sentinel_kw, **sentinel_kw)
+    else:
+        s = Sentinel(hosts, sentinel_kwargs=sentinel_kw, **sentinel_kw)
+    return s.master_for(service, db=db, client_name=client_name, **auth, **kw)
+
+
 # Appends one event to a job's stream (KEYS[n] below): type, data JSON, MAXLEN.
 _XADD = """
 local function event(key, type, data, maxlen)
@@ -106,19 +164,31 @@ end
 """
 
 
-# KEYS: job, waiting, running, seq, unsent. ARGV: record, queued status, max jobs, id
+# KEYS: job, waiting, running, seq, unsent, idem. ARGV: record, queued status, max jobs, id,
+# idempotency window ms (0: no key). Returns {seq, id}: seq -1 = full, 0 = the key's earlier job
+# (its id; nothing created). The key is set in the same step as the job: a submit retried after
+# its API node died anywhere in between finds either no job or the job and its key.
 _SUBMIT = """
+if tonumber(ARGV[5]) > 0 then
+  local prior = redis.call('GET', KEYS[6])
+  if prior then return {0, prior} end
+end
 local max = tonumber(ARGV[3])
-if max > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max then return -1 end
+if max > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max then return {-1, ARGV[4]} end
 local seq = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', ARGV[2], 'state', QUEUED, 'attempts', 0, 'seq', seq)
 redis.call('ZADD', KEYS[2], seq, ARGV[4])
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[5], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[4])  -- until mark_sent: no message known yet
-return seq
+if tonumber(ARGV[5]) > 0 then
+  redis.call('SET', KEYS[6], ARGV[4], 'PX', tonumber(ARGV[5]))
+  redis.call('HSET', KEYS[1], 'idem', KEYS[6])
+end
+return {seq, ARGV[4]}
 """
 
-# KEYS: unsent, waiting, running. ARGV: grace ms, at most this many jobs. Scores: Redis time in ms.
+# KEYS: unsent, waiting, running, run_id. ARGV: grace ms, at most this many jobs, the server's run
+# id. Scores: Redis time in ms.
 # The orphan sweep's claim, atomic: the jobs of ``unsent`` older than the grace period that still
 # need a message (queued in the waiting line, or running with no live lease), each moved to now in
 # ``unsent`` so that a concurrent sweep (another API node) does not find it again before another
@@ -128,9 +198,23 @@ return seq
 # claims them long before their grace is over). Cost: the due entries plus the running jobs (one
 # per worker at most), never the whole waiting line. It reads job and lease keys it derives from
 # the ids (not in KEYS): one Redis, as everywhere here, not Redis Cluster.
+# A new run id (Redis restarted, or a replica took over): its data may lack the last writes before
+# the change (AOF's last second, asynchronous replication), e.g. a claim or a finish whose message
+# was acknowledged, leaving a waiting job that no message names. Every waiting job is made due at
+# once, so each gets one more message; the duplicates are dropped by the claim. Not on the first
+# run id seen (an upgrade, a new Redis): nothing can have been lost before it.
 _SWEEP = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local known = redis.call('GET', KEYS[4])
+if known ~= ARGV[3] then
+  redis.call('SET', KEYS[4], ARGV[3])
+  if known then
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+      redis.call('ZADD', KEYS[1], now - tonumber(ARGV[1]), id)
+    end
+  end
+end
 for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do
   if redis.call('EXISTS', 'dapi:lease:' .. id) == 0 then redis.call('ZADD', KEYS[1], 'NX', now, id) end
 end
@@ -153,14 +237,15 @@ return out
 """
 
 # KEYS: job, waiting, running, lease, events, unsent. ARGV: id, worker, lease_ms, max_attempts,
-# processing status, exhausted status, ttl, events maxlen
+# processing status, exhausted status, ttl, events maxlen, an owner known dead ('' = none: a
+# live lease of another worker refuses the claim; that worker: its lease does not)
 _CLAIM = _XADD + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= QUEUED and state ~= PROCESSING then return {'final'} end
 if state == PROCESSING then
   local owner = redis.call('GET', KEYS[4])
-  if owner and owner ~= ARGV[2] then return {'busy', owner} end
+  if owner and owner ~= ARGV[2] and owner ~= ARGV[9] then return {'busy', owner} end
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -203,12 +288,23 @@ event(KEYS[2], 'preview', ARGV[4], ARGV[5])
 return 1
 """
 
-# KEYS: job, running, lease, events. ARGV: id, worker, state, status, ttl, events maxlen, image bytes...
+# KEYS: job, running, lease, events, waiting, unsent. ARGV: id, worker, state, status, ttl, events
+# maxlen, image bytes... Only the job's owner ends it, with two exceptions that keep a result:
+# the same finish again (its reply was lost to a Redis blip: 1, nothing changes), and a job that
+# is queued again because Redis lost the claim (a restart from AOF's last second, a failover
+# whose replica had not got it): no other worker holds it, so the result stands.
 _FINISH = _XADD + """
-if redis.call('HGET', KEYS[1], 'state') ~= PROCESSING or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+local state = redis.call('HGET', KEYS[1], 'state')
+if is_final(state) and redis.call('HGET', KEYS[1], 'final_by') == ARGV[2] then return 1 end
+if not ((state == PROCESSING and redis.call('HGET', KEYS[1], 'worker') == ARGV[2])
+        or (state == QUEUED and redis.call('ZSCORE', KEYS[5], ARGV[1]))) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'final', '1', 'n_images', #ARGV - 6)
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') < 1 then redis.call('HSET', KEYS[1], 'attempts', 1) end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'final', '1', 'final_by', ARGV[2],
+           'worker', ARGV[2], 'n_images', #ARGV - 6)
 redis.call('HDEL', KEYS[1], 'step', 'total', 'preview', 'preview_step')
 for i = 7, #ARGV do redis.call('HSET', KEYS[1], 'img:' .. (i - 7), ARGV[i]) end
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -280,6 +376,16 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 'taken' end
 return false
 """
 
+# KEYS: job, lease. ARGV: worker, lease ms. Renewed only while the job is this worker's: a worker
+# that was taken for dead (and lost its job) must not overwrite the new owner's lease.
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'state') ~= PROCESSING or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"""
+
 # KEYS: worker info, workers, catalog (or ''). ARGV: name, info JSON, ttl, catalog JSON (or '')
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -307,9 +413,14 @@ def _final_of(fields: dict) -> tuple[dict, list[bytes]]:
 class RedisJobState:
     """All Redis reads and writes of the Celery backend, for API nodes and workers alike."""
 
-    def __init__(self, url: str, *, results_ttl: int = 3600, max_attempts: int = MAX_ATTEMPTS, retention: float = 300.0):
+    def __init__(self, url: str, *, results_ttl: int = 3600, max_attempts: int = MAX_ATTEMPTS, retention: float = 300.0,
+                 client_name: str | None = None):
         self.url = url
-        self.r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+        # client_name: a worker's connections carry its name, so that its death is seen at once
+        # (``owner_connected``). Short timeouts: a Redis that is down is answered with a 503
+        # (API) or waited out (worker) without hanging a request for long.
+        self.r = connect(url, client_name=client_name, socket_timeout=5, socket_connect_timeout=2,
+                         health_check_interval=30)
         self.results_ttl = results_ttl
         self.max_attempts = max_attempts
         self.retention = retention  # seconds a taken job's final answer stays for its listeners
@@ -324,6 +435,7 @@ class RedisJobState:
         self._preview = self.r.register_script(lua_prelude() + _PREVIEW)
         self._heartbeat = self.r.register_script(lua_prelude() + _HEARTBEAT)
         self._sweep = self.r.register_script(lua_prelude() + _SWEEP)
+        self._renew = self.r.register_script(lua_prelude() + _RENEW)
 
     def close(self) -> None:
         self.r.close()
@@ -338,16 +450,28 @@ class RedisJobState:
     # ------------------------------------------------------------------ API side
     def create(self, job_id: str, record: dict, max_jobs: int) -> int | None:
         """Records a queued job; None when the cluster already holds ``max_jobs`` (0: no limit)."""
-        seq = self._submit(keys=[job_key(job_id), WAITING, RUNNING, SEQ, UNSENT],
-                           args=[json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id])
-        return None if int(seq) < 0 else int(seq)
+        seq, _ = self.create_once(job_id, record, max_jobs)
+        return seq
+
+    def create_once(self, job_id: str, record: dict, max_jobs: int, idem: str | None = None,
+                    window_sec: float = 0) -> tuple[int | None, str]:
+        """``create`` with an idempotency key (``idem_key``): (seq, job_id) for a new job, (0, the
+        earlier job's id) when the key was used within ``window_sec``, (None, job_id) when full."""
+        ttl = int(window_sec * 1000) if idem else 0
+        seq, jid = self._submit(keys=[job_key(job_id), WAITING, RUNNING, SEQ, UNSENT, idem or PREFIX + "noidem"],
+                                args=[json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id, ttl])
+        seq = int(seq)
+        return (None if seq < 0 else seq), _s(jid)
 
     def forget(self, job_id: str) -> None:
-        """Undo create() (the broker refused the message)."""
+        """Undo create() (the broker refused the message), with its idempotency key."""
+        idem = self.r.hget(job_key(job_id), "idem")
         p = self.r.pipeline()
         p.zrem(WAITING, job_id)
         p.zrem(UNSENT, job_id)
         p.delete(job_key(job_id))
+        if idem:
+            p.delete(idem)
         p.execute()
 
     def mark_sent(self, job_id: str) -> None:
@@ -360,7 +484,8 @@ class RedisJobState:
         ago and never confirmed sent, or running with a lapsed lease for that long. Each is
         returned to exactly one caller per grace period, (job id, record); publish it, then
         ``mark_sent``."""
-        flat = self._sweep(keys=[UNSENT, WAITING, RUNNING], args=[max(0, int(grace_sec * 1000)), limit])
+        run_id = self.r.info("server").get("run_id", "")
+        flat = self._sweep(keys=[UNSENT, WAITING, RUNNING, RUN_ID], args=[max(0, int(grace_sec * 1000)), limit, run_id])
         return [(_s(flat[i]), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def unsent_ids(self) -> list[str]:
@@ -452,17 +577,34 @@ class RedisJobState:
         return [json.loads(v) if v else None for v in p.execute()]
 
     # ------------------------------------------------------------------ worker side
-    def claim(self, job_id: str, worker: str, lease_sec: float) -> tuple[str, int, dict | None]:
-        """('run', attempt, record) | ('exhausted', 0, record) | ('busy'|'final'|'gone', 0, None)."""
+    def claim(self, job_id: str, worker: str, lease_sec: float, dead_owner: str = "") -> tuple[str, int, dict | None]:
+        """('run', attempt, record) | ('exhausted', 0, record) | ('busy', 0, owner) |
+        ('final'|'gone', 0, None). ``dead_owner``: a worker known dead, whose lease does not count."""
         exhausted = self.exhausted_status()
         out = self._claim(keys=[job_key(job_id), WAITING, RUNNING, lease_key(job_id), events_key(job_id), UNSENT],
                           args=[job_id, worker, int(lease_sec * 1000), self.max_attempts,
                                 json.dumps(status_dict("processing", "starting")), json.dumps(exhausted),
-                                self.results_ttl, EVENTS_MAXLEN])
+                                self.results_ttl, EVENTS_MAXLEN, dead_owner])
         verdict = _s(out[0])
         if verdict in ("run", "exhausted"):
             return verdict, int(out[1]), json.loads(out[2])
+        if verdict == "busy":
+            return verdict, 0, _s(out[1])
         return verdict, 0, None
+
+    def owner_connected(self, worker: str) -> bool | None:
+        """Whether ``worker`` holds a connection to Redis now (a worker's connections are named
+        after it; its heartbeat and cancel checks keep one open while it runs a job). False is
+        "known dead": a killed process's connections close with it. None when that cannot be
+        told: Redis started too recently for a live worker to have reconnected, or CLIENT LIST
+        is not allowed."""
+        try:
+            if int(self.r.info("server").get("uptime_in_seconds", 0)) < RECONNECT_GRACE_SEC:
+                return None
+            clients = self.r.client_list(_type="normal")
+        except redis.ResponseError:
+            return None
+        return any(c.get("name") == worker_client_name(worker) for c in clients)
 
     def exhausted_status(self) -> dict:
         return status_dict(ERROR, error=attempts_exhausted_message(self.max_attempts))
@@ -485,7 +627,7 @@ class RedisJobState:
         return self.r.hget(job_key(job_id), "cancel") is not None
 
     def finish(self, job_id: str, worker: str, status: dict, images: list[bytes] = ()) -> bool:
-        return bool(self._finish(keys=[job_key(job_id), RUNNING, lease_key(job_id), events_key(job_id)],
+        return bool(self._finish(keys=[job_key(job_id), RUNNING, lease_key(job_id), events_key(job_id), WAITING, UNSENT],
                                  args=[job_id, worker, status["state"], json.dumps(status), self.results_ttl,
                                        EVENTS_MAXLEN, *images]))
 
@@ -494,8 +636,8 @@ class RedisJobState:
         return bool(self._release(keys=[job_key(job_id), RUNNING, lease_key(job_id), WAITING],
                                   args=[job_id, worker, json.dumps(status_dict("queued"))]))
 
-    def renew_lease(self, job_id: str, worker: str, lease_sec: float) -> None:
-        self.r.set(lease_key(job_id), worker, px=int(lease_sec * 1000))
+    def renew_lease(self, job_id: str, worker: str, lease_sec: float) -> bool:
+        return bool(self._renew(keys=[job_key(job_id), lease_key(job_id)], args=[worker, int(lease_sec * 1000)]))
 
     def heartbeat(self, name: str, info: dict, ttl: int, catalog: dict | None = None) -> float:
         out = self._heartbeat(keys=[worker_key(name), WORKERS, catalog_key(name)],
@@ -564,7 +706,7 @@ class RedisJobState:
 
 def wait_for_redis(url: str, timeout: float = 30) -> None:
     deadline = time.time() + timeout
-    r = redis.Redis.from_url(url, socket_connect_timeout=1)
+    r = connect(url, socket_connect_timeout=1)
     while True:
         try:
             r.ping()

@@ -20,16 +20,27 @@ import socket
 import threading
 import time
 
+import redis
+from celery.exceptions import Reject
+
 from ...status import FinalJob, JobStatus
 from ...live import JobWebhooks
 from ...views import final_view
 from .celery_app import AFFINITY_PRIORITY, ANY_QUEUE, TASK_NAME, make_celery, make_queue, queue_name
 from ...states import MAX_ATTEMPTS, ProgressThrottle, progress_event
-from .state import RedisJobState, status_dict
+from .state import UNAVAILABLE, RedisJobState, status_dict, worker_client_name
 
 log = logging.getLogger("diffusionapi.worker")
 
 CATALOG_REFRESH_SEC = 30.0
+# How long a worker holding a broker message waits for Redis (down, restarting, failing over)
+# before it gives the message back to the broker (requeued, not acknowledged: nothing is lost
+# either way; giving it back lets another worker, perhaps one that reaches Redis, have it).
+REDIS_WAIT_SEC = 120.0
+
+
+class StateUnavailable(Exception):
+    """Redis stayed unreachable for REDIS_WAIT_SEC: the delivery is requeued, not acknowledged."""
 
 
 def build_catalog(registry, models) -> dict:
@@ -46,7 +57,8 @@ class ClusterWorker:
 
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{settings.device}:{os.getpid()}"
-        self.state = RedisJobState(settings.redis_url, results_ttl=settings.results_ttl_sec, max_attempts=MAX_ATTEMPTS)
+        self.state = RedisJobState(settings.redis_url, results_ttl=settings.results_ttl_sec, max_attempts=MAX_ATTEMPTS,
+                                   client_name=worker_client_name(self.name))
         self.registry = Registry(settings)
         self.requested_models = models
         self._engine_factory = engine_factory
@@ -119,8 +131,8 @@ class ClusterWorker:
         ttl = max(60, int(self.hb * 30))
         self.state.heartbeat(self.name, self.info(), ttl, catalog)
         job = self.current_job
-        if job:
-            self.state.renew_lease(job, self.name, self.lease_sec)
+        if job and not self.state.renew_lease(job, self.name, self.lease_sec):
+            log.warning("job %s: no longer this worker's (taken over while it could not renew its lease)", job)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.hb):
@@ -161,26 +173,59 @@ class ClusterWorker:
             pass
 
     # ------------------------------------------------------------------ one job
-    def run(self, job_id: str, redelivered: bool = True) -> str:
-        """Called for each broker delivery of ``job_id``; returns what happened (for logs and tests).
-        ``redelivered``: the broker's flag (the message went to a consumer before)."""
+    def until_redis(self, what: str, fn):
+        """``fn()``, retried while Redis is unreachable (restart, blip, failover), for at most
+        REDIS_WAIT_SEC; then StateUnavailable (the caller's broker message is requeued). Every
+        script retried here is safe to run twice (a claim counts one more attempt at worst)."""
+        deadline = time.monotonic() + REDIS_WAIT_SEC
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except UNAVAILABLE as e:
+                if time.monotonic() >= deadline:
+                    raise StateUnavailable(f"{what}: Redis unreachable for {REDIS_WAIT_SEC:.0f} s: {e}") from e
+                log.warning("%s: Redis unreachable (%s); retrying in %.1f s", what, e, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    def _claim(self, job_id: str, redelivered: bool) -> tuple[str, int, dict | None]:
         deadline = time.monotonic() + self.lease_sec + 2 * self.hb
         while True:
-            verdict, attempt, record = self.state.claim(job_id, self.name, self.lease_sec)
+            verdict, attempt, record = self.until_redis(
+                f"job {job_id}: claim", lambda: self.state.claim(job_id, self.name, self.lease_sec))
             if verdict != "busy":
-                break
+                return verdict, attempt, record
             # Another worker holds the job and its lease is live. A first delivery is a duplicate
             # (the orphan sweep re-published a job whose submit looked unfinished): the owner holds
             # the message it claimed from, which the broker gives back if the owner dies. Dropped
             # at once, so it never blocks this worker. A redelivery may come from the owner's death
-            # (its lease runs out within ``lease_sec``) or a broker restart / Redis broker's
-            # visibility timeout (the owner lives on): wait for the lease to lapse, but no longer
-            # than a dead owner's lease could last. If the owner outlives that and dies later, the
-            # orphan sweep re-publishes its job (a running job with a lapsed lease).
-            if not redelivered or time.monotonic() > deadline:
-                log.info("job %s: delivery dropped, another worker holds the job", job_id)
-                return verdict
-            time.sleep(self.hb)
+            # or a broker restart / Redis broker's visibility timeout (the owner lives on). An owner
+            # with no connection to Redis is known dead (a killed process's connections close
+            # with it): the job is taken over at once, not after its lease. Otherwise wait for the
+            # lease to lapse, but no longer than a dead owner's lease could last. If the owner
+            # outlives that and dies later, the orphan sweep re-publishes its job (a running job
+            # with a lapsed lease).
+            if not redelivered:
+                log.info("job %s: delivery dropped, worker %s holds the job", job_id, record)
+                return verdict, 0, None
+            owner = record
+            if self.until_redis(f"job {job_id}: owner check", lambda: self.state.owner_connected(owner)) is False:
+                verdict, attempt, record = self.until_redis(
+                    f"job {job_id}: claim", lambda: self.state.claim(job_id, self.name, self.lease_sec, owner))
+                if verdict != "busy":
+                    log.warning("job %s: its worker %s is gone (no Redis connection); taken over", job_id, owner)
+                    return verdict, attempt, record
+            if time.monotonic() > deadline:
+                log.info("job %s: delivery dropped, worker %s holds the job", job_id, record)
+                return verdict, 0, None
+            time.sleep(min(self.hb, 0.5))
+
+    def run(self, job_id: str, redelivered: bool = True) -> str:
+        """Called for each broker delivery of ``job_id``; returns what happened (for logs and tests).
+        ``redelivered``: the broker's flag (the message went to a consumer before). Raises
+        StateUnavailable when Redis stays unreachable: the caller requeues the message."""
+        verdict, attempt, record = self._claim(job_id, redelivered)
         if verdict == "exhausted":  # it became final here: its webhook is ours to send
             st = self.state.exhausted_status()
             self.hooks.ended(job_id, record.get("payload"), "error",
@@ -189,11 +234,15 @@ class ClusterWorker:
             return verdict
         self.current_job = job_id
         try:
-            self.beat()
+            try:
+                self.beat()
+            except Exception as e:  # noqa: BLE001 - the heartbeat thread retries; the job goes on
+                log.warning("heartbeat failed: %s", e)
             from .execute import execute_job
 
             final, images = execute_job(self, job_id, record, JobProgress(self, job_id, record.get("payload")))
-            if self.state.finish(job_id, self.name, final, images):
+            # The result in hand is worth waiting for Redis: a blip here must not cost the job.
+            if self.until_redis(f"job {job_id}: finish", lambda: self.state.finish(job_id, self.name, final, images)):
                 self.hooks.ended(job_id, record.get("payload"), final["state"],
                                  lambda: final_view(job_id, FinalJob(JobStatus.model_validate(final), list(images))))
             else:
@@ -214,7 +263,10 @@ class ClusterWorker:
             now = time.perf_counter()
             if not last["v"] and now - last["t"] >= 0.05:
                 last["t"] = now
-                last["v"] = self.state.cancel_requested(job_id)
+                try:
+                    last["v"] = self.state.cancel_requested(job_id)
+                except UNAVAILABLE:  # a Redis blip is not a cancel: asked again at the next check
+                    pass
             return last["v"]
         return cancelled
 
@@ -230,12 +282,25 @@ class JobProgress:
         self.worker, self.job_id, self.payload = worker, job_id, payload
         self._step: tuple[str, int, int] | None = None  # (phase, step, total) of the current stage
         self._throttle = ProgressThrottle()
+        self._warned = float("-inf")
 
     def step(self, phase: str, step: int, total: int) -> None:
         self._step = (phase, step, total)
 
     def preview(self, jpeg: bytes, step: int, total: int) -> None:
-        self.worker.state.preview(self.job_id, self.worker.name, base64.b64encode(jpeg).decode(), step, total)
+        self._write("preview", self.worker.state.preview, self.job_id, self.worker.name,
+                    base64.b64encode(jpeg).decode(), step, total)
+
+    def _write(self, what: str, fn, *args) -> None:
+        """Progress and previews are not decisions: a Redis error while writing one is logged and
+        the write skipped (the next one, or the finish, carries the job on), never the job's end."""
+        try:
+            fn(*args)
+        except redis.RedisError as e:
+            now = time.monotonic()
+            if now - self._warned >= 5:  # once per outage, not once per step
+                self._warned = now
+                log.warning("job %s: %s not written (%s); the job goes on", self.job_id, what, e)
 
     def report(self, phase: str, progress: float) -> None:
         s = self._step if self._step and self._step[0] == phase else None
@@ -243,7 +308,7 @@ class JobProgress:
         status = status_dict("processing", phase, round(progress, 2))
         self.worker.hooks.progress(self.job_id, self.payload, progress_event(status["progress"], phase, step, total))
         if self._throttle.due(phase, step, total):
-            self.worker.state.progress(self.job_id, self.worker.name, status, step, total)
+            self._write("progress", self.worker.state.progress, self.job_id, self.worker.name, status, step, total)
 
 
 def serve(settings, *, name: str | None = None, models: list[str] | None = None, engine_factory=None,
@@ -257,7 +322,17 @@ def serve(settings, *, name: str | None = None, models: list[str] | None = None,
     @app.task(name=TASK_NAME, ignore_result=True, bind=True)
     def run_job(task, job_id: str) -> str:
         redelivered = bool((task.request.delivery_info or {}).get("redelivered", True))
-        return worker.run(job_id, redelivered=redelivered)
+        try:
+            return worker.run(job_id, redelivered=redelivered)
+        except StateUnavailable as e:
+            # Acknowledged only once the job's state is decided in Redis: here it is not, so the
+            # message goes back to the broker (after REDIS_WAIT_SEC of waiting: no tight loop).
+            # Any other exception is acknowledged as Celery does: a message that fails for a
+            # reason other than Redis would fail again (a poison message must not loop); the
+            # job's state decides its fate (a claimed job with a lapsed lease is re-published by
+            # the orphan sweep and counts attempts up to the cap).
+            log.warning("%s; message requeued", e)
+            raise Reject(str(e), requeue=True) from e
 
     if worker.home_model:
         try:  # load the home model now, so its first job does not pay for it

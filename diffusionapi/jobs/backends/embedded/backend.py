@@ -3,7 +3,9 @@ worker thread (worker.py), live events and webhooks (jobs/live.py) -- all in thi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import time
 import threading
 import uuid
 from pathlib import Path
@@ -33,6 +35,7 @@ class EmbeddedBackend(JobBackend):
         self.worker = Worker(self.store, self.queue, self.runner, on_final=self._notify, live=self.live,
                              on_ended=self._ended)
         self._final_lock = threading.Lock()
+        self._idem_lock = threading.Lock()
         self._loop = None
         self._waiters = FinalWaiters()
 
@@ -53,7 +56,9 @@ class EmbeddedBackend(JobBackend):
         except RuntimeError:
             self._loop = None
         self._waiters.bind()
-        for record, status in self.store.recover():
+        recovered = self.store.recover()
+        self.store.recover_idem([record for record, _ in recovered])
+        for record, status in recovered:
             job_id = record["job_id"]
             if status is not None and status.is_final:
                 continue  # finished, not yet read: served once as usual
@@ -70,19 +75,33 @@ class EmbeddedBackend(JobBackend):
         self.worker.stop()
         self.live.stop()
 
-    def submit(self, kind: str, payload: dict) -> str:
+    def submit(self, kind: str, payload: dict, idempotency_key: str | None = None, caller: str = "") -> str:
+        if not idempotency_key:
+            return self._submit(kind, payload, None)
+        key = hashlib.sha256(f"{caller}\0{idempotency_key}".encode()).hexdigest()
+        with self._idem_lock:  # two submits with one key at once: the second waits and finds the first
+            prior = self.store.idem_job(key)
+            if prior is not None:
+                return prior
+            return self._submit(kind, payload, {"key": key, "expires": time.time() + self.settings.idempotency_window_sec})
+
+    def _submit(self, kind: str, payload: dict, idem: dict | None) -> str:
         if self.queue.size() >= self.settings.max_queued_jobs:
             raise QueueFull()
         job_id = str(uuid.uuid4())
         try:
-            self.store.create(job_id, payload, kind)
+            self.store.create(job_id, payload, kind, idem)
         except OSError as e:
             self.store.delete(job_id, missing_ok_errors=True)  # whatever part was written
+            if idem:
+                self.store.idem_path(idem["key"]).unlink(missing_ok=True)
             raise BackendUnavailable(f"cannot record the job in the queue directory: {e.strerror or e}") from e
         try:
             self.queue.put(job_id)
         except QueueFull:
             self.store.delete(job_id)
+            if idem:
+                self.store.idem_path(idem["key"]).unlink(missing_ok=True)
             raise
         self.live.queued(job_id, self.queue.position(job_id))
         return job_id

@@ -33,10 +33,46 @@ class JobStore:
     def status_path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.json"
 
-    def create(self, job_id: str, payload: dict, kind: str = "txt2img") -> None:
+    def create(self, job_id: str, payload: dict, kind: str = "txt2img", idem: dict | None = None) -> None:
+        """``idem``: {"key": hash, "expires": unix time} of the submit's Idempotency-Key; kept in
+        the record (written first: a crash before ``remember_idem`` is repaired at start)."""
         record = {"job_id": job_id, "kind": kind, "payload": payload, "created_at": time.time(), "attempts": 0}
+        if idem:
+            record["idem"] = idem
         self.write_status(job_id, JobStatus.queued(), fsync=True)
         write_atomic(self.job_path(job_id), json.dumps(record).encode(), fsync=True)
+        if idem:
+            self.remember_idem(idem, job_id)
+
+    # ---- Idempotency-Key: QUEUE_DIR/idem/<hash>.json {job_id, expires}, outliving the job's own
+    # files (a retry after the job was collected still gets its id, within the window).
+    def idem_path(self, key: str) -> Path:
+        return self.dir / "idem" / f"{key}.json"
+
+    def remember_idem(self, idem: dict, job_id: str) -> None:
+        path = self.idem_path(idem["key"])
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, json.dumps({"job_id": job_id, "expires": idem["expires"]}).encode(), fsync=True)
+
+    def idem_job(self, key: str) -> str | None:
+        """The job id a live idempotency key names; an expired one is deleted."""
+        data = _read_json(self.idem_path(key))
+        if not data:
+            return None
+        if data.get("expires", 0) < time.time():
+            self.idem_path(key).unlink(missing_ok=True)
+            return None
+        return data.get("job_id")
+
+    def recover_idem(self, records: list[dict]) -> None:
+        """At start: keys whose file a crash cut short come back from their job records; expired
+        ones go."""
+        for record in records:
+            idem = record.get("idem")
+            if idem and idem.get("expires", 0) >= time.time() and not self.idem_path(idem["key"]).exists():
+                self.remember_idem(idem, record["job_id"])
+        for p in (self.dir / "idem").glob("*.json") if (self.dir / "idem").is_dir() else ():
+            self.idem_job(p.stem)
 
     def read_job(self, job_id: str) -> dict | None:
         return _read_json(self.job_path(job_id))
