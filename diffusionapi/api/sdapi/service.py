@@ -85,7 +85,10 @@ class SdapiState:
         if isinstance(resp, JSONResponse):
             if resp.status_code >= 400:
                 data = json.loads(resp.body)
-                return None, _error(resp.status_code, data.get("error") or str(data))
+                err = _error(resp.status_code, data.get("error") or str(data))
+                if "retry-after" in resp.headers:  # a full queue, an unreachable backend: when to retry
+                    err.headers["Retry-After"] = resp.headers["retry-after"]
+                return None, err
             resp = json.loads(resp.body)
         return _get(resp, "job_id"), None
 

@@ -35,8 +35,8 @@ def _worker(args) -> int:
     if args.sleep_engine is not None:
         from .sleep_engine import SleepEngine
 
-        seconds = args.sleep_engine
-        engine_factory = lambda: SleepEngine(seconds)  # noqa: E731
+        seconds, hold = args.sleep_engine, args.sleep_hold
+        engine_factory = lambda: SleepEngine(seconds, hold_dir=hold)  # noqa: E731
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     return serve(settings, name=args.name, models=models, engine_factory=engine_factory,
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     wk.add_argument("--name", default=None, help="worker name in /cluster (default host:device:pid)")
     wk.add_argument("--sleep-engine", type=float, default=None, metavar="SECONDS",
                     help="benchmarks: each job sleeps instead of generating")
+    wk.add_argument("--sleep-hold", default=None, metavar="DIR",
+                    help="tests, with --sleep-engine: a job whose prompt names a file in DIR runs while it exists")
     wk.add_argument("--log-level", default="warning")
     args = ap.parse_args(argv)
     return _api(args) if args.role == "api" else _worker(args)

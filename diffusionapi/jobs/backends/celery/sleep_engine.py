@@ -6,13 +6,21 @@ stops when cancelled, and returns one small grey image per requested image. No t
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 
 class SleepEngine:
-    def __init__(self, seconds: float = 1.0, slices: int = 4):
+    def __init__(self, seconds: float = 1.0, slices: int = 4, hold_dir: str | None = None):
         self.seconds = seconds
         self.slices = max(1, slices)
+        # Tests hold a job running by a condition, not a duration: while ``<hold_dir>/<prompt>``
+        # exists, a job with that prompt keeps running (reporting progress, honouring cancel).
+        self.hold_dir = Path(hold_dir) if hold_dir else None
         self.loaded_model: str | None = None
+
+    def _held(self, plan) -> bool:
+        prompt = str(getattr(plan, "prompt", "") or "")
+        return (self.hold_dir is not None and prompt.isidentifier() and (self.hold_dir / prompt).exists())
 
     def generate(self, plan, report, cancelled):
         from PIL import Image
@@ -20,6 +28,11 @@ class SleepEngine:
         from ....engine.plan import GeneratedImage, GenerationResult, JobCancelled
 
         report("generation", 0.0)
+        while self._held(plan):
+            if cancelled():
+                raise JobCancelled()
+            time.sleep(0.05)
+            report("generation", 1.0)
         for i in range(self.slices):
             if cancelled():
                 raise JobCancelled()

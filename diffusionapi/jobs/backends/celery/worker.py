@@ -72,6 +72,7 @@ class ClusterWorker:
         self.jobs_done = 0
         self._stop = threading.Event()
         self._catalog_at = 0.0
+        self._leftover_hooks = True
         self.models = self._served_models()
         self.hooks = JobWebhooks(settings, on_record=lambda rec: self.state.mirror_webhook(rec, self.hooks.queue.keep_sec))
 
@@ -138,14 +139,20 @@ class ClusterWorker:
         while not self._stop.wait(self.hb):
             try:
                 self.beat()
-                self.send_pending_hooks()
+                self.send_pending_hooks(leftover=self._leftover_hooks)
+                self._leftover_hooks = False
             except Exception as e:  # noqa: BLE001 - Redis may be restarting; keep beating
                 log.warning("heartbeat failed: %s", e)
 
     # ------------------------------------------------------------------ webhooks
     def start_webhooks(self) -> None:
         self.hooks.start()
-        self.send_pending_hooks(leftover=True)
+        self._leftover_hooks = True  # a worker that starts while Redis is down looks at its next beat
+        try:
+            self.send_pending_hooks(leftover=True)
+            self._leftover_hooks = False
+        except UNAVAILABLE as e:
+            log.warning("Redis unreachable at start (%s); pending webhooks are looked at later", e)
 
     def stop_webhooks(self) -> None:
         self.hooks.stop()
@@ -162,7 +169,10 @@ class ClusterWorker:
             self.state.pending_hook_done(self.name, raw)
 
     def start_heartbeat(self) -> None:
-        self.beat()
+        try:
+            self.beat()
+        except UNAVAILABLE as e:  # a worker may start while Redis is down: it beats once it is back
+            log.warning("Redis unreachable at start (%s); heartbeat retries", e)
         threading.Thread(target=self._heartbeat_loop, name="diffusionapi-heartbeat", daemon=True).start()
 
     def stop_heartbeat(self) -> None:
