@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from urllib.parse import unquote, urlsplit
 
@@ -58,6 +59,8 @@ from redis.sentinel import Sentinel
 
 from ...states import (CANCELLED, ERROR, FINAL_STATES, MAX_ATTEMPTS, PROCESSING, QUEUED,  # noqa: F401
                        attempts_exhausted_message, lua_prelude, progress_event)
+
+log = logging.getLogger(__name__)
 
 PREFIX = "dapi:"
 FINAL_CHANNEL = PREFIX + "final"
@@ -71,6 +74,7 @@ RUN_ID = PREFIX + "run_id"
 # A Redis up for less than this may not yet have the connections of every live worker (each
 # reconnects at its next heartbeat): a missing one then says nothing about the worker's death.
 RECONNECT_GRACE_SEC = 10
+REPLICA_WAIT_MS = 1000  # Sentinel: how long a submit waits for a replica to have the job
 EVENTS_MAXLEN = 500  # per job's stream; approximate trim. Previews are the big entries (a few kB each)
 FINAL_EVENT = "final"  # the stream's last entry: data {state}; feeds send the final answer for it
 
@@ -416,6 +420,7 @@ class RedisJobState:
     def __init__(self, url: str, *, results_ttl: int = 3600, max_attempts: int = MAX_ATTEMPTS, retention: float = 300.0,
                  client_name: str | None = None):
         self.url = url
+        self.replicated = url.startswith("redis+sentinel://")
         # client_name: a worker's connections carry its name, so that its death is seen at once
         # (``owner_connected``). Short timeouts: a Redis that is down is answered with a 503
         # (API) or waited out (worker) without hanging a request for long.
@@ -458,8 +463,21 @@ class RedisJobState:
         """``create`` with an idempotency key (``idem_key``): (seq, job_id) for a new job, (0, the
         earlier job's id) when the key was used within ``window_sec``, (None, job_id) when full."""
         ttl = int(window_sec * 1000) if idem else 0
-        seq, jid = self._submit(keys=[job_key(job_id), WAITING, RUNNING, SEQ, UNSENT, idem or PREFIX + "noidem"],
-                                args=[json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id, ttl])
+        keys = [job_key(job_id), WAITING, RUNNING, SEQ, UNSENT, idem or PREFIX + "noidem"]
+        args = [json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id, ttl]
+        if not self.replicated:
+            seq, jid = self._submit(keys=keys, args=args)
+        else:
+            # With Sentinel, a replica takes over when the primary dies; replication is asynchronous,
+            # so the submit answers only once a replica has the job too (WAIT, on the connection that
+            # wrote it: one pipeline). No replica within the time: accepted anyway (the primary has
+            # it, with AOF), and logged: a failover now could lose it.
+            p = self.r.pipeline(transaction=False)
+            self._submit(keys=keys, args=args, client=p)
+            p.wait(1, REPLICA_WAIT_MS)
+            (seq, jid), acked = p.execute()
+            if int(seq) > 0 and not acked:
+                log.warning("job %s: no replica confirmed it within %d ms", job_id, REPLICA_WAIT_MS)
         seq = int(seq)
         return (None if seq < 0 else seq), _s(jid)
 
