@@ -12,12 +12,7 @@ from ..states import progress_event
 from ..status import FinalJob, JobStatus
 
 
-class QueueFull(Exception):
-    """The queue holds its configured maximum; the client should retry later (503)."""
-
-
-class BackendUnavailable(Exception):
-    """The job could not be recorded durably (disk full, broker down); nothing was queued (503)."""
+from ...errors import BackendUnavailable, QueueFull  # noqa: E402,F401 - what submit raises (503s)
 
 
 @dataclass
@@ -38,9 +33,9 @@ class JobBackend(ABC):
     # webhooks carry exactly that (a test may put a simpler one on an instance).
     final_view: Callable[[str, FinalJob], dict] = staticmethod(views.final_view)
     delivers_webhooks = False  # a backend that does not refuses requests with a ``webhook`` (422)
-    # Exceptions that mean "a part this backend needs is unreachable now" (not a bug): any route
-    # that meets one answers 503 + Retry-After (main.py), never 500.
-    unavailable_errors: tuple[type[BaseException], ...] = (BackendUnavailable,)
+    # Exceptions (other than the ServiceErrors) that mean "a part this backend needs is unreachable
+    # now", not a bug: any route that meets one answers 503 + Retry-After (main.py), never 500.
+    unavailable_errors: tuple[type[BaseException], ...] = ()
 
     @abstractmethod
     def start(self) -> None:

@@ -70,7 +70,7 @@ class _Step:
 class CeleryBackend(JobBackend):
     delivers_webhooks = True  # by the workers (cluster/worker.py); checked at submit here as everywhere
     # Redis or the broker unreachable: every route answers 503 + Retry-After (main.py), not 500.
-    unavailable_errors = (BackendUnavailable, *UNAVAILABLE, kombu.exceptions.OperationalError)
+    unavailable_errors = (*UNAVAILABLE, kombu.exceptions.OperationalError)
 
     def __init__(self, settings):
         self.settings = settings
@@ -167,7 +167,7 @@ class CeleryBackend(JobBackend):
         except redis.RedisError as e:
             raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
         if seq is None:
-            raise QueueFull()
+            raise QueueFull(f"the queue is full ({self.settings.max_queued_jobs} jobs); retry later")
         if got != job_id:  # the key's first submit made it; if that one died before publishing, the sweep does
             return got
         try:
