@@ -54,7 +54,7 @@ class SentinelServer:
         _wait_port(self.port, 20, self.proc, "redis sentinel")
 
     def master(self) -> tuple[str, int] | None:
-        got = redis.Redis(port=self.port).sentinel_get_master_addr_by_name(SERVICE)
+        got = redis.Redis(port=self.port, decode_responses=True).sentinel_get_master_addr_by_name(SERVICE)
         return (got[0], int(got[1])) if got else None
 
     def stop(self) -> None:
@@ -111,7 +111,8 @@ def test_killing_the_primary_loses_no_job_and_the_cluster_keeps_serving(cluster)
     ha.primary.proc.kill()
     ha.primary.proc.wait(10)
     wait_for(lambda: ha.sentinels[0].master() == ("127.0.0.1", ha.replica.port), 120, "the failover")
-    after = submit(a, **dict(JOB, seed=100))  # served by the new primary, found through the sentinels
+    cluster.wait_workers(1)  # the worker beats again, on the new primary (found through the sentinels)
+    after = submit(a, **dict(JOB, seed=100))
     cluster.release("sheld")
     ids = [running, *queued, after]
     state = RedisJobState(ha.url)
