@@ -59,12 +59,26 @@ def _parse_event_id(event_id: str | None) -> tuple[str, int, int | None]:
     return m.group(1), int(m.group(2) or 0), int(m.group(3)) if m.group(3) else None
 
 
-class _Step:
-    """A feed read's event with the feed's cursor after it (stream id, queued events, position)."""
-    __slots__ = ("cursor", "event")
+class _Outage:
+    """An event feed's Redis outage: how long it has lasted, and the wait before reading again."""
 
-    def __init__(self, cursor, event):
-        self.cursor, self.event = cursor, event
+    def __init__(self, job_id: str):
+        self.job_id, self.since = job_id, None
+
+    async def wait(self, error: Exception) -> bool:
+        """False when the outage has lasted STREAM_OUTAGE_SEC: the feed ends (the client
+        reconnects with its Last-Event-ID)."""
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since > STREAM_OUTAGE_SEC:
+            log.warning("job %s: event stream ended, Redis unreachable for %.0f s (%s)", self.job_id,
+                        now - self.since, error)
+            return False
+        await asyncio.sleep(0.5)
+        return True
+
+    def over(self) -> None:
+        self.since = None
 
 
 class CeleryBackend(JobBackend):
@@ -235,65 +249,56 @@ class CeleryBackend(JobBackend):
         r = self._redis()
         sid, n, sent_position = _parse_event_id(after_id)
         key = events_key(job_id)
-        outage_since = None
+        outage = _Outage(job_id)
         while True:
             try:
-                async for ev in self._feed_step(r, job_id, key, sid, n, sent_position):
-                    if ev is None:
-                        return
-                    sid, n, sent_position = ev.cursor
-                    outage_since = None
-                    if ev.event is not None:
-                        yield ev.event
-                outage_since = None
+                p = r.pipeline(transaction=True)
+                p.hget(job_key(job_id), "state")
+                p.zrank(WAITING, job_id)
+                state, rank = await p.execute()
             except UNAVAILABLE as e:
-                now = time.monotonic()
-                outage_since = outage_since or now
-                if now - outage_since > STREAM_OUTAGE_SEC:
-                    log.warning("job %s: event stream ended, Redis unreachable for %.0f s (%s)", job_id,
-                                now - outage_since, e)
+                if not await outage.wait(e):
                     return
-                await asyncio.sleep(0.5)
-
-    async def _feed_step(self, r, job_id: str, key: str, sid: str, n: int, sent_position):
-        """One read of the feed: yields _Step(cursor, event) for each event (the cursor after it),
-        then None when the feed is complete."""
-        p = r.pipeline(transaction=True)
-        p.hget(job_key(job_id), "state")
-        p.zrank(WAITING, job_id)
-        state, rank = await p.execute()
-        state = state.decode() if state is not None else None  # None: taken (its events are complete)
-        if state == "queued" and rank is not None and rank + 1 != sent_position:
-            n, sent_position = n + 1, rank + 1
-            yield _Step((sid, n, sent_position), JobEvent(f"{sid}.{n}.{sent_position}", "queued",
-                                                          {"position": sent_position}))
-        block = QUEUED_POLL_MS if state == "queued" else BLOCK_MS if state == "processing" else None
-        got = await r.xread({key: sid}, count=100, block=block)
-        entries = got[0][1] if got else []
-        for eid, fields in entries:
-            eid = eid.decode()
-            kind = fields[b"type"].decode()
-            if kind == FINAL_EVENT:
-                final = await asyncio.to_thread(self._final, job_id)
+                continue
+            state = state.decode() if state is not None else None  # None: taken (its events are complete)
+            if state == "queued" and rank is not None and rank + 1 != sent_position:
+                n, sent_position = n + 1, rank + 1
+                yield JobEvent(f"{sid}.{n}.{sent_position}", "queued", {"position": sent_position})
+            block = QUEUED_POLL_MS if state == "queued" else BLOCK_MS if state == "processing" else None
+            try:
+                got = await r.xread({key: sid}, count=100, block=block)
+            except UNAVAILABLE as e:
+                if not await outage.wait(e):
+                    return
+                continue
+            outage.over()
+            entries = got[0][1] if got else []
+            for eid, fields in entries:
+                kind = fields[b"type"].decode()
+                if kind == FINAL_EVENT:
+                    final = await self._final_retrying(job_id, outage)
+                    if final is not None:
+                        yield JobEvent(eid.decode(), final.status.state, self.final_view(job_id, final))
+                    return
+                sid, n = eid.decode(), 0
+                yield JobEvent(sid, kind, json.loads(fields[b"data"]))
+            if entries:
+                continue
+            if state is None:
+                return  # taken, and this client had its final event already (or it expired)
+            if state in FINAL_STATES:  # final with no final event in its stream (written before it had one)
+                final = await self._final_retrying(job_id, outage)
                 if final is not None:
-                    yield _Step((eid, 0, sent_position), JobEvent(eid, final.status.state,
-                                                                  self.final_view(job_id, final)))
-                yield None
+                    yield JobEvent(f"{sid}.{n + 1}.0", final.status.state, self.final_view(job_id, final))
                 return
-            sid, n = eid, 0
-            yield _Step((sid, n, sent_position), JobEvent(sid, kind, json.loads(fields[b"data"])))
-        if entries:
-            return
-        if state is None:
-            yield None  # taken, and this client had its final event already (or it expired)
-            return
-        if state in FINAL_STATES:  # final with no final event in its stream (written before it had one)
-            final = await asyncio.to_thread(self._final, job_id)
-            if final is not None:
-                yield _Step((sid, n, sent_position), JobEvent(f"{sid}.{n + 1}.0", final.status.state,
-                                                              self.final_view(job_id, final)))
-            yield None
-            return
+
+    async def _final_retrying(self, job_id: str, outage: _Outage) -> FinalJob | None:
+        while True:
+            try:
+                return await asyncio.to_thread(self._final, job_id)
+            except UNAVAILABLE as e:
+                if not await outage.wait(e):
+                    return None
 
     def _final(self, job_id: str) -> FinalJob | None:
         """The final answer for a listener: taken now, or the copy kept when another reader took it."""
