@@ -48,7 +48,7 @@ FINAL = ("done", "error", "cancelled")
 
 
 class Deployment:
-    def __init__(self, root: Path, sleep: float):
+    def __init__(self, root: Path, sleep: float, code: Path | None = None):
         from diffusionapi.demo import save_tiny_model
 
         self.root, self.sleep = root, sleep
@@ -58,6 +58,8 @@ class Deployment:
         self.redis = RedisServer(root / "redis").start()
         self.env = settings_env(root / "work", models, backend="celery", broker_url=self.rabbit.url,
                                 redis_url=self.redis.url, worker_heartbeat_sec=1.0, orphan_grace_sec=5.0)
+        if code:  # API nodes and workers run another checkout (a before/after comparison)
+            self.env.update(PYTHONPATH=str(code), PYTHONDONTWRITEBYTECODE="1")
         self.ports = [free_port(), free_port()]
         self.api = [self._api(i) for i in range(2)]
         self.workers: list[Proc] = []
@@ -135,12 +137,11 @@ class Client(threading.Thread):
         c = httpx.Client(timeout=15)
         while not self.stop_load.is_set():
             key = str(uuid.uuid4())
-            job = self.submit(c, key)
-            if job is None:
-                continue
-            if random.random() < 0.05:
-                self.request(c, "DELETE", f"/queue/{job}")
-            self.collect(c, job)
+            jobs = self.submit(c, key)  # more than one: a duplicate submit (each is collected)
+            if jobs and random.random() < 0.05:
+                self.request(c, "DELETE", f"/queue/{jobs[0]}")
+            for job in jobs:
+                self.collect(c, job)
 
     def request(self, c, method, path, **kw):
         url = random.choice(self.dep.urls) + path
@@ -149,7 +150,7 @@ class Client(threading.Thread):
         except httpx.HTTPError:
             return None
 
-    def submit(self, c, key: str) -> str | None:
+    def submit(self, c, key: str) -> list[str]:
         ids = set()
         while time.time() < self.deadline:
             r = self.request(c, "POST", "/txt2img", json=dict(JOB, seed=random.randrange(10 ** 6)),
@@ -160,14 +161,14 @@ class Client(threading.Thread):
                     continue
                 break
             if self.stop_load.is_set() and not ids:
-                return None
+                return []
             time.sleep(0.3)
         with self.lock:
             if len(ids) > 1:
                 self.ledger["dup_submits"] += 1
             for j in ids:
                 self.ledger["jobs"].setdefault(j, {"final": None, "served": 0})
-        return next(iter(ids), None)
+        return sorted(ids)
 
     def collect(self, c, job: str) -> None:
         entry = self.ledger["jobs"][job]
@@ -200,11 +201,13 @@ def main() -> int:
     ap.add_argument("--sleep", type=float, default=0.3, help="seconds each sleep-engine job takes")
     ap.add_argument("--faults", default="worker,api,rabbitmq,redis,blip")
     ap.add_argument("--every", type=float, default=8.0, help="seconds between faults")
+    ap.add_argument("--code", type=Path, default=None,
+                    help="run the API nodes and workers from this checkout instead (e.g. the code before a fix)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "chaos.json")
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="dapi-chaos-"))
-    dep = Deployment(root, args.sleep)
+    dep = Deployment(root, args.sleep, args.code)
     ledger = {"jobs": {}, "dup_submits": 0}
     lock = threading.Lock()
     stop = threading.Event()
@@ -225,11 +228,14 @@ def main() -> int:
                  "redis": dep.redis_outage, "blip": dep.redis_blip}
         order = [kinds[k] for k in args.faults.split(",") if k in kinds]
         i = 0
-        while order and time.time() - t0 < args.seconds:
+        while order:
             time.sleep(args.every)
+            started = time.time() - t0
+            if started >= args.seconds:
+                break
             what = order[i % len(order)]()
             i += 1
-            faults_done.append(f"{time.time() - t0:5.1f}s {what}")
+            faults_done.append(f"{started:5.1f}s {what} (over at {time.time() - t0:.1f}s)")
             print(faults_done[-1], flush=True)
         while time.time() - t0 < args.seconds:
             time.sleep(0.5)
@@ -242,7 +248,7 @@ def main() -> int:
             outputs = sum((d / "outputs" / f"{j}.jpg").exists() for d in dep.worker_dirs)
             ran_twice += outputs > 1
         counts = Counter(e["final"] for e in jobs.values())
-        res = {"seconds": args.seconds, "clients": args.clients, "sleep_sec": args.sleep, "faults": faults_done,
+        res = {"code": str(args.code) if args.code else "this checkout", "seconds": args.seconds, "clients": args.clients, "sleep_sec": args.sleep, "faults": faults_done,
                "accepted": len(jobs), "done": counts.get("done", 0), "cancelled": counts.get("cancelled", 0),
                "error": counts.get("error", 0), "lost": counts.get(None, 0) + counts.get("unknown", 0),
                "served_twice": sum(e["served"] > 1 for e in jobs.values()), "ran_twice": ran_twice,
