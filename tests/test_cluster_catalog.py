@@ -8,6 +8,7 @@ import pytest
 
 from diffusionapi.jobs.backends.celery.catalog import CatalogRegistry, catalog_of
 from diffusionapi.jobs.backends.celery.state import RedisJobState
+from diffusionapi.errors import BackendUnavailable
 from diffusionapi.registry import Registry, UnknownName
 from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
 from tests.conftest import make_settings
@@ -44,3 +45,7 @@ def test_union_of_live_workers_resolves_names_and_names_what_is_missing(state, m
     assert [m.name for m in api.models()] == ["tiny-sd15"]
     with pytest.raises(UnknownName, match="no live worker has model 'tiny-sdxl'"):
         api.resolve_model("tiny-sdxl")
+    time.sleep(0.7)  # none left: a 503 to retry, not a 422 about the name (#32: a failover's moment)
+    with pytest.raises(BackendUnavailable, match="no live worker in the cluster") as e:
+        api.resolve_model("tiny-sd15")
+    assert e.value.status == 503 and e.value.headers["Retry-After"]

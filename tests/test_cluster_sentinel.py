@@ -111,8 +111,14 @@ def test_killing_the_primary_loses_no_job_and_the_cluster_keeps_serving(cluster)
     ha.primary.proc.kill()
     ha.primary.proc.wait(10)
     wait_for(lambda: ha.sentinels[0].master() == ("127.0.0.1", ha.replica.port), 120, "the failover")
-    cluster.wait_workers(1)  # the worker beats again, on the new primary (found through the sentinels)
-    after = submit(a, **dict(JOB, seed=100))
+    # Until the worker beats on the new primary (found through the sentinels) a submit is a 503
+    # to retry, never another error; then it is accepted.
+    def accepted():
+        r = httpx.post(a.url + "/txt2img", json=dict(JOB, seed=100), timeout=30)
+        assert r.status_code in (200, 503), r.text
+        return r.json()["job_id"] if r.status_code == 200 else None
+
+    after = wait_for(accepted, 120, "a submit accepted after the failover")
     cluster.release("sheld")
     ids = [running, *queued, after]
     state = RedisJobState(ha.url)

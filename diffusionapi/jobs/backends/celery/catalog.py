@@ -17,6 +17,7 @@ import redis
 
 from ....registry import (LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, Registry, UnknownName, UpscalerEntry,
                         display_path)
+from ....errors import BackendUnavailable
 from ....vocabulary import EmbeddingEntry
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,11 @@ class CatalogRegistry(Registry):
         return next((m.get("sha256") for m in self.union()["models"] if m["name"] == entry.name), None)
 
     def resolve_model(self, requested: str, **kw) -> ModelEntry:
+        if not self.union()["models"]:
+            # No live worker at all (all starting or restarting, or their heartbeats not yet seen
+            # on a Redis that just failed over): nothing can be told about the name; retry later.
+            raise BackendUnavailable("no live worker in the cluster (starting, restarting, or Redis failing "
+                                     "over); retry later", retry_after=5)
         try:
             return super().resolve_model(requested, **kw)
         except UnknownName as e:
