@@ -252,3 +252,30 @@ def submit_keyed(node: Node, key: str) -> str:
     r = httpx.post(node.url + "/txt2img", json=dict(JOB, prompt="burst"), headers={"Idempotency-Key": key}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()["job_id"]
+
+
+def test_a_killed_workers_job_is_taken_over_as_soon_as_it_is_known_dead(cluster):
+    # Its Redis connections closed with it: the survivor does not wait out its lease.
+    from diffusionapi.jobs.backends.celery import state as state_mod
+
+    b = cluster.api[-1]
+    state = RedisJobState(cluster.redis.url)
+    # Right after a Redis (re)start a missing connection says nothing (the lease is waited out):
+    # this test is about the case after that.
+    wait_for(lambda: int(state.r.info("server")["uptime_in_seconds"]) >= state_mod.RECONNECT_GRACE_SEC, 60,
+             "Redis up long enough")
+    cluster.wait_workers(2)
+    cluster.hold("victim")
+    job = submit(b, **dict(JOB, prompt="victim"))
+    wait_state(b, job, ("processing",))
+    owner = wait_for(lambda: next((w["name"] for w in cluster.live_workers() if w["current_job"] == job), None), 60,
+                     "the job's worker")
+    victim = next(n for n in cluster.workers if n.name == owner)
+    survivor = next(n for n in cluster.workers if n.name != owner)
+    victim.stop(signal.SIGKILL)
+    cluster.retire(victim)
+    wait_for(lambda: f"its worker {owner} is gone (no Redis connection); taken over"
+             in survivor.log.read_text(errors="replace"), 120, "the takeover")
+    cluster.release("victim")
+    assert wait_final(b, job)["state"] == "done"
+    state.close()

@@ -4,6 +4,10 @@ Guarantees, and the setting that gives each:
 - a job survives a worker dying mid-job: ``task_acks_late`` (acknowledged only after it ran) and
   ``task_reject_on_worker_lost``; RabbitMQ requeues an unacknowledged message the moment its
   consumer's connection closes, so another worker gets it at once;
+- a job survives Redis restarting, blipping or failing over: a message is acknowledged only once
+  its job's state is decided in Redis; while Redis is unreachable the worker waits, then gives the
+  message back (``Reject(requeue=True)``, worker.py). Other exceptions keep Celery's ack-on-failure:
+  a poison message must not loop (its job's attempts cap decides);
 - one job per worker at a time, none hoarded: ``worker_prefetch_multiplier = 1`` with one
   execution slot (RabbitMQ applies the prefetch to the whole channel, across all its queues);
 - queued jobs survive a broker restart: durable queues and persistent messages;

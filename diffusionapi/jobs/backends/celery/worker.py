@@ -3,7 +3,11 @@
 The model stays loaded in this process between jobs. A heartbeat thread publishes the worker's
 info (device, loaded model, current job) and its catalog to Redis and renews the lease on the
 running job; a worker whose heartbeat stops is shown dead in ``GET /cluster`` and its job is
-claimed by the next worker the broker hands it to (attempts counted; three is the cap).
+claimed by the next worker the broker hands it to (attempts counted; three is the cap): at once
+when the dead worker has no connection to Redis left, else when its lease lapses.
+
+Redis unreachable (restart, blip, failover): claims and finishes are retried (``until_redis``),
+the broker message held unacknowledged meanwhile; progress and previews are skipped.
 
 Live progress goes to Redis as the job runs (``JobProgress``): status, sampler step, previews and
 the job's event stream, which any API node reads. Webhooks are sent from here, by a durable
