@@ -173,9 +173,12 @@ class EmbeddedBackend(JobBackend):
 
     def listing(self) -> list[QueueEntry]:
         positions = dict(self.queue.snapshot())
+        # From memory: no record is parsed. A job recorded but not yet in the waiting line (a
+        # submit in progress) is not listed until it is, so positions are always whole.
         out = [QueueEntry(job_id=job_id, state=e.state, current_phase=e.current_phase, progress=e.progress,
                           queue_position=positions.get(job_id), kind=e.kind)
-               for job_id, e in self.store.index().items()]  # from memory: no record is parsed
+               for job_id, e in self.store.index().items()
+               if not (e.state == "queued" and job_id not in positions)]
         out.sort(key=lambda j: (j.queue_position is None, j.queue_position or 0))
         return out
 
