@@ -331,6 +331,15 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
         body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
     if req.enable_hr and not isinstance(req, Img2ImgAPIRequest):
         body["hires"] = _hires(req)
+    if req.alwayson_scripts and "controlnets" in ctx.supports:  # sd-webui-controlnet's units
+        from .controlnet import UnitError, controlnet_units
+
+        try:
+            units = controlnet_units(req.alwayson_scripts, ctx.warnings)
+        except UnitError as e:
+            raise FieldError(e.field, str(e).split(": ", 1)[1]) from None
+        if units:
+            body["controlnets"] = units
     for unused in ("hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
         if getattr(req, unused) and getattr(req, unused) not in ("Use same checkpoint", "Use same sampler"):
             ctx.warnings.append(f"{unused} is not supported; the second pass uses the first pass's")

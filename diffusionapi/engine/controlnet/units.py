@@ -108,12 +108,16 @@ def fit(arr: np.ndarray, width: int, height: int, resize_mode: str, *, nearest: 
     import cv2
 
     h, w = arr.shape[:2]
+    # A binary map (edges, thresholds) stays binary: resized, then cut at a quarter of white so
+    # that one-pixel edges survive shrinking.
+    binary = not nearest and arr.dtype == np.uint8 and np.isin(arr, (0, 255)).all()
 
     def scaled(nw, nh):
         if (nw, nh) == (w, h):
             return arr
         interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if nw * nh < w * h else cv2.INTER_CUBIC)
-        return cv2.resize(arr, (max(1, nw), max(1, nh)), interpolation=interp)
+        out = cv2.resize(arr, (max(1, nw), max(1, nh)), interpolation=interp)
+        return np.where(out > 63, 255, 0).astype(np.uint8) if binary else out
 
     if resize_mode == "Just Resize":
         return scaled(width, height)
@@ -243,7 +247,9 @@ class ControlState:
             self.maps.append(detect(u, image, mask, plan.width, plan.height))
 
     def detected_maps(self) -> list[tuple[str, Image.Image]]:
-        return [(f"ControlNet {i}", Image.fromarray(m))
+        """The maps asked for, at the generation size as the ControlNet saw them (A1111 returns these)."""
+        w, h = self.plan.width, self.plan.height
+        return [(f"ControlNet {i}", Image.fromarray(np.ascontiguousarray(fit(m, w, h, u.resize_mode))))
                 for i, ((m, _), u) in enumerate(zip(self.maps, self.plan.controlnets)) if u.save_detected_map]
 
     def wrap(self, loaded, den, stage: str, width: int, height: int):

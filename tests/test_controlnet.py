@@ -1,0 +1,252 @@
+"""ControlNet through HTTP on tiny random models: native units, preprocessors, files in every layout.
+
+The ControlNets are built in code from the tiny UNets (tests/controlnet_factory.py) and saved as a
+diffusers folder and as single files (lllyasviel's original layout, .safetensors and .pth, and a
+diffusers-layout .safetensors); everything runs the real diffusers models in the real server.
+"""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import LiveServer, make_settings
+from .controlnet_factory import save_diffusers_single_file, save_ldm, tiny_controlnet
+
+SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
+             sampler_name="Euler", scheduler_type="default")
+
+
+@pytest.fixture(scope="module")
+def cn_dirs(model_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cn")
+    cdir, adir = root / "controlnet", root / "annotators"
+    adir.mkdir()
+    sd15 = tiny_controlnet(model_store / "models" / "tiny-sd15" / "unet", seed=1)
+    sd15.save_pretrained(cdir / "tiny-cn-sd15")
+    save_ldm(sd15, cdir / "control_tiny_sd15.safetensors")                    # control_v11* layout
+    save_ldm(sd15, cdir / "old" / "control_tiny_pth_sd15.pth", prefix="", fmt="pth")
+    other = tiny_controlnet(model_store / "models" / "tiny-sd15" / "unet", seed=2)
+    other.save_pretrained(cdir / "tiny-cn-sd15-b")
+    xl = tiny_controlnet(model_store / "models" / "tiny-sdxl" / "unet", seed=3)
+    xl.save_pretrained(cdir / "tiny-cn-sdxl")
+    save_diffusers_single_file(xl, cdir / "xl" / "diffusers_xl_tiny.safetensors")  # SDXL downloads' layout
+    (cdir / "broken.safetensors").write_bytes(b"\x00" * 16)
+    return cdir, adir
+
+
+@pytest.fixture(scope="module")
+def cn_server(model_store, cn_dirs, tmp_path_factory):
+    cdir, adir = cn_dirs
+    settings = make_settings(model_store, tmp_path_factory.mktemp("work"), controlnet_dir=cdir, annotators_dir=adir)
+    with LiveServer(settings) as s:
+        yield s
+
+
+def png(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def control_image(size=64, seed=0) -> Image.Image:
+    """Shapes with edges (a canny map has something to find)."""
+    rng = np.random.default_rng(seed)
+    a = np.full((size, size, 3), 255, np.uint8)
+    for _ in range(4):
+        x, y = rng.integers(0, size - 16, 2)
+        a[y:y + 14, x:x + 14] = rng.integers(0, 200, 3)
+    return Image.fromarray(a)
+
+
+def pixels(body: dict, k: int = 0) -> np.ndarray:
+    data = body["images"][k]["image"] if k else body["image"]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).astype(int)
+
+
+def run(server, path="/txt2img", **payload) -> dict:
+    r = server.client.post(path, json={**SMALL, **payload})
+    assert r.status_code == 200, r.text
+    body = server.wait(r.json()["job_id"])
+    assert body["state"] == "done", body
+    return body
+
+
+def unit(model="tiny-cn-sd15", **kw) -> dict:
+    return {"model": model, "image": png(control_image()), **kw}
+
+
+# ---------------------------------------------------------------------------- listings
+
+def test_controlnets_are_listed_with_family_and_format_read_from_the_files(cn_server):
+    got = {c["name"]: c for c in cn_server.client.get("/controlnets").json()["controlnets"]}
+    assert {k: (v["family"], v["format"]) for k, v in got.items() if "error" not in v} == {
+        "tiny-cn-sd15": ("sd15", "diffusers"), "tiny-cn-sd15-b": ("sd15", "diffusers"),
+        "control_tiny_sd15": ("sd15", "single-file"), "old/control_tiny_pth_sd15": ("sd15", "single-file"),
+        "tiny-cn-sdxl": ("sdxl", "diffusers"), "xl/diffusers_xl_tiny": ("sdxl", "single-file")}
+    assert "unreadable" in got["broken"]["error"]
+    assert got["tiny-cn-sd15"]["title"] == f"tiny-cn-sd15 [{got['tiny-cn-sd15']['title'][-9:-1]}]"
+
+
+def test_preprocessors_say_which_run_and_which_file_a_networked_one_needs(cn_server):
+    got = {p["name"]: p for p in cn_server.client.get("/preprocessors").json()["preprocessors"]}
+    for name in ("none", "invert", "canny", "threshold", "blur_gaussian", "tile_resample", "t2ia_color_grid",
+                 "shuffle", "scribble_xdog", "lineart_standard", "inpaint", "inpaint_only"):
+        assert got[name]["available"], name
+    assert not got["depth_midas"]["available"] and "dpt_hybrid-midas-501f0c75.pt" in got["depth_midas"]["reason"]
+    assert [s["name"] for s in got["canny"]["sliders"]] == ["Resolution", "Canny Low Threshold",
+                                                            "Canny High Threshold"]
+
+
+# ---------------------------------------------------------------------------- generation
+
+def test_a_unit_changes_the_image_weight_zero_does_not_and_two_units_differ_from_one(cn_server):
+    plain = pixels(run(cn_server))
+    one = run(cn_server, controlnets=[unit()])
+    assert np.abs(pixels(one) - plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, controlnets=[unit(weight=0)])), plain)
+    half = pixels(run(cn_server, controlnets=[unit(weight=0.5)]))
+    assert not np.array_equal(half, plain) and not np.array_equal(half, pixels(one))
+    two = pixels(run(cn_server, controlnets=[unit(), unit("tiny-cn-sd15-b")]))
+    assert np.abs(two - pixels(one)).mean() > 1.0
+    # the payload echo describes the unit's image; the infotext carries the unit as the extension writes it
+    echo = one["payload"]["controlnets"][0]
+    assert echo["image"] == "<PNG 64x64>" and echo["model"] == "tiny-cn-sd15"
+    assert 'ControlNet 0: "Module: none, Model: tiny-cn-sd15 [' in one["infotext"]
+
+
+@pytest.mark.parametrize("name", ["control_tiny_sd15", "old/control_tiny_pth_sd15", "control_tiny_sd15 [deadbeef]"])
+def test_single_files_in_the_original_layout_give_the_folders_image(cn_server, name):
+    # Same weights saved three ways: the single-file path (key conversion, config read from the
+    # tensors and the base UNet) must rebuild exactly the model the diffusers folder holds.
+    folder = pixels(run(cn_server, controlnets=[unit()]))
+    assert np.array_equal(pixels(run(cn_server, controlnets=[unit(name)])), folder)
+
+
+def test_sdxl_units_folder_and_diffusers_single_file(cn_server):
+    base = dict(model="tiny-sdxl")
+    plain = pixels(run(cn_server, **base))
+    folder = pixels(run(cn_server, **base, controlnets=[unit("tiny-cn-sdxl")]))
+    assert np.abs(folder - plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit("xl/diffusers_xl_tiny")])), folder)
+
+
+def test_control_modes_are_three_different_things(cn_server):
+    imgs = [pixels(run(cn_server, controlnets=[unit(control_mode=m)])) for m in (0, 1, 2)]
+    assert not np.array_equal(imgs[0], imgs[1]) and not np.array_equal(imgs[1], imgs[2]) \
+        and not np.array_equal(imgs[0], imgs[2])
+    # names and numbers mean the same
+    assert np.array_equal(pixels(run(cn_server, controlnets=[unit(control_mode="My prompt is more important")])),
+                          imgs[1])
+
+
+def _counting(cn_server, name="tiny-cn-sd15"):
+    """A forward hook on the resident ControlNet: how many evaluations it ran in (observes, changes nothing)."""
+    run(cn_server, controlnets=[unit(name)])  # loads it
+    models = [m for key, m in cn_server.engine.controlnets._items.items() if name in key[0]]
+    calls = []
+    handle = models[0].register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM", "Heun"])
+def test_guidance_start_and_end_choose_the_steps_as_the_extension_counts_them(cn_server, sampler):
+    calls, handle = _counting(cn_server)
+    try:
+        steps, start, end = 10, 0.2, 0.5
+        run(cn_server, steps=steps, sampler_name=sampler, controlnets=[unit(guidance_start=start, guidance_end=end)])
+    finally:
+        handle.remove()
+    # A1111: state.sampling_step is 0 until the callback after step i sets it to i, so the
+    # evaluations of step i see max(i - 1, 0); the unit is on when start <= that / steps <= end.
+    on = [i for i in range(steps) if start <= max(i - 1, 0) / steps <= end]
+    assert on == [3, 4, 5, 6]
+    evals_per_step = {"Euler": [1] * steps, "DDIM": [1] * steps, "Heun": [2] * (steps - 1) + [1]}[sampler]
+    assert len(calls) == sum(evals_per_step[i] for i in on)
+
+
+def test_img2img_unit_defaults_to_the_init_image_and_inpaint_keeps_pixels_outside_the_mask(cn_server):
+    init = control_image(seed=5)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    body = run(cn_server, "/img2img", init_image=png(init), mask=png(Image.fromarray(mask)), mask_blur=0,
+               denoising_strength=0.9, controlnets=[{"model": "tiny-cn-sd15", "preprocessor": "inpaint_only"}])
+    out = pixels(body)
+    outside = mask == 0
+    assert np.array_equal(out[outside], np.asarray(init).astype(int)[outside])
+    assert body["payload"]["controlnets"][0]["image"] is None
+    plain = pixels(run(cn_server, "/img2img", init_image=png(init), mask=png(Image.fromarray(mask)), mask_blur=0,
+                       denoising_strength=0.9))
+    assert not np.array_equal(out, plain)
+
+
+def test_detected_maps_come_back_when_asked(cn_server):
+    body = run(cn_server, controlnets=[unit(preprocessor="canny", save_detected_map=True)])
+    assert len(body["images"]) == 2
+    detected = pixels(body, 1)
+    assert set(np.unique(detected)) <= {0, 255} and detected.shape == (64, 64, 3)
+
+
+def test_infotext_is_read_back_by_png_info(cn_server):
+    body = run(cn_server, controlnets=[unit(preprocessor="canny", weight=0.8, guidance_end=0.9,
+                                            preprocessor_params={"threshold_a": 50, "threshold_b": 150})])
+    info = cn_server.client.post("/png-info", json={"image": body["image"]}).json()
+    text = info["items"]["ControlNet 0"]
+    assert text.startswith("Module: canny, Model: tiny-cn-sd15 [") and "Weight: 0.8" in text
+    assert "Threshold A: 50.0, Threshold B: 150.0, Guidance Start: 0.0, Guidance End: 0.9" in text
+    assert text.endswith("Pixel Perfect: False, Control Mode: Balanced")
+
+
+# ---------------------------------------------------------------------------- refusals
+
+def _queued(server) -> int:
+    return len(server.client.get("/queue").json()["jobs"])
+
+
+@pytest.mark.parametrize("change, status, loc, words", [
+    ({"model": "nope"}, 422, ["controlnets", "0", "model"], "unknown ControlNet 'nope'"),
+    ({"model": "tiny-cn-sdxl"}, 422, ["controlnets", "0", "model"], "is for SDXL, but model 'tiny-sd15' is SD 1.5"),
+    ({"model": "broken"}, 422, ["controlnets", "0", "model"], "cannot be used"),
+    ({"preprocessor": "nope"}, 422, ["controlnets", "0", "preprocessor"], "unknown preprocessor"),
+    ({"preprocessor": "depth_midas"}, 422, ["controlnets", "0", "preprocessor"], "dpt_hybrid-midas-501f0c75.pt"),
+    ({"weight": 3}, 422, ["controlnets", 0, "weight"], "less than or equal to 2"),
+    ({"guidance_start": 0.6, "guidance_end": 0.5}, 422, ["controlnets", 0], "guidance_start"),
+    ({"image": "bm90IGFuIGltYWdl"}, 422, ["controlnets", "0", "image"], "not a PNG"),
+    ({"image": None}, 422, ["controlnets", "0", "image"], "needs an image"),
+    ({"control_mode": "loud"}, 422, ["controlnets", 0, "control_mode"], "unknown control mode"),
+])
+def test_bad_units_are_4xx_naming_the_field_and_nothing_is_queued(cn_server, change, status, loc, words):
+    before = _queued(cn_server)
+    r = cn_server.client.post("/txt2img", json={**SMALL, "controlnets": [{**unit(), **change}]})
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert words in body["error"], body
+    assert body["detail"][0]["loc"][1:len(loc) + 1] == loc
+    assert _queued(cn_server) == before
+
+
+# ---------------------------------------------------------------------------- detect
+
+def test_canny_detect_equals_opencv_canny_at_the_given_thresholds(cn_server):
+    import cv2
+
+    im = control_image(96, seed=3)
+    r = cn_server.client.post("/controlnet/detect", json={
+        "controlnet_module": "canny", "controlnet_input_images": [png(im)], "controlnet_processor_res": 96,
+        "controlnet_threshold_a": 40, "controlnet_threshold_b": 120})
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+    want = cv2.Canny(np.asarray(im), 40, 120)
+    assert np.array_equal(got[:, :, 0], want) and want.any()
+
+
+def test_detect_refuses_unknown_and_networked_modules_and_no_image(cn_server):
+    c = cn_server.client
+    r = c.post("/controlnet/detect", json={"controlnet_module": "nope", "controlnet_input_images": [png(control_image())]})
+    assert r.status_code == 422
+    r = c.post("/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_input_images": [png(control_image())]})
+    assert r.status_code == 422 and "body_pose_model.pth" in r.json()["error"]
+    assert c.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": []}).status_code == 422
