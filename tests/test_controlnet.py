@@ -250,3 +250,93 @@ def test_detect_refuses_unknown_and_networked_modules_and_no_image(cn_server):
     r = c.post("/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_input_images": [png(control_image())]})
     assert r.status_code == 422 and "body_pose_model.pth" in r.json()["error"]
     assert c.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": []}).status_code == 422
+
+
+# ---------------------------------------------------------------------------- A1111 / Forge clients
+
+def _a1111(cn_server):
+    import webuiapi
+
+    return webuiapi.WebUIApi(baseurl=cn_server.url + "/sdapi/v1", sampler="Euler", steps=4)
+
+
+def test_webuiapi_controlnet_unit_and_detect_work_unchanged(cn_server):
+    import webuiapi
+
+    api = _a1111(cn_server)
+    assert api.controlnet_version() == 3
+    titles = api.controlnet_model_list()
+    title = next(t for t in titles if t.startswith("tiny-cn-sd15 ["))
+    assert "canny" in api.controlnet_module_list()
+    im = control_image()
+    plain = api.txt2img(prompt="x", width=64, height=64, seed=3)
+    assert len(plain.images) == 1  # has_controlnet made it send {"args": []}: no unit
+    unit_ = webuiapi.ControlNetUnit(image=im, module="canny", model=title, processor_res=64,
+                                    threshold_a=50, threshold_b=150)
+    r = api.txt2img(prompt="x", width=64, height=64, seed=3, controlnet_units=[unit_])
+    assert len(r.images) == 2  # the detected map follows (save_detected_map defaults to true, as in the extension)
+    assert np.abs(np.asarray(r.images[0]).astype(int) - np.asarray(plain.images[0]).astype(int)).mean() > 1.0
+    assert 'ControlNet 0: "Module: canny, Model: ' + title in r.info["infotexts"][0]
+    import cv2
+
+    detected = api.controlnet_detect([im], module="canny", processor_res=64, threshold_a=50, threshold_b=150)
+    assert np.array_equal(np.asarray(detected.images[0])[:, :, 0], cv2.Canny(np.asarray(im), 50, 150))
+    assert np.array_equal(np.asarray(r.images[1])[:, :, 0], cv2.Canny(np.asarray(im), 50, 150))
+
+
+def _data_url(im: Image.Image) -> str:
+    return "data:image/png;base64," + png(im)
+
+
+def test_openoutpaint_style_request_works(cn_server):
+    # js/ui/tool/dream.js: data URLs, string modes, a reference-only unit placed first, key "controlnet"
+    title = next(t for t in cn_server.client.get("/controlnet/model_list").json()["model_list"]
+                 if t.startswith("tiny-cn-sd15 ["))
+    init, mask = control_image(seed=8), Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 4, "seed": 5, "sampler_name": "Euler",
+            "init_images": [_data_url(init)], "mask": _data_url(mask), "denoising_strength": 0.8,
+            "alwayson_scripts": {"controlnet": {"args": [
+                {"enabled": True, "module": "reference_only", "model": "None", "threshold_a": 0.5,
+                 "control_mode": "Balanced", "image": _data_url(init)},
+                {"enabled": True, "module": "none", "model": title, "control_mode": "My prompt is more important",
+                 "image": _data_url(control_image()), "mask": _data_url(mask), "processor_res": 64,
+                 "resize_mode": "Crop and Resize"}]}}}
+    r = cn_server.client.post("/sdapi/v1/img2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    info = __import__("json").loads(r.json()["info"])
+    assert "Control Mode: My prompt is more important" in info["infotexts"][0]
+    assert "ControlNet 1" not in info["infotexts"][0]  # the reference unit is skipped (logged), not an error
+
+
+def test_photoshop_plugin_style_legacy_names_work(cn_server):
+    title = next(t for t in cn_server.client.get("/controlnet/model_list").json()["model_list"]
+                 if t.startswith("tiny-cn-sd15 ["))
+    args = {"input_image": png(control_image()), "module": "none", "model": title, "weight": 1.0,
+            "lowvram": False, "guessmode": False, "processor_res": 64, "threshold_a": 64, "threshold_b": 64,
+            "guidance_start": 0.0, "guidance": 0.5, "resize_mode": 1, "save_detected_map": False}
+    base = {"prompt": "x", "width": 64, "height": 64, "steps": 4, "seed": 5, "sampler_name": "Euler",
+            "init_images": [png(control_image(seed=9))], "denoising_strength": 0.8}
+    c = cn_server.client
+    on = c.post("/sdapi/v1/img2img", json={**base, "alwayson_scripts": {"ControlNet": {"args": [
+        {**args, "enabled": True}]}}}, timeout=120).json()
+    assert len(on["images"]) == 1
+    text = __import__("json").loads(on["info"])["infotexts"][0]
+    assert "Guidance End: 0.5" in text and "Resize Mode: Crop and Resize" in text
+    # the extension's units are disabled unless they say so
+    off = c.post("/sdapi/v1/img2img", json={**base, "alwayson_scripts": {"controlnet": {"args": [args]}}},
+                 timeout=120).json()
+    assert "ControlNet" not in __import__("json").loads(off["info"])["infotexts"][0]
+
+
+def test_a1111_controlnet_listings(cn_server):
+    c = cn_server.client
+    detail = c.get("/controlnet/module_list").json()["module_detail"]["canny"]
+    assert detail["sliders"][1] == {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1}
+    assert "canny" in c.get("/controlnet/module_list?alias_names=true").json()["module_list"]
+    types = c.get("/controlnet/control_types").json()["control_types"]
+    assert types["Canny"]["default_option"] == "canny" and "none" in types["Canny"]["module_list"]
+    assert c.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
+    r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 2, "alwayson_scripts": {
+        "controlnet": {"args": [{"enabled": True, "module": "none", "model": "nope", "image": png(control_image())}]}}})
+    assert r.status_code == 422 and "nope" in r.text

@@ -70,6 +70,8 @@ def control_types(request: Request):
     for tag, words in CONTROL_TYPES.items():
         want = _TAG_ALIASES.get(tag, tag)
         modules = [p.name for p in pp.PREPROCESSORS.values() if want in p.tags and p.name != "none"]
+        # the type's own module first (the extension orders by priority: canny before invert)
+        modules.sort(key=lambda name: not any(w.replace("-", "_") in name for w in words + (want.lower(),)))
         models = [t for t in titles if any(w in t.lower() for w in words)]
         out[tag] = {"module_list": ["none", *modules], "model_list": ["None", *models],
                     "default_option": modules[0] if modules else "none",
