@@ -9,9 +9,15 @@ from __future__ import annotations
 import base64
 import io
 
+import shutil
+
 import numpy as np
 import pytest
+import torch
+from diffusers import T2IAdapter, UNet2DConditionModel
 from PIL import Image
+
+from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
 from .controlnet_factory import save_diffusers_single_file, save_ldm, tiny_controlnet
@@ -35,13 +41,30 @@ def cn_dirs(model_store, tmp_path_factory):
     xl.save_pretrained(cdir / "tiny-cn-sdxl")
     save_diffusers_single_file(xl, cdir / "xl" / "diffusers_xl_tiny.safetensors")  # SDXL downloads' layout
     (cdir / "broken.safetensors").write_bytes(b"\x00" * 16)
-    return cdir, adir
+    # T2I-Adapters add their features inside the UNet's down blocks: a tiny SD 1.5 model whose
+    # blocks sit where real SD 1.5's do (attention blocks first, the last one plain) takes them.
+    models = root / "models"
+    for name in ("tiny-sd15", "tiny-sdxl"):
+        shutil.copytree(model_store / "models" / name, models / name)
+    pipe = tiny_sd15_pipeline()
+    torch.manual_seed(4)
+    pipe.unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, sample_size=32,
+                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                     norm_num_groups=8, attention_head_dim=4).eval()
+    pipe.save_pretrained(models / "tiny-sd15-t2i")
+    torch.manual_seed(5)
+    adapter = T2IAdapter(in_channels=3, channels=[16, 32], num_res_blocks=1, downscale_factor=8,
+                         adapter_type="full_adapter")
+    adapter.save_pretrained(cdir / "t2iadapter_tiny_sd15")
+    return cdir, adir, models
 
 
 @pytest.fixture(scope="module")
 def cn_server(model_store, cn_dirs, tmp_path_factory):
-    cdir, adir = cn_dirs
-    settings = make_settings(model_store, tmp_path_factory.mktemp("work"), controlnet_dir=cdir, annotators_dir=adir)
+    cdir, adir, models = cn_dirs
+    settings = make_settings(model_store, tmp_path_factory.mktemp("work"), controlnet_dir=cdir, annotators_dir=adir,
+                             models_dir=models)
     with LiveServer(settings) as s:
         yield s
 
@@ -86,7 +109,9 @@ def test_controlnets_are_listed_with_family_and_format_read_from_the_files(cn_se
     assert {k: (v["family"], v["format"]) for k, v in got.items() if "error" not in v} == {
         "tiny-cn-sd15": ("sd15", "diffusers"), "tiny-cn-sd15-b": ("sd15", "diffusers"),
         "control_tiny_sd15": ("sd15", "single-file"), "old/control_tiny_pth_sd15": ("sd15", "single-file"),
-        "tiny-cn-sdxl": ("sdxl", "diffusers"), "xl/diffusers_xl_tiny": ("sdxl", "single-file")}
+        "tiny-cn-sdxl": ("sdxl", "diffusers"), "xl/diffusers_xl_tiny": ("sdxl", "single-file"),
+        "t2iadapter_tiny_sd15": ("sd15", "diffusers")}
+    assert got["t2iadapter_tiny_sd15"]["kind"] == "t2i-adapter"
     assert "unreadable" in got["broken"]["error"]
     assert got["tiny-cn-sd15"]["title"] == f"tiny-cn-sd15 [{got['tiny-cn-sd15']['title'][-9:-1]}]"
 
@@ -134,6 +159,20 @@ def test_sdxl_units_folder_and_diffusers_single_file(cn_server):
     assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit("xl/diffusers_xl_tiny")])), folder)
 
 
+def test_t2i_adapter_unit_changes_the_image_and_respects_weight_and_window(cn_server):
+    base = dict(model="tiny-sd15-t2i")
+    plain = pixels(run(cn_server, **base))
+    t2i = "t2iadapter_tiny_sd15"
+    on = pixels(run(cn_server, **base, controlnets=[unit(t2i, preprocessor="t2ia_color_grid")]))
+    assert np.abs(on - plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(t2i, weight=0)])), plain)
+    late = pixels(run(cn_server, **base, controlnets=[unit(t2i, guidance_start=0.5)]))
+    assert not np.array_equal(late, plain) and not np.array_equal(late, pixels(run(cn_server, **base,
+                                                                                      controlnets=[unit(t2i)])))
+    soft = pixels(run(cn_server, **base, controlnets=[unit(t2i, control_mode=1)]))
+    assert not np.array_equal(soft, on)
+
+
 def test_control_modes_are_three_different_things(cn_server):
     imgs = [pixels(run(cn_server, controlnets=[unit(control_mode=m)])) for m in (0, 1, 2)]
     assert not np.array_equal(imgs[0], imgs[1]) and not np.array_equal(imgs[1], imgs[2]) \
@@ -141,6 +180,16 @@ def test_control_modes_are_three_different_things(cn_server):
     # names and numbers mean the same
     assert np.array_equal(pixels(run(cn_server, controlnets=[unit(control_mode="My prompt is more important")])),
                           imgs[1])
+
+
+def test_hires_option_picks_the_passes_a_unit_guides(cn_server):
+    hires = {"enabled": True, "scale": 1.5, "upscaler": "Latent", "steps": 2, "denoising_strength": 0.5}
+    plain = pixels(run(cn_server, hires=hires))
+    imgs = {opt: pixels(run(cn_server, hires=hires, controlnets=[unit(hires=opt)])) for opt in ("both", "low", "high")}
+    assert imgs["both"].shape == (96, 96, 3)
+    for a, b in (("both", "low"), ("both", "high"), ("low", "high")):
+        assert not np.array_equal(imgs[a], imgs[b]), (a, b)
+    assert all(not np.array_equal(im, plain) for im in imgs.values())
 
 
 def _counting(cn_server, name="tiny-cn-sd15"):

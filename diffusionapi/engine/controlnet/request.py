@@ -132,9 +132,6 @@ def resolve_units(units: list[ControlNetUnitRequest], model, settings, *, has_in
                                                  f"{controlnet_dir(settings)}: {', '.join(names) or 'none'}")
         if entry.error:
             raise RequestError(f"{where}.model", f"ControlNet {entry.name!r} cannot be used: {entry.error}")
-        if entry.kind != "controlnet":
-            raise RequestError(f"{where}.model", f"{entry.name!r} is a {entry.kind}; only ControlNets are "
-                                                 "supported so far")
         if entry.family != model.family:
             theirs = FAMILY_LABELS.get(entry.family, entry.family or "an unknown family")
             ours = FAMILY_LABELS.get(model.family, model.family)

@@ -164,7 +164,10 @@ class StepClock:
         return self.step / self.total if self.total else 0.0
 
 
-def soft_scales(weight: float, n: int) -> list[float]:
+def soft_scales(weight: float, n: int, adapter: bool = False) -> list[float]:
+    """The extension's soft injection: per-residual factors (T2I-Adapters: its four feature factors)."""
+    if adapter:
+        return [weight * f for f in (0.25, 0.62, 0.825, 1.0)[:n]] + [weight] * max(n - 4, 0)
     factors = [0.825 ** float(12 - i) for i in range(13)]
     return [weight * f for f in factors[:n]] if n <= 13 else [weight] * n
 
@@ -175,6 +178,11 @@ class ActiveUnit:
     model: torch.nn.Module
     hint: torch.Tensor         # (1, 3, H, W) on the device
     calls: int = 0             # evaluations it added residuals to (the tests count them)
+    features: list | None = None  # a T2I-Adapter's features: they do not depend on the step, made once
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.unit.entry.kind == "t2i-adapter"
 
 
 class ControlledUNet:
@@ -191,37 +199,46 @@ class ControlledUNet:
         return getattr(self.unet, name)
 
     def __call__(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None, **kwargs):
-        down = mid = None
+        down = mid = intra = None
         fraction = self.clock.fraction()
         for au in self.units:
             u = au.unit
             if not u.guidance_start <= fraction <= u.guidance_end:
                 continue
             au.calls += 1
-            hint = au.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
-            d, m = au.model(x[:, :4], t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=hint,
-                            conditioning_scale=1.0, added_cond_kwargs=added_cond_kwargs, return_dict=False)
-            res = list(d) + [m]
+            if au.is_adapter:
+                if au.features is None:
+                    au.features = list(au.model(au.hint.to(x.device, au.model.dtype)))
+                res = [f.to(x.dtype).expand(x.shape[0], -1, -1, -1) for f in au.features]
+            else:
+                hint = au.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
+                d, m = au.model(x[:, :4], t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=hint,
+                                conditioning_scale=1.0, added_cond_kwargs=added_cond_kwargs, return_dict=False)
+                res = list(d) + [m]
             if u.control_mode == "Balanced":
                 scales = [u.weight] * len(res)
             else:
-                scales = soft_scales(u.weight, len(res))
+                scales = soft_scales(u.weight, len(res), au.is_adapter)
             rows = None
             if u.control_mode == "ControlNet is more important":
                 b = max(x.shape[0] // self.rows_per_image, 1)
                 rows = torch.ones(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)
                 rows[:b] = 0  # the unconditional rows run without control
             res = [r * s if rows is None else r * s * rows for r, s in zip(res, scales)]
-            if down is None:
+            if au.is_adapter:
+                intra = res if intra is None else [a + b_ for a, b_ in zip(intra, res)]
+            elif down is None:
                 down, mid = res[:-1], res[-1]
             else:
                 down = [a + b_ for a, b_ in zip(down, res[:-1])]
                 mid = mid + res[-1]
-        if down is None:
-            return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-                             **kwargs)
+        extra = {}
+        if down is not None:
+            extra.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        if intra is not None:  # the UNet pops from this list: a fresh one per call
+            extra["down_intrablock_additional_residuals"] = list(intra)
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
-                         down_block_additional_residuals=down, mid_block_additional_residual=mid, **kwargs)
+                         **kwargs, **extra)
 
 
 class ControlState:
