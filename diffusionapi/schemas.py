@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import SEED_DEFAULT_MODEL
-from .engine.controlnet.request import ControlNetUnitRequest
+from .engine.controlnet.request import ControlNetUnitRequest, IPAdapterUnitRequest
 from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
 
 
@@ -84,6 +84,7 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = Field(1, ge=1, description="batches made one after another")
     # added: image guidance (README "ControlNet"), applied in order
     controlnets: list[ControlNetUnitRequest] = Field(default_factory=list, max_length=8)
+    ip_adapters: list[IPAdapterUnitRequest] = Field(default_factory=list, max_length=4)  # added
 
     @field_validator("fileType", mode="before")
     @classmethod

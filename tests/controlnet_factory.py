@@ -72,3 +72,48 @@ def save_diffusers_single_file(cn, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in cn.state_dict().items()}, str(target))
     return target
+
+
+def tiny_clip_vision(target: Path, projection_dim: int = 16, seed: int = 0) -> Path:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=projection_dim)
+    CLIPVisionModelWithProjection(cfg).eval().save_pretrained(str(target))
+    return target
+
+
+def tiny_ip_adapter(unet_dir: Path, target: Path, image_dim: int = 16, seed: int = 0, scale: float = 0.5) -> Path:
+    """A plain IP-Adapter (4 image tokens) for the UNet in ``unet_dir``, in h94's .safetensors layout:
+    ``image_proj.proj/norm`` and ``ip_adapter.<n>.to_k_ip/to_v_ip`` for the n-th attention processor
+    (cross-attention ones are the odd n, as diffusers numbers them)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir))
+    cfg = unet.config
+    cross = cfg.cross_attention_dim
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g) * scale
+
+    sd = {"image_proj.proj.weight": rnd(cross * 4, image_dim), "image_proj.proj.bias": rnd(cross * 4),
+          "image_proj.norm.weight": 1 + rnd(cross), "image_proj.norm.bias": rnd(cross)}
+    key = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = cfg.block_out_channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(cfg.block_out_channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = cfg.block_out_channels[int(name[len("down_blocks.")])]
+        sd[f"ip_adapter.{key}.to_k_ip.weight"] = rnd(hidden, cross)
+        sd[f"ip_adapter.{key}.to_v_ip.weight"] = rnd(hidden, cross)
+        key += 2
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(target))
+    return target

@@ -20,7 +20,8 @@ from PIL import Image
 from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
-from .controlnet_factory import save_diffusers_single_file, save_ldm, tiny_controlnet
+from .controlnet_factory import (save_diffusers_single_file, save_ldm, tiny_clip_vision, tiny_controlnet,
+                                 tiny_ip_adapter)
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
              sampler_name="Euler", scheduler_type="default")
@@ -57,6 +58,12 @@ def cn_dirs(model_store, tmp_path_factory):
     adapter = T2IAdapter(in_channels=3, channels=[16, 32], num_res_blocks=1, downscale_factor=8,
                          adapter_type="full_adapter")
     adapter.save_pretrained(cdir / "t2iadapter_tiny_sd15")
+    # IP-Adapters and their image encoder (folders next to models/, as stable_diffusion/ has them)
+    tiny_clip_vision(root / "clip_vision" / "tiny-vit")
+    tiny_ip_adapter(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter_tiny_sd15.safetensors")
+    tiny_ip_adapter(models / "tiny-sdxl" / "unet", root / "ipadapter" / "ip-adapter_tiny_sdxl.safetensors", seed=1)
+    tiny_ip_adapter(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter_no_encoder.safetensors",
+                    image_dim=24)
     return cdir, adir, models
 
 
@@ -173,6 +180,51 @@ def test_t2i_adapter_unit_changes_the_image_and_respects_weight_and_window(cn_se
     assert not np.array_equal(soft, on)
 
 
+def test_ip_adapter_changes_the_image_and_leaves_the_unet_as_it_was(cn_server):
+    plain = pixels(run(cn_server))
+    ref = [png(control_image(seed=11))]
+    body = run(cn_server, ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref}])
+    on = pixels(body)
+    assert np.abs(on - plain).mean() > 1.0
+    assert 'IP-Adapter 0: "Model: ip-adapter_tiny_sd15, Weight: 1.0' in body["infotext"]
+    assert body["payload"]["ip_adapters"][0]["images"] == ["<PNG 64x64>"]
+    assert np.array_equal(pixels(run(cn_server)), plain)  # the adapter's layers left the resident UNet
+    assert np.array_equal(pixels(run(cn_server, ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref,
+                                                              "weight": 0}])), plain)
+    late = pixels(run(cn_server, ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref,
+                                               "guidance_start": 0.5}]))
+    assert not np.array_equal(late, on) and not np.array_equal(late, plain)
+    both = pixels(run(cn_server, controlnets=[unit()], ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref}]))
+    assert not np.array_equal(both, on)
+
+
+def test_ip_adapter_sdxl_and_as_an_a1111_unit(cn_server):
+    ref = [png(control_image(seed=11))]
+    plain = pixels(run(cn_server, model="tiny-sdxl"))
+    on = pixels(run(cn_server, model="tiny-sdxl", ip_adapters=[{"model": "ip-adapter_tiny_sdxl", "images": ref}]))
+    assert np.abs(on - plain).mean() > 1.0
+    title = next(t for t in cn_server.client.get("/controlnet/model_list").json()["model_list"]
+                 if t.startswith("ip-adapter_tiny_sd15 ["))
+    r = cn_server.client.post("/sdapi/v1/txt2img", json={
+        "prompt": "x", "width": 64, "height": 64, "steps": 4, "seed": 5, "sampler_name": "Euler",
+        "alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "module": "ip-adapter_clip_sd15",
+                                                      "model": title, "image": ref[0], "weight": 0.7}]}}}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert 'IP-Adapter 0: "Model: ip-adapter_tiny_sd15, Weight: 0.7' in \
+        __import__("json").loads(r.json()["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize("payload, words", [
+    ({"ip_adapters": [{"model": "ip-adapter_no_encoder", "images": ["x"]}]}, "projection_dim 24"),
+    ({"model": "tiny-sdxl", "ip_adapters": [{"model": "ip-adapter_tiny_sd15", "images": ["x"]}]}, "is for"),
+    ({"ip_adapters": [{"model": "nope", "images": ["x"]}]}, "unknown IP-Adapter 'nope'"),
+])
+def test_bad_ip_adapters_are_422_naming_the_field(cn_server, payload, words):
+    r = cn_server.client.post("/txt2img", json={**SMALL, **payload})
+    assert r.status_code == 422 and words in r.json()["error"], r.text
+    assert r.json()["detail"][0]["loc"][1:4] == ["ip_adapters", "0", "model"]
+
+
 def test_control_modes_are_three_different_things(cn_server):
     imgs = [pixels(run(cn_server, controlnets=[unit(control_mode=m)])) for m in (0, 1, 2)]
     assert not np.array_equal(imgs[0], imgs[1]) and not np.array_equal(imgs[1], imgs[2]) \
@@ -195,9 +247,10 @@ def test_hires_option_picks_the_passes_a_unit_guides(cn_server):
 def _counting(cn_server, name="tiny-cn-sd15"):
     """A forward hook on the resident ControlNet: how many evaluations it ran in (observes, changes nothing)."""
     run(cn_server, controlnets=[unit(name)])  # loads it
-    models = [m for key, m in cn_server.engine.controlnets._items.items() if name in key[0]]
+    # the most recently used entry for that file (older ones were built for a since-reloaded UNet)
+    models = [m for key, m in cn_server.engine.controlnets._items.items() if key[0].endswith("/" + name)]
     calls = []
-    handle = models[0].register_forward_hook(lambda *a: calls.append(1))
+    handle = models[-1].register_forward_hook(lambda *a: calls.append(1))
     return calls, handle
 
 

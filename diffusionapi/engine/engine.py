@@ -108,6 +108,8 @@ class Engine:
             free_memory()
             raise GenerationError("out of memory: try a smaller size, fewer steps or a lower hires scale") from e
         finally:
+            if self._control is not None:
+                self._control.close()  # IP-Adapter layers leave the resident UNet
             self._control = None
 
     def _generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled,
@@ -142,7 +144,7 @@ class Engine:
             init = img2img.encode_init(encode_image, prepared, self.device)
             check()
         # ControlNet units: their maps are detected once per job (engine/controlnet).
-        self._control = ControlState(self, plan) if plan.controlnets else None
+        self._control = ControlState(self, plan) if plan.controlnets or plan.ip_adapters else None
         text = JobText(plan, self._lora_key(plan.loras))
         cond = self._conditioning(base, text, plan.width, plan.height)
         rcond = self._conditioning(refiner, text, plan.width, plan.height) if refiner else None
@@ -321,7 +323,7 @@ class Engine:
         if hashes:
             params["Lora hashes"] = hashes
         params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
-        params.update(controlnet_infotext(plan.controlnets))
+        params.update(controlnet_infotext(plan.controlnets, plan.ip_adapters))
         return params
 
     def _vae_for(self, loaded: LoadedModel, width: int, height: int):

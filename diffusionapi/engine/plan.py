@@ -99,6 +99,7 @@ class GenerationPlan:
     embeddings: tuple[EmbeddingEntry, ...] = ()  # textual inversions the prompts may call
     init: InitImagePlan | None = None  # img2img / inpainting
     controlnets: tuple = ()  # engine/controlnet/units.ControlUnitPlan, applied in order
+    ip_adapters: tuple = ()  # engine/controlnet/units.IPAdapterPlan
 
     @property
     def final_width(self) -> int:

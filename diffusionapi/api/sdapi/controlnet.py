@@ -40,7 +40,12 @@ def _error(status: int, field: str, message: str) -> JSONResponse:
 
 
 def _titles(request: Request) -> list[str]:
-    return [e.title for e in files_for(request.app.state.settings).entries() if e.error is None]
+    from ...engine.controlnet.files import short_hash
+    from ...engine.controlnet.request import ip_files_for
+
+    settings = request.app.state.settings
+    return [e.title for e in files_for(settings).entries() if e.error is None] + \
+        [f"{e.name} [{short_hash(e.path)}]" for e in ip_files_for(settings).entries() if e.error is None]
 
 
 @router.get("/controlnet/version")
@@ -188,8 +193,9 @@ def _lookup(table: dict, value, default: str, field: str) -> str:
     return table[key]
 
 
-def controlnet_units(alwayson: dict | None, warnings: list[str]) -> list[dict]:
-    """The native ``controlnets`` for an A1111 request's ``alwayson_scripts`` (empty when it has none)."""
+def controlnet_units(alwayson: dict | None, warnings: list[str], ip_adapters: list | None = None) -> list[dict]:
+    """The native ``controlnets`` for an A1111 request's ``alwayson_scripts`` (empty when it has none);
+    IP-Adapter units (module ``ip-adapter*``) go to ``ip_adapters`` when it is given."""
     if not isinstance(alwayson, dict):
         return []
     key = next((k for k in alwayson if str(k).strip().casefold() == "controlnet"), None)
@@ -215,6 +221,14 @@ def controlnet_units(alwayson: dict | None, warnings: list[str]) -> list[dict]:
             raise UnitError(f"{where}.model", "an enabled unit needs a ControlNet model "
                                               "(GET /controlnet/model_list)")
         image, mask = _image_and_mask(unit)
+        if module.strip().casefold().startswith("ip-adapter") and ip_adapters is not None:
+            images = [x for x in (unit.get("image") if isinstance(unit.get("image"), list) else [image])
+                      if isinstance(x, str)] or ([image] if isinstance(image, str) else [])
+            images = [x.get("image") if isinstance(x, dict) else x for x in images]
+            ip_adapters.append({"model": str(model), "images": images, "weight": unit.get("weight", 1.0),
+                                "guidance_start": unit.get("guidance_start", 0.0),
+                                "guidance_end": unit.get("guidance_end", unit.get("guidance", 1.0))})
+            continue
         mode = unit.get("control_mode")
         if mode is None and unit.get("guessmode") is not None:  # API v1 clients
             mode = "ControlNet is more important" if unit.get("guessmode") else "Balanced"

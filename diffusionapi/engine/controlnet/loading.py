@@ -148,9 +148,10 @@ def load_controlnet(entry: ControlNetEntry, unet_config, device, dtype):
 
 
 class ControlNetCache:
-    """Resident ControlNets (LRU), keyed by file version and the base they were built for."""
+    """Resident ControlNets (LRU, as many as A1111's default unit count), keyed by file version and
+    the base UNet config they were built for."""
 
-    def __init__(self, capacity: int = 4):
+    def __init__(self, capacity: int = 3):
         self.capacity = capacity
         self._items: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()
@@ -158,7 +159,10 @@ class ControlNetCache:
 
     def get(self, entry: ControlNetEntry, unet, device):
         stamp = (entry.path / "config.json") if entry.format == "diffusers" else entry.path
-        key = (str(entry.path), stamp.stat().st_mtime_ns, id(unet), str(device), unet.dtype)
+        # What the built model depends on: the file version, and (single files) the base UNet's config.
+        base = json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")}, sort_keys=True,
+                          default=str)
+        key = (str(entry.path), stamp.stat().st_mtime_ns, base, str(device), unet.dtype)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)

@@ -269,10 +269,11 @@ _UNSUPPORTED = [
     ("reference_only", ("Reference",), "reference modules change the UNet's attention; not supported"),
     ("reference_adain", ("Reference",), "reference modules change the UNet's attention; not supported"),
     ("reference_adain+attn", ("Reference",), "reference modules change the UNet's attention; not supported"),
-    ("ip-adapter_clip_sd15", ("IP-Adapter",), "IP-Adapter units are not supported by this server yet"),
-    ("ip-adapter_clip_sdxl", ("IP-Adapter",), "IP-Adapter units are not supported by this server yet"),
-    ("ip-adapter_clip_sdxl_plus_vith", ("IP-Adapter",), "IP-Adapter units are not supported by this server yet"),
-    ("ip-adapter-auto", ("IP-Adapter",), "IP-Adapter units are not supported by this server yet"),
+    ("ip-adapter_clip_sd15", ("IP-Adapter",), "an IP-Adapter module: use ip_adapters (A1111 units with this "
+                                               "module are IP-Adapters)"),
+    ("ip-adapter_clip_sdxl", ("IP-Adapter",), "an IP-Adapter module: use ip_adapters"),
+    ("ip-adapter_clip_sdxl_plus_vith", ("IP-Adapter",), "an IP-Adapter module: use ip_adapters"),
+    ("ip-adapter-auto", ("IP-Adapter",), "an IP-Adapter module: use ip_adapters"),
     ("clip_vision", ("Revision",), "CLIP-vision modules are not supported by this server"),
 ]
 

@@ -99,6 +99,24 @@ class ControlNetUnitRequest(BaseModel):
         return self
 
 
+class IPAdapterUnitRequest(BaseModel):
+    """One IP-Adapter (README "ControlNet", docs/controlnet.md): reference images as extra prompt tokens."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=512, description="a file in the ipadapter folder")
+    images: list[str] = Field(min_length=1, max_length=4, description="base64 or data URLs")
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _window(self) -> "IPAdapterUnitRequest":
+        if self.guidance_start > self.guidance_end:
+            raise ValueError(f"guidance_start ({self.guidance_start}) must not be after guidance_end "
+                             f"({self.guidance_end})")
+        return self
+
+
 _FILES: dict[str, ControlNetFiles] = {}
 _FILES_LOCK = threading.Lock()
 
@@ -111,6 +129,59 @@ def files_for(settings) -> ControlNetFiles:
         if f is None:
             f = _FILES[key] = ControlNetFiles(settings)
         return f
+
+
+_IP_FILES: dict[str, object] = {}
+
+
+def ip_files_for(settings):
+    from .ipadapter import IPAdapterFiles, ipadapter_dir
+
+    key = str(ipadapter_dir(settings))
+    with _FILES_LOCK:
+        f = _IP_FILES.get(key)
+        if f is None:
+            f = _IP_FILES[key] = IPAdapterFiles(settings)
+        return f
+
+
+def resolve_ip_adapters(units: list[IPAdapterUnitRequest], model, settings):
+    """(plans, echo list, record list) or a RequestError naming the field."""
+    from ...imageinput import describe
+    from ...resolve import RequestError, input_image
+    from ...vocabulary import FAMILY_LABELS
+    from .ipadapter import clip_vision_dir, ipadapter_dir, model_cross_dim
+    from .units import IPAdapterPlan
+
+    files = ip_files_for(settings)
+    plans, echo, record = [], [], []
+    for i, u in enumerate(units):
+        where = f"ip_adapters.{i}"
+        entry = files.resolve(u.model)
+        if entry is None:
+            names = [e.name for e in files.entries() if e.error is None]
+            raise RequestError(f"{where}.model", f"unknown IP-Adapter {u.model!r}; installed in "
+                                                 f"{ipadapter_dir(settings)}: {', '.join(names) or 'none'}")
+        if entry.error:
+            raise RequestError(f"{where}.model", f"IP-Adapter {entry.name!r} cannot be used: {entry.error}")
+        width = model_cross_dim(model)
+        if entry.cross_dim != width:
+            theirs = FAMILY_LABELS.get(entry.family, entry.family) if entry.family else \
+                f"a model with {entry.cross_dim}-wide cross-attention"
+            raise RequestError(f"{where}.model", f"IP-Adapter {entry.name!r} is for {theirs}, but model "
+                                                 f"{model.name!r} is {FAMILY_LABELS.get(model.family, model.family)} "
+                                                 f"({width}-wide cross-attention)")
+        encoder = files.encoder_for(entry)
+        if encoder is None:
+            raise RequestError(f"{where}.model", f"IP-Adapter {entry.name!r} needs a CLIP image encoder with "
+                                                 f"projection_dim {entry.image_dim} in {clip_vision_dir(settings)}/ "
+                                                 "(a CLIPVisionModelWithProjection folder: config.json + weights)")
+        images = tuple(input_image(text, f"{where}.images.{k}", settings) for k, text in enumerate(u.images))
+        plans.append(IPAdapterPlan(entry, encoder, images, u.weight, u.guidance_start, u.guidance_end))
+        full = {**u.model_dump(mode="json"), "model": entry.name}
+        record.append(full)
+        echo.append({**full, "images": [describe(im) for im in images]})
+    return tuple(plans), echo, record
 
 
 def resolve_units(units: list[ControlNetUnitRequest], model, settings, *, has_init: bool):

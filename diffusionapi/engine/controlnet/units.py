@@ -63,8 +63,24 @@ class ControlUnitPlan:
         return ", ".join(f"{k}: {v}" for k, v in fields)
 
 
-def infotext_params(units) -> dict:
-    return {f"ControlNet {i}": u.infotext() for i, u in enumerate(units)}
+@dataclass(frozen=True)
+class IPAdapterPlan:
+    entry: object                  # ipadapter.IPAdapterEntry
+    encoder: object                # ipadapter.EncoderEntry
+    images: tuple                  # PIL images
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+
+    def infotext(self) -> str:
+        return (f"Model: {self.entry.name}, Weight: {float(self.weight)}, Guidance Start: "
+                f"{float(self.guidance_start)}, Guidance End: {float(self.guidance_end)}")
+
+
+def infotext_params(units, ip_adapters=()) -> dict:
+    out = {f"ControlNet {i}": u.infotext() for i, u in enumerate(units)}
+    out.update({f"IP-Adapter {i}": u.infotext() for i, u in enumerate(ip_adapters)})
+    return out
 
 
 # ---------------------------------------------------------------------------- control maps
@@ -189,11 +205,12 @@ class ControlledUNet:
     """The UNet (or a wrapper of it) with the units' residuals added; the CFG denoiser calls it
     once per model evaluation with the unconditional rows first (``rows_per_image`` rows per image)."""
 
-    def __init__(self, unet, units: list[ActiveUnit], clock: StepClock, rows_per_image: int):
+    def __init__(self, unet, units: list[ActiveUnit], clock: StepClock, rows_per_image: int, ip=None):
         self.unet = unet
         self.units = units
         self.clock = clock
         self.rows_per_image = rows_per_image
+        self.ip = ip  # (InstalledAdapters, [IPAdapterPlan], [embeds (1, n, dim)]) or None
 
     def __getattr__(self, name):
         return getattr(self.unet, name)
@@ -233,6 +250,18 @@ class ControlledUNet:
                 down = [a + b_ for a, b_ in zip(down, res[:-1])]
                 mid = mid + res[-1]
         extra = {}
+        if self.ip is not None:
+            installed, plans, embeds = self.ip
+            installed.set_scales([p.weight if p.guidance_start <= fraction <= p.guidance_end else 0.0
+                                  for p in plans])
+            b = max(x.shape[0] // self.rows_per_image, 1)
+            rows = []
+            for e in embeds:  # the unconditional rows see a zero image embedding (diffusers' convention)
+                e = e.to(x.device, x.dtype)
+                r = e.expand(x.shape[0], -1, -1).clone()
+                r[:b] = 0
+                rows.append(r)
+            added_cond_kwargs = {**(added_cond_kwargs or {}), "image_embeds": rows}
         if down is not None:
             extra.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
         if intra is not None:  # the UNet pops from this list: a fresh one per call
@@ -255,6 +284,8 @@ class ControlState:
         self.cache = cache
         self.maps: list[tuple[np.ndarray, np.ndarray | None]] = []
         self.stages: list[ControlledUNet] = []
+        self.installed = None   # the job's IP-Adapter layers in the base UNet
+        self.ip_embeds = None
         init = plan.init
         for u in plan.controlnets:
             image = u.image if u.image is not None else (init.image if init is not None else None)
@@ -262,6 +293,38 @@ class ControlState:
             if image is None:  # resolve refuses this; a plan built by hand may still hold it
                 raise ValueError(f"ControlNet unit {u.entry.name!r} has no image")
             self.maps.append(detect(u, image, mask, plan.width, plan.height))
+
+    def _ip(self, loaded):
+        """The job's IP-Adapters, put into ``loaded``'s UNet once (taken out by ``close``)."""
+        from ..plan import GenerationError
+        from .ipadapter import EncoderCache, InstalledAdapters, image_embeds, load_adapter_state
+
+        plans = [p for p in self.plan.ip_adapters if p.weight != 0]
+        if not plans:
+            return None
+        if self.installed is None:
+            try:
+                encoders = getattr(self.engine, "ip_encoders", None)
+                if encoders is None:
+                    encoders = self.engine.ip_encoders = EncoderCache()
+                unet = loaded.pipe.unet
+                embeds = []
+                for p in plans:
+                    enc = encoders.get(p.encoder, self.engine.device, unet.dtype)
+                    embeds.append(image_embeds(enc, p.images, self.engine.device))
+                self.installed = InstalledAdapters(unet, [load_adapter_state(p.entry.path) for p in plans])
+                self.ip_embeds = embeds
+            except GenerationError:
+                raise
+            except Exception as e:  # noqa: BLE001 - name the file, fail the job
+                raise GenerationError(f"IP-Adapter could not be used: "
+                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        return self.installed, plans, self.ip_embeds
+
+    def close(self) -> None:
+        if self.installed is not None:
+            self.installed.remove()
+            self.installed = None
 
     def detected_maps(self) -> list[tuple[str, Image.Image]]:
         """The maps asked for, at the generation size as the ControlNet saw them (A1111 returns these)."""
@@ -285,12 +348,13 @@ class ControlState:
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
             hint = control_tensor(detected, mask, width, height, u.resize_mode).to(self.engine.device)
             active.append(ActiveUnit(u, model, hint))
-        if not active:
+        ip = self._ip(loaded) if self.plan.ip_adapters else None
+        if not active and ip is None:
             return den
         if den.clock is None:
             den.clock = StepClock()
         rows = 1 + len(getattr(den.cond, "weights", ()))
-        wrapped = ControlledUNet(den.unet, active, den.clock, rows)
+        wrapped = ControlledUNet(den.unet, active, den.clock, rows, ip)
         den.unet = wrapped
         self.stages.append(wrapped)
         return den
