@@ -60,3 +60,29 @@ def preprocessors(request: Request) -> PreprocessorsResponse:
         out.append(PreprocessorInfo(name=p.name, label=p.label, tags=list(p.tags), available=why is None,
                                     needs=list(p.needs), sliders=p.sliders(), reason=why))
     return PreprocessorsResponse(preprocessors=out, annotators_folder=str(where))
+
+
+class IPAdapterInfo(BaseModel):
+    name: str
+    family: str | None          # from the cross-attention width (null: not a real model's width)
+    cross_attention_dim: int | None
+    image_encoder: str | None   # the clip_vision folder it uses (null: none installed fits)
+    error: str | None = None
+
+
+class IPAdaptersResponse(BaseModel):
+    status: str = "success"
+    ip_adapters: list[IPAdapterInfo]
+
+
+@router.get("/ipadapters", response_model=IPAdaptersResponse, response_model_exclude_none=True)
+def ipadapters(request: Request) -> IPAdaptersResponse:
+    from ..engine.controlnet.request import ip_files_for
+
+    files = ip_files_for(request.app.state.settings)
+    out = []
+    for e in files.entries():
+        enc = files.encoder_for(e) if e.error is None else None
+        out.append(IPAdapterInfo(name=e.name, family=e.family, cross_attention_dim=e.cross_dim,
+                                 image_encoder=enc.name if enc else None, error=e.error))
+    return IPAdaptersResponse(ip_adapters=out)
