@@ -175,10 +175,12 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
     echo, record = understood.model_dump(mode="json"), None
     if req.controlnets or req.ip_adapters:  # the record keeps the units' images; the echo describes them
-        from .engine.controlnet.request import resolve_ip_adapters, resolve_units
+        from .engine.controlnet.request import resolve_ip_adapters, resolve_units, txt2img_inpaint_init
 
         plan.controlnets, cn_echo, cn_record = resolve_units(req.controlnets, model, settings,
                                                              has_init=isinstance(req, Img2ImgRequest))
+        if not isinstance(req, Img2ImgRequest):
+            plan.init = txt2img_inpaint_init(plan.controlnets)
         plan.ip_adapters, ip_echo, ip_record = resolve_ip_adapters(req.ip_adapters, model, settings)
         record = {**echo, "controlnets": cn_record, "ip_adapters": ip_record}
         echo = {**echo, "controlnets": cn_echo, "ip_adapters": ip_echo}

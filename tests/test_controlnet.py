@@ -285,6 +285,17 @@ def test_img2img_unit_defaults_to_the_init_image_and_inpaint_keeps_pixels_outsid
     assert not np.array_equal(out, plain)
 
 
+def test_txt2img_inpaint_only_keeps_the_unmasked_pixels_of_its_image(cn_server):
+    image = control_image(seed=6)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 24:56] = 255
+    body = run(cn_server, controlnets=[{"model": "tiny-cn-sd15", "preprocessor": "inpaint_only", "image": png(image),
+                                        "mask": png(Image.fromarray(mask))}])
+    out = pixels(body)
+    assert np.array_equal(out[mask == 0], np.asarray(image).astype(int)[mask == 0])
+    assert not np.array_equal(out[mask > 0], np.asarray(image).astype(int)[mask > 0])
+
+
 def test_detected_maps_come_back_when_asked(cn_server):
     body = run(cn_server, controlnets=[unit(preprocessor="canny", save_detected_map=True)])
     assert len(body["images"]) == 2

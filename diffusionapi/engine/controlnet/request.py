@@ -184,6 +184,19 @@ def resolve_ip_adapters(units: list[IPAdapterUnitRequest], model, settings):
     return tuple(plans), echo, record
 
 
+def txt2img_inpaint_init(units):
+    """txt2img with an ``inpaint_only`` unit that has an image and a mask: the extension keeps the
+    unmasked part of that image; here it becomes the job's init image (strength 1, mask unblurred), so
+    the img2img machinery keeps those pixels exactly. None when no unit asks for it."""
+    from ..plan import InitImagePlan
+
+    for u in units:
+        if u.module == "inpaint_only" and u.image is not None and u.mask is not None:
+            mode = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2}[u.resize_mode]
+            return InitImagePlan(u.image, 1.0, mode, u.mask, mask_blur=0, inpainting_fill=1)
+    return None
+
+
 def resolve_units(units: list[ControlNetUnitRequest], model, settings, *, has_init: bool):
     """(unit plans, echo list (images described), record list (images kept)) or a RequestError."""
     from ...imageinput import describe
