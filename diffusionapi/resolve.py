@@ -179,7 +179,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
 
         plan.controlnets, cn_echo, cn_record = resolve_units(req.controlnets, model, settings,
                                                              has_init=isinstance(req, Img2ImgRequest))
-        if not isinstance(req, Img2ImgRequest):
+        if not isinstance(req, Img2ImgRequest) and plan.hires is None:  # (img2img has no hires pass)
             plan.init = txt2img_inpaint_init(plan.controlnets)
         plan.ip_adapters, ip_echo, ip_record = resolve_ip_adapters(req.ip_adapters, model, settings)
         record = {**echo, "controlnets": cn_record, "ip_adapters": ip_record}
