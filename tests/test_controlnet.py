@@ -453,3 +453,35 @@ def test_a1111_controlnet_listings(cn_server):
     r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 2, "alwayson_scripts": {
         "controlnet": {"args": [{"enabled": True, "module": "none", "model": "nope", "image": png(control_image())}]}}})
     assert r.status_code == 422 and "nope" in r.text
+
+
+def test_an_api_node_resolves_units_without_torch(cn_dirs, model_store, tmp_path):
+    """API nodes validate units (files, modules, images) without loading torch (tests/test_layers.py
+    says why); only the worker builds models. Safetensors headers are read as JSON (a .pth file is a
+    pickle: reading its tensor names takes torch, so the copy here leaves the .pth out)."""
+    import json
+    import subprocess
+    import sys
+
+    src, adir, models = cn_dirs
+    cdir = tmp_path / "controlnet"
+    shutil.copytree(src, cdir, ignore=shutil.ignore_patterns("*.pth"))
+    img = png(control_image())
+    code = f"""
+import sys, json
+from diffusionapi.config import Settings
+from diffusionapi.engine.controlnet.request import ControlNetUnitRequest, resolve_units, files_for
+from diffusionapi.registry import Registry
+from diffusionapi.api.sdapi.controlnet import controlnet_units
+s = Settings(models_dir={str(models)!r}, controlnet_dir={str(cdir)!r}, annotators_dir={str(adir)!r},
+             queue_dir={str(tmp_path / "q")!r}, outputs_dir={str(tmp_path / "o")!r})
+model = next(m for m in Registry(s).models() if m.name == "tiny-sd15")
+units = [ControlNetUnitRequest(model=n, image={img!r}, preprocessor="canny")
+         for n in ("tiny-cn-sd15", "control_tiny_sd15")]
+plans, echo, record = resolve_units(units, model, s, has_init=False)
+assert controlnet_units({{"ControlNet": {{"args": [{{"enabled": True, "model": "x", "image": "y"}}]}}}}, [])
+print(json.dumps([len(plans), "torch" in sys.modules]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [2, False]

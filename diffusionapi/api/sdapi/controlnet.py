@@ -124,7 +124,7 @@ async def detect(request: Request):
     settings = request.app.state.settings
 
     def run():
-        from ...engine.controlnet.units import mask_array, to_array
+        from ...engine.controlnet.preprocessors import mask_array, to_array
         from ...imageinput import ImageInputError, decode_image
 
         out = []

@@ -19,8 +19,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .files import WEIGHT_EXTS, tensor_shapes
 
 log = logging.getLogger(__name__)
@@ -64,6 +62,8 @@ def _split(shapes: dict) -> tuple[dict, dict]:
 def read_adapter_shapes(path: Path) -> tuple[dict, dict]:
     if path.suffix == ".safetensors":
         return _split(tensor_shapes(path))
+    import torch
+
     sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     return ({k: tuple(v.shape) for k, v in sd.get("image_proj", {}).items()},
             {k: tuple(v.shape) for k, v in sd.get("ip_adapter", {}).items()})
@@ -76,6 +76,8 @@ def load_adapter_state(path: Path) -> dict:
         flat = load_file(str(path))
         proj, ip = _split(flat)
         return {"image_proj": proj, "ip_adapter": ip}
+    import torch
+
     sd = torch.load(str(path), map_location="cpu", weights_only=True)
     return {"image_proj": dict(sd["image_proj"]), "ip_adapter": dict(sd["ip_adapter"])}
 
@@ -182,7 +184,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def image_embeds(encoder, images, device) -> torch.Tensor:
+def image_embeds(encoder, images, device):
     """(1, n_images, projection_dim): CLIP's preprocessing (shorter side to the encoder's size,
     centre crop, CLIP normalisation), then the projected image embedding."""
     from transformers import CLIPImageProcessor

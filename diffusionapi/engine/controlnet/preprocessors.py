@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,26 @@ def run(p: Preprocessor, image: np.ndarray, resolution: float | None = None, a: 
         raise PreprocessorError(f"module {p.name!r} cannot run here")
     res, a_, b_ = p.params(resolution, a, b)
     return np.ascontiguousarray(hwc3(p.run(hwc3(image), res, a_, b_, mask)))
+
+
+def to_array(im: Image.Image) -> np.ndarray:
+    return hwc3(np.asarray(im.convert("RGBA" if "A" in im.getbands() else "RGB")))
+
+
+def mask_array(im: Image.Image | None, size: tuple[int, int] | None = None) -> np.ndarray | None:
+    if im is None:
+        return None
+    if "A" in im.getbands() and im.mode != "LA":
+        # a mask painted as transparency: the alpha marks it
+        m = np.asarray(im.getchannel("A"))
+        if m.min() == 255:
+            m = np.asarray(im.convert("L"))
+    else:
+        m = np.asarray(im.convert("L"))
+    if size is not None and (m.shape[1], m.shape[0]) != size:
+        m = np.asarray(Image.fromarray(m).resize(size, Image.NEAREST))
+    return np.where(m > 127, 255, 0).astype(np.uint8)
+
 
 
 def pixel_perfect_resolution(image_hw: tuple[int, int], target_hw: tuple[int, int], resize_mode: str) -> int:

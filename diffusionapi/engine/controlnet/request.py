@@ -131,6 +131,17 @@ def files_for(settings) -> ControlNetFiles:
         return f
 
 
+def input_image(text: str, field: str, settings):
+    """A unit's image decoded and checked like every request image (format, truncation, size)."""
+    from ...errors import RequestError
+    from ...imageinput import ImageInputError, decode_image
+
+    try:
+        return decode_image(text, field, settings.max_hires_pixels)
+    except ImageInputError as e:
+        raise RequestError(e.field, e.message, e.status) from None
+
+
 _IP_FILES: dict[str, object] = {}
 
 
@@ -147,11 +158,11 @@ def ip_files_for(settings):
 
 def resolve_ip_adapters(units: list[IPAdapterUnitRequest], model, settings):
     """(plans, echo list, record list) or a RequestError naming the field."""
+    from ...errors import RequestError
     from ...imageinput import describe
-    from ...resolve import RequestError, input_image
     from ...vocabulary import FAMILY_LABELS
     from .ipadapter import clip_vision_dir, ipadapter_dir, model_cross_dim
-    from .units import IPAdapterPlan
+    from .plans import IPAdapterPlan
 
     files = ip_files_for(settings)
     plans, echo, record = [], [], []
@@ -199,11 +210,11 @@ def txt2img_inpaint_init(units):
 
 def resolve_units(units: list[ControlNetUnitRequest], model, settings, *, has_init: bool):
     """(unit plans, echo list (images described), record list (images kept)) or a RequestError."""
+    from ...errors import RequestError
     from ...imageinput import describe
-    from ...resolve import RequestError, input_image
     from ...vocabulary import FAMILY_LABELS
     from . import preprocessors
-    from .units import ControlUnitPlan
+    from .plans import ControlUnitPlan
 
     files = files_for(settings)
     plans, echo, record = [], [], []
