@@ -35,6 +35,9 @@ def _choice(table: dict, what: str):
     def check(v):
         if v is None:
             return v
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ValueError(f"{what} must be a name or 0, 1, 2; valid choices: "
+                             f"{', '.join(sorted(set(table.values())))}")
         key = str(int(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() \
             else str(v).strip().casefold()
         if key not in table:
@@ -63,9 +66,10 @@ class ControlNetUnitRequest(BaseModel):
     weight: float = Field(1.0, ge=0.0, le=2.0)
     guidance_start: float = Field(0.0, ge=0.0, le=1.0)
     guidance_end: float = Field(1.0, ge=0.0, le=1.0)
-    control_mode: str = Field("Balanced", description="Balanced | My prompt is more important | "
+    # A name, or the extension's numbers (the schema says both, so a number is not "invalid data").
+    control_mode: str | int = Field("Balanced", description="Balanced | My prompt is more important | "
                                                       "ControlNet is more important (or 0, 1, 2)")
-    resize_mode: str = Field("Crop and Resize", description="Just Resize | Crop and Resize | Resize and Fill "
+    resize_mode: str | int = Field("Crop and Resize", description="Just Resize | Crop and Resize | Resize and Fill "
                                                             "(or 0, 1, 2)")
     pixel_perfect: bool = False
     hires: str = Field("both", description="both | low | high: which passes of a hires job it guides")
