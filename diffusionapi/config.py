@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     outputs_dir: Path = Path("outputs")
     queue_dir: Path = Path("queue")
     model_labels: Path = Path("stable_diffusion/model_labels.json")
+    # Image guidance (README "ControlNet"): None = the folder of that name next to models_dir.
+    controlnet_dir: Path | None = None     # ControlNets and T2I-Adapters
+    annotators_dir: Path | None = None     # preprocessor weights
 
     # "auto" picks cuda, then mps, then cpu.
     device: str = "auto"

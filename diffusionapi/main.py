@@ -20,7 +20,7 @@ log = logging.getLogger("diffusionapi")
 
 # Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
 IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
-                    "/sdapi/v1/png-info", "/png-info")
+                    "/sdapi/v1/png-info", "/png-info", "/sdapi/v1/txt2img", "/controlnet/detect")
 SDAPI_PREFIX = "/sdapi/"  # checks its own credentials (Basic or the API key): api/sdapi/auth.py
 
 
@@ -172,6 +172,11 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
     app.include_router(events_api.router)
     app.include_router(pnginfo.router)
     app.include_router(cluster.router)
+    from .api import controlnet as controlnet_api
+    from .api.sdapi import controlnet as controlnet_a1111
+
+    app.include_router(controlnet_api.router)
+    app.include_router(controlnet_a1111.router, include_in_schema=False)
     sdapi.install(app, settings, registry)
     playground.install(app)
     openapi.install(app, settings, is_public=is_public)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import SEED_DEFAULT_MODEL
+from .engine.controlnet.request import ControlNetUnitRequest, IPAdapterUnitRequest
 from .jobs.states import FINAL_STATES, WEBHOOK_EVENTS
 from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
 
@@ -86,6 +87,9 @@ class Txt2ImgRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12)  # added: A1111's "Clip skip"; 1 = the text encoder's last layer
     batch_size: int = Field(1, ge=1, description="images made in one UNet batch; seeds seed, seed+1, ...")
     n_iter: int = Field(1, ge=1, description="batches made one after another")
+    # added: image guidance (README "ControlNet"), applied in order
+    controlnets: list[ControlNetUnitRequest] = Field(default_factory=list, max_length=8)
+    ip_adapters: list[IPAdapterUnitRequest] = Field(default_factory=list, max_length=4)  # added
 
     @field_validator("fileType", mode="before")
     @classmethod

@@ -330,7 +330,10 @@ def _memory() -> dict:
 
 @router.get("/scripts")
 async def scripts():
-    return {"txt2img": [], "img2img": []}
+    # sd-webui-controlnet's alwayson script (api/sdapi/controlnet.py); webuiapi looks for
+    # "controlnet m2m" (the extension's other script) to decide that ControlNet is there.
+    names = ["controlnet", "controlnet m2m"]
+    return {"txt2img": names, "img2img": list(names)}
 
 
 @router.get("/script-info")
