@@ -123,7 +123,10 @@ def make_backend(settings: Settings, registry, engine_factory=None):
 
 def create_app(settings: Settings | None = None, *, engine_factory=None) -> FastAPI:
     settings = settings or get_settings()
+    from . import logs, metrics
     from .registry import Registry
+
+    logs.configure(settings.log_format, settings.log_level)
 
     registry = Registry(settings)
     jobs = make_backend(settings, registry, engine_factory)
@@ -131,11 +134,19 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        logs.log_settings(settings, f"DiffusionAPI {__version__} ({settings.backend} backend)")
         jobs.start()
+        metrics.LIVE.queue_source = jobs.queue_stats
+        if settings.backend == "embedded":  # an API node writes no files
+            from .retention import disk_free
+
+            metrics.LIVE.disk_source = lambda: disk_free(settings)
         log.info("DiffusionAPI %s: %d models installed", __version__, len(registry.models()))
         try:
             yield
         finally:
+            if metrics.LIVE.queue_source == jobs.queue_stats:
+                metrics.LIVE.queue_source = None
             jobs.stop()
 
     # /docs and /redoc are served by playground.install, with their assets (offline boxes have no CDN).
@@ -160,8 +171,10 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
                             headers=headers)
 
     from . import openapi, playground
-    from .api import catalog, cluster, jobs as jobs_api, pnginfo, sdapi
+    from .api import catalog, cluster, health, jobs as jobs_api, metrics as metrics_api, pnginfo, sdapi
 
+    app.include_router(health.router)
+    app.include_router(metrics_api.router)
     app.include_router(catalog.router)
     app.include_router(jobs_api.router)
     from .api import events as events_api
@@ -178,6 +191,9 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(GuardMiddleware, settings=settings)
+    from .api.observe import ObserveMiddleware
+
+    app.add_middleware(ObserveMiddleware, settings=settings)  # outermost: sees the guard's answers too
     return app
 
 

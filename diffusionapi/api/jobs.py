@@ -7,6 +7,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from ..jobs import observe
 from ..jobs.backends.base import BackendUnavailable, QueueFull
 from ..jobs.resolve import RequestError, resolve_img2img, resolve_txt2img, resolve_upscale
 from ..schemas import (ErrorResponse, Img2ImgRequest, QueueListEntry, QueueListResponse, QueueStatusResponse,
@@ -45,12 +46,16 @@ def submit(request: Request, kind: str, echo: dict):
     if refused:
         return error(422, refused, detail=[{"loc": ["body", "webhook", "url"], "msg": refused}])
     try:
-        return state.jobs.submit(kind, echo)
+        job_id = state.jobs.submit(kind, echo)
     except QueueFull:
-        return error(503, f"the queue is full ({state.settings.max_queued_jobs} jobs); retry later",
-                     headers={"Retry-After": "10"})
+        message = f"the queue is full ({state.settings.max_queued_jobs} jobs); retry later"
+        observe.refused(kind, 503, message)
+        return error(503, message, headers={"Retry-After": "10"})
     except BackendUnavailable as e:  # the job could not be made durable, so it is not accepted
+        observe.refused(kind, 503, str(e))
         return error(503, str(e), headers={"Retry-After": "30"})
+    observe.submitted(job_id, kind, echo)
+    return job_id
 
 
 _SUBMIT_ERRORS = {**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}}
@@ -99,7 +104,7 @@ async def queue_list(request: Request):
 
 
 @router.get("/queue/{job_id}", response_model=QueueStatusResponse, response_model_exclude_unset=True,
-            responses=_ERRORS)
+            responses={**_ERRORS, 410: {"model": ErrorResponse}})
 async def queue_status(job_id: str, request: Request,
                        wait: float = Query(0, ge=0, le=60, description="long-poll: seconds to wait for the job to finish")):
     # async + one small file read: polling must never wait for a threadpool slot. Only the
@@ -114,6 +119,9 @@ async def queue_status(job_id: str, request: Request,
         return status_response(job_id, st, jobs.position(job_id))
     final = await run_in_threadpool(jobs.take_final, job_id) if st is not None else None
     if final is None:
+        gone = jobs.expired(job_id)  # removed unread by retention (retention.py)
+        if gone:
+            return error(410, f"job {job_id} expired before its result was read: {gone}")
         return error(404, f"no job {job_id!r}: unknown, or its final result was already read")
     return await run_in_threadpool(final_response, job_id, final)
 
@@ -123,6 +131,7 @@ async def queue_cancel(job_id: str, request: Request):
     if not valid_job_id(job_id):
         return error(404, f"no job {job_id!r} (job ids are UUIDs)")
     outcome = request.app.state.jobs.cancel(job_id)
+    observe.cancel_requested(job_id, outcome)
     if outcome is None:
         return error(404, f"no job {job_id!r}")
     if outcome in ("cancelled", "cancelling"):

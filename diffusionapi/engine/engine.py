@@ -145,6 +145,7 @@ class Engine:
                        image_size=(plan.final_width, plan.final_height), taesd=self.taesd)
 
         images = []
+        decode_sec = 0.0
         # n_iter batches one after another, each its share of the progress; image k has seed + k.
         for it in range(plan.n_iter):
             seeds = [plan.seed + it * plan.batch_size + j for j in range(plan.batch_size)]
@@ -155,7 +156,9 @@ class Engine:
                 live.close()  # the last preview is out before the job's final event
             for j, seed in enumerate(seeds):
                 check()
+                t_dec = time.perf_counter()
                 image = self._decode(base, latents[j:j + 1], plan.final_width, plan.final_height)
+                decode_sec += time.perf_counter() - t_dec
                 if prepared is not None:
                     image = prepared.composite(image)
                 images.append(image)
@@ -167,7 +170,7 @@ class Engine:
         for k, image in enumerate(images):
             extra = {"Batch pos": k % plan.batch_size} if plan.batch_size > 1 else {}
             results.append(GeneratedImage(image, plan.seed + k, {**params, "Seed": plan.seed + k, **extra}))
-        return GenerationResult(results, round(load_time, 3), warnings=text.warnings)
+        return GenerationResult(results, round(load_time, 3), round(decode_sec, 3), warnings=text.warnings)
 
     def _sample_batch(self, plan: GenerationPlan, base: LoadedModel, refiner: LoadedModel | None, cond, rcond,
                       seeds: list[int], prepared, init, progress: StageProgress, window, check,

@@ -230,7 +230,9 @@ class SdapiState:
         current = self.jobs.current_job()
         if current:
             self._interrupted = current
-            self.jobs.cancel(current)
+            from ...jobs import observe
+
+            observe.cancel_requested(current, self.jobs.cancel(current))
 
 
 # A1111's EmbeddingItem.shape: the width of one vector (SDXL: CLIP-L + CLIP-G).
