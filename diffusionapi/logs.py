@@ -84,6 +84,7 @@ def configure(log_format: str = "text", level: str = "INFO", *, stream=None) -> 
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)  # libraries (httpx logs every request at INFO) stay quiet
     logging.getLogger("diffusionapi").setLevel(level.upper())
+    logging.captureWarnings(True)  # Python warnings as log records too (py.warnings), not raw stderr text
     _handler = handler
     return handler
 

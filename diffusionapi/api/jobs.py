@@ -130,8 +130,8 @@ async def queue_status(job_id: str, request: Request,
 async def queue_cancel(job_id: str, request: Request):
     if not valid_job_id(job_id):
         return error(404, f"no job {job_id!r} (job ids are UUIDs)")
+    observe.cancel_requested(job_id)
     outcome = request.app.state.jobs.cancel(job_id)
-    observe.cancel_requested(job_id, outcome)
     if outcome is None:
         return error(404, f"no job {job_id!r}")
     if outcome in ("cancelled", "cancelling"):

@@ -43,10 +43,11 @@ def refused(kind: str, status: int, reason: str) -> None:
                 extra={"event": "refused", "kind": kind, "status": status, "reason": reason, "caller": caller()})
 
 
-def cancel_requested(job_id: str, outcome: str | None) -> None:
+def cancel_requested(job_id: str) -> None:
+    """Logged before the backend acts, so it precedes the ``cancelled`` record of a queued job."""
     who = caller()
-    log.info("job %s: cancel requested by %s -> %s", job_id, who, outcome or "unknown job",
-             extra={"event": "cancel_requested", "job_id": job_id, "caller": who, "outcome": outcome})
+    log.info("job %s: cancel requested by %s", job_id, who,
+             extra={"event": "cancel_requested", "job_id": job_id, "caller": who})
 
 
 def started(job_id: str, kind: str, payload: dict | None, worker: str, attempt: int,

@@ -232,7 +232,8 @@ class SdapiState:
             self._interrupted = current
             from ...jobs import observe
 
-            observe.cancel_requested(current, self.jobs.cancel(current))
+            observe.cancel_requested(current)
+            self.jobs.cancel(current)
 
 
 # A1111's EmbeddingItem.shape: the width of one vector (SDXL: CLIP-L + CLIP-G).
