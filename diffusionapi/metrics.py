@@ -113,17 +113,23 @@ def exposition() -> tuple[bytes, str]:
 
 # ---------------------------------------------------------------------------- a worker's port
 
-def serve_worker_http(port: int, ready: Callable[[], tuple[bool, dict]], host: str = "0.0.0.0") -> ThreadingHTTPServer:
+def serve_worker_http(port: int, ready: Callable[[], dict], host: str = "0.0.0.0") -> ThreadingHTTPServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` of a cluster worker, which has no HTTP API of its
-    own, on a daemon thread. ``ready()`` -> (ready?, checks) as ``/readyz`` reports them."""
+    own, on a daemon thread. ``ready()`` -> {check: None | why not}."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             if self.path == "/metrics":
                 body, ctype, code = *exposition(), 200
             elif self.path in ("/healthz", "/readyz"):
-                ok, checks = (True, {}) if self.path == "/healthz" else ready()
-                body = json.dumps({"status": "ok" if ok else "not ready", "checks": checks}).encode()
+                if self.path == "/healthz":
+                    ok, out = True, {"status": "ok"}
+                else:  # the same body as the API's /readyz (api/health.py)
+                    checks = ready()
+                    failed = sorted(k for k, v in checks.items() if v is not None)
+                    ok, out = not failed, {"status": "not ready" if failed else "ready", "failed": failed,
+                                           "checks": checks}
+                body = json.dumps(out).encode()
                 ctype, code = "application/json", 200 if ok else 503
             else:
                 body, ctype, code = b"not found\n", "text/plain", 404

@@ -296,11 +296,7 @@ def serve(settings, *, name: str | None = None, models: list[str] | None = None,
     if settings.metrics_port is not None:  # /metrics, /healthz, /readyz of this worker
         from ....metrics import serve_worker_http
 
-        def ready():
-            checks = worker.readiness()
-            return all(v is None for v in checks.values()), checks
-
-        serve_worker_http(settings.metrics_port, ready)
+        serve_worker_http(settings.metrics_port, worker.readiness)
         log.info("worker %s: metrics and probes on port %d", worker.name, settings.metrics_port)
     log.info("worker %s: device %s, queues %s", worker.name, settings.device, ", ".join(q.name for q in queues))
     try:
