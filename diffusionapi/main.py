@@ -46,6 +46,7 @@ class GuardMiddleware:
         self.max_body = settings.max_body_bytes
         self.max_image_body = max(settings.max_image_body_bytes, settings.max_body_bytes)
         self.key = settings.api_key.encode() if settings.api_key else None
+        self.admin = settings.admin_key.encode() if settings.admin_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -55,7 +56,7 @@ class GuardMiddleware:
                 and not scope["path"].startswith(SDAPI_PREFIX):
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-            if not hmac.compare_digest(given, self.key):
+            if not hmac.compare_digest(given, self.key) and not (self.admin and hmac.compare_digest(given, self.admin)):
                 return await _send_json(send, 401, {"status": "error", "error": "missing or wrong API key "
                                                     "(Authorization: Bearer <key> or X-API-Key)"},
                                         extra=[(b"www-authenticate", b"Bearer")])
@@ -171,11 +172,12 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
                             headers=headers)
 
     from . import openapi, playground
-    from .api import catalog, cluster, health, jobs as jobs_api, metrics as metrics_api, pnginfo, sdapi
+    from .api import catalog, cluster, health, jobs as jobs_api, metrics as metrics_api, models_admin, pnginfo, sdapi
 
     app.include_router(health.router)
     app.include_router(metrics_api.router)
     app.include_router(catalog.router)
+    app.include_router(models_admin.router)
     app.include_router(jobs_api.router)
     from .api import events as events_api
 

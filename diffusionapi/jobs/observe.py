@@ -80,7 +80,9 @@ def ended(job_id: str, kind: str, status, payload: dict | None = None) -> None:
     metrics.JOBS.labels(kind, state).inc()
     if seconds is not None:
         metrics.JOB_SECONDS.labels(kind, state).observe(seconds)
-    if state == DONE:
+    if state == DONE and kind == "install":  # models_install.py logs what it installed
+        log.info("job %s done in %s s", job_id, seconds, extra={"event": "done", **base})
+    elif state == DONE:
         _done(job_id, kind, status, model, base)
     elif state == ERROR:
         log.warning("job %s failed after %s s: %s", job_id, seconds, _get(status, "error"),

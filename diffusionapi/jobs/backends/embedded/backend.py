@@ -23,6 +23,7 @@ from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, Queue
 
 log = logging.getLogger(__name__)
 
+INSTALL = "install"  # the job kind of POST /models/install (models_install.py)
 # An expired job's id answers 410 (not 404) at least this long after it expired.
 TOMBSTONE_SEC = 86400.0
 
@@ -45,6 +46,9 @@ class EmbeddedBackend(JobBackend):
         from ....retention import Janitor
 
         self.janitor = Janitor(settings, self.expire_finals, self.expire)
+        from ....models_install import Installer
+
+        self.installer = Installer(settings, self)  # POST /models/install: jobs of kind "install"
 
     # Long-poll: GET /queue/{id}?wait=N returns as soon as the job is final.
     def _notify(self, job_id: str) -> None:
@@ -72,12 +76,17 @@ class EmbeddedBackend(JobBackend):
             elif status.state == "processing":
                 log.warning("job %s was interrupted by a restart; running it again", job_id)
                 self.store.write_status(job_id, JobStatus.queued())
-            self.queue.put(job_id, force=True)
+            if record.get("kind") == INSTALL:
+                self.installer.put(job_id)  # resumes from its partial file
+            else:
+                self.queue.put(job_id, force=True)
         self.live.start()
         self.worker.start()
         self.janitor.start()
+        self.installer.start()
 
     def stop(self) -> None:
+        self.installer.stop()
         self.janitor.stop()
         self.worker.stop()
         self.live.stop()
@@ -94,6 +103,9 @@ class EmbeddedBackend(JobBackend):
         except OSError as e:
             self.store.delete(job_id, missing_ok_errors=True)  # whatever part was written
             raise BackendUnavailable(f"cannot record the job in the queue directory: {e.strerror or e}") from e
+        if kind == INSTALL:  # downloads run on the installer's thread, never the GPU worker's
+            self.installer.put(job_id)
+            return job_id
         try:
             self.queue.put(job_id)
         except QueueFull:
@@ -135,6 +147,8 @@ class EmbeddedBackend(JobBackend):
             return None
         if st.is_final:
             return st.state
+        if self.installer.cancel(job_id):
+            return "cancelling"
         if self.queue.remove_waiting(job_id):
             status = JobStatus.failed("cancelled", "cancelled by request")
             self.store.write_status(job_id, status, fsync=True)
@@ -189,6 +203,22 @@ class EmbeddedBackend(JobBackend):
         return self.live.webhooks.deliveries()
 
     # ------------------------------------------------------------------ operating it
+    def install_started(self, job_id: str, record: dict) -> None:
+        record["attempts"] = record.get("attempts", 0) + 1
+        self.store.write_job(job_id, record)
+        observe.started(job_id, INSTALL, record.get("payload"), "installer", record["attempts"],
+                        record.get("created_at"))
+        self.live.started(job_id)
+
+    def install_progress(self, job_id: str, phase: str, percent: float) -> None:
+        self.store.write_status(job_id, JobStatus.processing(phase, percent))
+        self.live.progress(job_id, None, phase, percent)
+
+    def install_ended(self, job_id: str, status: JobStatus, payload: dict) -> None:
+        self.store.write_status(job_id, status, fsync=True)
+        self._ended(job_id, status, payload)
+        self._notify(job_id)
+
     def expire(self, job_id: str, reason: str) -> bool:
         """Forget an unread final job (retention): its id answers 410 with ``reason`` from now on."""
         with self._final_lock:  # never while a reader takes it
