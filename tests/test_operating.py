@@ -3,6 +3,7 @@ retention and the free-space floor. The real-engine and real-Prometheus tests ar
 test_operating_live.py and test_operating_cluster.py."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -249,3 +250,40 @@ def test_result_ttl_setting_reads_durations():
     assert Settings(result_ttl="").result_ttl is None
     with pytest.raises(ValueError):
         Settings(result_ttl="-5m")
+
+
+def test_startup_settings_mask_secrets():
+    from diffusionapi.logs import masked_settings
+
+    shown = masked_settings(Settings(api_key="s3cret-key", admin_key="adm1n", webhook_secret="whsec",
+                                     api_auth="user:pa55", hf_token="hf_abc",
+                                     broker_url="amqp://guest:brokerpw@rabbit:5672//",
+                                     redis_url="redis://:redispw@redis:6379/0"))
+    text = json.dumps(shown)
+    for secret in ("s3cret-key", "adm1n", "whsec", "pa55", "hf_abc", "brokerpw", "redispw"):
+        assert secret not in text, secret
+    assert shown["api_key"] == "***" and shown["broker_url"] == "amqp://guest:***@rabbit:5672//"
+    assert shown["civitai_token"] is None and shown["webhook_allowed_hosts"] == ["*"]  # unset, and not secrets
+
+
+def test_json_lines_carry_the_structured_fields():
+    import io
+    import logging
+
+    from diffusionapi.logs import configure
+
+    stream = io.StringIO()
+    configure("json", "INFO", stream=stream)
+    access = logging.getLogger("uvicorn.access")
+    level = access.level
+    access.setLevel(logging.INFO)  # as uvicorn sets it
+    try:
+        logging.getLogger("diffusionapi.jobs").info("job %s done", "j1", extra={"event": "done", "job_id": "j1"})
+        logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "1.2.3.4:5", "GET", "/hello", "1.1", 200)
+    finally:
+        access.setLevel(level)
+        configure("text", "INFO")
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["msg"] == "job j1 done" and first["event"] == "done" and first["job_id"] == "j1"
+    assert first["level"] == "INFO" and first["logger"] == "diffusionapi.jobs" and first["ts"].endswith("Z")
+    assert (second["method"], second["path"], second["status"]) == ("GET", "/hello", 200)
