@@ -89,7 +89,7 @@ class Settings(BaseSettings):
 
     # Operating it (docs/operating.md): logs, metrics, probes, disk, models over the API.
     log_format: Literal["text", "json"] = "text"  # json: one object per line, uvicorn's lines included
-    log_level: str = "INFO"  # the diffusionapi.* loggers; uvicorn's own follow its --log-level
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # diffusionapi.*; uvicorn's follow --log-level
     metrics_port: int | None = Field(None, ge=0, le=65535)  # a cluster worker's /metrics /healthz /readyz
     worker_stall_sec: float = Field(600.0, gt=0)  # a running job silent this long: /readyz says wedged
     result_ttl: float | None = None  # seconds ("24h", "30m", "7d" too): outputs and unread finals kept
@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     model_install_allowed_hosts: list[str] = Field(default_factory=lambda: ["*"])  # the webhook rule
     hf_token: str | None = None  # sent as Authorization to huggingface.co downloads
     civitai_token: str | None = None  # sent as Authorization to civitai.com downloads
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v):
+        return v.upper() if isinstance(v, str) else v
 
     @field_validator("result_ttl", mode="before")
     @classmethod

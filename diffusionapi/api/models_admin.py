@@ -16,6 +16,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from pydantic import BaseModel, Field
 
 from ..models_install import KIND_DIRS, InstallRefused, plan_install
@@ -24,6 +25,21 @@ from ..schemas import ErrorResponse
 from . import jobs as jobs_api
 
 router = APIRouter()
+
+
+class _ModelName(Convertor):
+    """A name in ``DELETE /models/{name}``: anything (LoRA names have folders) but the fixed
+    /models/... paths, so those routes advertise only their own methods (a 405's Allow)."""
+    regex = "(?!(?:aliases|install|rescan)$).+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("modelname", _ModelName())
 
 Kind = Literal["model", "lora", "vae", "text_encoder", "controlnet", "upscaler", "embedding"]
 
@@ -107,7 +123,7 @@ def _entries(registry, kind: str):
     return []
 
 
-@router.delete("/models/{name:path}", response_model=DeleteResponse, responses={**_ADMIN, 404: _ERR, 409: _ERR})
+@router.delete("/models/{name:modelname}", response_model=DeleteResponse, responses={**_ADMIN, 404: _ERR, 409: _ERR})
 def delete_model(name: str, request: Request, kind: Kind = Query("model")):
     denied = admin_problem(request)
     if denied:

@@ -118,14 +118,16 @@ class Engine:
             return self._upscale_only(plan, progress)
         t_load = time.perf_counter()
         first_phase = "encoding" if plan.init else "initial generation" if plan.hires else "generation"
-        if self.cache.is_loaded(plan.model.name) and (plan.refiner is None or self.cache.is_loaded(plan.refiner.name)):
+        resident = self.cache.is_loaded(plan.model.name) and (plan.refiner is None
+                                                              or self.cache.is_loaded(plan.refiner.name))
+        if resident:
             progress.phase(first_phase)
         needed = (plan.model.name,) + ((plan.refiner.name,) if plan.refiner else ())
         base = self._load(plan.model, progress, keep=needed)
         refiner = None
         if plan.refiner is not None:
             refiner = self._load(plan.refiner, progress, keep=needed, share_from=base)
-        load_time = time.perf_counter() - t_load
+        load_time = 0.0 if resident else time.perf_counter() - t_load  # 0: nothing was loaded (README)
         self.loras.apply(base, plan.loras)
         fastmode.set_fused(base.pipe.unet, not plan.loras)  # LoRA adapters wrap the unfused projections
         check()

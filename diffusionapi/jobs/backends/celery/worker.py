@@ -199,8 +199,8 @@ class ClusterWorker:
             from .execute import execute_job
 
             final, images = execute_job(self, job_id, record, JobProgress(self, job_id, record.get("payload")))
-            observe.ended(job_id, kind, final, record.get("payload"))
             if self.state.finish(job_id, self.name, final, images):
+                observe.ended(job_id, kind, final, record.get("payload"))  # counted where its result landed
                 self.hooks.ended(job_id, record.get("payload"), final["state"],
                                  lambda: final_view(job_id, FinalJob(JobStatus.model_validate(final), list(images))))
             else:
