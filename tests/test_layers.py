@@ -156,3 +156,14 @@ sys.exit(1 if loaded else 0)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dialects_call_the_job_service_not_routes():
+    """A dialect translates wire types and calls jobs/service.py with typed requests: no route
+    lookup, no signature reflection (#23)."""
+    import re
+
+    offenders = [f"{p.relative_to(PKG)}:{i}" for p in sorted((PKG / "api").rglob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"inspect\.signature|app\.routes|get_type_hints", line)]
+    assert not offenders, offenders

@@ -171,7 +171,7 @@ def test_unwritable_queue_dir_is_503_and_nothing_queued(model_store, tmp_path):
         try:
             r = s.client.post("/txt2img", json=SMALL)
             assert r.status_code == 503 and "queue directory" in r.json()["error"]
-            assert s.app.state.jobs.queue.size() == 0
+            assert s.app.state.backend.queue.size() == 0
         finally:
             settings.queue_dir.unlink()
             settings.queue_dir.mkdir()

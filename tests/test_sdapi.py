@@ -47,8 +47,7 @@ def test_sampler_and_scheduler_names(sampler, scheduler, expected, warns):
 
 def _ctx(**kw):
     return Context(default_sampler=DEFAULT, model=kw.pop("model", None), clip_skip=None,
-                   resolve_checkpoint=lambda v: {"tiny": "tiny-sd15"}.get(checkpoint_key(v), checkpoint_key(v)),
-                   supports=frozenset(kw.pop("supports", {"clip_skip", "batch_size", "n_iter"})))
+                   resolve_checkpoint=lambda v: {"tiny": "tiny-sd15"}.get(checkpoint_key(v), checkpoint_key(v)))
 
 
 def test_wire_model_is_lenient_and_converts_once():
@@ -63,6 +62,7 @@ def test_wire_model_is_lenient_and_converts_once():
     assert body == {"prompt": "p", "negative_prompt": "", "steps": 12, "cfg_scale": 7.0, "width": 512,
                     "height": 512, "sampler_name": "Euler", "scheduler_type": None, "seed": None,
                     "fileType": "png", "model": "tiny-sd15", "clip_skip": 2, "batch_size": 1, "n_iter": 1,
+                    "preview": {"every": 10, "method": "approx"},
                     "hires": {"enabled": True, "scale": 1.5, "upscaler": "Latent", "steps": 12,
                               "denoising_strength": 0.4}}
 
@@ -80,12 +80,16 @@ def test_hires_resize_target_and_img2img_fields():
         {"init_image": "AAAA", "mask": "BBBB", "mask_blur": 0, "denoising_strength": 0.75, "inpainting_fill": 1}
 
 
-def test_features_the_native_api_lacks_are_warned_not_sent():
-    ctx = _ctx(supports=set())
-    body = to_native(Txt2ImgAPIRequest(prompt="p", batch_size=2, override_settings={"CLIP_stop_at_last_layers": 2}),
-                     ctx)
-    assert "batch_size" not in body and "clip_skip" not in body
-    assert any("batch_size" in w for w in ctx.warnings) and any("clip skip" in w for w in ctx.warnings)
+def test_native_request_is_typed_and_names_the_a1111_field():
+    from diffusionapi.api.sdapi.protocol import FieldError, native_request
+    from diffusionapi.api.sdapi.protocol import Img2ImgAPIRequest as I2I
+    from diffusionapi.schemas import Txt2ImgRequest
+
+    native = native_request(Txt2ImgAPIRequest(prompt="p", batch_size=2,
+                                              override_settings={"CLIP_stop_at_last_layers": 2}), _ctx())
+    assert isinstance(native, Txt2ImgRequest) and (native.batch_size, native.clip_skip) == (2, 2)
+    with pytest.raises(FieldError, match="init_images"):
+        native_request(I2I(prompt="p", init_images=[]), _ctx())
 
 
 def test_basic_auth_rules():

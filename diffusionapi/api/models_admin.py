@@ -105,9 +105,7 @@ def install(body: InstallRequest, request: Request):
         payload = plan_install(state.settings, body.url, body.kind, body.name, body.sha256)
     except InstallRefused as e:
         return _refused(e)
-    job_id = jobs_api.submit(request, "install", payload)
-    if not isinstance(job_id, str):
-        return job_id  # a 503 (queue full, disk below the floor)
+    job_id = state.jobs.record("install", payload)  # a 503 (queue full, disk below the floor) raises
     return InstallResponse(job_id=job_id, path=payload["path"])
 
 

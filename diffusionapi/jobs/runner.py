@@ -99,7 +99,7 @@ class JobRunner:
         """The images of ``result`` written to the outputs directory, as the job's ``done`` status."""
         plan, out = job.plan, job.output
         out_dir = Path(self.settings.outputs_dir)
-        records = []
+        records, encoded = [], []
         t_encode = time.perf_counter()
         # Generation time (since t0) less what the model load and the VAE decode took is sampling.
         decode = getattr(result, "decode_time_sec", 0.0) or 0.0
@@ -113,6 +113,7 @@ class JobRunner:
                 write_atomic(path, data)
             except OSError as e:
                 raise JobFailed(f"could not write the output image {display_path(path)}: {e.strerror or e}") from e
+            encoded.append(data)
             records.append(ImageRecord(output_path=display_path(path), output_file=str(path.resolve()),
                                        seed=gen.seed, infotext=infotext, width=gen.image.width,
                                        height=gen.image.height))
@@ -121,13 +122,15 @@ class JobRunner:
         if decode:
             phases["decode"] = round(decode, 3)
         phases["encode"] = round(time.perf_counter() - t_encode, 3)
-        return JobStatus(
+        status = JobStatus(
             state="done", current_phase="done", progress=100.0, payload=job.echo,
             output_path=first.output_path, output_file=first.output_file, width=first.width, height=first.height,
             file_type=out.file_type, jpeg_quality=out.jpeg_quality,
             generation_time_sec=round(time.perf_counter() - t0, 3), load_time_sec=result.load_time_sec,
             memory_before_mb=mem_before, memory_after_mb=rss_mb(), seed=first.seed, infotext=first.infotext,
             images=records if len(records) > 1 else None, warnings=result.warnings or None, phase_sec=phases)
+        status._encoded = encoded
+        return status
 
     def warm_up(self) -> None:
         """Run each of ``settings.warmup_shapes`` once (2 steps) before the first job: the model

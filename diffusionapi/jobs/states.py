@@ -19,6 +19,9 @@ FINAL_STATES: tuple[str, ...] = (DONE, ERROR, CANCELLED)
 # listener gets the current state, never a backlog).
 STATE_EVENTS: tuple[str, ...] = ("queued", "progress", "preview")
 
+# What a webhook may subscribe to: each final state, and throttled progress.
+WEBHOOK_EVENTS: tuple[str, ...] = FINAL_STATES + ("progress",)
+
 # A job that keeps killing its worker (or the server) is not retried forever: the attempt after
 # this many ends the job in ``error``. A graceful stop (shutdown) is not counted.
 MAX_ATTEMPTS = 3

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from .states import FINAL_STATES, JobState  # noqa: F401 - the one list of states (states.py)
 
@@ -54,6 +54,9 @@ class JobStatus(BaseModel):
     # When done: seconds per phase after the model load (sampling, decode, encode; upscale jobs:
     # upscale, encode): the done log record and the phase histogram (jobs/observe.py).
     phase_sec: dict[str, float] | None = None
+    # The encoded images of a ``done`` status as the runner made them, in memory only (never in
+    # the record): a Celery worker hands them to Redis without reading its files back.
+    _encoded: list[bytes] = PrivateAttr(default_factory=list)
 
     @property
     def is_final(self) -> bool:

@@ -12,12 +12,7 @@ from ..states import progress_event
 from ..status import FinalJob, JobStatus
 
 
-class QueueFull(Exception):
-    """The queue holds its configured maximum; the client should retry later (503)."""
-
-
-class BackendUnavailable(Exception):
-    """The job could not be recorded durably (disk full, broker down); nothing was queued (503)."""
+from ...errors import BackendUnavailable, QueueFull  # noqa: E402,F401 - what submit raises (503s)
 
 
 @dataclass

@@ -183,7 +183,7 @@ class CeleryBackend(JobBackend):
         except redis.RedisError as e:
             raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
         if seq is None:
-            raise QueueFull()
+            raise QueueFull(f"the queue is full ({self.settings.max_queued_jobs} jobs); retry later")
         try:
             self._publish(job_id, queue)
         except Exception as e:  # noqa: BLE001 - kombu raises several kinds for a broker that is down

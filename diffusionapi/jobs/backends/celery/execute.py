@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
 log = logging.getLogger("diffusionapi.worker")
 
@@ -58,9 +57,4 @@ def execute_job(worker, job_id: str, record: dict, progress) -> tuple[dict, list
     finally:
         if payload.get("model"):
             worker.loaded_model = payload["model"]
-    files = [r.output_file for r in final.images] if final.images else [final.output_file]
-    try:
-        images = [Path(f).read_bytes() for f in files]
-    except OSError as e:
-        return failed("error", f"could not read back the output image: {e.strerror or e}")
-    return final.to_record(), images
+    return final.to_record(), list(final._encoded)

@@ -93,7 +93,7 @@ class EmbeddedBackend(JobBackend):
 
     def submit(self, kind: str, payload: dict) -> str:
         if self.queue.size() >= self.settings.max_queued_jobs:
-            raise QueueFull()
+            raise QueueFull(f"the queue is full ({self.settings.max_queued_jobs} jobs); retry later")
         low = free_space_problem(self.settings)
         if low:  # refused before anything is written
             raise BackendUnavailable(low)
@@ -265,15 +265,9 @@ class EmbeddedBackend(JobBackend):
 
     def listing(self) -> list[QueueEntry]:
         positions = dict(self.queue.snapshot())
-        out = []
-        for p in sorted(self.store.dir.glob("*_job.json")):
-            job_id = p.name[: -len("_job.json")]
-            st = self.store.read_status(job_id)
-            record = self.store.read_job(job_id) or {}
-            out.append(QueueEntry(job_id=job_id, state=st.state if st else "unknown",
-                                  current_phase=st.current_phase if st else "",
-                                  progress=st.progress if st else 0.0, queue_position=positions.get(job_id),
-                                  kind=record.get("kind", "txt2img")))
+        out = [QueueEntry(job_id=job_id, state=e.state, current_phase=e.current_phase, progress=e.progress,
+                          queue_position=positions.get(job_id), kind=e.kind)
+               for job_id, e in self.store.index().items()]  # from memory: no record is parsed
         out.sort(key=lambda j: (j.queue_position is None, j.queue_position or 0))
         return out
 

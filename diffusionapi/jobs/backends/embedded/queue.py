@@ -5,7 +5,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from ..base import QueueFull
+from ....errors import QueueFull
 
 
 @dataclass
@@ -27,7 +27,7 @@ class JobQueue:
     def put(self, job_id: str, *, force: bool = False) -> None:
         with self._cond:
             if not force and self.size() >= self.max_jobs:
-                raise QueueFull()
+                raise QueueFull(f"the queue is full ({self.max_jobs} jobs); retry later")
             self._waiting.append(job_id)
             self._cond.notify()
 

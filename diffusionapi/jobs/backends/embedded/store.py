@@ -11,21 +11,42 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from ....files import write_atomic
+from ...resolve import INPUT_FIELDS
 from ...status import JobStatus
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexEntry:
+    """What a listing shows of a job, kept in memory beside its files: GET /queue, /cluster and
+    /sdapi/v1/progress read this, never every record on disk."""
+    kind: str
+    created_at: float
+    state: str = "queued"
+    current_phase: str = "queued"
+    progress: float = 0.0
 
 
 class JobStore:
     def __init__(self, queue_dir: Path):
         self.dir = Path(queue_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, IndexEntry] = {}
+        self._lock = threading.Lock()
+
+    def index(self) -> dict[str, IndexEntry]:
+        """A copy of the listing index: job id -> IndexEntry, in creation order."""
+        with self._lock:
+            return {k: IndexEntry(**vars(v)) for k, v in self._index.items()}
 
     def job_path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}_job.json"
@@ -35,6 +56,8 @@ class JobStore:
 
     def create(self, job_id: str, payload: dict, kind: str = "txt2img") -> None:
         record = {"job_id": job_id, "kind": kind, "payload": payload, "created_at": time.time(), "attempts": 0}
+        with self._lock:
+            self._index[job_id] = IndexEntry(kind, record["created_at"])
         self.write_status(job_id, JobStatus.queued(), fsync=True)
         write_atomic(self.job_path(job_id), json.dumps(record).encode(), fsync=True)
 
@@ -57,8 +80,29 @@ class JobStore:
         if isinstance(status, dict):
             status = JobStatus.model_validate(status)
         write_atomic(self.status_path(job_id), json.dumps(status.to_record()).encode(), fsync=fsync)
+        with self._lock:
+            entry = self._index.get(job_id)
+            if entry is not None:
+                entry.state, entry.current_phase, entry.progress = status.state, status.current_phase, status.progress
+        if status.is_final:
+            self.drop_inputs(job_id)
+
+    def drop_inputs(self, job_id: str) -> None:
+        """A job that ended never runs again: its input images (often megabytes of base64) leave
+        the record now, so finished, cancelled and unread jobs cost a small file each."""
+        record = self.read_job(job_id)
+        payload = (record or {}).get("payload")
+        if not isinstance(payload, dict) or not any(payload.get(f) for f in INPUT_FIELDS):
+            return
+        record["payload"] = {k: (None if k in INPUT_FIELDS else v) for k, v in payload.items()}
+        try:
+            self.write_job(job_id, record)
+        except OSError as e:  # the job is final either way; the space comes back when it is read
+            log.warning("could not drop the inputs of job %s: %s", job_id, e)
 
     def delete(self, job_id: str, *, missing_ok_errors: bool = False) -> None:
+        with self._lock:
+            self._index.pop(job_id, None)
         for p in (self.status_path(job_id), self.job_path(job_id)):
             try:
                 p.unlink()
@@ -132,6 +176,10 @@ class JobStore:
         for stray in self.dir.glob(".*.tmp"):  # temp files of writes a crash cut short
             stray.unlink(missing_ok=True)
         out.sort(key=lambda rs: rs[0].get("created_at", 0))
+        with self._lock:
+            self._index = {r["job_id"]: IndexEntry(r.get("kind", "txt2img"), r.get("created_at", 0.0),
+                                                   *((st.state, st.current_phase, st.progress) if st else ()))
+                           for r, st in out}
         return out
 
 
