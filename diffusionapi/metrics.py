@@ -91,7 +91,10 @@ class _LiveCollector:
 
 def _gpu_memory():
     torch = sys.modules.get("torch")  # never import torch for a scrape (API nodes have none loaded)
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    try:  # the worker thread may be importing torch right now (a partly initialised module)
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+    except AttributeError:
         return
     g = GaugeMetricFamily("diffusionapi_gpu_memory_bytes", "GPU memory held by tensors: in_use, peak (since start), "
                           "reserved (by the caching allocator)", labels=["device", "kind"])

@@ -287,3 +287,45 @@ def test_json_lines_carry_the_structured_fields():
     assert first["msg"] == "job j1 done" and first["event"] == "done" and first["job_id"] == "j1"
     assert first["level"] == "INFO" and first["logger"] == "diffusionapi.jobs" and first["ts"].endswith("Z")
     assert (second["method"], second["path"], second["status"]) == ("GET", "/hello", 200)
+
+
+def test_webhook_deliveries_are_counted_and_logged_by_outcome(tmp_path, caplog):
+    import logging
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    codes = [500, 200]  # the first attempt fails, the retry is delivered
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(codes.pop(0) if codes else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook?token=secret-in-query"
+    try:
+        with AppServer(tmp_path, webhook_secret="s", webhook_allowed_hosts=["127.0.0.1"],
+                       webhook_backoff_sec=0.05) as s:
+            before = s.client.get("/metrics").text
+            with caplog.at_level(logging.INFO, logger="diffusionapi.jobs"):
+                s.submit(webhook={"url": hook, "events": ["done"]})
+
+                def delivered():
+                    return metric(s.client.get("/metrics").text, "diffusionapi_webhook_deliveries_total",
+                                  event="done", outcome="delivered") \
+                        - metric(before, "diffusionapi_webhook_deliveries_total", event="done", outcome="delivered")
+                until(lambda: delivered() == 1)
+            after = s.client.get("/metrics").text
+            assert metric(after, "diffusionapi_webhook_deliveries_total", event="done", outcome="retrying") \
+                - metric(before, "diffusionapi_webhook_deliveries_total", event="done", outcome="retrying") == 1
+    finally:
+        receiver.shutdown()
+    records = [r for r in caplog.records if getattr(r, "event", None) == "webhook"]
+    assert [r.outcome for r in records] == ["retrying", "delivered"]
+    assert records[0].status_code == 500 and "HTTP 500" in records[0].error
+    assert all("secret-in-query" not in r.getMessage() and "token" not in r.url for r in records)
