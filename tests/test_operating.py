@@ -4,6 +4,7 @@ test_operating_live.py and test_operating_cluster.py."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -289,8 +290,16 @@ def test_json_lines_carry_the_structured_fields():
     assert (second["method"], second["path"], second["status"]) == ("GET", "/hello", 200)
 
 
-def test_webhook_deliveries_are_counted_and_logged_by_outcome(tmp_path, caplog):
-    import logging
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_webhook_deliveries_are_counted_and_logged_by_outcome(tmp_path):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     codes = [500, 200]  # the first attempt fails, the retry is delivered
@@ -312,7 +321,9 @@ def test_webhook_deliveries_are_counted_and_logged_by_outcome(tmp_path, caplog):
         with AppServer(tmp_path, webhook_secret="s", webhook_allowed_hosts=["127.0.0.1"],
                        webhook_backoff_sec=0.05) as s:
             before = s.client.get("/metrics").text
-            with caplog.at_level(logging.INFO, logger="diffusionapi.jobs"):
+            seen = _Records()
+            logging.getLogger("diffusionapi.jobs").addHandler(seen)
+            try:
                 s.submit(webhook={"url": hook, "events": ["done"]})
 
                 def delivered():
@@ -320,12 +331,14 @@ def test_webhook_deliveries_are_counted_and_logged_by_outcome(tmp_path, caplog):
                                   event="done", outcome="delivered") \
                         - metric(before, "diffusionapi_webhook_deliveries_total", event="done", outcome="delivered")
                 until(lambda: delivered() == 1)
+            finally:
+                logging.getLogger("diffusionapi.jobs").removeHandler(seen)
             after = s.client.get("/metrics").text
             assert metric(after, "diffusionapi_webhook_deliveries_total", event="done", outcome="retrying") \
                 - metric(before, "diffusionapi_webhook_deliveries_total", event="done", outcome="retrying") == 1
     finally:
         receiver.shutdown()
-    records = [r for r in caplog.records if getattr(r, "event", None) == "webhook"]
+    records = [r for r in seen.records if getattr(r, "event", None) == "webhook"]
     assert [r.outcome for r in records] == ["retrying", "delivered"]
     assert records[0].status_code == 500 and "HTTP 500" in records[0].error
     assert all("secret-in-query" not in r.getMessage() and "token" not in r.url for r in records)
