@@ -31,7 +31,7 @@ from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 from . import metrics
-from .jobs.states import JobCancelled, JobFailed, ProgressThrottle, final_state_of
+from .jobs.states import JobCancelled, JobFailed, JobInterrupted, ProgressThrottle, final_state_of
 from .jobs.status import JobStatus
 from .jobs.webhooks import WebhookRefused, check_target
 from .registry import display_path
@@ -206,6 +206,7 @@ class Installer:
         self.read_job = host.store.read_job
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._cancel: set[str] = set()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -214,7 +215,7 @@ class Installer:
 
     def stop(self) -> None:
         self._queue.put(None)
-        self._cancel.add("*stopping*")
+        self._stopping.set()
         if self._thread:
             self._thread.join(10)
 
@@ -250,7 +251,9 @@ class Installer:
         throttle = ProgressThrottle(0.25)
 
         def cancelled() -> bool:
-            return job_id in self._cancel or "*stopping*" in self._cancel
+            if self._stopping.is_set():  # a stop is no failure: the job resumes at the next start
+                raise JobInterrupted()
+            return job_id in self._cancel
 
         def progress(have: int, total: int | None) -> None:
             percent = 95.0 * have / total if total else 0.0
@@ -279,6 +282,9 @@ class Installer:
             metrics.MODEL_INSTALLS.labels("done").inc()
             log.info("installed %s (%s) from %s", payload["path"], payload["kind"], urlsplit(payload["url"]).hostname,
                      extra={"event": "model_installed", "job_id": job_id, "path": payload["path"]})
+        except JobInterrupted:
+            self.host.install_interrupted(job_id)
+            return
         except Exception as e:  # noqa: BLE001 - every failure is the job's final state
             state, message = final_state_of(e, job_id)
             metrics.MODEL_INSTALLS.labels(state).inc()

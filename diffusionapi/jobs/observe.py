@@ -6,6 +6,7 @@
   ended            the embedded backend's ``_ended`` (worker and queued cancels alike); a cluster
                    worker's ``run``; an API node's cancel of a queued cluster job
   interrupted      a graceful stop put a running job back in the queue
+  expired          retention forgot an unread result (the embedded backend's ``expire``)
 
 Each record carries ``job_id`` and ``event`` as structured fields (``DIFFUSIONAPI_LOG_FORMAT=json``
 prints them as keys) and says the same in its text. The ``done`` record has the seconds of each
@@ -69,6 +70,12 @@ def started(job_id: str, kind: str, payload: dict | None, worker: str, attempt: 
 def interrupted(job_id: str) -> None:
     log.info("job %s interrupted by a stop; back in the queue", job_id,
              extra={"event": "interrupted", "job_id": job_id})
+
+
+def expired(job_id: str, reason: str) -> None:
+    """Retention forgot a finished job nobody collected (retention.py)."""
+    log.info("job %s expired unread: %s", job_id, reason, extra={"event": "expired", "job_id": job_id,
+                                                                 "reason": reason})
 
 
 def ended(job_id: str, kind: str, status, payload: dict | None = None) -> None:

@@ -214,6 +214,11 @@ class EmbeddedBackend(JobBackend):
         self.store.write_status(job_id, JobStatus.processing(phase, percent))
         self.live.progress(job_id, None, phase, percent)
 
+    def install_interrupted(self, job_id: str) -> None:
+        """A stop cut the download short: queued again, it resumes from its partial file at the next start."""
+        self.store.write_status(job_id, JobStatus.queued(), fsync=True)
+        observe.interrupted(job_id)
+
     def install_ended(self, job_id: str, status: JobStatus, payload: dict) -> None:
         self.store.write_status(job_id, status, fsync=True)
         self._ended(job_id, status, payload)
@@ -229,8 +234,7 @@ class EmbeddedBackend(JobBackend):
             self.store.delete(job_id)
         self.live.forget(job_id)
         self.live.events.forget(job_id)
-        log.info("job %s expired unread: %s", job_id, reason, extra={"event": "expired", "job_id": job_id,
-                                                                     "reason": reason})
+        observe.expired(job_id, reason)
         return True
 
     def expire_finals(self, before: float, reason: str) -> int:
