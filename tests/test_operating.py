@@ -342,3 +342,29 @@ def test_webhook_deliveries_are_counted_and_logged_by_outcome(tmp_path):
     assert [r.outcome for r in records] == ["retrying", "delivered"]
     assert records[0].status_code == 500 and "HTTP 500" in records[0].error
     assert all("secret-in-query" not in r.getMessage() and "token" not in r.url for r in records)
+
+
+def test_opentelemetry_trace_of_a_job_has_its_phases(tmp_path):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from diffusionapi import tracing
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracing.use(provider)
+    try:
+        with AppServer(tmp_path) as s:
+            job = s.submit()
+            s.wait_state(job, ("done",))
+            until(lambda: any(sp.name == "job txt2img" for sp in spans.get_finished_spans()))
+    finally:
+        tracing.use(None)
+    got = {sp.name: sp for sp in spans.get_finished_spans()}
+    root = got["job txt2img"]
+    assert root.attributes["diffusionapi.job_id"] == job and root.attributes["diffusionapi.state"] == "done"
+    children = [sp for sp in spans.get_finished_spans() if sp.parent and sp.parent.span_id == root.context.span_id]
+    assert [c.name for c in sorted(children, key=lambda c: c.start_time)] == ["queue_wait", "sampling", "encode"]
+    assert all(root.start_time <= c.start_time <= c.end_time <= root.end_time for c in children)

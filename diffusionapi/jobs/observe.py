@@ -19,11 +19,16 @@ import logging
 import time
 from urllib.parse import urlsplit
 
-from .. import metrics
+from .. import metrics, tracing
 from ..logs import caller
 from .states import CANCELLED, DONE, ERROR
 
 log = logging.getLogger("diffusionapi.jobs")
+
+# Queue waits of the jobs running in this process, from ``started`` to ``ended`` (their trace
+# begins when they were queued). Bounded: a job that never ends here must not leak.
+_waits: dict[str, float] = {}
+_MAX_WAITS = 10_000
 
 
 def _get(status, name, default=None):
@@ -61,6 +66,9 @@ def started(job_id: str, kind: str, payload: dict | None, worker: str, attempt: 
                     "model": model, "queue_wait_sec": round(waited, 3) if waited is not None else None})
     if waited is not None and attempt == 1:  # a retry's wait is not the queue's
         metrics.PHASE_SECONDS.labels("queue_wait").observe(waited)
+        if len(_waits) >= _MAX_WAITS:
+            _waits.pop(next(iter(_waits)))
+        _waits[job_id] = waited
     if attempt > 1:
         log.warning("job %s retried: attempt %d (its worker died or the server restarted while it ran)",
                     job_id, attempt, extra={"event": "retried", "job_id": job_id, "attempt": attempt})
@@ -87,19 +95,21 @@ def ended(job_id: str, kind: str, status, payload: dict | None = None) -> None:
     metrics.JOBS.labels(kind, state).inc()
     if seconds is not None:
         metrics.JOB_SECONDS.labels(kind, state).observe(seconds)
+    phases: dict[str, float] = {}
     if state == DONE and kind == "install":  # models_install.py logs what it installed
         log.info("job %s done in %s s", job_id, seconds, extra={"event": "done", **base})
     elif state == DONE:
-        _done(job_id, kind, status, model, base)
+        phases = _done(job_id, kind, status, model, base)
     elif state == ERROR:
         log.warning("job %s failed after %s s: %s", job_id, seconds, _get(status, "error"),
                     extra={"event": "failed", "error": _get(status, "error"), **base})
     elif state == CANCELLED:
         log.info("job %s cancelled after %s s", job_id, seconds if seconds is not None else 0,
                  extra={"event": "cancelled", **base})
+    tracing.job_ended(job_id, kind, state, seconds, phases, _waits.pop(job_id, None), _get(status, "error"))
 
 
-def _done(job_id: str, kind: str, status, model: str | None, base: dict) -> None:
+def _done(job_id: str, kind: str, status, model: str | None, base: dict) -> dict[str, float]:
     load = _get(status, "load_time_sec") or 0.0
     phases = dict(_get(status, "phase_sec") or {})
     if load > 0:
@@ -120,6 +130,7 @@ def _done(job_id: str, kind: str, status, model: str | None, base: dict) -> None
     shown = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
     log.info("job %s done in %s s (%s): %d image(s)", job_id, base["seconds"], shown or "no phases", n_images,
              extra={"event": "done", "phase_sec": phases, "images": n_images, "steps": steps, **base})
+    return phases
 
 
 def _steps(kind: str, payload: dict) -> int:
