@@ -132,10 +132,6 @@ def api(server):
     return webuiapi.WebUIApi(baseurl=server.url + "/sdapi/v1", sampler="Euler a", steps=4)
 
 
-def has_native(server, path: str) -> bool:
-    return server.app.state.sdapi.native_model(path.strip("/")) is not None
-
-
 def pixels(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
@@ -299,15 +295,11 @@ def test_extra_single_image(api, server):
     src = Image.effect_noise((32, 24), 60).convert("RGB")
     r = api.extra_single_image(src, upscaler_1="Lanczos", upscaling_resize=2)
     assert r.image.size == (64, 48)
-    if not has_native(server, "/upscale"):
-        pytest.skip("native POST /upscale is not on this branch yet (img2img issue)")
     r = api.extra_single_image(src, upscaler_1="Tiny2x", upscaling_resize=2)
     assert r.image.size == (64, 48)
 
 
 def test_img2img_and_inpainting(api, server):
-    if not has_native(server, "/img2img"):
-        pytest.skip("native POST /img2img is not on this branch yet (img2img issue)")
     src = Image.effect_noise((64, 64), 60).convert("RGB")
     r = api.img2img(images=[src], prompt="a painting", denoising_strength=0.5, seed=3, width=64, height=64)
     assert r.image.size == (64, 64) and "Denoising strength: 0.5" in r.info["infotexts"][0]
@@ -408,27 +400,22 @@ def test_hires_fix(api):
     assert r.info["denoising_strength"] == 0.5 and r.info["width"] == 64  # A1111: the first-pass size
 
 
-def test_embeddings_come_from_the_native_listing(model_store, tmp_path):
-    from fastapi import FastAPI, Request
-
+def test_embeddings_in_a1111_shape_split_by_the_current_models_family(model_store, tmp_path):
     from diffusionapi.api.sdapi.service import SdapiState
     from diffusionapi.registry import Registry
+    from tests.test_embeddings import write_embedding
 
-    app = FastAPI()
-
-    @app.get("/embeddings")
-    def listing(request: Request):
-        assert request.app is app
-        return {"status": "success", "embeddings": [{"name": "sdword", "family": "sd15", "vectors": 2},
-                                                    {"name": "xlword", "family": "sdxl", "vectors": 3}]}
-
-    settings = make_settings(model_store, tmp_path)
-    state = SdapiState(app, settings, Registry(settings))  # current model: tiny-sd15
-    assert state.embeddings() == {
-        "loaded": {"sdword": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768,
-                              "vectors": 2}},
-        "skipped": {"xlword": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 2048,
-                               "vectors": 3}}}
+    write_embedding(tmp_path / "emb" / "sdword.pt", "a1111-pt", vectors=2)
+    write_embedding(tmp_path / "emb" / "xlword.safetensors", "sdxl", vectors=3)
+    settings = make_settings(model_store, tmp_path, embeddings_dir=tmp_path / "emb")
+    registry = Registry(settings)
+    assert {e.name: e.family for e in registry.embeddings()}["xlword"] == "sdxl"
+    state = SdapiState(None, settings, registry)  # current model: tiny-sd15
+    got = state.embeddings()
+    assert set(got["skipped"]) == {"xlword"} and set(got["loaded"]) == {"sdword"}
+    assert got["skipped"]["xlword"] == {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                        "shape": 2048, "vectors": 3}
+    assert got["loaded"]["sdword"]["vectors"] == 2
 
 
 def test_batch(api, server):
