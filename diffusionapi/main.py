@@ -48,6 +48,7 @@ class GuardMiddleware:
         self.max_body = settings.max_body_bytes
         self.max_image_body = max(settings.max_image_body_bytes, settings.max_body_bytes)
         self.key = settings.api_key.encode() if settings.api_key else None
+        self.admin = settings.admin_key.encode() if settings.admin_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -57,7 +58,8 @@ class GuardMiddleware:
                 and not scope["path"].startswith(SDAPI_PREFIX):
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-            if not hmac.compare_digest(given, self.key):
+            # The admin key (model management, api/models_admin.py) passes wherever the API key does.
+            if not hmac.compare_digest(given, self.key) and not (self.admin and hmac.compare_digest(given, self.admin)):
                 return await _send_json(send, 401, error_body("missing or wrong API key "
                                                                "(Authorization: Bearer <key> or X-API-Key)"),
                                         extra=[(b"www-authenticate", b"Bearer")])
@@ -123,7 +125,10 @@ def make_backend(settings: Settings, registry, engine_factory=None):
 
 def create_app(settings: Settings | None = None, *, engine_factory=None) -> FastAPI:
     settings = settings or get_settings()
+    from . import logs, metrics
     from .registry import Registry
+
+    logs.configure(settings.log_format, settings.log_level)
 
     registry = Registry(settings)
     backend = make_backend(settings, registry, engine_factory)
@@ -131,11 +136,19 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        logs.log_settings(settings, f"DiffusionAPI {__version__} ({settings.backend} backend)")
         backend.start()
+        metrics.LIVE.queue_source = backend.queue_stats
+        if settings.backend == "embedded":  # an API node writes no files
+            from .retention import disk_free
+
+            metrics.LIVE.disk_source = lambda: disk_free(settings)
         log.info("DiffusionAPI %s: %d models installed", __version__, len(registry.models()))
         try:
             yield
         finally:
+            if metrics.LIVE.queue_source == backend.queue_stats:
+                metrics.LIVE.queue_source = None
             backend.stop()
 
     # /docs and /redoc are served by playground.install, with their assets (offline boxes have no CDN).
@@ -163,9 +176,12 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     from . import openapi, playground
-    from .api import catalog, cluster, jobs as jobs_api, pnginfo, sdapi
+    from .api import catalog, cluster, health, jobs as jobs_api, metrics as metrics_api, models_admin, pnginfo, sdapi
 
+    app.include_router(health.router)
+    app.include_router(metrics_api.router)
     app.include_router(catalog.router)
+    app.include_router(models_admin.router)
     app.include_router(jobs_api.router)
     from .api import events as events_api
 
@@ -186,6 +202,9 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(GuardMiddleware, settings=settings)
+    from .api.observe import ObserveMiddleware
+
+    app.add_middleware(ObserveMiddleware, settings=settings)  # outermost: sees the guard's answers too
     return app
 
 

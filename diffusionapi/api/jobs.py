@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from ..errors import NotFound, error_body
+from ..errors import NotFound, ServiceError, error_body
 from ..jobs.service import JobService, valid_job_id
 from ..jobs.views import final_response, status_response
 from ..schemas import (ErrorResponse, Img2ImgRequest, QueueListEntry, QueueListResponse, QueueStatusResponse,
@@ -63,7 +63,7 @@ async def queue_list(request: Request):
 
 
 @router.get("/queue/{job_id}", response_model=QueueStatusResponse, response_model_exclude_unset=True,
-            responses=_ERRORS)
+            responses={**_ERRORS, 410: {"model": ErrorResponse}})
 async def queue_status(job_id: str, request: Request,
                        wait: float = Query(0, ge=0, le=60, description="long-poll: seconds to wait for the job to finish")):
     # async + one small file read: polling must never wait for a threadpool slot. Only the
@@ -78,6 +78,9 @@ async def queue_status(job_id: str, request: Request,
         return status_response(job_id, st, jobs.position(job_id))
     final = await run_in_threadpool(jobs.take_final, job_id) if st is not None else None
     if final is None:
+        gone = jobs.expired(job_id)  # removed unread by retention (retention.py)
+        if gone:
+            raise ServiceError(f"job {job_id} expired before its result was read: {gone}", status=410)
         raise NotFound(f"no job {job_id!r}: unknown, or its final result was already read")
     return await run_in_threadpool(final_response, job_id, final)
 

@@ -124,14 +124,16 @@ class Engine:
             return self._upscale_only(plan, progress)
         t_load = time.perf_counter()
         first_phase = "encoding" if plan.init else "initial generation" if plan.hires else "generation"
-        if self.cache.is_loaded(plan.model.name) and (plan.refiner is None or self.cache.is_loaded(plan.refiner.name)):
+        resident = self.cache.is_loaded(plan.model.name) and (plan.refiner is None
+                                                              or self.cache.is_loaded(plan.refiner.name))
+        if resident:
             progress.phase(first_phase)
         needed = (plan.model.name,) + ((plan.refiner.name,) if plan.refiner else ())
         base = self._load(plan.model, progress, keep=needed)
         refiner = None
         if plan.refiner is not None:
             refiner = self._load(plan.refiner, progress, keep=needed, share_from=base)
-        load_time = time.perf_counter() - t_load
+        load_time = 0.0 if resident else time.perf_counter() - t_load  # 0: nothing was loaded (README)
         self.loras.apply(base, plan.loras)
         fastmode.set_fused(base.pipe.unet, not plan.loras)  # LoRA adapters wrap the unfused projections
         check()
@@ -153,6 +155,7 @@ class Engine:
                        image_size=(plan.final_width, plan.final_height), taesd=self.taesd)
 
         images = []
+        decode_sec = 0.0
         # n_iter batches one after another, each its share of the progress; image k has seed + k.
         for it in range(plan.n_iter):
             seeds = [plan.seed + it * plan.batch_size + j for j in range(plan.batch_size)]
@@ -163,7 +166,9 @@ class Engine:
                 live.close()  # the last preview is out before the job's final event
             for j, seed in enumerate(seeds):
                 check()
+                t_dec = time.perf_counter()
                 image = self._decode(base, latents[j:j + 1], plan.final_width, plan.final_height)
+                decode_sec += time.perf_counter() - t_dec
                 if prepared is not None:
                     image = prepared.composite(image)
                 images.append(image)
@@ -178,7 +183,7 @@ class Engine:
         if self._control is not None:  # asked-for detected maps follow the images, as in A1111
             results += [GeneratedImage(m, plan.seed, {"ControlNet detected map": name})
                         for name, m in self._control.detected_maps()]
-        return GenerationResult(results, round(load_time, 3), warnings=text.warnings)
+        return GenerationResult(results, round(load_time, 3), round(decode_sec, 3), warnings=text.warnings)
 
     def _sample_batch(self, plan: GenerationPlan, base: LoadedModel, refiner: LoadedModel | None, cond, rcond,
                       seeds: list[int], prepared, init, progress: StageProgress, window, check,

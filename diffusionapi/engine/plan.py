@@ -143,6 +143,7 @@ class GeneratedImage:
 class GenerationResult:
     images: list[GeneratedImage]
     load_time_sec: float = 0.0  # time spent loading models for this job (0: all were resident)
+    decode_time_sec: float = 0.0  # time spent in the VAE decoding final latents (a metrics phase)
     warnings: list[str] = field(default_factory=list)
 
     @property

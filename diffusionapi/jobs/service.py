@@ -14,7 +14,8 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
-from ..errors import Conflict, NotFound, RequestError
+from ..errors import BackendUnavailable, Conflict, NotFound, QueueFull, RequestError
+from . import observe
 from ..schemas import Img2ImgRequest, Txt2ImgRequest, UpscaleRequest
 from .backends.base import JobBackend, QueueEntry
 from .events import JobEvent
@@ -73,7 +74,17 @@ class JobService:
         refused = check_webhook(webhook, self.settings)
         if refused:
             raise RequestError("webhook.url", refused)
-        return Submitted(self.backend.submit(job.kind, job.payload), job)
+        return Submitted(self.record(job.kind, job.payload), job)
+
+    def record(self, kind: str, payload: dict) -> str:
+        """Make a resolved job (or a model install, api/models_admin.py) durable and queue it."""
+        try:
+            job_id = self.backend.submit(kind, payload)
+        except (QueueFull, BackendUnavailable) as e:
+            observe.refused(kind, e.status, e.message)
+            raise
+        observe.submitted(job_id, kind, payload)
+        return job_id
 
     # ------------------------------------------------------------------ observe
     def status(self, job_id: str) -> JobStatus | None:
@@ -107,10 +118,19 @@ class JobService:
     def current_job(self) -> str | None:
         return self.backend.current_job()
 
+    def expired(self, job_id: str) -> str | None:
+        """Why retention forgot this unread job (GET /queue/{id} answers 410), else None."""
+        return self.backend.expired(job_id) if valid_job_id(job_id) else None
+
+    def readiness(self) -> dict[str, str | None]:
+        return self.backend.readiness()
+
     # ------------------------------------------------------------------ cancel
     def cancel(self, job_id: str) -> str:
         """'cancelled' (was queued) or 'cancelling' (stops at the next model evaluation).
         Raises NotFound, or Conflict when the job is already final."""
+        if valid_job_id(job_id):
+            observe.cancel_requested(job_id)  # before: a queued job's ``cancelled`` record follows it
         outcome = self.backend.cancel(job_id) if valid_job_id(job_id) else None
         if outcome is None:
             raise NotFound(f"no job {job_id!r}")

@@ -101,6 +101,22 @@ class JobBackend(ABC):
         """Webhook deliveries, pending and recently finished (``GET /queue`` lists them)."""
         return []
 
+    # ------------------------------------------------------------------ operating it (#27)
+    def queue_stats(self) -> dict | None:
+        """``{"waiting", "running", "oldest_wait_sec"}`` for the metrics (read at each scrape:
+        cheap); None when this backend cannot tell."""
+        return None
+
+    def expired(self, job_id: str) -> str | None:
+        """Why an unknown ``job_id`` is gone when retention removed it (``GET /queue/{id}`` then
+        answers 410 with this), else None."""
+        return None
+
+    def readiness(self) -> dict[str, str | None]:
+        """``/readyz``'s backend checks: name -> None when fine, else why not (cheap: probes
+        come every few seconds)."""
+        return {}
+
 
 POLL_SEC = 1.0  # how often a polled feed reads a job's status
 

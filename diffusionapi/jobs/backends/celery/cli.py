@@ -37,7 +37,13 @@ def _worker(args) -> int:
 
         seconds = args.sleep_engine
         engine_factory = lambda: SleepEngine(seconds)  # noqa: E731
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ....logs import configure, log_settings
+
+    # DIFFUSIONAPI_LOG_FORMAT / _LOG_LEVEL for our records (job lifecycle at INFO); --log-level
+    # for Celery's and kombu's own.
+    configure(settings.log_format, settings.log_level)
+    logging.getLogger().setLevel(args.log_level.upper())
+    log_settings(settings, "worker")
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     return serve(settings, name=args.name, models=models, engine_factory=engine_factory,
                  loglevel=args.log_level.upper())

@@ -112,6 +112,40 @@ class JobStore:
                 if not missing_ok_errors:
                     raise
 
+    # ------------------------------------------------------------------ retention (retention.py)
+    def final_ids_before(self, before: float) -> list[str]:
+        """Jobs whose status was last written before ``before`` (unix time): candidates to expire."""
+        out = []
+        for p in self.dir.glob("*.json"):
+            job_id = p.stem
+            if job_id.endswith("_job") or len(job_id) != 36:
+                continue
+            try:
+                if p.stat().st_mtime < before:
+                    out.append(job_id)
+            except FileNotFoundError:
+                continue
+        return out
+
+    def mark_expired(self, job_id: str, reason: str) -> None:
+        """A tombstone: the id answers 410 with ``reason`` (kept TOMBSTONE_SEC, see prune_expired)."""
+        folder = self.dir / "expired"
+        folder.mkdir(exist_ok=True)
+        write_atomic(folder / f"{job_id}.json", json.dumps({"reason": reason, "at": time.time()}).encode(),
+                     fsync=False)
+
+    def expired_reason(self, job_id: str) -> str | None:
+        data = _read_json(self.dir / "expired" / f"{job_id}.json")
+        return data.get("reason") if isinstance(data, dict) else None
+
+    def prune_expired(self, before: float) -> None:
+        for p in (self.dir / "expired").glob("*.json"):
+            try:
+                if p.stat().st_mtime < before:
+                    p.unlink()
+            except FileNotFoundError:
+                continue
+
     def set_aside(self, path: Path, reason: str) -> None:
         """Move a torn or corrupt record out of the way so start-up goes on."""
         bad = self.dir / "corrupt"
