@@ -142,6 +142,20 @@ class KeysFile:
         return found
 
 
+def parse_credentials(spec: str | None) -> dict[str, str]:
+    """DIFFUSIONAPI_API_AUTH 'user:pass[,user2:pass2]' -> {user: pass}; the password may itself contain ':'."""
+    creds: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user:
+            raise ValueError("DIFFUSIONAPI_API_AUTH: expected user:password[,user2:password2]")
+        creds[user] = password
+    return creds
+
+
 def _basic(value: bytes) -> tuple[str, str] | None:
     scheme, _, rest = value.partition(b" ")
     if scheme.lower() != b"basic" or not rest.strip():
@@ -163,8 +177,6 @@ class Authenticator:
     ``user:password`` of DIFFUSIONAPI_API_AUTH."""
 
     def __init__(self, settings):
-        from ..api.sdapi.auth import parse_credentials
-
         path = getattr(settings, "api_keys_file", None)
         self.keys = KeysFile(path) if path else None
         self.key = settings.api_key.encode() if settings.api_key else None
