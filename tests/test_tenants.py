@@ -24,6 +24,7 @@ from diffusionapi.jobs.service import JobService
 from diffusionapi.main import create_app
 from diffusionapi.registry import Registry
 from diffusionapi.schemas import Txt2ImgRequest
+from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
 from tests.test_backends_embedded import FakeEngine, _fake_model
 
 
@@ -333,3 +334,38 @@ def test_requests_per_minute_refused_before_any_route(tmp_path):
         assert codes == [200, 200, 200, 429]
         r = client.get("/sdapi/v1/progress", headers=_basic("k1"))
         assert r.status_code == 429 and "requests_per_minute" in r.json()["detail"] and r.headers["Retry-After"]
+
+
+# ---------------------------------------------------------------------- the Celery backend's ledger
+def test_redis_ledger_limits_and_usage(redis_server):
+    import redis
+
+    from diffusionapi.jobs.backends.celery.ledger import RedisLedger
+
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushdb()
+    ledger = RedisLedger(r)
+    now = 1_000_000.0
+    daily = Caller("dave", "user", Limits(images_per_day=3, pixel_steps_per_minute=100))
+    ledger.check_submit(daily, 2, 60, 0, now)
+    ledger.charge_submit(daily, 2, 60, now)
+    with pytest.raises(RateLimited) as e:
+        ledger.check_submit(daily, 2, 10, 0, now)
+    assert e.value.extra["limit"] == "images_per_day"
+    with pytest.raises(RateLimited) as e:
+        ledger.check_submit(daily, 1, 60, 0, now)
+    assert e.value.extra["limit"] == "pixel_steps_per_minute" and e.value.headers["Retry-After"] == "12"
+    ledger.check_submit(daily, 1, 60, 0, now + 12)  # refilled: 40 + 12 s x 100/60
+    rpm = Caller("fred", "user", Limits(requests_per_minute=1))
+    ledger.take_request(rpm, now)
+    with pytest.raises(RateLimited) as e:
+        ledger.take_request(rpm, now)
+    assert e.value.extra["limit"] == "requests_per_minute"
+    assert RedisLedger(r).usage("dave") == {"dave": {}}  # a new ledger (another API node) sees the same counts
+    ledger.record_usage("dave", "m1", images=2, steps=40, gpu_seconds=1.5, now=now)
+    ledger.record_usage("dave", "m1", images=1, steps=20, gpu_seconds=0.5, now=now)
+    ledger.record_usage("erin", "m2", images=1, steps=20, gpu_seconds=0.25, now=now)
+    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    assert RedisLedger(r).usage("dave") == {"dave": {day: {"m1": {"jobs": 2, "images": 3, "steps": 60,
+                                                                 "gpu_seconds": 2.0}}}}
+    assert set(ledger.usage()) == {"dave", "erin"}

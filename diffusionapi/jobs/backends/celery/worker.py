@@ -196,6 +196,7 @@ class ClusterWorker:
             if self.state.finish(job_id, self.name, final, images):
                 self.hooks.ended(job_id, record.get("payload"), final["state"],
                                  lambda: final_view(job_id, FinalJob(JobStatus.model_validate(final), list(images))))
+                self._record_usage(record, final)
             else:
                 log.warning("job %s: finished here but no longer ours (lease lost); result dropped", job_id)
             self.jobs_done += 1
@@ -206,6 +207,19 @@ class ClusterWorker:
                 self.beat()  # /cluster shows the worker free at once
             except Exception:  # noqa: BLE001
                 pass
+
+    def _record_usage(self, record: dict, final: dict) -> None:
+        """GET /usage's counts for the job's key (jobs/quotas.py); never fails the job."""
+        from ...quotas import usage_of
+        from .ledger import RedisLedger
+
+        try:
+            payload = record.get("payload") or {}
+            RedisLedger(self.state.r).record_usage(record.get("owner"), payload.get("model"),
+                                                   **usage_of(record.get("kind", "txt2img"), payload,
+                                                              JobStatus.model_validate(final)))
+        except Exception:  # noqa: BLE001 - accounting is best effort
+            log.warning("could not record the usage of a job", exc_info=True)
 
     def cancel_check(self, job_id: str):
         last = {"t": 0.0, "v": False}
