@@ -369,3 +369,65 @@ def test_redis_ledger_limits_and_usage(redis_server):
     assert RedisLedger(r).usage("dave") == {"dave": {day: {"m1": {"jobs": 2, "images": 3, "steps": 60,
                                                                  "gpu_seconds": 2.0}}}}
     assert set(ledger.usage()) == {"dave", "erin"}
+
+
+# ---------------------------------------------------------------------- a real uvicorn server
+def test_end_to_end_over_uvicorn_fair_order_positions_and_isolation(tmp_path):
+    import httpx
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    keys_file = tmp_path / "keys.toml"
+    keys_file.write_text(keys_cli.dump_toml({
+        "a": {"hash": hash_key("key-a"), "role": "user", "max_priority": 1},
+        "b": {"hash": hash_key("key-b"), "role": "user"}}))
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+    app = create_app(_settings(tmp_path, api_keys_file=keys_file), engine_factory=lambda: engine)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        a = httpx.Client(base_url=url, headers={"X-API-Key": "key-a"}, timeout=30)
+        b = httpx.Client(base_url=url, auth=("whoever", "key-b"), timeout=30)  # Basic, key as password
+        ids = {a.post("/txt2img", json={**BODY, "prompt": f"a{i}"}).json()["job_id"]: f"a{i}" for i in range(8)}
+        assert engine.started.wait(120)  # the worker imports torch first (warm-up)
+        b_job = b.post("/txt2img", json={**BODY, "prompt": "b0"}).json()["job_id"]
+        ids[b_job] = "b0"
+        hi = a.post("/txt2img", json={**BODY, "prompt": "a-hi", "priority": 1}).json()["job_id"]
+        ids[hi] = "a-hi"
+        # each key reads its own positions; together they are the order the jobs will start in
+        positions = {}
+        for job, name in ids.items():
+            body = (b if name == "b0" else a).get(f"/queue/{job}").json()
+            if body.get("queue_position"):  # 0: the one running (a0, held by the gate)
+                positions[body["queue_position"]] = name
+        assert sorted(positions) == list(range(1, len(positions) + 1))
+        # b cannot follow a's job; its own stream starts with its position
+        assert b.get(f"/queue/{hi}/events").status_code == 404
+        with b.stream("GET", f"/queue/{b_job}/events") as stream:
+            assert stream.status_code == 200
+            first = next(line for line in stream.iter_lines() if line.startswith("data:"))
+            assert json.loads(first[5:])["position"] == next(p for p, n in positions.items() if n == "b0")
+        assert [j["job_id"] for j in b.get("/queue").json()["jobs"]] == [b_job]
+        engine.gate.set()
+        for job, name in ids.items():
+            client = b if name == "b0" else a
+            deadline = time.time() + 60
+            while client.get(f"/queue/{job}?wait=5").json()["state"] not in ("done", "error", "cancelled"):
+                assert time.time() < deadline
+        observed = engine.runs[1:]
+        assert observed == [positions[p] for p in sorted(positions)]
+        assert observed.index("b0") <= 1 and observed.index("a-hi") < observed.index("a1")
+        usage = a.get("/usage").json()["usage"]
+        assert sum(m["jobs"] for d in usage["a"].values() for m in d.values()) == 9
+    finally:
+        engine.gate.set()
+        server.should_exit = True
+        thread.join(30)
