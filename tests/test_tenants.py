@@ -431,3 +431,38 @@ def test_end_to_end_over_uvicorn_fair_order_positions_and_isolation(tmp_path):
         engine.gate.set()
         server.should_exit = True
         thread.join(30)
+
+
+# ---------------------------------------------------------------------- the keys file itself
+def test_keys_file_errors_fail_closed_and_sighup_reload(tmp_path, caplog):
+    from diffusionapi.auth.keys import Authenticator
+
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": {"k": {"hash": hash_key("secret"), "limits": {"images_per_day": 5}}}}))
+    auth = Authenticator(_settings(tmp_path, api_keys_file=path))
+    headers = [(b"x-api-key", b"secret")]
+    caller = auth.authenticate(headers)
+    assert (caller.name, caller.role, caller.limits.images_per_day) == ("k", "user", 5)
+    assert auth.authenticate(headers + [(b"x-api-key", b"secret")]) is None  # sent twice: refused
+    path.write_text("{not json")
+    assert auth.authenticate(headers) is None  # a broken file accepts no key of it
+    assert "unreadable" in caplog.text
+    path.write_text(json.dumps({"keys": {"k2": {"hash": hash_key("secret"), "role": "admin"}}}))
+    auth.reload()  # what SIGHUP does
+    assert auth.authenticate(headers).name == "k2"
+    path.write_text(json.dumps({"keys": {"k": {"hash": "plain-key-here"}}}))
+    with pytest.raises(ValueError, match="hashes, never keys"):
+        Authenticator(_settings(tmp_path, api_keys_file=path))  # at start: refused outright
+
+
+def test_the_cli_writes_json_too_and_never_the_key(tmp_path, capsys):
+    path = tmp_path / "k.json"
+    assert keys_cli.main(["--file", str(path), "add", "bot", "--requests-per-minute", "60", "--share", "0.5"]) == 0
+    key = capsys.readouterr().out.strip()
+    data = json.loads(path.read_text())
+    assert key.startswith("dapi-") and key not in path.read_text()
+    assert data["keys"]["bot"]["limits"] == {"requests_per_minute": 60} and data["keys"]["bot"]["share"] == 0.5
+    assert keys_cli.main(["--file", str(path), "add", "bot"]) == 1  # names are unique
+    assert keys_cli.main(["--file", str(path), "list"]) == 0 and "requests_per_minute=60" in capsys.readouterr().out
+    assert keys_cli.main(["--file", str(path), "revoke", "bot"]) == 0
+    assert json.loads(path.read_text()) == {"keys": {}}
