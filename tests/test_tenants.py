@@ -466,3 +466,26 @@ def test_the_cli_writes_json_too_and_never_the_key(tmp_path, capsys):
     assert keys_cli.main(["--file", str(path), "list"]) == 0 and "requests_per_minute=60" in capsys.readouterr().out
     assert keys_cli.main(["--file", str(path), "revoke", "bot"]) == 0
     assert json.loads(path.read_text()) == {"keys": {}}
+
+
+def test_celery_jobs_carry_their_owner(redis_server, tmp_path, monkeypatch):
+    """Isolation on the Celery backend: the owner beside each job (no broker needed: publishing is stubbed)."""
+    import redis
+
+    from diffusionapi.jobs.backends.celery.backend import CeleryBackend
+
+    redis.Redis.from_url(redis_server.url).flushdb()
+    settings = _settings(tmp_path, backend="celery", redis_url=redis_server.url)
+    backend = CeleryBackend(settings)
+    monkeypatch.setattr(backend, "_publish", lambda job_id, queue: None)
+    jobs = JobService(backend, Registry(settings), settings)
+    mine = backend.submit("txt2img", {"model": "fake-sd15", "prompt": "x"}, JobOwner("bob"))
+    anon = backend.submit("txt2img", {"model": "fake-sd15", "prompt": "y"})
+    assert backend.owner(mine) == "bob" and backend.owner(anon) is None
+    assert backend.state.record(mine)["owner"] == "bob"  # the worker records usage under it
+    assert jobs.status(mine, A) is None and jobs.status(mine, B).state == "queued"
+    with pytest.raises(NotFound):
+        jobs.cancel(mine, A)
+    assert [e.job_id for e in jobs.listing(B)] == [mine] and jobs.others_count(B) == 1
+    assert {e.owner for e in jobs.listing(ADMIN)} == {"bob", None}
+    assert backend.active_count("bob") == 1

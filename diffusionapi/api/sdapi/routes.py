@@ -146,7 +146,8 @@ async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
     for w in ctx.warnings:
         log.warning("sdapi %s: %s", kind, w)
     started = time.time()
-    submitted = await run_in_threadpool(sdapi.jobs.submit, kind, native, caller_of(request))  # a ServiceError: A1111's error body
+    # a ServiceError (a refusal, a key's 429) becomes A1111's error body
+    submitted = await run_in_threadpool(sdapi.jobs.submit, kind, native, caller_of(request))
     final = await wait_for(request, sdapi.jobs, submitted.job_id)
     if final is None:  # the client went away; its job was cancelled
         return _error(499, "client closed the request")
