@@ -150,8 +150,8 @@ def parse_credentials(spec: str | None) -> dict[str, str]:
         if not item:
             continue
         user, sep, password = item.partition(":")
-        if not sep or not user:
-            raise ValueError("DIFFUSIONAPI_API_AUTH: expected user:password[,user2:password2]")
+        if not sep or not user or not password:
+            raise ValueError("DIFFUSIONAPI_API_AUTH: expected user:password[,user2:password2] (no empty password)")
         creds[user] = password
     return creds
 
