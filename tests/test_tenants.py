@@ -489,3 +489,27 @@ def test_celery_jobs_carry_their_owner(redis_server, tmp_path, monkeypatch):
     assert [e.job_id for e in jobs.listing(B)] == [mine] and jobs.others_count(B) == 1
     assert {e.owner for e in jobs.listing(ADMIN)} == {"bob", None}
     assert backend.active_count("bob") == 1
+
+
+def test_another_keys_job_and_an_unknown_one_take_the_same_path(stack, monkeypatch):
+    """No timing difference worth measuring: for a user, neither reads a file or the backend's
+    status; both stop at the same in-memory owner look-up."""
+    jobs, engine = stack()
+    engine.gate = threading.Event()
+    jobs.backend.start()
+    theirs = jobs.submit("txt2img", req("b"), B).job_id
+    unknown = "00000000-0000-4000-8000-000000000000"
+    touched = []
+    for name in ("read_status", "read_job"):
+        original = getattr(jobs.backend.store, name)
+        monkeypatch.setattr(jobs.backend.store, name, lambda j, _o=original, _n=name: touched.append(_n) or _o(j))
+    looked_up = []
+    original_owner = jobs.backend.owner
+    monkeypatch.setattr(jobs.backend, "owner", lambda j: looked_up.append(j) or original_owner(j))
+    for job in (theirs, unknown):
+        jobs.status(job, A)
+        jobs.take_final(job, A)
+        with pytest.raises(NotFound):
+            jobs.cancel(job, A)
+    assert touched == [] and looked_up == [theirs] * 3 + [unknown] * 3
+    engine.gate.set()
