@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.file)
     try:
         keys = load(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:  # tomllib's TOMLDecodeError is a ValueError
         print(f"{path}: {e}", file=sys.stderr)
         return 1
     if args.action == "list":

@@ -120,7 +120,7 @@ class KeysFile:
                 keys = parse_keys(read_file(self.path))
                 entries = tuple(KeyEntry(entry_caller(name, e), bytes.fromhex(e["hash"][7:]))
                                 for name, e in keys.items())
-            except (OSError, ValueError, tomllib.TOMLDecodeError) as e:
+            except (OSError, ValueError, TypeError, tomllib.TOMLDecodeError) as e:
                 if strict:
                     raise ValueError(f"DIFFUSIONAPI_API_KEYS_FILE {self.path}: {e}") from None
                 log.error("keys file %s is unreadable (%s): no key of it is accepted until it is fixed",
