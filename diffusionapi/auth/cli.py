@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                        "max_priority": args.max_priority,
                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        **({"limits": limits} if limits else {})}
-    save(path, keys)
+    try:
+        save(path, keys)
+    except ValueError as e:  # e.g. --share 0
+        print(str(e), file=sys.stderr)
+        return 1
     print(key)  # the only time the key is shown
     return 0
 
