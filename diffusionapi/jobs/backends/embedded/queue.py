@@ -81,15 +81,14 @@ class JobQueue:
         with self._cond:
             if self._order is None:
                 per = self._heads()
-                passes = dict(self._pass)
-                heap = [(-jobs[0].priority, passes.get(k, 0.0), jobs[0].seq, i, k)
+                # (head's class, key's pass, head's age, tie-breaker, key): the smallest starts next
+                heap = [(-jobs[0].priority, self._pass.get(k, 0.0), jobs[0].seq, i, k)
                         for i, (k, jobs) in enumerate(per.items())]
-                keys = {i: k for i, (k, _) in enumerate(per.items())}
                 heapq.heapify(heap)
                 out, nxt = [], {k: 0 for k in per}
                 while heap:
                     _, p, _, i, k = heapq.heappop(heap)
-                    jobs = per[keys[i]]
+                    jobs = per[k]
                     out.append(jobs[nxt[k]].job_id)
                     nxt[k] += 1
                     p += 1.0 / self._share.get(k, 1.0)
