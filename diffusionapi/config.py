@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     # Access.
     api_key: str | None = None
     api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic on /sdapi (A1111's --api-auth)
+    api_keys_file: Path | None = None  # named keys with roles and limits (docs/tenants.md, auth/keys.py)
     cors_origins: list[str] = Field(default_factory=list)
 
     # Live progress (README "Live progress"): previews, event streams, webhooks.

@@ -90,6 +90,8 @@ class Txt2ImgRequest(BaseModel):
     # added: image guidance (README "ControlNet"), applied in order
     controlnets: list[ControlNetUnitRequest] = Field(default_factory=list, max_length=8)
     ip_adapters: list[IPAdapterUnitRequest] = Field(default_factory=list, max_length=4)  # added
+    priority: int = Field(0, ge=-10, le=10, description="added: moves the job ahead of (or behind) others; "
+                          "capped to the API key's max_priority (docs/tenants.md)")
 
     @field_validator("fileType", mode="before")
     @classmethod
@@ -162,6 +164,8 @@ class UpscaleRequest(BaseModel):
     height: int | None = Field(None, ge=1)
     fileType: Literal["jpg", "png"] = "png"
     jpeg_quality: int = Field(85, ge=1, le=100)
+    priority: int = Field(0, ge=-10, le=10, description="added: moves the job ahead of (or behind) others; "
+                          "capped to the API key's max_priority (docs/tenants.md)")
 
     @field_validator("fileType", mode="before")
     @classmethod
@@ -298,6 +302,7 @@ class QueueListEntry(BaseModel):
     current_phase: str
     progress: float
     queue_position: int | None = None
+    owner: str | None = None  # added: the name of the key that submitted it
 
 
 class WebhookAttempt(BaseModel):
@@ -321,3 +326,4 @@ class QueueListResponse(BaseModel):
     status: Literal["success"] = "success"
     jobs: list[QueueListEntry]
     webhooks: list[WebhookDelivery] = Field(default_factory=list)  # added: deliveries, pending and recent
+    others: int | None = Field(None, description="added: with named keys, jobs of other keys (a user sees only a count)")

@@ -1,9 +1,7 @@
 """The playground's ControlNet / IP-Adapter panel in a real headless Chromium (as tests/test_playground.py)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from .test_controlnet import cn_dirs, cn_server, control_image  # noqa: F401 - fixtures
 from .test_playground import Page, browser, fill_basic, label  # noqa: F401 - fixtures

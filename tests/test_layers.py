@@ -20,7 +20,8 @@ LAYERS: dict[str, float] = {
     "retention": 1,  # outputs and unread results kept within the TTL and the size cap
     "models_install": 4.25,  # POST /models/install's downloads, run by the embedded backend
     # jobs/: the middle of the house, layered inside (a group is the longest name listed here)
-    "jobs": 0, "jobs.states": 0, "jobs.status": 0.1, "jobs.events": 0.1,
+    "auth": 0.05,  # who calls: keys file, Caller, the keys CLI (nothing of the jobs)
+    "jobs": 0, "jobs.states": 0, "jobs.status": 0.1, "jobs.events": 0.1, "jobs.quotas": 0.2,
     "jobs.webhooks": 1, "jobs.live": 1.5,
     "fileinfo": 1, "images": 1, "imageinput": 1,
     "engine": 2, "registry": 2, "demo": 2,

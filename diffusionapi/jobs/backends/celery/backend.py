@@ -35,7 +35,8 @@ from ... import observe
 from ...events import JobEvent
 from ...status import FINAL_STATES, JobStatus
 from ...states import MAX_ATTEMPTS
-from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
+from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, JobOwner, QueueEntry, QueueFull
+from .ledger import RedisLedger
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class CeleryBackend(JobBackend):
         self._aredis_loop = None
         self.celery = make_celery(settings)
         self.catalog = CatalogRegistry(settings, self.state)
+        self.ledger = RedisLedger(self.state.r)  # per-key limits and usage, shared by the cluster
         self._waiters = FinalWaiters()
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
@@ -174,12 +176,15 @@ class CeleryBackend(JobBackend):
         await self._waiters.wait(job_id, timeout, lambda: self.state.is_final(job_id) is not False)
 
     # ------------------------------------------------------------------ jobs
-    def submit(self, kind: str, payload: dict) -> str:
+    def submit(self, kind: str, payload: dict, owner: JobOwner | None = None) -> str:
         job_id = str(uuid.uuid4())
         queue = queue_name(payload.get("model"))
-        record = {"kind": kind, "payload": payload, "queue": queue, "created_at": time.time()}
+        owner_name = owner.name if owner else None  # (priority and share: not on this backend yet, docs/tenants.md)
+        record = {"kind": kind, "payload": payload, "queue": queue, "created_at": time.time(), "owner": owner_name}
         try:
             seq = self.state.create(job_id, record, self.settings.max_queued_jobs)
+            if seq is not None and owner_name is not None:  # beside the record: isolation reads only this
+                self.state.r.hset(job_key(job_id), "owner", owner_name)
         except redis.RedisError as e:
             raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
         if seq is None:
@@ -294,6 +299,10 @@ class CeleryBackend(JobBackend):
         running = self.state.running()
         return next(iter(running), None)
 
+    def owner(self, job_id: str) -> str | None:
+        raw = self.state.r.hget(job_key(job_id), "owner")
+        return raw.decode() if raw else None
+
     def listing(self) -> list[QueueEntry]:
         running = list(self.state.running())
         waiting = self.state.waiting_ids()
@@ -302,13 +311,17 @@ class CeleryBackend(JobBackend):
         finished = [k.decode().rsplit(":", 1)[1] for k in self.state.r.scan_iter("dapi:job:*", count=500)]
         ids += sorted(j for j in finished if j not in seen)
         out = []
-        for i, (job_id, st) in enumerate(zip(ids, self.state.statuses(ids))):
+        p = self.state.r.pipeline()
+        for job_id in ids:
+            p.hget(job_key(job_id), "owner")
+        owners = [o.decode() if o else None for o in p.execute()]
+        for i, (job_id, st, owner) in enumerate(zip(ids, self.state.statuses(ids), owners)):
             if st is None:
                 continue
             pos = 0 if i < len(running) else (i - len(running) + 1 if i < len(running) + len(waiting) else None)
             out.append(QueueEntry(job_id=job_id, state=st.get("state", "unknown"),
                                   current_phase=st.get("current_phase", ""), progress=st.get("progress", 0.0),
-                                  queue_position=pos))
+                                  queue_position=pos, owner=owner))
         return out
 
     # ------------------------------------------------------------------ operating it

@@ -2,6 +2,7 @@
 
   diffusionapi api    [--host H] [--port P] [--workers N]        stateless HTTP node (Celery backend)
   diffusionapi worker [--device cuda:N] [--models a,b] [--name N] one process per GPU
+  diffusionapi keys   add|list|revoke ...                        the API keys file (auth/cli.py)
 
 Both read the same DIFFUSIONAPI_* settings (BROKER_URL, REDIS_URL, ...). ``api`` sets
 DIFFUSIONAPI_BACKEND=celery unless it is set; an API node holds no job state, so uvicorn's
@@ -50,6 +51,11 @@ def _worker(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:  # any backend's tool, dispatched before the cluster roles' parser
+        from ....auth.cli import main as keys_main
+
+        return keys_main(argv[1:])
     ap = argparse.ArgumentParser(prog="diffusionapi", description="DiffusionAPI cluster roles")
     sub = ap.add_subparsers(dest="role", required=True)
     api = sub.add_parser("api", help="an HTTP node (Celery backend)")

@@ -203,6 +203,7 @@ class ClusterWorker:
                 observe.ended(job_id, kind, final, record.get("payload"))  # counted where its result landed
                 self.hooks.ended(job_id, record.get("payload"), final["state"],
                                  lambda: final_view(job_id, FinalJob(JobStatus.model_validate(final), list(images))))
+                self._record_usage(record, final)
             else:
                 log.warning("job %s: finished here but no longer ours (lease lost); result dropped", job_id)
             self.jobs_done += 1
@@ -226,6 +227,19 @@ class ClusterWorker:
                             f"(DIFFUSIONAPI_WORKER_STALL_SEC={stall:g})") if silent is not None and silent > stall else None
         checks["models"] = None if self.models else "no model installed"
         return checks
+
+    def _record_usage(self, record: dict, final: dict) -> None:
+        """GET /usage's counts for the job's key (jobs/quotas.py); never fails the job."""
+        from ...quotas import usage_of
+        from .ledger import RedisLedger
+
+        try:
+            payload = record.get("payload") or {}
+            RedisLedger(self.state.r).record_usage(record.get("owner"), payload.get("model"),
+                                                   **usage_of(record.get("kind", "txt2img"), payload,
+                                                              JobStatus.model_validate(final)))
+        except Exception:  # noqa: BLE001 - accounting is best effort
+            log.warning("could not record the usage of a job", exc_info=True)
 
     def cancel_check(self, job_id: str):
         last = {"t": 0.0, "v": False}

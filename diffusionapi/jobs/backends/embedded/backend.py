@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 
@@ -19,7 +20,9 @@ from ....retention import free_space_problem
 from .queue import JobQueue
 from .store import JobStore
 from .worker import Worker
-from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
+from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, JobOwner, QueueEntry, QueueFull
+from ...quotas import FileLedger, usage_of
+from ...states import FINAL_STATES
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ class EmbeddedBackend(JobBackend):
         from ....models_install import Installer
 
         self.installer = Installer(settings, self)  # POST /models/install: jobs of kind "install"
+        self.ledger = FileLedger(Path(settings.queue_dir) / ".tenants.json")  # limits and usage survive restarts
+        # Owners of jobs read and forgotten, for a while: a stream reconnecting for its final
+        # event is still its owner's (and still nobody else's).
+        self._gone_owners: OrderedDict[str, str | None] = OrderedDict()
 
     # Long-poll: GET /queue/{id}?wait=N returns as soon as the job is final.
     def _notify(self, job_id: str) -> None:
@@ -76,10 +83,12 @@ class EmbeddedBackend(JobBackend):
             elif status.state == "processing":
                 log.warning("job %s was interrupted by a restart; running it again", job_id)
                 self.store.write_status(job_id, JobStatus.queued())
+            owner = record.get("owner") or {}
             if record.get("kind") == INSTALL:
                 self.installer.put(job_id)  # resumes from its partial file
             else:
-                self.queue.put(job_id, force=True)
+                self.queue.put(job_id, force=True, owner=owner.get("name"), priority=owner.get("priority", 0),
+                               share=owner.get("share", 1.0))
         self.live.start()
         self.worker.start()
         self.janitor.start()
@@ -91,15 +100,17 @@ class EmbeddedBackend(JobBackend):
         self.worker.stop()
         self.live.stop()
 
-    def submit(self, kind: str, payload: dict) -> str:
+    def submit(self, kind: str, payload: dict, owner: JobOwner | None = None) -> str:
         if self.queue.size() >= self.settings.max_queued_jobs:
             raise QueueFull(f"the queue is full ({self.settings.max_queued_jobs} jobs); retry later")
         low = free_space_problem(self.settings)
         if low:  # refused before anything is written
             raise BackendUnavailable(low)
+        owner = owner or JobOwner()
         job_id = str(uuid.uuid4())
         try:
-            self.store.create(job_id, payload, kind)
+            self.store.create(job_id, payload, kind, {"name": owner.name, "priority": owner.priority,
+                                                      "share": owner.share})
         except OSError as e:
             self.store.delete(job_id, missing_ok_errors=True)  # whatever part was written
             raise BackendUnavailable(f"cannot record the job in the queue directory: {e.strerror or e}") from e
@@ -107,12 +118,20 @@ class EmbeddedBackend(JobBackend):
             self.installer.put(job_id)
             return job_id
         try:
-            self.queue.put(job_id)
+            self.queue.put(job_id, owner=owner.name, priority=owner.priority, share=owner.share)
         except QueueFull:
             self.store.delete(job_id)
             raise
         self.live.queued(job_id, self.queue.position(job_id))
+        self.live.positions(self.queue.snapshot())  # a fair turn or a priority may put it ahead of others
         return job_id
+
+    def owner(self, job_id: str) -> str | None:
+        owner = self.store.owner(job_id)
+        return owner if owner is not None else self._gone_owners.get(job_id)
+
+    def active_count(self, owner: str | None) -> int:
+        return sum(1 for e in self.store.index().values() if e.owner == owner and e.state not in FINAL_STATES)
 
     def status(self, job_id: str) -> JobStatus | None:
         st = self.store.read_status(job_id)
@@ -137,6 +156,9 @@ class EmbeddedBackend(JobBackend):
             if st is None or not st.is_final:
                 return None
             final = _peek_final(st)
+            self._gone_owners[job_id] = self.store.owner(job_id)
+            while len(self._gone_owners) > 10_000:
+                self._gone_owners.popitem(last=False)
             self.store.delete(job_id)
         self._final_event(job_id, final)
         return final
@@ -167,6 +189,9 @@ class EmbeddedBackend(JobBackend):
         observe.ended(job_id, (self.store.read_job(job_id) or {}).get("kind", "txt2img"), status, payload)
         self.janitor.poke()
         self.live.ended(job_id, payload, status.state, lambda: self.final_view(job_id, _peek_final(status)))
+        record = self.store.read_job(job_id) or {}
+        self.ledger.record_usage(self.store.owner(job_id), (payload or record.get("payload") or {}).get("model"),
+                                 **usage_of(record.get("kind", "txt2img"), payload or record.get("payload"), status))
         loop = self._loop
         if loop is not None and self.live.events.listening(job_id):
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(asyncio.to_thread(self.take_final, job_id)))
@@ -272,7 +297,7 @@ class EmbeddedBackend(JobBackend):
         # From memory: no record is parsed. A job recorded but not yet in the waiting line (a
         # submit in progress) is not listed until it is, so positions are always whole.
         out = [QueueEntry(job_id=job_id, state=e.state, current_phase=e.current_phase, progress=e.progress,
-                          queue_position=positions.get(job_id), kind=e.kind)
+                          queue_position=positions.get(job_id), kind=e.kind, owner=e.owner)
                for job_id, e in self.store.index().items()
                if not (e.state == "queued" and job_id not in positions)]
         out.sort(key=lambda j: (j.queue_position is None, j.queue_position or 0))

@@ -34,6 +34,7 @@ class IndexEntry:
     state: str = "queued"
     current_phase: str = "queued"
     progress: float = 0.0
+    owner: str | None = None
 
 
 class JobStore:
@@ -54,10 +55,12 @@ class JobStore:
     def status_path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.json"
 
-    def create(self, job_id: str, payload: dict, kind: str = "txt2img") -> None:
-        record = {"job_id": job_id, "kind": kind, "payload": payload, "created_at": time.time(), "attempts": 0}
+    def create(self, job_id: str, payload: dict, kind: str = "txt2img", owner: dict | None = None) -> None:
+        """``owner``: {name, priority, share} (the queue rebuilds its fair order from it after a restart)."""
+        record = {"job_id": job_id, "kind": kind, "payload": payload, "created_at": time.time(), "attempts": 0,
+                  **({"owner": owner} if owner else {})}
         with self._lock:
-            self._index[job_id] = IndexEntry(kind, record["created_at"])
+            self._index[job_id] = IndexEntry(kind, record["created_at"], owner=(owner or {}).get("name"))
         self.write_status(job_id, JobStatus.queued(), fsync=True)
         write_atomic(self.job_path(job_id), json.dumps(record).encode(), fsync=True)
 
@@ -99,6 +102,11 @@ class JobStore:
             self.write_job(job_id, record)
         except OSError as e:  # the job is final either way; the space comes back when it is read
             log.warning("could not drop the inputs of job %s: %s", job_id, e)
+
+    def owner(self, job_id: str) -> str | None:
+        with self._lock:
+            entry = self._index.get(job_id)
+            return entry.owner if entry is not None else None
 
     def delete(self, job_id: str, *, missing_ok_errors: bool = False) -> None:
         with self._lock:
@@ -178,7 +186,9 @@ class JobStore:
         out.sort(key=lambda rs: rs[0].get("created_at", 0))
         with self._lock:
             self._index = {r["job_id"]: IndexEntry(r.get("kind", "txt2img"), r.get("created_at", 0.0),
-                                                   *((st.state, st.current_phase, st.progress) if st else ()))
+                                                   *((st.state, st.current_phase, st.progress) if st else
+                                                     ("queued", "queued", 0.0)),
+                                                   owner=(r.get("owner") or {}).get("name"))
                            for r, st in out}
         return out
 
