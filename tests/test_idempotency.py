@@ -64,8 +64,8 @@ def test_same_key_same_job_across_a_kill_9_and_restart(model_store, tmp_path):
 def test_a_key_whose_file_a_crash_cut_short_comes_back_from_its_job_record(tmp_path):
     store = JobStore(tmp_path / "queue")
     idem = {"key": "ab" * 32, "expires": time.time() + 60}
-    store.create("job-1", {"prompt": "p"}, "txt2img", idem)
-    store.create("job-2", {"prompt": "p"}, "txt2img", {"key": "cd" * 32, "expires": time.time() - 1})
+    store.create("job-1", {"prompt": "p"}, "txt2img", idem=idem)
+    store.create("job-2", {"prompt": "p"}, "txt2img", idem={"key": "cd" * 32, "expires": time.time() - 1})
     store.idem_path(idem["key"]).unlink()  # the crash came between the record and the key's file
     records = [json.loads(p.read_text()) for p in sorted(store.dir.glob("*_job.json"))]
     store.recover_idem(records)

@@ -169,7 +169,7 @@ end
 
 
 # KEYS: job, waiting, running, seq, unsent, idem. ARGV: record, queued status, max jobs, id,
-# idempotency window ms (0: no key). Returns {seq, id}: seq -1 = full, 0 = the key's earlier job
+# idempotency window ms (0: no key), owner ('' = none). Returns {seq, id}: seq -1 = full, 0 = the key's earlier job
 # (its id; nothing created). The key is set in the same step as the job: a submit retried after
 # its API node died anywhere in between finds either no job or the job and its key.
 _SUBMIT = """
@@ -181,6 +181,7 @@ local max = tonumber(ARGV[3])
 if max > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max then return {-1, ARGV[4]} end
 local seq = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', ARGV[2], 'state', QUEUED, 'attempts', 0, 'seq', seq)
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'owner', ARGV[6]) end
 redis.call('ZADD', KEYS[2], seq, ARGV[4])
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[5], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[4])  -- until mark_sent: no message known yet
@@ -459,12 +460,13 @@ class RedisJobState:
         return seq
 
     def create_once(self, job_id: str, record: dict, max_jobs: int, idem: str | None = None,
-                    window_sec: float = 0) -> tuple[int | None, str]:
-        """``create`` with an idempotency key (``idem_key``): (seq, job_id) for a new job, (0, the
-        earlier job's id) when the key was used within ``window_sec``, (None, job_id) when full."""
+                    window_sec: float = 0, owner: str | None = None) -> tuple[int | None, str]:
+        """``create`` with an idempotency key (``idem_key``) and the job's owner (a field of its
+        own: isolation reads only that): (seq, job_id) for a new job, (0, the earlier job's id)
+        when the key was used within ``window_sec``, (None, job_id) when full."""
         ttl = int(window_sec * 1000) if idem else 0
         keys = [job_key(job_id), WAITING, RUNNING, SEQ, UNSENT, idem or PREFIX + "noidem"]
-        args = [json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id, ttl]
+        args = [json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id, ttl, owner or ""]
         if not self.replicated:
             seq, jid = self._submit(keys=keys, args=args)
         else:
