@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .config import Settings, get_settings
 from .errors import ServiceError, error_body, error_response
+from .api import openai
 from .jobs.service import JobService
 from .playground import is_public
 
@@ -20,7 +21,7 @@ log = logging.getLogger("diffusionapi")
 
 # Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
 IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
-                    "/sdapi/v1/png-info", "/png-info")
+                    "/sdapi/v1/png-info", "/png-info", *openai.IMAGE_BODY_PATHS)
 SDAPI_PREFIX = "/sdapi/"  # checks its own credentials (Basic or the API key): api/sdapi/auth.py
 
 
@@ -53,23 +54,28 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and not is_public(scope["path"]) and scope.get("method") != "OPTIONS" \
-                and not scope["path"].startswith(SDAPI_PREFIX):
+        path = scope["path"]
+        in_openai = openai.is_openai_path(path)  # the /v1 dialect answers in OpenAI's error shape
+        if self.key is not None and not is_public(path) and not openai.is_public(path) \
+                and scope.get("method") != "OPTIONS" and not path.startswith(SDAPI_PREFIX):
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(given, self.key):
-                return await _send_json(send, 401, error_body("missing or wrong API key "
-                                                               "(Authorization: Bearer <key> or X-API-Key)"),
+                return await _send_json(send, 401, openai.unauthorized_body() if in_openai else
+                                        error_body("missing or wrong API key "
+                                                   "(Authorization: Bearer <key> or X-API-Key)"),
                                         extra=[(b"www-authenticate", b"Bearer")])
-        limit = self.max_image_body if scope["path"] in IMAGE_BODY_PATHS else self.max_body
+        limit = self.max_image_body if path in IMAGE_BODY_PATHS else self.max_body
+        too_large = openai.too_large_body(limit) if in_openai else error_body(f"request body larger than {limit} bytes")
         length = headers.get(b"content-length")
         if length is not None:
             try:
                 too_big = int(length) > limit
             except ValueError:
-                return await _send_json(send, 400, error_body("bad Content-Length"))
+                return await _send_json(send, 400, openai.error_body("bad Content-Length") if in_openai
+                                        else error_body("bad Content-Length"))
             if too_big:
-                return await _send_json(send, 413, error_body(f"request body larger than {limit} bytes"))
+                return await _send_json(send, 413, too_large)
             return await self.app(scope, receive, send)
         # No Content-Length (chunked): count as the body streams in; past the cap, answer
         # 413 ourselves and tell the app the client went away.
@@ -83,7 +89,7 @@ class GuardMiddleware:
                 seen += len(msg.get("body", b""))
                 if seen > limit:
                     answered = True
-                    await _send_json(send, 413, error_body(f"request body larger than {limit} bytes"))
+                    await _send_json(send, 413, too_large)
                     return {"type": "http.disconnect"}
             return msg
 
@@ -173,6 +179,7 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
     app.include_router(pnginfo.router)
     app.include_router(cluster.router)
     sdapi.install(app, settings, registry)
+    openai.install(app, settings, registry)
     playground.install(app)
     openapi.install(app, settings, is_public=is_public)
     if settings.cors_origins:
