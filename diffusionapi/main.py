@@ -166,6 +166,8 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": openapi.allowed_methods(app, request.scope)}
+        if request.url.path.startswith(SDAPI_PREFIX):  # A1111's body (`detail`), e.g. its 401
+            return sdapi.error_response(exc.status_code, str(exc.detail), headers=headers)
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     from . import openapi, playground

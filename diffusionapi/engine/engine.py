@@ -362,7 +362,10 @@ class Engine:
         bigs = []
         for i in range(latents.shape[0]):
             image = self._decode(base, latents[i:i + 1], plan.width, plan.height)
-            bigs.append(self._encode(base, self._run_upscaler(hires.upscaler, image, (hires.width, hires.height))))
+            target = (hires.width, hires.height)
+            big = image.resize(target, imageinput.PIXEL_RESIZERS[hires.upscaler.name]) if hires.upscaler.is_resize \
+                else self._run_upscaler(hires.upscaler, image, target)
+            bigs.append(self._encode(base, big))
         return torch.cat(bigs)
 
     def _run_upscaler(self, upscaler, image: Image.Image, size: tuple[int, int]) -> Image.Image:
