@@ -86,6 +86,9 @@ class Txt2ImgRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12)  # added: A1111's "Clip skip"; 1 = the text encoder's last layer
     batch_size: int = Field(1, ge=1, description="images made in one UNet batch; seeds seed, seed+1, ...")
     n_iter: int = Field(1, ge=1, description="batches made one after another")
+    keep_partial: bool = Field(False, description="a cancel ends the job `done` with the image of its last "
+                                                  "denoised state and a warning (A1111's interrupt), not "
+                                                  "`cancelled`")  # added
 
     @field_validator("fileType", mode="before")
     @classmethod

@@ -62,7 +62,7 @@ def test_wire_model_is_lenient_and_converts_once():
     assert body == {"prompt": "p", "negative_prompt": "", "steps": 12, "cfg_scale": 7.0, "width": 512,
                     "height": 512, "sampler_name": "Euler", "scheduler_type": None, "seed": None,
                     "fileType": "png", "model": "tiny-sd15", "clip_skip": 2, "batch_size": 1, "n_iter": 1,
-                    "preview": {"every": 10, "method": "approx"},
+                    "preview": {"every": 10, "method": "approx"}, "keep_partial": True,
                     "hires": {"enabled": True, "scale": 1.5, "upscaler": "Latent", "steps": 12,
                               "denoising_strength": 0.4}}
 

@@ -79,3 +79,37 @@ def test_empty_basic_header_is_ignored_without_auth(server):
     # SillyTavern and Open WebUI send "Basic " with nothing after it when no credentials are set.
     status, r = raw_get(server, "/sdapi/v1/options", "Basic ")
     assert status == 200 and "sd_model_checkpoint" in r["json"]
+
+
+def test_interrupt_answers_with_the_last_denoised_state(server):
+    # A1111: /interrupt stops the sampler, which returns its last denoised latents; they are
+    # decoded and answered like a finished job (SillyTavern interrupts when its caller leaves).
+    import threading
+    import time
+
+    answer = {}
+
+    def generate():
+        body = {"prompt": "a long job", "width": 64, "height": 64, "steps": 50, "seed": 3}
+        answer["r"] = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=300)
+
+    t = threading.Thread(target=generate)
+    t.start()
+    deadline = time.time() + 120
+    while time.time() < deadline:  # until the sampler has run a few steps
+        state = httpx.get(f"{server.url}/sdapi/v1/progress").json()
+        if 0.05 <= state["progress"] < 0.9:
+            break
+        time.sleep(0.05)
+    assert httpx.post(f"{server.url}/sdapi/v1/interrupt").status_code == 200
+    t.join(300)
+    r = answer["r"]
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert len(images) == 1
+    im = Image.open(io.BytesIO(base64.b64decode(images[0])))
+    assert im.size == (64, 64) and "Steps: 50" in im.info["parameters"]
+    # not the finished image: the same request run to its end makes another one
+    full = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=300,
+                      json={"prompt": "a long job", "width": 64, "height": 64, "steps": 50, "seed": 3})
+    assert full.json()["images"][0] != images[0]

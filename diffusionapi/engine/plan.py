@@ -98,6 +98,9 @@ class GenerationPlan:
     clip_skip: int = 1    # A1111's "Clip skip" (engine/conditioning.py)
     embeddings: tuple[EmbeddingEntry, ...] = ()  # textual inversions the prompts may call
     init: InitImagePlan | None = None  # img2img / inpainting
+    # A cancel returns the image of the last denoised state instead of ending the job (A1111's
+    # interrupt: /sdapi jobs set it).
+    keep_partial: bool = False
 
     @property
     def final_width(self) -> int:

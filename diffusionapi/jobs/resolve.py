@@ -185,7 +185,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           loras=tuple(loras), refiner=refiner, refiner_switch_at=req.refiner_switch_at,
                           hires=hires_plan, clip_skip=req.clip_skip,
                           embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
-                          batch_size=req.batch_size, n_iter=req.n_iter,
+                          batch_size=req.batch_size, n_iter=req.n_iter, keep_partial=req.keep_partial,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
     return ResolvedJob("txt2img", understood.model_dump(mode="json"), plan,
                        OutputSpec(req.fileType, req.jpeg_quality))

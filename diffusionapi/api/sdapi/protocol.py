@@ -320,6 +320,7 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     body["batch_size"], body["n_iter"] = req.batch_size, req.n_iter
     # feeds /progress's current_image, as A1111's live previews do
     body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
+    body["keep_partial"] = True  # /interrupt answers with the last denoised state, as A1111 does
     if req.enable_hr and not isinstance(req, Img2ImgAPIRequest):
         body["hires"] = _hires(req)
     for unused in ("hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
