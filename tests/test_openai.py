@@ -274,3 +274,29 @@ def test_stream_edit_events(client):
                                 prompt="x", stream=True, partial_images=1, extra_body=FAST)
     types = [e.type for e in stream]
     assert types[-1] == "image_edit.completed"
+
+
+def test_service_errors_in_openai_terms():
+    from diffusionapi.api.openai.errors import from_service_error
+    from diffusionapi.errors import BackendUnavailable, QueueFull, RequestError
+
+    e = from_service_error(BackendUnavailable())
+    assert (e.status, e.type, e.headers["Retry-After"]) == (503, "server_error", "30")
+    e = from_service_error(QueueFull())
+    assert (e.status, e.code) == (429, "rate_limit_exceeded") and e.headers["Retry-After"]
+    e = from_service_error(RequestError("height", "must be <= 2048"))
+    assert (e.status, e.param, e.body()["error"]["message"]) == (400, "size", "size: must be <= 2048")
+    e = from_service_error(RequestError("init_image", "too big", status=413))
+    assert (e.status, e.param, e.code) == (413, "image", "request_too_large")
+
+
+def test_edit_as_json_with_image_references(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(pattern(48, 48, seed=5))).decode()
+    r = httpx.post(server.url + "/v1/images/edits", headers=h, timeout=120,
+                   json={"model": "tiny-sd15", "prompt": "x", "images": [{"image_url": url}], **FAST})
+    assert r.status_code == 200, r.text
+    assert image_of(r.json()["data"][0]["b64_json"]).size == (48, 48)
+    r = httpx.post(server.url + "/v1/images/edits", headers=h,
+                   json={"prompt": "x", "images": [{"image_url": "http://169.254.169.254/x.png"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"  # never fetched
