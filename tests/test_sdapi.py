@@ -401,27 +401,22 @@ def test_hires_fix(api):
     assert r.info["denoising_strength"] == 0.5 and r.info["width"] == 64  # A1111: the first-pass size
 
 
-def test_embeddings_come_from_the_native_listing(model_store, tmp_path):
-    from fastapi import FastAPI, Request
-
+def test_embeddings_in_a1111_shape_split_by_the_current_models_family(model_store, tmp_path):
     from diffusionapi.api.sdapi.service import SdapiState
     from diffusionapi.registry import Registry
+    from tests.test_embeddings import write_embedding
 
-    app = FastAPI()
-
-    @app.get("/embeddings")
-    def listing(request: Request):
-        assert request.app is app
-        return {"status": "success", "embeddings": [{"name": "sdword", "family": "sd15", "vectors": 2},
-                                                    {"name": "xlword", "family": "sdxl", "vectors": 3}]}
-
-    settings = make_settings(model_store, tmp_path)
-    state = SdapiState(app, settings, Registry(settings))  # current model: tiny-sd15
-    assert state.embeddings() == {
-        "loaded": {"sdword": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768,
-                              "vectors": 2}},
-        "skipped": {"xlword": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 2048,
-                               "vectors": 3}}}
+    write_embedding(tmp_path / "emb" / "sdword.pt", "a1111-pt", vectors=2)
+    write_embedding(tmp_path / "emb" / "xlword.safetensors", "sdxl", vectors=3)
+    settings = make_settings(model_store, tmp_path, embeddings_dir=tmp_path / "emb")
+    registry = Registry(settings)
+    assert {e.name: e.family for e in registry.embeddings()}["xlword"] == "sdxl"
+    state = SdapiState(None, settings, registry)  # current model: tiny-sd15
+    got = state.embeddings()
+    assert set(got["skipped"]) == {"xlword"} and set(got["loaded"]) == {"sdword"}
+    assert got["skipped"]["xlword"] == {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                        "shape": 2048, "vectors": 3}
+    assert got["loaded"]["sdword"]["vectors"] == 2
 
 
 def test_batch(api, server):
