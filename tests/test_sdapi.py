@@ -262,7 +262,8 @@ def test_progress_queue_and_interrupt(api, server):
         assert httpx.get(api.baseurl + "/progress?skip_current_image=true").json()["current_image"] is None
     assert api.interrupt() == {}
     t.join(120)
-    assert result["r"].images == []  # interrupted: nothing finished to send
+    # interrupted: A1111 answers with the image of the last denoised state (tests/test_sdapi_gaps.py)
+    assert len(result["r"].images) == 1 and result["r"].image.size == (64, 64)
     api.util_wait_for_ready(check_interval=0.1)
 
 
