@@ -57,7 +57,7 @@ def param_of(field: str | None) -> str | None:
 def from_service_error(e: ServiceError) -> OpenAIError:
     """The job service's refusal as OpenAI would answer it. A full queue is a 429 (what OpenAI
     clients back off on, honouring Retry-After); a store or broker that is down is a 503."""
-    if isinstance(e, QueueFull):
+    if isinstance(e, QueueFull) or e.status == 429:  # a full queue, or a key's quota spent
         return OpenAIError(429, e.message, type="requests", code="rate_limit_exceeded", headers=e.headers)
     if isinstance(e, BackendUnavailable):
         return OpenAIError(503, e.message, type="server_error", code="service_unavailable", headers=e.headers)
@@ -70,3 +70,8 @@ def from_service_error(e: ServiceError) -> OpenAIError:
         return OpenAIError(status, message, type="server_error", headers=e.headers)
     code = "request_too_large" if status == 413 else ("model_not_found" if param == "model" else None)
     return OpenAIError(status, message, param=param, code=code, headers=e.headers)
+
+
+def service_error_body(e: ServiceError) -> dict:
+    """main.py's guard refuses some requests before any route runs (a key's request quota)."""
+    return from_service_error(e).body()

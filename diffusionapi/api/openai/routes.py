@@ -17,6 +17,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from ...errors import ServiceError
 from ...imageinput import ImageInputError, decode_base64
+from ..jobs import caller_of
 from ..sdapi.jobs import POLL_SEC
 from . import protocol as p
 from .errors import OpenAIError, from_service_error
@@ -120,7 +121,7 @@ async def _edit_inputs(request: Request) -> tuple[dict, list[bytes], bytes | Non
 async def _submit(request: Request, plan: p.Plan) -> str:
     for w in plan.warnings:
         log.warning("openai %s: %s", request.url.path, w)
-    submitted = await run_in_threadpool(_state(request).jobs.submit, plan.kind, plan.native)
+    submitted = await run_in_threadpool(_state(request).jobs.submit, plan.kind, plan.native, caller_of(request))
     return submitted.job_id
 
 
@@ -168,7 +169,7 @@ async def _stream(request: Request, plan: p.Plan, job_id: str, events: str):
               "size": plan.size}
     finished = False
     try:
-        feed = await jobs.events(job_id)
+        feed = await jobs.events(job_id, None, caller_of(request))
         final = None
         sent = 0
         async for ev in feed if feed is not None else _nothing():
