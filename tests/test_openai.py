@@ -286,6 +286,10 @@ def test_service_errors_in_openai_terms():
     assert (e.status, e.code) == (429, "rate_limit_exceeded") and e.headers["Retry-After"]
     e = from_service_error(RequestError("height", "must be <= 2048"))
     assert (e.status, e.param, e.body()["error"]["message"]) == (400, "size", "size: must be <= 2048")
+    from diffusionapi.errors import RateLimited
+
+    e = from_service_error(RateLimited("requests_per_minute", 2, 3.2, "too many requests"))  # a key's quota
+    assert (e.status, e.code, e.headers["Retry-After"]) == (429, "rate_limit_exceeded", "4")
     e = from_service_error(RequestError("init_image", "too big", status=413))
     assert (e.status, e.param, e.code) == (413, "image", "request_too_large")
 
