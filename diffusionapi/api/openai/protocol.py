@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ...imageinput import ImageInputError, has_alpha, open_image
 from ...schemas import Img2ImgRequest, Txt2ImgRequest
