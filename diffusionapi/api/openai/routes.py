@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from ...errors import ServiceError
 from ...imageinput import ImageInputError, decode_base64
-from ..jobs import caller_of
+from ..jobs import caller_of, idempotency_key_of
 from ..sdapi.jobs import POLL_SEC
 from . import protocol as p
 from .errors import OpenAIError, from_service_error
@@ -121,7 +121,8 @@ async def _edit_inputs(request: Request) -> tuple[dict, list[bytes], bytes | Non
 async def _submit(request: Request, plan: p.Plan) -> str:
     for w in plan.warnings:
         log.warning("openai %s: %s", request.url.path, w)
-    submitted = await run_in_threadpool(_state(request).jobs.submit, plan.kind, plan.native, caller_of(request))
+    submitted = await run_in_threadpool(lambda: _state(request).jobs.submit(  # Idempotency-Key: #32
+        plan.kind, plan.native, caller_of(request), idempotency_key=idempotency_key_of(request)))
     return submitted.job_id
 
 
