@@ -177,6 +177,9 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    from .security.jsonbody import JSONBodyGuard
+
+    app.add_middleware(JSONBodyGuard, sdapi_prefix=SDAPI_PREFIX)  # inside the size cap: bodies are bounded
     app.add_middleware(GuardMiddleware, settings=settings)
     return app
 

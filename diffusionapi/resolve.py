@@ -13,6 +13,7 @@ from .engine.live import check_preview
 from .engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, PreviewPlan, UpscalePlan
 from .engine.prompts import PromptError, extract_extra_networks
 from .engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
+from .limits import LimitExceeded, check_plan
 from .registry import Registry, UnknownName
 from .imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
 from .schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
@@ -48,6 +49,9 @@ class ResolvedJob:
 
 
 def round8(v: float) -> int:
+    if isinstance(v, int):  # exact for any int (v / 8 overflows a float past 10**308)
+        q, r = divmod(v, 8)
+        return max(8, (q + (r > 4 or (r == 4 and q % 2 == 1))) * 8)  # round half to even, as round()
     return max(8, int(round(v / 8)) * 8)
 
 
@@ -173,8 +177,17 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
                           batch_size=req.batch_size, n_iter=req.n_iter,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
+    _within_limits(plan, settings)
     return ResolvedJob("txt2img", understood.model_dump(mode="json"), plan,
                        OutputSpec(req.fileType, req.jpeg_quality))
+
+
+def _within_limits(plan: GenerationPlan, settings: Settings) -> None:
+    """The limits no single field shows: seeds, prompt nesting, the job's cost (limits.py)."""
+    try:
+        check_plan(plan, settings.max_cost)
+    except LimitExceeded as e:
+        raise RequestError(e.field, e.message, e.status) from None
 
 
 def resolve_preview(req, family: str, settings: Settings) -> PreviewRequest | None:

@@ -22,14 +22,15 @@ def file_type_spelling(v):
     return v
 
 
+# No float field takes NaN or infinity (also not as the strings "inf", "1e999"): a 422 naming it.
 class LoRA(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(min_length=1, max_length=512)
     scale: float = Field(1.0, ge=-10.0, le=10.0)
 
 
 class HiresConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     enabled: bool = False
     scale: float = Field(2.0, ge=1.0)
     upscaler: str = Field("Latent", min_length=1, max_length=512)
@@ -56,7 +57,7 @@ class WebhookRequest(BaseModel):
 class Txt2ImgRequest(BaseModel):
     # Unknown fields are accepted and ignored (A1111 clients send many extras); /txt2img names
     # them in its answer so that a typo does not go unnoticed.
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     prompt: str
     negative_prompt: str = ""
@@ -144,7 +145,7 @@ class Img2ImgRequest(Txt2ImgRequest):
 class UpscaleRequest(BaseModel):
     """One image upscaled by an upscaler file or "Lanczos" / "Nearest": by ``scale``, or to
     ``width`` x ``height`` (both given)."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     image: str = Field(min_length=1, description="base64 or data URL: PNG, JPEG or WebP")
     upscaler: str = Field(min_length=1, max_length=512)

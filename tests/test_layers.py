@@ -15,10 +15,12 @@ PKG = Path(__file__).resolve().parents[1] / "diffusionapi"
 # may import each other; two different modules on the same level may not.
 LAYERS: dict[str, float] = {
     "diffusionapi": 0, "vocabulary": 0, "files": 0, "config": 0, "jobstatus": 0, "events": 0,
+    "security": 0.5,  # defences against hostile clients: bodies, addresses, access
     "webhooks": 1, "live": 1.5,
     "fileinfo": 1, "images": 1, "imageinput": 1,
     "engine": 2, "registry": 2, "demo": 2,
-    "schemas": 3, "views": 3.25,  # views: the GET /queue/{id} answer, built by API nodes and cluster workers
+    "schemas": 3, "limits": 3.1,  # the cost budget: plans and prompts, checked by resolve
+    "views": 3.25,  # views: the GET /queue/{id} answer, built by API nodes and cluster workers
     "resolve": 3.5,
     "runner": 4,
     "cluster": 4.25,  # Celery workers and their Redis state: run jobs through the runner; backends use them

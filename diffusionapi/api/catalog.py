@@ -16,7 +16,13 @@ def _models(request: Request) -> list[ModelInfo]:
 
 
 @router.get("/hello", response_model=HelloResponse)
-def hello() -> HelloResponse:
+async def hello() -> HelloResponse:  # on the event loop: answers even while the threadpool is busy
+    return HelloResponse(ok=True)
+
+
+@router.get("/healthz", response_model=HelloResponse)
+async def healthz() -> HelloResponse:
+    """Liveness for load balancers and orchestrators: the event loop answers (no key needed)."""
     return HelloResponse(ok=True)
 
 

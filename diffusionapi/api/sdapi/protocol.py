@@ -9,6 +9,7 @@ with a warning, as A1111 does).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,8 @@ def _lenient_number(v):
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
+    # No NaN or infinity, also not as strings ("1e999"): a 422 naming the field, never an OverflowError.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -316,6 +318,8 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
             body["refiner_switch_at"] = req.refiner_switch_at
     clip_skip = overrides.get("CLIP_stop_at_last_layers", req.clip_skip if req.clip_skip else ctx.clip_skip)
     clip_skip = _lenient_number(clip_skip)
+    if isinstance(clip_skip, float) and not math.isfinite(clip_skip):
+        raise FieldError("override_settings.CLIP_stop_at_last_layers", "must be a finite number")
     if isinstance(clip_skip, (int, float)) and clip_skip >= 1:
         if "clip_skip" in ctx.supports:
             body["clip_skip"] = int(clip_skip)
@@ -346,6 +350,9 @@ def _hires(req: Txt2ImgAPIRequest) -> dict:
     # A1111: a resize target wins over the scale. With both sides given it crops to fit; here the
     # scale that covers the target is used (same size when the aspect ratios agree).
     if req.hr_resize_x or req.hr_resize_y:
+        for name in ("width", "height"):  # the resize target is divided by them
+            if getattr(req, name) < 8:
+                raise FieldError(name, "must be at least 8 (hires fix scales from it)")
         ratios = [r for r in ((req.hr_resize_x / req.width) if req.hr_resize_x else 0,
                               (req.hr_resize_y / req.height) if req.hr_resize_y else 0) if r]
         scale = max(ratios)

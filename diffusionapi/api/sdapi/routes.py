@@ -15,10 +15,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ... import __version__
-from ...images import parse_infotext, read_infotext_and_items
+from ...images import UntrustedImageError, parse_infotext
 from ...engine.samplers import SAMPLER_NAMES, SAMPLERS
+from ...security import jsonbody
 from ...vocabulary import LATENT_UPSCALE_MODES
-from ..pnginfo import decode_image_b64
+from ..pnginfo import decode_image_b64, read_png_info
 from . import protocol as p
 from .jobs import wait_for
 
@@ -48,7 +49,9 @@ async def _body(request: Request) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        return jsonbody.parse(raw)
+    except jsonbody.BodyError as e:
+        raise BadRequest(e.status, str(e)) from None
     except ValueError as e:
         raise BadRequest(422, f"body: not valid JSON ({e})") from None
 
@@ -215,8 +218,12 @@ def decode_image_arg(value: str, field: str) -> bytes:
 @_handles_bad_input
 async def png_info(request: Request):
     req = _validate(p.PNGInfoRequest, await _body(request))
-    info, others = read_infotext_and_items(decode_image_arg(req.image, "image"))
-    items = parse_infotext(info or "")
+    try:
+        data = decode_image_b64(req.image or "")
+        # Off the event loop: reading a client's image is CPU work (README "Security").
+        info, others, items = await run_in_threadpool(read_png_info, data, request.app.state.settings)
+    except (ValueError, UntrustedImageError) as e:
+        raise BadRequest(getattr(e, "status", 422), f"image: {e}") from None
     return {"info": info or "", "items": others, "parameters": items if info else {}}
 
 

@@ -164,9 +164,12 @@ class SdapiState:
         clip = data.get("CLIP_stop_at_last_layers")
         if clip not in (None, ""):
             try:
-                changes["clip_skip"] = max(1, int(float(clip)))
-            except (TypeError, ValueError):
-                pass  # A1111 would store it; an unusable value changes nothing here
+                value = max(1, int(float(clip)))
+            except (TypeError, ValueError, OverflowError):
+                value = None
+            if value is not None and value <= 12:  # A1111's range; anything else would fail every job
+                changes["clip_skip"] = value
+            # else: A1111 would store it; an unusable value changes nothing here
         ignored = sorted(set(data) - {"sd_model_checkpoint", "CLIP_stop_at_last_layers"})
         if ignored:
             log.debug("sdapi options: ignoring %s", ", ".join(ignored))
