@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     # or running with a lapsed lease this long, is published again by an API node's orphan sweep.
     orphan_grace_sec: float = Field(30.0, gt=0)
 
+    # Connections (security/connguard.py, docs/security.md): how long a request may take to arrive,
+    # and how many connections a client, and all clients, may hold open.
+    header_timeout_sec: float = Field(10.0, ge=0)  # request line + headers; 0: no deadline
+    body_timeout_sec: float = Field(60.0, ge=0)    # the whole request, from its first byte
+    max_connections: int = Field(0, ge=0)          # 0: half the process's open-file limit
+    max_connections_per_client: int = Field(64, ge=0)  # 0: no cap (behind a reverse proxy)
+
     # Access.
     api_key: str | None = None
     api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic on /sdapi (A1111's --api-auth)
