@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     webhook_backoff_sec: float = Field(10.0, ge=0)  # first retry delay; doubles each time
     webhook_timeout_sec: float = Field(10.0, gt=0)
     webhook_progress_interval_sec: float = Field(2.0, ge=0)  # progress webhooks: at most one per interval
+    webhook_concurrency: int = Field(8, ge=1)  # deliveries in flight at once
+    webhook_per_host: int = Field(2, ge=1)     # ... of them to one host (a stalling receiver delays only its own)
 
 
 @lru_cache(maxsize=1)
