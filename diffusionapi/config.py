@@ -5,7 +5,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -84,9 +84,11 @@ class Settings(BaseSettings):
     max_connections: int = Field(0, ge=0)          # 0: half the process's open-file limit
     max_connections_per_client: int = Field(64, ge=0)  # 0: no cap (behind a reverse proxy)
 
-    # Access.
+    # Access (security/auth.py: one check for every route of both dialects).
     api_key: str | None = None
-    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic on /sdapi (A1111's --api-auth)
+    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic (A1111's --api-auth), every route
+    # init.sh refuses to listen beyond loopback with neither of the two set, unless this says so.
+    allow_unauthenticated: bool = False
     cors_origins: list[str] = Field(default_factory=list)
 
     # Live progress (README "Live progress"): previews, event streams, webhooks.
@@ -101,6 +103,14 @@ class Settings(BaseSettings):
     webhook_progress_interval_sec: float = Field(2.0, ge=0)  # progress webhooks: at most one per interval
     webhook_concurrency: int = Field(8, ge=1)  # deliveries in flight at once
     webhook_per_host: int = Field(2, ge=1)     # ... of them to one host (a stalling receiver delays only its own)
+
+    @field_validator("api_key", "api_auth", "webhook_secret")
+    @classmethod
+    def _no_empty_secret(cls, v: str | None, info) -> str | None:
+        # "DIFFUSIONAPI_API_KEY=" in a unit file would otherwise turn auth off without a word.
+        if v is not None and not v.strip():
+            raise ValueError(f"DIFFUSIONAPI_{info.field_name.upper()} is set but empty: give a value, or unset it")
+        return v  # a malformed api_auth fails create_app (security/auth.py parses it)
 
 
 @lru_cache(maxsize=1)

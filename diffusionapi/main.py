@@ -1,7 +1,6 @@
 """App factory. The lifespan starts the job backend (recovery + worker) and stops it."""
 from __future__ import annotations
 
-import hmac
 import logging
 from contextlib import asynccontextmanager
 
@@ -19,7 +18,7 @@ log = logging.getLogger("diffusionapi")
 # Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
 IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
                     "/sdapi/v1/png-info", "/png-info")
-SDAPI_PREFIX = "/sdapi/"  # checks its own credentials (Basic or the API key): api/sdapi/auth.py
+SDAPI_PREFIX = "/sdapi/"  # A1111's dialect: its own error shape (and Basic auth challenges)
 
 
 def _field(loc) -> str:
@@ -39,26 +38,32 @@ def _validation_message(errors) -> str:
 
 
 class GuardMiddleware:
-    """Request body cap and optional API key, as a plain ASGI layer (cheap on every call)."""
+    """Request body cap and the one credential check for every route of both dialects
+    (security/auth.py), as a plain ASGI layer (cheap on every call)."""
 
     def __init__(self, app, settings: Settings):
+        from .security.auth import Access
+
         self.app = app
         self.max_body = settings.max_body_bytes
         self.max_image_body = max(settings.max_image_body_bytes, settings.max_body_bytes)
-        self.key = settings.api_key.encode() if settings.api_key else None
+        self.access = Access(settings.api_key, settings.api_auth)
+        self.has_key = bool(settings.api_key)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.key is not None and not is_public(scope["path"]) and scope.get("method") != "OPTIONS" \
-                and not scope["path"].startswith(SDAPI_PREFIX):
-            auth = headers.get(b"authorization", b"")
-            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-            if not hmac.compare_digest(given, self.key):
-                return await _send_json(send, 401, {"status": "error", "error": "missing or wrong API key "
-                                                    "(Authorization: Bearer <key> or X-API-Key)"},
-                                        extra=[(b"www-authenticate", b"Bearer")])
+        raw_headers = scope.get("headers") or []
+        if self.access.enabled and not is_public(scope["path"]) and scope.get("method") != "OPTIONS" \
+                and not self.access.allows(raw_headers):
+            if scope["path"].startswith(SDAPI_PREFIX):  # A1111 clients answer a Basic challenge
+                msg = "Incorrect username or password"
+                return await _send_json(send, 401, {"status": "error", "error": msg, "detail": msg},
+                                        extra=[(b"www-authenticate", b"Basic")])
+            return await _send_json(send, 401, {"status": "error", "error": "missing or wrong credentials "
+                                                "(Authorization: Bearer <key>, X-API-Key, or Basic)"},
+                                    extra=[(b"www-authenticate", b"Bearer" if self.has_key else b"Basic")])
+        headers = dict(raw_headers)
         limit = self.max_image_body if scope["path"] in IMAGE_BODY_PATHS else self.max_body
         length = headers.get(b"content-length")
         if length is not None:

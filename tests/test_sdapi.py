@@ -339,9 +339,11 @@ def test_basic_auth(auth_server):
     # The API key admits /sdapi callers too: as a Bearer token, or as the password A1111 clients can send.
     assert httpx.get(url + "/options", headers={"Authorization": "Bearer the-key"}).status_code == 200
     assert httpx.get(url + "/options", auth=("any", "the-key")).status_code == 200
-    # Basic credentials are for /sdapi only; the native API keeps its key.
-    assert httpx.get(auth_server.url + "/models", auth=("alice", "s3cret")).status_code == 401
+    # One check for every route of both dialects (issue #31): Basic users reach the native API too,
+    # and nobody without credentials does.
+    assert httpx.get(auth_server.url + "/models", auth=("alice", "s3cret")).status_code == 200
     assert httpx.get(auth_server.url + "/models", headers={"X-API-Key": "the-key"}).status_code == 200
+    assert httpx.get(auth_server.url + "/models").status_code == 401
 
 
 def test_catalog_titles_for_files_and_folders(tmp_path):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ...security.paths import shown_path
+
 from ...engine.hashes import FileHashes
 from .protocol import checkpoint_key
 
@@ -51,7 +53,7 @@ class Catalog:
         for m in self.registry.models():
             sha = self.sha256(m)
             out.append({"title": self.title(m, sha), "model_name": m.name, "hash": sha[:10], "sha256": sha,
-                        "filename": str(Path(m.path).resolve()), "config": None})
+                        "filename": shown_path(m.path, self.settings.models_dir, "models"), "config": None})
         return out
 
     def resolve(self, value: str):

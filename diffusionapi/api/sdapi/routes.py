@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
@@ -18,6 +18,7 @@ from ... import __version__
 from ...images import UntrustedImageError, parse_infotext
 from ...engine.samplers import SAMPLER_NAMES, SAMPLERS
 from ...security import jsonbody
+from ...security.paths import shown_path
 from ...vocabulary import LATENT_UPSCALE_MODES
 from ..pnginfo import decode_image_b64, read_png_info
 from . import protocol as p
@@ -268,8 +269,9 @@ async def set_options(request: Request):
 @router.get("/cmd-flags")
 async def cmd_flags(request: Request):
     s = request.app.state.settings
-    return {"api": True, "nowebui": True, "api_auth": None, "listen": True, "ckpt_dir": str(s.models_dir),
-            "lora_dir": str(s.loras_dir), "esrgan_models_path": str(s.upscalers_dir),
+    # Directory roles, not the server's paths (security/paths.py).
+    return {"api": True, "nowebui": True, "api_auth": None, "listen": True, "ckpt_dir": "models",
+            "lora_dir": "loras", "esrgan_models_path": "upscalers",
             "device_id": None, "lowvram": bool(s.cpu_offload), "medvram": False}
 
 
@@ -293,7 +295,8 @@ async def upscalers(request: Request):
            for n in p.BUILTIN_UPSCALERS]
     for u in await run_in_threadpool(request.app.state.registry.upscalers):
         if not u.is_latent:
-            out.append({"name": u.name, "model_name": u.name, "model_path": str(u.path), "model_url": None,
+            out.append({"name": u.name, "model_name": u.name, "model_url": None,
+                        "model_path": shown_path(u.path, request.app.state.settings.upscalers_dir, "upscalers"),
                         "scale": 4})
     return out
 
@@ -371,9 +374,9 @@ async def checkpoint_residency():
 
 
 def build_router(state) -> APIRouter:
-    """The router with its auth dependency (set per app)."""
+    """The router (credentials are checked for every route by the guard middleware, main.py)."""
     # Not in the native OpenAPI schema: A1111's models are its documentation (README table).
-    outer = APIRouter(dependencies=[Depends(state.auth)], include_in_schema=False)
+    outer = APIRouter(include_in_schema=False)
     outer.include_router(router)
     return outer
 

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.routing import Route
 
+from ...security.paths import shown_path
 from .auth import SdapiAuth
 from .catalog import Catalog
 from .options import STATIC_OPTIONS, OptionsStore
@@ -179,7 +180,7 @@ class SdapiState:
     def loras(self) -> list[dict]:
         out = []
         for e in self.registry.loras():
-            out.append({"name": e.name, "alias": e.name, "path": str(Path(e.path).resolve()),
+            out.append({"name": e.name, "alias": e.name, "path": shown_path(e.path, self.settings.loras_dir, "loras"),
                         "metadata": _safetensors_metadata(Path(e.path))})
         return out
 
