@@ -109,12 +109,51 @@ class UntrustedImageError(ValueError):
 INFO_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_text_within(data: bytes, max_chars: int) -> None:
+    """Walk a PNG's chunk headers (no pixel data is touched) and refuse it when its text chunks
+    hold more than ``max_chars`` bytes, compressed ones counted decompressed (each inflated at most
+    to what is left of the budget), so Pillow never holds more text than that (its own cap is
+    64 MB per image). Linear in the number of chunks."""
+    import struct
+    import zlib
+
+    left, i, n = max_chars, 8, len(data)
+    while i + 8 <= n:
+        length, kind = struct.unpack(">I4s", data[i:i + 8])
+        body = data[i + 8:i + 8 + length]
+        if kind == b"tEXt":
+            left -= len(body)
+        elif kind in (b"zTXt", b"iTXt"):
+            key, _, rest = body.partition(b"\0")
+            if kind == b"zTXt":
+                compressed, payload = True, rest[1:]
+            else:  # compression flag, method, language tag \0, translated keyword \0, text
+                compressed = rest[:1] == b"\1"
+                payload = rest[2:].split(b"\0", 2)[-1]
+            if compressed:
+                try:
+                    payload = zlib.decompressobj().decompress(payload, max(left, 0) + 1)
+                except zlib.error:
+                    payload = b""  # Pillow skips a broken chunk too
+            left -= len(key) + len(payload)
+        elif kind in (b"IDAT", b"IEND"):
+            return
+        if left < 0:
+            raise UntrustedImageError(f"its text fields hold more than {max_chars} characters (the limit)", 413)
+        i += 12 + length
+
+
 def read_untrusted_infotext(data: bytes, max_pixels: int, max_chars: int) -> tuple[str | None, dict]:
     """(infotext, the other text fields) of a client's image, without decoding a single pixel:
     the size is checked from the header against ``max_pixels`` first, and text longer than
     ``max_chars`` is refused before anything parses it (a bomb costs at most one header read)."""
     import warnings
 
+    if data[:8] == PNG_SIGNATURE:
+        _png_text_within(data, max_chars)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
