@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from diffusionapi.webhooks import WebhookQueue, WebhookRefused, check_target
+from diffusionapi.jobs.webhooks import WebhookQueue, WebhookRefused, check_target
 
 from .test_webhooks import SECRET, Receiver, wait_for
 

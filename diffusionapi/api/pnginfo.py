@@ -7,7 +7,7 @@ import io
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from ..errors import RequestError
 from pydantic import BaseModel, Field
 
 from ..images import UntrustedImageError, infotext_parameters, parse_infotext, read_untrusted_infotext
@@ -61,10 +61,7 @@ def png_info(body: PngInfoRequest, request: Request):  # a plain def: FastAPI ru
         data = decode_image_b64(body.image)
         text, _, items = read_png_info(data, request.app.state.settings)
     except (ValueError, UntrustedImageError) as e:
-        status = getattr(e, "status", 422)
-        msg = f"image: {e}"
-        return JSONResponse({"status": "error", "error": msg, "detail": [{"loc": ["body", "image"], "msg": msg}]},
-                            status_code=status)
+        raise RequestError("image", str(e), getattr(e, "status", 422)) from None
     if text is None:
         return PngInfoResponse(infotext=None)
     return PngInfoResponse(infotext=text, items=items, parameters=infotext_parameters(items))
