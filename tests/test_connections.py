@@ -123,3 +123,37 @@ def test_total_cap_refuses_and_frees(model_store, tmp_path_factory):
         for s in socks:
             s.close()
         assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_the_uvicorn_command_line_takes_the_guard_and_its_settings(model_store, tmp_path):
+    """What init.sh runs: `uvicorn ... --http diffusionapi.security.connguard:GuardedAuto`, the
+    limits read from DIFFUSIONAPI_* settings."""
+    import subprocess
+    import sys
+
+    from .conftest import ServerProcess
+
+    srv = ServerProcess(make_settings(model_store, tmp_path, header_timeout_sec=1.0, max_connections_per_client=3))
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "diffusionapi.main:app", "--host", "127.0.0.1",
+                             "--port", str(srv.port), "--log-level", "warning",
+                             "--http", "diffusionapi.security.connguard:GuardedAuto"],
+                            env=srv.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            try:
+                if httpx.get(srv.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        socks = [_connect(srv) for _ in range(5)]
+        answers = [_read_all(s, timeout=20) for s in socks]
+        assert sum(a.startswith(b"HTTP/1.1 503") for a in answers) >= 2  # the per-client cap of 3
+        assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) >= 1  # the 1 s header deadline
+        for s in socks:
+            s.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)

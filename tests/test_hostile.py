@@ -396,7 +396,8 @@ def test_fuzz_one_field_never_5xx(small_server, field, value):
     if field.startswith("sdapi:"):
         path, field = "/sdapi/v1/txt2img", field.split(":", 1)[1]
     body = '{"prompt": "fuzz", "width": 64, "height": 64, "steps": 1, ' + json.dumps(field) + ": " + _to_json(value) + "}"
-    r = _post(server, path, body)
+    with HealthProbe(server.url):
+        r = _post(server, path, body)
     assert r.status_code < 500 or r.status_code == 503, (field, value, r.status_code, r.text[:300])
     if path == "/txt2img" and r.status_code == 200:  # valid after all: don't leave it running
         server.client.delete(f"/queue/{r.json()['job_id']}")
