@@ -185,7 +185,7 @@ class CeleryBackend(JobBackend):
         hook = (self.state.record(job_id) or {}).get("payload", {}).get("webhook")
         entry = None
         if isinstance(hook, dict) and "cancelled" in hook.get("events", ()):
-            st = JobStatus.model_validate(self.state.CANCELLED)
+            st = JobStatus.model_validate(self.state.CANCELLED_STATUS)
             entry = {"job_id": job_id, "state": "cancelled", "hook": hook,
                      "body": self.final_view(job_id, FinalJob(st, []))}
         return self.state.cancel(job_id, entry)
