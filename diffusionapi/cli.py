@@ -85,7 +85,7 @@ def _check_exposure(host: str) -> int:
         for err in e.errors():
             print(f"init.sh: {str(err.get('msg', err)).removeprefix('Value error, ')}", file=sys.stderr)
         return 1
-    if s.api_key or s.api_auth or s.allow_unauthenticated:
+    if s.api_key or s.api_auth or s.api_keys_file or s.allow_unauthenticated:
         return 0
     try:
         loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -94,7 +94,8 @@ def _check_exposure(host: str) -> int:
     if loopback:
         return 0
     print(f"init.sh: refusing to listen on {host} without credentials: set DIFFUSIONAPI_API_KEY (or "
-          "DIFFUSIONAPI_API_AUTH), or DIFFUSIONAPI_ALLOW_UNAUTHENTICATED=true to serve the network openly, "
+          "DIFFUSIONAPI_API_AUTH, DIFFUSIONAPI_API_KEYS_FILE), or DIFFUSIONAPI_ALLOW_UNAUTHENTICATED=true "
+          "to serve the network openly, "
           "or HOST=127.0.0.1", file=sys.stderr)
     return 1
 

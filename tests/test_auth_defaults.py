@@ -15,7 +15,6 @@ import pytest
 from pydantic import ValidationError
 
 from diffusionapi.config import Settings
-from diffusionapi.security.auth import Access
 
 from .conftest import LiveServer, make_settings
 
@@ -91,12 +90,15 @@ def test_duplicate_credential_headers_are_refused_whatever_their_order(keyed, pa
     assert r.status_code == 401
 
 
-def test_access_rules_unit():
-    off = Access(None, None)
-    assert off.allows([(b"authorization", b"Basic dW5kZWZpbmVk")])  # SillyTavern's "undefined"
-    on = Access("k", "u:p")
-    assert on.allows([(b"x-api-key", b"k")]) and not on.allows([(b"x-api-key", b"k"), (b"x-api-key", b"k")])
-    assert not on.allows([(b"authorization", b"Basic " + base64.b64encode(b"ghost:p"))])
+def test_access_rules_unit(tmp_path):
+    from diffusionapi.auth.keys import Authenticator
+
+    off = Authenticator(Settings(queue_dir=tmp_path))
+    assert off.authenticate([(b"authorization", b"Basic dW5kZWZpbmVk")]) is not None  # SillyTavern's "undefined"
+    on = Authenticator(Settings(queue_dir=tmp_path, api_key="k", api_auth="u:p"))
+    assert on.authenticate([(b"x-api-key", b"k")]) is not None
+    assert on.authenticate([(b"x-api-key", b"k"), (b"x-api-key", b"k")]) is None
+    assert on.authenticate([(b"authorization", b"Basic " + base64.b64encode(b"ghost:p"))]) is None
 
 
 def test_listings_show_no_absolute_server_paths(keyed):

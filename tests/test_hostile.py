@@ -71,7 +71,7 @@ class HealthProbe:
         assert not self.misses, f"/healthz missed {len(self.misses)} times: {self.misses[:3]}"
         assert self.answers >= 1
         r = httpx.get(self.url + "/healthz", timeout=HEALTH_TIMEOUT)  # and after
-        assert r.status_code == 200 and r.json() == {"ok": True}
+        assert r.status_code == 200
 
 
 def _post(server, path: str, body, *, content_type="application/json"):

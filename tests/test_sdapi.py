@@ -195,7 +195,8 @@ def test_listings(api, server):
     assert [m["name"] for m in api.get_latent_upscale_modes()][0] == "Latent"
     loras = api.get_loras()
     assert [(x["name"], x["alias"]) for x in loras] == [("ink", "ink")] and loras[0]["path"].endswith(".safetensors")
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    # sd-webui-controlnet's scripts (webuiapi looks for "controlnet m2m"; tests/test_controlnet.py)
+    assert {"controlnet", "controlnet m2m"} <= set(api.get_scripts()["txt2img"])
     assert set(api.get_memory()) == {"ram", "cuda"} and api.get_cmd_flags()["api"] is True
     assert api.refresh_checkpoints() is None and set(api.get_embeddings()) == {"loaded", "skipped"}
     assert api.get_sd_vae() == [] and server.client.get("/sdapi/v1/sd-modules").json() == []

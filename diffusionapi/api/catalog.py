@@ -20,12 +20,6 @@ async def hello() -> HelloResponse:  # on the event loop: answers even while the
     return HelloResponse(ok=True)
 
 
-@router.get("/healthz", response_model=HelloResponse)
-async def healthz() -> HelloResponse:
-    """Liveness for load balancers and orchestrators: the event loop answers (no key needed)."""
-    return HelloResponse(ok=True)
-
-
 @router.get("/models", response_model=ModelsResponse, response_model_exclude_none=True)
 def models(request: Request) -> ModelsResponse:
     return ModelsResponse(models=_models(request))
