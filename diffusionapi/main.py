@@ -13,6 +13,7 @@ from . import __version__
 from .auth.caller import OPEN
 from .config import Settings, get_settings
 from .errors import ServiceError, error_body, error_response
+from .api import openai
 from .jobs.service import JobService
 from .playground import is_public
 
@@ -20,7 +21,8 @@ log = logging.getLogger("diffusionapi")
 
 # Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
 IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
-                    "/sdapi/v1/png-info", "/png-info", "/sdapi/v1/txt2img", "/controlnet/detect")
+                    "/sdapi/v1/png-info", "/png-info", "/sdapi/v1/txt2img", "/controlnet/detect",
+                    *openai.IMAGE_BODY_PATHS)
 SDAPI_PREFIX = "/sdapi/"  # A1111's dialect: its own error shape (and Basic auth challenges)
 
 
@@ -57,33 +59,39 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         raw_headers = scope.get("headers") or []
+        path = scope["path"]
+        in_openai = openai.is_openai_path(path)  # the /v1 dialect answers in OpenAI's error shape
         # Who is calling (auth/keys.py): the routes pass scope["state"]["caller"] to the job service.
-        if self.auth.enabled and not is_public(scope["path"]) and scope.get("method") != "OPTIONS":
+        if self.auth.enabled and not is_public(path) and not openai.is_public(path) \
+                and scope.get("method") != "OPTIONS":
             caller = self.auth.authenticate(raw_headers)
             if caller is None:
-                if scope["path"].startswith(SDAPI_PREFIX):  # A1111 clients answer a Basic challenge
+                if path.startswith(SDAPI_PREFIX):  # A1111 clients answer a Basic challenge
                     msg = "Incorrect username or password"
                     return await _send_json(send, 401, {"status": "error", "error": msg, "detail": msg},
                                             extra=[(b"www-authenticate", b"Basic")])
-                return await _send_json(send, 401, error_body("missing or wrong credentials "
-                                                               "(Authorization: Bearer <key>, X-API-Key, or Basic)"),
+                return await _send_json(send, 401, openai.unauthorized_body() if in_openai else
+                                        error_body("missing or wrong credentials "
+                                                   "(Authorization: Bearer <key>, X-API-Key, or Basic)"),
                                         extra=[(b"www-authenticate", b"Bearer" if self.has_key else b"Basic")])
             refused = _spend_request(scope, caller)
             if refused is not None:
-                return await _send_service_error(send, scope["path"], refused)
+                return await _send_service_error(send, path, refused)
         else:
             caller = OPEN
         scope.setdefault("state", {})["caller"] = caller
         headers = dict(raw_headers)
-        limit = self.max_image_body if scope["path"] in IMAGE_BODY_PATHS else self.max_body
+        limit = self.max_image_body if path in IMAGE_BODY_PATHS else self.max_body
+        too_large = openai.too_large_body(limit) if in_openai else error_body(f"request body larger than {limit} bytes")
         length = headers.get(b"content-length")
         if length is not None:
             try:
                 too_big = int(length) > limit
             except ValueError:
-                return await _send_json(send, 400, error_body("bad Content-Length"))
+                return await _send_json(send, 400, openai.error_body("bad Content-Length") if in_openai
+                                        else error_body("bad Content-Length"))
             if too_big:
-                return await _send_json(send, 413, error_body(f"request body larger than {limit} bytes"))
+                return await _send_json(send, 413, too_large)
             return await self.app(scope, receive, send)
         # No Content-Length (chunked): count as the body streams in; past the cap, answer
         # 413 ourselves and tell the app the client went away.
@@ -97,7 +105,7 @@ class GuardMiddleware:
                 seen += len(msg.get("body", b""))
                 if seen > limit:
                     answered = True
-                    await _send_json(send, 413, error_body(f"request body larger than {limit} bytes"))
+                    await _send_json(send, 413, too_large)
                     return {"type": "http.disconnect"}
             return msg
 
@@ -128,6 +136,8 @@ async def _send_service_error(send, path: str, e: ServiceError):
     extra = [(k.lower().encode(), str(v).encode()) for k, v in e.headers.items()]
     if path.startswith(SDAPI_PREFIX):
         body = {"error": type(e).__name__, "detail": str(e), "body": "", "errors": str(e), "status": "error"}
+    elif openai.is_openai_path(path):
+        body = openai.service_error_body(e)
     else:
         body = error_body(e.message, e.field, **e.extra)
     return await _send_json(send, e.status, body, extra=extra)
@@ -228,6 +238,8 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": openapi.allowed_methods(app, request.scope)}
+        if request.url.path.startswith(SDAPI_PREFIX):  # A1111's body (`detail`), e.g. its 401
+            return sdapi.error_response(exc.status_code, str(exc.detail), headers=headers)
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     from . import openapi, playground
@@ -249,6 +261,7 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
     app.include_router(controlnet_api.router)
     app.include_router(controlnet_a1111.router, include_in_schema=False)
     sdapi.install(app, settings, registry)
+    openai.install(app, settings, registry)
     playground.install(app)
     openapi.install(app, settings, is_public=is_public)
     if settings.cors_origins:

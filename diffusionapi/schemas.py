@@ -93,6 +93,9 @@ class Txt2ImgRequest(BaseModel):
     ip_adapters: list[IPAdapterUnitRequest] = Field(default_factory=list, max_length=4)  # added
     priority: int = Field(0, ge=-10, le=10, description="added: moves the job ahead of (or behind) others; "
                           "capped to the API key's max_priority (docs/tenants.md)")
+    keep_partial: bool = Field(False, description="a cancel ends the job `done` with the image of its last "
+                                                  "denoised state and a warning (A1111's interrupt), not "
+                                                  "`cancelled`")  # added
 
     @field_validator("fileType", mode="before")
     @classmethod

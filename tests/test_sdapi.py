@@ -62,7 +62,7 @@ def test_wire_model_is_lenient_and_converts_once():
     assert body == {"prompt": "p", "negative_prompt": "", "steps": 12, "cfg_scale": 7.0, "width": 512,
                     "height": 512, "sampler_name": "Euler", "scheduler_type": None, "seed": None,
                     "fileType": "png", "model": "tiny-sd15", "clip_skip": 2, "batch_size": 1, "n_iter": 1,
-                    "preview": {"every": 10, "method": "approx"},
+                    "preview": {"every": 10, "method": "approx"}, "keep_partial": True,
                     "hires": {"enabled": True, "scale": 1.5, "upscaler": "Latent", "steps": 12,
                               "denoising_strength": 0.4}}
 
@@ -70,7 +70,8 @@ def test_wire_model_is_lenient_and_converts_once():
 def test_hires_resize_target_and_img2img_fields():
     req = Txt2ImgAPIRequest(prompt="p", width=64, height=32, enable_hr=True, hr_resize_x=128, hr_resize_y=64,
                             hr_upscaler="None", hr_second_pass_steps=3)
-    assert to_native(req, _ctx())["hires"] == {"enabled": True, "scale": 2.0, "upscaler": "Latent", "steps": 3,
+    # A1111's "None": the decoded first pass resized with Lanczos (images.resize_image)
+    assert to_native(req, _ctx())["hires"] == {"enabled": True, "scale": 2.0, "upscaler": "Lanczos", "steps": 3,
                                                "denoising_strength": 0.75}
     i2i = Img2ImgAPIRequest(prompt="p", init_images=["AAAA"], mask="BBBB", inpainting_fill=1, mask_blur=0)
     from diffusionapi.api.sdapi.protocol import img2img_native
@@ -262,7 +263,8 @@ def test_progress_queue_and_interrupt(api, server):
         assert httpx.get(api.baseurl + "/progress?skip_current_image=true").json()["current_image"] is None
     assert api.interrupt() == {}
     t.join(120)
-    assert result["r"].images == []  # interrupted: nothing finished to send
+    # interrupted: A1111 answers with the image of the last denoised state (tests/test_sdapi_gaps.py)
+    assert len(result["r"].images) == 1 and result["r"].image.size == (64, 64)
     api.util_wait_for_ready(check_interval=0.1)
 
 

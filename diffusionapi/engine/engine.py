@@ -160,18 +160,26 @@ class Engine:
         for it in range(plan.n_iter):
             seeds = [plan.seed + it * plan.batch_size + j for j in range(plan.batch_size)]
             window = (100.0 * it / plan.n_iter, 100.0 * (it + 1) / plan.n_iter)
-            latents = self._sample_batch(plan, base, refiner, cond, rcond, seeds, prepared, init, progress,
-                                         window, check, text, live)
-            if it == plan.n_iter - 1:
+            size, interrupted = (plan.final_width, plan.final_height), False
+            try:
+                latents = self._sample_batch(plan, base, refiner, cond, rcond, seeds, prepared, init, progress,
+                                             window, check, text, live)
+            except _Interrupted as stop:  # keep_partial: decode where sampling stood, then end
+                latents, size, interrupted, check = stop.latents, stop.size, True, (lambda: None)
+                text.warnings.append(f"interrupted: images {len(images) + 1}-{len(images) + len(seeds)} of "
+                                     f"{plan.image_count} are their last denoised state; the rest were not made")
+            if it == plan.n_iter - 1 or interrupted:
                 live.close()  # the last preview is out before the job's final event
             for j, seed in enumerate(seeds):
                 check()
                 t_dec = time.perf_counter()
-                image = self._decode(base, latents[j:j + 1], plan.final_width, plan.final_height)
+                image = self._decode(base, latents[j:j + 1], *size)
                 decode_sec += time.perf_counter() - t_dec
-                if prepared is not None:
+                if prepared is not None and size == (plan.final_width, plan.final_height):
                     image = prepared.composite(image)
                 images.append(image)
+            if interrupted:
+                break
 
         params = self._params(plan, text, prepared)
         if plan.image_count > 1:
@@ -208,6 +216,21 @@ class Engine:
             init_z = img2img.fill_latents(init, plan.init.inpainting_fill, first)
             x = init_z + first * schedule.start_sigma
         den = self._denoiser(base, cond, plan, check, prepared, plan.width, plan.height, init, init_z)
+        current = {"den": den, "size": (plan.width, plan.height)}  # the stage sampling now
+        try:
+            return self._sample_stages(plan, base, refiner, rcond, noise, schedule, den, x, init, init_z, progress,
+                                       window, first_hi, first_phase, check, text, live, current)
+        except JobCancelled as e:
+            # A1111's interrupt: the sampler returns its last denoised estimate (its last_latent).
+            x0 = current["den"].latest_x0() if plan.keep_partial else None
+            if x0 is None:
+                raise
+            raise _Interrupted(x0, current["size"]) from e
+
+    def _sample_stages(self, plan, base, refiner, rcond, noise, schedule, den, x, init, init_z, progress, window,
+                       first_hi, first_phase, check, text, live, current: dict) -> torch.Tensor:
+        lo, hi = window
+        hires = plan.hires
         if refiner is None:
             x = schedule.run(den, x, noise, live.stage(first_phase, schedule.steps,
                                                        progress.stage(first_phase, lo, first_hi), den.latest_x0))
@@ -223,6 +246,7 @@ class Engine:
                 # A1111 keeps counting the steps of prompt editing across the switch.
                 rden = self._denoiser(refiner, rcond, plan, check, None, plan.width, plan.height, init, init_z,
                                       step_offset=den.evals, stage="refiner")
+                current["den"] = rden
                 x = s_ref.run(rden, x, noise, live.stage("refining", s_ref.steps,
                                                          progress.stage("refining", share, first_hi), rden.latest_x0))
         if init is not None and init.keep is not None:
@@ -237,6 +261,7 @@ class Engine:
             schedule2 = img2img_tail(make_schedule(base, plan.sampler, total), hires.steps)
             cond2 = self._conditioning(base, text, plan.final_width, plan.final_height, hires_steps=hires.steps)
             den2 = self._denoiser(base, cond2, plan, check, None, plan.final_width, plan.final_height, stage="high")
+            current.update(den=den2, size=(plan.final_width, plan.final_height))
             x = latents + noise.initial(latents.shape, self.device) * schedule2.start_sigma
             latents = schedule2.run(den2, x, noise, live.stage("upscaling", schedule2.steps,
                                                                progress.stage("upscaling", first_hi, hi),
@@ -384,7 +409,10 @@ class Engine:
         bigs = []
         for i in range(latents.shape[0]):
             image = self._decode(base, latents[i:i + 1], plan.width, plan.height)
-            bigs.append(self._encode(base, self._run_upscaler(hires.upscaler, image, (hires.width, hires.height))))
+            target = (hires.width, hires.height)
+            big = image.resize(target, imageinput.PIXEL_RESIZERS[hires.upscaler.name]) if hires.upscaler.is_resize \
+                else self._run_upscaler(hires.upscaler, image, target)
+            bigs.append(self._encode(base, big))
         return torch.cat(bigs)
 
     def _run_upscaler(self, upscaler, image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -413,3 +441,11 @@ class Engine:
         params.update({"Postprocess upscale by": plan.scale} if plan.scale is not None
                       else {"Postprocess upscale to": f"{plan.width}x{plan.height}"})
         return GenerationResult([GeneratedImage(out, -1, params)], round(load_time, 3))
+
+
+class _Interrupted(JobCancelled):
+    """A cancel seen by a keep_partial job: the batch's last denoised latents, and their image size."""
+
+    def __init__(self, latents: torch.Tensor, size: tuple[int, int]):
+        super().__init__()
+        self.latents, self.size = latents, size

@@ -100,6 +100,9 @@ class GenerationPlan:
     init: InitImagePlan | None = None  # img2img / inpainting
     controlnets: tuple = ()  # engine/controlnet/units.ControlUnitPlan, applied in order
     ip_adapters: tuple = ()  # engine/controlnet/units.IPAdapterPlan
+    # A cancel returns the image of the last denoised state instead of ending the job (A1111's
+    # interrupt: /sdapi jobs set it).
+    keep_partial: bool = False
 
     @property
     def final_width(self) -> int:

@@ -21,7 +21,7 @@ from ..limits import LimitExceeded, check_plan
 from ..registry import Registry, UnknownName
 from ..imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
 from ..schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
-from ..vocabulary import SDXL, SDXL_REFINER
+from ..vocabulary import SDXL, SDXL_REFINER, UpscalerEntry
 
 
 @dataclass(frozen=True)
@@ -167,10 +167,12 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         fw, fh = round8(w * hires.scale), round8(h * hires.scale)
         if limits and fw * fh * req.batch_size > settings.max_hires_pixels:
             raise RequestError("hires.scale", f"final size {fw}x{fh} exceeds {settings.max_hires_pixels} pixels")
-        try:
-            upscaler = registry.resolve_upscaler(hires.upscaler)
+        builtin = {k.lower(): k for k in PIXEL_RESIZERS}
+        try:  # a plain resize (A1111's "Lanczos", "Nearest"), a latent mode, or an upscaler file
+            upscaler = UpscalerEntry(builtin[hires.upscaler.strip().lower()], None) \
+                if hires.upscaler.strip().lower() in builtin else registry.resolve_upscaler(hires.upscaler)
         except UnknownName as e:
-            raise RequestError("hires.upscaler", str(e)) from None
+            raise RequestError("hires.upscaler", f"{e}; or one of: {', '.join(PIXEL_RESIZERS)}") from None
         hires_plan = HiresPlan(upscaler, hires.scale, hires.steps, hires.denoising_strength, fw, fh)
 
     preview = resolve_preview(req, model.family, settings)
@@ -187,7 +189,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           loras=tuple(loras), refiner=refiner, refiner_switch_at=req.refiner_switch_at,
                           hires=hires_plan, clip_skip=req.clip_skip,
                           embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
-                          batch_size=req.batch_size, n_iter=req.n_iter,
+                          batch_size=req.batch_size, n_iter=req.n_iter, keep_partial=req.keep_partial,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
     if limits:
         _within_limits(plan, settings)

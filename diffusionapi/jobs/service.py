@@ -215,14 +215,19 @@ class JobService:
             if st is None or st.is_final:
                 return await asyncio.to_thread(self.take_final, job_id)
             if await gone():
-                try:
-                    self.cancel(job_id)
-                except (NotFound, Conflict):
-                    pass
-                task = asyncio.get_running_loop().create_task(self._discard(job_id))
-                _background.add(task)
-                task.add_done_callback(_background.discard)
+                await self.abandon(job_id)
                 return None
+
+    async def abandon(self, job_id: str) -> None:
+        """Nobody will collect this job (its client left): cancel it, and discard its final
+        answer when it comes."""
+        try:
+            self.cancel(job_id)
+        except (NotFound, Conflict):
+            pass
+        task = asyncio.get_running_loop().create_task(self._discard(job_id))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     async def _discard(self, job_id: str, wait_sec: float = 600) -> None:
         """Nobody will read this final answer: take it once the job has stopped."""

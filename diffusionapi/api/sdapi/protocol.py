@@ -324,6 +324,7 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     body["batch_size"], body["n_iter"] = req.batch_size, req.n_iter
     # feeds /progress's current_image, as A1111's live previews do
     body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
+    body["keep_partial"] = True  # /interrupt answers with the last denoised state, as A1111 does
     if req.enable_hr and not isinstance(req, Img2ImgAPIRequest):
         body["hires"] = _hires(req)
     if req.alwayson_scripts:  # sd-webui-controlnet's units
@@ -359,12 +360,20 @@ def _hires(req: Txt2ImgAPIRequest) -> dict:
         ratios = [r for r in ((req.hr_resize_x / req.width) if req.hr_resize_x else 0,
                               (req.hr_resize_y / req.height) if req.hr_resize_y else 0) if r]
         scale = max(ratios)
-    hires: dict[str, Any] = {"enabled": True, "scale": scale,
-                             "upscaler": req.hr_upscaler if req.hr_upscaler not in (None, "", "None") else "Latent",
+    hires: dict[str, Any] = {"enabled": True, "scale": scale, "upscaler": hires_upscaler(req.hr_upscaler),
                              # A1111: 0 second-pass steps means as many as the first pass
                              "steps": req.hr_second_pass_steps or req.steps}
     hires["denoising_strength"] = req.denoising_strength if req.denoising_strength else HIRES_DENOISING_DEFAULT
     return hires
+
+
+def hires_upscaler(name: str | None) -> str:
+    """A1111's hr_upscaler as ours. Left out: A1111's default latent mode ("Latent"). "None": A1111
+    decodes the first pass and resizes the image with Lanczos (images.resize_image with
+    upscaler_name "None"), so it is "Lanczos" here; "Lanczos" and "Nearest" are plain resizes."""
+    if name is None or not name.strip():
+        return "Latent"
+    return "Lanczos" if name.strip() == "None" else name
 
 
 def img2img_native(req: Img2ImgAPIRequest, ctx: Context) -> dict:
