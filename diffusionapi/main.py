@@ -143,6 +143,17 @@ async def _send_service_error(send, path: str, e: ServiceError):
     return await _send_json(send, e.status, body, extra=extra)
 
 
+def _body_error_shape(path: str, e) -> dict:
+    """A body no field can take (security/jsonbody.py), in the dialect's error shape."""
+    from .security import jsonbody
+
+    if path.startswith(SDAPI_PREFIX):
+        return jsonbody.sdapi_error_body(str(e))
+    if openai.is_openai_path(path):
+        return openai.error_body(str(e), param=openai.param_of(jsonbody.field_name(e.loc)) if e.loc else None)
+    return jsonbody.native_error_body(e)
+
+
 async def _send_json(send, status: int, body: dict, extra=()):
     import json
 
@@ -271,7 +282,8 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
                            allow_headers=["*"])
     from .security.jsonbody import JSONBodyGuard
 
-    app.add_middleware(JSONBodyGuard, sdapi_prefix=SDAPI_PREFIX)  # inside the size cap: bodies are bounded
+    app.add_middleware(JSONBodyGuard, sdapi_prefix=SDAPI_PREFIX,  # inside the size cap: bodies are bounded
+                       error_shape=_body_error_shape)
     app.add_middleware(GuardMiddleware, settings=settings, auth=authenticator)
     from .api.observe import ObserveMiddleware
 

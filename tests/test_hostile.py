@@ -430,3 +430,12 @@ def test_fuzz_prompt_and_infotext_parsers_never_raise_unknown_errors(text):
         check_prompt(text, "prompt")
     except (pp.PromptError, LimitExceeded):
         pass
+
+
+@pytest.mark.parametrize("body,param", [('{"prompt": "a", "n": 1e400}', "n"), ('{"prompt": "\\ud800"}', "prompt"),
+                                        ("[" * 100_000 + "]" * 100_000, None)])
+def test_the_openai_dialect_answers_hostile_bodies_in_its_own_shape(server, body, param):
+    r = _post(server, "/v1/images/generations", body)
+    assert 400 <= r.status_code < 500, r.text[:300]
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]

@@ -101,11 +101,17 @@ _JSON_METHODS = (b"POST", b"PUT", b"PATCH")
 class JSONBodyGuard:
     """ASGI middleware: every POST/PUT/PATCH body that is JSON (or any body under ``/sdapi``,
     which reads JSON whatever the Content-Type says) passes :func:`parse` before the app sees
-    it. Sits inside the body-size guard, so the buffered body is already bounded."""
+    it. Sits inside the body-size guard, so the buffered body is already bounded. ``error_shape``
+    (path, BodyError) -> the dialect's error body; by default A1111's under ``sdapi_prefix``, else
+    the native one."""
 
-    def __init__(self, app, sdapi_prefix: str = "/sdapi/"):
+    def __init__(self, app, sdapi_prefix: str = "/sdapi/", error_shape=None):
         self.app = app
         self.sdapi_prefix = sdapi_prefix
+        self.error_shape = error_shape or self._default_shape
+
+    def _default_shape(self, path: str, e: BodyError) -> dict:
+        return sdapi_error_body(str(e)) if path.startswith(self.sdapi_prefix) else native_error_body(e)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method", "").encode() not in _JSON_METHODS:
@@ -137,8 +143,7 @@ class JSONBodyGuard:
                 else:
                     parse(body)
             except BodyError as e:
-                payload = sdapi_error_body(str(e)) if sdapi else native_error_body(e)
-                return await _send_json(send, e.status, payload)
+                return await _send_json(send, e.status, self.error_shape(path, e))
             except ValueError:
                 pass  # not JSON (or not UTF-8): the route answers that as it always has
         sent = False
