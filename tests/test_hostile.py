@@ -9,7 +9,6 @@ above the cost budget. Hypothesis fuzzes the parsers directly and one field at a
 from __future__ import annotations
 
 import base64
-import io
 import json
 import struct
 import subprocess

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from ... import __version__
 from ...errors import ServiceError
-from ...images import UntrustedImageError, parse_infotext
+from ...images import UntrustedImageError
 from ...engine.samplers import SAMPLER_NAMES, SAMPLERS
 from ...security import jsonbody
 from ...security.paths import shown_path
