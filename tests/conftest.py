@@ -17,6 +17,22 @@ import pytest
 
 from diffusionapi.config import Settings
 
+# Test tiers (docs/testing.md). `./test.sh --quick` deselects these; `./test.sh` runs everything.
+# Each module (or test) that needs one says so with a one-line `pytestmark = pytest.mark.<name>`.
+MARKERS = {
+    "browser": "drives a real headless Chromium (Playwright)",
+    "broker": "starts real RabbitMQ and/or Redis servers (the Celery cluster)",
+    "processes": "real server processes: crash/restart, graceful stop, the shell scripts",
+    "slow": "long by design: the 200-job load test, schemathesis's full run, the GPU benchmark's flow",
+}
+QUICK = "not (" + " or ".join(MARKERS) + ")"  # the -m expression of ./test.sh --quick
+
+
+def pytest_configure(config):
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
 TINY = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sdxl-refiner": "sdxl-refiner"}
 HUB_NAME = "models--testorg--tiny-hub-sd15"
 

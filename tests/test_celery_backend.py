@@ -22,7 +22,7 @@ from PIL import Image
 from tests.cluster_fixtures import rabbitmq_server, redis_server  # noqa: F401 - fixtures
 from tests.conftest import free_port, make_settings
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.broker]
 
 HEARTBEAT = 0.5
 ORPHAN_GRACE = 2.0  # short, for the orphan test; the other tests show the duplicates it may cause are harmless

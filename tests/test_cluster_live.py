@@ -24,7 +24,7 @@ from tests.test_celery_backend import Cluster, poll, submit, wait_final, wait_st
 from tests.test_live import FINAL, listen, start_listener
 from tests.test_webhooks import Receiver, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.broker]
 
 SECRET = "cluster-secret"
 JOB = dict(prompt="live", width=64, height=64, model="tiny-sd15", sampler_name="Euler")

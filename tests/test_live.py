@@ -406,6 +406,7 @@ def test_webhook_without_a_secret_or_with_bad_fields_is_refused(live_store, tmp_
         assert r.status_code == 422 and "webhook" in r.text
 
 
+@pytest.mark.processes
 def test_a_server_restart_between_attempts_still_delivers(live_store, tmp_path):
     rx = Receiver([500])
     settings = live_settings(live_store, tmp_path, webhook_backoff_sec=4.0)

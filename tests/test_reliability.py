@@ -29,6 +29,7 @@ def _final(client, job_id, timeout=180):
     raise TimeoutError(job_id)
 
 
+@pytest.mark.processes
 def test_kill_9_and_restart_loses_no_job(model_store, tmp_path):
     settings = make_settings(model_store, tmp_path)
     srv = ServerProcess(settings).start()
@@ -69,6 +70,7 @@ def test_kill_9_and_restart_loses_no_job(model_store, tmp_path):
         srv2.stop()
 
 
+@pytest.mark.processes
 def test_graceful_stop_requeues_the_running_job(model_store, tmp_path):
     settings = make_settings(model_store, tmp_path)
     srv = ServerProcess(settings).start()
