@@ -239,7 +239,7 @@ def test_validation_errors_are_shown_next_to_their_fields(ui, pg_server):
 
 
 def test_cancel_a_queued_job_from_the_queue_panel(ui, pg_server):
-    blocker = pg_server.submit(prompt="blocker", width=256, height=256, steps=60)
+    blocker = pg_server.submit_blocker()  # held until cancelled (tests/holding.py)
     waiting = pg_server.submit(prompt="waiting", width=64, height=64, steps=2)
     try:
         page = ui.open()
