@@ -63,7 +63,8 @@ class Node:
     def __init__(self, args: list[str], env: dict, workdir: Path, port: int | None = None, holding: bool = False):
         self.args, self.env, self.dir, self.port = args, env, workdir, port
         # A worker runs through tests/holding.py, so jobs with a hold token wait on it there.
-        self.module = ["tests.holding", "diffusionapi.cluster.cli"] if holding else ["diffusionapi.cluster.cli"]
+        cli = "diffusionapi.jobs.backends.celery.cli"
+        self.module = ["tests.holding", cli] if holding else [cli]
         self.url = f"http://127.0.0.1:{port}" if port else None
         self.log = workdir / "node.log"
         self.proc: subprocess.Popen | None = None
@@ -281,7 +282,7 @@ def test_a_job_orphaned_by_an_api_node_dying_mid_submit_is_published_again_and_d
     import json
     import uuid
 
-    from diffusionapi.cluster.state import RedisJobState
+    from diffusionapi.jobs.backends.celery.state import RedisJobState
 
     a, b = cluster.api
     state = RedisJobState(cluster.redis.url)

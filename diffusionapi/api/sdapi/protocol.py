@@ -290,7 +290,6 @@ class Context:
     model: str | None               # the /sdapi options model (a native name), None: the service default
     clip_skip: int | None           # the /sdapi options CLIP_stop_at_last_layers
     resolve_checkpoint: Any         # callable(str) -> native model name (raises LookupError)
-    supports: frozenset[str]        # native request fields that exist
     warnings: list[str] = field(default_factory=list)
 
 
@@ -317,18 +316,10 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     clip_skip = overrides.get("CLIP_stop_at_last_layers", req.clip_skip if req.clip_skip else ctx.clip_skip)
     clip_skip = _lenient_number(clip_skip)
     if isinstance(clip_skip, (int, float)) and clip_skip >= 1:
-        if "clip_skip" in ctx.supports:
-            body["clip_skip"] = int(clip_skip)
-        elif clip_skip > 1:
-            ctx.warnings.append("clip skip is not supported by this server; ignored")
-    for name in ("batch_size", "n_iter"):
-        value = getattr(req, name)
-        if name in ctx.supports:
-            body[name] = value
-        elif value != 1:
-            ctx.warnings.append(f"{name} {value} is not supported by this server; making one image")
-    if "preview" in ctx.supports:  # feeds /progress's current_image, as A1111's live previews do
-        body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
+        body["clip_skip"] = int(clip_skip)
+    body["batch_size"], body["n_iter"] = req.batch_size, req.n_iter
+    # feeds /progress's current_image, as A1111's live previews do
+    body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
     if req.enable_hr and not isinstance(req, Img2ImgAPIRequest):
         body["hires"] = _hires(req)
     for unused in ("hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
@@ -375,3 +366,28 @@ def img2img_native(req: Img2ImgAPIRequest, ctx: Context) -> dict:
     if len(images) > 1:
         ctx.warnings.append(f"{len(images)} init images given; the first is used")
     return body
+
+
+def native_request(req: Txt2ImgAPIRequest, ctx: Context):
+    """The typed native request (schemas.Txt2ImgRequest / Img2ImgRequest) the job service takes
+    for an A1111 request; a value the native type refuses is a FieldError naming the A1111 field."""
+    from pydantic import ValidationError
+
+    from ...schemas import Img2ImgRequest, Txt2ImgRequest
+
+    is_img2img = isinstance(req, Img2ImgAPIRequest)
+    if is_img2img and not req.init_images:
+        raise FieldError("init_images", "at least one image is required")
+    body = img2img_native(req, ctx) if is_img2img else to_native(req, ctx)
+    try:
+        return (Img2ImgRequest if is_img2img else Txt2ImgRequest).model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field_name = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        raise FieldError(NATIVE_TO_A1111.get(field_name, field_name),
+                         str(err.get("msg", "invalid")).removeprefix("Value error, ")) from None
+
+
+# Native field -> the A1111 field a client sent it as (error messages name what the client sent).
+NATIVE_TO_A1111 = {"init_image": "init_images", "hires.scale": "hr_scale", "hires.steps": "hr_second_pass_steps",
+                   "hires.upscaler": "hr_upscaler", "hires.denoising_strength": "denoising_strength"}
