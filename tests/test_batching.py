@@ -76,7 +76,7 @@ def test_cancel_one_job_of_a_batch(batching_server):
     # The other two are held (tests/holding.py) until the cancelled one has ended: the batch is
     # surely still running then, however fast this CPU is.
     others = Hold()
-    jobs = [dict(JOB, steps=30, prompt=f"a lighthouse {i}" + (f" {others.token}" if i != 1 else ""), seed=7 + i)
+    jobs = [dict(JOB, steps=8, prompt=f"a lighthouse {i}" + (f" {others.token}" if i != 1 else ""), seed=7 + i)
             for i in range(3)]
     runs = len(s.engine.batches)
     blocker = hold(s)
