@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import SEED_DEFAULT_MODEL
+from .engine.controlnet.request import ControlNetUnitRequest, IPAdapterUnitRequest
 from .jobs.states import FINAL_STATES, WEBHOOK_EVENTS
 from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
 
@@ -86,6 +87,11 @@ class Txt2ImgRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12)  # added: A1111's "Clip skip"; 1 = the text encoder's last layer
     batch_size: int = Field(1, ge=1, description="images made in one UNet batch; seeds seed, seed+1, ...")
     n_iter: int = Field(1, ge=1, description="batches made one after another")
+    # added: image guidance (README "ControlNet"), applied in order
+    controlnets: list[ControlNetUnitRequest] = Field(default_factory=list, max_length=8)
+    ip_adapters: list[IPAdapterUnitRequest] = Field(default_factory=list, max_length=4)  # added
+    priority: int = Field(0, ge=-10, le=10, description="added: moves the job ahead of (or behind) others; "
+                          "capped to the API key's max_priority (docs/tenants.md)")
 
     @field_validator("fileType", mode="before")
     @classmethod
@@ -158,6 +164,8 @@ class UpscaleRequest(BaseModel):
     height: int | None = Field(None, ge=1)
     fileType: Literal["jpg", "png"] = "png"
     jpeg_quality: int = Field(85, ge=1, le=100)
+    priority: int = Field(0, ge=-10, le=10, description="added: moves the job ahead of (or behind) others; "
+                          "capped to the API key's max_priority (docs/tenants.md)")
 
     @field_validator("fileType", mode="before")
     @classmethod
@@ -294,6 +302,7 @@ class QueueListEntry(BaseModel):
     current_phase: str
     progress: float
     queue_position: int | None = None
+    owner: str | None = None  # added: the name of the key that submitted it
 
 
 class WebhookAttempt(BaseModel):
@@ -317,3 +326,4 @@ class QueueListResponse(BaseModel):
     status: Literal["success"] = "success"
     jobs: list[QueueListEntry]
     webhooks: list[WebhookDelivery] = Field(default_factory=list)  # added: deliveries, pending and recent
+    others: int | None = Field(None, description="added: with named keys, jobs of other keys (a user sees only a count)")

@@ -6,8 +6,9 @@
 
 Each row: the environment variable, the default, the accepted values (type, bounds, choices) and
 the meaning. The meaning is the field's own `description` (``Field(..., description=...)``) when
-it has one, else the entry in DESCRIPTIONS below; tests/test_settings_doc.py fails when a field has
-neither, or when docs/settings.md is not what this script writes.
+it has one, else the entry in DESCRIPTIONS below, else the comment at the end of the field's line
+in config.py; tests/test_settings_doc.py fails when a field has none of them, or when
+docs/settings.md is not what this script writes.
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ DESCRIPTIONS = {
     "outputs_dir": "generated images",
     "queue_dir": "job records (and the file-hash caches)",
     "model_labels": "`{name: label}` JSON file of model labels",
+    "controlnet_dir": "ControlNets and T2I-Adapters; unset: the `controlnet` folder next to the models folder ([controlnet](controlnet.md))",
+    "annotators_dir": "preprocessor (annotator) weights; unset: the `annotators` folder next to the models folder",
+    "model_install_allowed_hosts": "hosts model downloads may come from (`POST` installs, [operating](operating.md)); the same rule as `WEBHOOK_ALLOWED_HOSTS`",
+    "api_keys_file": "named API keys with roles and limits ([tenants](tenants.md))",
     "device": "`auto` (cuda, then mps, then cpu), or `cpu`, `cuda`, `cuda:1`, ...",
     "default_model": "model used when a request names none; when it is not installed, the first installed base model",
     "max_width": "per-side width limit (after rounding to 8)",
@@ -130,8 +135,22 @@ def values_text(info) -> str:
     return name + (" " + ", ".join(bounds) if bounds else "")
 
 
+def _source_comments() -> dict[str, str]:
+    """The trailing ``# comment`` of each field's line in config.py (the last fallback)."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(Settings).splitlines():
+        m = re.match(r"    (\w+): [^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def description(field: str, info) -> str | None:
-    return info.description or DESCRIPTIONS.get(field)
+    """The field's ``description``, else DESCRIPTIONS, else its line's comment in config.py."""
+    return info.description or DESCRIPTIONS.get(field) or _source_comments().get(field)
 
 
 def render() -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite runs for real (brokers, a browser), only those
+# Installs the Debian packages the test suite runs for real (brokers, a browser, Prometheus), only those
 # that are missing. Called by scripts/setup.sh for ./test.sh; needs root (or sudo) and apt-get
 # only when one is missing.
 # One line per package: the package, a file whose presence means it is installed, and "quick"
@@ -14,6 +14,7 @@ done <<'LIST'
 rabbitmq-server /usr/sbin/rabbitmq-server
 redis-server /usr/bin/redis-server
 chromium /usr/bin/chromium
+prometheus /usr/bin/prometheus
 curl /usr/bin/curl quick
 jq /usr/bin/jq quick
 openssl /usr/bin/openssl

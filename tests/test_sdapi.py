@@ -196,7 +196,8 @@ def test_listings(api, server):
     assert [m["name"] for m in api.get_latent_upscale_modes()][0] == "Latent"
     loras = api.get_loras()
     assert [(x["name"], x["alias"]) for x in loras] == [("ink", "ink")] and loras[0]["path"].endswith(".safetensors")
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    # sd-webui-controlnet's scripts (webuiapi looks for "controlnet m2m"; tests/test_controlnet.py)
+    assert {"controlnet", "controlnet m2m"} <= set(api.get_scripts()["txt2img"])
     assert set(api.get_memory()) == {"ram", "cuda"} and api.get_cmd_flags()["api"] is True
     assert api.refresh_checkpoints() is None and set(api.get_embeddings()) == {"loaded", "skipped"}
     assert api.get_sd_vae() == [] and server.client.get("/sdapi/v1/sd-modules").json() == []
@@ -339,9 +340,11 @@ def test_basic_auth(auth_server):
     # The API key admits /sdapi callers too: as a Bearer token, or as the password A1111 clients can send.
     assert httpx.get(url + "/options", headers={"Authorization": "Bearer the-key"}).status_code == 200
     assert httpx.get(url + "/options", auth=("any", "the-key")).status_code == 200
-    # Basic credentials are for /sdapi only; the native API keeps its key.
-    assert httpx.get(auth_server.url + "/models", auth=("alice", "s3cret")).status_code == 401
+    # One check for every route of both dialects (issue #31): Basic users reach the native API too,
+    # and nobody without credentials does.
+    assert httpx.get(auth_server.url + "/models", auth=("alice", "s3cret")).status_code == 200
     assert httpx.get(auth_server.url + "/models", headers={"X-API-Key": "the-key"}).status_code == 200
+    assert httpx.get(auth_server.url + "/models").status_code == 401
 
 
 def test_catalog_titles_for_files_and_folders(tmp_path):

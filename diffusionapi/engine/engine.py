@@ -19,6 +19,7 @@ from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
 from .plan import (Cancelled, GeneratedImage, GenerationError, GenerationPlan, GenerationResult, JobCancelled, Report,
                    StepObserver, UpscalePlan, hires_total_steps)
 from . import img2img
+from .controlnet.units import ControlState, infotext_params as controlnet_infotext
 from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
 from .embeddings import EmbeddingTensors
 from .prompts import extract_extra_networks
@@ -90,6 +91,7 @@ class Engine:
         self.embedding_tensors = EmbeddingTensors()
         self.taesd = TaesdCache(self.device)
         self.batches: list[int] = []  # sizes of the UNet batches of several jobs (tests, logs)
+        self._control = None  # the running job's ControlNet units (engine/controlnet/units.ControlState)
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -105,6 +107,10 @@ class Engine:
         except MemoryError as e:
             free_memory()
             raise GenerationError("out of memory: try a smaller size, fewer steps or a lower hires scale") from e
+        finally:
+            if self._control is not None:
+                self._control.close()  # IP-Adapter layers leave the resident UNet
+            self._control = None
 
     def _generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled,
                   observer: StepObserver | None = None) -> GenerationResult:
@@ -118,14 +124,16 @@ class Engine:
             return self._upscale_only(plan, progress)
         t_load = time.perf_counter()
         first_phase = "encoding" if plan.init else "initial generation" if plan.hires else "generation"
-        if self.cache.is_loaded(plan.model.name) and (plan.refiner is None or self.cache.is_loaded(plan.refiner.name)):
+        resident = self.cache.is_loaded(plan.model.name) and (plan.refiner is None
+                                                              or self.cache.is_loaded(plan.refiner.name))
+        if resident:
             progress.phase(first_phase)
         needed = (plan.model.name,) + ((plan.refiner.name,) if plan.refiner else ())
         base = self._load(plan.model, progress, keep=needed)
         refiner = None
         if plan.refiner is not None:
             refiner = self._load(plan.refiner, progress, keep=needed, share_from=base)
-        load_time = time.perf_counter() - t_load
+        load_time = 0.0 if resident else time.perf_counter() - t_load  # 0: nothing was loaded (README)
         self.loras.apply(base, plan.loras)
         fastmode.set_fused(base.pipe.unet, not plan.loras)  # LoRA adapters wrap the unfused projections
         check()
@@ -137,6 +145,8 @@ class Engine:
             prepared = img2img.prepare_input(plan.init, plan.width, plan.height)
             init = img2img.encode_init(encode_image, prepared, self.device)
             check()
+        # ControlNet units: their maps are detected once per job (engine/controlnet).
+        self._control = ControlState(self, plan) if plan.controlnets or plan.ip_adapters else None
         text = JobText(plan, self._lora_key(plan.loras))
         cond = self._conditioning(base, text, plan.width, plan.height)
         rcond = self._conditioning(refiner, text, plan.width, plan.height) if refiner else None
@@ -145,6 +155,7 @@ class Engine:
                        image_size=(plan.final_width, plan.final_height), taesd=self.taesd)
 
         images = []
+        decode_sec = 0.0
         # n_iter batches one after another, each its share of the progress; image k has seed + k.
         for it in range(plan.n_iter):
             seeds = [plan.seed + it * plan.batch_size + j for j in range(plan.batch_size)]
@@ -155,7 +166,9 @@ class Engine:
                 live.close()  # the last preview is out before the job's final event
             for j, seed in enumerate(seeds):
                 check()
+                t_dec = time.perf_counter()
                 image = self._decode(base, latents[j:j + 1], plan.final_width, plan.final_height)
+                decode_sec += time.perf_counter() - t_dec
                 if prepared is not None:
                     image = prepared.composite(image)
                 images.append(image)
@@ -167,7 +180,10 @@ class Engine:
         for k, image in enumerate(images):
             extra = {"Batch pos": k % plan.batch_size} if plan.batch_size > 1 else {}
             results.append(GeneratedImage(image, plan.seed + k, {**params, "Seed": plan.seed + k, **extra}))
-        return GenerationResult(results, round(load_time, 3), warnings=text.warnings)
+        if self._control is not None:  # asked-for detected maps follow the images, as in A1111
+            results += [GeneratedImage(m, plan.seed, {"ControlNet detected map": name})
+                        for name, m in self._control.detected_maps()]
+        return GenerationResult(results, round(load_time, 3), round(decode_sec, 3), warnings=text.warnings)
 
     def _sample_batch(self, plan: GenerationPlan, base: LoadedModel, refiner: LoadedModel | None, cond, rcond,
                       seeds: list[int], prepared, init, progress: StageProgress, window, check,
@@ -199,12 +215,14 @@ class Engine:
             k = int(round(schedule.steps * plan.refiner_switch_at))
             s_base, s_ref = schedule.split(k) if 0 < k < schedule.steps else (schedule, None)
             share = lo + (first_hi - lo) * s_base.steps / schedule.steps
+            if getattr(den, "clock", None) is not None:
+                den.clock.total = schedule.steps  # ControlNet's guidance window spans all the steps
             x = s_base.run(den, x, noise, live.stage(first_phase, s_base.steps,
                                                      progress.stage(first_phase, lo, share), den.latest_x0))
             if s_ref is not None:
                 # A1111 keeps counting the steps of prompt editing across the switch.
                 rden = self._denoiser(refiner, rcond, plan, check, None, plan.width, plan.height, init, init_z,
-                                      step_offset=den.evals)
+                                      step_offset=den.evals, stage="refiner")
                 x = s_ref.run(rden, x, noise, live.stage("refining", s_ref.steps,
                                                          progress.stage("refining", share, first_hi), rden.latest_x0))
         if init is not None and init.keep is not None:
@@ -218,7 +236,7 @@ class Engine:
             total = hires_total_steps(hires.steps, hires.denoising_strength)
             schedule2 = img2img_tail(make_schedule(base, plan.sampler, total), hires.steps)
             cond2 = self._conditioning(base, text, plan.final_width, plan.final_height, hires_steps=hires.steps)
-            den2 = self._denoiser(base, cond2, plan, check, None, plan.final_width, plan.final_height)
+            den2 = self._denoiser(base, cond2, plan, check, None, plan.final_width, plan.final_height, stage="high")
             x = latents + noise.initial(latents.shape, self.device) * schedule2.start_sigma
             latents = schedule2.run(den2, x, noise, live.stage("upscaling", schedule2.steps,
                                                                progress.stage("upscaling", first_hi, hi),
@@ -227,14 +245,17 @@ class Engine:
         return latents
 
     def _denoiser(self, loaded: LoadedModel, cond, plan: GenerationPlan, check, prepared, width: int, height: int,
-                  init=None, init_z=None, step_offset: int = 0):
+                  init=None, init_z=None, step_offset: int = 0, stage: str = "low"):
         """The CFG denoiser; an inpainting UNet gets its mask + masked-image conditioning, and
-        a mask keeps the init latents outside it at every evaluation."""
+        a mask keeps the init latents outside it at every evaluation. ``stage``: "low" (first
+        pass), "high" (hires pass), "refiner" (ControlNet units guide the first two)."""
         den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset)
         if img2img.is_inpainting_unet(loaded.pipe.unet):
             extra = img2img.inpainting_conditioning(lambda im: self._encode(loaded, im), prepared, width, height,
                                                     self.device)
             den.unet = img2img.ConcatUNet(den.unet, extra)
+        if getattr(self, "_control", None) is not None and stage != "refiner":
+            den = self._control.wrap(loaded, den, stage, width, height)
         if init is not None and init.keep is not None:
             den = img2img.MaskedDenoiser(den, init_z, init.keep)
         return den
@@ -307,6 +328,7 @@ class Engine:
         if hashes:
             params["Lora hashes"] = hashes
         params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
+        params.update(controlnet_infotext(plan.controlnets, plan.ip_adapters))
         return params
 
     def _vae_for(self, loaded: LoadedModel, width: int, height: int):

@@ -98,6 +98,8 @@ class GenerationPlan:
     clip_skip: int = 1    # A1111's "Clip skip" (engine/conditioning.py)
     embeddings: tuple[EmbeddingEntry, ...] = ()  # textual inversions the prompts may call
     init: InitImagePlan | None = None  # img2img / inpainting
+    controlnets: tuple = ()  # engine/controlnet/units.ControlUnitPlan, applied in order
+    ip_adapters: tuple = ()  # engine/controlnet/units.IPAdapterPlan
 
     @property
     def final_width(self) -> int:
@@ -141,6 +143,7 @@ class GeneratedImage:
 class GenerationResult:
     images: list[GeneratedImage]
     load_time_sec: float = 0.0  # time spent loading models for this job (0: all were resident)
+    decode_time_sec: float = 0.0  # time spent in the VAE decoding final latents (a metrics phase)
     warnings: list[str] = field(default_factory=list)
 
     @property

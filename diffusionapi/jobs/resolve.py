@@ -185,8 +185,18 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
                           batch_size=req.batch_size, n_iter=req.n_iter,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
-    return ResolvedJob("txt2img", understood.model_dump(mode="json"), plan,
-                       OutputSpec(req.fileType, req.jpeg_quality))
+    echo, record = understood.model_dump(mode="json"), None
+    if req.controlnets or req.ip_adapters:  # the record keeps the units' images; the echo describes them
+        from ..engine.controlnet.request import resolve_ip_adapters, resolve_units, txt2img_inpaint_init
+
+        plan.controlnets, cn_echo, cn_record = resolve_units(req.controlnets, model, settings,
+                                                             has_init=isinstance(req, Img2ImgRequest))
+        if not isinstance(req, Img2ImgRequest) and plan.hires is None:  # (img2img has no hires pass)
+            plan.init = txt2img_inpaint_init(plan.controlnets)
+        plan.ip_adapters, ip_echo, ip_record = resolve_ip_adapters(req.ip_adapters, model, settings)
+        record = {**echo, "controlnets": cn_record, "ip_adapters": ip_record}
+        echo = {**echo, "controlnets": cn_echo, "ip_adapters": ip_echo}
+    return ResolvedJob("txt2img", echo, plan, OutputSpec(req.fileType, req.jpeg_quality), record)
 
 
 def resolve_preview(req, family: str, settings: Settings) -> PreviewRequest | None:
@@ -267,7 +277,8 @@ def resolve_img2img(req: Img2ImgRequest, registry: Registry, settings: Settings,
               "inpaint_full_res_padding", "inpainting_mask_invert")
     echo = {**job.echo, **{f: getattr(req, f) for f in fields},
             "init_image": describe(init), "mask": describe(mask) if mask is not None else None}
-    record = {**echo, "init_image": req.init_image, "mask": req.mask}
+    record = {**echo, **({k: job.record[k] for k in ("controlnets", "ip_adapters")} if job.record else {}),
+              "init_image": req.init_image, "mask": req.mask}
     return ResolvedJob("img2img", echo, plan, job.output, record)
 
 

@@ -282,10 +282,11 @@ class WebhookQueue:
             record["state"] = "delivered"
         elif n >= record["max_tries"] or body is None:
             record["state"] = "failed"
-            log.warning("webhook %s for job %s to %s failed after %d attempts: %s", record["event"],
-                        record["job_id"], record["url"], n, attempt["error"])
         else:
             record["next_attempt_at"] = time.time() + self.backoff_sec * 2 ** (n - 1)
+        from . import observe  # its log record and metric (one per attempt)
+
+        observe.webhook_attempt(record, attempt, "retrying" if record["state"] == "pending" else record["state"])
         with self._lock:
             self._write(record)
         if record["state"] != "pending":

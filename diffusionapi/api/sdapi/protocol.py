@@ -322,6 +322,18 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
     if req.enable_hr and not isinstance(req, Img2ImgAPIRequest):
         body["hires"] = _hires(req)
+    if req.alwayson_scripts:  # sd-webui-controlnet's units
+        from .controlnet import UnitError, controlnet_units
+
+        ips: list = []
+        try:
+            units = controlnet_units(req.alwayson_scripts, ctx.warnings, ips)
+        except UnitError as e:
+            raise FieldError(e.field, str(e).split(": ", 1)[1]) from None
+        if units:
+            body["controlnets"] = units
+        if ips:
+            body["ip_adapters"] = ips
     for unused in ("hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
         if getattr(req, unused) and getattr(req, unused) not in ("Use same checkpoint", "Use same sampler"):
             ctx.warnings.append(f"{unused} is not supported; the second pass uses the first pass's")

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
@@ -19,6 +19,7 @@ from ...errors import ServiceError
 from ...images import parse_infotext, read_infotext_and_items
 from ...engine.samplers import SAMPLER_NAMES, SAMPLERS
 from ...vocabulary import LATENT_UPSCALE_MODES
+from ..jobs import caller_of
 from ..pnginfo import decode_image_b64
 from . import protocol as p
 from .jobs import Final, wait_for
@@ -145,7 +146,8 @@ async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
     for w in ctx.warnings:
         log.warning("sdapi %s: %s", kind, w)
     started = time.time()
-    submitted = await run_in_threadpool(sdapi.jobs.submit, kind, native)  # a ServiceError: A1111's error body
+    # a ServiceError (a refusal, a key's 429) becomes A1111's error body
+    submitted = await run_in_threadpool(sdapi.jobs.submit, kind, native, caller_of(request))
     final = await wait_for(request, sdapi.jobs, submitted.job_id)
     if final is None:  # the client went away; its job was cancelled
         return _error(499, "client closed the request")
@@ -177,7 +179,7 @@ async def extra_single_image(request: Request):
     req = _validate(p.ExtrasSingleImageRequest, await _body(request))
     sdapi = sdapi_state(request)
     data = decode_image_arg(req.image, "image")
-    job_id, resized = await run_in_threadpool(sdapi.upscale, req, data)
+    job_id, resized = await run_in_threadpool(sdapi.upscale, req, data, caller_of(request))
     if resized is not None:  # "None", "Lanczos", "Nearest": a plain resize, done here
         return {"image": _b64(resized), "html_info": _html_info(req)}
     final = await wait_for(request, sdapi.jobs, job_id)
@@ -217,19 +219,19 @@ async def png_info(request: Request):
 # ---------------------------------------------------------------------- progress and control
 @router.get("/progress", response_model=p.ProgressResponse)
 async def progress(request: Request, skip_current_image: bool = Query(False)):
-    return await run_in_threadpool(sdapi_state(request).progress, skip_current_image)
+    return await run_in_threadpool(sdapi_state(request).progress, skip_current_image, caller_of(request))
 
 
 @router.post("/interrupt")
 async def interrupt(request: Request):
-    sdapi_state(request).interrupt()
+    sdapi_state(request).interrupt(caller_of(request))
     return {}
 
 
 @router.post("/skip")
 async def skip(request: Request):
     # A1111 skips the current image of a batch; a job here is one unit, so it stops like interrupt.
-    sdapi_state(request).interrupt()
+    sdapi_state(request).interrupt(caller_of(request))
     return {}
 
 
@@ -330,7 +332,10 @@ def _memory() -> dict:
 
 @router.get("/scripts")
 async def scripts():
-    return {"txt2img": [], "img2img": []}
+    # sd-webui-controlnet's alwayson script (api/sdapi/controlnet.py); webuiapi looks for
+    # "controlnet m2m" (the extension's other script) to decide that ControlNet is there.
+    names = ["controlnet", "controlnet m2m"]
+    return {"txt2img": names, "img2img": list(names)}
 
 
 @router.get("/script-info")
@@ -358,9 +363,9 @@ async def checkpoint_residency():
 
 
 def build_router(state) -> APIRouter:
-    """The router with its auth dependency (set per app)."""
+    """The router (credentials are checked for every route by the guard middleware, main.py)."""
     # Not in the native OpenAPI schema: A1111's models are its documentation (README table).
-    outer = APIRouter(dependencies=[Depends(state.auth)], include_in_schema=False)
+    outer = APIRouter(include_in_schema=False)
     outer.include_router(router)
     return outer
 

@@ -31,7 +31,7 @@ class SdapiState:
         self._started: dict[str, float] = {}
         self._interrupted: str | None = None
 
-    def upscale(self, req, data: bytes):
+    def upscale(self, req, data: bytes, caller=None):
         """extra-single-image: (job_id, None) for a queued upscale, or (None, png bytes) for the
         plain resizes ("None", "Lanczos", "Nearest"), done here at once. Raises RequestError."""
         import base64
@@ -63,7 +63,7 @@ class SdapiState:
             native = UpscaleRequest.model_validate(body)
         except ValueError as e:
             raise RequestError("upscaler_1", str(e)) from None
-        return self.jobs.submit("upscale", native).job_id, None
+        return self.jobs.submit("upscale", native, caller).job_id, None
 
     # ------------------------------------------------------------------ models and options
     def chosen_model(self) -> str | None:
@@ -127,9 +127,11 @@ class SdapiState:
         return out
 
     # ------------------------------------------------------------------ progress
-    def progress(self, skip_current_image: bool) -> dict:
+    def progress(self, skip_current_image: bool, caller=None) -> dict:
+        """A1111's one current job: the running job when it is the caller's (a user's job_count
+        still counts every key's waiting jobs: a count, no ids)."""
         jobs = self.jobs
-        current = jobs.current_job()
+        current = jobs.current_job(caller)
         pending = jobs.pending_count()
         state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
                  "job_count": pending, "job_timestamp": "0", "job_no": 0,
@@ -153,12 +155,12 @@ class SdapiState:
         return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "state": state,
                 "current_image": preview, "textinfo": st.current_phase}
 
-    def interrupt(self) -> None:
-        current = self.jobs.current_job()
+    def interrupt(self, caller=None) -> None:
+        current = self.jobs.current_job(caller)  # a user interrupts only its own job
         if current:
             self._interrupted = current
             try:
-                self.jobs.cancel(current)
+                self.jobs.cancel(current, caller)
             except ServiceError:  # it ended meanwhile
                 pass
 
