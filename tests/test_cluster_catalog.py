@@ -12,6 +12,8 @@ from diffusionapi.registry import Registry, UnknownName
 from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
 from tests.conftest import make_settings
 
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture
 def state(redis_server):  # noqa: F811
