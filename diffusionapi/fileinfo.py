@@ -127,14 +127,48 @@ def load_upscaler_descriptor(path: Path):
     """spandrel's descriptor of an image-to-image upscaler file (on the CPU)."""
     import spandrel
 
-    try:
-        desc = spandrel.ModelLoader(device="cpu").load_from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - spandrel's UnsupportedModelError has an empty message
-        reason = str(e).strip() or type(e).__name__
-        raise UpscalerError(f"upscaler file {path.name!r} could not be loaded: {reason}") from e
+    for attempt in range(3):
+        _wait_for_real_weights()
+        try:
+            desc = spandrel.ModelLoader(device="cpu").load_from_file(str(path))
+            if not _has_meta_weights(desc.model):
+                break
+            error: Exception = RuntimeError("built with empty weights")
+        except Exception as e:  # noqa: BLE001 - spandrel's UnsupportedModelError has an empty message
+            error = e
+        # Built while another thread loaded a pipeline (see _wait_for_real_weights): try again.
+        if attempt == 2 or not _empty_weights_seen(error):
+            reason = str(error).strip() or type(error).__name__
+            raise UpscalerError(f"upscaler file {path.name!r} could not be loaded: {reason}") from error
     if not isinstance(desc, spandrel.ImageModelDescriptor):
         raise UpscalerError(f"upscaler file {path.name!r} is not an image-to-image upscaler")
     return desc
+
+
+def _wait_for_real_weights(timeout: float = 60.0) -> None:
+    """diffusers loads pipelines inside accelerate's ``init_empty_weights``, which patches
+    ``torch.nn.Module.register_parameter`` for the whole process while it runs. A module built in
+    another thread meanwhile (a submit checking an upscaler file) would get empty (meta) weights:
+    wait until the patch is gone."""
+    import time
+
+    import torch
+
+    def patched() -> bool:  # torch's own method lives in torch.nn.modules.module
+        return getattr(torch.nn.Module.register_parameter, "__module__", "") != "torch.nn.modules.module"
+
+    deadline = time.monotonic() + timeout
+    while patched() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _has_meta_weights(model) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def _empty_weights_seen(error: Exception) -> bool:
+    text = str(error).lower()
+    return "meta" in text or "empty weights" in text
 
 
 def upscaler_problem(path: Path) -> str | None:
