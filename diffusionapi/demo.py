@@ -119,6 +119,24 @@ def tiny_sd15_pipeline(seed: int = 0):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def tiny_sd2_pipeline(seed: int = 0, prediction: str = "epsilon"):
+    """SD 2.x's form: linear attention projections in the UNet (what tells it from SD 1.x),
+    epsilon (2.x-base) or v-prediction (768-v) by the scheduler config."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    _quiet()
+    return StableDiffusionPipeline(
+        vae=_vae(seed), text_encoder=_text_encoder(32, 2, seed=seed), tokenizer=tiny_tokenizer(),
+        unet=_unet(seed, cross=32, use_linear_projection=True),
+        scheduler=DDIMScheduler(**SD2_SCHEDULER, prediction_type=prediction),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+# SD 2.x's shipped scheduler config (stabilityai/stable-diffusion-2-1), less its prediction_type.
+SD2_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+
+
 # SDXL: distinct hidden sizes for the two text encoders, and 10 layers in the second one,
 # so that single-file key inspection tells CLIP-L and CLIP-G (and base vs refiner) apart.
 SDXL_TE1, SDXL_TE2, SDXL_TIME_DIM = 32, 40, 8
@@ -156,7 +174,7 @@ def tiny_sdxl_refiner_pipeline(seed: int = 0, base=None):
         requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
 
 
-BUILDERS = {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline, "sdxl-refiner": tiny_sdxl_refiner_pipeline}
+BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline, "sdxl-refiner": tiny_sdxl_refiner_pipeline}
 
 
 def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:

@@ -16,7 +16,7 @@ from .engine.samplers import SamplerChoiceError, resolve_sampler, resolved_sched
 from .registry import Registry, UnknownName
 from .imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
 from .schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
-from .vocabulary import SDXL, SDXL_REFINER
+from .vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER
 
 
 class RequestError(ValueError):
@@ -119,7 +119,8 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         except UnknownName as e:
             raise RequestError("refiner_checkpoint", str(e)) from None
         if model.family != SDXL:
-            raise RequestError("refiner_checkpoint", f"a refiner needs an SDXL base model; {model.name!r} is SD 1.5")
+            raise RequestError("refiner_checkpoint", f"a refiner needs an SDXL base model; {model.name!r} is "
+                                                     f"{FAMILY_LABELS.get(model.family, model.family)}")
         if refiner.family not in (SDXL, SDXL_REFINER):
             raise RequestError("refiner_checkpoint", f"{refiner.name!r} is not an SDXL-family model")
         switch_step = int(round(req.steps * req.refiner_switch_at))  # as GenerationPlan.refiner_switch_step
@@ -171,7 +172,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           loras=tuple(loras), refiner=refiner, refiner_switch_at=req.refiner_switch_at,
                           hires=hires_plan, clip_skip=req.clip_skip,
                           embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
-                          batch_size=req.batch_size, n_iter=req.n_iter,
+                          batch_size=req.batch_size, n_iter=req.n_iter, cfg_rescale=req.cfg_rescale,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
     return ResolvedJob("txt2img", understood.model_dump(mode="json"), plan,
                        OutputSpec(req.fileType, req.jpeg_quality))

@@ -81,6 +81,8 @@ class Txt2ImgRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12)  # added: A1111's "Clip skip"; 1 = the text encoder's last layer
     batch_size: int = Field(1, ge=1, description="images made in one UNet batch; seeds seed, seed+1, ...")
     n_iter: int = Field(1, ge=1, description="batches made one after another")
+    cfg_rescale: float = Field(0.0, ge=0.0, le=1.0, description="CFG rescale phi (0 = off): keeps v-prediction "
+                                                                  "/ zero-SNR models from over-exposing; 0.7 is usual")
 
     @field_validator("fileType", mode="before")
     @classmethod
@@ -216,8 +218,11 @@ class QueueStatusResponse(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     label: str
-    type: str | None = None
+    type: str | None = None     # the family id (the seed's field name); same as family
     format: str | None = None
+    family: str | None = None   # sd15, sd2, sdxl, sdxl-refiner (diffusionapi/families)
+    prediction: str | None = None  # epsilon | v_prediction
+    ztsnr: bool | None = None   # zero-terminal-SNR noise schedule
 
 
 class ModelsResponse(BaseModel):

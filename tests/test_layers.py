@@ -17,6 +17,7 @@ LAYERS: dict[str, float] = {
     "diffusionapi": 0, "vocabulary": 0, "files": 0, "config": 0, "jobstatus": 0, "events": 0,
     "webhooks": 1, "live": 1.5,
     "fileinfo": 1, "images": 1, "imageinput": 1,
+    "families": 1.25,  # how each model family is recognised and runs: read by the registry and the engine
     "engine": 2, "registry": 2, "demo": 2,
     "schemas": 3, "views": 3.25,  # views: the GET /queue/{id} answer, built by API nodes and cluster workers
     "resolve": 3.5,

@@ -135,7 +135,7 @@ def generate_batch(engine, plans, reports, cancelled, stage_progress, job_text) 
         if cond is None:  # prompt editing, AND parts or lengths differ: no common batch
             engine.batches.pop()
             return [_solo(engine, p, r, c) for p, r, c in zip(plans, reports, cancelled)]
-        den = CFGDenoiser(base, cond, first.cfg_scale, rows.check)
+        den = CFGDenoiser(base, cond, first.cfg_scale, rows.check, cfg_rescale=first.cfg_rescale)
         latents = schedule.run(den, x, noise, rows.fan_out([p.stage("generation", 0.0, 100.0) for p in progresses]))
     except (JobCancelled, GenerationError) as e:  # every row cancelled, or a failure shared by all
         return [e if alive else JobCancelled() for alive in rows.alive]

@@ -230,7 +230,7 @@ class Engine:
                   init=None, init_z=None, step_offset: int = 0):
         """The CFG denoiser; an inpainting UNet gets its mask + masked-image conditioning, and
         a mask keeps the init latents outside it at every evaluation."""
-        den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset)
+        den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset, cfg_rescale=plan.cfg_rescale)
         if img2img.is_inpainting_unet(loaded.pipe.unet):
             extra = img2img.inpainting_conditioning(lambda im: self._encode(loaded, im), prepared, width, height,
                                                     self.device)
@@ -243,9 +243,9 @@ class Engine:
     def _conditioning(self, loaded: LoadedModel, text: "JobText", width: int, height: int,
                       hires_steps: int | None = None):
         """A stage's conditioning; prompt editing counts model evaluations, as A1111 does."""
-        slots = encoder_slots(loaded.pipe, loaded.family != SD15)
+        slots = encoder_slots(loaded.pipe, loaded.xl)
         found, warnings = usable_embeddings(text.embeddings, self.embedding_tensors.load, slots,
-                                            SD15 if loaded.family == SD15 else SDXL, [text.prompt, text.negative],
+                                            SDXL if loaded.xl else SD15, [text.prompt, text.negative],
                                             self.hashes.sha256)
         for w in warnings:
             if w not in text.warnings:
@@ -303,6 +303,8 @@ class Engine:
             params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
         if plan.clip_skip != 1:
             params["Clip skip"] = plan.clip_skip
+        if plan.cfg_rescale:
+            params["RescaleCFG"] = plan.cfg_rescale
         hashes = lora_hashes_infotext(plan.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes

@@ -50,7 +50,10 @@ class ModelSigmas:
             betas = torch.linspace(start, end, n, dtype=torch.float64)
         else:
             raise ValueError(f"unsupported beta_schedule {sched!r}")
-        return cls(torch.cumprod(1 - betas, 0))
+        acp = torch.cumprod(1 - betas, 0)
+        if config.get("rescale_betas_zero_snr"):
+            acp = zero_terminal_snr(acp)
+        return cls(acp)
 
     @property
     def num_timesteps(self) -> int:
@@ -80,6 +83,22 @@ class ModelSigmas:
         low, high = ls[idx], ls[idx + 1]
         w = ((low - log_sigma) / (low - high)).clamp(0, 1)
         return (1 - w) * idx + w * (idx + 1)
+
+
+# What the last alpha-bar becomes under zero terminal SNR: exactly 0 would make the largest
+# sigma infinite, so A1111 (dev) and ComfyUI use this value (sigma_max ~ 4500).
+ZTSNR_LAST_ALPHA_CUMPROD = 4.8973451890853435e-08
+
+
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common diffusion noise schedules and sample steps are flawed", alg. 1):
+    shift and scale sqrt(alpha-bar) so the last step is pure noise and the first is unchanged."""
+    ab_sqrt = alphas_cumprod.to(torch.float64).sqrt()
+    first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
+    ab_sqrt = (ab_sqrt - last) * first / (first - last)
+    out = ab_sqrt ** 2
+    out[-1] = ZTSNR_LAST_ALPHA_CUMPROD
+    return out
 
 
 def _append_zero(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..vocabulary import SD15, SDXL, SDXL_REFINER, ModelEntry, ModelFormat, sd15_loader_kwargs
+from ..families import FamilySpec, spec
+from ..vocabulary import SDXL_REFINER, ModelEntry, ModelFormat, sd15_loader_kwargs
 from . import fastmode
 from .fastmode import FastMode
 from .kdiffusion import ModelSigmas
@@ -48,15 +49,46 @@ class LoadedModel:
         return self.entry.family
 
     @property
+    def spec(self) -> FamilySpec:
+        return spec(self.entry.family)
+
+    @property
+    def xl(self) -> bool:
+        """Prompts go through SDXL's two-encoder (or the refiner's CLIP-G) conditioning."""
+        return self.spec.conditioning != "clip"
+
+    @property
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
+    @property
+    def ztsnr(self) -> bool:
+        return bool(self.scheduler_config.get("rescale_betas_zero_snr", False))
+
 
 def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return {SD15: StableDiffusionPipeline, SDXL: StableDiffusionXLPipeline,
-            SDXL_REFINER: StableDiffusionXLImg2ImgPipeline}[family]
+    fam = spec(family)
+    if fam.runnable:
+        raise ValueError(fam.runnable)
+    return getattr(diffusers, fam.pipeline)
+
+
+def scheduler_for_entry(scheduler, entry: ModelEntry):
+    """The loaded scheduler, switched to v-prediction / zero-terminal-SNR when the file says so
+    and its config does not: NoobAI-style single files carry ``v_pred`` / ``ztsnr`` marker keys
+    that diffusers ignores. Never the other way: an entry made elsewhere (a cluster catalog)
+    with the defaults leaves a folder's own config alone."""
+    config = dict(scheduler.config)
+    changes = {}
+    if entry.prediction == "v_prediction" and config.get("prediction_type") != "v_prediction":
+        changes["prediction_type"] = "v_prediction"
+    if entry.ztsnr and not config.get("rescale_betas_zero_snr"):
+        changes["rescale_betas_zero_snr"] = True
+    if not changes:
+        return scheduler
+    return type(scheduler).from_config({**config, **changes})
 
 
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *, share_from=None,
@@ -77,6 +109,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
             kwargs["variant"] = variant
         pipe = cls.from_pretrained(str(entry.path), **kwargs)
     _check_no_meta(pipe, entry)
+    pipe.scheduler = scheduler_for_entry(pipe.scheduler, entry)
     pipe.set_progress_bar_config(disable=True)
     if cpu_offload and device.type == "cuda":
         pipe.enable_model_cpu_offload()

@@ -98,6 +98,7 @@ class GenerationPlan:
     clip_skip: int = 1    # A1111's "Clip skip" (engine/conditioning.py)
     embeddings: tuple[EmbeddingEntry, ...] = ()  # textual inversions the prompts may call
     init: InitImagePlan | None = None  # img2img / inpainting
+    cfg_rescale: float = 0.0  # A1111's CFG rescale phi (0 = off): engine/sampling.rescale_cfg
 
     @property
     def final_width(self) -> int:

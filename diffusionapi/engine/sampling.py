@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..vocabulary import SD15, SDXL_REFINER
+from ..vocabulary import SDXL_REFINER
 from . import kdiffusion as kd
 from .conditioning import PromptEncoder, StageConditioning
 from .samplers import ResolvedSampler
@@ -28,7 +28,7 @@ def encode(loaded, prompt: str, negative: str, width: int, height: int, *, promp
     (original = target size)."""
     prompts = prompts or PromptEncoder(0)
     pipe = loaded.pipe
-    xl = loaded.family != SD15
+    xl = loaded.xl
     cond = prompts.build(pipe, xl=xl, prompt=prompt, negative=negative, clip_skip=clip_skip,
                          total_steps=total_steps, hires_steps=hires_steps, embeddings=embeddings,
                          extra_key=extra_key,
@@ -58,11 +58,12 @@ class CFGDenoiser:
     does: uncond + cfg * sum(w_i * (cond_i - uncond))."""
 
     def __init__(self, loaded, cond: StageConditioning, cfg_scale: float, on_eval: Callable[[], None],
-                 step_offset: int = 0):
+                 step_offset: int = 0, cfg_rescale: float = 0.0):
         self.unet = loaded.pipe.unet
         self.ms = loaded.sigmas
         self.cond = cond
         self.cfg = cfg_scale
+        self.rescale = float(cfg_rescale)
         self.vpred = loaded.prediction_type == "v_prediction"
         self.on_eval = on_eval
         self.dtype = self.unet.dtype
@@ -94,6 +95,8 @@ class CFGDenoiser:
         guided = uncond
         for weight, cond in zip(self.cond.weights, outs[1:]):
             guided = guided + (cond - uncond) * (weight * self.cfg)
+        if self.rescale:
+            guided = rescale_cfg(guided, uncond, outs[1:], self.cond.weights, self.rescale)
         return guided
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,20 @@ class CFGDenoiser:
             x0 = x - out * s
         self._x0 = x0
         return x0
+
+
+def rescale_cfg(guided: torch.Tensor, uncond: torch.Tensor, conds, weights, phi: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2023, eq. 15-16), as diffusers' ``guidance_rescale`` does it on the
+    model output: the guided output scaled to the per-image standard deviation of the unguided
+    positive one (cfg 1), mixed back by phi. It keeps v-prediction / zero-SNR models from
+    over-exposing at usual CFG scales."""
+    positive = uncond
+    for weight, cond in zip(weights, conds):
+        positive = positive + (cond - uncond) * weight
+    dims = tuple(range(1, guided.dim()))
+    std_pos = positive.std(dim=dims, keepdim=True)
+    std_cfg = guided.std(dim=dims, keepdim=True).clamp(min=1e-12)
+    return phi * (guided * (std_pos / std_cfg)) + (1 - phi) * guided
 
 
 @dataclass

@@ -51,7 +51,9 @@ class Catalog:
         for m in self.registry.models():
             sha = self.sha256(m)
             out.append({"title": self.title(m, sha), "model_name": m.name, "hash": sha[:10], "sha256": sha,
-                        "filename": str(Path(m.path).resolve()), "config": None})
+                        "filename": str(Path(m.path).resolve()), "config": None,
+                        # added: what the files say the model is (diffusionapi/families)
+                        "family": m.family, "prediction": m.prediction, "ztsnr": m.ztsnr})
         return out
 
     def resolve(self, value: str):

@@ -102,6 +102,9 @@ class Txt2ImgAPIRequest(_Wire):
     alwayson_scripts: dict = Field(default_factory=dict)
     infotext: str | None = None
     clip_skip: int | None = None  # SD.Next's top-level field; SillyTavern sends it too
+    # CFG rescale phi: A1111's dev-branch/Forge option name (also an override_setting), and the native name.
+    rescale_cfg: float | None = None
+    cfg_rescale: float | None = None
 
 
 class Img2ImgAPIRequest(Txt2ImgAPIRequest):
@@ -321,6 +324,7 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
             body["clip_skip"] = int(clip_skip)
         elif clip_skip > 1:
             ctx.warnings.append("clip skip is not supported by this server; ignored")
+    _cfg_rescale(req, overrides, body, ctx)
     for name in ("batch_size", "n_iter"):
         value = getattr(req, name)
         if name in ctx.supports:
@@ -335,6 +339,22 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
         if getattr(req, unused) and getattr(req, unused) not in ("Use same checkpoint", "Use same sampler"):
             ctx.warnings.append(f"{unused} is not supported; the second pass uses the first pass's")
     return body
+
+
+def _cfg_rescale(req: Txt2ImgAPIRequest, overrides: dict, body: dict, ctx: Context) -> None:
+    """CFG rescale phi from ``override_settings.rescale_cfg``, ``rescale_cfg`` or ``cfg_rescale``."""
+    for field_name, value in (("override_settings.rescale_cfg", overrides.get("rescale_cfg")),
+                              ("rescale_cfg", req.rescale_cfg), ("cfg_rescale", req.cfg_rescale)):
+        if value is None:
+            continue
+        phi = _lenient_number(value)
+        if not isinstance(phi, (int, float)) or isinstance(phi, bool) or not 0 <= phi <= 1:
+            raise FieldError(field_name, f"CFG rescale must be a number from 0 to 1, not {value!r}")
+        if "cfg_rescale" in ctx.supports:
+            body["cfg_rescale"] = float(phi)
+        elif phi:
+            ctx.warnings.append("CFG rescale is not supported by this server; ignored")
+        return
 
 
 PREVIEW_EVERY_N_STEPS = 10  # A1111's show_progress_every_n_steps default
