@@ -8,7 +8,7 @@ import logging
 import struct
 from pathlib import Path
 
-from .vocabulary import SD2, SD15, SDXL, Family
+from .vocabulary import FLUX1, SD2, SD3, SD15, SDXL, Family
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,19 @@ def lora_family(path: Path) -> Family | None:
         return SD15
     if base.startswith("sd_v2"):
         return SD2
+    if base.startswith("flux"):
+        return FLUX1
+    if base.startswith("sd3"):
+        return SD3
     keys = [k for k in header if k != "__metadata__"]
+    # Flux LoRAs: diffusers/PEFT (single_transformer_blocks), kohya (lora_unet_double_blocks_),
+    # BFL / ai-toolkit / XLabs (double_blocks., single_blocks.). SD 3: joint_blocks in kohya/original.
+    if any("single_transformer_blocks" in k or "double_blocks" in k or "single_blocks" in k for k in keys):
+        return FLUX1
+    if any("joint_blocks" in k for k in keys):
+        return SD3
+    if any(k.startswith("transformer.transformer_blocks.") for k in keys):
+        return None  # Flux (double blocks only) or SD 3: the keys do not tell; loading will
     if any(k.startswith(("lora_te2_", "lora_te1_", "lora_unet_input_blocks", "lora_unet_output_blocks"))
            or "text_encoder_2" in k or "add_embedding" in k for k in keys):
         return SDXL

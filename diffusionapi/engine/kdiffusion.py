@@ -154,7 +154,51 @@ def build_sigmas(ms: ModelSigmas, schedule: str, n: int, *, model_spacing: str =
         return sigmas_at_timesteps(ms, spaced_timesteps(ms.num_timesteps, n, "leading", 1))
     if schedule == "pndm":
         return sigmas_at_timesteps(ms, spaced_timesteps(ms.num_timesteps, n, model_spacing, model_offset))
+    if schedule == "simple":
+        return sigmas_simple(ms, n)
+    if schedule == "sgm_uniform":
+        return sigmas_sgm_uniform(ms, n)
+    if schedule == "beta":
+        return sigmas_beta(ms, n)
+    if schedule == "kl_optimal":
+        return sigmas_kl_optimal(ms, n)
     raise ValueError(f"no sigma schedule {schedule!r}")
+
+
+def sigmas_simple(ms: ModelSigmas, n: int) -> torch.Tensor:
+    """"Simple" (ComfyUI, Forge): n training timesteps evenly strided down from the last one.
+    Flow models (engine/flow.py) compute it in continuous time."""
+    if hasattr(ms, "simple"):
+        return ms.simple(n)
+    stride = ms.num_timesteps / n
+    idx = torch.tensor([ms.num_timesteps - 1 - int(i * stride) for i in range(n)])
+    return _append_zero(ms.sigmas[idx])
+
+
+def sigmas_sgm_uniform(ms: ModelSigmas, n: int) -> torch.Tensor:
+    """"SGM Uniform": n+1 timesteps evenly spaced over the whole range, the last (t = 0) dropped
+    (the spacing Stability's SGM code uses for SDXL Turbo / Lightning)."""
+    t = torch.linspace(ms.num_timesteps - 1, 0, n + 1, dtype=torch.float64)[:-1]
+    return _append_zero(ms.t_to_sigma(t))
+
+
+def sigmas_beta(ms: ModelSigmas, n: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """"Beta" (Lee et al. 2024, "Beta sampling is all you need"): timesteps at the quantiles of a
+    Beta(0.6, 0.6) distribution, denser at both ends of the schedule."""
+    import numpy as np
+    from scipy import stats
+
+    q = 1 - np.linspace(0, 1, n, endpoint=False)
+    idx = np.rint(stats.beta.ppf(q, alpha, beta) * (ms.num_timesteps - 1)).astype(int)
+    return _append_zero(ms.sigmas[torch.from_numpy(idx)])
+
+
+def sigmas_kl_optimal(ms: ModelSigmas, n: int) -> torch.Tensor:
+    """"KL Optimal" (Sabour et al. 2024, "Align Your Steps", the KL-optimal schedule):
+    sigmas evenly spaced in arctan(sigma) between the model's bounds."""
+    w = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+    lo, hi = math.atan(ms.sigma_min), math.atan(ms.sigma_max)
+    return _append_zero(torch.tan(w * lo + (1 - w) * hi))
 
 
 # ---------------------------------------------------------------------------- noise

@@ -38,7 +38,8 @@ class TaesdCache:
 class LiveJob:
     def __init__(self, observer: StepObserver | None, preview: PreviewPlan | None, *, family: str,
                  model_name: str | None, vae_approx_dir: Path | None, image_size: tuple[int, int],
-                 taesd: TaesdCache | None = None):
+                 taesd: TaesdCache | None = None, latent_channels: int = 4,
+                 fit_factors: Callable[[], pv.LatentRGB] | None = None):
         self.observer = observer
         self.sink: pv.PreviewSink | None = None
         if observer is not None and preview is not None and preview.every > 0:
@@ -55,6 +56,9 @@ class LiveJob:
                     return pv.taesd_rgb(decoder, z)
             else:
                 factors = pv.latent_rgb_for(family, model_name, vae_approx_dir)
+                if len(factors.factors) != latent_channels and fit_factors is not None:
+                    # No published fit for these latents (16-channel families): fit the model's own VAE.
+                    factors = fit_factors()
 
                 def to_rgb(z):
                     return pv.approx_rgb(z, factors)

@@ -14,6 +14,7 @@ from ..families import FamilySpec, spec
 from ..vocabulary import SDXL_REFINER, ModelEntry, ModelFormat, sd15_loader_kwargs
 from . import fastmode
 from .fastmode import FastMode
+from .flow import FlowModelSigmas, FlowShift
 from .kdiffusion import ModelSigmas
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,22 @@ class LoadedModel:
     loras: dict = field(default_factory=dict)  # adapter bookkeeping, owned by engine.loras
     borrowed_from: str | None = None  # the base whose VAE/text_encoder_2 a refiner uses
     vae_upcast: bool = False  # its VAE overflowed in fp16 once: it runs in the wider type (fastmode.vae_run)
+    flow: FlowModelSigmas | None = None  # flow-matching families: sigmas per image size (engine/flow.py)
+    preview_factors: object = None  # latent -> RGB fit of its VAE, when its family has no published one
+
+    @property
+    def is_flow(self) -> bool:
+        return self.flow is not None
+
+    def sigmas_at(self, width: int, height: int):
+        """The noise levels for an image of this size (a flow model's shift depends on it)."""
+        return self.flow.at(width, height) if self.flow is not None else self.sigmas
+
+    @property
+    def denoiser_module(self):
+        """The network that denoises: the UNet, or a flow family's transformer."""
+        pipe = self.pipe
+        return getattr(pipe, "unet", None) if getattr(pipe, "unet", None) is not None else pipe.transformer
 
     @property
     def family(self) -> str:
@@ -96,6 +113,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
     """Load a model offline. ``share_from`` (an SDXL base) lends its VAE and text_encoder_2
     to a refiner when they are the same architecture, so the two stay one copy in memory."""
     cls = _pipeline_class(entry.family)
+    dtype = family_dtype(entry.family, device, dtype)
     kwargs: dict = dict(dtype=dtype, local_files_only=True, **sd15_loader_kwargs(entry.family))
     if entry.format == ModelFormat.SINGLE_FILE:
         from .checkpoints import load_single_file
@@ -118,7 +136,20 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
         fastmode.apply(pipe, device, fast)
     config = dict(pipe.scheduler.config)
     lender = share_from.entry.name if share_from is not None and entry.family == SDXL_REFINER else None
+    fam = spec(entry.family)
+    if fam.prediction == "flow":
+        flow = FlowModelSigmas(FlowShift.from_scheduler_config(config), vae_scale=fam.vae_scale_factor)
+        return LoadedModel(entry, pipe, flow.at(fam.size, fam.size), config, flow=flow)
     return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config, borrowed_from=lender)
+
+
+def family_dtype(family: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The cache's dtype, or the family's own on GPUs (bfloat16 for Flux, whose activations
+    overflow fp16)."""
+    want = spec(family).gpu_dtype
+    if dtype == torch.float16 and want == "bfloat16" and device.type == "cuda":
+        return torch.bfloat16
+    return dtype
 
 
 def _weights_variant(folder: Path) -> str | None:

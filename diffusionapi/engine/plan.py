@@ -99,6 +99,7 @@ class GenerationPlan:
     embeddings: tuple[EmbeddingEntry, ...] = ()  # textual inversions the prompts may call
     init: InitImagePlan | None = None  # img2img / inpainting
     cfg_rescale: float = 0.0  # A1111's CFG rescale phi (0 = off): engine/sampling.rescale_cfg
+    distilled_cfg_scale: float = 3.5  # Forge's name: the guidance fed to guidance-distilled models (Flux.1-dev)
 
     @property
     def final_width(self) -> int:

@@ -17,6 +17,8 @@ import torch
 from ..vocabulary import SDXL_REFINER
 from . import kdiffusion as kd
 from .conditioning import PromptEncoder, StageConditioning
+from .flow import TIME_SPACE_SCHEDULES, sigmas_in_flow_time
+from .guidance import rescale_cfg
 from .samplers import ResolvedSampler
 
 
@@ -110,20 +112,6 @@ class CFGDenoiser:
             x0 = x - out * s
         self._x0 = x0
         return x0
-
-
-def rescale_cfg(guided: torch.Tensor, uncond: torch.Tensor, conds, weights, phi: float) -> torch.Tensor:
-    """CFG rescale (Lin et al. 2023, eq. 15-16), as diffusers' ``guidance_rescale`` does it on the
-    model output: the guided output scaled to the per-image standard deviation of the unguided
-    positive one (cfg 1), mixed back by phi. It keeps v-prediction / zero-SNR models from
-    over-exposing at usual CFG scales."""
-    positive = uncond
-    for weight, cond in zip(weights, conds):
-        positive = positive + (cond - uncond) * weight
-    dims = tuple(range(1, guided.dim()))
-    std_pos = positive.std(dim=dims, keepdim=True)
-    std_cfg = guided.std(dim=dims, keepdim=True).clamp(min=1e-12)
-    return phi * (guided * (std_pos / std_cfg)) + (1 - phi) * guided
 
 
 @dataclass
@@ -265,9 +253,11 @@ def x0_from_model_output(x_vp: torch.Tensor, out: torch.Tensor, sigma: float, vp
     return x_vp * scale - out * sigma
 
 
-def make_schedule(loaded, sampler: ResolvedSampler, steps: int):
-    """The whole schedule of ``steps`` steps of ``sampler`` on ``loaded``'s noise schedule."""
-    ms = loaded.sigmas
+def make_schedule(loaded, sampler: ResolvedSampler, steps: int, size: tuple[int, int] | None = None):
+    """The whole schedule of ``steps`` steps of ``sampler`` on ``loaded``'s noise schedule
+    (for an image of ``size`` = (width, height): a flow model's shift depends on it)."""
+    flow = getattr(loaded, "is_flow", False)
+    ms = loaded.sigmas_at(*size) if flow and size else loaded.sigmas
     cfg = loaded.scheduler_config
     spacing, offset = cfg.get("timestep_spacing", "leading"), int(cfg.get("steps_offset", 0))
     spec = sampler.spec
@@ -277,14 +267,21 @@ def make_schedule(loaded, sampler: ResolvedSampler, steps: int):
             ts = torch.linspace(-math.log(hi), -math.log(lo), steps + 1, dtype=torch.float64)
             return SigmaSchedule(sampler, (-ts).exp())
         n = steps + 1 if spec.discard_penultimate_sigma else steps
-        sigmas = kd.build_sigmas(ms, sampler.schedule, n, model_spacing=spacing, model_offset=offset)
+        if flow and sampler.schedule in TIME_SPACE_SCHEDULES:
+            sigmas = sigmas_in_flow_time(ms, sampler.schedule, n)
+        else:
+            sigmas = kd.build_sigmas(ms, sampler.schedule, n, model_spacing=spacing, model_offset=offset)
         if spec.discard_penultimate_sigma:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         return SigmaSchedule(sampler, sigmas)
-    return _timestep_schedule(loaded, sampler, steps, spacing, offset)
+    if flow:
+        from .flow import timestep_scheduler_config
+
+        return _timestep_schedule(ms, timestep_scheduler_config(ms), sampler, steps, "linspace", 0)
+    return _timestep_schedule(ms, loaded.scheduler_config, sampler, steps, spacing, offset)
 
 
-def _timestep_schedule(loaded, sampler: ResolvedSampler, steps: int, spacing: str, offset: int):
+def _timestep_schedule(ms, scheduler_config: dict, sampler: ResolvedSampler, steps: int, spacing: str, offset: int):
     import diffusers
 
     spec = sampler.spec
@@ -300,7 +297,7 @@ def _timestep_schedule(loaded, sampler: ResolvedSampler, steps: int, spacing: st
     elif sched_name in ("karras", "exponential"):
         kwargs.update(timestep_spacing="linspace", steps_offset=0)
         kwargs["use_karras_sigmas" if sched_name == "karras" else "use_exponential_sigmas"] = True
-    base_cfg = {k: v for k, v in loaded.scheduler_config.items()
+    base_cfg = {k: v for k, v in scheduler_config.items()
                 if k not in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "skip_prk_steps")}
 
     def factory(device="cpu"):
@@ -313,7 +310,6 @@ def _timestep_schedule(loaded, sampler: ResolvedSampler, steps: int, spacing: st
 
     probe = factory()
     ts = probe.timesteps.clone()
-    ms = loaded.sigmas
     if getattr(probe, "sigmas", None) is not None and len(probe.sigmas) >= len(ts):
         sig = [float(v) for v in probe.sigmas[:len(ts)]]
     else:

@@ -1,8 +1,7 @@
 """Flux.1 dev / schnell and fine-tunes (flow matching, 16-channel latents packed 2x2, CLIP-L +
 T5-XXL; dev is guidance-distilled).
 
-Recognised from its files so that /models can say what an installed file is; the engine does
-not run it yet (``runnable``)."""
+Runs through engine/flow.py on the engine's own samplers."""
 from __future__ import annotations
 
 from .spec import FamilySpec, FolderConfigs
@@ -22,8 +21,8 @@ def matches_folder(cfg: FolderConfigs) -> bool:
 
 SPEC = FamilySpec(
     id="flux1", label="Flux.1", pipeline="FluxPipeline", conditioning="flux",
-    matches_checkpoint=matches_checkpoint, matches_folder=matches_folder,
+    matches_checkpoint=matches_checkpoint, matches_folder=matches_folder, sampler="Euler",
     steps=20, cfg_scale=1.0, size=1024, latent_channels=16, prediction="flow", lora_family="flux1",
-    preview="flux1",
-    runnable="Flux.1 models are recognised but this server's engine cannot run them yet",
+    preview="flux1", gpu_dtype="bfloat16", distilled_guidance=True,
+    notes=("diffusers folders run; single files are recognised but need the transformer-only loader",),
 )

@@ -13,7 +13,9 @@ def matches_checkpoint(keys: set[str]) -> bool:
 
 
 def matches_folder(cfg: FolderConfigs) -> bool:
-    return bool(cfg.unet) and cfg.unet.get("addition_embed_type") is None and "XL" not in cfg.index.get("_class_name", "")
+    # The UNet pipelines' fallback (the more specific rules are tried first), as before families.
+    return (cfg.unet.get("addition_embed_type") is None and "XL" not in cfg.index.get("_class_name", "")
+            and "transformer" not in cfg.index and not cfg.transformer)
 
 
 SPEC = FamilySpec(

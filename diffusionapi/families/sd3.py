@@ -21,7 +21,7 @@ def matches_folder(cfg: FolderConfigs) -> bool:
 
 SPEC = FamilySpec(
     id="sd3", label="SD 3.x", pipeline="StableDiffusion3Pipeline", conditioning="sd3",
-    matches_checkpoint=matches_checkpoint, matches_folder=matches_folder,
+    matches_checkpoint=matches_checkpoint, matches_folder=matches_folder, sampler="Euler",
     steps=28, cfg_scale=4.5, size=1024, latent_channels=16, prediction="flow", lora_family="sd3",
     preview="sd3",
     runnable="SD 3.x models are recognised but this server's engine cannot run them yet",

@@ -36,7 +36,8 @@ class FamilySpec:
     matches_checkpoint: Callable[[set[str]], bool]        # original-layout single file, by its keys
     matches_folder: Callable[[FolderConfigs], bool]       # diffusers folder, by its configs
     steps: int = 30
-    cfg_scale: float = 7.0
+    cfg_scale: float = 7.0                    # used when a request leaves cfg_scale out
+    sampler: str = "DPM++ 2M Karras"          # used when a request leaves sampler_name out
     size: int = 512                           # native resolution (width = height)
     latent_channels: int = 4
     vae_scale_factor: int = 8
@@ -47,5 +48,7 @@ class FamilySpec:
     packaged_config: str | None = None        # diffusionapi/configs/<name> for single files
     preview: str = "sd15"                     # latent -> RGB factors / TAESD decoder to use
     runnable: str | None = None               # None: the engine runs it; else why it cannot (yet)
+    gpu_dtype: str = "float16"                # weights' type on GPUs (Flux overflows fp16: bfloat16)
+    distilled_guidance: bool = False          # guidance-distilled models take distilled_cfg_scale
     checkpoint_prediction: Callable[[set[str], Path], "tuple[str, bool] | None"] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)

@@ -105,6 +105,10 @@ class Txt2ImgAPIRequest(_Wire):
     # CFG rescale phi: A1111's dev-branch/Forge option name (also an override_setting), and the native name.
     rescale_cfg: float | None = None
     cfg_rescale: float | None = None
+    # Forge's Flux fields (../shared/a1111-extensions.md): the distilled guidance, and a preset name
+    # Forge's UI uses (nothing to do here: the model's family decides).
+    distilled_cfg_scale: float | None = None
+    forge_preset: str | None = None
 
 
 class Img2ImgAPIRequest(Txt2ImgAPIRequest):
@@ -208,6 +212,10 @@ SCHEDULERS: tuple[Scheduler, ...] = (
     Scheduler("normal", "Normal", "default", need_inner_model=True),
     Scheduler("ddim", "DDIM", "ddim", need_inner_model=True),
     Scheduler("pndm", "PNDM", "pndm"),  # not in A1111: the spacing of the model's own scheduler config
+    Scheduler("sgm_uniform", "SGM Uniform", "sgm_uniform", need_inner_model=True),
+    Scheduler("kl_optimal", "KL Optimal", "kl_optimal"),
+    Scheduler("simple", "Simple", "simple", need_inner_model=True),
+    Scheduler("beta", "Beta", "beta", need_inner_model=True),
 )
 
 
@@ -325,6 +333,17 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
         elif clip_skip > 1:
             ctx.warnings.append("clip skip is not supported by this server; ignored")
     _cfg_rescale(req, overrides, body, ctx)
+    if req.distilled_cfg_scale is not None:
+        if "distilled_cfg_scale" in ctx.supports:
+            body["distilled_cfg_scale"] = req.distilled_cfg_scale
+        else:
+            ctx.warnings.append("distilled_cfg_scale is not supported by this server; ignored")
+    modules = overrides.get("forge_additional_modules")
+    if modules:
+        # The model's folder holds its own VAE and text encoders; separate component files are
+        # not loaded yet, so naming them changes nothing: said, not silently dropped.
+        ctx.warnings.append(f"override_settings.forge_additional_modules {modules!r} ignored: the model's own "
+                            "VAE and text encoders are used")
     for name in ("batch_size", "n_iter"):
         value = getattr(req, name)
         if name in ctx.supports:
