@@ -249,8 +249,32 @@ def tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
                         transformer=transformer)
 
 
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """SD 3.x in miniature: MMDiT transformer (patch 2) on 16-channel latents, CLIP-L and CLIP-G
+    (penultimate hidden states + pooled) and T5, static shift 3."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=32).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=_flow_vae(seed, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=_text_encoder(32, 2, projection=32, seed=seed), tokenizer=tiny_tokenizer(),
+        text_encoder_2=_text_encoder(32, 3, projection=32, seed=seed + 1), tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=_t5(64, seed=seed + 2), tokenizer_3=tiny_t5_tokenizer())
+
+
 BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
-            "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline}
+            "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline,
+            "sd3": tiny_sd3_pipeline}
 
 
 def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:

@@ -97,6 +97,8 @@ class Registry:
             try:
                 found_as: Detected = self._cached_family(path, family_fn, stamp)
                 why_not = spec(found_as.family).runnable
+                if fmt == ModelFormat.SINGLE_FILE and not why_not:
+                    why_not = spec(found_as.family).single_files
                 if why_not:
                     raise ValueError(f"{path.name}: {why_not}")
             except Exception as e:  # a broken model must not hide the others

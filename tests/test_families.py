@@ -70,7 +70,8 @@ def save_sd2_checkpoint(pipe, target):
 def test_table_has_one_spec_per_family_id():
     assert [f.id for f in FAMILIES] == ["flux1", "sd3", "sdxl", "sdxl-refiner", "sd2", "sd15"]
     assert BY_ID["sdxl"].size == 1024 and BY_ID["sd15"].size == 512 and BY_ID["sd2"].size == 768
-    assert BY_ID["flux1"].latent_channels == 16 and BY_ID["flux1"].runnable
+    assert BY_ID["flux1"].latent_channels == 16 and BY_ID["flux1"].prediction == "flow"
+    assert BY_ID["flux1"].single_files and BY_ID["sd3"].single_files  # folders only, for now
 
 
 @pytest.mark.parametrize("keys, family", [
@@ -172,7 +173,7 @@ def test_models_list_family_prediction_and_ztsnr(fam_server):
 
 
 @pytest.mark.parametrize("name, family", [("flux-dev-like", "Flux.1"), ("sd35-like", "SD 3.x")])
-def test_recognised_but_unrunnable_families_are_a_422_naming_the_file(fam_server, name, family):
+def test_recognised_but_unloadable_single_files_are_a_422_naming_the_file(fam_server, name, family):
     r = fam_server.client.post("/txt2img", json=dict(SMALL, model=name))
     assert r.status_code == 422, r.text
     assert name in r.text and family in r.text

@@ -231,3 +231,13 @@ def test_webuiapi_client_on_flux(flux_server):
                          override_settings={"sd_model_checkpoint": "tiny-flux"})
     assert result.image.size == (64, 64)
     assert "Distilled CFG Scale: 3.5" in result.info["infotexts"][0]
+
+
+def test_png_info_reads_the_flux_infotext_back_into_the_same_image(flux_server):
+    first = flux_server.run(**SMALL_FLUX, seed=21, distilled_cfg_scale=2.0, sampler_name="DPM++ 2M",
+                            scheduler_type="beta")
+    info = flux_server.client.post("/png-info", json={"image": first["image"]}).json()
+    params = info["parameters"]
+    assert params["distilled_cfg_scale"] == 2.0 and params["scheduler_type"] == "beta"
+    again = flux_server.run(**params, fileType="png")
+    assert np.array_equal(px(first), px(again))

@@ -22,7 +22,7 @@ from . import img2img
 from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
 from .embeddings import EmbeddingTensors
 from .prompts import extract_extra_networks
-from .flow import FLOW_FAMILIES, FluxDenoiser, encode_flux, plain_prompt
+from .flow import FLOW_FAMILIES, encode_flow, make_flow_denoiser, plain_prompt
 from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
 from .upscalers import UpscalerCache, UpscalerError, upscale_image
 
@@ -237,8 +237,8 @@ class Engine:
         """The CFG denoiser; an inpainting UNet gets its mask + masked-image conditioning, and
         a mask keeps the init latents outside it at every evaluation."""
         if loaded.is_flow:
-            den = FluxDenoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale,
-                               plan.distilled_cfg_scale, check, cfg_rescale=plan.cfg_rescale)
+            den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale, check,
+                                     cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale)
         else:
             den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset,
                               cfg_rescale=plan.cfg_rescale)
@@ -272,14 +272,14 @@ class Engine:
         return cond
 
     def _flow_conditioning(self, loaded: LoadedModel, text: "JobText"):
-        """Flux's T5 sequence and CLIP pooled vector of the prompt (and of the negative prompt
-        when CFG runs a negative pass), cached like the CLIP encodings: by model, text and LoRAs."""
+        """A flow family's text conditioning of the prompt (and of the negative prompt when CFG
+        runs a negative pass), cached like the CLIP encodings: by model, text and LoRAs."""
         prompt = plain_prompt(text.prompt, text.steps)
         negative = plain_prompt(text.negative, text.steps) if text.negative_pass else None
         key = (loaded.entry.name, str(loaded.entry.path), prompt, negative, text.lora_key)
         cond = self._flow_cache.get(key)
         if cond is None:
-            cond = encode_flux(loaded.pipe, prompt, negative)
+            cond = encode_flow(loaded, prompt, negative)
             self._flow_cache[key] = cond
             while len(self._flow_cache) > max(int(self.settings.conditioning_cache_size), 1):
                 self._flow_cache.pop(next(iter(self._flow_cache)))

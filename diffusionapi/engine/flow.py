@@ -145,15 +145,16 @@ def timestep_scheduler_config(ms: FlowSigmas) -> dict:
             "beta_start": 0.0001, "beta_end": 0.02}
 
 
-# ---------------------------------------------------------------------------- Flux.1
+# ---------------------------------------------------------------------------- denoisers
 
 @dataclass
-class FluxConditioning:
-    """A job's Flux text conditioning: T5 sequence and CLIP pooled vector, for the prompt and
-    (when CFG runs a negative pass) the negative prompt."""
+class FlowConditioning:
+    """A job's text conditioning for a flow family: the sequence and pooled vector of the prompt
+    and, when CFG runs a negative pass, of the negative prompt (Flux: T5 + CLIP-L pooled;
+    SD 3: CLIP-L + CLIP-G + T5 sequence, both CLIPs pooled)."""
     embeds: torch.Tensor                 # [1, seq, joint_dim]
     pooled: torch.Tensor                 # [1, pooled_dim]
-    text_ids: torch.Tensor               # [seq, 3]
+    text_ids: torch.Tensor | None = None  # Flux: [seq, 3] positions of the text tokens
     neg_embeds: torch.Tensor | None = None
     neg_pooled: torch.Tensor | None = None
 
@@ -176,25 +177,22 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxDenoiser:
-    """Flux as a k-diffusion denoiser D(x, sigma) -> x0 in the VE form (module docstring), and as
-    a diffusers-style epsilon model for DDIM/PLMS/UniPC.
+class FlowDenoiser:
+    """A flow model as a k-diffusion denoiser D(x, sigma) -> x0 in the VE form (module
+    docstring), and as a diffusers-style epsilon model for DDIM/PLMS/UniPC.
 
-    ``guidance`` is the distilled guidance (Forge's "Distilled CFG Scale") fed to guidance-embedding
-    models; ``cfg_scale`` above 1 adds a negative pass, v = neg + cfg * (pos - neg), as Forge does;
-    at 1 (Flux's usual value) there is one pass per step."""
+    ``cfg_scale`` above 1 adds a negative pass, v = neg + cfg * (pos - neg); at 1 (Flux's usual
+    value, Forge's rule) each step is one pass and the negative prompt is not used."""
 
     vpred = False  # model_output() gives epsilon
 
-    def __init__(self, loaded, cond: FluxConditioning, ms: FlowSigmas, cfg_scale: float, guidance: float | None,
+    def __init__(self, loaded, cond: FlowConditioning, ms: FlowSigmas, cfg_scale: float,
                  on_eval: Callable[[], None], cfg_rescale: float = 0.0):
         self.transformer = loaded.pipe.transformer
-        self.loaded = loaded
         self.cond = cond
         self.ms = ms
         self.cfg = float(cfg_scale)
         self.rescale = float(cfg_rescale)
-        self.guidance = guidance if self.transformer.config.guidance_embeds else None
         self.on_eval = on_eval
         self.dtype = self.transformer.dtype
         self.evals = 0
@@ -205,28 +203,22 @@ class FluxDenoiser:
         x0 = self._x0
         return x0() if callable(x0) else x0
 
+    def network(self, x_flow: torch.Tensor, t: float, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The family's transformer on ``n`` conditioning rows per image: velocities [n*b, c, h, w]."""
+        raise NotImplementedError
+
     def velocity(self, x_flow: torch.Tensor, t: float) -> torch.Tensor:
         self.on_eval()
         self.evals += 1
-        b, _, h, w = x_flow.shape
-        dev = x_flow.device
-        packed = pack(x_flow.to(self.dtype))
+        b = x_flow.shape[0]
         rows = [(self.cond.embeds, self.cond.pooled)]
         if self.negative_pass:
             rows.insert(0, (self.cond.neg_embeds, self.cond.neg_pooled))
-        n = len(rows)
+        dev = x_flow.device
         embeds = torch.cat([e.expand(b, -1, -1) for e, _ in rows]).to(dev, self.dtype)
         pooled = torch.cat([p.expand(b, -1) for _, p in rows]).to(dev, self.dtype)
-        timestep = torch.full((b * n,), t, device=dev, dtype=self.dtype)
-        guidance = None
-        if self.guidance is not None:
-            guidance = torch.full((b * n,), float(self.guidance), device=dev, dtype=torch.float32)
-        out = self.transformer(hidden_states=packed.repeat(n, 1, 1), timestep=timestep, guidance=guidance,
-                               pooled_projections=pooled, encoder_hidden_states=embeds,
-                               txt_ids=self.cond.text_ids.to(dev, self.dtype),
-                               img_ids=image_ids(h, w, dev, self.dtype), return_dict=False)[0]
-        v = unpack(out.float(), h, w)
-        if n == 1:
+        v = self.network(x_flow, t, embeds, pooled).float()
+        if len(rows) == 1:
             return v
         neg, pos = v.split(b)
         guided = neg + (pos - neg) * self.cfg
@@ -249,6 +241,46 @@ class FluxDenoiser:
         return (x - self(x, torch.tensor([s]))) / s
 
 
+class FluxDenoiser(FlowDenoiser):
+    """Flux.1: latents packed 2x2, flow time as the timestep, and ``guidance`` (Forge's "Distilled
+    CFG Scale") fed to guidance-distilled models (dev), ignored by schnell."""
+
+    def __init__(self, loaded, cond, ms, cfg_scale, on_eval, cfg_rescale=0.0, guidance: float | None = None):
+        super().__init__(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
+        self.guidance = guidance if self.transformer.config.guidance_embeds else None
+
+    def network(self, x_flow, t, embeds, pooled):
+        rows = embeds.shape[0] // x_flow.shape[0]
+        _, _, h, w = x_flow.shape
+        dev, n = x_flow.device, embeds.shape[0]
+        guidance = None if self.guidance is None else torch.full((n,), float(self.guidance), device=dev,
+                                                                  dtype=torch.float32)
+        out = self.transformer(hidden_states=pack(x_flow.to(self.dtype)).repeat(rows, 1, 1),
+                               timestep=torch.full((n,), t, device=dev, dtype=self.dtype), guidance=guidance,
+                               pooled_projections=pooled, encoder_hidden_states=embeds,
+                               txt_ids=self.cond.text_ids.to(dev, self.dtype),
+                               img_ids=image_ids(h, w, dev, self.dtype), return_dict=False)[0]
+        return unpack(out, h, w)
+
+
+class SD3Denoiser(FlowDenoiser):
+    """SD 3.x (MMDiT): latents as they are (the transformer patches them), timestep = 1000 t."""
+
+    def network(self, x_flow, t, embeds, pooled):
+        rows = embeds.shape[0] // x_flow.shape[0]
+        n = embeds.shape[0]
+        return self.transformer(hidden_states=x_flow.to(self.dtype).repeat(rows, 1, 1, 1),
+                                timestep=torch.full((n,), t * NUM_TIMESTEPS, device=x_flow.device, dtype=self.dtype),
+                                encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+
+
+def make_flow_denoiser(loaded, cond: FlowConditioning, ms: FlowSigmas, cfg_scale: float, on_eval,
+                       cfg_rescale: float = 0.0, guidance: float | None = None) -> FlowDenoiser:
+    if loaded.spec.conditioning == "flux":
+        return FluxDenoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
+    return SD3Denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
+
+
 def plain_prompt(prompt: str, steps: int) -> str:
     """The text T5 and CLIP read for a Flux prompt: A1111's emphasis brackets and BREAK removed
     (Forge applies weights to CLIP only; here neither encoder is weighted), prompt editing at
@@ -260,16 +292,23 @@ def plain_prompt(prompt: str, steps: int) -> str:
     return " ".join("".join(parts).split())
 
 
-def encode_flux(pipe, prompt: str, negative: str | None, max_sequence_length: int = 512) -> FluxConditioning:
-    """The pipeline's own encoders (CLIP-L pooled, T5 sequence), T5 up to 512 tokens as Flux.1 does."""
-    limit = int(getattr(pipe.tokenizer_2, "model_max_length", max_sequence_length) or max_sequence_length)
-    length = min(max_sequence_length, limit)
+def encode_flow(loaded, prompt: str, negative: str | None) -> FlowConditioning:
+    """The pipeline's own encoders: Flux T5 up to 512 tokens, SD 3 up to 256 (their defaults)."""
+    pipe = loaded.pipe
     device = pipe._execution_device
-    embeds, pooled, ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
-                                             max_sequence_length=length)
-    cond = FluxConditioning(embeds, pooled, ids)
-    if negative is not None:
-        cond.neg_embeds, cond.neg_pooled, _ = pipe.encode_prompt(prompt=negative, prompt_2=None, device=device,
-                                                                 num_images_per_prompt=1,
-                                                                 max_sequence_length=length)
-    return cond
+    if loaded.spec.conditioning == "flux":
+        length = min(512, int(getattr(pipe.tokenizer_2, "model_max_length", 512) or 512))
+
+        def one(text):
+            return pipe.encode_prompt(prompt=text, prompt_2=None, device=device, num_images_per_prompt=1,
+                                      max_sequence_length=length)
+
+        embeds, pooled, ids = one(prompt)
+        cond = FlowConditioning(embeds, pooled, ids)
+        if negative is not None:
+            cond.neg_embeds, cond.neg_pooled, _ = one(negative)
+        return cond
+    embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+        do_classifier_free_guidance=negative is not None, negative_prompt=negative or "", max_sequence_length=256)
+    return FlowConditioning(embeds, pooled, None, neg_embeds, neg_pooled)

@@ -24,5 +24,6 @@ SPEC = FamilySpec(
     matches_checkpoint=matches_checkpoint, matches_folder=matches_folder, sampler="Euler",
     steps=20, cfg_scale=1.0, size=1024, latent_channels=16, prediction="flow", lora_family="flux1",
     preview="flux1", gpu_dtype="bfloat16", distilled_guidance=True,
-    notes=("diffusers folders run; single files are recognised but need the transformer-only loader",),
+    single_files=("Flux.1 single files (all-in-one or transformer-only) are recognised but not loaded yet: "
+                  "install the model as a diffusers folder"),
 )

@@ -1,7 +1,6 @@
 """Stable Diffusion 3 / 3.5 (MMDiT, flow matching, 16-channel latents, CLIP-L + CLIP-G + T5).
 
-Recognised from its files so that /models can say what an installed file is; the engine does
-not run it yet (``runnable``)."""
+Runs through engine/flow.py on the engine's own samplers (static shift from its scheduler config)."""
 from __future__ import annotations
 
 from .spec import FamilySpec, FolderConfigs
@@ -23,6 +22,7 @@ SPEC = FamilySpec(
     id="sd3", label="SD 3.x", pipeline="StableDiffusion3Pipeline", conditioning="sd3",
     matches_checkpoint=matches_checkpoint, matches_folder=matches_folder, sampler="Euler",
     steps=28, cfg_scale=4.5, size=1024, latent_channels=16, prediction="flow", lora_family="sd3",
-    preview="sd3",
-    runnable="SD 3.x models are recognised but this server's engine cannot run them yet",
+    preview="sd3", gpu_dtype="bfloat16",
+    single_files=("SD 3.x single files (all-in-one or transformer-only) are recognised but not loaded yet: "
+                  "install the model as a diffusers folder"),
 )

@@ -48,6 +48,7 @@ class FamilySpec:
     packaged_config: str | None = None        # diffusionapi/configs/<name> for single files
     preview: str = "sd15"                     # latent -> RGB factors / TAESD decoder to use
     runnable: str | None = None               # None: the engine runs it; else why it cannot (yet)
+    single_files: str | None = None           # None: single files load; else why not (yet)
     gpu_dtype: str = "float16"                # weights' type on GPUs (Flux overflows fp16: bfloat16)
     distilled_guidance: bool = False          # guidance-distilled models take distilled_cfg_scale
     checkpoint_prediction: Callable[[set[str], Path], "tuple[str, bool] | None"] | None = None
