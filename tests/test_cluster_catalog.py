@@ -27,6 +27,7 @@ def test_union_of_live_workers_resolves_names_and_names_what_is_missing(state, m
     models = {m.name: m for m in local.models()}
     cat_sd15 = catalog_of(local, [models["tiny-sd15"]])
     assert cat_sd15["models"] == [{"name": "tiny-sd15", "label": "Tiny SD", "family": "sd15", "format": "diffusers",
+                                   "prediction": "epsilon", "ztsnr": False,
                                    "path": cat_sd15["models"][0]["path"], "hash": None}]
     state.heartbeat("a", {"device": "cuda:0"}, ttl=30, catalog=cat_sd15)
     state.heartbeat("b", {"device": "cuda:1"}, ttl=30, catalog=catalog_of(local, [models["tiny-sdxl"]]))

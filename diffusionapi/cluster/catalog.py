@@ -37,6 +37,7 @@ def _model_hash(registry: Registry, m) -> str | None:
 def catalog_of(registry: Registry, models) -> dict:
     out = {
         "models": [{"name": m.name, "label": m.label, "family": m.family, "format": m.format,
+                    "prediction": m.prediction, "ztsnr": m.ztsnr,
                     "path": display_path(m.path), "hash": _model_hash(registry, m)} for m in models],
         "loras": [{"name": e.name, "family": e.family, "path": display_path(e.path)} for e in registry.loras()],
         "upscalers": [{"name": u.name, "path": display_path(u.path)}
@@ -97,7 +98,8 @@ class CatalogRegistry(Registry):
 
     def models(self, problems: dict[str, str] | None = None) -> list[ModelEntry]:
         return [ModelEntry(m["name"], m.get("label") or m["name"], Path(m.get("path") or m["name"]), m["family"],
-                           m["format"]) for m in self.union()["models"]]
+                           m["format"], m.get("prediction", "epsilon"), bool(m.get("ztsnr", False)))
+                for m in self.union()["models"]]
 
     def resolve_model(self, requested: str, **kw) -> ModelEntry:
         try:
