@@ -23,11 +23,31 @@ def px(r):
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")).astype(np.int16)
 
 
+def save_sd3_lora(path, seed: int = 5):
+    """A diffusers-format SD 3 LoRA (PEFT keys under ``transformer.``) for the tiny transformer."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    transformer = tiny_sd3_pipeline(0).transformer
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                       init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusion3Pipeline.save_lora_weights(str(path.parent),
+                                               transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                               weight_name=path.name)
+
+
 @pytest.fixture(scope="module")
 def sd3_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd3-store")
     tiny_sd3_pipeline(0).save_pretrained(root / "models" / "tiny-sd3")
-    (root / "loras").mkdir()
+    save_sd3_lora(root / "loras" / "sd3-style.safetensors")
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
     return root
@@ -99,3 +119,10 @@ def test_sdapi_equals_the_native_job(sd3_server):
     img = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
     assert np.array_equal(img.astype(np.int16), native)
     assert "Schedule type: SGM Uniform" in r.json()["info"]
+
+
+def test_lora_changes_and_unloads_exactly(sd3_server):
+    base = px(sd3_server.run(**SMALL_SD3, seed=5))
+    styled = px(sd3_server.run(**dict(SMALL_SD3, prompt="a red cube <lora:sd3-style:1>"), seed=5))
+    assert not np.array_equal(base, styled)
+    assert np.array_equal(base, px(sd3_server.run(**SMALL_SD3, seed=5)))
