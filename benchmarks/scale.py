@@ -97,7 +97,7 @@ class Proc:
 
 
 def sleep_workers(n, sleep, env, root: Path, models=("bench",)):
-    procs = [Proc(["-m", "diffusionapi.cluster.cli", "worker", "--device", "cpu", "--models", ",".join(models),
+    procs = [Proc(["-m", "diffusionapi.jobs.backends.celery.cli", "worker", "--device", "cpu", "--models", ",".join(models),
                    "--name", f"sleep{i}", "--sleep-engine", str(sleep)], env, root / f"sleep{i}") for i in range(n)]
     return procs
 
@@ -120,7 +120,7 @@ def drain(state, timeout=3600):
 
 def echo_payload(env):
     from diffusionapi.registry import Registry
-    from diffusionapi.resolve import resolve_txt2img
+    from diffusionapi.jobs.resolve import resolve_txt2img
     from diffusionapi.schemas import Txt2ImgRequest
 
     s = settings_from(env)
@@ -128,7 +128,7 @@ def echo_payload(env):
 
 
 def throughput_celery(n, jobs, sleep, env, root, rabbit, redis_srv):
-    from diffusionapi.backends.celery_backend import CeleryBackend
+    from diffusionapi.jobs.backends.celery.backend import CeleryBackend
 
     s = settings_from(env)
     backend = CeleryBackend(s)
@@ -153,8 +153,8 @@ def throughput_celery(n, jobs, sleep, env, root, rabbit, redis_srv):
 
 
 def throughput_embedded(jobs, sleep, env):
-    from diffusionapi.backends.embedded import EmbeddedBackend
-    from diffusionapi.cluster.sleep_engine import SleepEngine
+    from diffusionapi.jobs.backends.embedded import EmbeddedBackend
+    from diffusionapi.jobs.backends.celery.sleep_engine import SleepEngine
     from diffusionapi.registry import Registry
 
     s = settings_from(env)
@@ -243,7 +243,7 @@ def serve_embedded_sleep(port: int, sleep: float) -> None:
     """A real uvicorn server, embedded backend, sleep-engine (child process of this benchmark)."""
     import uvicorn
 
-    from diffusionapi.cluster.sleep_engine import SleepEngine
+    from diffusionapi.jobs.backends.celery.sleep_engine import SleepEngine
     from diffusionapi.config import Settings
     from diffusionapi.main import create_app
 
@@ -252,7 +252,7 @@ def serve_embedded_sleep(port: int, sleep: float) -> None:
 
 
 def submit_latency(rate, seconds, sleep, env, root, redis_srv):
-    from diffusionapi.cluster.state import RedisJobState
+    from diffusionapi.jobs.backends.celery.state import RedisJobState
 
     out = {}
     state = RedisJobState(redis_srv.url)
@@ -261,7 +261,7 @@ def submit_latency(rate, seconds, sleep, env, root, redis_srv):
     apis = []
     try:
         wait_live(state, 4, float(env.get("DIFFUSIONAPI_WORKER_HEARTBEAT_SEC", 2)))
-        apis = [Proc(["-m", "diffusionapi.cluster.cli", "api", "--host", "127.0.0.1", "--port", str(p),
+        apis = [Proc(["-m", "diffusionapi.jobs.backends.celery.cli", "api", "--host", "127.0.0.1", "--port", str(p),
                       "--log-level", "warning"], env, root / f"api{p}", p) for p in (free_port(), free_port())]
         for a in apis:
             a.wait_http()
@@ -306,15 +306,15 @@ def _sequential(url, n, body):
 
 
 def real_jobs(n, env, root, redis_srv):
-    from diffusionapi.cluster.state import RedisJobState
+    from diffusionapi.jobs.backends.celery.state import RedisJobState
 
     out = {}
     state = RedisJobState(redis_srv.url)
     state.r.flushdb()
     port = free_port()
-    w = Proc(["-m", "diffusionapi.cluster.cli", "worker", "--device", "cpu", "--models", "bench", "--name", "real1"],
+    w = Proc(["-m", "diffusionapi.jobs.backends.celery.cli", "worker", "--device", "cpu", "--models", "bench", "--name", "real1"],
              env, root / "real-worker")
-    api = Proc(["-m", "diffusionapi.cluster.cli", "api", "--host", "127.0.0.1", "--port", str(port),
+    api = Proc(["-m", "diffusionapi.jobs.backends.celery.cli", "api", "--host", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning"], env, root / "real-api", port)
     try:
         wait_live(state, 1, float(env.get("DIFFUSIONAPI_WORKER_HEARTBEAT_SEC", 2)))
@@ -338,14 +338,14 @@ def real_jobs(n, env, root, redis_srv):
 
 def reloads(n, env, root, redis_srv):
     """Two workers, two models (each worker's home model is a different one), jobs alternating."""
-    from diffusionapi.cluster.state import RedisJobState
+    from diffusionapi.jobs.backends.celery.state import RedisJobState
 
     state = RedisJobState(redis_srv.url)
     state.r.flushdb()
     port = free_port()
-    ws = [Proc(["-m", "diffusionapi.cluster.cli", "worker", "--device", "cpu", "--models", models, "--name", f"aff{i}"],
+    ws = [Proc(["-m", "diffusionapi.jobs.backends.celery.cli", "worker", "--device", "cpu", "--models", models, "--name", f"aff{i}"],
                env, root / f"aff{i}") for i, models in enumerate(("bench,bench2", "bench2,bench"))]
-    api = Proc(["-m", "diffusionapi.cluster.cli", "api", "--host", "127.0.0.1", "--port", str(port),
+    api = Proc(["-m", "diffusionapi.jobs.backends.celery.cli", "api", "--host", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning"], env, root / "aff-api", port)
     try:
         wait_live(state, 2, float(env.get("DIFFUSIONAPI_WORKER_HEARTBEAT_SEC", 2)))

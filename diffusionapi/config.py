@@ -1,6 +1,7 @@
 """One Settings object, read once at start-up from DIFFUSIONAPI_* environment variables."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -91,3 +92,31 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+@dataclass(frozen=True)
+class FieldLimit:
+    """A configured limit on one request field: checked at submit (jobs/resolve.py) and shown
+    in the OpenAPI document as ``keyword`` (openapi.py), both from this table."""
+    field: str     # the request field (dotted for nested ones: ``hires.steps``)
+    setting: str   # the Settings attribute holding the limit
+    keyword: Literal["maximum", "maxLength", "maxItems"]
+
+    def value(self, settings: Settings):
+        return getattr(settings, self.setting)
+
+
+# Limits that hold for every request whatever else it asks (the pixel budgets, which depend on
+# several fields at once, are checked in resolve.py).
+FIELD_LIMITS: tuple[FieldLimit, ...] = (
+    FieldLimit("prompt", "max_prompt_chars", "maxLength"),
+    FieldLimit("negative_prompt", "max_prompt_chars", "maxLength"),
+    FieldLimit("steps", "max_steps", "maximum"),
+    FieldLimit("width", "max_width", "maximum"),     # after rounding to a multiple of 8
+    FieldLimit("height", "max_height", "maximum"),
+    FieldLimit("batch_size", "max_batch_size", "maximum"),
+    FieldLimit("n_iter", "max_n_iter", "maximum"),
+    FieldLimit("loras", "max_loras", "maxItems"),
+    FieldLimit("hires.scale", "max_hires_scale", "maximum"),
+    FieldLimit("hires.steps", "max_steps", "maximum"),
+)

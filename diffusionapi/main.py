@@ -12,6 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .config import Settings, get_settings
+from .errors import ServiceError, error_body, error_response
+from .jobs.service import JobService
 from .playground import is_public
 
 log = logging.getLogger("diffusionapi")
@@ -56,8 +58,8 @@ class GuardMiddleware:
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(given, self.key):
-                return await _send_json(send, 401, {"status": "error", "error": "missing or wrong API key "
-                                                    "(Authorization: Bearer <key> or X-API-Key)"},
+                return await _send_json(send, 401, error_body("missing or wrong API key "
+                                                               "(Authorization: Bearer <key> or X-API-Key)"),
                                         extra=[(b"www-authenticate", b"Bearer")])
         limit = self.max_image_body if scope["path"] in IMAGE_BODY_PATHS else self.max_body
         length = headers.get(b"content-length")
@@ -65,10 +67,9 @@ class GuardMiddleware:
             try:
                 too_big = int(length) > limit
             except ValueError:
-                return await _send_json(send, 400, {"status": "error", "error": "bad Content-Length"})
+                return await _send_json(send, 400, error_body("bad Content-Length"))
             if too_big:
-                return await _send_json(send, 413, {"status": "error",
-                                                    "error": f"request body larger than {limit} bytes"})
+                return await _send_json(send, 413, error_body(f"request body larger than {limit} bytes"))
             return await self.app(scope, receive, send)
         # No Content-Length (chunked): count as the body streams in; past the cap, answer
         # 413 ourselves and tell the app the client went away.
@@ -82,8 +83,7 @@ class GuardMiddleware:
                 seen += len(msg.get("body", b""))
                 if seen > limit:
                     answered = True
-                    await _send_json(send, 413, {"status": "error",
-                                                 "error": f"request body larger than {limit} bytes"})
+                    await _send_json(send, 413, error_body(f"request body larger than {limit} bytes"))
                     return {"type": "http.disconnect"}
             return msg
 
@@ -108,10 +108,10 @@ def make_backend(settings: Settings, registry, engine_factory=None):
     """The job backend the settings name; ``engine_factory`` builds the engine in the worker
     (tests pass a fake one)."""
     if settings.backend == "celery":  # an API node of a cluster: workers run the jobs
-        from .backends.celery_backend import CeleryBackend
+        from .jobs.backends.celery.backend import CeleryBackend
 
         return CeleryBackend(settings)
-    from .backends.embedded import EmbeddedBackend
+    from .jobs.backends.embedded import EmbeddedBackend
 
     def default_engine():
         from .engine.engine import Engine
@@ -126,38 +126,41 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
     from .registry import Registry
 
     registry = Registry(settings)
-    jobs = make_backend(settings, registry, engine_factory)
-    registry = getattr(jobs, "catalog", registry)  # a cluster's API node sees the workers' catalog
+    backend = make_backend(settings, registry, engine_factory)
+    registry = getattr(backend, "catalog", registry)  # a cluster's API node sees the workers' catalog
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        jobs.start()
+        backend.start()
         log.info("DiffusionAPI %s: %d models installed", __version__, len(registry.models()))
         try:
             yield
         finally:
-            jobs.stop()
+            backend.stop()
 
     # /docs and /redoc are served by playground.install, with their assets (offline boxes have no CDN).
     app = FastAPI(title="DiffusionAPI", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.registry = registry
-    app.state.jobs = jobs
+    app.state.backend = backend
+    app.state.jobs = JobService(backend, registry, settings)  # what every dialect calls
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         errors = exc.errors()
         detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": e.get("type")} for e in errors]
-        return JSONResponse({"status": "error", "error": _validation_message(errors), "detail": detail},
-                            status_code=422)
+        return JSONResponse({**error_body(_validation_message(errors)), "detail": detail}, status_code=422)
+
+    @app.exception_handler(ServiceError)
+    async def _refused(request, exc: ServiceError):
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": openapi.allowed_methods(app, request.scope)}
-        return JSONResponse({"status": "error", "error": str(exc.detail)}, status_code=exc.status_code,
-                            headers=headers)
+        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     from . import openapi, playground
     from .api import catalog, cluster, jobs as jobs_api, pnginfo, sdapi

@@ -104,21 +104,27 @@ def _constrain(schema: dict, kind: str, extra: dict) -> None:
 
 def request_limits(settings) -> dict[str, tuple[str, dict]]:
     """The configured limits that hold for every request, whatever else it asks for, as JSON
-    schema keywords: a client (and the fuzzer) sees them; a value past one is a 422."""
+    schema keywords (from config.FIELD_LIMITS, the table resolve checks): a client (and the
+    fuzzer) sees them; a value past one is a 422."""
+    from .config import FIELD_LIMITS
     from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
-    from .resolve import round8
+    from .jobs.resolve import round8
 
     def side(limit: int) -> int:  # the largest value that still rounds to <= limit
         return max(v for v in range(limit, limit + 8) if round8(v) <= limit)
 
-    return {"prompt": ("string", {"maxLength": settings.max_prompt_chars}),
-            "negative_prompt": ("string", {"maxLength": settings.max_prompt_chars}),
-            "steps": ("integer", {"maximum": settings.max_steps}),
-            "width": ("integer", {"maximum": side(settings.max_width)}),
-            "height": ("integer", {"maximum": side(settings.max_height)}),
-            "loras": ("array", {"maxItems": settings.max_loras}),
-            "sampler_name": ("string", {"enum": list(SAMPLER_NAMES)}),
-            "scheduler_type": ("string", {"enum": list(SCHEDULER_TYPES)})}
+    kinds = {"maxLength": "string", "maxItems": "array", "maximum": "integer"}
+    out: dict[str, tuple[str, dict]] = {}
+    for limit in FIELD_LIMITS:
+        if "." in limit.field:  # nested (hires.*): those hold only when their block is enabled
+            continue
+        value = limit.value(settings)
+        if limit.field in ("width", "height"):
+            value = side(value)
+        out[limit.field] = (kinds[limit.keyword], {limit.keyword: value})
+    out["sampler_name"] = ("string", {"enum": list(SAMPLER_NAMES)})
+    out["scheduler_type"] = ("string", {"enum": list(SCHEDULER_TYPES)})
+    return out
 
 
 def complete(doc: dict, *, api_key_required: bool, is_public: Callable[[str], bool],

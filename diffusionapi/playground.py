@@ -9,12 +9,13 @@ one, loads its logo from cdn.redoc.ly).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import fastapi_offline
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -54,6 +55,16 @@ def _with_csp(response: HTMLResponse, policy: str) -> HTMLResponse:
 
 def install(app: FastAPI) -> None:
     """Call on an app made with docs_url=None and redoc_url=None."""
+
+    # The job states the page needs, generated from jobs/states.py (the one definition), before
+    # the static mount so that this path is not looked up as a file.
+    @app.get("/static/js/states.js", include_in_schema=False)
+    def states_module() -> Response:
+        from .jobs.states import FINAL_STATES
+
+        body = f"// Generated from diffusionapi/jobs/states.py.\nexport const FINAL_STATES = new Set({json.dumps(list(FINAL_STATES))});\n"
+        return Response(body, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
     app.mount("/static", _StaticFiles(directory=STATIC_DIR), name="playground")
     app.mount(DOCS_ASSETS_URL, _StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
 

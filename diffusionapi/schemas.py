@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import SEED_DEFAULT_MODEL
+from .jobs.states import FINAL_STATES, WEBHOOK_EVENTS
 from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
 
 
@@ -48,8 +49,7 @@ class WebhookRequest(BaseModel):
     """A signed POST to ``url`` when the job reaches one of ``events`` (README "Live progress")."""
     model_config = ConfigDict(extra="forbid")
     url: str = Field(min_length=1, max_length=2048)
-    events: list[Literal["done", "error", "cancelled", "progress"]] = Field(
-        default_factory=lambda: ["done", "error", "cancelled"])
+    events: list[Literal[WEBHOOK_EVENTS]] = Field(default_factory=lambda: list(FINAL_STATES))
     include_image: bool = True
 
 
@@ -64,7 +64,12 @@ class Txt2ImgRequest(BaseModel):
     cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
     width: int = Field(512, ge=8)
     height: int = Field(512, ge=8)
-    model: str = Field(SEED_DEFAULT_MODEL, min_length=1, max_length=512)
+    # Left out: DIFFUSIONAPI_DEFAULT_MODEL (the seed's "stable-diffusion-v1-5" unless set), else the
+    # first installed base model. No schema default: the one shown would not be the one applied.
+    model: str | None = Field(None, min_length=1, max_length=512,
+                              description=f"an installed model's name or label; left out: the server's default "
+                                          f"model (DIFFUSIONAPI_DEFAULT_MODEL, {SEED_DEFAULT_MODEL!r} unless set), "
+                                          "else the first installed base model")
     sampler_name: str = "DPM++ 2M Karras"
     # None means "not given": the sampler's own schedule applies where karras cannot
     # (see engine.samplers.resolve_sampler); the payload echoes what was resolved.

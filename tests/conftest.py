@@ -120,7 +120,7 @@ class LiveServer:
 
     @property
     def engine(self):
-        return self.app.state.jobs.worker.engine
+        return self.app.state.backend.worker.engine
 
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from diffusionapi.backends.base import FinalJob, JobBackend
-from diffusionapi.jobstatus import JobStatus
+from diffusionapi.jobs.backends.base import FinalJob, JobBackend
+from diffusionapi.jobs.status import JobStatus
 
 
 class ScriptedBackend(JobBackend):

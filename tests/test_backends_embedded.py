@@ -9,11 +9,12 @@ import time
 import pytest
 from PIL import Image
 
-from diffusionapi.backends.embedded import MAX_ATTEMPTS, EmbeddedBackend
+from diffusionapi.jobs.backends.embedded import EmbeddedBackend
+from diffusionapi.jobs.states import MAX_ATTEMPTS
 from diffusionapi.config import Settings
 from diffusionapi.engine.plan import GeneratedImage, GenerationResult, JobCancelled
 from diffusionapi.registry import Registry
-from diffusionapi.runner import JobInterrupted
+from diffusionapi.jobs.runner import JobInterrupted
 
 
 class FakeEngine:
@@ -156,7 +157,7 @@ def test_retry_cap_after_interrupted_attempts(make_backend):
     last_chance, too_many = job_ids
     assert wait_state(restarted, last_chance, ("done", "error")).state == "done"
     st = wait_state(restarted, too_many, ("done", "error"))
-    assert st.state == "error" and "interrupted by restart" in st.error
+    assert st.state == "error" and "interrupted 3 times" in st.error
 
 
 def test_engine_failure_is_a_job_error_and_the_worker_goes_on(make_backend):
@@ -198,3 +199,56 @@ def test_listing_and_positions(make_backend):
     assert [e.job_id for e in listing] == ids and [e.queue_position for e in listing] == [0, 1, 2]
     assert all(e.kind == "txt2img" for e in listing)
     engine.gate.set()
+
+
+def test_a_job_that_ends_keeps_no_input_images(make_backend):
+    """Cancelled (and finished, unread) jobs must not keep megabytes of base64 on disk (#31)."""
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+    backend = make_backend(engine)
+    backend.start()
+    big = "A" * 200_000  # stands for a base64 init image in the record
+    running = backend.submit("txt2img", payload(prompt="running"))
+    queued = backend.submit("img2img", payload(prompt="queued", init_image=big, mask=big))
+    assert engine.started.wait(10)
+    path = backend.store.job_path(queued)
+    assert path.stat().st_size > 400_000
+    assert backend.cancel(queued) == "cancelled"
+    record = backend.store.read_job(queued)
+    assert record["payload"]["init_image"] is None and record["payload"]["mask"] is None
+    assert record["payload"]["prompt"] == "queued" and path.stat().st_size < 2_000
+    engine.gate.set()
+    wait_state(backend, running, ("done",))
+
+
+def test_listing_reads_no_record_from_disk(make_backend, monkeypatch):
+    """GET /queue (and /cluster, /sdapi/v1/progress) come from the in-memory index: polling a
+    long queue costs no file parse per job (#31)."""
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+    backend = make_backend(engine)
+    backend.start()
+    jobs = [backend.submit("txt2img", payload(prompt=f"j{i}")) for i in range(6)]
+    assert engine.started.wait(10)
+    reads = []
+    for name in ("read_job", "read_status"):
+        original = getattr(backend.store, name)
+        monkeypatch.setattr(backend.store, name, lambda job_id, _o=original, _n=name: reads.append(_n) or _o(job_id))
+    for _ in range(10):
+        listing = backend.listing()
+    assert reads == []
+    assert [e.job_id for e in listing] == jobs and listing[0].state == "processing"
+    assert [e.queue_position for e in listing] == [0, 1, 2, 3, 4, 5]
+    engine.gate.set()
+    wait_state(backend, jobs[-1], ("done",))
+    assert [e.state for e in backend.listing()] == ["done"] * 6
+
+
+def test_listing_index_is_rebuilt_after_a_restart(make_backend):
+    backend = make_backend(FakeEngine())
+    job = backend.submit("upscale", {"image": "x", "upscaler": "Lanczos"})
+    backend.queue.close()
+    again = make_backend(FakeEngine())
+    again.store.recover()
+    entries = again.listing()
+    assert [(e.job_id, e.kind, e.state) for e in entries] == [(job, "upscale", "queued")]

@@ -110,7 +110,7 @@ def test_lora_job_and_its_lora_free_twin_are_not_batched(batching_server):
 
 def test_batch_window_never_moves_a_job_ahead_of_more_than_its_size(model_store, tmp_path):
     """The worker's choice, without running anything: head + compatible jobs among the next N-1."""
-    from diffusionapi.backends.embedded import EmbeddedBackend
+    from diffusionapi.jobs.backends.embedded import EmbeddedBackend
     from diffusionapi.registry import Registry
 
     def build(n):
@@ -135,7 +135,7 @@ def test_batch_window_never_moves_a_job_ahead_of_more_than_its_size(model_store,
 def test_jobs_that_must_run_alone(model_store, tmp_path):
     from diffusionapi.engine.batching import batch_key
     from diffusionapi.registry import Registry
-    from diffusionapi.runner import JobRunner
+    from diffusionapi.jobs.runner import JobRunner
 
     settings = make_settings(model_store, tmp_path)
     runner = JobRunner(settings, Registry(settings), lambda: None)

@@ -51,7 +51,7 @@ class Node:
 
     def start(self) -> Node:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffusionapi.cluster.cli", *self.args], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "diffusionapi.jobs.backends.celery.cli", *self.args], env=self.env,
                                      cwd=self.dir, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         return self
 
@@ -261,7 +261,7 @@ def test_a_job_orphaned_by_an_api_node_dying_mid_submit_is_published_again_and_d
     import json
     import uuid
 
-    from diffusionapi.cluster.state import RedisJobState
+    from diffusionapi.jobs.backends.celery.state import RedisJobState
 
     a, b = cluster.api
     state = RedisJobState(cluster.redis.url)

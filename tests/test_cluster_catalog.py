@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from diffusionapi.cluster.catalog import CatalogRegistry, catalog_of
-from diffusionapi.cluster.state import RedisJobState
+from diffusionapi.jobs.backends.celery.catalog import CatalogRegistry, catalog_of
+from diffusionapi.jobs.backends.celery.state import RedisJobState
 from diffusionapi.registry import Registry, UnknownName
 from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
 from tests.conftest import make_settings
@@ -28,7 +28,10 @@ def test_union_of_live_workers_resolves_names_and_names_what_is_missing(state, m
     cat_sd15 = catalog_of(local, [models["tiny-sd15"]])
     assert cat_sd15["models"] == [{"name": "tiny-sd15", "label": "Tiny SD", "family": "sd15", "format": "diffusers",
                                    "prediction": "epsilon", "ztsnr": False,
-                                   "path": cat_sd15["models"][0]["path"], "hash": None}]
+                                   "path": cat_sd15["models"][0]["path"],
+                                   "hash": cat_sd15["models"][0]["sha256"][:10],
+                                   "sha256": cat_sd15["models"][0]["sha256"]}]
+    assert len(cat_sd15["models"][0]["sha256"]) == 64  # the worker hashes the folder it has
     state.heartbeat("a", {"device": "cuda:0"}, ttl=30, catalog=cat_sd15)
     state.heartbeat("b", {"device": "cuda:1"}, ttl=30, catalog=catalog_of(local, [models["tiny-sdxl"]]))
     api = CatalogRegistry(settings, state, refresh_sec=0)

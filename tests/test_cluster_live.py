@@ -18,7 +18,7 @@ import pytest
 import redis
 from PIL import Image
 
-from diffusionapi.webhooks import SIGNATURE_HEADER, verify
+from diffusionapi.jobs.webhooks import SIGNATURE_HEADER, verify
 from tests.cluster_fixtures import rabbitmq_server, redis_server  # noqa: F401 - fixtures
 from tests.test_celery_backend import Cluster, poll, submit, wait_final, wait_state
 from tests.test_live import FINAL, listen, start_listener

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from diffusionapi.cluster.state import RedisJobState, status_dict
+from diffusionapi.jobs.backends.celery.state import RedisJobState, status_dict
 from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
 
 
@@ -291,7 +291,7 @@ def test_a_running_job_whose_lease_lapsed_is_swept_after_the_grace(state):
 def test_a_first_delivery_of_a_busy_job_is_dropped_at_once_a_redelivery_waits_for_the_lease(state):
     from types import SimpleNamespace
 
-    from diffusionapi.cluster.worker import ClusterWorker
+    from diffusionapi.jobs.backends.celery.worker import ClusterWorker
 
     (j,) = _queue(state)
     assert state.claim(j, "owner", 30)[0] == "run"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from diffusionapi.events import EventLog
+from diffusionapi.jobs.events import EventLog
 
 
 def _collect(log: EventLog, job: str, after: str | None = None, then=None) -> list:

@@ -118,7 +118,7 @@ def test_sizes_round_to_16_and_bad_fields_are_named(flux_server):
 
 
 def _engine_run(server, **kw):
-    from diffusionapi.resolve import resolve_request
+    from diffusionapi.jobs.resolve import resolve_request
     from diffusionapi.schemas import Txt2ImgRequest
 
     plan = resolve_request(Txt2ImgRequest(**{**SMALL_FLUX, "width": 32, "height": 32, "seed": 1, **kw}),
@@ -170,7 +170,7 @@ def test_img2img_runs_the_a1111_step_count_and_inpainting_keeps_outside(flux_ser
         def preview(self, jpeg, step, total):
             pass
 
-    from diffusionapi.resolve import resolve_job
+    from diffusionapi.jobs.resolve import resolve_job
 
     body = {**SMALL_FLUX, "init_image": _png_b64(init), "denoising_strength": 0.5, "steps": 10, "seed": 9}
     job = resolve_job("img2img", body, flux_server.app.state.registry, flux_server.settings)
@@ -197,7 +197,7 @@ def test_previews_of_16_channel_latents_change_over_the_steps(flux_server):
         def preview(self, jpeg, step, total):
             previews.append(np.asarray(Image.open(io.BytesIO(jpeg))).astype(np.int16))
 
-    from diffusionapi.resolve import resolve_request
+    from diffusionapi.jobs.resolve import resolve_request
     from diffusionapi.schemas import Txt2ImgRequest
 
     plan = resolve_request(Txt2ImgRequest(**{**SMALL_FLUX, "seed": 1, "steps": 4}), flux_server.app.state.registry,

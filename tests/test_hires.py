@@ -96,7 +96,7 @@ def test_phases_and_monotonic_progress(hires_server):
         if phase == "upscaling":
             assert 50 <= p < 100
     # The engine's own reports, unthrottled:
-    from diffusionapi.resolve import resolve_request
+    from diffusionapi.jobs.resolve import resolve_request
     from diffusionapi.schemas import Txt2ImgRequest
 
     spec = resolve_request(Txt2ImgRequest(**dict(SMALL, model="tiny-sd15", hires={"enabled": True, "steps": 3})),

@@ -317,7 +317,7 @@ def test_size_defaults_to_the_init_image_rounded_to_8(i2i_server):
 
 
 def test_phases_include_encoding(i2i_server):
-    from diffusionapi.resolve import resolve_job
+    from diffusionapi.jobs.resolve import resolve_job
 
     phases = []
     job = resolve_job("img2img", dict(I2I, model="tiny-sd15", init_image=b64png(picture()), steps=2),

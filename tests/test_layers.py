@@ -14,16 +14,18 @@ PKG = Path(__file__).resolve().parents[1] / "diffusionapi"
 # Higher numbers may import lower ones. Modules of one package (engine.*, api.*, backends.*)
 # may import each other; two different modules on the same level may not.
 LAYERS: dict[str, float] = {
-    "diffusionapi": 0, "vocabulary": 0, "files": 0, "config": 0, "jobstatus": 0, "events": 0,
-    "webhooks": 1, "live": 1.5,
+    "diffusionapi": 0, "vocabulary": 0, "files": 0, "config": 0, "errors": 0,
+    # jobs/: the middle of the house, layered inside (a group is the longest name listed here)
+    "jobs": 0, "jobs.states": 0, "jobs.status": 0.1, "jobs.events": 0.1,
+    "jobs.webhooks": 1, "jobs.live": 1.5,
     "fileinfo": 1, "images": 1, "imageinput": 1,
     "families": 1.25,  # how each model family is recognised and runs: read by the registry and the engine
     "engine": 2, "registry": 2, "demo": 2,
-    "schemas": 3, "views": 3.25,  # views: the GET /queue/{id} answer, built by API nodes and cluster workers
-    "resolve": 3.5,
-    "runner": 4,
-    "cluster": 4.25,  # Celery workers and their Redis state: run jobs through the runner; backends use them
-    "backends": 4.5,
+    "schemas": 3, "jobs.views": 3.25,  # views: the GET /queue/{id} answer, built by API nodes and cluster workers
+    "jobs.resolve": 3.5, "jobs.record": 3.6,
+    "jobs.runner": 4,
+    "jobs.backends": 4.5,  # embedded/ and celery/ (Celery workers and their Redis state run jobs through the runner)
+    "jobs.service": 4.75,  # the one typed job service every dialect calls
     "api": 5, "openapi": 5, "playground": 5, "main": 6, "cli": 6, "generate": 6,
 }
 
@@ -39,7 +41,13 @@ def _modules():
 
 def _group(module: str) -> str:
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else parts[0]
+    if len(parts) == 1:
+        return parts[0]
+    for n in range(len(parts) - 1, 0, -1):  # the longest listed name: "jobs.backends" before "jobs"
+        name = ".".join(parts[1:n + 1])
+        if name in LAYERS:
+            return name
+    return parts[1]
 
 
 def _imports(module: str, path: Path) -> set[str]:
@@ -128,10 +136,10 @@ def test_an_api_node_does_not_load_torch(tmp_path):
 import sys
 from fastapi.testclient import TestClient
 from diffusionapi.main import create_app
-from diffusionapi.resolve import resolve_txt2img
+from diffusionapi.jobs.resolve import resolve_txt2img
 from diffusionapi.registry import Registry
 from diffusionapi.schemas import Txt2ImgRequest
-import diffusionapi.backends.celery_backend, diffusionapi.cluster.catalog, diffusionapi.api.sdapi.routes
+import diffusionapi.jobs.backends.celery.backend, diffusionapi.jobs.backends.celery.catalog, diffusionapi.api.sdapi.routes
 app = create_app()
 app.openapi()
 try:
@@ -149,3 +157,14 @@ sys.exit(1 if loaded else 0)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dialects_call_the_job_service_not_routes():
+    """A dialect translates wire types and calls jobs/service.py with typed requests: no route
+    lookup, no signature reflection (#23)."""
+    import re
+
+    offenders = [f"{p.relative_to(PKG)}:{i}" for p in sorted((PKG / "api").rglob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if re.search(r"inspect\.signature|app\.routes|get_type_hints", line)]
+    assert not offenders, offenders

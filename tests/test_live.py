@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusionapi.webhooks import SIGNATURE_HEADER, verify
+from diffusionapi.jobs.webhooks import SIGNATURE_HEADER, verify
 
 from .conftest import SMALL, LiveServer, ServerProcess, make_settings
 from .test_webhooks import Receiver, wait_for
@@ -234,9 +234,9 @@ def test_a_client_that_disconnects_costs_nothing(live):
     for _ in range(3):
         listen(live.url, job, [], stop_after="queued")
     deadline = time.time() + 10  # the server notices the closed connections
-    while time.time() < deadline and live.app.state.jobs.live.events._logs.get(job).waiters:
+    while time.time() < deadline and live.app.state.backend.live.events._logs.get(job).waiters:
         time.sleep(0.05)
-    assert not live.app.state.jobs.live.events._logs[job].waiters
+    assert not live.app.state.backend.live.events._logs[job].waiters
     assert live.wait(job)["state"] == "done"
     live.wait(blocker)
 

@@ -10,7 +10,7 @@ import pytest
 from diffusionapi.main import create_app
 from diffusionapi.openapi import METHODS
 from diffusionapi.playground import is_public
-from diffusionapi.resolve import round8
+from diffusionapi.jobs.resolve import round8
 
 from .conftest import SMALL, make_settings
 

@@ -171,7 +171,7 @@ def test_unwritable_queue_dir_is_503_and_nothing_queued(model_store, tmp_path):
         try:
             r = s.client.post("/txt2img", json=SMALL)
             assert r.status_code == 503 and "queue directory" in r.json()["error"]
-            assert s.app.state.jobs.queue.size() == 0
+            assert s.app.state.backend.queue.size() == 0
         finally:
             settings.queue_dir.unlink()
             settings.queue_dir.mkdir()
@@ -249,7 +249,8 @@ def test_symlinks_outside_are_ignored(model_store, tmp_path):
 
 
 def test_job_interrupted_too_often_ends_in_error(model_store, tmp_path):
-    from diffusionapi.backends.embedded import MAX_ATTEMPTS, JobStore
+    from diffusionapi.jobs.backends.embedded.store import JobStore
+    from diffusionapi.jobs.states import MAX_ATTEMPTS
 
     settings = make_settings(model_store, tmp_path)
     store = JobStore(settings.queue_dir)
@@ -261,4 +262,4 @@ def test_job_interrupted_too_often_ends_in_error(model_store, tmp_path):
     store.write_status(job, {"state": "processing", "current_phase": "generation", "progress": 40.0})
     with LiveServer(settings) as s:
         r = s.wait(job)
-    assert r["state"] == "error" and "interrupted by restart" in r["error"]
+    assert r["state"] == "error" and "interrupted 3 times" in r["error"]

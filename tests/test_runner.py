@@ -12,7 +12,7 @@ def test_engine_creation_freezes_the_imports_once():
     stay collectable, so a second engine or a model load freezes nothing more."""
     code = """
 import gc
-from diffusionapi.runner import JobRunner
+from diffusionapi.jobs.runner import JobRunner
 
 class Holder:  # a cycle made after the freeze must still be collected
     pass

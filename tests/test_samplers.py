@@ -224,7 +224,7 @@ def test_different_samplers_give_different_images(server):
 
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_progress_monotonic_and_complete(server, name):
-    from diffusionapi.resolve import resolve_request
+    from diffusionapi.jobs.resolve import resolve_request
     from diffusionapi.schemas import Txt2ImgRequest
 
     spec = resolve_request(Txt2ImgRequest(**SMALL, model="tiny-sd15", sampler_name=name, seed=1),
@@ -245,7 +245,7 @@ def test_progress_monotonic_and_complete(server, name):
 
 def test_same_pixels_on_a_fresh_engine(server, model_store, tmp_path):
     from diffusionapi.engine.engine import Engine
-    from diffusionapi.resolve import resolve_request
+    from diffusionapi.jobs.resolve import resolve_request
     from diffusionapi.schemas import Txt2ImgRequest
 
     from .conftest import make_settings

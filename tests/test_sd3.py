@@ -98,7 +98,7 @@ COMBOS = [(n, t) for n in SAMPLER_NAMES for t in SCHEDULER_TYPES if t in SAMPLER
 
 @pytest.mark.parametrize("sampler, schedule", COMBOS)
 def test_every_sampler_and_schedule_runs(sd3_server, sampler, schedule):
-    from diffusionapi.resolve import resolve_request
+    from diffusionapi.jobs.resolve import resolve_request
     from diffusionapi.schemas import Txt2ImgRequest
 
     plan = resolve_request(Txt2ImgRequest(**{**SMALL_SD3, "width": 32, "height": 32, "seed": 1, "steps": 2,

@@ -47,8 +47,7 @@ def test_sampler_and_scheduler_names(sampler, scheduler, expected, warns):
 
 def _ctx(**kw):
     return Context(default_sampler=DEFAULT, model=kw.pop("model", None), clip_skip=None,
-                   resolve_checkpoint=lambda v: {"tiny": "tiny-sd15"}.get(checkpoint_key(v), checkpoint_key(v)),
-                   supports=frozenset(kw.pop("supports", {"clip_skip", "batch_size", "n_iter"})))
+                   resolve_checkpoint=lambda v: {"tiny": "tiny-sd15"}.get(checkpoint_key(v), checkpoint_key(v)))
 
 
 def test_wire_model_is_lenient_and_converts_once():
@@ -63,6 +62,7 @@ def test_wire_model_is_lenient_and_converts_once():
     assert body == {"prompt": "p", "negative_prompt": "", "steps": 12, "cfg_scale": 7.0, "width": 512,
                     "height": 512, "sampler_name": "Euler", "scheduler_type": None, "seed": None,
                     "fileType": "png", "model": "tiny-sd15", "clip_skip": 2, "batch_size": 1, "n_iter": 1,
+                    "preview": {"every": 10, "method": "approx"},
                     "hires": {"enabled": True, "scale": 1.5, "upscaler": "Latent", "steps": 12,
                               "denoising_strength": 0.4}}
 
@@ -80,12 +80,16 @@ def test_hires_resize_target_and_img2img_fields():
         {"init_image": "AAAA", "mask": "BBBB", "mask_blur": 0, "denoising_strength": 0.75, "inpainting_fill": 1}
 
 
-def test_features_the_native_api_lacks_are_warned_not_sent():
-    ctx = _ctx(supports=set())
-    body = to_native(Txt2ImgAPIRequest(prompt="p", batch_size=2, override_settings={"CLIP_stop_at_last_layers": 2}),
-                     ctx)
-    assert "batch_size" not in body and "clip_skip" not in body
-    assert any("batch_size" in w for w in ctx.warnings) and any("clip skip" in w for w in ctx.warnings)
+def test_native_request_is_typed_and_names_the_a1111_field():
+    from diffusionapi.api.sdapi.protocol import FieldError, native_request
+    from diffusionapi.api.sdapi.protocol import Img2ImgAPIRequest as I2I
+    from diffusionapi.schemas import Txt2ImgRequest
+
+    native = native_request(Txt2ImgAPIRequest(prompt="p", batch_size=2,
+                                              override_settings={"CLIP_stop_at_last_layers": 2}), _ctx())
+    assert isinstance(native, Txt2ImgRequest) and (native.batch_size, native.clip_skip) == (2, 2)
+    with pytest.raises(FieldError, match="init_images"):
+        native_request(I2I(prompt="p", init_images=[]), _ctx())
 
 
 def test_basic_auth_rules():
@@ -126,10 +130,6 @@ def server(model_store, extras, tmp_path_factory):
 @pytest.fixture()
 def api(server):
     return webuiapi.WebUIApi(baseurl=server.url + "/sdapi/v1", sampler="Euler a", steps=4)
-
-
-def has_native(server, path: str) -> bool:
-    return server.app.state.sdapi.native_model(path.strip("/")) is not None
 
 
 def pixels(img) -> np.ndarray:
@@ -295,15 +295,11 @@ def test_extra_single_image(api, server):
     src = Image.effect_noise((32, 24), 60).convert("RGB")
     r = api.extra_single_image(src, upscaler_1="Lanczos", upscaling_resize=2)
     assert r.image.size == (64, 48)
-    if not has_native(server, "/upscale"):
-        pytest.skip("native POST /upscale is not on this branch yet (img2img issue)")
     r = api.extra_single_image(src, upscaler_1="Tiny2x", upscaling_resize=2)
     assert r.image.size == (64, 48)
 
 
 def test_img2img_and_inpainting(api, server):
-    if not has_native(server, "/img2img"):
-        pytest.skip("native POST /img2img is not on this branch yet (img2img issue)")
     src = Image.effect_noise((64, 64), 60).convert("RGB")
     r = api.img2img(images=[src], prompt="a painting", denoising_strength=0.5, seed=3, width=64, height=64)
     assert r.image.size == (64, 64) and "Denoising strength: 0.5" in r.info["infotexts"][0]
@@ -404,27 +400,22 @@ def test_hires_fix(api):
     assert r.info["denoising_strength"] == 0.5 and r.info["width"] == 64  # A1111: the first-pass size
 
 
-def test_embeddings_come_from_the_native_listing(model_store, tmp_path):
-    from fastapi import FastAPI, Request
-
+def test_embeddings_in_a1111_shape_split_by_the_current_models_family(model_store, tmp_path):
     from diffusionapi.api.sdapi.service import SdapiState
     from diffusionapi.registry import Registry
+    from tests.test_embeddings import write_embedding
 
-    app = FastAPI()
-
-    @app.get("/embeddings")
-    def listing(request: Request):
-        assert request.app is app
-        return {"status": "success", "embeddings": [{"name": "sdword", "family": "sd15", "vectors": 2},
-                                                    {"name": "xlword", "family": "sdxl", "vectors": 3}]}
-
-    settings = make_settings(model_store, tmp_path)
-    state = SdapiState(app, settings, Registry(settings))  # current model: tiny-sd15
-    assert state.embeddings() == {
-        "loaded": {"sdword": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768,
-                              "vectors": 2}},
-        "skipped": {"xlword": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 2048,
-                               "vectors": 3}}}
+    write_embedding(tmp_path / "emb" / "sdword.pt", "a1111-pt", vectors=2)
+    write_embedding(tmp_path / "emb" / "xlword.safetensors", "sdxl", vectors=3)
+    settings = make_settings(model_store, tmp_path, embeddings_dir=tmp_path / "emb")
+    registry = Registry(settings)
+    assert {e.name: e.family for e in registry.embeddings()}["xlword"] == "sdxl"
+    state = SdapiState(None, settings, registry)  # current model: tiny-sd15
+    got = state.embeddings()
+    assert set(got["skipped"]) == {"xlword"} and set(got["loaded"]) == {"sdword"}
+    assert got["skipped"]["xlword"] == {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                        "shape": 2048, "vectors": 3}
+    assert got["loaded"]["sdword"]["vectors"] == 2
 
 
 def test_batch(api, server):

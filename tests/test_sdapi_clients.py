@@ -220,8 +220,6 @@ def test_dify(server):
 
 
 def test_dify_img2img(server):
-    if server.app.state.sdapi.native_model("img2img") is None:
-        pytest.skip("native POST /img2img is not on this branch yet (img2img issue)")
     src = io.BytesIO()
     Image.effect_noise((64, 64), 50).convert("RGB").save(src, format="PNG")
     blob, _ = dify_tool(server.url, "tiny-sd15", image=src.getvalue())

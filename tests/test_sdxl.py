@@ -40,7 +40,7 @@ def test_refiner_hand_off(server):
     info = read_infotext(base64.b64decode(refined["image"]))
     assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.6" in info
     # The engine's own phase reports: generation up to the switch share, then refining to the end.
-    from diffusionapi.resolve import resolve_request
+    from diffusionapi.jobs.resolve import resolve_request
     from diffusionapi.schemas import Txt2ImgRequest
 
     spec = resolve_request(Txt2ImgRequest(**dict(p, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.6)),

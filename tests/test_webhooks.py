@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from diffusionapi.webhooks import (DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, WebhookQueue,
+from diffusionapi.jobs.webhooks import (DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, WebhookQueue,
                                    WebhookRefused, check_target, sign, verify)
 
 SECRET = "s3cret"

@@ -31,7 +31,7 @@ class ClusterResponse(BaseModel):
 @router.get("/cluster", response_model=ClusterResponse)
 async def cluster(request: Request) -> ClusterResponse:
     jobs = request.app.state.jobs
-    view = getattr(jobs, "cluster_view", None)
+    view = getattr(jobs.backend, "cluster_view", None)  # a cluster's own view of its workers
     if view is not None:
         return ClusterResponse(**await run_in_threadpool(view))
     # Embedded: the worker thread of this process is the whole cluster.

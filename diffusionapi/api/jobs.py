@@ -1,101 +1,65 @@
-"""Routes that submit, watch, cancel and collect jobs. Thin: the backend does the work."""
+"""Native routes that submit, watch, cancel and collect jobs. Thin: they translate the native
+wire types to and from the job service (jobs/service.py), which does the work; a ServiceError
+raised there becomes the native error body in one place (main.py's exception handler)."""
 from __future__ import annotations
-
-import uuid
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 
-from ..backends.base import BackendUnavailable, QueueFull
-from ..resolve import RequestError, resolve_img2img, resolve_txt2img, resolve_upscale
+from ..errors import NotFound, error_body
+from ..jobs.service import JobService, valid_job_id
+from ..jobs.views import final_response, status_response
 from ..schemas import (ErrorResponse, Img2ImgRequest, QueueListEntry, QueueListResponse, QueueStatusResponse,
                        Txt2ImgRequest, Txt2ImgResponse, UpscaleRequest)
-from ..views import final_response, status_response
-from ..webhooks import check_webhook
 
 router = APIRouter()
 
 _ERRORS = {404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
-
-
-def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
-    return JSONResponse({"status": "error", "error": message, **extra}, status_code=status, headers=headers)
-
-
-def request_error(e: RequestError) -> JSONResponse:
-    return error(e.status, str(e), detail=[{"loc": ["body", *e.field.split(".")], "msg": e.message}])
-
-
-def valid_job_id(job_id: str) -> bool:
-    try:
-        return str(uuid.UUID(job_id)) == job_id
-    except ValueError:
-        return False
-
-
-def submit(request: Request, kind: str, echo: dict):
-    """Queue a resolved job; the response for the submit routes (or an error response)."""
-    state = request.app.state
-    if echo.get("webhook") and not state.jobs.delivers_webhooks:
-        refused = (f"the {state.settings.backend} queue backend does not deliver webhooks; "
-                   "poll GET /queue/{id} or follow GET /queue/{id}/events")
-        return error(422, refused, detail=[{"loc": ["body", "webhook"], "msg": refused}])
-    refused = check_webhook(echo.get("webhook"), state.settings)
-    if refused:
-        return error(422, refused, detail=[{"loc": ["body", "webhook", "url"], "msg": refused}])
-    try:
-        return state.jobs.submit(kind, echo)
-    except QueueFull:
-        return error(503, f"the queue is full ({state.settings.max_queued_jobs} jobs); retry later",
-                     headers={"Retry-After": "10"})
-    except BackendUnavailable as e:  # the job could not be made durable, so it is not accepted
-        return error(503, str(e), headers={"Retry-After": "30"})
-
-
 _SUBMIT_ERRORS = {**_ERRORS, 503: {"model": ErrorResponse}, 413: {"model": ErrorResponse}}
 
 
-def _resolve_and_submit(request: Request, body, resolve):
-    """The submit routes' one shape: resolve (a 4xx names the field), record + queue, answer the id."""
-    state = request.app.state
-    try:
-        job = resolve(body, state.registry, state.settings)
-    except RequestError as e:
-        return request_error(e)
-    job_id = submit(request, job.kind, job.payload)
-    if isinstance(job_id, JSONResponse):
-        return job_id
-    return Txt2ImgResponse(job_id=job_id, ignored_fields=sorted(body.model_extra) or None)
+def job_service(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+def error(status: int, message: str, headers: dict | None = None, **extra):
+    """A native error answer for the few cases a route decides itself."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(message, **extra), status_code=status, headers=headers)
+
+
+def _submit(request: Request, kind: str, body) -> Txt2ImgResponse:
+    submitted = job_service(request).submit(kind, body)
+    return Txt2ImgResponse(job_id=submitted.job_id, ignored_fields=sorted(body.model_extra or ()) or None)
 
 
 @router.post("/txt2img", response_model=Txt2ImgResponse, response_model_exclude_none=True, responses=_SUBMIT_ERRORS)
 def txt2img(body: Txt2ImgRequest, request: Request):
-    return _resolve_and_submit(request, body, lambda b, registry, settings: resolve_txt2img(
-        b, registry, settings, model_given="model" in b.model_fields_set))
+    return _submit(request, "txt2img", body)
 
 
 @router.post("/img2img", response_model=Txt2ImgResponse, response_model_exclude_none=True, responses=_SUBMIT_ERRORS)
 def img2img(body: Img2ImgRequest, request: Request):
     """txt2img from an init image; with ``mask``, inpainting. Images are decoded and checked
     before the job is recorded."""
-    return _resolve_and_submit(request, body, lambda b, registry, settings: resolve_img2img(
-        b, registry, settings, model_given="model" in b.model_fields_set))
+    return _submit(request, "img2img", body)
 
 
 @router.post("/upscale", response_model=Txt2ImgResponse, response_model_exclude_none=True, responses=_SUBMIT_ERRORS)
 def upscale(body: UpscaleRequest, request: Request):
     """Upscale one image (queued like any job): an upscaler file, or "Lanczos" / "Nearest"."""
-    return _resolve_and_submit(request, body, resolve_upscale)
+    return _submit(request, "upscale", body)
 
 
 @router.get("/queue", response_model=QueueListResponse)
 async def queue_list(request: Request):
-    entries = await run_in_threadpool(request.app.state.jobs.listing)
+    jobs = job_service(request)
+    entries = await run_in_threadpool(jobs.listing)
     return QueueListResponse(jobs=[QueueListEntry(job_id=e.job_id, state=e.state, current_phase=e.current_phase,
                                                   progress=e.progress, queue_position=e.queue_position)
                                    for e in entries],
-                             webhooks=await run_in_threadpool(request.app.state.jobs.webhook_deliveries))
+                             webhooks=await run_in_threadpool(jobs.webhook_deliveries))
 
 
 @router.get("/queue/{job_id}", response_model=QueueStatusResponse, response_model_exclude_unset=True,
@@ -105,8 +69,8 @@ async def queue_status(job_id: str, request: Request,
     # async + one small file read: polling must never wait for a threadpool slot. Only the
     # final read (image files, base64) goes to a thread.
     if not valid_job_id(job_id):
-        return error(404, f"no job {job_id!r} (job ids are UUIDs)")
-    jobs = request.app.state.jobs
+        raise NotFound(f"no job {job_id!r} (job ids are UUIDs)")
+    jobs = job_service(request)
     if wait:
         await jobs.wait_final(job_id, wait)
     st = jobs.status(job_id)
@@ -114,17 +78,13 @@ async def queue_status(job_id: str, request: Request,
         return status_response(job_id, st, jobs.position(job_id))
     final = await run_in_threadpool(jobs.take_final, job_id) if st is not None else None
     if final is None:
-        return error(404, f"no job {job_id!r}: unknown, or its final result was already read")
+        raise NotFound(f"no job {job_id!r}: unknown, or its final result was already read")
     return await run_in_threadpool(final_response, job_id, final)
 
 
 @router.delete("/queue/{job_id}", responses={**_ERRORS, 409: {"model": ErrorResponse}})
 async def queue_cancel(job_id: str, request: Request):
     if not valid_job_id(job_id):
-        return error(404, f"no job {job_id!r} (job ids are UUIDs)")
-    outcome = request.app.state.jobs.cancel(job_id)
-    if outcome is None:
-        return error(404, f"no job {job_id!r}")
-    if outcome in ("cancelled", "cancelling"):
-        return {"status": "success", "job_id": job_id, "state": outcome}
-    return error(409, f"job {job_id} is already {outcome}", state=outcome)
+        raise NotFound(f"no job {job_id!r} (job ids are UUIDs)")
+    outcome = job_service(request).cancel(job_id)
+    return {"status": "success", "job_id": job_id, "state": outcome}

@@ -7,7 +7,7 @@ import io
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from ..errors import RequestError
 from pydantic import BaseModel, Field
 
 from ..images import infotext_parameters, parse_infotext, read_infotext
@@ -54,9 +54,8 @@ def png_info(body: PngInfoRequest):
         Image.open(io.BytesIO(data)).verify()
         text = read_infotext(data)
     except (ValueError, UnidentifiedImageError, OSError, SyntaxError) as e:
-        msg = f"image: {e if isinstance(e, ValueError) else 'not a readable PNG or JPEG image'}"
-        return JSONResponse({"status": "error", "error": msg, "detail": [{"loc": ["body", "image"], "msg": msg}]},
-                            status_code=422)
+        raise RequestError("image", str(e) if isinstance(e, ValueError) else "not a readable PNG or JPEG image") \
+            from None
     if text is None:
         return PngInfoResponse(infotext=None)
     items = parse_infotext(text)

@@ -50,3 +50,23 @@ class FileHashes:
                 except OSError as e:
                     log.warning("hash cache %s not written: %s", self.cache_file, e)
         return digest
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf")
+
+
+def model_sha256(path: Path, hashes: FileHashes) -> str | None:
+    """A model's sha256 as A1111 clients see it: the file's own for a single file; for a diffusers
+    or hub-cache folder (no single file to hash), a sha256 over the sorted list of its weight
+    files' digests, stable while the weights are unchanged. None when the path is not here (a
+    cluster API node holds no model files: it takes the hash its workers computed)."""
+    path = Path(path)
+    if path.is_file():
+        return hashes.sha256(path)
+    if not path.is_dir():
+        return None
+    import hashlib
+
+    lines = [f"{f.relative_to(path).as_posix()}\t{hashes.sha256(f)}\n"
+             for f in sorted(path.rglob("*")) if f.suffix.lower() in WEIGHT_SUFFIXES and f.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()

@@ -25,8 +25,8 @@ class GenerationError(RuntimeError):
     """A job failed for a reason the user can act on; the message says which."""
 
 
-class JobCancelled(Exception):
-    """Raised inside the engine when ``cancelled()`` said so."""
+# Raised inside the engine when ``cancelled()`` said so; defined with the other lifecycle facts.
+from ..jobs.states import JobCancelled  # noqa: E402,F401
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""AUTOMATIC1111-compatible API at `/sdapi/v1`, as an adapter onto the native API and its queue."""
+"""AUTOMATIC1111-compatible API at `/sdapi/v1`: a dialect over the job service (jobs/service.py)."""
 from __future__ import annotations
 
 
@@ -6,5 +6,5 @@ def install(app, settings, registry) -> None:
     from .routes import build_router
     from .service import SdapiState
 
-    app.state.sdapi = SdapiState(app, settings, registry)
+    app.state.sdapi = SdapiState(app.state.jobs, settings, registry)
     app.include_router(build_router(app.state.sdapi))

@@ -301,7 +301,6 @@ class Context:
     model: str | None               # the /sdapi options model (a native name), None: the service default
     clip_skip: int | None           # the /sdapi options CLIP_stop_at_last_layers
     resolve_checkpoint: Any         # callable(str) -> native model name (raises LookupError)
-    supports: frozenset[str]        # native request fields that exist
     warnings: list[str] = field(default_factory=list)
 
 
@@ -328,30 +327,19 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     clip_skip = overrides.get("CLIP_stop_at_last_layers", req.clip_skip if req.clip_skip else ctx.clip_skip)
     clip_skip = _lenient_number(clip_skip)
     if isinstance(clip_skip, (int, float)) and clip_skip >= 1:
-        if "clip_skip" in ctx.supports:
-            body["clip_skip"] = int(clip_skip)
-        elif clip_skip > 1:
-            ctx.warnings.append("clip skip is not supported by this server; ignored")
-    _cfg_rescale(req, overrides, body, ctx)
+        body["clip_skip"] = int(clip_skip)
+    _cfg_rescale(req, overrides, body)
     if req.distilled_cfg_scale is not None:
-        if "distilled_cfg_scale" in ctx.supports:
-            body["distilled_cfg_scale"] = req.distilled_cfg_scale
-        else:
-            ctx.warnings.append("distilled_cfg_scale is not supported by this server; ignored")
+        body["distilled_cfg_scale"] = req.distilled_cfg_scale
     modules = overrides.get("forge_additional_modules")
     if modules:
         # The model's folder holds its own VAE and text encoders; separate component files are
         # not loaded yet, so naming them changes nothing: said, not silently dropped.
         ctx.warnings.append(f"override_settings.forge_additional_modules {modules!r} ignored: the model's own "
                             "VAE and text encoders are used")
-    for name in ("batch_size", "n_iter"):
-        value = getattr(req, name)
-        if name in ctx.supports:
-            body[name] = value
-        elif value != 1:
-            ctx.warnings.append(f"{name} {value} is not supported by this server; making one image")
-    if "preview" in ctx.supports:  # feeds /progress's current_image, as A1111's live previews do
-        body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
+    body["batch_size"], body["n_iter"] = req.batch_size, req.n_iter
+    # feeds /progress's current_image, as A1111's live previews do
+    body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
     if req.enable_hr and not isinstance(req, Img2ImgAPIRequest):
         body["hires"] = _hires(req)
     for unused in ("hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
@@ -360,7 +348,7 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     return body
 
 
-def _cfg_rescale(req: Txt2ImgAPIRequest, overrides: dict, body: dict, ctx: Context) -> None:
+def _cfg_rescale(req: Txt2ImgAPIRequest, overrides: dict, body: dict) -> None:
     """CFG rescale phi from ``override_settings.rescale_cfg``, ``rescale_cfg`` or ``cfg_rescale``."""
     for field_name, value in (("override_settings.rescale_cfg", overrides.get("rescale_cfg")),
                               ("rescale_cfg", req.rescale_cfg), ("cfg_rescale", req.cfg_rescale)):
@@ -369,10 +357,7 @@ def _cfg_rescale(req: Txt2ImgAPIRequest, overrides: dict, body: dict, ctx: Conte
         phi = _lenient_number(value)
         if not isinstance(phi, (int, float)) or isinstance(phi, bool) or not 0 <= phi <= 1:
             raise FieldError(field_name, f"CFG rescale must be a number from 0 to 1, not {value!r}")
-        if "cfg_rescale" in ctx.supports:
-            body["cfg_rescale"] = float(phi)
-        elif phi:
-            ctx.warnings.append("CFG rescale is not supported by this server; ignored")
+        body["cfg_rescale"] = float(phi)
         return
 
 
@@ -414,3 +399,28 @@ def img2img_native(req: Img2ImgAPIRequest, ctx: Context) -> dict:
     if len(images) > 1:
         ctx.warnings.append(f"{len(images)} init images given; the first is used")
     return body
+
+
+def native_request(req: Txt2ImgAPIRequest, ctx: Context):
+    """The typed native request (schemas.Txt2ImgRequest / Img2ImgRequest) the job service takes
+    for an A1111 request; a value the native type refuses is a FieldError naming the A1111 field."""
+    from pydantic import ValidationError
+
+    from ...schemas import Img2ImgRequest, Txt2ImgRequest
+
+    is_img2img = isinstance(req, Img2ImgAPIRequest)
+    if is_img2img and not req.init_images:
+        raise FieldError("init_images", "at least one image is required")
+    body = img2img_native(req, ctx) if is_img2img else to_native(req, ctx)
+    try:
+        return (Img2ImgRequest if is_img2img else Txt2ImgRequest).model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field_name = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        raise FieldError(NATIVE_TO_A1111.get(field_name, field_name),
+                         str(err.get("msg", "invalid")).removeprefix("Value error, ")) from None
+
+
+# Native field -> the A1111 field a client sent it as (error messages name what the client sent).
+NATIVE_TO_A1111 = {"init_image": "init_images", "hires.scale": "hr_scale", "hires.steps": "hr_second_pass_steps",
+                   "hires.upscaler": "hr_upscaler", "hires.denoising_strength": "denoising_strength"}

@@ -15,12 +15,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ... import __version__
+from ...errors import ServiceError
 from ...images import parse_infotext, read_infotext_and_items
 from ...engine.samplers import SAMPLER_NAMES, SAMPLERS
 from ...vocabulary import LATENT_UPSCALE_MODES
 from ..pnginfo import decode_image_b64
 from . import protocol as p
-from .jobs import wait_for
+from .jobs import Final, wait_for
 
 log = logging.getLogger("diffusionapi.sdapi")
 
@@ -31,10 +32,11 @@ def sdapi_state(request: Request):
     return request.app.state.sdapi
 
 
-def _error(status: int, message: str, *, kind: str = "HTTPException") -> JSONResponse:
-    # A1111's error body ("error" is the kind, "detail" the message), plus the native "status".
+def _error(status: int, message: str, *, kind: str = "HTTPException", headers: dict | None = None) -> JSONResponse:
+    # A1111's error body ("error" is the kind, "detail" the message), plus the native "status":
+    # the one builder of this dialect's error answers.
     return JSONResponse({"error": kind, "detail": message, "body": "", "errors": message, "status": "error"},
-                        status_code=status)
+                        status_code=status, headers=headers or None)
 
 
 class BadRequest(Exception):
@@ -66,6 +68,7 @@ def _validate(model: type[BaseModel], data: Any):
 
 
 def _handles_bad_input(fn):
+    """Bad input (and anything the job service refuses) answered in A1111's error shape."""
     import functools
 
     @functools.wraps(fn)
@@ -74,6 +77,8 @@ def _handles_bad_input(fn):
             return await fn(*args, **kwargs)
         except BadRequest as e:
             return _error(e.status, e.message)
+        except ServiceError as e:
+            return _error(e.status, str(e), headers=e.headers)
     return wrapper
 
 
@@ -86,26 +91,24 @@ def _context(request: Request) -> p.Context:
     from ...schemas import Txt2ImgRequest
 
     s = sdapi_state(request)
-    fields = set(Txt2ImgRequest.model_fields)
-    img2img = s.native_model("img2img")
-    if img2img is not None:
-        fields |= set(img2img.model_fields)
     return p.Context(default_sampler=Txt2ImgRequest.model_fields["sampler_name"].default,
                      model=s.chosen_model(), clip_skip=s.options.clip_skip,
-                     resolve_checkpoint=lambda v: s.catalog.resolve(v).name, supports=frozenset(fields))
+                     resolve_checkpoint=lambda v: s.catalog.resolve(v).name)
 
 
-def _info(req: p.Txt2ImgAPIRequest, final, sdapi, started: float) -> dict:
-    payload = final.payload
+def _info(req: p.Txt2ImgAPIRequest, final: Final, submitted, sdapi, started: float) -> dict:
+    """A1111's `info` JSON, from what the job service resolved at submit (names, seed, sampler and
+    schedule) and the images the job made."""
+    payload = submitted.job.echo
+    sampler = submitted.job.plan.sampler
     infotexts = [im.infotext or "" for im in final.images]
-    items = parse_infotext(infotexts[0]) if infotexts else {}
     seeds = [im.seed for im in final.images] or [payload.get("seed")]
     n = max(len(final.images), 1)
     model_name = payload.get("model")
     sha = None
     if model_name:
         try:
-            sha = sdapi.catalog.sha256(sdapi.catalog.resolve(model_name))[:10]
+            sha = sdapi.catalog.sha256(sdapi.catalog.resolve(model_name))
         except (LookupError, OSError):
             sha = None
     hires = payload.get("hires") or {}
@@ -116,15 +119,15 @@ def _info(req: p.Txt2ImgAPIRequest, final, sdapi, started: float) -> dict:
         "seed": seeds[0], "all_seeds": seeds, "subseed": req.subseed, "all_subseeds": [req.subseed] * n,
         "subseed_strength": req.subseed_strength,
         "width": payload.get("width", req.width), "height": payload.get("height", req.height),
-        "sampler_name": items.get("Sampler", payload.get("sampler_name")),
+        "sampler_name": sampler.infotext_sampler,
         "cfg_scale": payload.get("cfg_scale", req.cfg_scale), "steps": payload.get("steps", req.steps),
         "batch_size": payload.get("batch_size", req.batch_size), "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": sha,
+        "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": sha[:10] if sha else None,
         "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
         "denoising_strength": payload.get("denoising_strength", hires.get("denoising_strength",
                                                                           req.denoising_strength)),
-        "extra_generation_params": {k: v for k, v in items.items() if k == "Schedule type"},
+        "extra_generation_params": {"Schedule type": sampler.infotext_schedule},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": req.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
         "clip_skip": payload.get("clip_skip", 1), "is_using_inpainting_conditioning": False,
@@ -136,21 +139,14 @@ async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
     sdapi = sdapi_state(request)
     ctx = await run_in_threadpool(_context, request)
     try:
-        if kind == "img2img":
-            if not req.init_images:
-                raise BadRequest(422, "init_images: at least one image is required")
-            body = await run_in_threadpool(p.img2img_native, req, ctx)
-        else:
-            body = await run_in_threadpool(p.to_native, req, ctx)
+        native = await run_in_threadpool(p.native_request, req, ctx)
     except p.FieldError as e:
         raise BadRequest(422, str(e)) from None
     for w in ctx.warnings:
         log.warning("sdapi %s: %s", kind, w)
     started = time.time()
-    job_id, error = await sdapi.submit(kind, body, request)
-    if error is not None:
-        return error
-    final = await wait_for(request, request.app.state.jobs, job_id)
+    submitted = await run_in_threadpool(sdapi.jobs.submit, kind, native)  # a ServiceError: A1111's error body
+    final = await wait_for(request, sdapi.jobs, submitted.job_id)
     if final is None:  # the client went away; its job was cancelled
         return _error(499, "client closed the request")
     parameters = req.model_dump(mode="json")
@@ -159,7 +155,7 @@ async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
     if final.state == "error":
         return _error(500, final.error or "generation failed", kind="GenerationError")
     images = [_b64(im.data) for im in final.images] if req.send_images else []
-    info = await run_in_threadpool(_info, req, final, sdapi, started)  # may hash a model file once
+    info = await run_in_threadpool(_info, req, final, submitted, sdapi, started)  # may hash a model file once
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
 
@@ -181,12 +177,10 @@ async def extra_single_image(request: Request):
     req = _validate(p.ExtrasSingleImageRequest, await _body(request))
     sdapi = sdapi_state(request)
     data = decode_image_arg(req.image, "image")
-    job_id, error, resized = await sdapi.upscale(req, data, request)
-    if error is not None:
-        return error
+    job_id, resized = await run_in_threadpool(sdapi.upscale, req, data)
     if resized is not None:  # "None", "Lanczos", "Nearest": a plain resize, done here
         return {"image": _b64(resized), "html_info": _html_info(req)}
-    final = await wait_for(request, request.app.state.jobs, job_id)
+    final = await wait_for(request, sdapi.jobs, job_id)
     if final is None:
         return _error(499, "client closed the request")
     if final.state != "done" or not final.images:

@@ -4,8 +4,9 @@
 // the key never goes into a URL (URLs end up in logs). When the stream is unavailable
 // (an older server, a proxy that buffers), the job is followed by long-polling GET /queue/{id}?wait=.
 
+import {FINAL_STATES as FINAL} from "./states.js";
+
 const KEY_STORAGE = "diffusionapi.apiKey";
-const FINAL = new Set(["done", "error", "cancelled"]);
 
 export function getKey() {
   try { return localStorage.getItem(KEY_STORAGE) || ""; } catch { return ""; }

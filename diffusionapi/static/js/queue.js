@@ -1,9 +1,9 @@
 // The operator's view of the server queue: GET /queue, with cancel buttons (DELETE /queue/{id}).
 
 import {api} from "./api.js";
+import {FINAL_STATES as FINAL} from "./states.js";
 
 const byId = (id) => document.getElementById(id);
-const FINAL = new Set(["done", "error", "cancelled"]);
 
 export class QueuePanel {
   constructor({isMine, onAuthError}) {

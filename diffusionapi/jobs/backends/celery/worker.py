@@ -20,15 +20,15 @@ import socket
 import threading
 import time
 
-from ..jobstatus import FinalJob, JobStatus
-from ..live import JobWebhooks
-from ..views import final_view
+from ...status import FinalJob, JobStatus
+from ...live import JobWebhooks
+from ...views import final_view
 from .celery_app import AFFINITY_PRIORITY, ANY_QUEUE, TASK_NAME, make_celery, make_queue, queue_name
-from .state import RedisJobState, progress_event, status_dict
+from ...states import MAX_ATTEMPTS, ProgressThrottle, progress_event
+from .state import RedisJobState, status_dict
 
 log = logging.getLogger("diffusionapi.worker")
 
-MAX_ATTEMPTS = 3
 CATALOG_REFRESH_SEC = 30.0
 
 
@@ -42,7 +42,7 @@ def build_catalog(registry, models) -> dict:
 class ClusterWorker:
     def __init__(self, settings, *, name: str | None = None, models: list[str] | None = None,
                  engine_factory=None):
-        from ..registry import Registry
+        from ....registry import Registry
 
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{settings.device}:{os.getpid()}"
@@ -65,7 +65,7 @@ class ClusterWorker:
 
     # ------------------------------------------------------------------ what it serves
     def _served_models(self):
-        from ..registry import UnknownName
+        from ....registry import UnknownName
 
         installed = [m for m in self.registry.models()]
         if not self.requested_models:
@@ -92,14 +92,14 @@ class ClusterWorker:
     def engine(self):
         with self._engine_lock:
             if self._engine is None:
-                from ..runner import freeze_imports
+                from ...runner import freeze_imports
 
                 self._engine = self._engine_factory() if self._engine_factory else self._default_engine()
                 freeze_imports()  # before the home model loads (preload)
             return self._engine
 
     def _default_engine(self):
-        from ..engine.engine import Engine
+        from ....engine.engine import Engine
 
         return Engine(self.settings)
 
@@ -229,8 +229,7 @@ class JobProgress:
     def __init__(self, worker: ClusterWorker, job_id: str, payload: dict | None):
         self.worker, self.job_id, self.payload = worker, job_id, payload
         self._step: tuple[str, int, int] | None = None  # (phase, step, total) of the current stage
-        self._last_t = 0.0
-        self._last: tuple | None = None  # (phase, step) last written
+        self._throttle = ProgressThrottle()
 
     def step(self, phase: str, step: int, total: int) -> None:
         self._step = (phase, step, total)
@@ -242,12 +241,8 @@ class JobProgress:
         s = self._step if self._step and self._step[0] == phase else None
         step, total = (s[1], s[2]) if s else (None, None)
         status = status_dict("processing", phase, round(progress, 2))
-        self.worker.hooks.progress(self.job_id, self.payload, progress_event(status, step, total))
-        now = time.perf_counter()
-        last_phase = self._last[0] if self._last else None
-        stage_end = step is not None and step == total and self._last != (phase, step)
-        if phase != last_phase or stage_end or now - self._last_t >= 0.05:
-            self._last_t, self._last = now, (phase, step)
+        self.worker.hooks.progress(self.job_id, self.payload, progress_event(status["progress"], phase, step, total))
+        if self._throttle.due(phase, step, total):
             self.worker.state.progress(self.job_id, self.worker.name, status, step, total)
 
 

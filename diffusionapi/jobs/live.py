@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .events import EventLog
+from .states import PROCESSING, progress_event
 from .webhooks import WebhookQueue
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class LiveFeed:
 
     def progress(self, job_id: str, payload: dict | None, phase: str, progress: float,
                  step: int | None = None, total: int | None = None) -> None:
-        data = {"progress": round(progress, 2), "phase": phase, "step": step, "total": total}
+        data = progress_event(round(progress, 2), phase, step, total)
         if step is not None:
             with self._lock:
                 self._steps[job_id] = (step, total)
@@ -136,7 +137,7 @@ class JobWebhooks:
             if now - self._progress_sent.get(job_id, -1e9) < self.settings.webhook_progress_interval_sec:
                 return
             self._progress_sent[job_id] = now
-        body = {"job_id": job_id, "state": "processing", "current_phase": data["phase"], **data}
+        body = {"job_id": job_id, "state": PROCESSING, "current_phase": data["phase"], **data}
         self._submit(self._enqueue, job_id, "progress", hook["url"], body, 1)
 
     def ended(self, job_id: str, payload: dict | None, state: str, response: Callable[[], dict | None]) -> None:

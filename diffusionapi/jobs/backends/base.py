@@ -8,15 +8,11 @@ from typing import AsyncIterator, Callable
 
 from .. import views
 from ..events import JobEvent
-from ..jobstatus import FinalJob, JobStatus
+from ..states import progress_event
+from ..status import FinalJob, JobStatus
 
 
-class QueueFull(Exception):
-    """The queue holds its configured maximum; the client should retry later (503)."""
-
-
-class BackendUnavailable(Exception):
-    """The job could not be recorded durably (disk full, broker down); nothing was queued (503)."""
+from ...errors import BackendUnavailable, QueueFull  # noqa: E402,F401 - what submit raises (503s)
 
 
 @dataclass
@@ -144,8 +140,8 @@ async def polled_events(backend: JobBackend, job_id: str) -> AsyncIterator[JobEv
                 out.append(event("queued", {"position": position}, position))
             else:
                 out.append(event("started", {}))
-                out.append(event("progress", {"progress": st.progress, "phase": st.current_phase,
-                                              "step": None, "total": None}, (st.progress, st.current_phase)))
+                out.append(event("progress", progress_event(st.progress, st.current_phase),
+                                 (st.progress, st.current_phase)))
                 if st.preview:
                     out.append(event("preview", {"image": st.preview, "step": st.preview_step, "total": None},
                                      st.preview_step))

@@ -17,7 +17,7 @@ class SleepEngine:
     def generate(self, plan, report, cancelled):
         from PIL import Image
 
-        from ..engine.plan import GeneratedImage, GenerationResult, JobCancelled
+        from ....engine.plan import GeneratedImage, GenerationResult, JobCancelled
 
         report("generation", 0.0)
         for i in range(self.slices):

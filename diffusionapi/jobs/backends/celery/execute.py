@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
 log = logging.getLogger("diffusionapi.worker")
 
@@ -14,7 +13,7 @@ log = logging.getLogger("diffusionapi.worker")
 def runner_of(worker):
     runner = getattr(worker, "_runner", None)
     if runner is None:
-        from ..runner import JobRunner
+        from ...runner import JobRunner
 
         runner = worker._runner = JobRunner(worker.settings, worker.registry, lambda: worker.engine)
     runner.registry = worker.registry  # refreshed by the heartbeat's rescans
@@ -33,16 +32,15 @@ def preload(worker, model_name: str) -> None:
 
 def _free_memory() -> None:
     if "torch" in sys.modules:  # the sleep engine never imports torch
-        from ..engine.pipelines import free_memory
+        from ....engine.pipelines import free_memory
 
         free_memory()
 
 
 def execute_job(worker, job_id: str, record: dict, progress) -> tuple[dict, list[bytes]]:
     """``progress``: the job's ``worker.JobProgress`` (report + step observer)."""
-    from ..engine.plan import JobCancelled
-    from ..jobstatus import JobStatus
-    from ..runner import JobFailed
+    from ...states import final_state_of
+    from ...status import JobStatus
 
     t0 = time.perf_counter()
     kind, payload = record.get("kind", "txt2img"), record["payload"]
@@ -54,19 +52,9 @@ def execute_job(worker, job_id: str, record: dict, progress) -> tuple[dict, list
     try:
         final = runner_of(worker).run(job_id, kind, payload, progress.report, worker.cancel_check(job_id),
                                       observer=progress)
-    except JobCancelled:
-        return failed("cancelled", "cancelled by request")
-    except JobFailed as e:
-        return failed("error", str(e))
     except Exception as e:  # noqa: BLE001 - a job's failure must not stop the worker
-        log.exception("job %s failed", job_id)
-        return failed("error", f"{type(e).__name__}: {e}")
+        return failed(*final_state_of(e, job_id))
     finally:
         if payload.get("model"):
             worker.loaded_model = payload["model"]
-    files = [r.output_file for r in final.images] if final.images else [final.output_file]
-    try:
-        images = [Path(f).read_bytes() for f in files]
-    except OSError as e:
-        return failed("error", f"could not read back the output image: {e.strerror or e}")
-    return final.to_record(), images
+    return final.to_record(), list(final._encoded)

@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
-from .files import write_atomic
+from ..files import write_atomic
 
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-DiffusionAPI-Signature"
 EVENT_HEADER = "X-DiffusionAPI-Event"
 DELIVERY_HEADER = "X-DiffusionAPI-Delivery"
-WEBHOOK_EVENTS = ("done", "error", "cancelled", "progress")
+from .states import WEBHOOK_EVENTS  # noqa: E402,F401 - re-exported: what a webhook may subscribe to
 
 
 # ---------------------------------------------------------------------------- signing

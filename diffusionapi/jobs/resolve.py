@@ -1,29 +1,27 @@
 """From a validated request to exactly what will run: names resolved, limits checked.
 
-The API calls this at submit (so bad input is a 4xx and nothing is queued) and the
-worker calls it again when it starts the job (the files may have changed meanwhile).
+The job service calls this once at submit (so bad input is a 4xx and nothing is queued); the
+payload it returns (the request as understood: names resolved, seed drawn, defaults filled) is
+the job record. The worker builds the plan from that record with ``resolve_job``, which looks
+the files up again (they may have changed meanwhile) but applies no limit a second time: a job
+accepted under the limits of its submit runs.
 """
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
 
-from .config import Settings
-from .engine.live import check_preview
-from .engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, PreviewPlan, UpscalePlan
-from .engine.prompts import PromptError, extract_extra_networks
-from .engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
-from .registry import Registry, UnknownName
-from .imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
-from .schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
-from .families import spec as family_spec
-from .vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER
-
-
-class RequestError(ValueError):
-    def __init__(self, field: str, message: str, status: int = 422):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message, self.status = field, message, status
+from ..config import FIELD_LIMITS, Settings
+from ..errors import RequestError
+from ..engine.live import check_preview
+from ..engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, PreviewPlan, UpscalePlan
+from ..engine.prompts import PromptError, extract_extra_networks
+from ..engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
+from ..families import spec as family_spec
+from ..registry import Registry, UnknownName
+from ..imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
+from ..schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
+from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER
 
 
 @dataclass(frozen=True)
@@ -48,50 +46,68 @@ class ResolvedJob:
         return self.record if self.record is not None else self.echo
 
 
+# Record fields that carry input images: the job record keeps them until the job ends (then the
+# store drops them), the echo only describes them.
+INPUT_FIELDS: tuple[str, ...] = ("init_image", "mask", "image")
+
+
 def round8(v: float) -> int:
     return max(8, int(round(v / 8)) * 8)
 
 
-def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings, *,
-                    model_given: bool = True) -> GenerationPlan:
+def resolve_request(req: Txt2ImgRequest, registry: Registry, settings: Settings) -> GenerationPlan:
     """Just the plan (tests and benchmarks drive the engine with it)."""
-    return resolve_txt2img(req, registry, settings, model_given=model_given).plan
+    return resolve_txt2img(req, registry, settings).plan
 
 
 def resolve_job(kind: str, payload: dict, registry: Registry, settings: Settings) -> ResolvedJob:
-    """A job record's payload (validated again: files may have changed since submit) -> what runs."""
-    if kind == "img2img":
-        return resolve_img2img(Img2ImgRequest.model_validate(payload), registry, settings)
-    if kind == "upscale":
-        return resolve_upscale(UpscaleRequest.model_validate(payload), registry, settings)
-    if kind != "txt2img":
+    """A job record (written at submit) -> what runs. The record is read back into its type and
+    its names looked up again (files may have changed since submit); limits are not re-applied."""
+    types = {"txt2img": (Txt2ImgRequest, resolve_txt2img), "img2img": (Img2ImgRequest, resolve_img2img),
+             "upscale": (UpscaleRequest, resolve_upscale)}
+    if kind not in types:
         raise RequestError("kind", f"unknown job kind {kind!r}")
-    return resolve_txt2img(Txt2ImgRequest.model_validate(payload), registry, settings)
+    request_type, resolver = types[kind]
+    return resolver(request_type.model_validate(payload), registry, settings, limits=False)
+
+
+def _field_value(req, field: str):
+    value = req
+    for part in field.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def check_field_limits(req, settings: Settings) -> None:
+    """The configured per-field limits (config.FIELD_LIMITS), as 422s naming the field."""
+    for limit in FIELD_LIMITS:
+        value, cap = _field_value(req, limit.field), limit.value(settings)
+        if value is None or (limit.field.startswith("hires.") and not req.hires.enabled):
+            continue  # not given; hires limits apply only when hires runs
+        if limit.keyword == "maxLength" and len(value) > cap:
+            raise RequestError(limit.field, f"longer than {cap} characters")
+        if limit.keyword == "maxItems" and len(value) > cap:
+            raise RequestError(limit.field, f"at most {cap} {'LoRAs' if limit.field == 'loras' else 'items'} "
+                                            "per request")
+        if limit.keyword == "maximum":
+            if limit.field in ("width", "height"):
+                value = round8(value)
+            if value > cap:
+                raise RequestError(limit.field, f"must be <= {cap}")
 
 
 def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings, *,
-                    model_given: bool = True) -> ResolvedJob:
-    if len(req.prompt) > settings.max_prompt_chars:
-        raise RequestError("prompt", f"longer than {settings.max_prompt_chars} characters")
-    if len(req.negative_prompt) > settings.max_prompt_chars:
-        raise RequestError("negative_prompt", f"longer than {settings.max_prompt_chars} characters")
-    if req.steps > settings.max_steps:
-        raise RequestError("steps", f"must be <= {settings.max_steps}")
+                    limits: bool = True) -> ResolvedJob:
+    """``limits``: check the configured limits (at submit; a recorded job is not checked again)."""
     w, h = round8(req.width), round8(req.height)
-    if w > settings.max_width:
-        raise RequestError("width", f"must be <= {settings.max_width}")
-    if h > settings.max_height:
-        raise RequestError("height", f"must be <= {settings.max_height}")
-    if req.batch_size > settings.max_batch_size:
-        raise RequestError("batch_size", f"must be <= {settings.max_batch_size}")
-    if req.n_iter > settings.max_n_iter:
-        raise RequestError("n_iter", f"must be <= {settings.max_n_iter}")
-    # One UNet batch holds batch_size images: the pixel limits count all of them.
-    if w * h * req.batch_size > settings.max_pixels:
-        raise RequestError("width", f"width x height{' x batch_size' if req.batch_size > 1 else ''} "
-                                    f"must be <= {settings.max_pixels} pixels")
-    if len(req.loras) > settings.max_loras:
-        raise RequestError("loras", f"at most {settings.max_loras} LoRAs per request")
+    if limits:
+        check_field_limits(req, settings)
+        # One UNet batch holds batch_size images: the pixel limits count all of them.
+        if w * h * req.batch_size > settings.max_pixels:
+            raise RequestError("width", f"width x height{' x batch_size' if req.batch_size > 1 else ''} "
+                                        f"must be <= {settings.max_pixels} pixels")
 
     try:
         sampler = resolve_sampler(req.sampler_name, req.scheduler_type)
@@ -102,10 +118,10 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     models = registry.models(problems)
     bases = [m for m in models if m.family != SDXL_REFINER]
     try:
-        model = registry.resolve_model(req.model if model_given else settings.default_model, models=models,
-                                       problems=problems)
+        model = registry.resolve_model(req.model if req.model is not None else settings.default_model,
+                                       models=models, problems=problems)
     except UnknownName as e:
-        if model_given or not bases:
+        if req.model is not None or not bases:
             raise RequestError("model", str(e)) from None
         # No model named and the default is not installed: the first installed one (e.g. the demo).
         model = bases[0]
@@ -155,17 +171,13 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         except UnknownName as e:
             raise RequestError(f"loras[{i}]", str(e)) from None
     own_loras = len(loras)
-    loras += _tag_loras(lora_tags, loras, registry, lora_entries, settings)
+    loras += _tag_loras(lora_tags, loras, registry, lora_entries, settings, limits)
 
     hires_plan = None
     hires = req.hires
     if hires is not None and hires.enabled:
-        if hires.scale > settings.max_hires_scale:
-            raise RequestError("hires.scale", f"must be <= {settings.max_hires_scale}")
-        if hires.steps > settings.max_steps:
-            raise RequestError("hires.steps", f"must be <= {settings.max_steps}")
         fw, fh = _family_size(model, round8(w * hires.scale), round8(h * hires.scale), req)
-        if fw * fh * req.batch_size > settings.max_hires_pixels:
+        if limits and fw * fh * req.batch_size > settings.max_hires_pixels:
             raise RequestError("hires.scale", f"final size {fw}x{fh} exceeds {settings.max_hires_pixels} pixels")
         try:
             upscaler = registry.resolve_upscaler(hires.upscaler)
@@ -221,7 +233,8 @@ def resolve_preview(req, family: str, settings: Settings) -> PreviewRequest | No
     return spec
 
 
-def _tag_loras(tags, named: list[LoraUse], registry: Registry, entries, settings: Settings) -> list[LoraUse]:
+def _tag_loras(tags, named: list[LoraUse], registry: Registry, entries, settings: Settings,
+               limits: bool = True) -> list[LoraUse]:
     """The prompt's LoRA tags; a LoRA named twice (in tags, or in tags and ``loras``) is
     ambiguous, so it is refused rather than guessed."""
     out: list[LoraUse] = []
@@ -238,7 +251,7 @@ def _tag_loras(tags, named: list[LoraUse], registry: Registry, entries, settings
             raise RequestError("prompt", f"{tag.text}: the weight must be between -10 and 10")
         seen.add(entry.path)
         out.append(LoraUse(entry, tag.weight))
-    if len(named) + len(out) > settings.max_loras:
+    if limits and len(named) + len(out) > settings.max_loras:
         raise RequestError("prompt", f"at most {settings.max_loras} LoRAs per request (tags included)")
     return out
 
@@ -261,7 +274,7 @@ def input_image(text: str, field: str, settings: Settings):
 
 
 def resolve_img2img(req: Img2ImgRequest, registry: Registry, settings: Settings, *,
-                    model_given: bool = True) -> ResolvedJob:
+                    limits: bool = True) -> ResolvedJob:
     init = input_image(req.init_image, "init_image", settings)
     mask = input_image(req.mask, "mask", settings) if req.mask else None
     if mask is not None and mask.size != init.size:
@@ -270,11 +283,11 @@ def resolve_img2img(req: Img2ImgRequest, registry: Registry, settings: Settings,
     if req.hires is not None and req.hires.enabled:
         raise RequestError("hires", "hires fix is for txt2img; img2img makes width x height directly")
     sized = req.model_copy(update={"width": req.width or init.width, "height": req.height or init.height})
-    if req.width is None and round8(init.width) > settings.max_width or \
+    if limits and req.width is None and round8(init.width) > settings.max_width or \
             req.height is None and round8(init.height) > settings.max_height:
         raise RequestError("width", f"init_image is {init.width}x{init.height}, over the size limit "
                                     f"{settings.max_width}x{settings.max_height}; give width and height")
-    job = resolve_txt2img(sized, registry, settings, model_given=model_given)
+    job = resolve_txt2img(sized, registry, settings, limits=limits)
     plan = job.plan
     plan.init = InitImagePlan(init, req.denoising_strength, req.resize_mode, mask, req.mask_blur, req.inpainting_fill,
                               req.inpaint_full_res, req.inpaint_full_res_padding, bool(req.inpainting_mask_invert))
@@ -286,14 +299,15 @@ def resolve_img2img(req: Img2ImgRequest, registry: Registry, settings: Settings,
     return ResolvedJob("img2img", echo, plan, job.output, record)
 
 
-def resolve_upscale(req: UpscaleRequest, registry: Registry, settings: Settings) -> ResolvedJob:
+def resolve_upscale(req: UpscaleRequest, registry: Registry, settings: Settings, *,
+                    limits: bool = True) -> ResolvedJob:
     image = input_image(req.image, "image", settings)
     if req.width is not None:
         w, h, scale = req.width, req.height, None
     else:
         scale = req.scale if req.scale is not None else 2.0
         w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    if w * h > settings.max_hires_pixels:
+    if limits and w * h > settings.max_hires_pixels:
         raise RequestError("scale" if scale is not None else "width",
                            f"result {w}x{h} exceeds {settings.max_hires_pixels} pixels")
     builtin = {k.lower(): k for k in PIXEL_RESIZERS}

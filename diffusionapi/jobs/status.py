@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-JobState = Literal["queued", "processing", "done", "error", "cancelled"]
-FINAL_STATES: tuple[str, ...] = ("done", "error", "cancelled")
+from .states import FINAL_STATES, JobState  # noqa: F401 - the one list of states (states.py)
 
 
 class ImageRecord(BaseModel):
@@ -52,6 +51,9 @@ class JobStatus(BaseModel):
     preview: str | None = None
     preview_step: int | None = None
     warnings: list[str] | None = None  # what the engine skipped (GenerationResult.warnings)
+    # The encoded images of a ``done`` status as the runner made them, in memory only (never in
+    # the record): a Celery worker hands them to Redis without reading its files back.
+    _encoded: list[bytes] = PrivateAttr(default_factory=list)
 
     @property
     def is_final(self) -> bool:

@@ -15,30 +15,32 @@ from pathlib import Path
 
 import redis
 
-from ..registry import (LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, Registry, UnknownName, UpscalerEntry,
+from ....registry import (LATENT_UPSCALE_MODES, LoraEntry, ModelEntry, Registry, UnknownName, UpscalerEntry,
                         display_path)
-from ..vocabulary import EmbeddingEntry
+from ....vocabulary import EmbeddingEntry
 
 log = logging.getLogger(__name__)
 
 
-def _model_hash(registry: Registry, m) -> str | None:
-    # A1111's short hash is only defined for single files; it is cached on disk per file version.
-    if m.format != "single-file":
-        return None
+def _model_sha256(registry: Registry, m) -> str | None:
+    # Computed here, where the files are (an API node has none); cached on disk per file version.
     try:
-        from ..engine.hashes import FileHashes
+        from ....engine.hashes import FileHashes, model_sha256
 
-        return FileHashes(Path(registry.settings.queue_dir) / ".file-hashes.json").sha256(m.path)[:10]
+        return model_sha256(Path(m.path), FileHashes(Path(registry.settings.queue_dir) / ".file-hashes.json"))
     except Exception:  # noqa: BLE001 - a hash is informative; an unreadable file shows up when used
         return None
 
 
 def catalog_of(registry: Registry, models) -> dict:
+    models_out = []
+    for m in models:
+        sha = _model_sha256(registry, m)
+        models_out.append({"name": m.name, "label": m.label, "family": m.family, "format": m.format,
+                           "prediction": m.prediction, "ztsnr": m.ztsnr,
+                           "path": display_path(m.path), "hash": sha[:10] if sha else None, "sha256": sha})
     out = {
-        "models": [{"name": m.name, "label": m.label, "family": m.family, "format": m.format,
-                    "prediction": m.prediction, "ztsnr": m.ztsnr,
-                    "path": display_path(m.path), "hash": _model_hash(registry, m)} for m in models],
+        "models": models_out,
         "loras": [{"name": e.name, "family": e.family, "path": display_path(e.path)} for e in registry.loras()],
         "upscalers": [{"name": u.name, "path": display_path(u.path)}
                       for u in registry.upscalers() if not u.is_latent],
@@ -100,6 +102,10 @@ class CatalogRegistry(Registry):
         return [ModelEntry(m["name"], m.get("label") or m["name"], Path(m.get("path") or m["name"]), m["family"],
                            m["format"], m.get("prediction", "epsilon"), bool(m.get("ztsnr", False)))
                 for m in self.union()["models"]]
+
+    def sha256_of(self, entry) -> str | None:
+        """The model's sha256 as the worker that has it computed it (None if none did)."""
+        return next((m.get("sha256") for m in self.union()["models"] if m["name"] == entry.name), None)
 
     def resolve_model(self, requested: str, **kw) -> ModelEntry:
         try:

@@ -20,9 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-FINAL_EVENTS = ("done", "error", "cancelled")
-# Kinds where only the newest one matters: a newer one replaces the older in the log.
-STATE_EVENTS = ("queued", "progress", "preview")
+from .states import FINAL_STATES as FINAL_EVENTS, STATE_EVENTS  # noqa: E402 - a final event is named after its state
 
 
 @dataclass(frozen=True)

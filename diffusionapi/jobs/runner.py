@@ -13,22 +13,15 @@ from pathlib import Path
 
 import psutil
 
-from .engine.plan import Cancelled, Engine, GenerationError, Report, StepObserver
-from .files import write_atomic
-from .images import VERSION_TAG, build_infotext, encode_image
-from .jobstatus import ImageRecord, JobStatus
-from .registry import display_path
+from ..engine.plan import Cancelled, Engine, GenerationError, Report, StepObserver
+from ..files import write_atomic
+from ..images import VERSION_TAG, build_infotext, encode_image
+from .states import JobFailed, JobInterrupted  # noqa: F401 - re-exported for the workers
+from .status import ImageRecord, JobStatus
+from ..registry import display_path
 from .resolve import RequestError, resolve_job
 
 log = logging.getLogger(__name__)
-
-
-class JobFailed(Exception):
-    """The job ends in ``error`` with this message (the user can act on it)."""
-
-
-class JobInterrupted(Exception):
-    """The server is shutting down: the job goes back to the queue, not to an error."""
 
 
 def rss_mb() -> float:
@@ -106,7 +99,7 @@ class JobRunner:
         """The images of ``result`` written to the outputs directory, as the job's ``done`` status."""
         plan, out = job.plan, job.output
         out_dir = Path(self.settings.outputs_dir)
-        records = []
+        records, encoded = [], []
         for i, gen in enumerate(result.images):
             infotext = build_infotext(plan.prompt, plan.negative_prompt, {**gen.params, "Version": VERSION_TAG})
             data = encode_image(gen.image, out.file_type, out.jpeg_quality, infotext)
@@ -116,23 +109,26 @@ class JobRunner:
                 write_atomic(path, data)
             except OSError as e:
                 raise JobFailed(f"could not write the output image {display_path(path)}: {e.strerror or e}") from e
+            encoded.append(data)
             records.append(ImageRecord(output_path=display_path(path), output_file=str(path.resolve()),
                                        seed=gen.seed, infotext=infotext, width=gen.image.width,
                                        height=gen.image.height))
         first = records[0]
-        return JobStatus(
+        status = JobStatus(
             state="done", current_phase="done", progress=100.0, payload=job.echo,
             output_path=first.output_path, output_file=first.output_file, width=first.width, height=first.height,
             file_type=out.file_type, jpeg_quality=out.jpeg_quality,
             generation_time_sec=round(time.perf_counter() - t0, 3), load_time_sec=result.load_time_sec,
             memory_before_mb=mem_before, memory_after_mb=rss_mb(), seed=first.seed, infotext=first.infotext,
             images=records if len(records) > 1 else None, warnings=result.warnings or None)
+        status._encoded = encoded
+        return status
 
     def warm_up(self) -> None:
         """Run each of ``settings.warmup_shapes`` once (2 steps) before the first job: the model
         loads and torch.compile compiles that shape now, not in a user's job. A batch of N runs
         N rows in one UNet batch, the shape of N batched jobs."""
-        from .engine.fastmode import parse_warmup_shapes
+        from ..engine.fastmode import parse_warmup_shapes
 
         try:
             shapes = parse_warmup_shapes(getattr(self.settings, "warmup_shapes", ""))

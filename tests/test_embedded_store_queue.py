@@ -5,7 +5,9 @@ import json
 import threading
 
 from diffusionapi.files import write_atomic
-from diffusionapi.backends.embedded import JobQueue, JobStore, QueueFull
+from diffusionapi.jobs.backends.base import QueueFull
+from diffusionapi.jobs.backends.embedded.queue import JobQueue
+from diffusionapi.jobs.backends.embedded.store import JobStore
 
 
 def test_create_and_read(tmp_path):

@@ -47,8 +47,10 @@ import time
 
 import redis
 
+from ...states import (CANCELLED, ERROR, FINAL_STATES, MAX_ATTEMPTS, PROCESSING, QUEUED,  # noqa: F401
+                       attempts_exhausted_message, lua_prelude, progress_event)
+
 PREFIX = "dapi:"
-FINAL_STATES = ("done", "error", "cancelled")
 FINAL_CHANNEL = PREFIX + "final"
 WAITING = PREFIX + "waiting"
 UNSENT = PREFIX + "unsent"
@@ -109,7 +111,7 @@ _SUBMIT = """
 local max = tonumber(ARGV[3])
 if max > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max then return -1 end
 local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', ARGV[2], 'state', 'queued', 'attempts', 0, 'seq', seq)
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', ARGV[2], 'state', QUEUED, 'attempts', 0, 'seq', seq)
 redis.call('ZADD', KEYS[2], seq, ARGV[4])
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[5], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[4])  -- until mark_sent: no message known yet
@@ -137,8 +139,8 @@ local out = {}
 for _, id in ipairs(due) do
   local job = 'dapi:job:' .. id
   local state = redis.call('HGET', job, 'state')
-  local orphan = (state == 'queued' and redis.call('ZSCORE', KEYS[2], id))
-              or (state == 'processing' and redis.call('EXISTS', 'dapi:lease:' .. id) == 0)
+  local orphan = (state == QUEUED and redis.call('ZSCORE', KEYS[2], id))
+              or (state == PROCESSING and redis.call('EXISTS', 'dapi:lease:' .. id) == 0)
   if orphan then
     redis.call('ZADD', KEYS[1], now, id)
     out[#out + 1] = id
@@ -155,8 +157,8 @@ return out
 _CLAIM = _XADD + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'processing' then return {'final'} end
-if state == 'processing' then
+if state ~= QUEUED and state ~= PROCESSING then return {'final'} end
+if state == PROCESSING then
   local owner = redis.call('GET', KEYS[4])
   if owner and owner ~= ARGV[2] then return {'busy', owner} end
 end
@@ -164,15 +166,15 @@ local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])  -- a message reached a worker: nothing to re-publish
 if attempts > tonumber(ARGV[4]) then
-  redis.call('HSET', KEYS[1], 'state', 'error', 'status', ARGV[6], 'final', '1')
+  redis.call('HSET', KEYS[1], 'state', ERROR, 'status', ARGV[6], 'final', '1')
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('DEL', KEYS[4])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7]))
-  final_event(KEYS[5], 'error', ARGV[8], ARGV[7])
+  final_event(KEYS[5], ERROR, ARGV[8], ARGV[7])
   redis.call('PUBLISH', 'dapi:final', ARGV[1])
   return {'exhausted', '0', redis.call('HGET', KEYS[1], 'record')}
 end
-redis.call('HSET', KEYS[1], 'state', 'processing', 'status', ARGV[5], 'worker', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', PROCESSING, 'status', ARGV[5], 'worker', ARGV[2])
 redis.call('HDEL', KEYS[1], 'step', 'total', 'preview', 'preview_step')  -- an earlier attempt's
 event(KEYS[5], 'started', '{}', ARGV[8])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
@@ -182,7 +184,7 @@ return {'run', tostring(attempts), redis.call('HGET', KEYS[1], 'record')}
 
 # KEYS: job, events. ARGV: worker, status, step ('' = none), total, progress event data, events maxlen
 _PROGRESS = _XADD + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'processing' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+if redis.call('HGET', KEYS[1], 'state') ~= PROCESSING or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
@@ -193,7 +195,7 @@ return 1
 
 # KEYS: job, events. ARGV: worker, preview (base64 JPEG), its step, preview event data, events maxlen
 _PREVIEW = _XADD + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'processing' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
+if redis.call('HGET', KEYS[1], 'state') ~= PROCESSING or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'preview', ARGV[2], 'preview_step', ARGV[3])
@@ -203,7 +205,7 @@ return 1
 
 # KEYS: job, running, lease, events. ARGV: id, worker, state, status, ttl, events maxlen, image bytes...
 _FINISH = _XADD + """
-if redis.call('HGET', KEYS[1], 'state') ~= 'processing' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+if redis.call('HGET', KEYS[1], 'state') ~= PROCESSING or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'final', '1', 'n_images', #ARGV - 6)
@@ -219,11 +221,11 @@ return 1
 
 # KEYS: job, running, lease, waiting. ARGV: id, worker, queued status. A graceful stop gives the job back.
 _RELEASE = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'processing' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
+if redis.call('HGET', KEYS[1], 'state') ~= PROCESSING or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
   return 0
 end
 redis.call('HINCRBY', KEYS[1], 'attempts', -1)
-redis.call('HSET', KEYS[1], 'state', 'queued', 'status', ARGV[3])
+redis.call('HSET', KEYS[1], 'state', QUEUED, 'status', ARGV[3])
 redis.call('HDEL', KEYS[1], 'worker', 'step', 'total', 'preview', 'preview_step')
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
@@ -236,16 +238,16 @@ return 1
 _CANCEL = _XADD + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'status', ARGV[2], 'final', '1')
+if state == QUEUED then
+  redis.call('HSET', KEYS[1], 'state', CANCELLED, 'status', ARGV[2], 'final', '1')
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('ZREM', KEYS[5], ARGV[1])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-  final_event(KEYS[3], 'cancelled', ARGV[4], ARGV[3])
+  final_event(KEYS[3], CANCELLED, ARGV[4], ARGV[3])
   if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[5]) end
   redis.call('PUBLISH', 'dapi:final', ARGV[1])
-  return 'cancelled'
-elseif state == 'processing' then
+  return CANCELLED
+elseif state == PROCESSING then
   redis.call('HSET', KEYS[1], 'cancel', '1')
   return 'cancelling'
 end
@@ -293,11 +295,6 @@ def status_dict(state: str, phase: str | None = None, progress: float = 0.0, **e
     return {"state": state, "current_phase": phase or state, "progress": progress, **extra}
 
 
-def progress_event(status: dict, step: int | None, total: int | None) -> dict:
-    """A ``progress`` event's data (also a progress webhook's fields) for a running job's status."""
-    return {"progress": status["progress"], "phase": status["current_phase"], "step": step, "total": total}
-
-
 def _s(v) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
@@ -310,23 +307,23 @@ def _final_of(fields: dict) -> tuple[dict, list[bytes]]:
 class RedisJobState:
     """All Redis reads and writes of the Celery backend, for API nodes and workers alike."""
 
-    def __init__(self, url: str, *, results_ttl: int = 3600, max_attempts: int = 3, retention: float = 300.0):
+    def __init__(self, url: str, *, results_ttl: int = 3600, max_attempts: int = MAX_ATTEMPTS, retention: float = 300.0):
         self.url = url
         self.r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
         self.results_ttl = results_ttl
         self.max_attempts = max_attempts
         self.retention = retention  # seconds a taken job's final answer stays for its listeners
-        self._submit = self.r.register_script(_SUBMIT)
-        self._claim = self.r.register_script(_CLAIM)
-        self._progress = self.r.register_script(_PROGRESS)
-        self._finish = self.r.register_script(_FINISH)
-        self._release = self.r.register_script(_RELEASE)
-        self._cancel = self.r.register_script(_CANCEL)
-        self._take = self.r.register_script(_TAKE)
-        self._listen = self.r.register_script(_LISTEN)
-        self._preview = self.r.register_script(_PREVIEW)
-        self._heartbeat = self.r.register_script(_HEARTBEAT)
-        self._sweep = self.r.register_script(_SWEEP)
+        self._submit = self.r.register_script(lua_prelude() + _SUBMIT)
+        self._claim = self.r.register_script(lua_prelude() + _CLAIM)
+        self._progress = self.r.register_script(lua_prelude() + _PROGRESS)
+        self._finish = self.r.register_script(lua_prelude() + _FINISH)
+        self._release = self.r.register_script(lua_prelude() + _RELEASE)
+        self._cancel = self.r.register_script(lua_prelude() + _CANCEL)
+        self._take = self.r.register_script(lua_prelude() + _TAKE)
+        self._listen = self.r.register_script(lua_prelude() + _LISTEN)
+        self._preview = self.r.register_script(lua_prelude() + _PREVIEW)
+        self._heartbeat = self.r.register_script(lua_prelude() + _HEARTBEAT)
+        self._sweep = self.r.register_script(lua_prelude() + _SWEEP)
 
     def close(self) -> None:
         self.r.close()
@@ -394,13 +391,13 @@ class RedisJobState:
     def position(self, job_id: str) -> int | None:
         return self.status(job_id)[1]
 
-    CANCELLED = status_dict("cancelled", error="cancelled by request")
+    CANCELLED_STATUS = status_dict(CANCELLED, error="cancelled by request")
 
     def cancel(self, job_id: str, hook: dict | None = None) -> str | None:
         """``hook``: the webhook to send if this cancels a queued job (JSON {job_id, state, hook,
         body}); a worker sends it (``next_pending_hook``)."""
         out = self._cancel(keys=[job_key(job_id), WAITING, events_key(job_id), PENDING_HOOKS, UNSENT],
-                           args=[job_id, json.dumps(self.CANCELLED), self.results_ttl, EVENTS_MAXLEN,
+                           args=[job_id, json.dumps(self.CANCELLED_STATUS), self.results_ttl, EVENTS_MAXLEN,
                                  json.dumps(hook) if hook else ""])
         return _s(out) if out else None
 
@@ -468,13 +465,12 @@ class RedisJobState:
         return verdict, 0, None
 
     def exhausted_status(self) -> dict:
-        return status_dict("error", error=f"interrupted {self.max_attempts} times (its worker died or "
-                                          "stopped); not retried again")
+        return status_dict(ERROR, error=attempts_exhausted_message(self.max_attempts))
 
     def progress(self, job_id: str, worker: str, status: dict, step: int | None = None,
                  total: int | None = None) -> bool:
         """The running job's status, sampler step and a ``progress`` event, in one step."""
-        data = progress_event(status, step, total)
+        data = progress_event(status["progress"], status["current_phase"], step, total)
         return bool(self._progress(keys=[job_key(job_id), events_key(job_id)],
                                    args=[worker, json.dumps(status), "" if step is None else step,
                                          "" if total is None else total, json.dumps(data), EVENTS_MAXLEN]))

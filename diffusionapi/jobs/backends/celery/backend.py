@@ -28,16 +28,16 @@ import uuid
 import redis
 import redis.asyncio as aioredis
 
-from ..cluster.catalog import CatalogRegistry
-from ..cluster.celery_app import TASK_NAME, make_celery, make_queue, queue_name
-from ..cluster.state import (FINAL_CHANNEL, FINAL_EVENT, WAITING, RedisJobState, events_key, job_key)
-from ..events import JobEvent
-from ..jobstatus import FINAL_STATES, JobStatus
-from .base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
+from .catalog import CatalogRegistry
+from .celery_app import TASK_NAME, make_celery, make_queue, queue_name
+from .state import (FINAL_CHANNEL, FINAL_EVENT, WAITING, RedisJobState, events_key, job_key)
+from ...events import JobEvent
+from ...status import FINAL_STATES, JobStatus
+from ...states import MAX_ATTEMPTS
+from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
 QUEUED_POLL_MS = 500  # a queued job's position is read again this often (its stream starts at claim)
 BLOCK_MS = 5000       # the longest blocking stream read: bounds how long a job that vanished goes unnoticed
 # An event id: the stream id of the job's last stored event, and for a (synthetic, unstored)
@@ -150,7 +150,7 @@ class CeleryBackend(JobBackend):
         except redis.RedisError as e:
             raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
         if seq is None:
-            raise QueueFull()
+            raise QueueFull(f"the queue is full ({self.settings.max_queued_jobs} jobs); retry later")
         try:
             self._publish(job_id, queue)
         except Exception as e:  # noqa: BLE001 - kombu raises several kinds for a broker that is down

@@ -25,7 +25,7 @@ def _api(args) -> int:
 
 
 def _worker(args) -> int:
-    from ..config import Settings
+    from ....config import Settings
     from .worker import serve
 
     if args.device:

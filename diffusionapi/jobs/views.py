@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 
-from .jobstatus import FinalJob, JobStatus
-from .schemas import ImageOut, QueueStatusResponse
+from .status import FinalJob, JobStatus
+from ..schemas import ImageOut, QueueStatusResponse
 
 
 def status_response(job_id: str, st: JobStatus, position: int | None = None) -> QueueStatusResponse:

@@ -1,0 +1,158 @@
+"""The embedded backend's files: one job record and one status per job, written atomically.
+
+Files, per the seed: ``QUEUE_DIR/<id>_job.json`` (the job record, written with fsync before the
+submit answers, so a job survives a crash from that moment) and ``QUEUE_DIR/<id>.json`` (its
+``JobStatus``). Both are replaced atomically (temp file + rename): a reader never sees half a
+file. After the final read of a finished job both are deleted; the images stay in the outputs
+directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ....files import write_atomic
+from ...resolve import INPUT_FIELDS
+from ...status import JobStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexEntry:
+    """What a listing shows of a job, kept in memory beside its files: GET /queue, /cluster and
+    /sdapi/v1/progress read this, never every record on disk."""
+    kind: str
+    created_at: float
+    state: str = "queued"
+    current_phase: str = "queued"
+    progress: float = 0.0
+
+
+class JobStore:
+    def __init__(self, queue_dir: Path):
+        self.dir = Path(queue_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, IndexEntry] = {}
+        self._lock = threading.Lock()
+
+    def index(self) -> dict[str, IndexEntry]:
+        """A copy of the listing index: job id -> IndexEntry, in creation order."""
+        with self._lock:
+            return {k: IndexEntry(**vars(v)) for k, v in self._index.items()}
+
+    def job_path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}_job.json"
+
+    def status_path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.json"
+
+    def create(self, job_id: str, payload: dict, kind: str = "txt2img") -> None:
+        record = {"job_id": job_id, "kind": kind, "payload": payload, "created_at": time.time(), "attempts": 0}
+        with self._lock:
+            self._index[job_id] = IndexEntry(kind, record["created_at"])
+        self.write_status(job_id, JobStatus.queued(), fsync=True)
+        write_atomic(self.job_path(job_id), json.dumps(record).encode(), fsync=True)
+
+    def read_job(self, job_id: str) -> dict | None:
+        return _read_json(self.job_path(job_id))
+
+    def write_job(self, job_id: str, record: dict) -> None:
+        write_atomic(self.job_path(job_id), json.dumps(record).encode(), fsync=True)
+
+    def read_status(self, job_id: str) -> JobStatus | None:
+        data = _read_json(self.status_path(job_id))
+        if data is None:
+            return None
+        try:
+            return JobStatus.model_validate(data)
+        except ValidationError:
+            return None
+
+    def write_status(self, job_id: str, status: JobStatus | dict, *, fsync: bool = False) -> None:
+        if isinstance(status, dict):
+            status = JobStatus.model_validate(status)
+        write_atomic(self.status_path(job_id), json.dumps(status.to_record()).encode(), fsync=fsync)
+        with self._lock:
+            entry = self._index.get(job_id)
+            if entry is not None:
+                entry.state, entry.current_phase, entry.progress = status.state, status.current_phase, status.progress
+        if status.is_final:
+            self.drop_inputs(job_id)
+
+    def drop_inputs(self, job_id: str) -> None:
+        """A job that ended never runs again: its input images (often megabytes of base64) leave
+        the record now, so finished, cancelled and unread jobs cost a small file each."""
+        record = self.read_job(job_id)
+        payload = (record or {}).get("payload")
+        if not isinstance(payload, dict) or not any(payload.get(f) for f in INPUT_FIELDS):
+            return
+        record["payload"] = {k: (None if k in INPUT_FIELDS else v) for k, v in payload.items()}
+        try:
+            self.write_job(job_id, record)
+        except OSError as e:  # the job is final either way; the space comes back when it is read
+            log.warning("could not drop the inputs of job %s: %s", job_id, e)
+
+    def delete(self, job_id: str, *, missing_ok_errors: bool = False) -> None:
+        with self._lock:
+            self._index.pop(job_id, None)
+        for p in (self.status_path(job_id), self.job_path(job_id)):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if not missing_ok_errors:
+                    raise
+
+    def set_aside(self, path: Path, reason: str) -> None:
+        """Move a torn or corrupt record out of the way so start-up goes on."""
+        bad = self.dir / "corrupt"
+        bad.mkdir(exist_ok=True)
+        log.error("job record %s is unreadable (%s); moved to %s", path.name, reason, bad)
+        os.replace(path, bad / path.name)
+
+    def recover(self) -> list[tuple[dict, JobStatus | None]]:
+        """Every job record on disk with its status, oldest first; corrupt ones set aside."""
+        out = []
+        for p in sorted(self.dir.glob("*_job.json")):
+            try:
+                record = json.loads(p.read_text())
+                if not isinstance(record, dict) or "job_id" not in record or "payload" not in record:
+                    raise ValueError("missing fields")
+            except (OSError, ValueError) as e:
+                self.set_aside(p, str(e))
+                continue
+            status = None
+            sp = self.status_path(record["job_id"])
+            try:
+                status = JobStatus.model_validate_json(sp.read_bytes())
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+                self.set_aside(sp, str(e).splitlines()[0])
+            out.append((record, status))
+        for stray in self.dir.glob(".*.tmp"):  # temp files of writes a crash cut short
+            stray.unlink(missing_ok=True)
+        out.sort(key=lambda rs: rs[0].get("created_at", 0))
+        with self._lock:
+            self._index = {r["job_id"]: IndexEntry(r.get("kind", "txt2img"), r.get("created_at", 0.0),
+                                                   *((st.state, st.current_phase, st.progress) if st else ()))
+                           for r, st in out}
+        return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None
