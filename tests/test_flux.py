@@ -254,3 +254,8 @@ def test_batches_and_hires_fix(flux_server):
     hires = flux_server.run(**SMALL_FLUX, seed=30, hires={"enabled": True, "scale": 1.5, "steps": 2,
                                                           "denoising_strength": 0.5})
     assert px(hires).shape == (96, 96, 3)
+
+
+def test_taesd_previews_are_a_422_pointing_to_approx(flux_server):
+    r = flux_server.client.post("/txt2img", json={**SMALL_FLUX, "preview": {"every": 1, "method": "taesd"}})
+    assert r.status_code == 422 and "preview" in r.text and "approx" in r.text, r.text

@@ -95,7 +95,9 @@ class LiveJob:
 def check_preview(method: str, family: str, vae_approx_dir: Path | None) -> str | None:
     """Why ``method`` cannot give previews for a model of ``family`` (None: it can)."""
     if method == "taesd" and pv.find_taesd(vae_approx_dir, family) is None:
-        name = pv.FAMILY_TAESD.get(str(family), "taesd")
+        name = pv.FAMILY_TAESD.get(pv.preview_key(family))
+        if name is None:  # 16-channel families: no TAESD decoder is wired up yet
+            return f"no TAESD decoder is supported for this model's family ({family}); use method 'approx'"
         return (f"no TAESD decoder for this model's family ({family}) is installed: put a diffusers "
                 f"AutoencoderTiny folder {name}/ or the file {name}_decoder.pth / .safetensors in "
                 f"{vae_approx_dir}, or use method 'approx'")
