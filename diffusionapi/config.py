@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     outputs_dir: Path = Path("outputs")
     queue_dir: Path = Path("queue")
     model_labels: Path = Path("stable_diffusion/model_labels.json")
+    # Image guidance (README "ControlNet"): None = the folder of that name next to models_dir.
+    controlnet_dir: Path | None = None     # ControlNets and T2I-Adapters
+    annotators_dir: Path | None = None     # preprocessor weights
 
     # "auto" picks cuda, then mps, then cpu.
     device: str = "auto"
@@ -44,6 +47,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1)
     max_n_iter: int = Field(16, ge=1)
     max_image_body_bytes: int = Field(50_000_000, ge=1024)  # image-carrying endpoints (img2img, upscale)
+    # A job's cost in megapixel-steps: images x (width x height x steps, + the hires pass) x
+    # conditioning (AND parts and 75-token chunks); limits.py, docs/security.md "sizing".
+    max_cost: float = Field(2500.0, gt=0)
+    # png-info: an image's text fields (prompt, negative prompt, parameters) longer than this are refused
+    # before the infotext parser runs.
+    max_infotext_chars: int = Field(65_536, ge=1024)
 
     # Engine behaviour.
     pipeline_cache_size: int = Field(1, ge=1)
@@ -72,9 +81,19 @@ class Settings(BaseSettings):
     # or running with a lapsed lease this long, is published again by an API node's orphan sweep.
     orphan_grace_sec: float = Field(30.0, gt=0)
 
-    # Access.
+    # Connections (security/connguard.py, docs/security.md): how long a request may take to arrive,
+    # and how many connections a client, and all clients, may hold open.
+    header_timeout_sec: float = Field(10.0, ge=0)  # request line + headers; 0: no deadline
+    body_timeout_sec: float = Field(60.0, ge=0)    # the whole request, from its first byte
+    max_connections: int = Field(0, ge=0)          # 0: half the process's open-file limit
+    max_connections_per_client: int = Field(64, ge=0)  # 0: no cap (behind a reverse proxy)
+
+    # Access (auth/keys.py: one check for every route of both dialects).
     api_key: str | None = None
-    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic on /sdapi (A1111's --api-auth)
+    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic (A1111's --api-auth), every route
+    api_keys_file: Path | None = None  # named keys with roles and limits (docs/tenants.md, auth/keys.py)
+    # init.sh refuses to listen beyond loopback with no credentials configured, unless this says so.
+    allow_unauthenticated: bool = False
     cors_origins: list[str] = Field(default_factory=list)
 
     # Live progress (README "Live progress"): previews, event streams, webhooks.
@@ -87,6 +106,51 @@ class Settings(BaseSettings):
     webhook_backoff_sec: float = Field(10.0, ge=0)  # first retry delay; doubles each time
     webhook_timeout_sec: float = Field(10.0, gt=0)
     webhook_progress_interval_sec: float = Field(2.0, ge=0)  # progress webhooks: at most one per interval
+    webhook_concurrency: int = Field(8, ge=1)  # deliveries in flight at once
+    webhook_per_host: int = Field(2, ge=1)     # ... of them to one host (a stalling receiver delays only its own)
+
+    @field_validator("api_key", "api_auth", "webhook_secret", "admin_key")
+    @classmethod
+    def _no_empty_secret(cls, v: str | None, info) -> str | None:
+        # "DIFFUSIONAPI_API_KEY=" in a unit file would otherwise turn auth off without a word.
+        if v is not None and not v.strip():
+            raise ValueError(f"DIFFUSIONAPI_{info.field_name.upper()} is set but empty: give a value, or unset it")
+        return v  # a malformed api_auth fails create_app (auth/keys.py parses it)
+
+    # Operating it (docs/operating.md): logs, metrics, probes, disk, models over the API.
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, uvicorn's lines included
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # diffusionapi.*; uvicorn's follow --log-level
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # a cluster worker's /metrics /healthz /readyz
+    worker_stall_sec: float = Field(600.0, gt=0)  # a running job silent this long: /readyz says wedged
+    result_ttl: float | None = None  # seconds ("24h", "30m", "7d" too): outputs and unread finals kept
+    outputs_max_gb: float | None = Field(None, gt=0)  # outputs/ kept under this size, oldest removed first
+    min_free_gb: float = Field(0.0, ge=0)  # a submit with less free disk is a 503 (nothing written)
+    admin_key: str | None = None  # model install/delete/rescan need it (Bearer or X-API-Key)
+    model_install_max_gb: float = Field(20.0, gt=0)  # a download larger than this is refused
+    model_install_allowed_hosts: list[str] = Field(default_factory=lambda: ["*"])  # the webhook rule
+    hf_token: str | None = None  # sent as Authorization to huggingface.co downloads
+    civitai_token: str | None = None  # sent as Authorization to civitai.com downloads
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v):
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("result_ttl", mode="before")
+    @classmethod
+    def _duration(cls, v):
+        """``86400``, ``"24h"``, ``"30m"``, ``"7d"``, ``"90s"``; empty or 0: keep forever."""
+        if v in (None, "", 0, "0"):
+            return None
+        if isinstance(v, str) and v.strip()[-1:].lower() in _UNITS:
+            v = v.strip()
+            v = float(v[:-1]) * _UNITS[v[-1].lower()]
+        if float(v) <= 0:
+            raise ValueError("a duration above 0 (seconds, or with s/m/h/d), or empty to keep forever")
+        return float(v)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @lru_cache(maxsize=1)

@@ -47,6 +47,17 @@ class QueueFull(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class RateLimited(ServiceError):
+    """A key's limit (auth/caller.py's Limits) refuses the request for now (429); the body names
+    the limit, ``Retry-After`` says when it would pass. Nothing was queued or counted."""
+    status = 429
+
+    def __init__(self, limit: str, allowed: int, retry_after: float, message: str):
+        seconds = max(1, int(-(-retry_after // 1)))  # whole seconds, rounded up
+        super().__init__(f"{message} (limit {limit} = {allowed}); retry in {seconds} s",
+                         headers={"Retry-After": str(seconds)}, limit=limit, retry_after=seconds)
+
+
 class BackendUnavailable(ServiceError):
     """The job could not be recorded durably (disk full, broker down); nothing was queued (503)."""
     status = 503

@@ -1,7 +1,6 @@
 """App factory. The lifespan starts the job backend (recovery + worker) and stops it."""
 from __future__ import annotations
 
-import hmac
 import logging
 from contextlib import asynccontextmanager
 
@@ -11,8 +10,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
+from .auth.caller import OPEN
 from .config import Settings, get_settings
 from .errors import ServiceError, error_body, error_response
+from .api import openai
 from .jobs.service import JobService
 from .playground import is_public
 
@@ -20,8 +21,9 @@ log = logging.getLogger("diffusionapi")
 
 # Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
 IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
-                    "/sdapi/v1/png-info", "/png-info")
-SDAPI_PREFIX = "/sdapi/"  # checks its own credentials (Basic or the API key): api/sdapi/auth.py
+                    "/sdapi/v1/png-info", "/png-info", "/sdapi/v1/txt2img", "/controlnet/detect",
+                    *openai.IMAGE_BODY_PATHS)
+SDAPI_PREFIX = "/sdapi/"  # A1111's dialect: its own error shape (and Basic auth challenges)
 
 
 def _field(loc) -> str:
@@ -41,35 +43,55 @@ def _validation_message(errors) -> str:
 
 
 class GuardMiddleware:
-    """Request body cap and optional API key, as a plain ASGI layer (cheap on every call)."""
+    """Request body cap and the one credential check for every route of both dialects
+    (auth/keys.py), as a plain ASGI layer (cheap on every call)."""
 
-    def __init__(self, app, settings: Settings):
+    def __init__(self, app, settings: Settings, auth=None):
         self.app = app
         self.max_body = settings.max_body_bytes
         self.max_image_body = max(settings.max_image_body_bytes, settings.max_body_bytes)
-        self.key = settings.api_key.encode() if settings.api_key else None
+        from .auth.keys import Authenticator
+
+        self.auth = auth or Authenticator(settings)  # named keys, the one API key, API_AUTH users
+        self.has_key = bool(settings.api_key or settings.api_keys_file)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.key is not None and not is_public(scope["path"]) and scope.get("method") != "OPTIONS" \
-                and not scope["path"].startswith(SDAPI_PREFIX):
-            auth = headers.get(b"authorization", b"")
-            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-            if not hmac.compare_digest(given, self.key):
-                return await _send_json(send, 401, error_body("missing or wrong API key "
-                                                               "(Authorization: Bearer <key> or X-API-Key)"),
-                                        extra=[(b"www-authenticate", b"Bearer")])
-        limit = self.max_image_body if scope["path"] in IMAGE_BODY_PATHS else self.max_body
+        raw_headers = scope.get("headers") or []
+        path = scope["path"]
+        in_openai = openai.is_openai_path(path)  # the /v1 dialect answers in OpenAI's error shape
+        # Who is calling (auth/keys.py): the routes pass scope["state"]["caller"] to the job service.
+        if self.auth.enabled and not is_public(path) and not openai.is_public(path) \
+                and scope.get("method") != "OPTIONS":
+            caller = self.auth.authenticate(raw_headers)
+            if caller is None:
+                if path.startswith(SDAPI_PREFIX):  # A1111 clients answer a Basic challenge
+                    msg = "Incorrect username or password"
+                    return await _send_json(send, 401, {"status": "error", "error": msg, "detail": msg},
+                                            extra=[(b"www-authenticate", b"Basic")])
+                return await _send_json(send, 401, openai.unauthorized_body() if in_openai else
+                                        error_body("missing or wrong credentials "
+                                                   "(Authorization: Bearer <key>, X-API-Key, or Basic)"),
+                                        extra=[(b"www-authenticate", b"Bearer" if self.has_key else b"Basic")])
+            refused = _spend_request(scope, caller)
+            if refused is not None:
+                return await _send_service_error(send, path, refused)
+        else:
+            caller = OPEN
+        scope.setdefault("state", {})["caller"] = caller
+        headers = dict(raw_headers)
+        limit = self.max_image_body if path in IMAGE_BODY_PATHS else self.max_body
+        too_large = openai.too_large_body(limit) if in_openai else error_body(f"request body larger than {limit} bytes")
         length = headers.get(b"content-length")
         if length is not None:
             try:
                 too_big = int(length) > limit
             except ValueError:
-                return await _send_json(send, 400, error_body("bad Content-Length"))
+                return await _send_json(send, 400, openai.error_body("bad Content-Length") if in_openai
+                                        else error_body("bad Content-Length"))
             if too_big:
-                return await _send_json(send, 413, error_body(f"request body larger than {limit} bytes"))
+                return await _send_json(send, 413, too_large)
             return await self.app(scope, receive, send)
         # No Content-Length (chunked): count as the body streams in; past the cap, answer
         # 413 ourselves and tell the app the client went away.
@@ -83,7 +105,7 @@ class GuardMiddleware:
                 seen += len(msg.get("body", b""))
                 if seen > limit:
                     answered = True
-                    await _send_json(send, 413, error_body(f"request body larger than {limit} bytes"))
+                    await _send_json(send, 413, too_large)
                     return {"type": "http.disconnect"}
             return msg
 
@@ -94,6 +116,44 @@ class GuardMiddleware:
         await self.app(scope, capped_receive, guarded_send)
 
 
+def _spend_request(scope, caller):
+    """One request of the key's requests_per_minute (jobs/quotas.py); the RateLimited if spent."""
+    from .errors import RateLimited
+
+    ledger = getattr(getattr(scope.get("app"), "state", None), "backend", None)
+    ledger = getattr(ledger, "ledger", None)
+    if ledger is None:
+        return None
+    try:
+        ledger.take_request(caller)
+    except RateLimited as e:
+        return e
+    return None
+
+
+async def _send_service_error(send, path: str, e: ServiceError):
+    """A refusal made before any route ran, in the shape of the dialect the path belongs to."""
+    extra = [(k.lower().encode(), str(v).encode()) for k, v in e.headers.items()]
+    if path.startswith(SDAPI_PREFIX):
+        body = {"error": type(e).__name__, "detail": str(e), "body": "", "errors": str(e), "status": "error"}
+    elif openai.is_openai_path(path):
+        body = openai.service_error_body(e)
+    else:
+        body = error_body(e.message, e.field, **e.extra)
+    return await _send_json(send, e.status, body, extra=extra)
+
+
+def _body_error_shape(path: str, e) -> dict:
+    """A body no field can take (security/jsonbody.py), in the dialect's error shape."""
+    from .security import jsonbody
+
+    if path.startswith(SDAPI_PREFIX):
+        return jsonbody.sdapi_error_body(str(e))
+    if openai.is_openai_path(path):
+        return openai.error_body(str(e), param=openai.param_of(jsonbody.field_name(e.loc)) if e.loc else None)
+    return jsonbody.native_error_body(e)
+
+
 async def _send_json(send, status: int, body: dict, extra=()):
     import json
 
@@ -102,6 +162,19 @@ async def _send_json(send, status: int, body: dict, extra=()):
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             *extra]})
     await send({"type": "http.response.body", "body": data})
+
+
+def _reload_keys_on_sighup(authenticator) -> None:
+    """``kill -HUP <pid>`` reads the keys file again (a changed file is also noticed by itself)."""
+    import asyncio
+    import signal
+
+    if authenticator.keys is None or not hasattr(signal, "SIGHUP"):
+        return
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, authenticator.reload)
+    except (RuntimeError, NotImplementedError, ValueError):  # not the main thread (tests), or no signals
+        pass
 
 
 def make_backend(settings: Settings, registry, engine_factory=None):
@@ -123,19 +196,35 @@ def make_backend(settings: Settings, registry, engine_factory=None):
 
 def create_app(settings: Settings | None = None, *, engine_factory=None) -> FastAPI:
     settings = settings or get_settings()
+    from . import logs, metrics
     from .registry import Registry
+
+    logs.configure(settings.log_format, settings.log_level)
 
     registry = Registry(settings)
     backend = make_backend(settings, registry, engine_factory)
     registry = getattr(backend, "catalog", registry)  # a cluster's API node sees the workers' catalog
 
+    from .auth.keys import Authenticator
+
+    authenticator = Authenticator(settings)  # an unreadable keys file stops the start here
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        logs.log_settings(settings, f"DiffusionAPI {__version__} ({settings.backend} backend)")
+        _reload_keys_on_sighup(authenticator)
         backend.start()
+        metrics.LIVE.queue_source = backend.queue_stats
+        if settings.backend == "embedded":  # an API node writes no files
+            from .retention import disk_free
+
+            metrics.LIVE.disk_source = lambda: disk_free(settings)
         log.info("DiffusionAPI %s: %d models installed", __version__, len(registry.models()))
         try:
             yield
         finally:
+            if metrics.LIVE.queue_source == backend.queue_stats:
+                metrics.LIVE.queue_source = None
             backend.stop()
 
     # /docs and /redoc are served by playground.install, with their assets (offline boxes have no CDN).
@@ -160,19 +249,30 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": openapi.allowed_methods(app, request.scope)}
+        if request.url.path.startswith(SDAPI_PREFIX):  # A1111's body (`detail`), e.g. its 401
+            return sdapi.error_response(exc.status_code, str(exc.detail), headers=headers)
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     from . import openapi, playground
-    from .api import catalog, cluster, jobs as jobs_api, pnginfo, sdapi
+    from .api import catalog, cluster, health, jobs as jobs_api, metrics as metrics_api, models_admin, pnginfo, sdapi
 
+    app.include_router(health.router)
+    app.include_router(metrics_api.router)
     app.include_router(catalog.router)
+    app.include_router(models_admin.router)
     app.include_router(jobs_api.router)
     from .api import events as events_api
 
     app.include_router(events_api.router)
     app.include_router(pnginfo.router)
     app.include_router(cluster.router)
+    from .api import controlnet as controlnet_api
+    from .api.sdapi import controlnet as controlnet_a1111
+
+    app.include_router(controlnet_api.router)
+    app.include_router(controlnet_a1111.router, include_in_schema=False)
     sdapi.install(app, settings, registry)
+    openai.install(app, settings, registry)
     playground.install(app)
     openapi.install(app, settings, is_public=is_public)
     if settings.cors_origins:
@@ -180,7 +280,14 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(GuardMiddleware, settings=settings)
+    from .security.jsonbody import JSONBodyGuard
+
+    app.add_middleware(JSONBodyGuard, sdapi_prefix=SDAPI_PREFIX,  # inside the size cap: bodies are bounded
+                       error_shape=_body_error_shape)
+    app.add_middleware(GuardMiddleware, settings=settings, auth=authenticator)
+    from .api.observe import ObserveMiddleware
+
+    app.add_middleware(ObserveMiddleware, settings=settings)  # outermost: sees the guard's answers too
     return app
 
 

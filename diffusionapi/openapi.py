@@ -155,6 +155,10 @@ def complete(doc: dict, *, api_key_required: bool, is_public: Callable[[str], bo
                 responses["401"] = _error("Missing or wrong API key (`X-API-Key` or `Authorization: Bearer`).",
                                           headers={"WWW-Authenticate": {"schema": {"type": "string"}}})
                 op["security"] = [{"APIKeyHeader": []}, {"BearerAuth": []}]
+                responses["429"] = _error("A limit of the API key is reached (docs/tenants.md): `limit` names it; "
+                                          "nothing was queued.",
+                                          headers={"Retry-After": {"schema": {"type": "integer"},
+                                                                   "description": "seconds"}})
             if method == "post" and _returns_job_id(doc, op):
                 responses["503"] = _error("The queue is full, or the job cannot be recorded durably; retry later.",
                                           headers={"Retry-After": {"schema": {"type": "integer"},
@@ -186,8 +190,8 @@ def install(app: FastAPI, settings, *, is_public: Callable[[str], bool]) -> None
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description,
                               routes=app.routes)
-            app.openapi_schema = complete(doc, api_key_required=bool(settings.api_key), is_public=is_public,
-                                          limits=request_limits(settings))
+            app.openapi_schema = complete(doc, api_key_required=bool(settings.api_key or settings.api_keys_file),
+                                          is_public=is_public, limits=request_limits(settings))
         return app.openapi_schema
 
     app.openapi = openapi

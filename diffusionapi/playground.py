@@ -23,7 +23,9 @@ DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 DOCS_ASSETS_URL = "/static-offline-docs"
 OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
 
-PUBLIC_PATHS = frozenset({"/hello", "/", "/docs", OAUTH2_REDIRECT_URL, "/redoc", "/openapi.json"})
+# /healthz and /readyz (api/health.py): probes carry no data and must work without the key.
+PUBLIC_PATHS = frozenset({"/hello", "/", "/docs", OAUTH2_REDIRECT_URL, "/redoc", "/openapi.json",
+                          "/healthz", "/readyz"})
 PUBLIC_PREFIXES = ("/static/", DOCS_ASSETS_URL + "/")
 
 PLAYGROUND_CSP = ("default-src 'self'; img-src 'self' data: blob:; connect-src 'self' blob:; script-src 'self'; "

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import SEED_DEFAULT_MODEL
+from .engine.controlnet.request import ControlNetUnitRequest, IPAdapterUnitRequest
 from .jobs.states import FINAL_STATES, WEBHOOK_EVENTS
 from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
 
@@ -23,14 +24,15 @@ def file_type_spelling(v):
     return v
 
 
+# No float field takes NaN or infinity (also not as the strings "inf", "1e999"): a 422 naming it.
 class LoRA(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(min_length=1, max_length=512)
     scale: float = Field(1.0, ge=-10.0, le=10.0)
 
 
 class HiresConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     enabled: bool = False
     scale: float = Field(2.0, ge=1.0)
     upscaler: str = Field("Latent", min_length=1, max_length=512)
@@ -56,7 +58,7 @@ class WebhookRequest(BaseModel):
 class Txt2ImgRequest(BaseModel):
     # Unknown fields are accepted and ignored (A1111 clients send many extras); /txt2img names
     # them in its answer so that a typo does not go unnoticed.
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     prompt: str
     negative_prompt: str = ""
@@ -90,6 +92,14 @@ class Txt2ImgRequest(BaseModel):
                                        "guidance-distilled model (Flux.1-dev) is given; others ignore it")
     cfg_rescale: float = Field(0.0, ge=0.0, le=1.0, description="CFG rescale phi (0 = off): keeps v-prediction "
                                                                   "/ zero-SNR models from over-exposing; 0.7 is usual")
+    # added: image guidance (README "ControlNet"), applied in order
+    controlnets: list[ControlNetUnitRequest] = Field(default_factory=list, max_length=8)
+    ip_adapters: list[IPAdapterUnitRequest] = Field(default_factory=list, max_length=4)  # added
+    priority: int = Field(0, ge=-10, le=10, description="added: moves the job ahead of (or behind) others; "
+                          "capped to the API key's max_priority (docs/tenants.md)")
+    keep_partial: bool = Field(False, description="a cancel ends the job `done` with the image of its last "
+                                                  "denoised state and a warning (A1111's interrupt), not "
+                                                  "`cancelled`")  # added
 
     @field_validator("fileType", mode="before")
     @classmethod
@@ -153,7 +163,7 @@ class Img2ImgRequest(Txt2ImgRequest):
 class UpscaleRequest(BaseModel):
     """One image upscaled by an upscaler file or "Lanczos" / "Nearest": by ``scale``, or to
     ``width`` x ``height`` (both given)."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     image: str = Field(min_length=1, description="base64 or data URL: PNG, JPEG or WebP")
     upscaler: str = Field(min_length=1, max_length=512)
@@ -162,6 +172,8 @@ class UpscaleRequest(BaseModel):
     height: int | None = Field(None, ge=1)
     fileType: Literal["jpg", "png"] = "png"
     jpeg_quality: int = Field(85, ge=1, le=100)
+    priority: int = Field(0, ge=-10, le=10, description="added: moves the job ahead of (or behind) others; "
+                          "capped to the API key's max_priority (docs/tenants.md)")
 
     @field_validator("fileType", mode="before")
     @classmethod
@@ -301,6 +313,7 @@ class QueueListEntry(BaseModel):
     current_phase: str
     progress: float
     queue_position: int | None = None
+    owner: str | None = None  # added: the name of the key that submitted it
 
 
 class WebhookAttempt(BaseModel):
@@ -324,3 +337,4 @@ class QueueListResponse(BaseModel):
     status: Literal["success"] = "success"
     jobs: list[QueueListEntry]
     webhooks: list[WebhookDelivery] = Field(default_factory=list)  # added: deliveries, pending and recent
+    others: int | None = Field(None, description="added: with named keys, jobs of other keys (a user sees only a count)")

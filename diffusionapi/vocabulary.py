@@ -79,14 +79,24 @@ class EmbeddingEntry:
     error: str | None = None
 
 
+# A1111's built-in upscalers that are plain image resizes (its UpscalerLanczos / UpscalerNearest);
+# imageinput.PIXEL_RESIZERS holds their resampling filters.
+PIXEL_RESIZE_UPSCALERS: tuple[str, ...] = ("Lanczos", "Nearest")
+
+
 @dataclass(frozen=True)
 class UpscalerEntry:
     name: str
-    path: Path | None   # None for the internal latent modes
+    path: Path | None   # None for the internal latent modes and the plain resizes
 
     @property
     def is_latent(self) -> bool:
-        return self.path is None
+        return self.path is None and self.name in LATENT_UPSCALE_MODES
+
+    @property
+    def is_resize(self) -> bool:
+        """A plain image resize ("Lanczos", "Nearest"): no model file."""
+        return self.path is None and self.name in PIXEL_RESIZE_UPSCALERS
 
 
 def sd15_loader_kwargs(family: Family) -> dict:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite runs for real (brokers, a browser), only those
+# Installs the Debian packages the test suite runs for real (brokers, a browser, Prometheus), only those
 # that are missing. Called by scripts/setup.sh for ./test.sh; needs root (or sudo) and apt-get
 # only when one is missing.
 # One line per package: the package, and a file whose presence means it is installed.
@@ -11,6 +11,7 @@ done <<'LIST'
 rabbitmq-server /usr/sbin/rabbitmq-server
 redis-server /usr/bin/redis-server
 chromium /usr/bin/chromium
+prometheus /usr/bin/prometheus
 LIST
 [ ${#missing[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then

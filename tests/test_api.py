@@ -215,7 +215,7 @@ def test_second_job_reloads_nothing(server):
     loads = server.engine.cache.loads
     again = server.run(**SMALL, model="tiny-sd15", seed=3)
     assert again["state"] == "done"
-    assert server.engine.cache.loads == loads
+    assert server.engine.cache.loads == loads and again["load_time_sec"] == 0  # resident: no load time
     other = server.run(**SMALL, model="tiny-sdxl")  # cache size 1: a switch loads, and frees the other
     assert server.engine.cache.loads == loads + 1 and other["load_time_sec"] > 0
     assert server.engine.cache.resident() == ["tiny-sdxl"]

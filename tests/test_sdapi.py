@@ -64,7 +64,7 @@ def test_wire_model_is_lenient_and_converts_once():
     assert body == {"prompt": "p", "negative_prompt": "", "steps": 12, "cfg_scale": 7.0, "width": 512,
                     "height": 512, "sampler_name": "Euler", "scheduler_type": None, "seed": None,
                     "fileType": "png", "model": "tiny-sd15", "clip_skip": 2, "batch_size": 1, "n_iter": 1,
-                    "preview": {"every": 10, "method": "approx"},
+                    "preview": {"every": 10, "method": "approx"}, "keep_partial": True,
                     "hires": {"enabled": True, "scale": 1.5, "upscaler": "Latent", "steps": 12,
                               "denoising_strength": 0.4}}
 
@@ -72,7 +72,8 @@ def test_wire_model_is_lenient_and_converts_once():
 def test_hires_resize_target_and_img2img_fields():
     req = Txt2ImgAPIRequest(prompt="p", width=64, height=32, enable_hr=True, hr_resize_x=128, hr_resize_y=64,
                             hr_upscaler="None", hr_second_pass_steps=3)
-    assert to_native(req, _ctx())["hires"] == {"enabled": True, "scale": 2.0, "upscaler": "Latent", "steps": 3,
+    # A1111's "None": the decoded first pass resized with Lanczos (images.resize_image)
+    assert to_native(req, _ctx())["hires"] == {"enabled": True, "scale": 2.0, "upscaler": "Lanczos", "steps": 3,
                                                "denoising_strength": 0.75}
     i2i = Img2ImgAPIRequest(prompt="p", init_images=["AAAA"], mask="BBBB", inpainting_fill=1, mask_blur=0)
     from diffusionapi.api.sdapi.protocol import img2img_native
@@ -197,7 +198,8 @@ def test_listings(api, server):
     assert [m["name"] for m in api.get_latent_upscale_modes()][0] == "Latent"
     loras = api.get_loras()
     assert [(x["name"], x["alias"]) for x in loras] == [("ink", "ink")] and loras[0]["path"].endswith(".safetensors")
-    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    # sd-webui-controlnet's scripts (webuiapi looks for "controlnet m2m"; tests/test_controlnet.py)
+    assert {"controlnet", "controlnet m2m"} <= set(api.get_scripts()["txt2img"])
     assert set(api.get_memory()) == {"ram", "cuda"} and api.get_cmd_flags()["api"] is True
     assert api.refresh_checkpoints() is None and set(api.get_embeddings()) == {"loaded", "skipped"}
     assert api.get_sd_vae() == [] and server.client.get("/sdapi/v1/sd-modules").json() == []
@@ -263,7 +265,8 @@ def test_progress_queue_and_interrupt(api, server):
         assert httpx.get(api.baseurl + "/progress?skip_current_image=true").json()["current_image"] is None
     assert api.interrupt() == {}
     t.join(120)
-    assert result["r"].images == []  # interrupted: nothing finished to send
+    # interrupted: A1111 answers with the image of the last denoised state (tests/test_sdapi_gaps.py)
+    assert len(result["r"].images) == 1 and result["r"].image.size == (64, 64)
     api.util_wait_for_ready(check_interval=0.1)
 
 
@@ -337,9 +340,11 @@ def test_basic_auth(auth_server):
     # The API key admits /sdapi callers too: as a Bearer token, or as the password A1111 clients can send.
     assert httpx.get(url + "/options", headers={"Authorization": "Bearer the-key"}).status_code == 200
     assert httpx.get(url + "/options", auth=("any", "the-key")).status_code == 200
-    # Basic credentials are for /sdapi only; the native API keeps its key.
-    assert httpx.get(auth_server.url + "/models", auth=("alice", "s3cret")).status_code == 401
+    # One check for every route of both dialects (issue #31): Basic users reach the native API too,
+    # and nobody without credentials does.
+    assert httpx.get(auth_server.url + "/models", auth=("alice", "s3cret")).status_code == 200
     assert httpx.get(auth_server.url + "/models", headers={"X-API-Key": "the-key"}).status_code == 200
+    assert httpx.get(auth_server.url + "/models").status_code == 401
 
 
 def test_catalog_titles_for_files_and_folders(tmp_path):

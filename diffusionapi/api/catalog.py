@@ -17,7 +17,7 @@ def _models(request: Request) -> list[ModelInfo]:
 
 
 @router.get("/hello", response_model=HelloResponse)
-def hello() -> HelloResponse:
+async def hello() -> HelloResponse:  # on the event loop: answers even while the threadpool is busy
     return HelloResponse(ok=True)
 
 

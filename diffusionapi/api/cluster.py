@@ -35,10 +35,12 @@ async def cluster(request: Request) -> ClusterResponse:
     if view is not None:
         return ClusterResponse(**await run_in_threadpool(view))
     # Embedded: the worker thread of this process is the whole cluster.
-    current = jobs.current_job()
-    entries = await run_in_threadpool(jobs.listing)
+    from .jobs import caller_of
+
+    running = jobs.current_job()
+    entries = await run_in_threadpool(jobs.listing)  # counts only: every key's
     return ClusterResponse(
-        backend="embedded", queued=sum(1 for e in entries if e.state == "queued"), running=1 if current else 0,
+        backend="embedded", queued=sum(1 for e in entries if e.state == "queued"), running=1 if running else 0,
         dead_after_sec=0.0,
         workers=[ClusterWorkerInfo(name="embedded", alive=True, device=request.app.state.settings.device,
-                                   current_job=current, heartbeat_age=0.0)])
+                                   current_job=jobs.current_job(caller_of(request)), heartbeat_age=0.0)])

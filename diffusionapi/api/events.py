@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from .jobs import valid_job_id, error
+from .jobs import caller_of, error, valid_job_id
 
 router = APIRouter()
 
@@ -24,7 +24,7 @@ async def job_events(job_id: str, request: Request,
     if not valid_job_id(job_id):
         return error(404, f"no job {job_id!r} (job ids are UUIDs)")
     try:
-        feed = await request.app.state.jobs.events(job_id, last_event_id)
+        feed = await request.app.state.jobs.events(job_id, last_event_id, caller_of(request))
     except NotImplementedError as e:
         return error(501, str(e))
     if feed is None:
@@ -44,7 +44,7 @@ async def job_events(job_id: str, request: Request,
 async def job_preview(job_id: str, request: Request):
     if not valid_job_id(job_id):
         return error(404, f"no job {job_id!r} (job ids are UUIDs)")
-    st = request.app.state.jobs.status(job_id)
+    st = request.app.state.jobs.status(job_id, caller_of(request))
     if st is None:
         return error(404, f"no job {job_id!r}")
     preview = getattr(st, "preview", None)

@@ -18,7 +18,8 @@ import torch
 # Fields that differ per row; every other plan field must be equal for two jobs to share a batch.
 ROW_FIELDS = frozenset({"prompt", "negative_prompt", "seed"})
 # A job with any of these set (not None / False / empty) runs alone.
-SOLO_IF_SET = ("refiner", "hires", "init", "init_image", "mask", "preview")
+SOLO_IF_SET = ("refiner", "hires", "init", "init_image", "mask", "preview", "controlnets", "ip_adapters",
+               "keep_partial")
 
 
 def _frozen(value):

@@ -19,6 +19,7 @@ from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
 from .plan import (Cancelled, GeneratedImage, GenerationError, GenerationPlan, GenerationResult, JobCancelled, Report,
                    StepObserver, UpscalePlan, hires_total_steps)
 from . import img2img
+from .controlnet.units import ControlState, infotext_params as controlnet_infotext
 from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
 from .embeddings import EmbeddingTensors
 from .prompts import extract_extra_networks
@@ -93,6 +94,7 @@ class Engine:
         self.taesd = TaesdCache(self.device)
         self.batches: list[int] = []  # sizes of the UNet batches of several jobs (tests, logs)
         self._flow_cache: dict = {}  # flow families' text conditioning (engine/flow.py), oldest first
+        self._control = None  # the running job's ControlNet units (engine/controlnet/units.ControlState)
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -108,6 +110,10 @@ class Engine:
         except MemoryError as e:
             free_memory()
             raise GenerationError("out of memory: try a smaller size, fewer steps or a lower hires scale") from e
+        finally:
+            if self._control is not None:
+                self._control.close()  # IP-Adapter layers leave the resident UNet
+            self._control = None
 
     def _generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled,
                   observer: StepObserver | None = None) -> GenerationResult:
@@ -121,14 +127,16 @@ class Engine:
             return self._upscale_only(plan, progress)
         t_load = time.perf_counter()
         first_phase = "encoding" if plan.init else "initial generation" if plan.hires else "generation"
-        if self.cache.is_loaded(plan.model.name) and (plan.refiner is None or self.cache.is_loaded(plan.refiner.name)):
+        resident = self.cache.is_loaded(plan.model.name) and (plan.refiner is None
+                                                              or self.cache.is_loaded(plan.refiner.name))
+        if resident:
             progress.phase(first_phase)
         needed = (plan.model.name,) + ((plan.refiner.name,) if plan.refiner else ())
         base = self._load(plan.model, progress, keep=needed)
         refiner = None
         if plan.refiner is not None:
             refiner = self._load(plan.refiner, progress, keep=needed, share_from=base)
-        load_time = time.perf_counter() - t_load
+        load_time = 0.0 if resident else time.perf_counter() - t_load  # 0: nothing was loaded (README)
         self.loras.apply(base, plan.loras)
         fastmode.set_fused(base.denoiser_module, not plan.loras)  # LoRA adapters wrap the unfused projections
         check()
@@ -140,6 +148,8 @@ class Engine:
             prepared = img2img.prepare_input(plan.init, plan.width, plan.height)
             init = img2img.encode_init(encode_image, prepared, self.device)
             check()
+        # ControlNet units: their maps are detected once per job (engine/controlnet).
+        self._control = ControlState(self, plan) if plan.controlnets or plan.ip_adapters else None
         text = JobText(plan, self._lora_key(plan.loras))
         cond = self._conditioning(base, text, plan.width, plan.height)
         rcond = self._conditioning(refiner, text, plan.width, plan.height) if refiner else None
@@ -150,20 +160,31 @@ class Engine:
                        fit_factors=lambda: self._fitted_preview_factors(base))
 
         images = []
+        decode_sec = 0.0
         # n_iter batches one after another, each its share of the progress; image k has seed + k.
         for it in range(plan.n_iter):
             seeds = [plan.seed + it * plan.batch_size + j for j in range(plan.batch_size)]
             window = (100.0 * it / plan.n_iter, 100.0 * (it + 1) / plan.n_iter)
-            latents = self._sample_batch(plan, base, refiner, cond, rcond, seeds, prepared, init, progress,
-                                         window, check, text, live)
-            if it == plan.n_iter - 1:
+            size, interrupted = (plan.final_width, plan.final_height), False
+            try:
+                latents = self._sample_batch(plan, base, refiner, cond, rcond, seeds, prepared, init, progress,
+                                             window, check, text, live)
+            except _Interrupted as stop:  # keep_partial: decode where sampling stood, then end
+                latents, size, interrupted, check = stop.latents, stop.size, True, (lambda: None)
+                text.warnings.append(f"interrupted: images {len(images) + 1}-{len(images) + len(seeds)} of "
+                                     f"{plan.image_count} are their last denoised state; the rest were not made")
+            if it == plan.n_iter - 1 or interrupted:
                 live.close()  # the last preview is out before the job's final event
             for j, seed in enumerate(seeds):
                 check()
-                image = self._decode(base, latents[j:j + 1], plan.final_width, plan.final_height)
-                if prepared is not None:
+                t_dec = time.perf_counter()
+                image = self._decode(base, latents[j:j + 1], *size)
+                decode_sec += time.perf_counter() - t_dec
+                if prepared is not None and size == (plan.final_width, plan.final_height):
                     image = prepared.composite(image)
                 images.append(image)
+            if interrupted:
+                break
 
         params = self._params(plan, text, prepared)
         if plan.image_count > 1:
@@ -172,7 +193,10 @@ class Engine:
         for k, image in enumerate(images):
             extra = {"Batch pos": k % plan.batch_size} if plan.batch_size > 1 else {}
             results.append(GeneratedImage(image, plan.seed + k, {**params, "Seed": plan.seed + k, **extra}))
-        return GenerationResult(results, round(load_time, 3), warnings=text.warnings)
+        if self._control is not None:  # asked-for detected maps follow the images, as in A1111
+            results += [GeneratedImage(m, plan.seed, {"ControlNet detected map": name})
+                        for name, m in self._control.detected_maps()]
+        return GenerationResult(results, round(load_time, 3), round(decode_sec, 3), warnings=text.warnings)
 
     def _sample_batch(self, plan: GenerationPlan, base: LoadedModel, refiner: LoadedModel | None, cond, rcond,
                       seeds: list[int], prepared, init, progress: StageProgress, window, check,
@@ -197,6 +221,21 @@ class Engine:
             init_z = img2img.fill_latents(init, plan.init.inpainting_fill, first)
             x = init_z + first * schedule.start_sigma
         den = self._denoiser(base, cond, plan, check, prepared, plan.width, plan.height, init, init_z)
+        current = {"den": den, "size": (plan.width, plan.height)}  # the stage sampling now
+        try:
+            return self._sample_stages(plan, base, refiner, rcond, noise, schedule, den, x, init, init_z, progress,
+                                       window, first_hi, first_phase, check, text, live, current)
+        except JobCancelled as e:
+            # A1111's interrupt: the sampler returns its last denoised estimate (its last_latent).
+            x0 = current["den"].latest_x0() if plan.keep_partial else None
+            if x0 is None:
+                raise
+            raise _Interrupted(x0, current["size"]) from e
+
+    def _sample_stages(self, plan, base, refiner, rcond, noise, schedule, den, x, init, init_z, progress, window,
+                       first_hi, first_phase, check, text, live, current: dict) -> torch.Tensor:
+        lo, hi = window
+        hires = plan.hires
         if refiner is None:
             x = schedule.run(den, x, noise, live.stage(first_phase, schedule.steps,
                                                        progress.stage(first_phase, lo, first_hi), den.latest_x0))
@@ -204,12 +243,15 @@ class Engine:
             k = int(round(schedule.steps * plan.refiner_switch_at))
             s_base, s_ref = schedule.split(k) if 0 < k < schedule.steps else (schedule, None)
             share = lo + (first_hi - lo) * s_base.steps / schedule.steps
+            if getattr(den, "clock", None) is not None:
+                den.clock.total = schedule.steps  # ControlNet's guidance window spans all the steps
             x = s_base.run(den, x, noise, live.stage(first_phase, s_base.steps,
                                                      progress.stage(first_phase, lo, share), den.latest_x0))
             if s_ref is not None:
                 # A1111 keeps counting the steps of prompt editing across the switch.
                 rden = self._denoiser(refiner, rcond, plan, check, None, plan.width, plan.height, init, init_z,
-                                      step_offset=den.evals)
+                                      step_offset=den.evals, stage="refiner")
+                current["den"] = rden
                 x = s_ref.run(rden, x, noise, live.stage("refining", s_ref.steps,
                                                          progress.stage("refining", share, first_hi), rden.latest_x0))
         if init is not None and init.keep is not None:
@@ -224,7 +266,8 @@ class Engine:
             schedule2 = img2img_tail(make_schedule(base, plan.sampler, total, (plan.final_width, plan.final_height)),
                                      hires.steps)
             cond2 = self._conditioning(base, text, plan.final_width, plan.final_height, hires_steps=hires.steps)
-            den2 = self._denoiser(base, cond2, plan, check, None, plan.final_width, plan.final_height)
+            den2 = self._denoiser(base, cond2, plan, check, None, plan.final_width, plan.final_height, stage="high")
+            current.update(den=den2, size=(plan.final_width, plan.final_height))
             x = latents + noise.initial(latents.shape, self.device) * schedule2.start_sigma
             latents = schedule2.run(den2, x, noise, live.stage("upscaling", schedule2.steps,
                                                                progress.stage("upscaling", first_hi, hi),
@@ -233,9 +276,10 @@ class Engine:
         return latents
 
     def _denoiser(self, loaded: LoadedModel, cond, plan: GenerationPlan, check, prepared, width: int, height: int,
-                  init=None, init_z=None, step_offset: int = 0):
+                  init=None, init_z=None, step_offset: int = 0, stage: str = "low"):
         """The CFG denoiser; an inpainting UNet gets its mask + masked-image conditioning, and
-        a mask keeps the init latents outside it at every evaluation."""
+        a mask keeps the init latents outside it at every evaluation. ``stage``: "low" (first
+        pass), "high" (hires pass), "refiner" (ControlNet units guide the first two)."""
         if loaded.is_flow:
             den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale, check,
                                      cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale)
@@ -246,6 +290,8 @@ class Engine:
             extra = img2img.inpainting_conditioning(lambda im: self._encode(loaded, im), prepared, width, height,
                                                     self.device)
             den.unet = img2img.ConcatUNet(den.unet, extra)
+        if getattr(self, "_control", None) is not None and stage != "refiner":
+            den = self._control.wrap(loaded, den, stage, width, height)
         if init is not None and init.keep is not None:
             den = img2img.MaskedDenoiser(den, init_z, init.keep)
         return den
@@ -342,6 +388,7 @@ class Engine:
         if hashes:
             params["Lora hashes"] = hashes
         params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
+        params.update(controlnet_infotext(plan.controlnets, plan.ip_adapters))
         return params
 
     def _fitted_preview_factors(self, loaded: LoadedModel):
@@ -416,7 +463,10 @@ class Engine:
         bigs = []
         for i in range(latents.shape[0]):
             image = self._decode(base, latents[i:i + 1], plan.width, plan.height)
-            bigs.append(self._encode(base, self._run_upscaler(hires.upscaler, image, (hires.width, hires.height))))
+            target = (hires.width, hires.height)
+            big = image.resize(target, imageinput.PIXEL_RESIZERS[hires.upscaler.name]) if hires.upscaler.is_resize \
+                else self._run_upscaler(hires.upscaler, image, target)
+            bigs.append(self._encode(base, big))
         return torch.cat(bigs)
 
     def _run_upscaler(self, upscaler, image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -445,3 +495,11 @@ class Engine:
         params.update({"Postprocess upscale by": plan.scale} if plan.scale is not None
                       else {"Postprocess upscale to": f"{plan.width}x{plan.height}"})
         return GenerationResult([GeneratedImage(out, -1, params)], round(load_time, 3))
+
+
+class _Interrupted(JobCancelled):
+    """A cancel seen by a keep_partial job: the batch's last denoised latents, and their image size."""
+
+    def __init__(self, latents: torch.Tensor, size: tuple[int, int]):
+        super().__init__()
+        self.latents, self.size = latents, size

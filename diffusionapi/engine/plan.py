@@ -100,6 +100,11 @@ class GenerationPlan:
     init: InitImagePlan | None = None  # img2img / inpainting
     cfg_rescale: float = 0.0  # A1111's CFG rescale phi (0 = off): engine/sampling.rescale_cfg
     distilled_cfg_scale: float = 3.5  # Forge's name: the guidance fed to guidance-distilled models (Flux.1-dev)
+    controlnets: tuple = ()  # engine/controlnet/units.ControlUnitPlan, applied in order
+    ip_adapters: tuple = ()  # engine/controlnet/units.IPAdapterPlan
+    # A cancel returns the image of the last denoised state instead of ending the job (A1111's
+    # interrupt: /sdapi jobs set it).
+    keep_partial: bool = False
 
     @property
     def final_width(self) -> int:
@@ -143,6 +148,7 @@ class GeneratedImage:
 class GenerationResult:
     images: list[GeneratedImage]
     load_time_sec: float = 0.0  # time spent loading models for this job (0: all were resident)
+    decode_time_sec: float = 0.0  # time spent in the VAE decoding final latents (a metrics phase)
     warnings: list[str] = field(default_factory=list)
 
     @property

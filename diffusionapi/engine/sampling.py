@@ -72,6 +72,8 @@ class CFGDenoiser:
         self.evals = 0
         self.step_offset = step_offset
         self._x0 = None  # the latest denoised estimate (or a function making it), for previews
+        # A1111's sampling step (engine/controlnet/units.StepClock), set when ControlNet units need it.
+        self.clock = None
 
     def latest_x0(self) -> torch.Tensor | None:
         x0 = self._x0
@@ -182,6 +184,7 @@ class SigmaSchedule:
             ctx = kd.RunContext(noise=src, progress=progress, eta=eta)
             lo = float(self.sigmas[-1]) if float(self.sigmas[-1]) > 0 else denoiser.ms.sigma_min
             return kd.sample_dpm_adaptive(denoiser, x, lo, float(self.sigmas[0]), ctx)
+        clock = _start_clock(denoiser, self.steps)
         # Progress counts model evaluations, so two-evaluation steps weigh double.
         total = kd.expected_evals(spec.algorithm, self.sigmas, eta)
         done = 0
@@ -193,7 +196,13 @@ class SigmaSchedule:
             progress(min(done / total, 1.0))
             return out
 
-        ctx = kd.RunContext(noise=src, progress=lambda fraction: None, eta=eta)
+        n = self.steps
+
+        def after_step(fraction):  # A1111's callback: state.sampling_step = i after step i
+            if clock is not None:
+                clock.step = max(int(round(fraction * n)) - 1, 0)
+
+        ctx = kd.RunContext(noise=src, progress=after_step, eta=eta)
         if spec.algorithm == "dpm_fast":
             lo = float(self.sigmas[-1]) if float(self.sigmas[-1]) > 0 else denoiser.ms.sigma_min
             return kd.sample_dpm_fast(counted, x, lo, float(self.sigmas[0]), self.steps, ctx)
@@ -233,6 +242,7 @@ class TimestepSchedule:
             sched.set_begin_index(self.start)
         x = x / math.sqrt(1 + self.start_sigma ** 2)
         n = self.steps
+        clock = _start_clock(denoiser, n)
         for i, t in enumerate(sched.timesteps[self.start:self._end]):
             model_in = sched.scale_model_input(x, t)
             out = denoiser.model_output(model_in, t.to(torch.float32))
@@ -240,9 +250,21 @@ class TimestepSchedule:
             denoiser._x0 = functools.partial(x0_from_model_output, x, out, self.sigma_at[self.start + i],
                                              denoiser.vpred)
             x = sched.step(out, t, x, return_dict=False)[0]
+            if clock is not None:
+                clock.step = i
             progress((i + 1) / n)
         end_sigma = self.sigma_at[self._end] if self._end < len(self.timesteps) else 0.0
         return x * math.sqrt(1 + end_sigma ** 2)
+
+
+def _start_clock(denoiser, steps: int):
+    """The denoiser's step clock (None without ControlNet units), reset for a stage of ``steps``."""
+    clock = getattr(denoiser, "clock", None)
+    if clock is not None:
+        clock.step = 0
+        if clock.total is None:
+            clock.total = steps
+    return clock
 
 
 def x0_from_model_output(x_vp: torch.Tensor, out: torch.Tensor, sigma: float, vpred: bool) -> torch.Tensor:

@@ -18,10 +18,11 @@ from ..engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, Pre
 from ..engine.prompts import PromptError, extract_extra_networks
 from ..engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
 from ..families import spec as family_spec
+from ..limits import LimitExceeded, check_plan
 from ..registry import Registry, UnknownName
 from ..imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
 from ..schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
-from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER
+from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER, UpscalerEntry
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ INPUT_FIELDS: tuple[str, ...] = ("init_image", "mask", "image")
 
 
 def round8(v: float) -> int:
+    if isinstance(v, int):  # exact for any int (v / 8 overflows a float past 10**308)
+        q, r = divmod(v, 8)
+        return max(8, (q + (r > 4 or (r == 4 and q % 2 == 1))) * 8)  # round half to even, as round()
     return max(8, int(round(v / 8)) * 8)
 
 
@@ -179,10 +183,12 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         fw, fh = _family_size(model, round8(w * hires.scale), round8(h * hires.scale), req)
         if limits and fw * fh * req.batch_size > settings.max_hires_pixels:
             raise RequestError("hires.scale", f"final size {fw}x{fh} exceeds {settings.max_hires_pixels} pixels")
-        try:
-            upscaler = registry.resolve_upscaler(hires.upscaler)
+        builtin = {k.lower(): k for k in PIXEL_RESIZERS}
+        try:  # a plain resize (A1111's "Lanczos", "Nearest"), a latent mode, or an upscaler file
+            upscaler = UpscalerEntry(builtin[hires.upscaler.strip().lower()], None) \
+                if hires.upscaler.strip().lower() in builtin else registry.resolve_upscaler(hires.upscaler)
         except UnknownName as e:
-            raise RequestError("hires.upscaler", str(e)) from None
+            raise RequestError("hires.upscaler", f"{e}; or one of: {', '.join(PIXEL_RESIZERS)}") from None
         hires_plan = HiresPlan(upscaler, hires.scale, hires.steps, hires.denoising_strength, fw, fh)
 
     preview = resolve_preview(req, model.family, settings)
@@ -201,10 +207,30 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           hires=hires_plan, clip_skip=req.clip_skip,
                           embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
                           batch_size=req.batch_size, n_iter=req.n_iter, cfg_rescale=req.cfg_rescale,
-                          distilled_cfg_scale=req.distilled_cfg_scale,
+                          distilled_cfg_scale=req.distilled_cfg_scale, keep_partial=req.keep_partial,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
-    return ResolvedJob("txt2img", understood.model_dump(mode="json"), plan,
-                       OutputSpec(req.fileType, req.jpeg_quality))
+    if limits:
+        _within_limits(plan, settings)
+    echo, record = understood.model_dump(mode="json"), None
+    if req.controlnets or req.ip_adapters:  # the record keeps the units' images; the echo describes them
+        from ..engine.controlnet.request import resolve_ip_adapters, resolve_units, txt2img_inpaint_init
+
+        plan.controlnets, cn_echo, cn_record = resolve_units(req.controlnets, model, settings,
+                                                             has_init=isinstance(req, Img2ImgRequest))
+        if not isinstance(req, Img2ImgRequest) and plan.hires is None:  # (img2img has no hires pass)
+            plan.init = txt2img_inpaint_init(plan.controlnets)
+        plan.ip_adapters, ip_echo, ip_record = resolve_ip_adapters(req.ip_adapters, model, settings)
+        record = {**echo, "controlnets": cn_record, "ip_adapters": ip_record}
+        echo = {**echo, "controlnets": cn_echo, "ip_adapters": ip_echo}
+    return ResolvedJob("txt2img", echo, plan, OutputSpec(req.fileType, req.jpeg_quality), record)
+
+
+def _within_limits(plan: GenerationPlan, settings: Settings) -> None:
+    """The limits no single field shows: seeds, prompt nesting, the job's cost (limits.py)."""
+    try:
+        check_plan(plan, settings.max_cost)
+    except LimitExceeded as e:
+        raise RequestError(e.field, e.message, e.status) from None
 
 
 def _family_size(model, w: int, h: int, req) -> tuple[int, int]:
@@ -295,7 +321,8 @@ def resolve_img2img(req: Img2ImgRequest, registry: Registry, settings: Settings,
               "inpaint_full_res_padding", "inpainting_mask_invert")
     echo = {**job.echo, **{f: getattr(req, f) for f in fields},
             "init_image": describe(init), "mask": describe(mask) if mask is not None else None}
-    record = {**echo, "init_image": req.init_image, "mask": req.mask}
+    record = {**echo, **({k: job.record[k] for k in ("controlnets", "ip_adapters")} if job.record else {}),
+              "init_image": req.init_image, "mask": req.mask}
     return ResolvedJob("img2img", echo, plan, job.output, record)
 
 

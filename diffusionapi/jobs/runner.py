@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from ..engine.plan import Cancelled, Engine, GenerationError, Report, StepObserver
+from ..engine.plan import Cancelled, Engine, GenerationError, Report, StepObserver, UpscalePlan
 from ..files import write_atomic
 from ..images import VERSION_TAG, build_infotext, encode_image
 from .states import JobFailed, JobInterrupted  # noqa: F401 - re-exported for the workers
@@ -100,6 +100,10 @@ class JobRunner:
         plan, out = job.plan, job.output
         out_dir = Path(self.settings.outputs_dir)
         records, encoded = [], []
+        t_encode = time.perf_counter()
+        # Generation time (since t0) less what the model load and the VAE decode took is sampling.
+        decode = getattr(result, "decode_time_sec", 0.0) or 0.0
+        work = max(0.0, t_encode - t0 - (result.load_time_sec or 0.0) - decode)
         for i, gen in enumerate(result.images):
             infotext = build_infotext(plan.prompt, plan.negative_prompt, {**gen.params, "Version": VERSION_TAG})
             data = encode_image(gen.image, out.file_type, out.jpeg_quality, infotext)
@@ -114,13 +118,17 @@ class JobRunner:
                                        seed=gen.seed, infotext=infotext, width=gen.image.width,
                                        height=gen.image.height))
         first = records[0]
+        phases = {"upscale" if isinstance(plan, UpscalePlan) else "sampling": round(work, 3)}
+        if decode:
+            phases["decode"] = round(decode, 3)
+        phases["encode"] = round(time.perf_counter() - t_encode, 3)
         status = JobStatus(
             state="done", current_phase="done", progress=100.0, payload=job.echo,
             output_path=first.output_path, output_file=first.output_file, width=first.width, height=first.height,
             file_type=out.file_type, jpeg_quality=out.jpeg_quality,
             generation_time_sec=round(time.perf_counter() - t0, 3), load_time_sec=result.load_time_sec,
             memory_before_mb=mem_before, memory_after_mb=rss_mb(), seed=first.seed, infotext=first.infotext,
-            images=records if len(records) > 1 else None, warnings=result.warnings or None)
+            images=records if len(records) > 1 else None, warnings=result.warnings or None, phase_sec=phases)
         status._encoded = encoded
         return status
 

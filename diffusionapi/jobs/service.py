@@ -3,6 +3,12 @@ watches, cancels and collects jobs here, with typed requests, and translates onl
 types. Nothing here knows HTTP: errors are :class:`diffusionapi.errors.ServiceError`s that each
 dialect renders in its own shape.
 
+It is also the one place where keys are kept apart (docs/tenants.md): every call takes the
+``Caller`` (auth/caller.py; None = internal, with an admin's view). A user's call about another
+key's job takes the same path as one about an unknown job -- an in-memory owner look-up first,
+then the answer of an unknown job -- so the two cannot be told apart. Per-key limits are
+checked before anything is queued (jobs/quotas.py).
+
 submit = resolve once (names -> files, limits, images checked, seed drawn) -> the job record
 (``ResolvedJob.payload``: the request as understood) -> the backend makes it durable and queues
 it. The worker builds what runs from that record (jobs/runner.py).
@@ -10,14 +16,18 @@ it. The worker builds what runs from that record (jobs/runner.py).
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
-from ..errors import Conflict, NotFound, RequestError
+from ..auth.caller import Caller
+from ..errors import BackendUnavailable, Conflict, NotFound, QueueFull, RequestError
+from . import observe
 from ..schemas import Img2ImgRequest, Txt2ImgRequest, UpscaleRequest
-from .backends.base import JobBackend, QueueEntry
+from .backends.base import JobBackend, JobOwner, QueueEntry
 from .events import JobEvent
+from .quotas import job_cost
 from .resolve import ResolvedJob, resolve_img2img, resolve_txt2img, resolve_upscale
 from .states import FINAL_STATES
 from .status import FinalJob, JobStatus
@@ -26,12 +36,6 @@ from .webhooks import check_webhook
 JobKind = Literal["txt2img", "img2img", "upscale"]
 NativeRequest = Txt2ImgRequest | Img2ImgRequest | UpscaleRequest
 REQUEST_TYPES: dict[str, type] = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest, "upscale": UpscaleRequest}
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who submits or asks: the API key's name where keys have names (None: anonymous / the one key)."""
-    name: str | None = None
 
 
 @dataclass
@@ -47,9 +51,28 @@ def valid_job_id(job_id: str) -> bool:
         return False
 
 
+PRIORITY_RANGE = (-10, 10)  # a request's `priority` (schemas.py); capped by the key's max_priority
+
+
 class JobService:
     def __init__(self, backend: JobBackend, registry, settings):
         self.backend, self.registry, self.settings = backend, registry, settings
+        self._submit_locks: dict[str | None, threading.Lock] = {}  # per key: limits checked and charged as one
+        self._locks_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ isolation
+    def _sees(self, job_id: str, caller: Caller | None) -> bool:
+        """Whether the job exists for ``caller``: False for an invalid id, another key's job and an
+        unknown job alike (admins and internal calls: any valid id; the backend says the rest)."""
+        if not valid_job_id(job_id):
+            return False
+        if caller is None or caller.is_admin:
+            return True
+        return caller.may_see(self.backend.owner(job_id))
+
+    def _lock_for(self, name: str | None) -> threading.Lock:
+        with self._locks_lock:
+            return self._submit_locks.setdefault(name, threading.Lock())
 
     # ------------------------------------------------------------------ submit
     def resolve(self, kind: JobKind, request: NativeRequest) -> ResolvedJob:
@@ -60,8 +83,8 @@ class JobService:
         return resolver(request, self.registry, self.settings)
 
     def submit(self, kind: JobKind, request: NativeRequest, caller: Caller | None = None) -> Submitted:
-        """Resolve, record durably, queue. Raises RequestError (4xx, nothing queued), QueueFull or
-        BackendUnavailable (503, nothing queued)."""
+        """Resolve, check the caller's limits, record durably, queue. Raises RequestError (4xx),
+        RateLimited (429), QueueFull or BackendUnavailable (503): then nothing was queued or counted."""
         expected = REQUEST_TYPES.get(kind)
         if expected is None or not isinstance(request, expected):
             raise RequestError("kind", f"a {kind} job takes a {expected.__name__ if expected else '?'}")
@@ -73,45 +96,108 @@ class JobService:
         refused = check_webhook(webhook, self.settings)
         if refused:
             raise RequestError("webhook.url", refused)
-        return Submitted(self.backend.submit(job.kind, job.payload), job)
+        caller = caller or Caller()
+        priority = max(PRIORITY_RANGE[0], min(int(getattr(request, "priority", 0) or 0), caller.max_priority))
+        owner = JobOwner(caller.name, priority, caller.share)
+        ledger = self.backend.ledger
+        if ledger is None or caller.name is None:
+            return Submitted(self._queue(job, owner), job)
+        images, pixel_steps = job_cost(job.kind, job.plan)
+        with self._lock_for(caller.name):  # check, queue, count: no concurrent submit slips between
+            ledger.check_submit(caller, images, pixel_steps, self.backend.active_count(caller.name))
+            job_id = self._queue(job, owner)
+            ledger.charge_submit(caller, images, pixel_steps)
+        return Submitted(job_id, job)
+
+    def _queue(self, job: ResolvedJob, owner: JobOwner) -> str:
+        # An ownerless job goes in as before keys existed: a backend (or test double) that knows
+        # nothing of owners still serves an open service.
+        return self.record(job.kind, job.payload, None if owner == JobOwner() else owner)
+
+    def record(self, kind: str, payload: dict, owner: JobOwner | None = None) -> str:
+        """Make a resolved job (or a model install, api/models_admin.py) durable and queue it."""
+        try:
+            job_id = (self.backend.submit(kind, payload) if owner is None
+                      else self.backend.submit(kind, payload, owner))
+        except (QueueFull, BackendUnavailable) as e:
+            observe.refused(kind, e.status, e.message)
+            raise
+        observe.submitted(job_id, kind, payload)
+        return job_id
 
     # ------------------------------------------------------------------ observe
-    def status(self, job_id: str) -> JobStatus | None:
-        return self.backend.status(job_id) if valid_job_id(job_id) else None
+    def status(self, job_id: str, caller: Caller | None = None) -> JobStatus | None:
+        return self.backend.status(job_id) if self._sees(job_id, caller) else None
 
-    def position(self, job_id: str) -> int | None:
-        return self.backend.position(job_id)
+    def position(self, job_id: str, caller: Caller | None = None) -> int | None:
+        return self.backend.position(job_id) if self._sees(job_id, caller) else None
 
-    def take_final(self, job_id: str) -> FinalJob | None:
+    def take_final(self, job_id: str, caller: Caller | None = None) -> FinalJob | None:
         """A final job, handed out once (reads image files: call off the event loop)."""
-        return self.backend.take_final(job_id) if valid_job_id(job_id) else None
+        return self.backend.take_final(job_id) if self._sees(job_id, caller) else None
 
-    async def wait_final(self, job_id: str, timeout: float) -> None:
-        if valid_job_id(job_id):
+    async def wait_final(self, job_id: str, timeout: float, caller: Caller | None = None) -> None:
+        if self._sees(job_id, caller):
             await self.backend.wait_final(job_id, timeout)
 
-    async def events(self, job_id: str, after_id: str | None = None) -> AsyncIterator[JobEvent] | None:
-        if not valid_job_id(job_id):
+    async def events(self, job_id: str, after_id: str | None = None,
+                     caller: Caller | None = None) -> AsyncIterator[JobEvent] | None:
+        if not self._sees(job_id, caller):
             return None
         return await self.backend.events(job_id, after_id)
 
-    def listing(self) -> list[QueueEntry]:
-        return self.backend.listing()
+    def listing(self, caller: Caller | None = None) -> list[QueueEntry]:
+        """Every job for admins; a user's own jobs only (``others_count`` says how many more there are)."""
+        entries = self.backend.listing()
+        if caller is None or caller.is_admin:
+            return entries
+        return [e for e in entries if caller.may_see(e.owner)]
+
+    def others_count(self, caller: Caller | None = None) -> int:
+        """How many jobs not yet collected belong to other keys (0 for admins: they see them all)."""
+        if caller is None or caller.is_admin:
+            return 0
+        return sum(1 for e in self.backend.listing() if not caller.may_see(e.owner))
 
     def pending_count(self) -> int:
         return sum(1 for e in self.backend.listing() if e.state not in FINAL_STATES)
 
-    def webhook_deliveries(self) -> list[dict]:
-        return self.backend.webhook_deliveries()
+    def webhook_deliveries(self, caller: Caller | None = None) -> list[dict]:
+        out = self.backend.webhook_deliveries()
+        if caller is None or caller.is_admin:
+            return out
+        return [d for d in out if caller.may_see(self.backend.owner(d.get("job_id", "")))]
 
-    def current_job(self) -> str | None:
-        return self.backend.current_job()
+    def current_job(self, caller: Caller | None = None) -> str | None:
+        """The job running now, when ``caller`` may see it."""
+        job_id = self.backend.current_job()
+        return job_id if job_id is not None and self._sees(job_id, caller) else None
+
+    def usage(self, caller: Caller | None = None, key: str | None = None) -> dict:
+        """GET /usage: {key: {day: {model: {jobs, images, steps, gpu_seconds}}}}. A user gets its
+        own key's; an admin any key's (``key``) or every key's."""
+        ledger = self.backend.ledger
+        if caller is not None and not caller.is_admin:
+            if key not in (None, caller.name):
+                raise NotFound(f"no key {key!r}")  # another key's usage is not there for a user
+            key = caller.name
+        return ledger.usage(key) if ledger is not None else {}
+
+    def expired(self, job_id: str) -> str | None:
+        """Why retention forgot this unread job (GET /queue/{id} answers 410), else None."""
+        return self.backend.expired(job_id) if valid_job_id(job_id) else None
+
+    def readiness(self) -> dict[str, str | None]:
+        return self.backend.readiness()
 
     # ------------------------------------------------------------------ cancel
-    def cancel(self, job_id: str) -> str:
+    def cancel(self, job_id: str, caller: Caller | None = None) -> str:
         """'cancelled' (was queued) or 'cancelling' (stops at the next model evaluation).
-        Raises NotFound, or Conflict when the job is already final."""
-        outcome = self.backend.cancel(job_id) if valid_job_id(job_id) else None
+        Raises NotFound (also for another key's job), or Conflict when the job is already final."""
+        sees = self._sees(job_id, caller)
+        if sees:
+            observe.cancel_requested(job_id)  # before: a queued job's ``cancelled`` record follows it
+        outcome = self.backend.cancel(job_id) if sees else None
         if outcome is None:
             raise NotFound(f"no job {job_id!r}")
         if outcome not in ("cancelled", "cancelling"):
@@ -119,6 +205,7 @@ class JobService:
         return outcome
 
     async def wait_and_take(self, job_id: str, poll_sec: float, gone) -> FinalJob | None:
+        # The dialect's call submitted this job itself: the job is the caller's, no check here.
         """Block until the job is final and take it (A1111-style calls). ``gone()`` (async) says
         the client left: then the job is cancelled, its final answer discarded when it comes, and
         None returned."""
@@ -128,14 +215,19 @@ class JobService:
             if st is None or st.is_final:
                 return await asyncio.to_thread(self.take_final, job_id)
             if await gone():
-                try:
-                    self.cancel(job_id)
-                except (NotFound, Conflict):
-                    pass
-                task = asyncio.get_running_loop().create_task(self._discard(job_id))
-                _background.add(task)
-                task.add_done_callback(_background.discard)
+                await self.abandon(job_id)
                 return None
+
+    async def abandon(self, job_id: str) -> None:
+        """Nobody will collect this job (its client left): cancel it, and discard its final
+        answer when it comes."""
+        try:
+            self.cancel(job_id)
+        except (NotFound, Conflict):
+            pass
+        task = asyncio.get_running_loop().create_task(self._discard(job_id))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     async def _discard(self, job_id: str, wait_sec: float = 600) -> None:
         """Nobody will read this final answer: take it once the job has stopped."""

@@ -51,6 +51,9 @@ class JobStatus(BaseModel):
     preview: str | None = None
     preview_step: int | None = None
     warnings: list[str] | None = None  # what the engine skipped (GenerationResult.warnings)
+    # When done: seconds per phase after the model load (sampling, decode, encode; upscale jobs:
+    # upscale, encode): the done log record and the phase histogram (jobs/observe.py).
+    phase_sec: dict[str, float] | None = None
     # The encoded images of a ``done`` status as the runner made them, in memory only (never in
     # the record): a Celery worker hands them to Redis without reading its files back.
     _encoded: list[bytes] = PrivateAttr(default_factory=list)

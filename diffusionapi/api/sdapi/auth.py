@@ -13,19 +13,7 @@ import hmac
 
 from fastapi import HTTPException, Request
 
-
-def parse_credentials(spec: str | None) -> dict[str, str]:
-    """'user:pass[,user2:pass2]' -> {user: pass}; the password may itself contain ':'."""
-    creds: dict[str, str] = {}
-    for item in (spec or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        user, sep, password = item.partition(":")
-        if not sep or not user:
-            raise ValueError("DIFFUSIONAPI_API_AUTH: expected user:password[,user2:password2]")
-        creds[user] = password
-    return creds
+from ...auth.keys import parse_credentials  # noqa: F401 - one parser of DIFFUSIONAPI_API_AUTH
 
 
 def _basic(header: str) -> tuple[str, str] | None:

@@ -9,6 +9,7 @@ with a warning, as A1111 does).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,8 @@ def _lenient_number(v):
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
+    # No NaN or infinity, also not as strings ("1e999"): a 422 naming the field, never an OverflowError.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -326,6 +328,8 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
             body["refiner_switch_at"] = req.refiner_switch_at
     clip_skip = overrides.get("CLIP_stop_at_last_layers", req.clip_skip if req.clip_skip else ctx.clip_skip)
     clip_skip = _lenient_number(clip_skip)
+    if isinstance(clip_skip, float) and not math.isfinite(clip_skip):
+        raise FieldError("override_settings.CLIP_stop_at_last_layers", "must be a finite number")
     if isinstance(clip_skip, (int, float)) and clip_skip >= 1:
         body["clip_skip"] = int(clip_skip)
     _cfg_rescale(req, overrides, body)
@@ -340,8 +344,21 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     body["batch_size"], body["n_iter"] = req.batch_size, req.n_iter
     # feeds /progress's current_image, as A1111's live previews do
     body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
+    body["keep_partial"] = True  # /interrupt answers with the last denoised state, as A1111 does
     if req.enable_hr and not isinstance(req, Img2ImgAPIRequest):
         body["hires"] = _hires(req)
+    if req.alwayson_scripts:  # sd-webui-controlnet's units
+        from .controlnet import UnitError, controlnet_units
+
+        ips: list = []
+        try:
+            units = controlnet_units(req.alwayson_scripts, ctx.warnings, ips)
+        except UnitError as e:
+            raise FieldError(e.field, str(e).split(": ", 1)[1]) from None
+        if units:
+            body["controlnets"] = units
+        if ips:
+            body["ip_adapters"] = ips
     for unused in ("hr_checkpoint_name", "hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
         if getattr(req, unused) and getattr(req, unused) not in ("Use same checkpoint", "Use same sampler"):
             ctx.warnings.append(f"{unused} is not supported; the second pass uses the first pass's")
@@ -370,15 +387,26 @@ def _hires(req: Txt2ImgAPIRequest) -> dict:
     # A1111: a resize target wins over the scale. With both sides given it crops to fit; here the
     # scale that covers the target is used (same size when the aspect ratios agree).
     if req.hr_resize_x or req.hr_resize_y:
+        for name in ("width", "height"):  # the resize target is divided by them
+            if getattr(req, name) < 8:
+                raise FieldError(name, "must be at least 8 (hires fix scales from it)")
         ratios = [r for r in ((req.hr_resize_x / req.width) if req.hr_resize_x else 0,
                               (req.hr_resize_y / req.height) if req.hr_resize_y else 0) if r]
         scale = max(ratios)
-    hires: dict[str, Any] = {"enabled": True, "scale": scale,
-                             "upscaler": req.hr_upscaler if req.hr_upscaler not in (None, "", "None") else "Latent",
+    hires: dict[str, Any] = {"enabled": True, "scale": scale, "upscaler": hires_upscaler(req.hr_upscaler),
                              # A1111: 0 second-pass steps means as many as the first pass
                              "steps": req.hr_second_pass_steps or req.steps}
     hires["denoising_strength"] = req.denoising_strength if req.denoising_strength else HIRES_DENOISING_DEFAULT
     return hires
+
+
+def hires_upscaler(name: str | None) -> str:
+    """A1111's hr_upscaler as ours. Left out: A1111's default latent mode ("Latent"). "None": A1111
+    decodes the first pass and resizes the image with Lanczos (images.resize_image with
+    upscaler_name "None"), so it is "Lanczos" here; "Lanczos" and "Nearest" are plain resizes."""
+    if name is None or not name.strip():
+        return "Latent"
+    return "Lanczos" if name.strip() == "None" else name
 
 
 def img2img_native(req: Img2ImgAPIRequest, ctx: Context) -> dict:

@@ -9,17 +9,20 @@ import logging
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ... import __version__
 from ...errors import ServiceError
-from ...images import parse_infotext, read_infotext_and_items
+from ...images import UntrustedImageError
 from ...engine.samplers import SAMPLER_NAMES, SAMPLERS
+from ...security import jsonbody
+from ...security.paths import shown_path
 from ...vocabulary import LATENT_UPSCALE_MODES
-from ..pnginfo import decode_image_b64
+from ..jobs import caller_of
+from ..pnginfo import decode_image_b64, read_png_info
 from . import protocol as p
 from .jobs import Final, wait_for
 
@@ -50,7 +53,9 @@ async def _body(request: Request) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        return jsonbody.parse(raw)
+    except jsonbody.BodyError as e:
+        raise BadRequest(e.status, str(e)) from None
     except ValueError as e:
         raise BadRequest(422, f"body: not valid JSON ({e})") from None
 
@@ -145,7 +150,8 @@ async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
     for w in ctx.warnings:
         log.warning("sdapi %s: %s", kind, w)
     started = time.time()
-    submitted = await run_in_threadpool(sdapi.jobs.submit, kind, native)  # a ServiceError: A1111's error body
+    # a ServiceError (a refusal, a key's 429) becomes A1111's error body
+    submitted = await run_in_threadpool(sdapi.jobs.submit, kind, native, caller_of(request))
     final = await wait_for(request, sdapi.jobs, submitted.job_id)
     if final is None:  # the client went away; its job was cancelled
         return _error(499, "client closed the request")
@@ -177,7 +183,7 @@ async def extra_single_image(request: Request):
     req = _validate(p.ExtrasSingleImageRequest, await _body(request))
     sdapi = sdapi_state(request)
     data = decode_image_arg(req.image, "image")
-    job_id, resized = await run_in_threadpool(sdapi.upscale, req, data)
+    job_id, resized = await run_in_threadpool(sdapi.upscale, req, data, caller_of(request))
     if resized is not None:  # "None", "Lanczos", "Nearest": a plain resize, done here
         return {"image": _b64(resized), "html_info": _html_info(req)}
     final = await wait_for(request, sdapi.jobs, job_id)
@@ -209,27 +215,31 @@ def decode_image_arg(value: str, field: str) -> bytes:
 @_handles_bad_input
 async def png_info(request: Request):
     req = _validate(p.PNGInfoRequest, await _body(request))
-    info, others = read_infotext_and_items(decode_image_arg(req.image, "image"))
-    items = parse_infotext(info or "")
+    try:
+        data = decode_image_b64(req.image or "")
+        # Off the event loop: reading a client's image is CPU work (docs/security.md).
+        info, others, items = await run_in_threadpool(read_png_info, data, request.app.state.settings)
+    except (ValueError, UntrustedImageError) as e:
+        raise BadRequest(getattr(e, "status", 422), f"image: {e}") from None
     return {"info": info or "", "items": others, "parameters": items if info else {}}
 
 
 # ---------------------------------------------------------------------- progress and control
 @router.get("/progress", response_model=p.ProgressResponse)
 async def progress(request: Request, skip_current_image: bool = Query(False)):
-    return await run_in_threadpool(sdapi_state(request).progress, skip_current_image)
+    return await run_in_threadpool(sdapi_state(request).progress, skip_current_image, caller_of(request))
 
 
 @router.post("/interrupt")
 async def interrupt(request: Request):
-    sdapi_state(request).interrupt()
+    sdapi_state(request).interrupt(caller_of(request))
     return {}
 
 
 @router.post("/skip")
 async def skip(request: Request):
     # A1111 skips the current image of a batch; a job here is one unit, so it stops like interrupt.
-    sdapi_state(request).interrupt()
+    sdapi_state(request).interrupt(caller_of(request))
     return {}
 
 
@@ -255,8 +265,9 @@ async def set_options(request: Request):
 @router.get("/cmd-flags")
 async def cmd_flags(request: Request):
     s = request.app.state.settings
-    return {"api": True, "nowebui": True, "api_auth": None, "listen": True, "ckpt_dir": str(s.models_dir),
-            "lora_dir": str(s.loras_dir), "esrgan_models_path": str(s.upscalers_dir),
+    # Directory roles, not the server's paths (security/paths.py).
+    return {"api": True, "nowebui": True, "api_auth": None, "listen": True, "ckpt_dir": "models",
+            "lora_dir": "loras", "esrgan_models_path": "upscalers",
             "device_id": None, "lowvram": bool(s.cpu_offload), "medvram": False}
 
 
@@ -280,7 +291,8 @@ async def upscalers(request: Request):
            for n in p.BUILTIN_UPSCALERS]
     for u in await run_in_threadpool(request.app.state.registry.upscalers):
         if not u.is_latent:
-            out.append({"name": u.name, "model_name": u.name, "model_path": str(u.path), "model_url": None,
+            out.append({"name": u.name, "model_name": u.name, "model_url": None,
+                        "model_path": shown_path(u.path, request.app.state.settings.upscalers_dir, "upscalers"),
                         "scale": 4})
     return out
 
@@ -330,7 +342,10 @@ def _memory() -> dict:
 
 @router.get("/scripts")
 async def scripts():
-    return {"txt2img": [], "img2img": []}
+    # sd-webui-controlnet's alwayson script (api/sdapi/controlnet.py); webuiapi looks for
+    # "controlnet m2m" (the extension's other script) to decide that ControlNet is there.
+    names = ["controlnet", "controlnet m2m"]
+    return {"txt2img": names, "img2img": list(names)}
 
 
 @router.get("/script-info")
@@ -358,9 +373,9 @@ async def checkpoint_residency():
 
 
 def build_router(state) -> APIRouter:
-    """The router with its auth dependency (set per app)."""
+    """The router (credentials are checked for every route by the guard middleware, main.py)."""
     # Not in the native OpenAPI schema: A1111's models are its documentation (README table).
-    outer = APIRouter(dependencies=[Depends(state.auth)], include_in_schema=False)
+    outer = APIRouter(include_in_schema=False)
     outer.include_router(router)
     return outer
 

@@ -8,7 +8,7 @@ from typing import AsyncIterator, Callable
 
 from .. import views
 from ..events import JobEvent
-from ..states import progress_event
+from ..states import FINAL_STATES, progress_event
 from ..status import FinalJob, JobStatus
 
 
@@ -23,6 +23,16 @@ class QueueEntry:
     progress: float
     queue_position: int | None = None
     kind: str = "txt2img"
+    owner: str | None = None  # the key's name (None: submitted with no named key)
+
+
+@dataclass(frozen=True)
+class JobOwner:
+    """Whose job it is and how it queues (docs/tenants.md): the key's name, the job's priority
+    (already capped to the key's maximum), the key's share of turns."""
+    name: str | None = None
+    priority: int = 0
+    share: float = 1.0
 
 
 class JobBackend(ABC):
@@ -43,9 +53,21 @@ class JobBackend(ABC):
         """Stop; a running job goes back to the queue (not counted as a failed attempt)."""
 
     @abstractmethod
-    def submit(self, kind: str, payload: dict) -> str:
-        """Record the job durably and queue it; returns its id.
+    def submit(self, kind: str, payload: dict, owner: JobOwner | None = None) -> str:
+        """Record the job durably (with its owner) and queue it; returns its id.
         Raises QueueFull or BackendUnavailable (then nothing was queued)."""
+
+    def owner(self, job_id: str) -> str | None:
+        """The name of the key that submitted the job; None when unknown or submitted with no
+        named key (only admins see those). Cheap and the same path for both: isolation answers
+        another key's job exactly as an unknown one (jobs/service.py)."""
+        return None
+
+    def active_count(self, owner: str | None) -> int:
+        """The owner's jobs waiting or running (the ``max_queued`` limit)."""
+        return sum(1 for e in self.listing() if e.owner == owner and e.state not in FINAL_STATES)
+
+    ledger = None  # the per-key counts and usage (jobs/quotas.py); set by backends that keep them
 
     @abstractmethod
     def status(self, job_id: str) -> JobStatus | None:
@@ -100,6 +122,22 @@ class JobBackend(ABC):
     def webhook_deliveries(self) -> list[dict]:
         """Webhook deliveries, pending and recently finished (``GET /queue`` lists them)."""
         return []
+
+    # ------------------------------------------------------------------ operating it (#27)
+    def queue_stats(self) -> dict | None:
+        """``{"waiting", "running", "oldest_wait_sec"}`` for the metrics (read at each scrape:
+        cheap); None when this backend cannot tell."""
+        return None
+
+    def expired(self, job_id: str) -> str | None:
+        """Why an unknown ``job_id`` is gone when retention removed it (``GET /queue/{id}`` then
+        answers 410 with this), else None."""
+        return None
+
+    def readiness(self) -> dict[str, str | None]:
+        """``/readyz``'s backend checks: name -> None when fine, else why not (cheap: probes
+        come every few seconds)."""
+        return {}
 
 
 POLL_SEC = 1.0  # how often a polled feed reads a job's status

@@ -1,6 +1,7 @@
 // Playground wiring: catalog, submit, job progress, results, reuse, gallery, queue.
 
 import {api, ApiError, followJob, getKey, setKey} from "./api.js";
+import * as controlnet from "./controlnet.js";
 import * as form from "./form.js";
 import {addResults, base64ToBlob, clearResults, listResults, removeResult} from "./gallery.js";
 import {InitImage, readAsDataUrl} from "./mask.js";
@@ -49,6 +50,7 @@ async function loadCatalog() {
       ["models", "loras", "upscalers", "sampling_methods"].map((p) => api(p)));
     form.populate({models: models.models, loras: loras.loras, upscalers: upscalers.upscalers,
                    samplers: methods.sampling_methods, schedulers: methods.scheduler_types});
+    await controlnet.loadChoices();
     document.body.dataset.ready = "true";
   } catch (e) {
     if (e.status === 401) authError(e);
@@ -66,6 +68,7 @@ genForm.addEventListener("submit", async (e) => {
   let request;
   try {
     request = form.readRequest(initImage);
+    controlnet.addTo(request.body);
   } catch (err) {
     notice(`Cannot read the form: ${err.message}`, "error");
     return;

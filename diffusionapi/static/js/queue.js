@@ -24,6 +24,8 @@ export class QueuePanel {
     try {
       const data = await api("queue");
       this.render(data.jobs || []);
+      // With named keys a user sees its own jobs and only a count of the others' (docs/tenants.md).
+      if (data.others != null) this.status.textContent = `Jobs of other API keys on the server: ${data.others}.`;
     } catch (e) {
       if (e.status === 401) this.onAuthError(e);
       this.status.textContent = `Cannot read the queue: ${e.message}`;

@@ -31,10 +31,12 @@ import redis.asyncio as aioredis
 from .catalog import CatalogRegistry
 from .celery_app import TASK_NAME, make_celery, make_queue, queue_name
 from .state import (FINAL_CHANNEL, FINAL_EVENT, WAITING, RedisJobState, events_key, job_key)
+from ... import observe
 from ...events import JobEvent
 from ...status import FINAL_STATES, JobStatus
 from ...states import MAX_ATTEMPTS
-from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
+from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, JobOwner, QueueEntry, QueueFull
+from .ledger import RedisLedger
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,38 @@ BLOCK_MS = 5000       # the longest blocking stream read: bounds how long a job 
 # An event id: the stream id of the job's last stored event, and for a (synthetic, unstored)
 # ``queued`` event after it ".<n>.<position>".
 _EVENT_ID = re.compile(r"^(\d+-\d+)(?:\.(\d+)\.(\d+))?$")
+
+
+def cluster_readiness(settings, state: RedisJobState, *, need_workers: bool) -> dict[str, str | None]:
+    """``/readyz``'s checks on a cluster node: Redis answers, the broker accepts a connection and
+    (API nodes) at least one worker's heartbeat is live. Each check is one round trip."""
+    checks: dict[str, str | None] = {}
+    try:
+        state.ping()
+        checks["redis"] = None
+    except (redis.RedisError, OSError) as e:
+        checks["redis"] = f"Redis unreachable: {e}"
+    checks["broker"] = broker_problem(settings.broker_url)
+    if need_workers:
+        if checks["redis"] is not None:
+            checks["workers"] = "unknown (Redis unreachable)"
+        else:
+            dead_after = 3 * settings.worker_heartbeat_sec
+            alive = [w for w in state.workers() if w["heartbeat_age"] <= dead_after]
+            checks["workers"] = None if alive else "no live worker (none has sent a heartbeat recently)"
+    return checks
+
+
+def broker_problem(url: str, timeout: float = 2.0) -> str | None:
+    """None when the broker accepts a connection, else why not."""
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=timeout) as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+        return None
+    except Exception as e:  # noqa: BLE001 - kombu raises a different class per transport
+        return f"broker unreachable: {type(e).__name__}: {e}"
 
 
 def _parse_event_id(event_id: str | None) -> tuple[str, int, int | None]:
@@ -65,6 +99,7 @@ class CeleryBackend(JobBackend):
         self._aredis_loop = None
         self.celery = make_celery(settings)
         self.catalog = CatalogRegistry(settings, self.state)
+        self.ledger = RedisLedger(self.state.r)  # per-key limits and usage, shared by the cluster
         self._waiters = FinalWaiters()
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
@@ -141,12 +176,15 @@ class CeleryBackend(JobBackend):
         await self._waiters.wait(job_id, timeout, lambda: self.state.is_final(job_id) is not False)
 
     # ------------------------------------------------------------------ jobs
-    def submit(self, kind: str, payload: dict) -> str:
+    def submit(self, kind: str, payload: dict, owner: JobOwner | None = None) -> str:
         job_id = str(uuid.uuid4())
         queue = queue_name(payload.get("model"))
-        record = {"kind": kind, "payload": payload, "queue": queue, "created_at": time.time()}
+        owner_name = owner.name if owner else None  # (priority and share: not on this backend yet, docs/tenants.md)
+        record = {"kind": kind, "payload": payload, "queue": queue, "created_at": time.time(), "owner": owner_name}
         try:
             seq = self.state.create(job_id, record, self.settings.max_queued_jobs)
+            if seq is not None and owner_name is not None:  # beside the record: isolation reads only this
+                self.state.r.hset(job_key(job_id), "owner", owner_name)
         except redis.RedisError as e:
             raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
         if seq is None:
@@ -182,13 +220,17 @@ class CeleryBackend(JobBackend):
     def cancel(self, job_id: str) -> str | None:
         # A job cancelled while queued never reaches a worker's run: its webhook goes with the
         # cancel, for a worker to send (an API node keeps no durable queue).
-        hook = (self.state.record(job_id) or {}).get("payload", {}).get("webhook")
+        record = self.state.record(job_id) or {}
+        hook = record.get("payload", {}).get("webhook")
         entry = None
         if isinstance(hook, dict) and "cancelled" in hook.get("events", ()):
-            st = JobStatus.model_validate(self.state.CANCELLED)
+            st = JobStatus.model_validate(self.state.CANCELLED_STATUS)
             entry = {"job_id": job_id, "state": "cancelled", "hook": hook,
                      "body": self.final_view(job_id, FinalJob(st, []))}
-        return self.state.cancel(job_id, entry)
+        outcome = self.state.cancel(job_id, entry)
+        if outcome == "cancelled":  # it was queued: it ends here, no worker will see it
+            observe.ended(job_id, record.get("kind", "txt2img"), self.state.CANCELLED_STATUS, record.get("payload"))
+        return outcome
 
     def webhook_deliveries(self) -> list[dict]:
         return self.state.webhooks()
@@ -257,6 +299,10 @@ class CeleryBackend(JobBackend):
         running = self.state.running()
         return next(iter(running), None)
 
+    def owner(self, job_id: str) -> str | None:
+        raw = self.state.r.hget(job_key(job_id), "owner")
+        return raw.decode() if raw else None
+
     def listing(self) -> list[QueueEntry]:
         running = list(self.state.running())
         waiting = self.state.waiting_ids()
@@ -265,14 +311,31 @@ class CeleryBackend(JobBackend):
         finished = [k.decode().rsplit(":", 1)[1] for k in self.state.r.scan_iter("dapi:job:*", count=500)]
         ids += sorted(j for j in finished if j not in seen)
         out = []
-        for i, (job_id, st) in enumerate(zip(ids, self.state.statuses(ids))):
+        p = self.state.r.pipeline()
+        for job_id in ids:
+            p.hget(job_key(job_id), "owner")
+        owners = [o.decode() if o else None for o in p.execute()]
+        for i, (job_id, st, owner) in enumerate(zip(ids, self.state.statuses(ids), owners)):
             if st is None:
                 continue
             pos = 0 if i < len(running) else (i - len(running) + 1 if i < len(running) + len(waiting) else None)
             out.append(QueueEntry(job_id=job_id, state=st.get("state", "unknown"),
                                   current_phase=st.get("current_phase", ""), progress=st.get("progress", 0.0),
-                                  queue_position=pos))
+                                  queue_position=pos, owner=owner))
         return out
+
+    # ------------------------------------------------------------------ operating it
+    def queue_stats(self) -> dict:
+        """The cluster's queue (Redis), the same on every API node."""
+        waiting = self.state.waiting_ids()
+        oldest = 0.0
+        if waiting:
+            created = (self.state.record(waiting[0]) or {}).get("created_at")
+            oldest = max(0.0, time.time() - created) if created else 0.0
+        return {"waiting": len(waiting), "running": len(self.state.running()), "oldest_wait_sec": oldest}
+
+    def readiness(self) -> dict[str, str | None]:
+        return cluster_readiness(self.settings, self.state, need_workers=True)
 
     # ------------------------------------------------------------------ cluster view
     def cluster_view(self) -> dict:

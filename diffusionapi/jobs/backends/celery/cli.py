@@ -2,6 +2,7 @@
 
   diffusionapi api    [--host H] [--port P] [--workers N]        stateless HTTP node (Celery backend)
   diffusionapi worker [--device cuda:N] [--models a,b] [--name N] one process per GPU
+  diffusionapi keys   add|list|revoke ...                        the API keys file (auth/cli.py)
 
 Both read the same DIFFUSIONAPI_* settings (BROKER_URL, REDIS_URL, ...). ``api`` sets
 DIFFUSIONAPI_BACKEND=celery unless it is set; an API node holds no job state, so uvicorn's
@@ -20,7 +21,8 @@ def _api(args) -> int:
 
     os.environ.setdefault("DIFFUSIONAPI_BACKEND", "celery")
     uvicorn.run("diffusionapi.main:app", host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+                log_level=args.log_level, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                http="diffusionapi.security.connguard:GuardedAuto")  # deadlines and connection caps
     return 0
 
 
@@ -37,13 +39,24 @@ def _worker(args) -> int:
 
         seconds = args.sleep_engine
         engine_factory = lambda: SleepEngine(seconds)  # noqa: E731
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ....logs import configure, log_settings
+
+    # DIFFUSIONAPI_LOG_FORMAT / _LOG_LEVEL for our records (job lifecycle at INFO); --log-level
+    # for Celery's and kombu's own.
+    configure(settings.log_format, settings.log_level)
+    logging.getLogger().setLevel(args.log_level.upper())
+    log_settings(settings, "worker")
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     return serve(settings, name=args.name, models=models, engine_factory=engine_factory,
                  loglevel=args.log_level.upper())
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:  # any backend's tool, dispatched before the cluster roles' parser
+        from ....auth.cli import main as keys_main
+
+        return keys_main(argv[1:])
     ap = argparse.ArgumentParser(prog="diffusionapi", description="DiffusionAPI cluster roles")
     sub = ap.add_subparsers(dest="role", required=True)
     api = sub.add_parser("api", help="an HTTP node (Celery backend)")

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 
+from ... import observe
 from ...status import FinalJob, JobStatus
 from ...live import JobWebhooks
 from ...views import final_view
@@ -55,6 +56,7 @@ class ClusterWorker:
         self.hb = settings.worker_heartbeat_sec
         self.lease_sec = 3 * self.hb
         self.current_job: str | None = None
+        self.last_sign: float | None = None  # the running job's last progress (monotonic); /readyz
         self.loaded_model: str | None = None
         self.started_at = time.time()
         self.jobs_done = 0
@@ -181,31 +183,63 @@ class ClusterWorker:
                 log.info("job %s: delivery dropped, another worker holds the job", job_id)
                 return verdict
             time.sleep(self.hb)
+        kind = (record or {}).get("kind", "txt2img")
         if verdict == "exhausted":  # it became final here: its webhook is ours to send
             st = self.state.exhausted_status()
+            observe.ended(job_id, kind, st, record.get("payload"))
             self.hooks.ended(job_id, record.get("payload"), "error",
                              lambda: final_view(job_id, FinalJob(JobStatus.model_validate(st), [])))
         if verdict != "run":
             return verdict
         self.current_job = job_id
+        self.last_sign = time.monotonic()
+        observe.started(job_id, kind, record.get("payload"), self.name, attempt, record.get("created_at"))
         try:
             self.beat()
             from .execute import execute_job
 
             final, images = execute_job(self, job_id, record, JobProgress(self, job_id, record.get("payload")))
             if self.state.finish(job_id, self.name, final, images):
+                observe.ended(job_id, kind, final, record.get("payload"))  # counted where its result landed
                 self.hooks.ended(job_id, record.get("payload"), final["state"],
                                  lambda: final_view(job_id, FinalJob(JobStatus.model_validate(final), list(images))))
+                self._record_usage(record, final)
             else:
                 log.warning("job %s: finished here but no longer ours (lease lost); result dropped", job_id)
             self.jobs_done += 1
             return final["state"]
         finally:
             self.current_job = None
+            self.last_sign = None
             try:
                 self.beat()  # /cluster shows the worker free at once
             except Exception:  # noqa: BLE001
                 pass
+
+    def readiness(self) -> dict[str, str | None]:
+        """``/readyz`` on the worker's metrics port: Redis, the broker, not wedged, a model to serve."""
+        from .backend import cluster_readiness
+
+        checks = cluster_readiness(self.settings, self.state, need_workers=False)
+        sign, stall = self.last_sign, self.settings.worker_stall_sec
+        silent = time.monotonic() - sign if sign is not None else None
+        checks["worker"] = (f"wedged: job {self.current_job} has reported nothing for {silent:.0f} s "
+                            f"(DIFFUSIONAPI_WORKER_STALL_SEC={stall:g})") if silent is not None and silent > stall else None
+        checks["models"] = None if self.models else "no model installed"
+        return checks
+
+    def _record_usage(self, record: dict, final: dict) -> None:
+        """GET /usage's counts for the job's key (jobs/quotas.py); never fails the job."""
+        from ...quotas import usage_of
+        from .ledger import RedisLedger
+
+        try:
+            payload = record.get("payload") or {}
+            RedisLedger(self.state.r).record_usage(record.get("owner"), payload.get("model"),
+                                                   **usage_of(record.get("kind", "txt2img"), payload,
+                                                              JobStatus.model_validate(final)))
+        except Exception:  # noqa: BLE001 - accounting is best effort
+            log.warning("could not record the usage of a job", exc_info=True)
 
     def cancel_check(self, job_id: str):
         last = {"t": 0.0, "v": False}
@@ -238,6 +272,7 @@ class JobProgress:
         self.worker.state.preview(self.job_id, self.worker.name, base64.b64encode(jpeg).decode(), step, total)
 
     def report(self, phase: str, progress: float) -> None:
+        self.worker.last_sign = time.monotonic()
         s = self._step if self._step and self._step[0] == phase else None
         step, total = (s[1], s[2]) if s else (None, None)
         status = status_dict("processing", phase, round(progress, 2))
@@ -268,6 +303,15 @@ def serve(settings, *, name: str | None = None, models: list[str] | None = None,
             log.warning("could not preload %s: %s", worker.home_model, e)
     worker.start_webhooks()
     worker.start_heartbeat()
+    from ....retention import Janitor
+
+    janitor = Janitor(settings)  # this host's outputs/ (results in Redis expire by RESULTS_TTL_SEC)
+    janitor.start()
+    if settings.metrics_port is not None:  # /metrics, /healthz, /readyz of this worker
+        from ....metrics import serve_worker_http
+
+        serve_worker_http(settings.metrics_port, worker.readiness)
+        log.info("worker %s: metrics and probes on port %d", worker.name, settings.metrics_port)
     log.info("worker %s: device %s, queues %s", worker.name, settings.device, ", ".join(q.name for q in queues))
     try:
         w = app.Worker(pool="threads", concurrency=1, queues=[q.name for q in queues], hostname=worker.name,
@@ -276,5 +320,6 @@ def serve(settings, *, name: str | None = None, models: list[str] | None = None,
         w.start()  # SIGTERM: warm shutdown, the running job finishes first
         return w.exitcode or 0
     finally:
+        janitor.stop()
         worker.stop_heartbeat()
         worker.stop_webhooks()

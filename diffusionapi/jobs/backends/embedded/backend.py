@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 
+from ... import observe
 from ...status import JobStatus
 from ...live import LiveFeed
 from ...runner import JobRunner
+from ....retention import free_space_problem
 from .queue import JobQueue
 from .store import JobStore
 from .worker import Worker
-from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, QueueEntry, QueueFull
+from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, JobOwner, QueueEntry, QueueFull
+from ...quotas import FileLedger, usage_of
+from ...states import FINAL_STATES
 
 log = logging.getLogger(__name__)
+
+INSTALL = "install"  # the job kind of POST /models/install (models_install.py)
+# An expired job's id answers 410 (not 404) at least this long after it expired.
+TOMBSTONE_SEC = 86400.0
 
 
 class EmbeddedBackend(JobBackend):
@@ -35,6 +46,16 @@ class EmbeddedBackend(JobBackend):
         self._final_lock = threading.Lock()
         self._loop = None
         self._waiters = FinalWaiters()
+        from ....retention import Janitor
+
+        self.janitor = Janitor(settings, self.expire_finals, self.expire)
+        from ....models_install import Installer
+
+        self.installer = Installer(settings, self)  # POST /models/install: jobs of kind "install"
+        self.ledger = FileLedger(Path(settings.queue_dir) / ".tenants.json")  # limits and usage survive restarts
+        # Owners of jobs read and forgotten, for a while: a stream reconnecting for its final
+        # event is still its owner's (and still nobody else's).
+        self._gone_owners: OrderedDict[str, str | None] = OrderedDict()
 
     # Long-poll: GET /queue/{id}?wait=N returns as soon as the job is final.
     def _notify(self, job_id: str) -> None:
@@ -62,30 +83,55 @@ class EmbeddedBackend(JobBackend):
             elif status.state == "processing":
                 log.warning("job %s was interrupted by a restart; running it again", job_id)
                 self.store.write_status(job_id, JobStatus.queued())
-            self.queue.put(job_id, force=True)
+            owner = record.get("owner") or {}
+            if record.get("kind") == INSTALL:
+                self.installer.put(job_id)  # resumes from its partial file
+            else:
+                self.queue.put(job_id, force=True, owner=owner.get("name"), priority=owner.get("priority", 0),
+                               share=owner.get("share", 1.0))
         self.live.start()
         self.worker.start()
+        self.janitor.start()
+        self.installer.start()
 
     def stop(self) -> None:
+        self.installer.stop()
+        self.janitor.stop()
         self.worker.stop()
         self.live.stop()
 
-    def submit(self, kind: str, payload: dict) -> str:
+    def submit(self, kind: str, payload: dict, owner: JobOwner | None = None) -> str:
         if self.queue.size() >= self.settings.max_queued_jobs:
             raise QueueFull(f"the queue is full ({self.settings.max_queued_jobs} jobs); retry later")
+        low = free_space_problem(self.settings)
+        if low:  # refused before anything is written
+            raise BackendUnavailable(low)
+        owner = owner or JobOwner()
         job_id = str(uuid.uuid4())
         try:
-            self.store.create(job_id, payload, kind)
+            self.store.create(job_id, payload, kind, {"name": owner.name, "priority": owner.priority,
+                                                      "share": owner.share})
         except OSError as e:
             self.store.delete(job_id, missing_ok_errors=True)  # whatever part was written
             raise BackendUnavailable(f"cannot record the job in the queue directory: {e.strerror or e}") from e
+        if kind == INSTALL:  # downloads run on the installer's thread, never the GPU worker's
+            self.installer.put(job_id)
+            return job_id
         try:
-            self.queue.put(job_id)
+            self.queue.put(job_id, owner=owner.name, priority=owner.priority, share=owner.share)
         except QueueFull:
             self.store.delete(job_id)
             raise
         self.live.queued(job_id, self.queue.position(job_id))
+        self.live.positions(self.queue.snapshot())  # a fair turn or a priority may put it ahead of others
         return job_id
+
+    def owner(self, job_id: str) -> str | None:
+        owner = self.store.owner(job_id)
+        return owner if owner is not None else self._gone_owners.get(job_id)
+
+    def active_count(self, owner: str | None) -> int:
+        return sum(1 for e in self.store.index().values() if e.owner == owner and e.state not in FINAL_STATES)
 
     def status(self, job_id: str) -> JobStatus | None:
         st = self.store.read_status(job_id)
@@ -110,6 +156,9 @@ class EmbeddedBackend(JobBackend):
             if st is None or not st.is_final:
                 return None
             final = _peek_final(st)
+            self._gone_owners[job_id] = self.store.owner(job_id)
+            while len(self._gone_owners) > 10_000:
+                self._gone_owners.popitem(last=False)
             self.store.delete(job_id)
         self._final_event(job_id, final)
         return final
@@ -120,6 +169,8 @@ class EmbeddedBackend(JobBackend):
             return None
         if st.is_final:
             return st.state
+        if self.installer.cancel(job_id):
+            return "cancelling"
         if self.queue.remove_waiting(job_id):
             status = JobStatus.failed("cancelled", "cancelled by request")
             self.store.write_status(job_id, status, fsync=True)
@@ -133,9 +184,14 @@ class EmbeddedBackend(JobBackend):
 
     # ------------------------------------------------------------------ live progress
     def _ended(self, job_id: str, status: JobStatus, payload: dict | None) -> None:
-        """A job just became final (worker thread, or a cancel): webhooks, and the final event
-        for the clients following it now."""
+        """A job just became final (worker thread, or a cancel): its log record and metrics,
+        webhooks, and the final event for the clients following it now."""
+        observe.ended(job_id, (self.store.read_job(job_id) or {}).get("kind", "txt2img"), status, payload)
+        self.janitor.poke()
         self.live.ended(job_id, payload, status.state, lambda: self.final_view(job_id, _peek_final(status)))
+        record = self.store.read_job(job_id) or {}
+        self.ledger.record_usage(self.store.owner(job_id), (payload or record.get("payload") or {}).get("model"),
+                                 **usage_of(record.get("kind", "txt2img"), payload or record.get("payload"), status))
         loop = self._loop
         if loop is not None and self.live.events.listening(job_id):
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(asyncio.to_thread(self.take_final, job_id)))
@@ -171,13 +227,92 @@ class EmbeddedBackend(JobBackend):
     def webhook_deliveries(self) -> list[dict]:
         return self.live.webhooks.deliveries()
 
+    # ------------------------------------------------------------------ operating it
+    def install_started(self, job_id: str, record: dict) -> None:
+        record["attempts"] = record.get("attempts", 0) + 1
+        self.store.write_job(job_id, record)
+        observe.started(job_id, INSTALL, record.get("payload"), "installer", record["attempts"],
+                        record.get("created_at"))
+        self.live.started(job_id)
+
+    def install_progress(self, job_id: str, phase: str, percent: float) -> None:
+        self.store.write_status(job_id, JobStatus.processing(phase, percent))
+        self.live.progress(job_id, None, phase, percent)
+
+    def install_interrupted(self, job_id: str) -> None:
+        """A stop cut the download short: queued again, it resumes from its partial file at the next start."""
+        self.store.write_status(job_id, JobStatus.queued(), fsync=True)
+        observe.interrupted(job_id)
+
+    def install_ended(self, job_id: str, status: JobStatus, payload: dict) -> None:
+        self.store.write_status(job_id, status, fsync=True)
+        self._ended(job_id, status, payload)
+        self._notify(job_id)
+
+    def expire(self, job_id: str, reason: str) -> bool:
+        """Forget an unread final job (retention): its id answers 410 with ``reason`` from now on."""
+        with self._final_lock:  # never while a reader takes it
+            st = self.store.read_status(job_id)
+            if st is None or not st.is_final:
+                return False
+            self.store.mark_expired(job_id, reason)
+            self.store.delete(job_id)
+        self.live.forget(job_id)
+        self.live.events.forget(job_id)
+        observe.expired(job_id, reason)
+        return True
+
+    def expire_finals(self, before: float, reason: str) -> int:
+        """Expire the unread final jobs that ended before ``before``; prune old tombstones."""
+        n = sum(self.expire(job_id, reason) for job_id in self.store.final_ids_before(before))
+        self.store.prune_expired(before - max(self.settings.result_ttl or 0, TOMBSTONE_SEC))
+        return n
+
+    def expired(self, job_id: str) -> str | None:
+        return self.store.expired_reason(job_id)
+
+    def queue_stats(self) -> dict:
+        snapshot = self.queue.snapshot()
+        waiting = [j for j, pos in snapshot if pos > 0]
+        oldest = 0.0
+        if waiting:
+            created = (self.store.read_job(waiting[0]) or {}).get("created_at")
+            oldest = max(0.0, time.time() - created) if created else 0.0
+        return {"waiting": len(waiting), "running": len(snapshot) - len(waiting), "oldest_wait_sec": oldest}
+
+    def readiness(self) -> dict[str, str | None]:
+        alive, silent = self.worker.health()
+        stall = self.settings.worker_stall_sec
+        if not alive:
+            worker = "the worker thread is not running"
+        elif silent is not None and silent > stall:
+            worker = (f"wedged: the running job {self.queue.running()} has reported nothing for {silent:.0f} s "
+                      f"(DIFFUSIONAPI_WORKER_STALL_SEC={stall:g})")
+        else:
+            worker = None
+        return {"worker": worker, "queue_dir": _writable(self.store.dir)}
+
     def listing(self) -> list[QueueEntry]:
         positions = dict(self.queue.snapshot())
+        # From memory: no record is parsed. A job recorded but not yet in the waiting line (a
+        # submit in progress) is not listed until it is, so positions are always whole.
         out = [QueueEntry(job_id=job_id, state=e.state, current_phase=e.current_phase, progress=e.progress,
-                          queue_position=positions.get(job_id), kind=e.kind)
-               for job_id, e in self.store.index().items()]  # from memory: no record is parsed
+                          queue_position=positions.get(job_id), kind=e.kind, owner=e.owner)
+               for job_id, e in self.store.index().items()
+               if not (e.state == "queued" and job_id not in positions)]
         out.sort(key=lambda j: (j.queue_position is None, j.queue_position or 0))
         return out
+
+
+def _writable(folder: Path) -> str | None:
+    """None when a file can be created in ``folder`` (a read-only or full disk says why not)."""
+    probe = folder / f".ready-probe.{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return None
+    except OSError as e:
+        return f"cannot write to {folder}: {e.strerror or e}"
 
 
 def _peek_final(status: JobStatus) -> FinalJob:

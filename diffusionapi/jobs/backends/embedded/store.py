@@ -34,6 +34,7 @@ class IndexEntry:
     state: str = "queued"
     current_phase: str = "queued"
     progress: float = 0.0
+    owner: str | None = None
 
 
 class JobStore:
@@ -54,10 +55,12 @@ class JobStore:
     def status_path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.json"
 
-    def create(self, job_id: str, payload: dict, kind: str = "txt2img") -> None:
-        record = {"job_id": job_id, "kind": kind, "payload": payload, "created_at": time.time(), "attempts": 0}
+    def create(self, job_id: str, payload: dict, kind: str = "txt2img", owner: dict | None = None) -> None:
+        """``owner``: {name, priority, share} (the queue rebuilds its fair order from it after a restart)."""
+        record = {"job_id": job_id, "kind": kind, "payload": payload, "created_at": time.time(), "attempts": 0,
+                  **({"owner": owner} if owner else {})}
         with self._lock:
-            self._index[job_id] = IndexEntry(kind, record["created_at"])
+            self._index[job_id] = IndexEntry(kind, record["created_at"], owner=(owner or {}).get("name"))
         self.write_status(job_id, JobStatus.queued(), fsync=True)
         write_atomic(self.job_path(job_id), json.dumps(record).encode(), fsync=True)
 
@@ -100,6 +103,11 @@ class JobStore:
         except OSError as e:  # the job is final either way; the space comes back when it is read
             log.warning("could not drop the inputs of job %s: %s", job_id, e)
 
+    def owner(self, job_id: str) -> str | None:
+        with self._lock:
+            entry = self._index.get(job_id)
+            return entry.owner if entry is not None else None
+
     def delete(self, job_id: str, *, missing_ok_errors: bool = False) -> None:
         with self._lock:
             self._index.pop(job_id, None)
@@ -111,6 +119,40 @@ class JobStore:
             except OSError:
                 if not missing_ok_errors:
                     raise
+
+    # ------------------------------------------------------------------ retention (retention.py)
+    def final_ids_before(self, before: float) -> list[str]:
+        """Jobs whose status was last written before ``before`` (unix time): candidates to expire."""
+        out = []
+        for p in self.dir.glob("*.json"):
+            job_id = p.stem
+            if job_id.endswith("_job") or len(job_id) != 36:
+                continue
+            try:
+                if p.stat().st_mtime < before:
+                    out.append(job_id)
+            except FileNotFoundError:
+                continue
+        return out
+
+    def mark_expired(self, job_id: str, reason: str) -> None:
+        """A tombstone: the id answers 410 with ``reason`` (kept TOMBSTONE_SEC, see prune_expired)."""
+        folder = self.dir / "expired"
+        folder.mkdir(exist_ok=True)
+        write_atomic(folder / f"{job_id}.json", json.dumps({"reason": reason, "at": time.time()}).encode(),
+                     fsync=False)
+
+    def expired_reason(self, job_id: str) -> str | None:
+        data = _read_json(self.dir / "expired" / f"{job_id}.json")
+        return data.get("reason") if isinstance(data, dict) else None
+
+    def prune_expired(self, before: float) -> None:
+        for p in (self.dir / "expired").glob("*.json"):
+            try:
+                if p.stat().st_mtime < before:
+                    p.unlink()
+            except FileNotFoundError:
+                continue
 
     def set_aside(self, path: Path, reason: str) -> None:
         """Move a torn or corrupt record out of the way so start-up goes on."""
@@ -144,7 +186,9 @@ class JobStore:
         out.sort(key=lambda rs: rs[0].get("created_at", 0))
         with self._lock:
             self._index = {r["job_id"]: IndexEntry(r.get("kind", "txt2img"), r.get("created_at", 0.0),
-                                                   *((st.state, st.current_phase, st.progress) if st else ()))
+                                                   *((st.state, st.current_phase, st.progress) if st else
+                                                     ("queued", "queued", 0.0)),
+                                                   owner=(r.get("owner") or {}).get("name"))
                            for r, st in out}
         return out
 

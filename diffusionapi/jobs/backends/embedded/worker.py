@@ -5,6 +5,7 @@ import logging
 import threading
 import time
 
+from ... import observe
 from ...live import LiveFeed
 from ...runner import JobRunner
 from ...states import (MAX_ATTEMPTS, JobCancelled, JobFailed, JobInterrupted, ProgressThrottle,
@@ -30,6 +31,15 @@ class Worker:
         self.runner = runner
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Signs of life for /readyz: when the running job last reported progress (or started);
+        # None while idle. A job silent longer than worker_stall_sec means a wedged worker.
+        self.last_sign: float | None = None
+
+    def health(self) -> tuple[bool, float | None]:
+        """(thread alive, seconds the running job has been silent -- None when idle)."""
+        alive = self._thread is not None and self._thread.is_alive()
+        sign = self.last_sign
+        return alive, (time.monotonic() - sign) if sign is not None else None
 
     @property
     def engine(self):
@@ -57,6 +67,7 @@ class Worker:
                 break
             if self.live:
                 self.live.positions(self.queue.snapshot())  # everyone behind moved up one
+            self.last_sign = time.monotonic()
             try:
                 batch = self._gather(running)
                 if batch:
@@ -66,6 +77,7 @@ class Worker:
             except Exception:  # noqa: BLE001 - the worker must survive anything
                 log.exception("job %s: unexpected failure outside the job", running.job_id)
             finally:
+                self.last_sign = None
                 self.queue.finish()
 
     # ------------------------------------------------------------------ dynamic batching
@@ -120,7 +132,7 @@ class Worker:
         for running, (record, _job) in batch:
             record["attempts"] = record.get("attempts", 0) + 1
             self.store.write_job(running.job_id, record)
-            reports.append(self._begin(running.job_id, record.get("payload"))[0])  # no step events in a batch
+            reports.append(self._begin(running.job_id, record)[0])  # no step events in a batch
             cancels.append(self._batched_canceller(running, ended, t0))
         try:
             results = self.runner.engine.generate_batch([job.plan for _, (_, job) in batch], reports, cancels)
@@ -128,6 +140,7 @@ class Worker:
             for running, (record, _job) in batch:
                 self._payloads.pop(running.job_id, None)
                 if running.job_id not in ended:
+                    observe.interrupted(running.job_id)
                     record["attempts"] -= 1
                     self.store.write_job(running.job_id, record)
                     self.store.write_status(running.job_id, JobStatus.queued(), fsync=True)
@@ -167,6 +180,7 @@ class Worker:
         throttle = ProgressThrottle()
 
         def report(phase: str, progress: float) -> None:
+            self.last_sign = time.monotonic()
             if observer:
                 observer.report(payload, phase, progress)
             if throttle.due(phase):
@@ -184,7 +198,7 @@ class Worker:
         record["attempts"] = record.get("attempts", 0) + 1
         self.store.write_job(job_id, record)
         t0 = time.perf_counter()
-        report, observer = self._begin(job_id, record.get("payload"))
+        report, observer = self._begin(job_id, record)
 
         def cancelled() -> bool:
             if self._stopping.is_set():
@@ -200,6 +214,7 @@ class Worker:
             self._ended(job_id, final)
         except JobInterrupted:  # a graceful stop is not a failed attempt: back to the queue as it was
             self._payloads.pop(job_id, None)
+            observe.interrupted(job_id)
             record["attempts"] -= 1
             self.store.write_job(job_id, record)
             self.store.write_status(job_id, JobStatus.queued(), fsync=True)
@@ -219,9 +234,13 @@ class Worker:
         self.on_ended(job_id, status, self._payloads.pop(job_id, None))
         self.on_final(job_id)
 
-    def _begin(self, job_id: str, payload: dict | None):
-        """A job starts running: its ``started`` event; the reporter that also feeds live progress."""
+    def _begin(self, job_id: str, record: dict):
+        """A job starts running: its ``started`` record and event; the reporter that also feeds
+        live progress."""
+        payload = record.get("payload")
         self._payloads[job_id] = payload
+        observe.started(job_id, record.get("kind", "txt2img"), payload, "embedded", record.get("attempts", 1),
+                        record.get("created_at"))
         observer = _LiveObserver(self.live, job_id) if self.live else None
         if self.live:
             self.live.started(job_id)

@@ -1,0 +1,209 @@
+"""ControlNet files: where they are, what each one is (read from the file, never the name).
+
+``stable_diffusion/controlnet/`` (``DIFFUSIONAPI_CONTROLNET_DIR``) holds diffusers folders
+(``config.json`` + weights) and single files in the layouts people download: lllyasviel's
+``control_v11*.pth`` / ``.safetensors`` (the original ``input_blocks`` / ``zero_convs`` /
+``input_hint_block`` names, with or without ``control_model.``) and diffusers-layout single files
+(the SDXL ones). The family comes from the tensors: SDXL ControlNets have the SDXL UNet's
+``add_embedding`` (``label_emb`` in the original layout); otherwise the cross-attention width
+tells SD 1.5 from SD 2.x.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WEIGHT_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+SD2 = "sd2"  # not a family the service generates with; named so that the 422 can say what a file is
+
+
+@dataclass(frozen=True)
+class ControlNetEntry:
+    name: str            # path under the folder without extension ("control_v11p_sd15_canny", "xl/canny")
+    path: Path           # the folder or the file
+    family: str | None   # "sd15", "sdxl", "sd2"; None when unreadable
+    kind: str            # "controlnet" | "t2i-adapter"
+    format: str          # "diffusers" | "single-file"
+    hash: str            # A1111's short model hash (8 hex), as the extension shows it in titles
+    error: str | None = None  # why it cannot be used (unreadable, an unsupported variant)
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash}]"
+
+
+def controlnet_dir(settings) -> Path:
+    d = getattr(settings, "controlnet_dir", None)
+    return Path(d) if d else Path(settings.models_dir).parent / "controlnet"
+
+
+def annotators_dir(settings) -> Path:
+    d = getattr(settings, "annotators_dir", None)
+    return Path(d) if d else Path(settings.models_dir).parent / "annotators"
+
+
+def short_hash(path: Path) -> str:
+    """A1111's (and the extension's) model hash: sha256 of 64 KiB at offset 1 MiB, 8 hex digits.
+    Cheap for any file size, and the hash in the titles clients already know."""
+    m = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            m.update(f.read(0x10000))
+    except OSError:
+        return "00000000"
+    return m.hexdigest()[:8]
+
+
+def _weights_file(folder: Path) -> Path | None:
+    for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+              "diffusion_pytorch_model.fp16.safetensors"):
+        if (folder / n).is_file():
+            return folder / n
+    return next(iter(sorted(folder.glob("*.safetensors"))), None)
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple]:
+    """Tensor name -> shape, without loading tensor data where the format allows it."""
+    if path.suffix == ".safetensors":
+        from ...fileinfo import read_safetensors_header
+
+        return {k: tuple(v["shape"]) for k, v in read_safetensors_header(path).items() if k != "__metadata__"}
+    import torch
+
+    sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def strip_prefix(keys) -> str:
+    """The prefix lllyasviel's full checkpoints put before the ControlNet's own names."""
+    for p in ("control_model.",):
+        if any(k.startswith(p) for k in keys):
+            return p
+    return ""
+
+
+def classify(shapes: dict[str, tuple]) -> tuple[str | None, str, str | None]:
+    """(family, kind, error) of a single file from its tensor names and shapes."""
+    prefix = strip_prefix(shapes)
+    s = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if any("lora_controlnet" in k for k in s):
+        return None, "controlnet", "a Control-LoRA (not supported)"
+    if any(k.startswith(("task_embedding", "control_add_embedding", "transformer_layes")) for k in s):
+        return "sdxl", "controlnet", "a ControlNet union model (not supported yet)"
+    if "input_hint_block.0.weight" in s or "controlnet_cond_embedding.conv_in.weight" in s:
+        if "label_emb.0.0.weight" in s or "add_embedding.linear_1.weight" in s:
+            return "sdxl", "controlnet", None
+        cross = next((v[1] for k, v in s.items() if k.endswith("attn2.to_k.weight") and len(v) == 2), None)
+        return (SD2 if cross == 1024 else "sd15"), "controlnet", None
+    if any(k.startswith(("adapter.", "body.")) for k in s):
+        return None, "t2i-adapter", "a single-file T2I-Adapter (use its diffusers folder)"
+    return None, "controlnet", "not a ControlNet (no input_hint_block / controlnet_cond_embedding tensors)"
+
+
+def classify_folder(folder: Path) -> tuple[str | None, str, str | None]:
+    cfg = json.loads((folder / "config.json").read_text())
+    cls = cfg.get("_class_name", "")
+    if cls == "ControlNetModel":
+        if cfg.get("addition_embed_type") == "text_time":
+            return "sdxl", "controlnet", None
+        cross = cfg.get("cross_attention_dim")
+        return (SD2 if cross == 1024 else "sd15"), "controlnet", None
+    if cls in ("T2IAdapter", "MultiAdapter"):
+        return ("sdxl" if cfg.get("adapter_type") == "full_adapter_xl" else "sd15"), "t2i-adapter", None
+    if cls.startswith("ControlNetUnion"):
+        return "sdxl", "controlnet", "a ControlNet union model (not supported yet)"
+    return None, "controlnet", f"config.json names {cls or 'no class'}, not a ControlNetModel or T2IAdapter"
+
+
+class ControlNetFiles:
+    """Scans the ControlNet folder; each listing is a fresh directory walk, files read once per version."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._cache: dict[tuple, ControlNetEntry] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def root(self) -> Path:
+        return controlnet_dir(self.settings)
+
+    def entries(self) -> list[ControlNetEntry]:
+        root = self.root
+        if not root.is_dir():
+            return []
+        found: list[ControlNetEntry] = []
+        real_root = root.resolve()
+        for path in sorted(root.rglob("*")):
+            try:
+                path.resolve().relative_to(real_root)  # symlinks out of the folder are skipped
+            except (ValueError, OSError):
+                continue
+            rel = path.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            if path.is_dir() and (path / "config.json").is_file():
+                found.append(self._entry(path, rel.as_posix(), "diffusers"))
+            elif path.is_file() and path.suffix in WEIGHT_EXTS and not self._inside_folder_model(path, root):
+                found.append(self._entry(path, rel.with_suffix("").as_posix(), "single-file"))
+        return found
+
+    @staticmethod
+    def _inside_folder_model(path: Path, root: Path) -> bool:
+        for p in path.parents:
+            if p == root:
+                return False
+            if (p / "config.json").is_file():
+                return True
+        return False
+
+    def _entry(self, path: Path, name: str, fmt: str) -> ControlNetEntry:
+        stamp_file = (path / "config.json") if fmt == "diffusers" else path
+        try:
+            st = stamp_file.stat()
+            key = (str(path), st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = (str(path), 0, 0)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        try:
+            if fmt == "diffusers":
+                family, kind, error = classify_folder(path)
+                weights = _weights_file(path)
+                digest = short_hash(weights) if weights else "00000000"
+            else:
+                family, kind, error = classify(tensor_shapes(path))
+                digest = short_hash(path)
+        except Exception as e:  # noqa: BLE001 - one unreadable file must not hide the others
+            log.warning("controlnet %s unreadable: %s", path, e)
+            family, kind, error, digest = None, "controlnet", f"unreadable: {e}", "00000000"
+        entry = ControlNetEntry(name, path, family, kind, fmt, digest, error)
+        with self._lock:
+            self._cache[key] = entry
+        return entry
+
+    def resolve(self, name: str) -> ControlNetEntry | None:
+        """By name or title (``name [hash]``), any case; a bare file stem matches in subfolders too."""
+        text = str(name).strip()
+        if text.endswith("]") and " [" in text:
+            text = text[:text.rindex(" [")].strip()
+        key = text.casefold()
+        entries = self.entries()
+        for e in entries:
+            if e.name.casefold() == key:
+                return e
+        for e in entries:  # "canny" for "sd15/canny", or a name with an extension
+            stem = e.name.rsplit("/", 1)[-1].casefold()
+            if stem == key or Path(key).stem == e.name.casefold():
+                return e
+        return None

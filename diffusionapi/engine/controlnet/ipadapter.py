@@ -1,0 +1,223 @@
+"""IP-Adapter: a reference image's CLIP embedding as extra cross-attention tokens.
+
+Files: the adapters in ``stable_diffusion/ipadapter/`` (h94's ``ip-adapter_sd15.safetensors`` /
+``.bin`` layout: ``image_proj.*`` + ``ip_adapter.<n>.to_k_ip/to_v_ip``), the image encoders in
+``stable_diffusion/clip_vision/`` (``CLIPVisionModelWithProjection`` diffusers/transformers folders).
+An adapter is matched to the encoder whose projection width its ``image_proj`` takes, and to a
+model by its cross-attention width (the family where the width is a real model's).
+
+Per job the adapter's attention processors and image projection are put into the resident UNet
+(diffusers' own IP-Adapter layers) and taken out again afterwards: the exact processor objects
+the UNet had before come back, so the next job runs the model as it was. Plain IP-Adapters
+(4 image tokens) are supported; "plus" (resampler) and Face ID variants are refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .files import WEIGHT_EXTS, tensor_shapes
+
+log = logging.getLogger(__name__)
+
+CROSS_DIMS = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+
+
+def ipadapter_dir(settings) -> Path:
+    d = getattr(settings, "ipadapter_dir", None)
+    return Path(d) if d else Path(settings.models_dir).parent / "ipadapter"
+
+
+def clip_vision_dir(settings) -> Path:
+    d = getattr(settings, "clip_vision_dir", None)
+    return Path(d) if d else Path(settings.models_dir).parent / "clip_vision"
+
+
+@dataclass(frozen=True)
+class IPAdapterEntry:
+    name: str
+    path: Path
+    cross_dim: int | None      # the text width its to_k_ip takes (the model's cross-attention width)
+    image_dim: int | None      # the image-encoder projection width its image_proj takes
+    family: str | None         # from cross_dim when that is a real model's width
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    name: str
+    path: Path
+    projection_dim: int
+
+
+def _split(shapes: dict) -> tuple[dict, dict]:
+    proj = {k[len("image_proj."):]: v for k, v in shapes.items() if k.startswith("image_proj.")}
+    ip = {k[len("ip_adapter."):]: v for k, v in shapes.items() if k.startswith("ip_adapter.")}
+    return proj, ip
+
+
+def read_adapter_shapes(path: Path) -> tuple[dict, dict]:
+    if path.suffix == ".safetensors":
+        return _split(tensor_shapes(path))
+    import torch
+
+    sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    return ({k: tuple(v.shape) for k, v in sd.get("image_proj", {}).items()},
+            {k: tuple(v.shape) for k, v in sd.get("ip_adapter", {}).items()})
+
+
+def load_adapter_state(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        flat = load_file(str(path))
+        proj, ip = _split(flat)
+        return {"image_proj": proj, "ip_adapter": ip}
+    import torch
+
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    return {"image_proj": dict(sd["image_proj"]), "ip_adapter": dict(sd["ip_adapter"])}
+
+
+def describe_adapter(name: str, path: Path) -> IPAdapterEntry:
+    try:
+        proj, ip = read_adapter_shapes(path)
+    except Exception as e:  # noqa: BLE001
+        return IPAdapterEntry(name, path, None, None, None, f"unreadable: {e}")
+    if not proj or not ip:
+        return IPAdapterEntry(name, path, None, None, None, "not an IP-Adapter (no image_proj / ip_adapter tensors)")
+    if "proj.weight" not in proj or "latents" in proj or "perceiver_resampler.proj_in.weight" in proj:
+        return IPAdapterEntry(name, path, None, None, None, "an IP-Adapter variant other than the plain one "
+                                                            "(plus / full face / Face ID): not supported yet")
+    k = next((v for key, v in ip.items() if key.endswith("to_k_ip.weight")), None)
+    cross = k[1] if k else None
+    return IPAdapterEntry(name, path, cross, proj["proj.weight"][1], CROSS_DIMS.get(cross))
+
+
+class IPAdapterFiles:
+    def __init__(self, settings):
+        self.settings = settings
+        self._cache: dict[tuple, IPAdapterEntry] = {}
+        self._lock = threading.Lock()
+
+    def entries(self) -> list[IPAdapterEntry]:
+        root = ipadapter_dir(self.settings)
+        if not root.is_dir():
+            return []
+        out = []
+        for path in sorted(root.rglob("*")):
+            if not path.is_file() or path.suffix not in WEIGHT_EXTS or path.name.startswith("."):
+                continue
+            st = path.stat()
+            key = (str(path), st.st_mtime_ns, st.st_size)
+            with self._lock:
+                e = self._cache.get(key)
+            if e is None:
+                e = describe_adapter(path.relative_to(root).with_suffix("").as_posix(), path)
+                with self._lock:
+                    self._cache[key] = e
+            out.append(e)
+        return out
+
+    def resolve(self, name: str) -> IPAdapterEntry | None:
+        key = str(name).strip()
+        if key.endswith("]") and " [" in key:
+            key = key[:key.rindex(" [")]
+        key = key.casefold()
+        for e in self.entries():
+            if e.name.casefold() == key or e.name.rsplit("/", 1)[-1].casefold() == key:
+                return e
+        return None
+
+    def encoders(self) -> list[EncoderEntry]:
+        root = clip_vision_dir(self.settings)
+        if not root.is_dir():
+            return []
+        out = []
+        for cfg in sorted(root.rglob("config.json")):
+            try:
+                data = json.loads(cfg.read_text())
+            except (OSError, ValueError):
+                continue
+            dim = data.get("projection_dim") or data.get("vision_config", {}).get("projection_dim")
+            if dim:
+                out.append(EncoderEntry(cfg.parent.relative_to(root).as_posix(), cfg.parent, int(dim)))
+        return out
+
+    def encoder_for(self, entry: IPAdapterEntry) -> EncoderEntry | None:
+        return next((e for e in self.encoders() if e.projection_dim == entry.image_dim), None)
+
+
+def model_cross_dim(model) -> int | None:
+    """The model's cross-attention width: its UNet config (folders), or its family's."""
+    cfg = Path(model.path) / "unet" / "config.json"
+    if cfg.is_file():
+        try:
+            return int(json.loads(cfg.read_text())["cross_attention_dim"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return {"sd15": 768, "sdxl": 2048}.get(str(model.family))
+
+
+# ---------------------------------------------------------------------------- in the engine
+
+class EncoderCache:
+    def __init__(self):
+        self._items: dict[tuple, object] = {}
+
+    def get(self, enc: EncoderEntry, device, dtype):
+        from transformers import CLIPVisionModelWithProjection
+
+        key = (str(enc.path), str(device), dtype)
+        if key not in self._items:
+            self._items.clear()  # one encoder resident
+            model = CLIPVisionModelWithProjection.from_pretrained(str(enc.path), local_files_only=True,
+                                                                  dtype=dtype)
+            self._items[key] = model.to(device).eval()
+        return self._items[key]
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_embeds(encoder, images, device):
+    """(1, n_images, projection_dim): CLIP's preprocessing (shorter side to the encoder's size,
+    centre crop, CLIP normalisation), then the projected image embedding."""
+    from transformers import CLIPImageProcessor
+
+    size = encoder.config.image_size
+    proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    pixels = proc(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+    out = encoder(pixels.to(device, encoder.dtype)).image_embeds
+    return out.unsqueeze(0)
+
+
+class InstalledAdapters:
+    """IP-Adapters put into a UNet for one job; ``remove()`` gives the UNet back exactly as it was."""
+
+    def __init__(self, unet, states: list[dict]):
+        self.unet = unet
+        self.processors = dict(unet.attn_processors)
+        self.hid_proj = unet.encoder_hid_proj
+        self.hid_type = unet.config.encoder_hid_dim_type
+        try:
+            unet._load_ip_adapter_weights(states)
+        except BaseException:
+            self.remove()  # never leave a half-changed UNet resident
+            raise
+        self.ip_processors = [p for p in unet.attn_processors.values() if hasattr(p, "scale")
+                              and isinstance(getattr(p, "scale"), list)]
+
+    def set_scales(self, scales: list[float]) -> None:
+        for p in self.ip_processors:
+            p.scale = list(scales)
+
+    def remove(self) -> None:
+        self.unet.set_attn_processor(self.processors)
+        self.unet.encoder_hid_proj = self.hid_proj
+        self.unet.config.encoder_hid_dim_type = self.hid_type

@@ -1,0 +1,175 @@
+"""Loading ControlNets for a base model, offline, and keeping a few resident.
+
+Diffusers folders load with ``from_pretrained``. Single files are read as tensors (``.pth`` /
+``.ckpt`` with ``weights_only=True``), renamed from the original layout with diffusers' own
+converter when needed, and built from a config: ``<stem>.config/config.json`` next to the file
+when present, otherwise one *read from the tensors* (blocks, channels, layers, cross-attention
+width, conditioning embedding) completed with what weights cannot tell — attention heads, the
+SDXL time-embedding width, norm groups — from the base model's UNet, which a ControlNet copies.
+Every parameter must be loaded: a file that leaves one out is refused, never run half-random.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .files import ControlNetEntry, strip_prefix
+
+log = logging.getLogger(__name__)
+
+
+class ControlNetLoadError(RuntimeError):
+    pass
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _ldm_layers_per_block(sd: dict) -> int:
+    """Original layout: input_blocks.N.0.op is the first down-sampler, after ``layers_per_block`` layers."""
+    ops = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.") and ".0.op." in k)
+    if ops:
+        return ops[0] - 1
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")}
+    return max(blocks) if blocks else 1
+
+
+def to_diffusers_layout(sd: dict) -> dict:
+    prefix = strip_prefix(sd)
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if "controlnet_cond_embedding.conv_in.weight" in sd:
+        return sd
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    out = convert_controlnet_checkpoint(sd, {"layers_per_block": _ldm_layers_per_block(sd)})
+    # diffusers' converter leaves out SDXL's label_emb (the micro-conditioning embedding)
+    for a, b in (("linear_1", "0.0"), ("linear_2", "0.2")):
+        for kind in ("weight", "bias"):
+            if f"label_emb.{b}.{kind}" in sd:
+                out[f"add_embedding.{a}.{kind}"] = sd[f"label_emb.{b}.{kind}"]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _count(sd: dict, prefix: str, index_at: int) -> int:
+    idx = {int(k.split(".")[index_at]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(sd: dict, unet_config) -> dict:
+    """A ControlNetModel config from diffusers-layout tensors plus the base UNet's config."""
+    n = _count(sd, "down_blocks.", 1)
+    if not n:
+        raise ControlNetLoadError("no down_blocks tensors")
+    blocks = [sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n)]
+    attn = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in sd) for i in range(n)]
+    tlayers = [max(_count(sd, f"down_blocks.{i}.attentions.0.transformer_blocks.", 5), 1) for i in range(n)]
+    cross = next((v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    proj = next((v for k, v in sd.items() if k.endswith("proj_in.weight")), None)
+    emb = ["controlnet_cond_embedding.conv_in.weight"] + [
+        f"controlnet_cond_embedding.blocks.{2 * i + 1}.weight"
+        for i in range(_count(sd, "controlnet_cond_embedding.blocks.", 2) // 2)]
+    ucfg = dict(unet_config)
+
+    def per_block(v):
+        return list(v[:n]) if isinstance(v, (list, tuple)) else v
+
+    cfg = dict(
+        in_channels=sd["conv_in.weight"].shape[1],
+        conditioning_channels=sd["controlnet_cond_embedding.conv_in.weight"].shape[1],
+        conditioning_embedding_out_channels=[sd[k].shape[0] for k in emb],
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        block_out_channels=blocks,
+        layers_per_block=_count(sd, "down_blocks.0.resnets.", 3),
+        transformer_layers_per_block=tlayers,
+        cross_attention_dim=cross or ucfg.get("cross_attention_dim", 768),
+        use_linear_projection=bool(proj is not None and proj.dim() == 2),
+        mid_block_type="UNetMidBlock2DCrossAttn" if any(k.startswith("mid_block.attentions.") for k in sd)
+        else "UNetMidBlock2D",
+        # What tensors cannot say: a ControlNet is a copy of its base UNet's encoder.
+        attention_head_dim=per_block(ucfg.get("attention_head_dim", 8)),
+        num_attention_heads=per_block(ucfg.get("num_attention_heads")),
+        norm_num_groups=ucfg.get("norm_num_groups", 32),
+        upcast_attention=ucfg.get("upcast_attention", False),
+    )
+    if "add_embedding.linear_1.weight" in sd:
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=ucfg.get("addition_time_embed_dim", 256),
+                   projection_class_embeddings_input_dim=sd["add_embedding.linear_1.weight"].shape[1])
+    return cfg
+
+
+def sidecar_config(path: Path) -> dict | None:
+    for cand in (path.with_name(path.stem + ".config") / "config.json", path.with_suffix(".json")):
+        if cand.is_file():
+            return {k: v for k, v in json.loads(cand.read_text()).items() if not k.startswith("_")}
+    return None
+
+
+def load_controlnet(entry: ControlNetEntry, unet_config, device, dtype):
+    if entry.error:
+        raise ControlNetLoadError(entry.error)
+    if entry.format == "diffusers":
+        if entry.kind == "t2i-adapter":
+            from diffusers import T2IAdapter as cls
+        else:
+            from diffusers import ControlNetModel as cls
+        model = cls.from_pretrained(str(entry.path), torch_dtype=dtype, local_files_only=True)
+    else:
+        from diffusers import ControlNetModel
+
+        sd = to_diffusers_layout(read_state_dict(entry.path))
+        cfg = sidecar_config(entry.path) or infer_config(sd, unet_config)
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        with torch.device("meta"):
+            model = ControlNetModel(**cfg)
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)[:2]
+        if missing:
+            raise ControlNetLoadError(f"{len(missing)} parameters missing from the file (e.g. {missing[0]})")
+        if unexpected:
+            raise ControlNetLoadError(f"{len(unexpected)} tensors the architecture has no place for "
+                                      f"(e.g. {unexpected[0]})")
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            raise ControlNetLoadError(f"parameter {name} missing from the file")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class ControlNetCache:
+    """Resident ControlNets (LRU, as many as A1111's default unit count), keyed by file version and
+    the base UNet config they were built for."""
+
+    def __init__(self, capacity: int = 3):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, entry: ControlNetEntry, unet, device):
+        stamp = (entry.path / "config.json") if entry.format == "diffusers" else entry.path
+        # What the built model depends on: the file version, and (single files) the base UNet's config.
+        base = json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")}, sort_keys=True,
+                          default=str)
+        key = (str(entry.path), stamp.stat().st_mtime_ns, base, str(device), unet.dtype)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            while len(self._items) >= self.capacity:
+                self._items.popitem(last=False)
+            model = load_controlnet(entry, unet.config, device, unet.dtype)
+            self.loads += 1
+            self._items[key] = model
+            return model

@@ -1,0 +1,69 @@
+"""ControlNet pieces without a server: resize modes, pixel perfect, soft weights, module names, A1111 unit forms."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffusionapi.api.sdapi.controlnet import UnitError, controlnet_units
+from diffusionapi.engine.controlnet import preprocessors as pp
+from diffusionapi.engine.controlnet.units import fit, soft_scales
+
+
+def test_resize_modes_cover_crop_fit_and_fill_with_the_border_median():
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :, 0] = 200  # border and all: red
+    a[5:15, 15:25] = 255
+    assert fit(a, 30, 30, "Just Resize").shape == (30, 30, 3)
+    crop = fit(a, 30, 30, "Crop and Resize")  # scale 1.5 (covers), centre crop
+    assert crop.shape == (30, 30, 3)
+    filled = fit(a, 40, 40, "Resize and Fill")  # fits at 40x20, padded top and bottom
+    assert filled.shape == (40, 40, 3) and (filled[0, 0] == [200, 0, 0]).all() and (filled[-1, -1] == [200, 0, 0]).all()
+    edges = np.zeros((64, 64, 3), np.uint8)
+    edges[:, 31] = 255  # a one-pixel line survives shrinking and the map stays binary
+    small = fit(edges, 16, 16, "Just Resize")
+    assert set(np.unique(small)) == {0, 255}
+
+
+@pytest.mark.parametrize("image, target, mode, expected", [
+    ((512, 768), (512, 512), "Crop and Resize", 512),   # cover: max(1, 2/3) * 512
+    ((512, 768), (512, 512), "Resize and Fill", 341),   # fit: min(1, 2/3) * 512
+    ((256, 256), (768, 512), "Crop and Resize", 768),
+])
+def test_pixel_perfect_resolution(image, target, mode, expected):
+    assert pp.pixel_perfect_resolution(image, target, mode) == expected
+
+
+def test_soft_weights_are_the_extensions():
+    s = soft_scales(1.0, 13)
+    assert s[-1] == 1.0 and s[0] == pytest.approx(0.825 ** 12)
+    assert soft_scales(0.5, 10) == [0.5 * 0.825 ** (12 - i) for i in range(10)]  # SDXL: the first 10
+    assert soft_scales(1.0, 4, adapter=True) == [0.25, 0.62, 0.825, 1.0]
+
+
+def test_modules_by_name_label_alias_and_defaults_out_of_range():
+    assert pp.find("Canny").name == "canny"
+    assert pp.find("invert (from white bg & black line)").name == "invert"
+    assert pp.find("binary").name == "threshold" and pp.find(None).name == "none" and pp.find("x") is None
+    canny = pp.PREPROCESSORS["canny"]
+    assert canny.params(-1, -1, 300) == (512, 100.0, 200.0)  # A1111: out of range -> the default
+    assert canny.params(256, 50, 150) == (256, 50.0, 150.0)
+
+
+def test_a1111_units_forms_defaults_and_legacy_names():
+    w: list[str] = []
+    units = controlnet_units({"ControlNet": {"args": [
+        {"enabled": True, "model": "m [abc]", "image": {"image": "I", "mask": "M"}, "control_mode": 2,
+         "resize_mode": "Inner Fit (Scale to Fit)", "hr_option": "Low res only"},
+        {"enabled": True, "model": "m", "input_image": "I", "guidance": 0.4, "guessmode": True},
+        {"model": "m", "image": "I"},                                    # the extension: disabled by default
+        {"model": "m", "image": ["I", "M"], "image_fg": None},           # Forge: enabled by default
+        {"enabled": True, "module": "reference_only", "model": "None"},  # skipped with a warning
+    ]}}, w)
+    assert [u["image"] for u in units] == ["I", "I", "I"] and [u["mask"] for u in units] == ["M", None, "M"]
+    assert units[0]["control_mode"] == "ControlNet is more important" and units[0]["resize_mode"] == "Crop and Resize"
+    assert units[0]["hires"] == "low" and units[0]["save_detected_map"] is True
+    assert units[1]["guidance_end"] == 0.4 and units[1]["control_mode"] == "ControlNet is more important"
+    assert len(w) == 1 and "reference_only" in w[0]
+    with pytest.raises(UnitError, match="control_mode"):
+        controlnet_units({"controlnet": {"args": [{"enabled": True, "model": "m", "control_mode": "loud"}]}}, [])
+    assert controlnet_units({"ADetailer": {"args": [True]}}, []) == []
