@@ -273,7 +273,8 @@ def parse_infotext(text: str) -> dict:
 
 # A1111's "Schedule type:" labels -> our scheduler_type ("Automatic": the sampler's own).
 _SCHEDULE_TYPES = {"normal": "default", "uniform": "default", "karras": "karras", "exponential": "exponential",
-                   "ddim": "ddim", "pndm": "pndm"}
+                   "ddim": "ddim", "pndm": "pndm", "simple": "simple", "sgm uniform": "sgm_uniform", "beta": "beta",
+                   "kl optimal": "kl_optimal"}
 
 
 def _number(value, kind):
@@ -289,7 +290,9 @@ def infotext_parameters(items: dict) -> dict:
     (only those the text states; the rest keep their defaults)."""
     out: dict = {"prompt": items.get("Prompt", ""), "negative_prompt": items.get("Negative prompt", "")}
     simple = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
-              "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int)}
+              "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
+              # Forge's Flux guidance and the CFG rescale phi
+              "Distilled CFG Scale": ("distilled_cfg_scale", float), "RescaleCFG": ("cfg_rescale", float)}
     for key, (field, kind) in simple.items():
         v = _number(items.get(key), kind)
         if v is not None:

@@ -88,6 +88,10 @@ class Txt2ImgRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12)  # added: A1111's "Clip skip"; 1 = the text encoder's last layer
     batch_size: int = Field(1, ge=1, description="images made in one UNet batch; seeds seed, seed+1, ...")
     n_iter: int = Field(1, ge=1, description="batches made one after another")
+    distilled_cfg_scale: float = Field(3.5, ge=0.0, le=100.0, description="Forge's name: the guidance a "
+                                       "guidance-distilled model (Flux.1-dev) is given; others ignore it")
+    cfg_rescale: float = Field(0.0, ge=0.0, le=1.0, description="CFG rescale phi (0 = off): keeps v-prediction "
+                                                                  "/ zero-SNR models from over-exposing; 0.7 is usual")
     # added: image guidance (README "ControlNet"), applied in order
     controlnets: list[ControlNetUnitRequest] = Field(default_factory=list, max_length=8)
     ip_adapters: list[IPAdapterUnitRequest] = Field(default_factory=list, max_length=4)  # added
@@ -233,8 +237,11 @@ class QueueStatusResponse(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     label: str
-    type: str | None = None
+    type: str | None = None     # the family id (the seed's field name); same as family
     format: str | None = None
+    family: str | None = None   # sd15, sd2, sdxl, sdxl-refiner (diffusionapi/families)
+    prediction: str | None = None  # epsilon | v_prediction
+    ztsnr: bool | None = None   # zero-terminal-SNR noise schedule
 
 
 class ModelsResponse(BaseModel):

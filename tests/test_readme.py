@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MARK = "<!-- request-block: tests/test_readme.py runs this block -->"
 # Pages other branches add (ControlNet, model families, security); docs/README.md lists them already.
-PENDING = {"docs/families.md"}  # lands with the model-families branch
+PENDING: set[str] = set()  # pages linked before they land (none now)
 
 
 def request_block() -> str:

@@ -37,7 +37,9 @@ TINY = dict(width=64, height=64, steps=4)
     ("k_euler", None, ("Euler", None), False),
     ("Restart", None, (DEFAULT, None), True),                  # unknown: the default, never a 4xx
     ("DPM fast", "karras", ("DPM fast", None), True),          # cannot run that schedule: its own
-    ("Euler", "sgm_uniform", ("Euler", None), True),
+    ("Euler", "sgm_uniform", ("Euler", "sgm_uniform"), False),   # A1111 1.10's Flux/SD3 schedules
+    ("Euler", "Simple", ("Euler", "simple"), False),
+    ("Euler", "align_your_steps", ("Euler", None), True),        # not available: the sampler's own
     (None, None, (DEFAULT, None), False),
 ])
 def test_sampler_and_scheduler_names(sampler, scheduler, expected, warns):

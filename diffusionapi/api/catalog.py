@@ -11,7 +11,8 @@ router = APIRouter()
 
 
 def _models(request: Request) -> list[ModelInfo]:
-    return [ModelInfo(name=m.name, label=m.label, type=m.family, format=m.format)
+    return [ModelInfo(name=m.name, label=m.label, type=m.family, format=m.format, family=m.family,
+                      prediction=m.prediction, ztsnr=m.ztsnr)
             for m in request.app.state.registry.models()]
 
 

@@ -104,6 +104,13 @@ class Txt2ImgAPIRequest(_Wire):
     alwayson_scripts: dict = Field(default_factory=dict)
     infotext: str | None = None
     clip_skip: int | None = None  # SD.Next's top-level field; SillyTavern sends it too
+    # CFG rescale phi: A1111's dev-branch/Forge option name (also an override_setting), and the native name.
+    rescale_cfg: float | None = None
+    cfg_rescale: float | None = None
+    # Forge's Flux fields (../shared/a1111-extensions.md): the distilled guidance, and a preset name
+    # Forge's UI uses (nothing to do here: the model's family decides).
+    distilled_cfg_scale: float | None = None
+    forge_preset: str | None = None
 
 
 class Img2ImgAPIRequest(Txt2ImgAPIRequest):
@@ -207,6 +214,10 @@ SCHEDULERS: tuple[Scheduler, ...] = (
     Scheduler("normal", "Normal", "default", need_inner_model=True),
     Scheduler("ddim", "DDIM", "ddim", need_inner_model=True),
     Scheduler("pndm", "PNDM", "pndm"),  # not in A1111: the spacing of the model's own scheduler config
+    Scheduler("sgm_uniform", "SGM Uniform", "sgm_uniform", need_inner_model=True),
+    Scheduler("kl_optimal", "KL Optimal", "kl_optimal"),
+    Scheduler("simple", "Simple", "simple", need_inner_model=True),
+    Scheduler("beta", "Beta", "beta", need_inner_model=True),
 )
 
 
@@ -321,6 +332,15 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
         raise FieldError("override_settings.CLIP_stop_at_last_layers", "must be a finite number")
     if isinstance(clip_skip, (int, float)) and clip_skip >= 1:
         body["clip_skip"] = int(clip_skip)
+    _cfg_rescale(req, overrides, body)
+    if req.distilled_cfg_scale is not None:
+        body["distilled_cfg_scale"] = req.distilled_cfg_scale
+    modules = overrides.get("forge_additional_modules")
+    if modules:
+        # The model's folder holds its own VAE and text encoders; separate component files are
+        # not loaded yet, so naming them changes nothing: said, not silently dropped.
+        ctx.warnings.append(f"override_settings.forge_additional_modules {modules!r} ignored: the model's own "
+                            "VAE and text encoders are used")
     body["batch_size"], body["n_iter"] = req.batch_size, req.n_iter
     # feeds /progress's current_image, as A1111's live previews do
     body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
@@ -343,6 +363,19 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
         if getattr(req, unused) and getattr(req, unused) not in ("Use same checkpoint", "Use same sampler"):
             ctx.warnings.append(f"{unused} is not supported; the second pass uses the first pass's")
     return body
+
+
+def _cfg_rescale(req: Txt2ImgAPIRequest, overrides: dict, body: dict) -> None:
+    """CFG rescale phi from ``override_settings.rescale_cfg``, ``rescale_cfg`` or ``cfg_rescale``."""
+    for field_name, value in (("override_settings.rescale_cfg", overrides.get("rescale_cfg")),
+                              ("rescale_cfg", req.rescale_cfg), ("cfg_rescale", req.cfg_rescale)):
+        if value is None:
+            continue
+        phi = _lenient_number(value)
+        if not isinstance(phi, (int, float)) or isinstance(phi, bool) or not 0 <= phi <= 1:
+            raise FieldError(field_name, f"CFG rescale must be a number from 0 to 1, not {value!r}")
+        body["cfg_rescale"] = float(phi)
+        return
 
 
 PREVIEW_EVERY_N_STEPS = 10  # A1111's show_progress_every_n_steps default
