@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Sets up on first use, then serves DiffusionAPI with uvicorn.
-#   HOST (default 0.0.0.0), PORT (default 7866); extra arguments go to uvicorn.
+#   HOST (default 127.0.0.1: this machine only), PORT (default 7866); extra arguments go to uvicorn.
+#   Listening beyond loopback (HOST=0.0.0.0) needs DIFFUSIONAPI_API_KEY or DIFFUSIONAPI_API_AUTH,
+#   or DIFFUSIONAPI_ALLOW_UNAUTHENTICATED=true (docs/security.md).
 #   HTTPS when SSL_CERTFILE and SSL_KEYFILE (default ssl/cert.pem, ssl/key.pem) both exist.
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
-HOST="${HOST:-0.0.0.0}"
+HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-7866}"
 SSL_CERTFILE="${SSL_CERTFILE-ssl/cert.pem}"  # set empty to force HTTP
 SSL_KEYFILE="${SSL_KEYFILE-ssl/key.pem}"
 py=.venv/bin/python
 
+"$py" -m diffusionapi.cli check-exposure "$HOST" || exit 1
 "$py" -m diffusionapi.cli check-port "$HOST" "$PORT" || exit 1
 "$py" -m diffusionapi.cli ensure-model || exit 1
 
@@ -27,4 +30,6 @@ if [ -n "${REQUIRE_TLS:-}" ] || { [ -n "$SSL_CERTFILE$SSL_KEYFILE" ] && { [ -e "
 fi
 shown_host="$HOST"; [ "$HOST" = "0.0.0.0" ] && shown_host=localhost
 echo "DiffusionAPI serving at $scheme://$shown_host:$PORT"
-exec .venv/bin/uvicorn diffusionapi.main:app --host "$HOST" --port "$PORT" "${tls[@]}" "$@"
+# The connection guard: header/body deadlines and connection caps (security/connguard.py).
+exec .venv/bin/uvicorn diffusionapi.main:app --host "$HOST" --port "$PORT" \
+  --http diffusionapi.security.connguard:GuardedAuto "${tls[@]}" "$@"

@@ -45,6 +45,11 @@ FAMILIES = ("sd15", "sdxl")
 # Per family: image side, steps. Tiny mode keeps the shapes of the flow, not the sizes.
 FULL = {"sd15": (512, 20), "sdxl": (1024, 20)}
 TINY = {"sd15": (64, 4), "sdxl": (64, 4)}
+# Flow-matching families (section "flow", --flow-families): Flux.1-dev (bf16, CFG 1, distilled
+# guidance 3.5) and SD 3.5 Large (bf16, CFG 4.5), Euler on the Simple schedule.
+FLOW_FULL = {"flux1": (1024, 20), "sd3": (1024, 20)}
+FLOW_TINY = {"flux1": (64, 4), "sd3": (64, 4)}
+FLOW_CFG = {"flux1": 1.0, "sd3": 4.5}
 
 
 # ---------------------------------------------------------------------------- bookkeeping
@@ -160,6 +165,135 @@ def build_full(family: str, device: str):
     tok2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
                                      unet=unet, scheduler=EulerDiscreteScheduler.from_config(sched_cfg))
+
+
+def build_full_flow(family: str, device: str):
+    """Full-size Flux.1-dev or SD 3.5 Large with random bf16 weights (fp32 on CPU): the published
+    architectures, CLIP-L / CLIP-G configs from the shipped SD 1.5 / SDXL folders, T5-XXL, the
+    16-channel VAE. Tokenizers: CLIP's shipped BPE and the in-memory T5 stand-in (random weights
+    do not care which tokens they see)."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel)
+
+    from diffusionapi.demo import FLUX_DEV_SCHEDULER, SD3_SCHEDULER, tiny_t5_tokenizer
+    from diffusionapi.engine.checkpoints import packaged_config
+
+    sd15, sdxl = packaged_config("sd15"), packaged_config("sdxl")
+
+    def cfg(folder, part):
+        return json.loads((folder / part / "config.json").read_text())
+
+    t5 = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                  relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                  is_encoder_decoder=False, use_cache=False, dropout_rate=0.0)
+    vae_kw = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                  latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**{**cfg(sdxl, "text_encoder"), "projection_dim": 768}))
+            t5_model = T5EncoderModel(t5).eval()
+            if family == "flux1":
+                transformer = FluxTransformer2DModel(guidance_embeds=True).eval()  # the defaults are Flux.1's
+                vae = AutoencoderKL(**vae_kw, shift_factor=0.1159, scaling_factor=0.3611).eval()
+                te = CLIPTextModel(CLIPTextConfig(**cfg(sd15, "text_encoder"))).eval()
+            else:  # SD 3.5 Large
+                transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                                                    num_layers=38, attention_head_dim=64, num_attention_heads=38,
+                                                    joint_attention_dim=4096, caption_projection_dim=2432,
+                                                    pooled_projection_dim=2048, pos_embed_max_size=192,
+                                                    qk_norm="rms_norm").eval()
+                vae = AutoencoderKL(**vae_kw, shift_factor=0.0609, scaling_factor=1.5305).eval()
+                clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**cfg(sdxl, "text_encoder_2"))).eval()
+    finally:
+        torch.set_default_dtype(old)
+    tok = CLIPTokenizer.from_pretrained(str(sd15 / "tokenizer"))
+    if family == "flux1":
+        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae, text_encoder=te,
+                            tokenizer=tok, text_encoder_2=t5_model, tokenizer_2=tiny_t5_tokenizer(),
+                            transformer=transformer)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+                                    vae=vae, text_encoder=clip_l, tokenizer=tok, text_encoder_2=clip_g,
+                                    tokenizer_2=CLIPTokenizer.from_pretrained(str(sdxl / "tokenizer_2")),
+                                    text_encoder_3=t5_model, tokenizer_3=tiny_t5_tokenizer())
+
+
+def flow_section(run: Run, work: Path, fam: str, tiny: bool, device: str, reps: int, services: list) -> None:
+    """One flow family: build, save as a diffusers folder, bare diffusers (Euler, the Simple
+    sigmas, same noise) then the service (Euler + simple), one after the other so each has the
+    GPU to itself; images compared, speed ratio and peak VRAM recorded."""
+    import numpy as np
+    import torch
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from PIL import Image
+
+    size, steps = (FLOW_TINY if tiny else FLOW_FULL)[fam]
+    models = work / "flow-models"
+    t = time.perf_counter()
+    pipe = build_tiny(fam, device) if tiny else build_full_flow(fam, device)
+    build_s = time.perf_counter() - t
+    pipe.save_pretrained(models / fam, safe_serialization=True)
+    del pipe
+    free(device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    cls = FluxPipeline if fam == "flux1" else StableDiffusion3Pipeline
+    t = time.perf_counter()
+    bare = cls.from_pretrained(str(models / fam), dtype=dtype, local_files_only=True).to(device)
+    bare.set_progress_bar_config(disable=True)
+    bare_load_s = time.perf_counter() - t
+    lat = size // 8
+    sigmas = list(np.linspace(1.0, 1 / steps, steps))
+    kw = dict(guidance_scale=3.5) if fam == "flux1" else dict(guidance_scale=FLOW_CFG[fam], negative_prompt="")
+
+    def bare_call(seed: int):
+        noise = torch.randn((1, 16, lat, lat), generator=torch.Generator("cpu").manual_seed(seed))
+        latents = bare._pack_latents(noise, 1, 16, lat, lat) if fam == "flux1" else noise
+        sync(device)
+        t0 = time.perf_counter()
+        img = bare(PROMPT, height=size, width=size, num_inference_steps=steps, sigmas=sigmas,
+                   latents=latents.to(device, dtype), output_type="np", **kw).images[0]
+        sync(device)
+        return time.perf_counter() - t0, img
+
+    peak_reset(device)
+    bare_call(1)
+    bare_runs = [bare_call(100 + i) for i in range(reps)]
+    bare_peak = peak_mb(device)
+    ref = bare_runs[0][1]
+    del bare
+    free(device)
+    svc = Service(f"flow-{fam}", work, models, device, default_model=fam)
+    services.append(svc)
+    svc.ready()
+    req = dict(prompt=PROMPT, model=fam, width=size, height=size, steps=steps, cfg_scale=FLOW_CFG[fam],
+               sampler_name="Euler", scheduler_type="simple", fileType="png")
+    t = time.perf_counter()
+    svc.job(**req, seed=1)
+    first_job_s = time.perf_counter() - t
+    svc_runs = [svc.job(**req, seed=100 + i) for i in range(reps)]
+    import base64
+    import io
+
+    ours = np.asarray(Image.open(io.BytesIO(base64.b64decode(svc_runs[0]["image"]))).convert("RGB"), dtype=np.float32)
+    diff = np.abs(ours - np.rint(ref * 255))
+    b, s_ = median([r[0] for r in bare_runs]), median([r["wall"] for r in svc_runs])
+    row = {"family": fam, "size": size, "steps": steps, "build_s": round(build_s, 1), "bare_load_s": round(bare_load_s, 1),
+           "service_first_job_s": round(first_job_s, 1), "bare_s_per_image": round(b, 4),
+           "service_s_per_image": round(s_, 4), "service_vs_bare_speed": round(b / s_, 3),
+           "bare_peak_vram_mb": bare_peak, "service_gpu_mb": svc.gpu_mb(),
+           "image_mean_abs_diff": round(float(diff.mean()), 3), "image_max_abs_diff": float(diff.max())}
+    run.results.setdefault("flow", []).append(row)
+    log(f"   {fam}: bare {b:.3f} s, service {s_:.3f} s (x{b / s_:.3f}), |diff| mean {row['image_mean_abs_diff']}")
+    svc.close()
+    services.remove(svc)
+    run.results.setdefault("service_log_tails", {})[svc.name] = svc.tail(2000)
 
 
 def build_tiny(family: str, device: str):
@@ -547,10 +681,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds; sections that would overrun are skipped "
                     "(default 430, --quick 195, --tiny none); a section still running 40 s past it is stopped")
     ap.add_argument("--families", default="sd15,sdxl")
+    ap.add_argument("--flow-families", default="", help="section flow: flux1,sd3 (full size: Flux.1-dev, "
+                    "SD 3.5 Large, bf16; about 34 and 26 GB of weights each)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile measurements")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--sections", default="speed,batch4,attention,options,batching,compile,fast",
+    ap.add_argument("--sections", default="speed,batch4,attention,options,batching,compile,fast,flow",
                     help="which to run (the model build always runs)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per figure (default 3, --quick 2)")
     ap.add_argument("--no-single-file", action="store_true", help="install SDXL as a folder only")
@@ -684,6 +820,10 @@ def main(argv=None) -> int:
                     log(f"   fast service {fam}: {steps / m:.2f} it/s")
                 R["fast_service_warmup_total_s"] = round(time.perf_counter() - t, 1)
                 s3.close()
+        for fam in [f for f in args.flow_families.split(",") if f] if "flow" in sections else []:
+            if run.allows(f"flow {fam}", 0 if args.tiny else 240):
+                with run.section(f"flow {fam}: bare diffusers vs service"):
+                    flow_section(run, work, fam, args.tiny, device, min(reps, 2), services)
     except OutOfTime as e:
         R["errors"].append(str(e))
     finally:
@@ -743,6 +883,14 @@ def print_table(R: dict) -> None:
         keys = [k for k in b if k.startswith("max_batch_jobs_")]
         log(f"\ndynamic batching, {b['family']} {b['size']}, {b[keys[0]]['clients']} clients: "
             + ", ".join(f"{k}: {b[k]['images_per_s']} images/s" for k in keys) + f"; speed-up {b['speedup']}x")
+    if R.get("flow"):
+        log("\n| model | size | steps | bare diffusers s/image | service s/image | service / bare speed | "
+            "bare peak VRAM MB | service GPU MB | image mean abs diff |")
+        log("|---|---|---|---|---|---|---|---|---|")
+        for r in R["flow"]:
+            log(f"| {r['family']} | {r['size']} | {r['steps']} | {r['bare_s_per_image']:.3f} | "
+                f"{r['service_s_per_image']:.3f} | {r['service_vs_bare_speed']:.3f} | {r['bare_peak_vram_mb'] or '-'} | "
+                f"{r['service_gpu_mb'] or '-'} | {r['image_mean_abs_diff']} |")
     if R["skipped"]:
         log("skipped: " + "; ".join(R["skipped"]))
     if R["errors"]:

@@ -69,6 +69,37 @@ def _check_port(host: str, port: str) -> int:
     return 0
 
 
+def _check_exposure(host: str) -> int:
+    """init.sh: refuse to listen beyond loopback when nobody needs credentials (a GPU service open
+    to a network runs anyone's jobs), unless DIFFUSIONAPI_ALLOW_UNAUTHENTICATED says so. Also
+    reads the settings once, so an empty secret fails here with its message."""
+    import ipaddress
+
+    from pydantic import ValidationError
+
+    from .config import Settings
+
+    try:
+        s = Settings()
+    except ValidationError as e:
+        for err in e.errors():
+            print(f"init.sh: {str(err.get('msg', err)).removeprefix('Value error, ')}", file=sys.stderr)
+        return 1
+    if s.api_key or s.api_auth or s.api_keys_file or s.allow_unauthenticated:
+        return 0
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return 0
+    print(f"init.sh: refusing to listen on {host} without credentials: set DIFFUSIONAPI_API_KEY (or "
+          "DIFFUSIONAPI_API_AUTH, DIFFUSIONAPI_API_KEYS_FILE), or DIFFUSIONAPI_ALLOW_UNAUTHENTICATED=true "
+          "to serve the network openly, "
+          "or HOST=127.0.0.1", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv else ""
@@ -76,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         return _ensure_model()
     if cmd == "check-port":
         return _check_port(*argv)
+    if cmd == "check-exposure":
+        return _check_exposure(*argv)
     if cmd == "list-models":
         return list_models_main(argv)
-    print("usage: python -m diffusionapi.cli {ensure-model|check-port HOST PORT|list-models [--json]}",
+    print("usage: python -m diffusionapi.cli {ensure-model|check-port HOST PORT|check-exposure HOST|list-models [--json]}",
           file=sys.stderr)
     return 2
 

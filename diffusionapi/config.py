@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1)
     max_n_iter: int = Field(16, ge=1)
     max_image_body_bytes: int = Field(50_000_000, ge=1024)  # image-carrying endpoints (img2img, upscale)
+    # A job's cost in megapixel-steps: images x (width x height x steps, + the hires pass) x
+    # conditioning (AND parts and 75-token chunks); limits.py, docs/security.md "sizing".
+    max_cost: float = Field(2500.0, gt=0)
+    # png-info: an image's text fields (prompt, negative prompt, parameters) longer than this are refused
+    # before the infotext parser runs.
+    max_infotext_chars: int = Field(65_536, ge=1024)
 
     # Engine behaviour.
     pipeline_cache_size: int = Field(1, ge=1)
@@ -78,10 +84,19 @@ class Settings(BaseSettings):
     # the first submit's job instead of making another.
     idempotency_window_sec: float = Field(86400.0, gt=0)
 
-    # Access.
+    # Connections (security/connguard.py, docs/security.md): how long a request may take to arrive,
+    # and how many connections a client, and all clients, may hold open.
+    header_timeout_sec: float = Field(10.0, ge=0)  # request line + headers; 0: no deadline
+    body_timeout_sec: float = Field(60.0, ge=0)    # the whole request, from its first byte
+    max_connections: int = Field(0, ge=0)          # 0: half the process's open-file limit
+    max_connections_per_client: int = Field(64, ge=0)  # 0: no cap (behind a reverse proxy)
+
+    # Access (auth/keys.py: one check for every route of both dialects).
     api_key: str | None = None
-    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic on /sdapi (A1111's --api-auth)
+    api_auth: str | None = None  # user:pass[,user2:pass2]: HTTP Basic (A1111's --api-auth), every route
     api_keys_file: Path | None = None  # named keys with roles and limits (docs/tenants.md, auth/keys.py)
+    # init.sh refuses to listen beyond loopback with no credentials configured, unless this says so.
+    allow_unauthenticated: bool = False
     cors_origins: list[str] = Field(default_factory=list)
 
     # Live progress (README "Live progress"): previews, event streams, webhooks.
@@ -94,6 +109,16 @@ class Settings(BaseSettings):
     webhook_backoff_sec: float = Field(10.0, ge=0)  # first retry delay; doubles each time
     webhook_timeout_sec: float = Field(10.0, gt=0)
     webhook_progress_interval_sec: float = Field(2.0, ge=0)  # progress webhooks: at most one per interval
+    webhook_concurrency: int = Field(8, ge=1)  # deliveries in flight at once
+    webhook_per_host: int = Field(2, ge=1)     # ... of them to one host (a stalling receiver delays only its own)
+
+    @field_validator("api_key", "api_auth", "webhook_secret", "admin_key")
+    @classmethod
+    def _no_empty_secret(cls, v: str | None, info) -> str | None:
+        # "DIFFUSIONAPI_API_KEY=" in a unit file would otherwise turn auth off without a word.
+        if v is not None and not v.strip():
+            raise ValueError(f"DIFFUSIONAPI_{info.field_name.upper()} is set but empty: give a value, or unset it")
+        return v  # a malformed api_auth fails create_app (auth/keys.py parses it)
 
     # Operating it (docs/operating.md): logs, metrics, probes, disk, models over the API.
     log_format: Literal["text", "json"] = "text"  # json: one object per line, uvicorn's lines included

@@ -119,6 +119,24 @@ def tiny_sd15_pipeline(seed: int = 0):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def tiny_sd2_pipeline(seed: int = 0, prediction: str = "epsilon"):
+    """SD 2.x's form: linear attention projections in the UNet (what tells it from SD 1.x),
+    epsilon (2.x-base) or v-prediction (768-v) by the scheduler config."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    _quiet()
+    return StableDiffusionPipeline(
+        vae=_vae(seed), text_encoder=_text_encoder(32, 2, seed=seed), tokenizer=tiny_tokenizer(),
+        unet=_unet(seed, cross=32, use_linear_projection=True),
+        scheduler=DDIMScheduler(**SD2_SCHEDULER, prediction_type=prediction),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+# SD 2.x's shipped scheduler config (stabilityai/stable-diffusion-2-1), less its prediction_type.
+SD2_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+
+
 # SDXL: distinct hidden sizes for the two text encoders, and 10 layers in the second one,
 # so that single-file key inspection tells CLIP-L and CLIP-G (and base vs refiner) apart.
 SDXL_TE1, SDXL_TE2, SDXL_TIME_DIM = 32, 40, 8
@@ -156,7 +174,107 @@ def tiny_sdxl_refiner_pipeline(seed: int = 0, base=None):
         requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
 
 
-BUILDERS = {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline, "sdxl-refiner": tiny_sdxl_refiner_pipeline}
+def tiny_t5_tokenizer(max_length: int = 512):
+    """A T5-style SentencePiece (Unigram) tokenizer built in memory: <pad>=0, </s>=1, <unk>=2,
+    then one piece per printable ASCII character, with and without the word-start mark."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + c, -1.0) for c in chars] + [(c, -1.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("  ", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, additional_special_tokens=[], model_max_length=max_length)
+
+
+T5_VOCAB = 4 + 2 * 94
+
+
+def _t5(d_model: int = 32, layers: int = 2, seed: int = 0):
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=T5_VOCAB, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers, num_heads=4,
+                   relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                   is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+                   decoder_start_token_id=0)
+    return T5EncoderModel(cfg).eval()
+
+
+def _flow_vae(seed: int = 0, width: int = 8, latent_channels: int = 16, shift_factor: float | None = 0.1159,
+              scaling_factor: float = 0.3611):
+    """A VAE shaped like Flux's / SD3's: 16 latent channels, 8x compression, no quant convs."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(width,) * 4, in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         latent_channels=latent_channels, norm_num_groups=min(width, 8), layers_per_block=1,
+                         sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=shift_factor, scaling_factor=scaling_factor).eval()
+
+
+# Flux.1-dev's scheduler config: dynamic (resolution-dependent) shift.
+FLUX_DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+FLUX_SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+FLUX_TE, FLUX_T5 = 32, 32
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
+    """Flux.1 in miniature: dev (guidance-distilled, ``guidance=True``) or schnell. 16 latent
+    channels packed 2x2 into 64 transformer channels, CLIP-L pooled + T5 sequence, as the real one."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=FLUX_T5,
+                                         pooled_projection_dim=FLUX_TE, axes_dims_rope=(4, 4, 8),
+                                         guidance_embeds=guidance).eval()
+    sched = FLUX_DEV_SCHEDULER if guidance else FLUX_SCHNELL_SCHEDULER
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**sched), vae=_flow_vae(seed),
+                        text_encoder=_text_encoder(FLUX_TE, 2, seed=seed), tokenizer=tiny_tokenizer(),
+                        text_encoder_2=_t5(FLUX_T5, seed=seed + 1), tokenizer_2=tiny_t5_tokenizer(),
+                        transformer=transformer)
+
+
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """SD 3.x in miniature: MMDiT transformer (patch 2) on 16-channel latents, CLIP-L and CLIP-G
+    (penultimate hidden states + pooled) and T5, static shift 3."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=32).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=_flow_vae(seed, shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=_text_encoder(32, 2, projection=32, seed=seed), tokenizer=tiny_tokenizer(),
+        text_encoder_2=_text_encoder(32, 3, projection=32, seed=seed + 1), tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=_t5(64, seed=seed + 2), tokenizer_3=tiny_t5_tokenizer())
+
+
+BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
+            "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline,
+            "sd3": tiny_sd3_pipeline}
 
 
 def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:

@@ -1,6 +1,6 @@
 """Everything read from a model file without loading it for generation: safetensors headers,
-``.ckpt`` tensor names (the safe way), families of checkpoints, folders and LoRAs, and whether
-spandrel takes a file as an upscaler."""
+``.ckpt`` tensor names (the safe way), families of LoRAs and embeddings, and whether spandrel
+takes a file as an upscaler. Model families are recognised in ``diffusionapi.families``."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import logging
 import struct
 from pathlib import Path
 
-from .vocabulary import SD15, SDXL, SDXL_REFINER, Family
+from .vocabulary import FLUX1, SD2, SD3, SD15, SDXL, Family
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +56,6 @@ def ckpt_keys(path: Path) -> list[str]:
     return list(sd)
 
 
-def family_from_checkpoint_keys(keys) -> Family:
-    """SD 1.5 / SDXL / refiner from original (CompVis/SGM) checkpoint keys."""
-    keys = list(keys)
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return SDXL
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        return SDXL_REFINER
-    return SD15
-
-
-def single_file_family(path: Path) -> Family:
-    if path.suffix.lower() == ".safetensors":
-        return family_from_checkpoint_keys(read_safetensors_header(path).keys())
-    return family_from_checkpoint_keys(ckpt_keys(path))
-
-
 UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
@@ -88,18 +72,6 @@ def single_file_unet_in_channels(path: Path) -> int:
     return int(shape[1]) if shape and len(shape) == 4 else 4
 
 
-def family_from_diffusers_folder(folder: Path) -> Family:
-    index = json.loads((folder / "model_index.json").read_text())
-    unet_cfg_path = folder / "unet" / "config.json"
-    unet_cfg = json.loads(unet_cfg_path.read_text()) if unet_cfg_path.exists() else {}
-    if unet_cfg.get("addition_embed_type") == "text_time" or "XL" in index.get("_class_name", ""):
-        te = index.get("text_encoder")
-        if index.get("requires_aesthetics_score") or not te or te[0] is None:
-            return SDXL_REFINER
-        return SDXL
-    return SD15
-
-
 def lora_family(path: Path) -> Family | None:
     try:
         header = read_safetensors_header(path)
@@ -112,7 +84,21 @@ def lora_family(path: Path) -> Family | None:
         return SDXL
     if base.startswith("sd_v1"):
         return SD15
+    if base.startswith("sd_v2"):
+        return SD2
+    if base.startswith("flux"):
+        return FLUX1
+    if base.startswith("sd3"):
+        return SD3
     keys = [k for k in header if k != "__metadata__"]
+    # Flux LoRAs: diffusers/PEFT (single_transformer_blocks), kohya (lora_unet_double_blocks_),
+    # BFL / ai-toolkit / XLabs (double_blocks., single_blocks.). SD 3: joint_blocks in kohya/original.
+    if any("single_transformer_blocks" in k or "double_blocks" in k or "single_blocks" in k for k in keys):
+        return FLUX1
+    if any("joint_blocks" in k for k in keys):
+        return SD3
+    if any(k.startswith("transformer.transformer_blocks.") for k in keys):
+        return None  # Flux (double blocks only) or SD 3: the keys do not tell; loading will
     if any(k.startswith(("lora_te2_", "lora_te1_", "lora_unet_input_blocks", "lora_unet_output_blocks"))
            or "text_encoder_2" in k or "add_embedding" in k for k in keys):
         return SDXL
@@ -127,14 +113,48 @@ def load_upscaler_descriptor(path: Path):
     """spandrel's descriptor of an image-to-image upscaler file (on the CPU)."""
     import spandrel
 
-    try:
-        desc = spandrel.ModelLoader(device="cpu").load_from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - spandrel's UnsupportedModelError has an empty message
-        reason = str(e).strip() or type(e).__name__
-        raise UpscalerError(f"upscaler file {path.name!r} could not be loaded: {reason}") from e
+    for attempt in range(3):
+        _wait_for_real_weights()
+        try:
+            desc = spandrel.ModelLoader(device="cpu").load_from_file(str(path))
+            if not _has_meta_weights(desc.model):
+                break
+            error: Exception = RuntimeError("built with empty weights")
+        except Exception as e:  # noqa: BLE001 - spandrel's UnsupportedModelError has an empty message
+            error = e
+        # Built while another thread loaded a pipeline (see _wait_for_real_weights): try again.
+        if attempt == 2 or not _empty_weights_seen(error):
+            reason = str(error).strip() or type(error).__name__
+            raise UpscalerError(f"upscaler file {path.name!r} could not be loaded: {reason}") from error
     if not isinstance(desc, spandrel.ImageModelDescriptor):
         raise UpscalerError(f"upscaler file {path.name!r} is not an image-to-image upscaler")
     return desc
+
+
+def _wait_for_real_weights(timeout: float = 60.0) -> None:
+    """diffusers loads pipelines inside accelerate's ``init_empty_weights``, which patches
+    ``torch.nn.Module.register_parameter`` for the whole process while it runs. A module built in
+    another thread meanwhile (a submit checking an upscaler file) would get empty (meta) weights:
+    wait until the patch is gone."""
+    import time
+
+    import torch
+
+    def patched() -> bool:  # torch's own method lives in torch.nn.modules.module
+        return getattr(torch.nn.Module.register_parameter, "__module__", "") != "torch.nn.modules.module"
+
+    deadline = time.monotonic() + timeout
+    while patched() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _has_meta_weights(model) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def _empty_weights_seen(error: Exception) -> bool:
+    text = str(error).lower()
+    return "meta" in text or "empty weights" in text
 
 
 def upscaler_problem(path: Path) -> str | None:

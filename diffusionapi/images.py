@@ -71,16 +71,110 @@ def encode_image(image: Image.Image, file_type: str, jpeg_quality: int, infotext
 
 
 def read_infotext(data_or_path) -> str | None:
-    """The parameters a PNG or JPEG written by us (or A1111) carries."""
+    """The parameters a PNG or JPEG written by us (or A1111) carries (trusted files: our outputs)."""
     img = Image.open(data_or_path if not isinstance(data_or_path, bytes) else io.BytesIO(data_or_path))
+    return _infotext_of(img)
+
+
+def _infotext_of(img: Image.Image) -> str | None:
     if "parameters" in img.info:
         return img.info["parameters"]
-    raw = img.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if img.format == "PNG":
+        # Pillow's PNG getexif() decodes every pixel first (to reach an eXIf chunk after the
+        # image data): a small file can cost gigabytes. Only an eXIf chunk before the data counts.
+        raw_exif = img.info.get("exif")
+        if not raw_exif:
+            return None
+        exif = Image.Exif()
+        exif.load(raw_exif)
+    else:
+        exif = img.getexif()  # JPEG/WebP: read from the header segments, no pixels decoded
+    raw = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
     if raw is None:
         return None
     if raw.startswith(UNICODE_PREFIX):
-        return raw[len(UNICODE_PREFIX):].decode("utf-16-be")
+        return raw[len(UNICODE_PREFIX):].decode("utf-16-be", "replace")
     return raw[8:].decode("utf-8", "replace")
+
+
+class UntrustedImageError(ValueError):
+    """A client's image that png-info will not read; ``status`` 413 for too big, else 422."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+# The formats png-info reads (A1111 writes PNG and JPEG; WebP carries EXIF the same way).
+INFO_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_text_within(data: bytes, max_chars: int) -> None:
+    """Walk a PNG's chunk headers (no pixel data is touched) and refuse it when its text chunks
+    hold more than ``max_chars`` bytes, compressed ones counted decompressed (each inflated at most
+    to what is left of the budget), so Pillow never holds more text than that (its own cap is
+    64 MB per image). Linear in the number of chunks."""
+    import struct
+    import zlib
+
+    left, i, n = max_chars, 8, len(data)
+    while i + 8 <= n:
+        length, kind = struct.unpack(">I4s", data[i:i + 8])
+        body = data[i + 8:i + 8 + length]
+        if kind == b"tEXt":
+            left -= len(body)
+        elif kind in (b"zTXt", b"iTXt"):
+            key, _, rest = body.partition(b"\0")
+            if kind == b"zTXt":
+                compressed, payload = True, rest[1:]
+            else:  # compression flag, method, language tag \0, translated keyword \0, text
+                compressed = rest[:1] == b"\1"
+                payload = rest[2:].split(b"\0", 2)[-1]
+            if compressed:
+                try:
+                    payload = zlib.decompressobj().decompress(payload, max(left, 0) + 1)
+                except zlib.error:
+                    payload = b""  # Pillow skips a broken chunk too
+            left -= len(key) + len(payload)
+        elif kind in (b"IDAT", b"IEND"):
+            return
+        if left < 0:
+            raise UntrustedImageError(f"its text fields hold more than {max_chars} characters (the limit)", 413)
+        i += 12 + length
+
+
+def read_untrusted_infotext(data: bytes, max_pixels: int, max_chars: int) -> tuple[str | None, dict]:
+    """(infotext, the other text fields) of a client's image, without decoding a single pixel:
+    the size is checked from the header against ``max_pixels`` first, and text longer than
+    ``max_chars`` is refused before anything parses it (a bomb costs at most one header read)."""
+    import warnings
+
+    if data[:8] == PNG_SIGNATURE:
+        _png_text_within(data, max_chars)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=INFO_FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise UntrustedImageError(f"image too large: {e}", 413) from None
+        except Exception:  # noqa: BLE001 - a malformed header can raise nearly anything
+            raise UntrustedImageError("not a readable PNG, JPEG or WebP image") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise UntrustedImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", 413)
+    try:
+        text = _infotext_of(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is the client's input
+        raise UntrustedImageError("its EXIF block is not readable") from None
+    others = {k: v for k, v in img.info.items()
+              if k != "parameters" and isinstance(k, str) and isinstance(v, str)}
+    total = len(text or "") + sum(len(k) + len(v) for k, v in others.items())
+    if total > max_chars:
+        raise UntrustedImageError(f"its text fields hold {total} characters; the limit is {max_chars}", 413)
+    return text, others
 
 
 VERSION_TAG = f"diffusionapi {__version__}"
@@ -95,21 +189,39 @@ _SIZE_KEYS = ("Size", "Hires resize")
 
 
 def _param_pairs(line: str) -> list[tuple[str, str]]:
-    """'Key: value, Key: "quoted, value", ...' -> pairs; quoted values are JSON strings."""
+    """'Key: value, Key: "quoted, value", ...' -> pairs; quoted values are JSON strings.
+    Linear in the line's length: the next ':' and ',' are searched for again only once the
+    scan has passed them (a line of 100k commas before one colon is one pass, not 100k)."""
     pairs: list[tuple[str, str]] = []
     i, n = 0, len(line)
+    colon = comma = -1
+
+    def next_colon(at: int) -> int:
+        nonlocal colon
+        if colon != n and colon < at:
+            found = line.find(":", at)
+            colon = n if found < 0 else found
+        return colon
+
+    def next_comma(at: int) -> int:
+        nonlocal comma
+        if comma != n and comma < at:
+            found = line.find(",", at)
+            comma = n if found < 0 else found
+        return comma
+
     while i < n:
         while i < n and line[i] in " ,":
             i += 1
-        colon = line.find(":", i)
-        comma = line.find(",", i)
-        if colon < 0:
+        c_at = next_colon(i)
+        if c_at >= n:
             break
-        if 0 <= comma < colon:  # a segment without a key: not a pair
-            i = comma + 1
+        k_at = next_comma(i)
+        if k_at < c_at:  # a segment without a key: not a pair
+            i = k_at + 1
             continue
-        key = line[i:colon].strip()
-        i = colon + 1
+        key = line[i:c_at].strip()
+        i = c_at + 1
         while i < n and line[i] == " ":
             i += 1
         if i < n and line[i] == '"':
@@ -122,11 +234,10 @@ def _param_pairs(line: str) -> list[tuple[str, str]]:
             except ValueError:
                 value = raw.strip('"')
             i = j + 1
-            end = line.find(",", i)
-            i = n if end < 0 else end + 1
+            end = next_comma(i)
+            i = n if end >= n else end + 1
         else:
-            end = line.find(",", i)
-            end = n if end < 0 else end
+            end = next_comma(i)
             value = line[i:end].strip()
             i = end + 1
         if key and all(c.isalnum() or c in " _-/()+." for c in key):
@@ -162,7 +273,8 @@ def parse_infotext(text: str) -> dict:
 
 # A1111's "Schedule type:" labels -> our scheduler_type ("Automatic": the sampler's own).
 _SCHEDULE_TYPES = {"normal": "default", "uniform": "default", "karras": "karras", "exponential": "exponential",
-                   "ddim": "ddim", "pndm": "pndm"}
+                   "ddim": "ddim", "pndm": "pndm", "simple": "simple", "sgm uniform": "sgm_uniform", "beta": "beta",
+                   "kl optimal": "kl_optimal"}
 
 
 def _number(value, kind):
@@ -178,7 +290,9 @@ def infotext_parameters(items: dict) -> dict:
     (only those the text states; the rest keep their defaults)."""
     out: dict = {"prompt": items.get("Prompt", ""), "negative_prompt": items.get("Negative prompt", "")}
     simple = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int),
-              "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int)}
+              "Size-1": ("width", int), "Size-2": ("height", int), "Clip skip": ("clip_skip", int),
+              # Forge's Flux guidance and the CFG rescale phi
+              "Distilled CFG Scale": ("distilled_cfg_scale", float), "RescaleCFG": ("cfg_rescale", float)}
     for key, (field, kind) in simple.items():
         v = _number(items.get(key), kind)
         if v is not None:
@@ -215,11 +329,3 @@ def infotext_parameters(items: dict) -> dict:
     elif strength is not None:
         out["denoising_strength"] = strength  # img2img
     return out
-
-
-def read_infotext_and_items(data: bytes) -> tuple[str | None, dict]:
-    """The infotext and the image's other text fields (as A1111's PNG Info lists them)."""
-    img = Image.open(io.BytesIO(data))
-    others = {k: v for k, v in img.info.items()
-              if k != "parameters" and isinstance(k, str) and isinstance(v, str)}
-    return read_infotext(data), others

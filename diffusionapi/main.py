@@ -43,7 +43,8 @@ def _validation_message(errors) -> str:
 
 
 class GuardMiddleware:
-    """Request body cap and optional API key, as a plain ASGI layer (cheap on every call)."""
+    """Request body cap and the one credential check for every route of both dialects
+    (auth/keys.py), as a plain ASGI layer (cheap on every call)."""
 
     def __init__(self, app, settings: Settings, auth=None):
         self.app = app
@@ -140,6 +141,17 @@ async def _send_service_error(send, path: str, e: ServiceError):
     else:
         body = error_body(e.message, e.field, **e.extra)
     return await _send_json(send, e.status, body, extra=extra)
+
+
+def _body_error_shape(path: str, e) -> dict:
+    """A body no field can take (security/jsonbody.py), in the dialect's error shape."""
+    from .security import jsonbody
+
+    if path.startswith(SDAPI_PREFIX):
+        return jsonbody.sdapi_error_body(str(e))
+    if openai.is_openai_path(path):
+        return openai.error_body(str(e), param=openai.param_of(jsonbody.field_name(e.loc)) if e.loc else None)
+    return jsonbody.native_error_body(e)
 
 
 async def _send_json(send, status: int, body: dict, extra=()):
@@ -276,6 +288,10 @@ def create_app(settings: Settings | None = None, *, engine_factory=None) -> Fast
 
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    from .security.jsonbody import JSONBodyGuard
+
+    app.add_middleware(JSONBodyGuard, sdapi_prefix=SDAPI_PREFIX,  # inside the size cap: bodies are bounded
+                       error_shape=_body_error_shape)
     app.add_middleware(GuardMiddleware, settings=settings, auth=authenticator)
     from .api.observe import ObserveMiddleware
 

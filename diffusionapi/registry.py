@@ -14,8 +14,8 @@ import re
 import threading
 from pathlib import Path
 
-from .fileinfo import (EMBEDDING_SUFFIXES, EmbeddingError, embedding_info, family_from_diffusers_folder, lora_family,
-                       single_file_family, upscaler_problem)
+from .families import Detected, detect_folder, detect_single_file, spec
+from .fileinfo import EMBEDDING_SUFFIXES, EmbeddingError, embedding_info, lora_family, upscaler_problem
 from .vocabulary import (BUILTIN_LABELS, LATENT_UPSCALE_MODES, EmbeddingEntry, LoraEntry, ModelEntry, ModelFormat,
                          UpscalerEntry)
 
@@ -54,7 +54,7 @@ class Registry:
     def __init__(self, settings):
         self.settings = settings
         self._lock = threading.Lock()
-        self._family_cache: dict[tuple[str, float], str] = {}
+        self._family_cache: dict[tuple[str, float], Detected | str] = {}
         self._upscaler_cache: dict[tuple[str, float, int], str | None] = {}
         self._embedding_cache: dict[tuple[str, int, int], EmbeddingEntry] = {}
 
@@ -71,7 +71,7 @@ class Registry:
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     # ------------------------------------------------------------------ models
-    def _cached_family(self, path: Path, compute, stamp: Path | None = None) -> str:
+    def _cached_family(self, path: Path, compute, stamp: Path | None = None):
         """compute(path), cached until ``stamp`` (default: path itself) changes."""
         key = (str(path), (stamp or path).stat().st_mtime)
         with self._lock:
@@ -95,14 +95,19 @@ class Registry:
                 log.warning("model name %r found twice; keeping %s", name, found[name].path)
                 return
             try:
-                fam = self._cached_family(path, family_fn, stamp)
+                found_as: Detected = self._cached_family(path, family_fn, stamp)
+                why_not = spec(found_as.family).runnable
+                if fmt == ModelFormat.SINGLE_FILE and not why_not:
+                    why_not = spec(found_as.family).single_files
+                if why_not:
+                    raise ValueError(f"{path.name}: {why_not}")
             except Exception as e:  # a broken model must not hide the others
                 log.warning("skipping model %s: %s", path, e)
                 if problems is not None:
                     problems[name] = str(e)
                 return
             found[name] = ModelEntry(name, labels.get(name) or BUILTIN_LABELS.get(name) or derive_label(name),
-                                     path, fam, fmt)
+                                     path, found_as.family, fmt, found_as.prediction, found_as.ztsnr)
 
         self._scan(root, root, add, set())
         return sorted(found.values(), key=lambda m: m.name.casefold())
@@ -118,11 +123,11 @@ class Registry:
                 continue  # "<checkpoint>.config/" folders are a single file's config, not a model
             if entry.is_dir():
                 if (entry / "model_index.json").exists():
-                    add(entry.name, entry, ModelFormat.DIFFUSERS, family_from_diffusers_folder, entry / "model_index.json")
+                    add(entry.name, entry, ModelFormat.DIFFUSERS, detect_folder, entry / "model_index.json")
                 elif entry.name.startswith("models--"):
                     snap = self._hub_snapshot(entry)
                     if snap is not None and _inside(snap, root):
-                        add(entry.name, snap, ModelFormat.HUB_CACHE, family_from_diffusers_folder, snap / "model_index.json")
+                        add(entry.name, snap, ModelFormat.HUB_CACHE, detect_folder, snap / "model_index.json")
                 else:
                     self._scan(entry, root, add, seen)
             else:
@@ -130,7 +135,7 @@ class Registry:
 
     def _maybe_single_file(self, f: Path, root: Path, add) -> None:
         if f.suffix.lower() in SINGLE_FILE_EXTS and f.is_file() and _inside(f, root):
-            add(f.stem, f, ModelFormat.SINGLE_FILE, single_file_family)
+            add(f.stem, f, ModelFormat.SINGLE_FILE, detect_single_file, _newest(f))
 
     @staticmethod
     def _hub_snapshot(folder: Path) -> Path | None:
@@ -263,6 +268,16 @@ class Registry:
         if len(hits) == 1:
             return hits[0]
         raise UnknownName(_unknown("upscaler", requested, [u.name for u in ups]))
+
+
+def _newest(f: Path) -> Path:
+    """What to watch for a single file's detection: its sidecar scheduler config (which can say
+    v-prediction) when that changed after the file, else the file."""
+    side = f.with_name(f.stem + ".config") / "scheduler" / "scheduler_config.json"
+    try:
+        return side if side.stat().st_mtime > f.stat().st_mtime else f
+    except OSError:
+        return f
 
 
 def display_path(path: Path) -> str:

@@ -24,14 +24,15 @@ def file_type_spelling(v):
     return v
 
 
+# No float field takes NaN or infinity (also not as the strings "inf", "1e999"): a 422 naming it.
 class LoRA(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(min_length=1, max_length=512)
     scale: float = Field(1.0, ge=-10.0, le=10.0)
 
 
 class HiresConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     enabled: bool = False
     scale: float = Field(2.0, ge=1.0)
     upscaler: str = Field("Latent", min_length=1, max_length=512)
@@ -57,7 +58,7 @@ class WebhookRequest(BaseModel):
 class Txt2ImgRequest(BaseModel):
     # Unknown fields are accepted and ignored (A1111 clients send many extras); /txt2img names
     # them in its answer so that a typo does not go unnoticed.
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     prompt: str
     negative_prompt: str = ""
@@ -87,6 +88,10 @@ class Txt2ImgRequest(BaseModel):
     clip_skip: int = Field(1, ge=1, le=12)  # added: A1111's "Clip skip"; 1 = the text encoder's last layer
     batch_size: int = Field(1, ge=1, description="images made in one UNet batch; seeds seed, seed+1, ...")
     n_iter: int = Field(1, ge=1, description="batches made one after another")
+    distilled_cfg_scale: float = Field(3.5, ge=0.0, le=100.0, description="Forge's name: the guidance a "
+                                       "guidance-distilled model (Flux.1-dev) is given; others ignore it")
+    cfg_rescale: float = Field(0.0, ge=0.0, le=1.0, description="CFG rescale phi (0 = off): keeps v-prediction "
+                                                                  "/ zero-SNR models from over-exposing; 0.7 is usual")
     # added: image guidance (README "ControlNet"), applied in order
     controlnets: list[ControlNetUnitRequest] = Field(default_factory=list, max_length=8)
     ip_adapters: list[IPAdapterUnitRequest] = Field(default_factory=list, max_length=4)  # added
@@ -158,7 +163,7 @@ class Img2ImgRequest(Txt2ImgRequest):
 class UpscaleRequest(BaseModel):
     """One image upscaled by an upscaler file or "Lanczos" / "Nearest": by ``scale``, or to
     ``width`` x ``height`` (both given)."""
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     image: str = Field(min_length=1, description="base64 or data URL: PNG, JPEG or WebP")
     upscaler: str = Field(min_length=1, max_length=512)
@@ -232,8 +237,11 @@ class QueueStatusResponse(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     label: str
-    type: str | None = None
+    type: str | None = None     # the family id (the seed's field name); same as family
     format: str | None = None
+    family: str | None = None   # sd15, sd2, sdxl, sdxl-refiner (diffusionapi/families)
+    prediction: str | None = None  # epsilon | v_prediction
+    ztsnr: bool | None = None   # zero-terminal-SNR noise schedule
 
 
 class ModelsResponse(BaseModel):

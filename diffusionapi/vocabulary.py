@@ -13,8 +13,11 @@ from pathlib import Path
 class Family(StrEnum):
     """What a checkpoint is, read from its files (never guessed from its name)."""
     SD15 = "sd15"
+    SD2 = "sd2"
     SDXL = "sdxl"
     SDXL_REFINER = "sdxl-refiner"
+    SD3 = "sd3"
+    FLUX1 = "flux1"
 
 
 class ModelFormat(StrEnum):
@@ -24,8 +27,11 @@ class ModelFormat(StrEnum):
     SINGLE_FILE = "single-file"  # .safetensors / .ckpt in the original (CompVis/SGM) layout
 
 
-SD15, SDXL, SDXL_REFINER = Family.SD15, Family.SDXL, Family.SDXL_REFINER
-FAMILY_LABELS = {SD15: "SD 1.5", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner"}
+SD15, SD2, SDXL, SDXL_REFINER = Family.SD15, Family.SD2, Family.SDXL, Family.SDXL_REFINER
+SD3, FLUX1 = Family.SD3, Family.FLUX1
+# How each family runs and is recognised: diffusionapi/families (one module per family).
+FAMILY_LABELS = {SD15: "SD 1.5", SD2: "SD 2.x", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner", SD3: "SD 3.x",
+                 FLUX1: "Flux.1"}
 
 # The demo model (diffusionapi.demo) has a label without a labels file.
 DEMO_MODEL_NAME = "demo-tiny-sd15"
@@ -50,6 +56,10 @@ class ModelEntry:
     path: Path          # diffusers folder (snapshot for hub caches) or the single file
     family: Family
     format: ModelFormat
+    # Read from the files (diffusers scheduler config, or a single file's v_pred / ztsnr marker
+    # keys): "epsilon" | "v_prediction"; ztsnr: zero-terminal-SNR (rescaled betas).
+    prediction: str = "epsilon"
+    ztsnr: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,6 @@ class UpscalerEntry:
 def sd15_loader_kwargs(family: Family) -> dict:
     """What SD 1.5 pipelines are loaded with, folder or single file: no safety checker
     (a server's operator decides on filtering; the checker costs memory and time)."""
-    if family == SD15:
+    if family in (SD15, SD2):
         return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return {}

@@ -57,11 +57,11 @@ export DIFFUSIONAPI_BACKEND=celery
 
 "$py" -m diffusionapi.cli ensure-model
 for i in $(seq 1 "$WORKERS"); do
-  "$py" -m diffusionapi.cluster.cli worker --device "$DEVICE" --models demo-tiny-sd15 --name "worker-$i" \
+  "$py" -m diffusionapi.jobs.backends.celery.cli worker --device "$DEVICE" --models demo-tiny-sd15 --name "worker-$i" \
     > "$run/worker-$i.log" 2>&1 & pids+=($!)
 done
 for port in $API_PORTS; do
-  "$py" -m diffusionapi.cluster.cli api --host 127.0.0.1 --port "$port" --log-level warning \
+  "$py" -m diffusionapi.jobs.backends.celery.cli api --host 127.0.0.1 --port "$port" --log-level warning \
     > "$run/api-$port.log" 2>&1 & pids+=($!)
   wait_port "$port" "API node on $port"
 done

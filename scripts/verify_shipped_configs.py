@@ -44,7 +44,8 @@ def build(family: str):
 def main(families) -> int:
     from diffusionapi.engine.checkpoints import load_single_file
     from diffusionapi.engine.pipelines import _check_no_meta, _pipeline_class
-    from diffusionapi.fileinfo import family_from_checkpoint_keys, read_safetensors_header
+    from diffusionapi.families import detect_checkpoint_keys
+    from diffusionapi.fileinfo import read_safetensors_header
     from diffusionapi.vocabulary import ModelEntry
     from tests.checkpoint_factory import save_original_checkpoint
 
@@ -56,7 +57,7 @@ def main(families) -> int:
         path = Path(tempfile.mkdtemp()) / f"{family}.safetensors"
         save_original_checkpoint(parts, path, with_config=False)
         del parts  # rebuilt from the same seed below: SDXL does not fit in memory twice over
-        detected = family_from_checkpoint_keys(read_safetensors_header(path).keys())
+        detected = detect_checkpoint_keys(set(read_safetensors_header(path)) - {"__metadata__"}).family
         entry = ModelEntry(family, family, path, detected, "single-file")
         pipe = load_single_file(_pipeline_class(family), entry, torch.float16)
         _check_no_meta(pipe, entry)

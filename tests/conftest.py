@@ -16,6 +16,31 @@ import httpx
 import pytest
 
 from diffusionapi.config import Settings
+from tests import holding
+from tests.holding import Hold
+
+# Test tiers (docs/testing.md). `./test.sh --quick` deselects these; `./test.sh` runs everything.
+# Each module (or test) that needs one says so with a one-line `pytestmark = pytest.mark.<name>`.
+MARKERS = {
+    "browser": "drives a real headless Chromium (Playwright)",
+    "broker": "starts real RabbitMQ and/or Redis servers (the Celery cluster)",
+    "processes": "real server processes: crash/restart, graceful stop, the shell scripts",
+    "slow": "long by design: the 200-job load test, schemathesis's full run, the GPU benchmark's flow",
+}
+QUICK = "not (" + " or ".join(MARKERS) + ")"  # the -m expression of ./test.sh --quick
+
+
+def pytest_configure(config):
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+@pytest.fixture(autouse=True)
+def _release_holds():
+    """No held job outlives its test (tests/holding.py), even when the test failed."""
+    yield
+    holding.release_all()
+
 
 TINY = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sdxl-refiner": "sdxl-refiner"}
 HUB_NAME = "models--testorg--tiny-hub-sd15"
@@ -71,6 +96,8 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
+        holding.install()  # jobs with a hold token wait on it (tests/holding.py)
+        self.holds: dict[str, Hold] = {}
         self.thread.start()
         deadline = time.time() + 30
         while not self.server.started:
@@ -92,7 +119,14 @@ class LiveServer:
         assert r.json()["status"] == "queued"
         return r.json()["job_id"]
 
+    def release(self, job_id: str) -> None:
+        """Let a held blocker (``submit_blocker``) go on, without waiting for it."""
+        if job_id in self.holds:
+            self.holds.pop(job_id).release()
+
     def wait(self, job_id: str, timeout: float = 120, on_poll=None) -> dict:
+        """Polls until the job is final. Waiting for a held blocker (``submit_blocker``) releases it."""
+        self.release(job_id)
         deadline = time.time() + timeout
         while time.time() < deadline:
             r = self.client.get(f"/queue/{job_id}")
@@ -108,12 +142,27 @@ class LiveServer:
     def run(self, **payload) -> dict:
         return self.wait(self.submit(**payload))
 
-    def submit_held(self, **payload) -> tuple[str, str]:
-        """Submit ``payload`` behind a slow job, so the test can change files before it starts.
-        Returns (blocker id, job id); the job is still queued when this returns."""
-        blocker = self.submit(prompt="blocker", model="tiny-sd15", width=256, height=256, steps=60)
-        while self.client.get(f"/queue/{blocker}").json()["state"] != "processing":
+    def submit_blocker(self, **payload) -> str:
+        """A job that runs (its first step), then is held until the test cancels it or waits for it
+        (``wait`` releases it; tests/holding.py): whatever is submitted next surely queues. Returns
+        once the blocker has reported progress."""
+        hold = Hold()
+        blocker = self.submit(**{"model": "tiny-sd15", "width": 64, "height": 64, "steps": 4, **payload,
+                                 "prompt": hold.prompt})
+        self.holds[blocker] = hold
+        # Running with progress: its model is loaded (a load in the worker while a submit loads an
+        # upscaler file can make the latter fail: diffusers' empty-weights loading is process-wide).
+        deadline = time.time() + 120
+        while (st := self.client.get(f"/queue/{blocker}").json())["progress"] <= 0:
+            assert st["state"] in ("queued", "processing") and time.time() < deadline, st
             time.sleep(0.01)
+        return blocker
+
+    def submit_held(self, **payload) -> tuple[str, str]:
+        """Submit ``payload`` behind a held blocker, so the test can change files before it starts.
+        Returns (blocker id, job id); the job is still queued when this returns, and stays queued
+        until the test waits for (or cancels) the blocker."""
+        blocker = self.submit_blocker()
         job = self.submit(**payload)
         assert self.client.get(f"/queue/{job}").json()["state"] == "queued"
         return blocker, job
@@ -142,14 +191,15 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, **{f"DIFFUSIONAPI_{k.upper()}": (json.dumps(v) if isinstance(v, list) else str(v))
                                        for k, v in settings.model_dump().items() if v is not None},
-                        **(extra_env or {}))
+                        PYTHONPATH=str(Path(__file__).resolve().parents[1]), **(extra_env or {}))
         self.proc = None
 
     def start(self, timeout: float = 60):
         import subprocess
         import sys
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "diffusionapi.main:app", "--host",
+        # Through tests/holding.py, so jobs with a hold token wait on it here too.
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.holding", "uvicorn", "diffusionapi.main:app", "--host",
                                       "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
                                      env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

@@ -32,7 +32,8 @@ def test_models_and_aliases(server):
     assert by_name["tiny-sd15"]["type"] == "sd15" and by_name["tiny-sd15"]["format"] == "diffusers"
     assert by_name["tiny-sdxl"]["type"] == "sdxl"
     assert by_name["tiny-sdxl-refiner"]["type"] == "sdxl-refiner"
-    assert by_name[HUB_NAME] == {"name": HUB_NAME, "label": "tiny-hub-sd15", "type": "sd15", "format": "hub-cache"}
+    assert by_name[HUB_NAME] == {"name": HUB_NAME, "label": "tiny-hub-sd15", "type": "sd15", "format": "hub-cache",
+                                 "family": "sd15", "prediction": "epsilon", "ztsnr": False}
     aliases = server.client.get("/models/aliases").json()
     assert aliases["status"] == "success" and isinstance(aliases["message"], str)
     assert {m["name"] for m in aliases["models"]} == set(by_name)
@@ -41,7 +42,8 @@ def test_models_and_aliases(server):
 def test_sampling_methods_in_seed_order(server):
     body = server.client.get("/sampling_methods").json()
     assert body["sampling_methods"] == list(SAMPLER_NAMES)
-    assert body["scheduler_types"] == ["default", "karras", "exponential", "ddim", "pndm"] == list(SCHEDULER_TYPES)
+    assert body["scheduler_types"] == ["default", "karras", "exponential", "ddim", "pndm", "simple", "sgm_uniform",
+                                       "beta", "kl_optimal"] == list(SCHEDULER_TYPES)
 
 
 def test_upscalers_lists_latent(server):

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from .conftest import LiveServer, make_settings
+from .holding import Hold
 
 JOB = dict(model="tiny-sd15", width=64, height=64, steps=6, sampler_name="Euler a", fileType="png")
 TOLERANCE = 1  # levels of 255
@@ -38,11 +39,9 @@ def batching_server(model_store, tmp_path_factory):
 
 
 def hold(server: LiveServer) -> str:
-    """A slow job of another shape, running, so that the next submissions queue up together."""
-    blocker = server.submit(prompt="blocker", model="tiny-sd15", width=96, height=96, steps=16)
-    while server.client.get(f"/queue/{blocker}").json()["state"] != "processing":
-        time.sleep(0.01)
-    return blocker
+    """A held job of another shape, running, so that the next submissions queue up together
+    (``server.wait(blocker)`` lets it go on; tests/holding.py)."""
+    return server.submit_blocker(width=96, height=96, steps=4)
 
 
 def solo(server: LiveServer, **job) -> np.ndarray:
@@ -60,6 +59,7 @@ def test_batched_jobs_each_equal_their_solo_image(batching_server):
     runs = len(s.engine.batches)
     blocker = hold(s)
     ids = [s.submit(**j) for j in jobs]
+    s.release(blocker)  # all three queued behind it: now they go, together
     bodies = [s.wait(i) for i in ids]
     assert s.wait(blocker)["state"] == "done"
     assert s.engine.batches[runs:] == [3]  # one UNet batch of the three jobs
@@ -73,18 +73,23 @@ def test_batched_jobs_each_equal_their_solo_image(batching_server):
 
 def test_cancel_one_job_of_a_batch(batching_server):
     s = batching_server
-    jobs = [dict(JOB, steps=30, prompt=f"a lighthouse {i}", seed=7 + i) for i in range(3)]
+    # The other two are held (tests/holding.py) until the cancelled one has ended: the batch is
+    # surely still running then, however fast this CPU is.
+    others = Hold()
+    jobs = [dict(JOB, steps=8, prompt=f"a lighthouse {i}" + (f" {others.token}" if i != 1 else ""), seed=7 + i)
+            for i in range(3)]
     runs = len(s.engine.batches)
     blocker = hold(s)
     ids = [s.submit(**j) for j in jobs]
     assert s.wait(blocker)["state"] == "done"
-    while s.client.get(f"/queue/{ids[1]}").json()["state"] != "processing":
+    while s.client.get(f"/queue/{ids[1]}").json()["progress"] <= 0:
         time.sleep(0.01)
     assert s.client.delete(f"/queue/{ids[1]}").json()["state"] in ("cancelling", "cancelled")
     cancelled = s.wait(ids[1])
     assert cancelled["state"] == "cancelled"
     # It ended on its own, at its next model evaluation: the rest of the batch is still running.
     assert s.client.get(f"/queue/{ids[0]}").json()["state"] == "processing"
+    others.release()
     done = [s.wait(ids[0]), s.wait(ids[2])]
     assert s.engine.batches[runs:] == [3]
     for body, job in zip(done, (jobs[0], jobs[2])):
@@ -100,6 +105,7 @@ def test_lora_job_and_its_lora_free_twin_are_not_batched(batching_server):
     runs = len(s.engine.batches)
     blocker = hold(s)
     ids = [s.submit(**with_lora), s.submit(**twin), s.submit(**dict(with_lora, seed=6))]
+    s.release(blocker)
     bodies = [s.wait(i) for i in ids]
     s.wait(blocker)
     # The two LoRA jobs batch together; the LoRA-free twin runs alone.
@@ -162,6 +168,7 @@ def test_each_job_of_a_batch_streams_its_own_events(batching_server):
     jobs = [dict(JOB, prompt=f"a streamed fox {i}", seed=200 + i) for i in range(2)]
     ids = [s.submit(**j) for j in jobs]
     listeners = [start_listener(s.url, j) for j in ids]
+    s.release(blocker)
     for t, _ in listeners:
         t.join(120)
     assert s.wait(blocker)["state"] == "done"

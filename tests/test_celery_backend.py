@@ -21,14 +21,31 @@ from PIL import Image
 
 from tests.cluster_fixtures import rabbitmq_server, redis_server  # noqa: F401 - fixtures
 from tests.conftest import free_port, make_settings
+from tests.holding import Hold
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.broker]
 
 HEARTBEAT = 0.5
 ORPHAN_GRACE = 2.0  # short, for the orphan test; the other tests show the duplicates it may cause are harmless
 ROOT = Path(__file__).resolve().parents[1]
 JOB = dict(prompt="a tiny test", width=64, height=64, steps=2, model="tiny-sd15")
 SLOW = dict(JOB, width=128, height=128, steps=150)  # long enough to be seen running, cancelled or killed
+
+
+def held(**payload) -> tuple[dict, Hold]:
+    """``payload`` with a hold (tests/holding.py): the job runs its first step, then waits on the
+    hold until released or cancelled, so a test never hopes a job is still running."""
+    hold = Hold()
+    return dict(payload, prompt=hold.prompt), hold
+
+
+def wait_running(node, job_id: str, timeout: float = 120) -> dict:
+    """Until the job has reported progress (a held job then stays so)."""
+    deadline = time.time() + timeout
+    while (body := poll(node, job_id))["progress"] <= 0:
+        assert body["state"] in ("queued", "processing") and time.time() < deadline, body
+        time.sleep(0.05)
+    return body
 
 
 def _env(settings, **extra) -> dict:
@@ -43,15 +60,18 @@ def _env(settings, **extra) -> dict:
 class Node:
     """One `diffusionapi api` or `diffusionapi worker` child process."""
 
-    def __init__(self, args: list[str], env: dict, workdir: Path, port: int | None = None):
+    def __init__(self, args: list[str], env: dict, workdir: Path, port: int | None = None, holding: bool = False):
         self.args, self.env, self.dir, self.port = args, env, workdir, port
+        # A worker runs through tests/holding.py, so jobs with a hold token wait on it there.
+        cli = "diffusionapi.jobs.backends.celery.cli"
+        self.module = ["tests.holding", cli] if holding else [cli]
         self.url = f"http://127.0.0.1:{port}" if port else None
         self.log = workdir / "node.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Node:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffusionapi.jobs.backends.celery.cli", *self.args], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", *self.module, *self.args], env=self.env,
                                      cwd=self.dir, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         return self
 
@@ -99,7 +119,7 @@ class Cluster:
         self._n += 1
         name = f"w{self._n}"
         node = Node(["worker", "--device", "cpu", "--models", "tiny-sd15", "--name", name], self.env(name),
-                    self.root / name).start()
+                    self.root / name, holding=True).start()
         node.name = name
         self.workers.append(node)
         return node
@@ -217,15 +237,13 @@ def test_thirty_jobs_over_two_api_nodes_all_done_once_each_final_served_once(clu
 
 def test_position_and_progress_are_the_same_from_either_node(cluster):
     a, b = cluster.api
-    ids = [submit(a, **dict(SLOW, seed=i)) for i in range(4)]
+    payload, hold = held(**SLOW)  # held until cancelled below: two run, two wait, for as long as this takes
+    ids = [submit(a, **dict(payload, seed=i)) for i in range(4)]
     try:
-        running = [wait_state(b, j, ("processing",)) for j in ids[:2]]
+        running = [wait_running(b, j) for j in ids[:2]]
         assert all(r["queue_position"] == 0 for r in running)
         for node in (a, b):  # exact, cluster-wide: the waiting line in submit order
             assert [poll(node, j)["queue_position"] for j in ids[2:]] == [1, 2]
-        deadline = time.time() + 60
-        while poll(b, ids[0])["progress"] <= 0 and time.time() < deadline:
-            time.sleep(0.05)
         pa, pb = poll(a, ids[0]), poll(b, ids[0])
         assert pa["progress"] > 0 and pb["progress"] >= pa["progress"] and pb["current_phase"] == "generation"
         listing = httpx.get(b.url + "/queue").json()["jobs"]
@@ -239,14 +257,17 @@ def test_position_and_progress_are_the_same_from_either_node(cluster):
 
 def test_cancel_a_running_job_through_the_other_api_node(cluster):
     a, b = cluster.api
-    job = submit(a, **SLOW)
-    wait_state(a, job, ("processing",))
+    payload, hold = held(**SLOW)  # running until cancelled
+    job = submit(a, **payload)
+    wait_running(a, job)
     r = httpx.delete(f"{b.url}/queue/{job}")
     assert r.status_code == 200 and r.json()["state"] == "cancelling"
     body = wait_final(a, job)
     assert body["state"] == "cancelled" and body["error"] == "cancelled by request"
     assert gone_everywhere(cluster, job)
-    queued = [submit(b, **SLOW) for _ in range(3)]  # two run, the third waits
+    queued = [submit(b, **payload) for _ in range(3)]  # two run (held), the third waits
+    for j in queued[:2]:
+        wait_running(a, j)
     r = httpx.delete(f"{a.url}/queue/{queued[2]}")
     assert r.json()["state"] == "cancelled"  # a queued job: at once
     assert wait_final(b, queued[2])["state"] == "cancelled"
@@ -289,9 +310,10 @@ def test_rabbitmq_restart_with_jobs_queued_loses_none(cluster):
     a, b = cluster.api
     # Both workers busy first, so the jobs below are surely still queued when the broker goes
     # (the running ones' messages are unacknowledged: they come back as redeliveries).
-    running = [submit(node, **SLOW) for node in (a, b)]
+    payload, hold = held(**SLOW)  # held until the broker is back
+    running = [submit(node, **payload) for node in (a, b)]
     for job_id in running:
-        wait_state(a, job_id, ("processing",))
+        wait_running(a, job_id)
     ids = [submit((a, b)[i % 2], **dict(JOB, width=96, height=96, steps=20, seed=i)) for i in range(8)]
     listing = httpx.get(a.url + "/queue").json()["jobs"]  # (a poll would collect a finished job)
     assert sum(j["state"] == "queued" for j in listing) >= 4
@@ -301,6 +323,7 @@ def test_rabbitmq_restart_with_jobs_queued_loses_none(cluster):
     r = httpx.post(a.url + "/txt2img", json=JOB, timeout=60)
     assert r.status_code == 503 and "broker" in r.json()["error"]
     cluster.rabbit.start()
+    hold.release()
     ids.append(submit(b, **JOB))  # API nodes reconnect by themselves
     for i, job_id in enumerate(ids):
         assert wait_final((b, a)[i % 2], job_id, timeout=180)["state"] == "done"
@@ -309,7 +332,9 @@ def test_rabbitmq_restart_with_jobs_queued_loses_none(cluster):
 
 def test_kill9_a_worker_mid_job_and_the_other_finishes_it(cluster):
     a, b = cluster.api
-    job = submit(a, **SLOW)
+    payload, hold = held(**SLOW)  # surely running when its worker is killed
+    job = submit(a, **payload)
+    wait_running(a, job)
     deadline = time.time() + 60
     owner = None
     while owner is None and time.time() < deadline:
@@ -319,6 +344,7 @@ def test_kill9_a_worker_mid_job_and_the_other_finishes_it(cluster):
     victim = next(n for n in cluster.workers if n.name == owner["name"])
     victim.stop(signal.SIGKILL)
     cluster.retire(victim)
+    hold.release()  # the other worker takes it over and finishes it
     body = wait_final(b, job, timeout=180)
     assert body["state"] == "done", body
     view = httpx.get(b.url + "/cluster").json()["workers"]
@@ -332,11 +358,17 @@ def test_kill9_a_worker_mid_job_and_the_other_finishes_it(cluster):
 def test_graceful_stop_finishes_the_running_job(cluster):
     # Runs last: it stops the last worker standing.
     a, _ = cluster.api
-    job = submit(a, **dict(SLOW, steps=60))
-    wait_state(a, job, ("processing",))
+    payload, hold = held(**dict(SLOW, steps=60))  # surely running when the stop comes
+    job = submit(a, **payload)
+    wait_running(a, job)
     owner = next(w for w in cluster.live_workers() if w["current_job"] == job)
     node = next(n for n in cluster.workers if n.name == owner["name"])
-    assert node.stop(signal.SIGTERM) == 0
+    node.proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 30  # Celery says when its warm shutdown has begun; then the job may go on
+    while "Warm shutdown" not in node.log.read_text(errors="replace") and time.time() < deadline:
+        time.sleep(0.05)
+    hold.release()
+    assert node.proc.wait(120) == 0  # (no second SIGTERM)
     cluster.retire(node)
     assert wait_final(a, job)["state"] == "done"
     assert owner["name"] not in {w["name"] for w in cluster.live_workers()}

@@ -13,6 +13,8 @@ from diffusionapi.registry import Registry, UnknownName
 from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
 from tests.conftest import make_settings
 
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture
 def state(redis_server):  # noqa: F811
@@ -28,6 +30,7 @@ def test_union_of_live_workers_resolves_names_and_names_what_is_missing(state, m
     models = {m.name: m for m in local.models()}
     cat_sd15 = catalog_of(local, [models["tiny-sd15"]])
     assert cat_sd15["models"] == [{"name": "tiny-sd15", "label": "Tiny SD", "family": "sd15", "format": "diffusers",
+                                   "prediction": "epsilon", "ztsnr": False,
                                    "path": cat_sd15["models"][0]["path"],
                                    "hash": cat_sd15["models"][0]["sha256"][:10],
                                    "sha256": cat_sd15["models"][0]["sha256"]}]

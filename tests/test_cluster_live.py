@@ -20,15 +20,16 @@ from PIL import Image
 
 from diffusionapi.jobs.webhooks import SIGNATURE_HEADER, verify
 from tests.cluster_fixtures import rabbitmq_server, redis_server  # noqa: F401 - fixtures
-from tests.test_celery_backend import Cluster, poll, submit, wait_final, wait_state
+from tests.holding import Hold
+from tests.test_celery_backend import Cluster, poll, submit, wait_final, wait_running
 from tests.test_live import FINAL, listen, start_listener
 from tests.test_webhooks import Receiver, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.broker]
 
 SECRET = "cluster-secret"
 JOB = dict(prompt="live", width=64, height=64, model="tiny-sd15", sampler_name="Euler")
-BLOCKER = dict(JOB, prompt="blocker", width=128, height=128, steps=150)  # holds the one worker
+BLOCKER = dict(JOB, steps=8)  # holds the one worker: held until cancelled (tests/holding.py)
 
 
 class LiveCluster(Cluster):
@@ -55,9 +56,10 @@ def cluster(model_store, tmp_path_factory, rabbitmq_server, redis_server):  # no
 
 
 def held(node, **payload) -> tuple[str, str]:
-    """(blocker, job): ``payload`` submitted behind a running blocker job, so it is queued."""
-    blocker = submit(node, **BLOCKER)
-    wait_state(node, blocker, ("processing",))
+    """(blocker, job): ``payload`` submitted behind a running blocker job, so it is queued. The
+    blocker is held (tests/holding.py) until the test cancels it: it never finishes by itself."""
+    blocker = submit(node, **dict(BLOCKER, prompt=Hold().prompt))
+    wait_running(node, blocker)
     job = submit(node, **payload)
     assert poll(node, job)["state"] == "queued"
     return blocker, job
@@ -123,7 +125,9 @@ def test_listeners_on_both_nodes_get_progress_previews_and_the_final_answer_and_
 
 def test_a_running_jobs_preview_and_step_reach_the_status_on_any_node(cluster):
     a, b = cluster.api
-    job = submit(a, **dict(JOB, width=128, height=128, steps=100, preview={"every": 2, "method": "approx"}))
+    hold = Hold(after=10)  # past 10 % (previews of steps 2..10 made) it waits until cancelled
+    job = submit(a, **dict(JOB, prompt=f"live {hold.token}", width=128, height=128, steps=100,
+                           preview={"every": 2, "method": "approx"}))
     seen = progress = None
     deadline = time.time() + 120
     while (seen is None or progress is None) and time.time() < deadline:

@@ -11,6 +11,8 @@ import pytest
 from diffusionapi.jobs.backends.celery.state import RedisJobState, status_dict
 from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
 
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture
 def state(redis_server):  # noqa: F811

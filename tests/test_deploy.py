@@ -17,6 +17,8 @@ import pytest
 
 from .conftest import free_port
 
+pytestmark = pytest.mark.processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -55,6 +55,7 @@ def schemathesis_run(url: str, workdir: Path, *args: str) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_schemathesis_all_phases_no_5xx_responses_match_and_links_are_followed(fuzz_server, tmp_path):
     out = schemathesis_run(fuzz_server.url, tmp_path, "--phases", "examples,coverage,fuzzing,stateful", "--max-examples", "15",
                            "-H", f"X-API-Key: {FUZZ_KEY}")

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,3 +46,23 @@ def test_gpu_benchmark_tiny_cpu_runs_every_section(tmp_path):
         assert b[key]["ok"] == b[key]["jobs"] == 3, b
     # The table is printed last.
     assert "| sd15 | 64 | 1 |" in proc.stdout and "dynamic batching" in proc.stdout
+
+
+def test_gpu_benchmark_flow_families_tiny_cpu(tmp_path):
+    """The flow section (Flux.1-dev and SD 3.5 at full size on a GPU) on tiny models: bare diffusers
+    and the service make the same image, both timed."""
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
+                           "--families", "", "--flow-families", "flux1,sd3", "--sections", "flow", "--reps", "1",
+                           "--out", str(out)],
+                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["errors"] == [], r["errors"]
+    rows = {x["family"]: x for x in r["flow"]}
+    assert set(rows) == {"flux1", "sd3"}
+    for x in rows.values():
+        assert x["bare_s_per_image"] > 0 and x["service_s_per_image"] > 0 and x["image_max_abs_diff"] <= 3
+    assert "| flux1 | 64 | 4 |" in proc.stdout

@@ -15,6 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "diffusionapi"
 # may import each other; two different modules on the same level may not.
 LAYERS: dict[str, float] = {
     "diffusionapi": 0, "vocabulary": 0, "files": 0, "config": 0, "errors": 0,
+    "security": 0.5,  # defences against hostile clients: bodies, addresses, access
     "logs": 0, "metrics": 0, "tracing": 0,  # operating it (#27): leaves every layer may report to
     "jobs.observe": 0.5,  # a job's life as log records, metrics and traces (one call per event)
     "retention": 1,  # outputs and unread results kept within the TTL and the size cap
@@ -24,8 +25,10 @@ LAYERS: dict[str, float] = {
     "jobs": 0, "jobs.states": 0, "jobs.status": 0.1, "jobs.events": 0.1, "jobs.quotas": 0.2,
     "jobs.webhooks": 1, "jobs.live": 1.5,
     "fileinfo": 1, "images": 1, "imageinput": 1,
+    "families": 1.25,  # how each model family is recognised and runs: read by the registry and the engine
     "engine": 2, "registry": 2, "demo": 2,
-    "schemas": 3, "jobs.views": 3.25,  # views: the GET /queue/{id} answer, built by API nodes and cluster workers
+    "schemas": 3, "limits": 3.1,  # the cost budget: plans and prompts, checked by resolve
+    "jobs.views": 3.25,  # views: the GET /queue/{id} answer, built by API nodes and cluster workers
     "jobs.resolve": 3.5, "jobs.record": 3.6,
     "jobs.runner": 4,
     "jobs.backends": 4.5,  # embedded/ and celery/ (Celery workers and their Redis state run jobs through the runner)

@@ -17,6 +17,7 @@ from PIL import Image
 from diffusionapi.jobs.webhooks import SIGNATURE_HEADER, verify
 
 from .conftest import SMALL, LiveServer, ServerProcess, make_settings
+from .holding import Hold
 from .test_webhooks import Receiver, wait_for
 
 SECRET = "test-secret"
@@ -115,10 +116,9 @@ def live(live_store, tmp_path_factory):
 
 
 def hold(server, **payload) -> tuple[str, str]:
-    """Submit ``payload`` behind a running blocker job; returns (blocker id, job id), the job queued."""
-    blocker = server.submit(prompt="blocker", model="tiny-sd15", width=128, height=128, steps=40)
-    while server.client.get(f"/queue/{blocker}").json()["state"] != "processing":
-        time.sleep(0.01)
+    """Submit ``payload`` behind a running blocker job, held until the test waits for it or cancels
+    it (tests/holding.py); returns (blocker id, job id), the job queued."""
+    blocker = server.submit_blocker()
     job = server.submit(**payload)
     assert server.client.get(f"/queue/{job}").json()["state"] == "queued"
     return blocker, job
@@ -159,6 +159,8 @@ def image_of(b64: str) -> Image.Image:
 def test_two_listeners_get_queued_started_monotonic_progress_and_done_with_the_image(live):
     blocker, job = hold(live, **{**SMALL, 'steps': 12}, seed=1)
     (t1, a), (t2, b) = start_listener(live.url, job), start_listener(live.url, job)
+    wait_for(lambda: a and b)  # both connected while the job waits
+    live.release(blocker)
     for t in (t1, t2):
         t.join(120)
     types = [e[1] for e in a]
@@ -183,7 +185,10 @@ def test_position_updates_while_queued(live):
     blocker, first = hold(live, **{**SMALL, 'steps': 4})
     second = live.submit(**{**SMALL, 'steps': 4})
     t, events = start_listener(live.url, second)
+    wait_for(lambda: events)  # connected: its first position is in
     assert live.client.delete(f"/queue/{first}").status_code == 200  # the one ahead leaves the line
+    wait_for(lambda: len(events) >= 2)
+    live.release(blocker)
     t.join(120)
     positions = [e[2]["position"] for e in events if e[1] == "queued"]
     assert positions[:2] == [2, 1]
@@ -197,6 +202,7 @@ def test_reconnect_with_last_event_id_resumes_and_gets_the_final_event(live):
     first: list = []
     listen(live.url, job, first, stop_after="queued")  # a client that goes away after one event
     assert [e[1] for e in first] == ["queued"]
+    live.release(blocker)
     rest: list = []
     listen(live.url, job, rest, last_event_id=first[-1][0])
     assert rest[0][1] != "queued" or rest[0][2]["position"] != first[0][2]["position"]
@@ -237,6 +243,7 @@ def test_a_client_that_disconnects_costs_nothing(live):
     while time.time() < deadline and live.app.state.backend.live.events._logs.get(job).waiters:
         time.sleep(0.05)
     assert not live.app.state.backend.live.events._logs[job].waiters
+    live.release(blocker)
     assert live.wait(job)["state"] == "done"
     live.wait(blocker)
 
@@ -316,7 +323,9 @@ def test_inpainting_has_previews(live, sampler):
 
 
 def test_latest_preview_is_in_the_status_and_at_the_preview_route(live):
-    job = live.submit(prompt="p", width=64, height=64, steps=60, preview={"every": 2, "method": "taesd"})
+    # Held past 10 % (tests/holding.py): previews exist, and it runs until this test cancels it.
+    job = live.submit(prompt=f"p {Hold(after=10).token}", width=64, height=64, steps=60,
+                      preview={"every": 2, "method": "taesd"})
     seen = None
     while True:
         body = live.client.get(f"/queue/{job}").json()
@@ -406,6 +415,7 @@ def test_webhook_without_a_secret_or_with_bad_fields_is_refused(live_store, tmp_
         assert r.status_code == 422 and "webhook" in r.text
 
 
+@pytest.mark.processes
 def test_a_server_restart_between_attempts_still_delivers(live_store, tmp_path):
     rx = Receiver([500])
     settings = live_settings(live_store, tmp_path, webhook_backoff_sec=4.0)

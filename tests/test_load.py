@@ -11,9 +11,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from .conftest import LiveServer, make_settings
+
+pytestmark = pytest.mark.slow
 
 JOBS, CLIENTS = 200, 20
 

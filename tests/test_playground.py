@@ -18,6 +18,8 @@ from PIL import Image
 
 from .conftest import LiveServer, make_settings
 
+pytestmark = pytest.mark.browser
+
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "outputs" / "playground-screenshot.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -237,7 +239,7 @@ def test_validation_errors_are_shown_next_to_their_fields(ui, pg_server):
 
 
 def test_cancel_a_queued_job_from_the_queue_panel(ui, pg_server):
-    blocker = pg_server.submit(prompt="blocker", width=256, height=256, steps=60)
+    blocker = pg_server.submit_blocker()  # held until cancelled (tests/holding.py)
     waiting = pg_server.submit(prompt="waiting", width=64, height=64, steps=2)
     try:
         page = ui.open()

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .conftest import SMALL, LiveServer, ServerProcess, make_settings
+from .holding import Hold
 
 SLOW = dict(prompt="slow", width=128, height=128, steps=60, model="tiny-sd15")
 
@@ -29,9 +30,11 @@ def _final(client, job_id, timeout=180):
     raise TimeoutError(job_id)
 
 
+@pytest.mark.processes
 def test_kill_9_and_restart_loses_no_job(model_store, tmp_path):
     settings = make_settings(model_store, tmp_path)
     srv = ServerProcess(settings).start()
+    hold = Hold()  # held (tests/holding.py): the first slow job surely runs, the others wait, at the kill
     try:
         c = httpx.Client(base_url=srv.url, timeout=30)
         quick = c.post("/txt2img", json=dict(SMALL, model="tiny-sd15", seed=1)).json()["job_id"]
@@ -39,12 +42,12 @@ def test_kill_9_and_restart_loses_no_job(model_store, tmp_path):
         while not any(j["job_id"] == quick and j["state"] == "done" for j in c.get("/queue").json()["jobs"]):
             assert time.time() < deadline
             time.sleep(0.05)
-        slow = [c.post("/txt2img", json=dict(SLOW, seed=i)).json()["job_id"] for i in range(4)]
-        while c.get(f"/queue/{slow[0]}").json()["state"] != "processing":
+        slow = [c.post("/txt2img", json=dict(SLOW, seed=i, steps=8, prompt=hold.prompt)).json()["job_id"] for i in range(4)]
+        while c.get(f"/queue/{slow[0]}").json()["progress"] <= 0:
             time.sleep(0.02)
-        time.sleep(0.3)
     finally:
         srv.kill9()
+        hold.release()
     # A torn record written by the crash must not stop the restart.
     (settings.queue_dir / f"{uuid.uuid4()}_job.json").write_text('{"job_id": "x", "pay')
     srv2 = ServerProcess(settings, port=srv.port).start()
@@ -69,14 +72,17 @@ def test_kill_9_and_restart_loses_no_job(model_store, tmp_path):
         srv2.stop()
 
 
+@pytest.mark.processes
 def test_graceful_stop_requeues_the_running_job(model_store, tmp_path):
     settings = make_settings(model_store, tmp_path)
     srv = ServerProcess(settings).start()
     c = httpx.Client(base_url=srv.url, timeout=30)
-    job = c.post("/txt2img", json=dict(SLOW, steps=150)).json()["job_id"]
-    while c.get(f"/queue/{job}").json()["state"] != "processing":
+    hold = Hold()  # surely running when the stop comes (tests/holding.py)
+    job = c.post("/txt2img", json=dict(SLOW, steps=8, prompt=hold.prompt)).json()["job_id"]
+    while c.get(f"/queue/{job}").json()["progress"] <= 0:
         time.sleep(0.02)
     srv.stop()
+    hold.release()
     assert json.loads(settings.queue_dir.joinpath(f"{job}.json").read_text())["state"] == "queued"
     assert json.loads(settings.queue_dir.joinpath(f"{job}_job.json").read_text())["attempts"] == 0
     srv2 = ServerProcess(settings, port=srv.port).start()
@@ -133,10 +139,8 @@ def test_output_write_failure(rel_server):
 
 def test_cancel_queued_and_running(rel_server):
     c = rel_server.client
-    running = rel_server.submit(**dict(SLOW, steps=150, width=256, height=256))
+    running = rel_server.submit_blocker()  # runs until cancelled (tests/holding.py)
     queued = rel_server.submit(**SMALL)
-    while c.get(f"/queue/{running}").json()["state"] != "processing":
-        time.sleep(0.02)
     st = c.get(f"/queue/{queued}").json()
     assert st["state"] == "queued" and st["queue_position"] == 1
     assert c.get(f"/queue/{running}").json()["queue_position"] == 0
@@ -147,7 +151,7 @@ def test_cancel_queued_and_running(rel_server):
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     assert c.delete(f"/queue/{running}").json()["state"] == "cancelling"
     final = rel_server.wait(running)
-    # "cancelled", not "done": it stopped between model evaluations instead of running its 150 steps.
+    # "cancelled", not "done": it stopped between model evaluations (it was held: it never finishes alone).
     assert final["state"] == "cancelled"
     assert rel_server.wait(queued)["state"] == "cancelled"
     for j in (queued, running):
@@ -180,7 +184,7 @@ def test_unwritable_queue_dir_is_503_and_nothing_queued(model_store, tmp_path):
 
 def test_queue_full_is_503_with_retry_after(rel_server):
     c = rel_server.client
-    jobs = [rel_server.submit(**dict(SLOW, steps=100)) for _ in range(5)]
+    jobs = [rel_server.submit_blocker()] + [rel_server.submit(**dict(SLOW, steps=8)) for _ in range(4)]
     r = c.post("/txt2img", json=SMALL)
     assert r.status_code == 503 and r.headers["retry-after"] and r.json()["status"] == "error"
     for j in jobs:

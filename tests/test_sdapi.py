@@ -20,6 +20,7 @@ from diffusionapi.api.sdapi.protocol import (Context, Img2ImgAPIRequest, Txt2Img
 from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
+from .holding import Hold
 from .tiny_files import write_tiny_lora, write_tiny_upscaler
 
 DEFAULT = "DPM++ 2M Karras"
@@ -36,7 +37,9 @@ TINY = dict(width=64, height=64, steps=4)
     ("k_euler", None, ("Euler", None), False),
     ("Restart", None, (DEFAULT, None), True),                  # unknown: the default, never a 4xx
     ("DPM fast", "karras", ("DPM fast", None), True),          # cannot run that schedule: its own
-    ("Euler", "sgm_uniform", ("Euler", None), True),
+    ("Euler", "sgm_uniform", ("Euler", "sgm_uniform"), False),   # A1111 1.10's Flux/SD3 schedules
+    ("Euler", "Simple", ("Euler", "simple"), False),
+    ("Euler", "align_your_steps", ("Euler", None), True),        # not available: the sampler's own
     (None, None, (DEFAULT, None), False),
 ])
 def test_sampler_and_scheduler_names(sampler, scheduler, expected, warns):
@@ -228,9 +231,11 @@ def test_options_model_switch(api, server):
 def test_progress_queue_and_interrupt(api, server):
     assert api.get_progress()["progress"] == 0 and api.get_progress()["state"]["job_count"] == 0
     result = {}
-    blocker = server.submit(prompt="blocker", width=64, height=64, steps=30)
-    t = threading.Thread(target=lambda: result.update(r=api.txt2img(prompt="long", width=64, height=64,
-                                                                     steps=150, seed=1)))
+    blocker = server.submit_blocker()  # held until waited for (tests/holding.py)
+    # The A1111 job is held too once past 10 % (previews come every 10 steps), until interrupted.
+    long = Hold(after=10)
+    t = threading.Thread(target=lambda: result.update(r=api.txt2img(prompt=f"long {long.token}", width=64,
+                                                                     height=64, steps=150, seed=1)))
     t.start()
     # The A1111 job waits behind the native one, in the same queue.
     deadline = time.time() + 120
@@ -269,8 +274,9 @@ def test_progress_queue_and_interrupt(api, server):
 
 
 def test_client_disconnect_cancels_its_job(server):
+    gone = Hold()  # the job runs until cancelled (tests/holding.py): the disconnect surely comes first
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "gone", "width": 64, "height": 64,
+        httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": gone.prompt, "width": 64, "height": 64,
                                                             "steps": 150}, timeout=1.5)
     deadline = time.time() + 60
     while time.time() < deadline:

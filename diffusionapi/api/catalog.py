@@ -11,12 +11,13 @@ router = APIRouter()
 
 
 def _models(request: Request) -> list[ModelInfo]:
-    return [ModelInfo(name=m.name, label=m.label, type=m.family, format=m.format)
+    return [ModelInfo(name=m.name, label=m.label, type=m.family, format=m.format, family=m.family,
+                      prediction=m.prediction, ztsnr=m.ztsnr)
             for m in request.app.state.registry.models()]
 
 
 @router.get("/hello", response_model=HelloResponse)
-def hello() -> HelloResponse:
+async def hello() -> HelloResponse:  # on the event loop: answers even while the threadpool is busy
     return HelloResponse(ok=True)
 
 

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from ..errors import RequestError
 from pydantic import BaseModel, Field
 
-from ..images import infotext_parameters, parse_infotext, read_infotext
+from ..images import UntrustedImageError, infotext_parameters, parse_infotext, read_untrusted_infotext
 
 router = APIRouter()
 
@@ -45,18 +44,23 @@ def decode_image_b64(value: str) -> bytes:
         raise ValueError("not base64 (plain or a data: URL)") from None
 
 
-@router.post("/png-info", response_model=PngInfoResponse, responses={422: {"model": _Error}})
-def png_info(body: PngInfoRequest):
-    from PIL import Image, UnidentifiedImageError
+def read_png_info(data: bytes, settings) -> tuple[str | None, dict, dict]:
+    """(infotext, other text fields, parsed items) of a client's image, within the limits:
+    the input-image pixel limit (checked from the header; no pixel is decoded) and
+    ``max_infotext_chars`` (checked before the parser runs). Raises UntrustedImageError.
+    CPU work: callers run it in a worker thread, never on the event loop."""
+    text, others = read_untrusted_infotext(data, settings.max_hires_pixels, settings.max_infotext_chars)
+    return text, others, parse_infotext(text) if text is not None else {}
 
+
+@router.post("/png-info", response_model=PngInfoResponse,
+             responses={413: {"model": _Error}, 422: {"model": _Error}})
+def png_info(body: PngInfoRequest, request: Request):  # a plain def: FastAPI runs it in its threadpool
     try:
         data = decode_image_b64(body.image)
-        Image.open(io.BytesIO(data)).verify()
-        text = read_infotext(data)
-    except (ValueError, UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise RequestError("image", str(e) if isinstance(e, ValueError) else "not a readable PNG or JPEG image") \
-            from None
+        text, _, items = read_png_info(data, request.app.state.settings)
+    except (ValueError, UntrustedImageError) as e:
+        raise RequestError("image", str(e), getattr(e, "status", 422)) from None
     if text is None:
         return PngInfoResponse(infotext=None)
-    items = parse_infotext(text)
     return PngInfoResponse(infotext=text, items=items, parameters=infotext_parameters(items))

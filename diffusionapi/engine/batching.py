@@ -39,12 +39,22 @@ def batch_key(plan) -> tuple | None:
             return None
     if getattr(plan, "batch_size", 1) != 1 or getattr(plan, "n_iter", 1) != 1:
         return None
+    model = getattr(plan, "model", None)
+    if model is not None and _flow_family(getattr(model, "family", "")):
+        return None  # flow families (Flux) run their own denoiser: each job alone
     sampler = getattr(plan, "sampler", None)
     spec = getattr(sampler, "spec", None)
     if spec is not None and getattr(spec, "algorithm", None) == "dpm_adaptive":
         return None
     return tuple((f.name, _frozen(getattr(plan, f.name))) for f in dataclasses.fields(plan)
                  if f.name not in ROW_FIELDS)
+
+
+def _flow_family(family: str) -> bool:
+    from ..families import BY_ID
+
+    fam = BY_ID.get(str(family))
+    return fam is not None and fam.prediction == "flow"
 
 
 def stack_conditioning(conds):
@@ -136,7 +146,7 @@ def generate_batch(engine, plans, reports, cancelled, stage_progress, job_text) 
         if cond is None:  # prompt editing, AND parts or lengths differ: no common batch
             engine.batches.pop()
             return [_solo(engine, p, r, c) for p, r, c in zip(plans, reports, cancelled)]
-        den = CFGDenoiser(base, cond, first.cfg_scale, rows.check)
+        den = CFGDenoiser(base, cond, first.cfg_scale, rows.check, cfg_rescale=first.cfg_rescale)
         latents = schedule.run(den, x, noise, rows.fan_out([p.stage("generation", 0.0, 100.0) for p in progresses]))
     except (JobCancelled, GenerationError) as e:  # every row cancelled, or a failure shared by all
         return [e if alive else JobCancelled() for alive in rows.alive]

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__
+from ..families import spec
 from ..fileinfo import CheckpointError, ckpt_keys, single_file_unet_in_channels
 from ..vocabulary import ModelEntry, sd15_loader_kwargs
 
@@ -53,7 +54,13 @@ def packaged_config(family: str, unet_in_channels: int = 4) -> Path:
 
 
 def load_single_file(cls, entry: ModelEntry, dtype):
-    config = sidecar_config(entry.path) or packaged_config(entry.family, single_file_unet_in_channels(entry.path))
+    config = sidecar_config(entry.path)
+    if config is None:
+        shipped = spec(entry.family).packaged_config
+        if shipped is None:
+            raise CheckpointError(f"{entry.path.name} is {spec(entry.family).label}, for which no config ships: put "
+                                  f"its diffusers config folder (json/txt files) next to it as {entry.path.stem}.config/")
+        config = packaged_config(shipped, single_file_unet_in_channels(entry.path))
     kwargs = dict(config=str(config), local_files_only=True, torch_dtype=dtype, **sd15_loader_kwargs(entry.family))
     if entry.path.suffix.lower() == ".ckpt":
         ckpt_keys(entry.path)  # refuse unsafe pickles before diffusers opens the file

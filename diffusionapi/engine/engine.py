@@ -23,6 +23,7 @@ from .controlnet.units import ControlState, infotext_params as controlnet_infote
 from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
 from .embeddings import EmbeddingTensors
 from .prompts import extract_extra_networks
+from .flow import FLOW_FAMILIES, encode_flow, make_flow_denoiser, plain_prompt
 from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
 from .upscalers import UpscalerCache, UpscalerError, upscale_image
 
@@ -42,6 +43,7 @@ class JobText:
         self.evals_per_step = evaluations_per_step(plan.sampler.spec.algorithm)
         self.embeddings = plan.embeddings
         self.lora_key = lora_key
+        self.negative_pass = plan.cfg_scale != 1.0  # flow families skip the negative prompt at CFG 1
         self.used_embeddings: dict[str, str] = {}
         self.warnings: list[str] = []
 
@@ -91,6 +93,7 @@ class Engine:
         self.embedding_tensors = EmbeddingTensors()
         self.taesd = TaesdCache(self.device)
         self.batches: list[int] = []  # sizes of the UNet batches of several jobs (tests, logs)
+        self._flow_cache: dict = {}  # flow families' text conditioning (engine/flow.py), oldest first
         self._control = None  # the running job's ControlNet units (engine/controlnet/units.ControlState)
 
     # ------------------------------------------------------------------ entry point
@@ -135,7 +138,7 @@ class Engine:
             refiner = self._load(plan.refiner, progress, keep=needed, share_from=base)
         load_time = 0.0 if resident else time.perf_counter() - t_load  # 0: nothing was loaded (README)
         self.loras.apply(base, plan.loras)
-        fastmode.set_fused(base.pipe.unet, not plan.loras)  # LoRA adapters wrap the unfused projections
+        fastmode.set_fused(base.denoiser_module, not plan.loras)  # LoRA adapters wrap the unfused projections
         check()
 
         prepared = init = None
@@ -152,7 +155,9 @@ class Engine:
         rcond = self._conditioning(refiner, text, plan.width, plan.height) if refiner else None
         live = LiveJob(observer, plan.preview, family=base.family, model_name=plan.model.name,
                        vae_approx_dir=self.settings.vae_approx_dir,
-                       image_size=(plan.final_width, plan.final_height), taesd=self.taesd)
+                       image_size=(plan.final_width, plan.final_height), taesd=self.taesd,
+                       latent_channels=int(base.pipe.vae.config.latent_channels),
+                       fit_factors=lambda: self._fitted_preview_factors(base))
 
         images = []
         decode_sec = 0.0
@@ -203,7 +208,7 @@ class Engine:
         first_hi = lo + (hi - lo) * (0.5 if hires else 1.0)
         first_phase = "initial generation" if hires else "generation"
         noise = NoiseFactory.for_seeds(seeds)
-        schedule = make_schedule(base, plan.sampler, plan.steps)
+        schedule = make_schedule(base, plan.sampler, plan.steps, (plan.width, plan.height))
         shape = (n, base.pipe.vae.config.latent_channels, plan.height // 8, plan.width // 8)
         init_z = None
         if init is None:
@@ -258,7 +263,8 @@ class Engine:
             latents = self._upscale(plan, base, latents)
             check()
             total = hires_total_steps(hires.steps, hires.denoising_strength)
-            schedule2 = img2img_tail(make_schedule(base, plan.sampler, total), hires.steps)
+            schedule2 = img2img_tail(make_schedule(base, plan.sampler, total, (plan.final_width, plan.final_height)),
+                                     hires.steps)
             cond2 = self._conditioning(base, text, plan.final_width, plan.final_height, hires_steps=hires.steps)
             den2 = self._denoiser(base, cond2, plan, check, None, plan.final_width, plan.final_height, stage="high")
             current.update(den=den2, size=(plan.final_width, plan.final_height))
@@ -274,8 +280,13 @@ class Engine:
         """The CFG denoiser; an inpainting UNet gets its mask + masked-image conditioning, and
         a mask keeps the init latents outside it at every evaluation. ``stage``: "low" (first
         pass), "high" (hires pass), "refiner" (ControlNet units guide the first two)."""
-        den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset)
-        if img2img.is_inpainting_unet(loaded.pipe.unet):
+        if loaded.is_flow:
+            den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale, check,
+                                     cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale)
+        else:
+            den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset,
+                              cfg_rescale=plan.cfg_rescale)
+        if not loaded.is_flow and img2img.is_inpainting_unet(loaded.pipe.unet):
             extra = img2img.inpainting_conditioning(lambda im: self._encode(loaded, im), prepared, width, height,
                                                     self.device)
             den.unet = img2img.ConcatUNet(den.unet, extra)
@@ -289,9 +300,11 @@ class Engine:
     def _conditioning(self, loaded: LoadedModel, text: "JobText", width: int, height: int,
                       hires_steps: int | None = None):
         """A stage's conditioning; prompt editing counts model evaluations, as A1111 does."""
-        slots = encoder_slots(loaded.pipe, loaded.family != SD15)
+        if loaded.is_flow:
+            return self._flow_conditioning(loaded, text)
+        slots = encoder_slots(loaded.pipe, loaded.xl)
         found, warnings = usable_embeddings(text.embeddings, self.embedding_tensors.load, slots,
-                                            SD15 if loaded.family == SD15 else SDXL, [text.prompt, text.negative],
+                                            SDXL if loaded.xl else SD15, [text.prompt, text.negative],
                                             self.hashes.sha256)
         for w in warnings:
             if w not in text.warnings:
@@ -302,6 +315,20 @@ class Engine:
                       hires_steps=hires_steps * text.evals_per_step if hires_steps else None,
                       embeddings=found, extra_key=text.lora_key)
         text.used_embeddings.update(cond.used_embeddings())
+        return cond
+
+    def _flow_conditioning(self, loaded: LoadedModel, text: "JobText"):
+        """A flow family's text conditioning of the prompt (and of the negative prompt when CFG
+        runs a negative pass), cached like the CLIP encodings: by model, text and LoRAs."""
+        prompt = plain_prompt(text.prompt, text.steps)
+        negative = plain_prompt(text.negative, text.steps) if text.negative_pass else None
+        key = (loaded.entry.name, str(loaded.entry.path), prompt, negative, text.lora_key)
+        cond = self._flow_cache.get(key)
+        if cond is None:
+            cond = encode_flow(loaded, prompt, negative)
+            self._flow_cache[key] = cond
+            while len(self._flow_cache) > max(int(self.settings.conditioning_cache_size), 1):
+                self._flow_cache.pop(next(iter(self._flow_cache)))
         return cond
 
     @staticmethod
@@ -349,12 +376,39 @@ class Engine:
             params.update({"Refiner": plan.refiner.name, "Refiner switch at": plan.refiner_switch_at})
         if plan.clip_skip != 1:
             params["Clip skip"] = plan.clip_skip
+        if plan.cfg_rescale:
+            params["RescaleCFG"] = plan.cfg_rescale
+        if plan.model.family in FLOW_FAMILIES:
+            base = self.cache._items.get(plan.model.name)
+            if base is not None and base.pipe.transformer.config.get("guidance_embeds", False):
+                params["Distilled CFG Scale"] = plan.distilled_cfg_scale
+            if base is not None:  # the shift of this size (Flux.1-dev's depends on it)
+                params["Shift"] = round(base.sigmas_at(plan.width, plan.height).shift, 4)
         hashes = lora_hashes_infotext(plan.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes
         params["TI hashes"] = ti_hashes_infotext(text.used_embeddings)
         params.update(controlnet_infotext(plan.controlnets, plan.ip_adapters))
         return params
+
+    def _fitted_preview_factors(self, loaded: LoadedModel):
+        """Least-squares latent -> RGB factors of the model's own VAE (engine/previews.py), made
+        once per loaded model: 8 decodes of 128 x 128 images."""
+        factors = getattr(loaded, "preview_factors", None)
+        if factors is None:
+            from .previews import fit_latent_rgb
+
+            vae = loaded.pipe.vae
+
+            def decode(z):
+                z = z.to(self.device, vae.dtype) / vae.config.scaling_factor
+                if getattr(vae.config, "shift_factor", None):
+                    z = z + vae.config.shift_factor
+                return vae.decode(z, return_dict=False)[0]
+
+            factors = fit_latent_rgb(decode, channels=int(vae.config.latent_channels))
+            loaded.preview_factors = factors
+        return factors
 
     def _vae_for(self, loaded: LoadedModel, width: int, height: int):
         """The VAE, tiled above the size threshold. Its precision is fastmode.vae_run's: fp16

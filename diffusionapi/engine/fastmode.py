@@ -40,6 +40,8 @@ class FastMode:
 def apply(pipe, device: torch.device, mode: FastMode) -> list[str]:
     """Put ``pipe`` (already on ``device``) into fast mode; returns what was switched on."""
     applied = []
+    if getattr(pipe, "unet", None) is None:
+        return applied  # the speed-ups here are for UNets; flow families' transformers run as loaded
     if device.type != "cuda":
         # channels-last and compile are CUDA speed-ups; fused QKV is exact everywhere, so it is
         # applied on every device (the CPU tests check it against the unfused model).
@@ -89,6 +91,8 @@ def fuse_qkv(unet) -> bool:
 
 def set_fused(unet, on: bool) -> None:
     """Switch a fused UNet between its fused and its original attention processors."""
+    if unet is None:
+        return
     unet = _base(unet)
     fused = getattr(unet, "_dapi_fused", None)
     if fused is None or unet._dapi_fused_on == on:

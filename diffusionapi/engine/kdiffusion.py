@@ -50,7 +50,10 @@ class ModelSigmas:
             betas = torch.linspace(start, end, n, dtype=torch.float64)
         else:
             raise ValueError(f"unsupported beta_schedule {sched!r}")
-        return cls(torch.cumprod(1 - betas, 0))
+        acp = torch.cumprod(1 - betas, 0)
+        if config.get("rescale_betas_zero_snr"):
+            acp = zero_terminal_snr(acp)
+        return cls(acp)
 
     @property
     def num_timesteps(self) -> int:
@@ -80,6 +83,22 @@ class ModelSigmas:
         low, high = ls[idx], ls[idx + 1]
         w = ((low - log_sigma) / (low - high)).clamp(0, 1)
         return (1 - w) * idx + w * (idx + 1)
+
+
+# What the last alpha-bar becomes under zero terminal SNR: exactly 0 would make the largest
+# sigma infinite, so A1111 (dev) and ComfyUI use this value (sigma_max ~ 4500).
+ZTSNR_LAST_ALPHA_CUMPROD = 4.8973451890853435e-08
+
+
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common diffusion noise schedules and sample steps are flawed", alg. 1):
+    shift and scale sqrt(alpha-bar) so the last step is pure noise and the first is unchanged."""
+    ab_sqrt = alphas_cumprod.to(torch.float64).sqrt()
+    first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
+    ab_sqrt = (ab_sqrt - last) * first / (first - last)
+    out = ab_sqrt ** 2
+    out[-1] = ZTSNR_LAST_ALPHA_CUMPROD
+    return out
 
 
 def _append_zero(x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +154,51 @@ def build_sigmas(ms: ModelSigmas, schedule: str, n: int, *, model_spacing: str =
         return sigmas_at_timesteps(ms, spaced_timesteps(ms.num_timesteps, n, "leading", 1))
     if schedule == "pndm":
         return sigmas_at_timesteps(ms, spaced_timesteps(ms.num_timesteps, n, model_spacing, model_offset))
+    if schedule == "simple":
+        return sigmas_simple(ms, n)
+    if schedule == "sgm_uniform":
+        return sigmas_sgm_uniform(ms, n)
+    if schedule == "beta":
+        return sigmas_beta(ms, n)
+    if schedule == "kl_optimal":
+        return sigmas_kl_optimal(ms, n)
     raise ValueError(f"no sigma schedule {schedule!r}")
+
+
+def sigmas_simple(ms: ModelSigmas, n: int) -> torch.Tensor:
+    """"Simple" (ComfyUI, Forge): n training timesteps evenly strided down from the last one.
+    Flow models (engine/flow.py) compute it in continuous time."""
+    if hasattr(ms, "simple"):
+        return ms.simple(n)
+    stride = ms.num_timesteps / n
+    idx = torch.tensor([ms.num_timesteps - 1 - int(i * stride) for i in range(n)])
+    return _append_zero(ms.sigmas[idx])
+
+
+def sigmas_sgm_uniform(ms: ModelSigmas, n: int) -> torch.Tensor:
+    """"SGM Uniform": n+1 timesteps evenly spaced over the whole range, the last (t = 0) dropped
+    (the spacing Stability's SGM code uses for SDXL Turbo / Lightning)."""
+    t = torch.linspace(ms.num_timesteps - 1, 0, n + 1, dtype=torch.float64)[:-1]
+    return _append_zero(ms.t_to_sigma(t))
+
+
+def sigmas_beta(ms: ModelSigmas, n: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+    """"Beta" (Lee et al. 2024, "Beta sampling is all you need"): timesteps at the quantiles of a
+    Beta(0.6, 0.6) distribution, denser at both ends of the schedule."""
+    import numpy as np
+    from scipy import stats
+
+    q = 1 - np.linspace(0, 1, n, endpoint=False)
+    idx = np.rint(stats.beta.ppf(q, alpha, beta) * (ms.num_timesteps - 1)).astype(int)
+    return _append_zero(ms.sigmas[torch.from_numpy(idx)])
+
+
+def sigmas_kl_optimal(ms: ModelSigmas, n: int) -> torch.Tensor:
+    """"KL Optimal" (Sabour et al. 2024, "Align Your Steps", the KL-optimal schedule):
+    sigmas evenly spaced in arctan(sigma) between the model's bounds."""
+    w = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+    lo, hi = math.atan(ms.sigma_min), math.atan(ms.sigma_max)
+    return _append_zero(torch.tan(w * lo + (1 - w) * hi))
 
 
 # ---------------------------------------------------------------------------- noise

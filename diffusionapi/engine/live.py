@@ -38,7 +38,8 @@ class TaesdCache:
 class LiveJob:
     def __init__(self, observer: StepObserver | None, preview: PreviewPlan | None, *, family: str,
                  model_name: str | None, vae_approx_dir: Path | None, image_size: tuple[int, int],
-                 taesd: TaesdCache | None = None):
+                 taesd: TaesdCache | None = None, latent_channels: int = 4,
+                 fit_factors: Callable[[], pv.LatentRGB] | None = None):
         self.observer = observer
         self.sink: pv.PreviewSink | None = None
         if observer is not None and preview is not None and preview.every > 0:
@@ -55,6 +56,9 @@ class LiveJob:
                     return pv.taesd_rgb(decoder, z)
             else:
                 factors = pv.latent_rgb_for(family, model_name, vae_approx_dir)
+                if len(factors.factors) != latent_channels and fit_factors is not None:
+                    # No published fit for these latents (16-channel families): fit the model's own VAE.
+                    factors = fit_factors()
 
                 def to_rgb(z):
                     return pv.approx_rgb(z, factors)
@@ -91,7 +95,9 @@ class LiveJob:
 def check_preview(method: str, family: str, vae_approx_dir: Path | None) -> str | None:
     """Why ``method`` cannot give previews for a model of ``family`` (None: it can)."""
     if method == "taesd" and pv.find_taesd(vae_approx_dir, family) is None:
-        name = pv.FAMILY_TAESD.get(str(family), "taesd")
+        name = pv.FAMILY_TAESD.get(pv.preview_key(family))
+        if name is None:  # 16-channel families: no TAESD decoder is wired up yet
+            return f"no TAESD decoder is supported for this model's family ({family}); use method 'approx'"
         return (f"no TAESD decoder for this model's family ({family}) is installed: put a diffusers "
                 f"AutoencoderTiny folder {name}/ or the file {name}_decoder.pth / .safetensors in "
                 f"{vae_approx_dir}, or use method 'approx'")

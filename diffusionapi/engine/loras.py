@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict
 from typing import Sequence
 
-from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER, LoraEntry
+from ..vocabulary import FAMILY_LABELS, SD2, SD15, LoraEntry
 from .hashes import FileHashes
 from .plan import LoraUse
 
@@ -33,6 +33,11 @@ def lora_hashes_infotext(loras: Sequence[LoraUse], hashes: FileHashes) -> str | 
     return ", ".join(f"{u.entry.name}: {hashes.sha256(u.entry.path)[:12]}" for u in loras)
 
 
+def canonical_order(loras: Sequence[LoraUse]) -> list[LoraUse]:
+    """The order LoRAs are applied in: by name, then path, then weight (never the request's order)."""
+    return sorted(loras, key=lambda u: (u.entry.name, str(u.entry.path), float(u.weight)))
+
+
 class LoraManager:
     """Adapter bookkeeping per loaded model (kept on ``LoadedModel.loras``)."""
 
@@ -44,11 +49,16 @@ class LoraManager:
         pipe = loaded.pipe
         book: OrderedDict = loaded.loras if isinstance(loaded.loras, OrderedDict) else OrderedDict(loaded.loras)
         loaded.loras = book
-        model_family = SDXL if loaded.family in (SDXL, SDXL_REFINER) else loaded.family
+        model_family = loaded.spec.lora_family
+        # A kohya SD 2 LoRA without metadata has SD 1.x's key names: it is read as sd15.
+        fits = {model_family, SD15} if model_family == SD2 else {model_family}
         names, weights = [], []
-        for use in loras:
+        # A canonical order: PEFT sums the active adapters' deltas in the order they are set,
+        # and fp32 sums in another order give other bits (on some CPUs). Sorted, the same set of
+        # LoRAs gives the same pixels whatever order the request named them in, on every machine.
+        for use in canonical_order(loras):
             entry, scale = use.entry, use.weight
-            if entry.family and entry.family != model_family:
+            if entry.family and entry.family not in fits:
                 raise LoraError(f"LoRA {entry.name!r} is for {FAMILY_LABELS.get(entry.family, entry.family)}, "
                                 f"but model {loaded.entry.name!r} is {FAMILY_LABELS.get(loaded.family)}")
             name = adapter_name(entry)

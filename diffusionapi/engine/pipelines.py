@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..vocabulary import SD15, SDXL, SDXL_REFINER, ModelEntry, ModelFormat, sd15_loader_kwargs
+from ..families import FamilySpec, spec
+from ..vocabulary import SDXL_REFINER, ModelEntry, ModelFormat, sd15_loader_kwargs
 from . import fastmode
 from .fastmode import FastMode
+from .flow import FlowModelSigmas, FlowShift
 from .kdiffusion import ModelSigmas
 
 log = logging.getLogger(__name__)
@@ -42,21 +44,68 @@ class LoadedModel:
     loras: dict = field(default_factory=dict)  # adapter bookkeeping, owned by engine.loras
     borrowed_from: str | None = None  # the base whose VAE/text_encoder_2 a refiner uses
     vae_upcast: bool = False  # its VAE overflowed in fp16 once: it runs in the wider type (fastmode.vae_run)
+    flow: FlowModelSigmas | None = None  # flow-matching families: sigmas per image size (engine/flow.py)
+    preview_factors: object = None  # latent -> RGB fit of its VAE, when its family has no published one
+
+    @property
+    def is_flow(self) -> bool:
+        return self.flow is not None
+
+    def sigmas_at(self, width: int, height: int):
+        """The noise levels for an image of this size (a flow model's shift depends on it)."""
+        return self.flow.at(width, height) if self.flow is not None else self.sigmas
+
+    @property
+    def denoiser_module(self):
+        """The network that denoises: the UNet, or a flow family's transformer."""
+        pipe = self.pipe
+        return getattr(pipe, "unet", None) if getattr(pipe, "unet", None) is not None else pipe.transformer
 
     @property
     def family(self) -> str:
         return self.entry.family
 
     @property
+    def spec(self) -> FamilySpec:
+        return spec(self.entry.family)
+
+    @property
+    def xl(self) -> bool:
+        """Prompts go through SDXL's two-encoder (or the refiner's CLIP-G) conditioning."""
+        return self.spec.conditioning != "clip"
+
+    @property
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
+    @property
+    def ztsnr(self) -> bool:
+        return bool(self.scheduler_config.get("rescale_betas_zero_snr", False))
+
 
 def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return {SD15: StableDiffusionPipeline, SDXL: StableDiffusionXLPipeline,
-            SDXL_REFINER: StableDiffusionXLImg2ImgPipeline}[family]
+    fam = spec(family)
+    if fam.runnable:
+        raise ValueError(fam.runnable)
+    return getattr(diffusers, fam.pipeline)
+
+
+def scheduler_for_entry(scheduler, entry: ModelEntry):
+    """The loaded scheduler, switched to v-prediction / zero-terminal-SNR when the file says so
+    and its config does not: NoobAI-style single files carry ``v_pred`` / ``ztsnr`` marker keys
+    that diffusers ignores. Never the other way: an entry made elsewhere (a cluster catalog)
+    with the defaults leaves a folder's own config alone."""
+    config = dict(scheduler.config)
+    changes = {}
+    if entry.prediction == "v_prediction" and config.get("prediction_type") != "v_prediction":
+        changes["prediction_type"] = "v_prediction"
+    if entry.ztsnr and not config.get("rescale_betas_zero_snr"):
+        changes["rescale_betas_zero_snr"] = True
+    if not changes:
+        return scheduler
+    return type(scheduler).from_config({**config, **changes})
 
 
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *, share_from=None,
@@ -64,6 +113,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
     """Load a model offline. ``share_from`` (an SDXL base) lends its VAE and text_encoder_2
     to a refiner when they are the same architecture, so the two stay one copy in memory."""
     cls = _pipeline_class(entry.family)
+    dtype = family_dtype(entry.family, device, dtype)
     kwargs: dict = dict(dtype=dtype, local_files_only=True, **sd15_loader_kwargs(entry.family))
     if entry.format == ModelFormat.SINGLE_FILE:
         from .checkpoints import load_single_file
@@ -77,6 +127,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
             kwargs["variant"] = variant
         pipe = cls.from_pretrained(str(entry.path), **kwargs)
     _check_no_meta(pipe, entry)
+    pipe.scheduler = scheduler_for_entry(pipe.scheduler, entry)
     pipe.set_progress_bar_config(disable=True)
     if cpu_offload and device.type == "cuda":
         pipe.enable_model_cpu_offload()
@@ -85,7 +136,20 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
         fastmode.apply(pipe, device, fast)
     config = dict(pipe.scheduler.config)
     lender = share_from.entry.name if share_from is not None and entry.family == SDXL_REFINER else None
+    fam = spec(entry.family)
+    if fam.prediction == "flow":
+        flow = FlowModelSigmas(FlowShift.from_scheduler_config(config), vae_scale=fam.vae_scale_factor)
+        return LoadedModel(entry, pipe, flow.at(fam.size, fam.size), config, flow=flow)
     return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config, borrowed_from=lender)
+
+
+def family_dtype(family: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The cache's dtype, or the family's own on GPUs (bfloat16 for Flux, whose activations
+    overflow fp16)."""
+    want = spec(family).gpu_dtype
+    if dtype == torch.float16 and want == "bfloat16" and device.type == "cuda":
+        return torch.bfloat16
+    return dtype
 
 
 def _weights_variant(folder: Path) -> str | None:

@@ -98,6 +98,8 @@ class GenerationPlan:
     clip_skip: int = 1    # A1111's "Clip skip" (engine/conditioning.py)
     embeddings: tuple[EmbeddingEntry, ...] = ()  # textual inversions the prompts may call
     init: InitImagePlan | None = None  # img2img / inpainting
+    cfg_rescale: float = 0.0  # A1111's CFG rescale phi (0 = off): engine/sampling.rescale_cfg
+    distilled_cfg_scale: float = 3.5  # Forge's name: the guidance fed to guidance-distilled models (Flux.1-dev)
     controlnets: tuple = ()  # engine/controlnet/units.ControlUnitPlan, applied in order
     ip_adapters: tuple = ()  # engine/controlnet/units.IPAdapterPlan
     # A cancel returns the image of the last denoised state instead of ending the job (A1111's

@@ -87,7 +87,15 @@ def latent_rgb_for(family: str, model_name: str | None, vae_approx_dir: Path | N
                 return LatentRGB.from_json(p.read_text())
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring %s (%s); using the %s factors", p, e, family)
-    return FAMILY_LATENT_RGB.get(str(family), SD15_LATENT_RGB)
+    return FAMILY_LATENT_RGB.get(preview_key(family), SD15_LATENT_RGB)
+
+
+def preview_key(family: str) -> str:
+    """Which family's preview factors / TAESD a family uses (SD 2 shares SD 1.5's VAE)."""
+    from ..families import BY_ID
+
+    fam = BY_ID.get(str(family))
+    return fam.preview if fam is not None else str(family)
 
 
 def approx_rgb(latents: torch.Tensor, rgb: LatentRGB) -> torch.Tensor:
@@ -137,7 +145,7 @@ def find_taesd(vae_approx_dir: Path | None, family: str) -> Path | None:
     """The installed TAESD decoder for a family: a diffusers folder, else an original file."""
     if vae_approx_dir is None:
         return None
-    name = FAMILY_TAESD.get(str(family))
+    name = FAMILY_TAESD.get(preview_key(family))
     if name is None:
         return None
     d = Path(vae_approx_dir)

@@ -38,7 +38,9 @@ class LoraTag:
     text: str  # the tag as written
 
 
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+# "[^<>]": a tag never spans another "<", so an unclosed "<a:" costs a scan to the next "<" only
+# (with "[^>]" each of many unclosed tags scanned to the end: quadratic).
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^<>]+)>")
 LORA_TAG_TYPES = ("lora", "lyco")  # "lyco" is the LyCORIS extension's spelling; A1111 treats it as lora
 
 
@@ -76,18 +78,32 @@ def extract_extra_networks(prompt: str) -> tuple[str, list[LoraTag], list[str]]:
 # ---------------------------------------------------------------------------- AND
 
 _AND = re.compile(r"\bAND\b")
-_PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+_PART_NUMBER = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
+
+
+def _part_weight(part: str) -> tuple[str, str | None]:
+    """A part's text and its trailing ``:weight`` (A1111's ``^(.*?)(?:\\s*:\\s*NUMBER)?\\s*$``),
+    read backwards from the end in one pass (the regex was quadratic on long runs of spaces)."""
+    end = len(part.rstrip())
+    j = end
+    while j > 0 and (part[j - 1].isdecimal() or part[j - 1] == "."):
+        j -= 1
+    digits_at = j
+    if j > 0 and part[j - 1] in "+-":
+        j -= 1
+    k = j
+    while k > 0 and part[k - 1].isspace():
+        k -= 1
+    if digits_at < end and k > 0 and part[k - 1] == ":" and _PART_NUMBER.fullmatch(part, j, end):
+        return part[:k - 1].rstrip(), part[j:end]
+    return part[:end], None
 
 
 def split_and(prompt: str) -> list[tuple[str, float]]:
     """Composable-diffusion parts: ``a cat :1.2 AND a dog`` -> [("a cat", 1.2), (" a dog", 1.0)]."""
     parts = []
     for part in _AND.split(prompt):
-        m = _PART_WEIGHT.search(part)
-        if m is None:  # pragma: no cover - the pattern matches every string
-            parts.append((part, 1.0))
-            continue
-        text, weight = m.group(1), m.group(2)
+        text, weight = _part_weight(part)
         parts.append((text, float(weight) if weight is not None else 1.0))
     return parts
 
@@ -115,6 +131,10 @@ _NUMBER = re.compile(r"[+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+
 _WHITESPACE = re.compile(r"\s*")
 _PLAIN_STOP = set("\\[]():|")
 _MAX_NESTING = 100
+# How deep brackets may nest in a prompt (limits.py refuses deeper ones at submit): each level
+# multiplies the weights it encloses, so 5,000 levels overflow to inf, and the weighting pass
+# costs depth x length.
+MAX_ATTENTION_NESTING = _MAX_NESTING
 
 
 class _ScheduleParser:
@@ -290,7 +310,7 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
 
 # ---------------------------------------------------------------------------- attention
 
-_BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK_SPLIT = re.compile(r"\bBREAK\b")  # the spaces around it are stripped after the split (linear)
 _WEIGHT_CLOSE = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 
 
@@ -310,9 +330,13 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
                 res[p][1] *= factor
 
     def add_text(chunk: str) -> None:
-        for n, part in enumerate(_BREAK_SPLIT.split(chunk)):
+        pieces = _BREAK_SPLIT.split(chunk)
+        for n, part in enumerate(pieces):
             if n:
                 res.append(["BREAK", None])
+                part = part.lstrip()
+            if n < len(pieces) - 1:
+                part = part.rstrip()
             res.append([part, 1.0])
 
     i, n = 0, len(text)
@@ -326,6 +350,9 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
             else:  # a lone backslash vanishes (A1111 appends its empty remainder)
                 res.append(["", 1.0])
                 i += 1
+        elif c in "([" and len(round_open) + len(square_open) >= MAX_ATTENTION_NESTING:
+            add_text(c)  # deeper than any real prompt (refused at submit): text, and linear time
+            i += 1
         elif c == "(":
             round_open.append(len(res))
             i += 1

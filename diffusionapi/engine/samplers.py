@@ -16,12 +16,16 @@ SAMPLER_NAMES: tuple[str, ...] = (
     "DPM++ SDE", "DPM++ SDE Karras", "DPM fast", "DPM adaptive", "LMS", "LMS Karras",
     "DDIM", "PLMS", "UniPC",
 )
-SCHEDULER_TYPES: tuple[str, ...] = ("default", "karras", "exponential", "ddim", "pndm")
+# The seed's five, then A1111 1.10's (and ComfyUI's) Simple, SGM Uniform, Beta and KL Optimal,
+# which Flux and SD 3 users pick; the k-diffusion samplers take them on every family.
+TIMESTEP_SCHEDULER_TYPES: tuple[str, ...] = ("default", "karras", "exponential", "ddim", "pndm")
+SCHEDULER_TYPES: tuple[str, ...] = TIMESTEP_SCHEDULER_TYPES + ("simple", "sgm_uniform", "beta", "kl_optimal")
 
 # What the infotext's "Schedule type:" says for each resolved schedule.
 SCHEDULE_LABELS = {
     "default": "Normal", "karras": "Karras", "exponential": "Exponential",
     "ddim": "DDIM", "pndm": "PNDM", "logsnr": "Automatic",
+    "simple": "Simple", "sgm_uniform": "SGM Uniform", "beta": "Beta", "kl_optimal": "KL Optimal",
 }
 
 
@@ -64,7 +68,7 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
                 scheduler_kwargs={"set_alpha_to_one": False, "clip_sample": False}),
     SamplerSpec("PLMS", "PLMS", "timestep", "PNDMScheduler", ("default", "pndm", "ddim"), "pndm",
                 scheduler_kwargs={"skip_prk_steps": True}),
-    SamplerSpec("UniPC", "UniPC", "timestep", "UniPCMultistepScheduler", SCHEDULER_TYPES, "karras"),
+    SamplerSpec("UniPC", "UniPC", "timestep", "UniPCMultistepScheduler", TIMESTEP_SCHEDULER_TYPES, "karras"),
 )}
 assert tuple(SAMPLERS) == SAMPLER_NAMES
 

@@ -14,9 +14,11 @@ from typing import Callable
 
 import torch
 
-from ..vocabulary import SD15, SDXL_REFINER
+from ..vocabulary import SDXL_REFINER
 from . import kdiffusion as kd
 from .conditioning import PromptEncoder, StageConditioning
+from .flow import TIME_SPACE_SCHEDULES, sigmas_in_flow_time
+from .guidance import rescale_cfg
 from .samplers import ResolvedSampler
 
 
@@ -28,7 +30,7 @@ def encode(loaded, prompt: str, negative: str, width: int, height: int, *, promp
     (original = target size)."""
     prompts = prompts or PromptEncoder(0)
     pipe = loaded.pipe
-    xl = loaded.family != SD15
+    xl = loaded.xl
     cond = prompts.build(pipe, xl=xl, prompt=prompt, negative=negative, clip_skip=clip_skip,
                          total_steps=total_steps, hires_steps=hires_steps, embeddings=embeddings,
                          extra_key=extra_key,
@@ -58,11 +60,12 @@ class CFGDenoiser:
     does: uncond + cfg * sum(w_i * (cond_i - uncond))."""
 
     def __init__(self, loaded, cond: StageConditioning, cfg_scale: float, on_eval: Callable[[], None],
-                 step_offset: int = 0):
+                 step_offset: int = 0, cfg_rescale: float = 0.0):
         self.unet = loaded.pipe.unet
         self.ms = loaded.sigmas
         self.cond = cond
         self.cfg = cfg_scale
+        self.rescale = float(cfg_rescale)
         self.vpred = loaded.prediction_type == "v_prediction"
         self.on_eval = on_eval
         self.dtype = self.unet.dtype
@@ -96,6 +99,8 @@ class CFGDenoiser:
         guided = uncond
         for weight, cond in zip(self.cond.weights, outs[1:]):
             guided = guided + (cond - uncond) * (weight * self.cfg)
+        if self.rescale:
+            guided = rescale_cfg(guided, uncond, outs[1:], self.cond.weights, self.rescale)
         return guided
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -270,9 +275,11 @@ def x0_from_model_output(x_vp: torch.Tensor, out: torch.Tensor, sigma: float, vp
     return x_vp * scale - out * sigma
 
 
-def make_schedule(loaded, sampler: ResolvedSampler, steps: int):
-    """The whole schedule of ``steps`` steps of ``sampler`` on ``loaded``'s noise schedule."""
-    ms = loaded.sigmas
+def make_schedule(loaded, sampler: ResolvedSampler, steps: int, size: tuple[int, int] | None = None):
+    """The whole schedule of ``steps`` steps of ``sampler`` on ``loaded``'s noise schedule
+    (for an image of ``size`` = (width, height): a flow model's shift depends on it)."""
+    flow = getattr(loaded, "is_flow", False)
+    ms = loaded.sigmas_at(*size) if flow and size else loaded.sigmas
     cfg = loaded.scheduler_config
     spacing, offset = cfg.get("timestep_spacing", "leading"), int(cfg.get("steps_offset", 0))
     spec = sampler.spec
@@ -282,14 +289,21 @@ def make_schedule(loaded, sampler: ResolvedSampler, steps: int):
             ts = torch.linspace(-math.log(hi), -math.log(lo), steps + 1, dtype=torch.float64)
             return SigmaSchedule(sampler, (-ts).exp())
         n = steps + 1 if spec.discard_penultimate_sigma else steps
-        sigmas = kd.build_sigmas(ms, sampler.schedule, n, model_spacing=spacing, model_offset=offset)
+        if flow and sampler.schedule in TIME_SPACE_SCHEDULES:
+            sigmas = sigmas_in_flow_time(ms, sampler.schedule, n)
+        else:
+            sigmas = kd.build_sigmas(ms, sampler.schedule, n, model_spacing=spacing, model_offset=offset)
         if spec.discard_penultimate_sigma:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         return SigmaSchedule(sampler, sigmas)
-    return _timestep_schedule(loaded, sampler, steps, spacing, offset)
+    if flow:
+        from .flow import timestep_scheduler_config
+
+        return _timestep_schedule(ms, timestep_scheduler_config(ms), sampler, steps, "linspace", 0)
+    return _timestep_schedule(ms, loaded.scheduler_config, sampler, steps, spacing, offset)
 
 
-def _timestep_schedule(loaded, sampler: ResolvedSampler, steps: int, spacing: str, offset: int):
+def _timestep_schedule(ms, scheduler_config: dict, sampler: ResolvedSampler, steps: int, spacing: str, offset: int):
     import diffusers
 
     spec = sampler.spec
@@ -305,7 +319,7 @@ def _timestep_schedule(loaded, sampler: ResolvedSampler, steps: int, spacing: st
     elif sched_name in ("karras", "exponential"):
         kwargs.update(timestep_spacing="linspace", steps_offset=0)
         kwargs["use_karras_sigmas" if sched_name == "karras" else "use_exponential_sigmas"] = True
-    base_cfg = {k: v for k, v in loaded.scheduler_config.items()
+    base_cfg = {k: v for k, v in scheduler_config.items()
                 if k not in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "skip_prk_steps")}
 
     def factory(device="cpu"):
@@ -318,7 +332,6 @@ def _timestep_schedule(loaded, sampler: ResolvedSampler, steps: int, spacing: st
 
     probe = factory()
     ts = probe.timesteps.clone()
-    ms = loaded.sigmas
     if getattr(probe, "sigmas", None) is not None and len(probe.sigmas) >= len(ts):
         sig = [float(v) for v in probe.sigmas[:len(ts)]]
     else:

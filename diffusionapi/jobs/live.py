@@ -110,7 +110,8 @@ class JobWebhooks:
         self.queue = WebhookQueue(Path(settings.queue_dir) / "webhooks", settings.webhook_secret,
                                   settings.webhook_allowed_hosts, max_tries=settings.webhook_max_tries,
                                   backoff_sec=settings.webhook_backoff_sec, timeout_sec=settings.webhook_timeout_sec,
-                                  on_record=on_record)
+                                  on_record=on_record, concurrency=settings.webhook_concurrency,
+                                  per_host=settings.webhook_per_host)
         self._executor: ThreadPoolExecutor | None = None
         self._progress_sent: dict[str, float] = {}
         self._lock = threading.Lock()

@@ -17,10 +17,12 @@ from ..engine.live import check_preview
 from ..engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, PreviewPlan, UpscalePlan
 from ..engine.prompts import PromptError, extract_extra_networks
 from ..engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
+from ..families import spec as family_spec
+from ..limits import LimitExceeded, check_plan
 from ..registry import Registry, UnknownName
 from ..imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
 from ..schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
-from ..vocabulary import SDXL, SDXL_REFINER, UpscalerEntry
+from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER, UpscalerEntry
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ INPUT_FIELDS: tuple[str, ...] = ("init_image", "mask", "image")
 
 
 def round8(v: float) -> int:
+    if isinstance(v, int):  # exact for any int (v / 8 overflows a float past 10**308)
+        q, r = divmod(v, 8)
+        return max(8, (q + (r > 4 or (r == 4 and q % 2 == 1))) * 8)  # round half to even, as round()
     return max(8, int(round(v / 8)) * 8)
 
 
@@ -127,6 +132,20 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     if model.family == SDXL_REFINER:
         raise RequestError("model", f"{model.name!r} is an SDXL refiner; use it as refiner_checkpoint "
                                     "with an SDXL base model")
+    w, h = _family_size(model, w, h, req)
+    family = family_spec(model.family)
+    # Family defaults for what the request left out: Flux runs at CFG 1 (no negative pass) on
+    # the "Simple" schedule, as Forge does.
+    cfg_scale = req.cfg_scale if "cfg_scale" in req.model_fields_set else family.cfg_scale
+    sampler_name = req.sampler_name if "sampler_name" in req.model_fields_set else family.sampler
+    if sampler_name != req.sampler_name:
+        try:
+            sampler = resolve_sampler(sampler_name, req.scheduler_type)
+        except SamplerChoiceError as e:
+            raise RequestError("scheduler_type", str(e)) from None
+    if (req.scheduler_type is None and family.prediction == "flow" and sampler.spec.kind == "k"
+            and "simple" in sampler.spec.schedules):
+        sampler = resolve_sampler(sampler_name, "simple")
 
     refiner = None
     if req.refiner_checkpoint:
@@ -135,7 +154,8 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         except UnknownName as e:
             raise RequestError("refiner_checkpoint", str(e)) from None
         if model.family != SDXL:
-            raise RequestError("refiner_checkpoint", f"a refiner needs an SDXL base model; {model.name!r} is SD 1.5")
+            raise RequestError("refiner_checkpoint", f"a refiner needs an SDXL base model; {model.name!r} is "
+                                                     f"{FAMILY_LABELS.get(model.family, model.family)}")
         if refiner.family not in (SDXL, SDXL_REFINER):
             raise RequestError("refiner_checkpoint", f"{refiner.name!r} is not an SDXL-family model")
         switch_step = int(round(req.steps * req.refiner_switch_at))  # as GenerationPlan.refiner_switch_step
@@ -160,7 +180,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     hires_plan = None
     hires = req.hires
     if hires is not None and hires.enabled:
-        fw, fh = round8(w * hires.scale), round8(h * hires.scale)
+        fw, fh = _family_size(model, round8(w * hires.scale), round8(h * hires.scale), req)
         if limits and fw * fh * req.batch_size > settings.max_hires_pixels:
             raise RequestError("hires.scale", f"final size {fw}x{fh} exceeds {settings.max_hires_pixels} pixels")
         builtin = {k.lower(): k for k in PIXEL_RESIZERS}
@@ -175,18 +195,22 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     seed = req.seed if req.seed is not None and req.seed >= 0 else secrets.randbelow(2**32)
     understood = Txt2ImgRequest.model_validate({
         **req.model_dump(exclude=set(req.model_extra or ())), "model": model.name, "width": w, "height": h, "seed": seed,
+        "cfg_scale": cfg_scale, "sampler_name": sampler_name,
         "scheduler_type": resolved_scheduler_type(sampler),
         "refiner_checkpoint": refiner.name if refiner else None,
         # The prompt keeps its LoRA tags, so the echo lists only the request's own LoRAs.
         "loras": [{"name": u.entry.name, "scale": u.weight} for u in loras[:own_loras]],
         "preview": preview.model_dump() if preview else None})
     plan = GenerationPlan(model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed,
-                          width=w, height=h, steps=req.steps, cfg_scale=req.cfg_scale, sampler=sampler,
+                          width=w, height=h, steps=req.steps, cfg_scale=cfg_scale, sampler=sampler,
                           loras=tuple(loras), refiner=refiner, refiner_switch_at=req.refiner_switch_at,
                           hires=hires_plan, clip_skip=req.clip_skip,
                           embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
-                          batch_size=req.batch_size, n_iter=req.n_iter, keep_partial=req.keep_partial,
+                          batch_size=req.batch_size, n_iter=req.n_iter, cfg_rescale=req.cfg_rescale,
+                          distilled_cfg_scale=req.distilled_cfg_scale, keep_partial=req.keep_partial,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
+    if limits:
+        _within_limits(plan, settings)
     echo, record = understood.model_dump(mode="json"), None
     if req.controlnets or req.ip_adapters:  # the record keeps the units' images; the echo describes them
         from ..engine.controlnet.request import resolve_ip_adapters, resolve_units, txt2img_inpaint_init
@@ -199,6 +223,24 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         record = {**echo, "controlnets": cn_record, "ip_adapters": ip_record}
         echo = {**echo, "controlnets": cn_echo, "ip_adapters": ip_echo}
     return ResolvedJob("txt2img", echo, plan, OutputSpec(req.fileType, req.jpeg_quality), record)
+
+
+def _within_limits(plan: GenerationPlan, settings: Settings) -> None:
+    """The limits no single field shows: seeds, prompt nesting, the job's cost (limits.py)."""
+    try:
+        check_plan(plan, settings.max_cost)
+    except LimitExceeded as e:
+        raise RequestError(e.field, e.message, e.status) from None
+
+
+def _family_size(model, w: int, h: int, req) -> tuple[int, int]:
+    """Flow families pack 2x2 latent patches: their sizes are multiples of 16 (rounded down,
+    so the limits checked on the 8-rounded size still hold)."""
+    multiple = family_spec(model.family).vae_scale_factor * (2 if family_spec(model.family).prediction == "flow" else 1)
+    if multiple == 8:
+        return w, h
+    w2, h2 = max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
+    return w2, h2
 
 
 def resolve_preview(req, family: str, settings: Settings) -> PreviewRequest | None:

@@ -14,12 +14,19 @@ Targets: http(s) only, no redirects followed. Every address a host name resolves
 public one, unless the operator lists the host, its address or a network containing it in
 ``DIFFUSIONAPI_WEBHOOK_ALLOWED_HOSTS``; the list replaces the default ``["*"]`` (``*`` = any
 public host), so ``["hooks.example.com"]`` allows that host only and ``["*", "10.0.0.0/8"]``
-adds a private network. Checked at submit (a 4xx) and again before each attempt (DNS may
-change in between).
+adds a private network. IPv6 forms that embed an IPv4 address (NAT64 ``64:ff9b::/96`` and
+``64:ff9b:1::/48``, 6to4 ``2002::/16``, Teredo ``2001::/32``, IPv4-compatible ``::a.b.c.d``) and
+the deprecated site-local ``fec0::/10`` are refused unless a listed network contains them: a
+gateway would carry them to whatever IPv4 address they hide. Checked at submit (a 4xx) and at
+each attempt, where the host is resolved **once** and the connection goes to an address that
+passed the check (the Host header and TLS SNI keep the name): DNS cannot answer the check one
+address and the connection another (rebinding).
 
 Delivery: each webhook is a record in ``<queue dir>/webhooks/<id>.json`` (fsynced) with its
-body beside it; one thread sends due deliveries, retrying with exponential backoff up to
-``max_tries`` attempts, recording every attempt; a restart picks pending ones up again.
+body beside it; one thread hands due deliveries to ``concurrency`` sender threads, at most
+``per_host`` at a time to one host (a stalling receiver delays only its own deliveries), retrying
+with exponential backoff up to ``max_tries`` attempts, recording every attempt; a restart picks
+pending ones up again.
 """
 from __future__ import annotations
 
@@ -89,8 +96,13 @@ def _ip(text: str):
     return ip
 
 
-def check_target(url: str, allowed_hosts: Iterable[str] = ("*",), resolve: Resolver = _resolve) -> None:
-    """Raise :class:`WebhookRefused` unless ``url`` may be called (see the module docstring)."""
+# IPv6 ranges that carry (or route to) an IPv4 address, and the deprecated site-local range:
+# a NAT64 or 6to4 gateway turns 64:ff9b::a00:1 into 10.0.0.1.
+EMBEDDED_IPV4_NETS = tuple(ipaddress.ip_network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "2001::/32", "::/96", "fec0::/10"))
+
+
+def _parse_target(url: str) -> tuple[str, int]:
     try:
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -101,6 +113,22 @@ def check_target(url: str, allowed_hosts: Iterable[str] = ("*",), resolve: Resol
     host = (parts.hostname or "").lower().rstrip(".")
     if not host:
         raise WebhookRefused("the URL has no host")
+    return host, port
+
+
+def check_target(url: str, allowed_hosts: Iterable[str] = ("*",), resolve: Resolver = _resolve) -> None:
+    """Raise :class:`WebhookRefused` unless ``url`` may be called (see the module docstring)."""
+    host, port = _parse_target(url)
+    if host in {e.strip().lower().rstrip(".") for e in allowed_hosts}:
+        return  # the operator trusts this name, wherever it points (it is resolved when connecting)
+    checked_addresses(host, port, allowed_hosts, resolve)
+
+
+def checked_addresses(host: str, port: int, allowed_hosts: Iterable[str] = ("*",),
+                      resolve: Resolver = _resolve) -> list[str]:
+    """The addresses ``host`` resolves to (resolved once), every one allowed; WebhookRefused if any
+    is not. A connection to one of these is a connection to what was checked."""
+    host = host.lower().rstrip(".").strip("[]")
     names, nets, any_public = set(), [], False
     for entry in allowed_hosts:
         entry = entry.strip().lower().rstrip(".")
@@ -111,16 +139,17 @@ def check_target(url: str, allowed_hosts: Iterable[str] = ("*",), resolve: Resol
             nets.append(ipaddress.ip_network(entry, strict=False))
         except ValueError:
             names.add(entry)
-    if host in names:
-        return  # the operator trusts this name, wherever it points
     try:
-        addrs = [_ip(a) for a in resolve(host, port)]
+        raw = list(resolve(host, port))
+        addrs = [_ip(a) for a in raw]
     except (OSError, UnicodeError) as e:
         raise WebhookRefused(f"cannot resolve host {host!r}") from e
     except ValueError as e:
         raise WebhookRefused(f"host {host!r} resolves to an invalid address") from e
     if not addrs:
         raise WebhookRefused(f"cannot resolve host {host!r}")
+    if host in names:
+        return raw  # the operator trusts this name, wherever it points
     for ip in addrs:
         if any(ip.version == n.version and ip in n for n in nets):
             continue
@@ -129,6 +158,48 @@ def check_target(url: str, allowed_hosts: Iterable[str] = ("*",), resolve: Resol
         if not ip.is_global or ip.is_multicast:
             raise WebhookRefused(f"host {host!r} resolves to a non-public address ({ip}); "
                                  "list it in DIFFUSIONAPI_WEBHOOK_ALLOWED_HOSTS to allow it")
+        if ip.version == 6 and any(ip in n for n in EMBEDDED_IPV4_NETS):
+            raise WebhookRefused(f"host {host!r} resolves to {ip}, an IPv6 form that embeds or routes to an "
+                                 "IPv4 address (NAT64, 6to4, Teredo, IPv4-compatible) or is site-local; "
+                                 "list its network in DIFFUSIONAPI_WEBHOOK_ALLOWED_HOSTS to allow it")
+    return raw
+
+
+def pinned_client(allowed_hosts: Iterable[str], timeout_sec: float, resolve: Resolver = _resolve,
+                  max_connections: int = 16):
+    """An httpx client whose every TCP connection goes to an address :func:`checked_addresses`
+    just allowed for the URL's host (resolved once per connection); TLS still verifies, and SNI
+    and the Host header still carry, the name. No proxies from the environment, no redirects."""
+    import httpcore
+    import httpx
+
+    allowed = list(allowed_hosts)
+
+    class PinnedBackend(httpcore.SyncBackend):
+        def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            error: Exception | None = None
+            for address in checked_addresses(host, port, allowed, resolve):
+                try:
+                    return super().connect_tcp(address, port, timeout, local_address, socket_options)
+                except httpcore.ConnectError as e:  # the next address, as getaddrinfo users do
+                    error = e
+            raise error or httpcore.ConnectError(f"cannot connect to {host}")
+
+    class PinnedTransport(httpx.HTTPTransport):
+        def __init__(self):  # HTTPTransport's request handling over a pool with our backend
+            self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(trust_env=False),
+                                                 max_connections=max_connections,
+                                                 network_backend=PinnedBackend())
+
+    return httpx.Client(transport=PinnedTransport(), timeout=timeout_sec, follow_redirects=False, trust_env=False)
+
+
+def _host_key(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        return f"{(parts.hostname or '').lower()}:{parts.port or ''}"
+    except ValueError:
+        return url
 
 
 # ---------------------------------------------------------------------------- delivery queue
@@ -138,7 +209,8 @@ class WebhookQueue:
 
     def __init__(self, directory: Path, secret: str | None, allowed_hosts: Iterable[str] = ("*",), *,
                  max_tries: int = 5, backoff_sec: float = 10.0, timeout_sec: float = 10.0,
-                 keep_sec: float = 3600.0, on_record: Callable[[dict], None] | None = None):
+                 keep_sec: float = 3600.0, on_record: Callable[[dict], None] | None = None,
+                 concurrency: int = 8, per_host: int = 2, resolve: Resolver = _resolve):
         self.dir = Path(directory)
         self.secret = secret
         self.allowed_hosts = list(allowed_hosts)
@@ -152,6 +224,10 @@ class WebhookQueue:
         self._lock = threading.Lock()  # record files: one writer at a time
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.concurrency, self.per_host, self.resolve = max(1, concurrency), max(1, per_host), resolve
+        self._inflight: set[str] = set()          # delivery ids being attempted now
+        self._host_load: dict[str, int] = {}      # attempts in flight per host
+        self._senders = None                      # ThreadPoolExecutor while started
 
     # records ------------------------------------------------------------
     def _record_path(self, delivery_id: str) -> Path:
@@ -217,25 +293,32 @@ class WebhookQueue:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        import httpx
+        from concurrent.futures import ThreadPoolExecutor
 
-        with httpx.Client(timeout=self.timeout_sec, follow_redirects=False, trust_env=False) as client:
-            while True:
-                with self._cond:
-                    if self._stopping:
-                        return
-                try:
-                    wait = self.run_due(client)
-                except Exception:  # noqa: BLE001 - the sender must survive anything
-                    log.exception("webhook sender failed; retrying")
-                    wait = 1.0
-                with self._cond:
-                    if self._stopping:
-                        return
-                    self._cond.wait(wait)
+        self._senders = ThreadPoolExecutor(self.concurrency, thread_name_prefix="diffusionapi-webhook-send")
+        with pinned_client(self.allowed_hosts, self.timeout_sec, self.resolve, self.concurrency) as client:
+            try:
+                while True:
+                    with self._cond:
+                        if self._stopping:
+                            return
+                    try:
+                        wait = self.run_due(client)
+                    except Exception:  # noqa: BLE001 - the sender must survive anything
+                        log.exception("webhook sender failed; retrying")
+                        wait = 1.0
+                    with self._cond:
+                        if self._stopping:
+                            return
+                        self._cond.wait(wait)
+            finally:
+                # Attempts in flight finish (each within timeout_sec) and are recorded before the client closes.
+                self._senders.shutdown(wait=True, cancel_futures=True)
 
     def run_due(self, client) -> float:
-        """Attempt every due delivery once; returns seconds until the next one is due."""
+        """Start an attempt of every due delivery (in the sender threads, within the per-host cap;
+        without them, here, one after another); returns seconds until the next one is due. A
+        finished attempt wakes the loop, so a delivery held back by the cap goes next."""
         now = time.time()
         next_due = 60.0
         for record in self._records():
@@ -247,12 +330,32 @@ class WebhookQueue:
             if record["next_attempt_at"] > now:
                 next_due = min(next_due, record["next_attempt_at"] - now)
                 continue
-            self._attempt(client, record)
             if self._stopping:
                 break
-            if record["state"] == "pending":
-                next_due = min(next_due, max(record["next_attempt_at"] - time.time(), 0.0))
+            if self._senders is None:
+                self._attempt(client, record)
+                continue
+            host = _host_key(record["url"])
+            with self._cond:
+                if record["id"] in self._inflight or self._host_load.get(host, 0) >= self.per_host:
+                    continue
+                self._inflight.add(record["id"])
+                self._host_load[host] = self._host_load.get(host, 0) + 1
+            self._senders.submit(self._send, client, record, host)
         return max(next_due, 0.01)
+
+    def _send(self, client, record: dict, host: str) -> None:
+        try:
+            self._attempt(client, record)
+        except Exception:  # noqa: BLE001 - a sender thread must survive anything
+            log.exception("webhook delivery %s failed unexpectedly", record.get("id"))
+        finally:
+            with self._cond:
+                self._inflight.discard(record["id"])
+                self._host_load[host] -= 1
+                if not self._host_load[host]:
+                    del self._host_load[host]
+                self._cond.notify_all()
 
     def _attempt(self, client, record: dict) -> None:
         attempt: dict = {"at": time.time(), "status_code": None, "error": None}
@@ -265,7 +368,7 @@ class WebhookQueue:
             try:
                 if not self.secret:
                     raise WebhookRefused("DIFFUSIONAPI_WEBHOOK_SECRET is not set")
-                check_target(record["url"], self.allowed_hosts)
+                _parse_target(record["url"])  # the scheme; the addresses are checked as the client connects
                 r = client.post(record["url"], content=body, headers={
                     "content-type": "application/json", SIGNATURE_HEADER: sign(self.secret, body),
                     EVENT_HEADER: record["event"], DELIVERY_HEADER: record["id"]})

@@ -8,7 +8,7 @@ covers it like every other path and asks :func:`is_openai_path` for the shape of
 """
 from __future__ import annotations
 
-from .errors import error_body, service_error_body, too_large_body, unauthorized_body  # noqa: F401 - main.py's guard
+from .errors import error_body, param_of, service_error_body, too_large_body, unauthorized_body  # noqa: F401 - main.py's guard
 from .results import PREFIX as RESULTS_PREFIX
 
 PREFIX = "/v1"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...engine.hashes import FileHashes, model_sha256
+from ...security.paths import shown_path
 from .protocol import checkpoint_key
 
 
@@ -46,7 +47,9 @@ class Catalog:
             sha = self.sha256(m)
             out.append({"title": self.title(m, sha), "model_name": m.name, "hash": sha[:10] if sha else None,
                         "sha256": sha,
-                        "filename": str(Path(m.path).resolve()), "config": None})
+                        "filename": shown_path(m.path, self.settings.models_dir, "models"), "config": None,
+                        # added: what the files say the model is (diffusionapi/families)
+                        "family": m.family, "prediction": m.prediction, "ztsnr": m.ztsnr})
         return out
 
     def resolve(self, value: str):

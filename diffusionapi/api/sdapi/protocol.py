@@ -9,6 +9,7 @@ with a warning, as A1111 does).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,8 @@ def _lenient_number(v):
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
+    # No NaN or infinity, also not as strings ("1e999"): a 422 naming the field, never an OverflowError.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -102,6 +104,13 @@ class Txt2ImgAPIRequest(_Wire):
     alwayson_scripts: dict = Field(default_factory=dict)
     infotext: str | None = None
     clip_skip: int | None = None  # SD.Next's top-level field; SillyTavern sends it too
+    # CFG rescale phi: A1111's dev-branch/Forge option name (also an override_setting), and the native name.
+    rescale_cfg: float | None = None
+    cfg_rescale: float | None = None
+    # Forge's Flux fields (../shared/a1111-extensions.md): the distilled guidance, and a preset name
+    # Forge's UI uses (nothing to do here: the model's family decides).
+    distilled_cfg_scale: float | None = None
+    forge_preset: str | None = None
 
 
 class Img2ImgAPIRequest(Txt2ImgAPIRequest):
@@ -205,6 +214,10 @@ SCHEDULERS: tuple[Scheduler, ...] = (
     Scheduler("normal", "Normal", "default", need_inner_model=True),
     Scheduler("ddim", "DDIM", "ddim", need_inner_model=True),
     Scheduler("pndm", "PNDM", "pndm"),  # not in A1111: the spacing of the model's own scheduler config
+    Scheduler("sgm_uniform", "SGM Uniform", "sgm_uniform", need_inner_model=True),
+    Scheduler("kl_optimal", "KL Optimal", "kl_optimal"),
+    Scheduler("simple", "Simple", "simple", need_inner_model=True),
+    Scheduler("beta", "Beta", "beta", need_inner_model=True),
 )
 
 
@@ -315,8 +328,19 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
             body["refiner_switch_at"] = req.refiner_switch_at
     clip_skip = overrides.get("CLIP_stop_at_last_layers", req.clip_skip if req.clip_skip else ctx.clip_skip)
     clip_skip = _lenient_number(clip_skip)
+    if isinstance(clip_skip, float) and not math.isfinite(clip_skip):
+        raise FieldError("override_settings.CLIP_stop_at_last_layers", "must be a finite number")
     if isinstance(clip_skip, (int, float)) and clip_skip >= 1:
         body["clip_skip"] = int(clip_skip)
+    _cfg_rescale(req, overrides, body)
+    if req.distilled_cfg_scale is not None:
+        body["distilled_cfg_scale"] = req.distilled_cfg_scale
+    modules = overrides.get("forge_additional_modules")
+    if modules:
+        # The model's folder holds its own VAE and text encoders; separate component files are
+        # not loaded yet, so naming them changes nothing: said, not silently dropped.
+        ctx.warnings.append(f"override_settings.forge_additional_modules {modules!r} ignored: the model's own "
+                            "VAE and text encoders are used")
     body["batch_size"], body["n_iter"] = req.batch_size, req.n_iter
     # feeds /progress's current_image, as A1111's live previews do
     body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}
@@ -341,6 +365,19 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     return body
 
 
+def _cfg_rescale(req: Txt2ImgAPIRequest, overrides: dict, body: dict) -> None:
+    """CFG rescale phi from ``override_settings.rescale_cfg``, ``rescale_cfg`` or ``cfg_rescale``."""
+    for field_name, value in (("override_settings.rescale_cfg", overrides.get("rescale_cfg")),
+                              ("rescale_cfg", req.rescale_cfg), ("cfg_rescale", req.cfg_rescale)):
+        if value is None:
+            continue
+        phi = _lenient_number(value)
+        if not isinstance(phi, (int, float)) or isinstance(phi, bool) or not 0 <= phi <= 1:
+            raise FieldError(field_name, f"CFG rescale must be a number from 0 to 1, not {value!r}")
+        body["cfg_rescale"] = float(phi)
+        return
+
+
 PREVIEW_EVERY_N_STEPS = 10  # A1111's show_progress_every_n_steps default
 HIRES_DENOISING_DEFAULT = 0.75  # A1111's txt2img default; 0 or absent means "not set" here
 
@@ -350,6 +387,9 @@ def _hires(req: Txt2ImgAPIRequest) -> dict:
     # A1111: a resize target wins over the scale. With both sides given it crops to fit; here the
     # scale that covers the target is used (same size when the aspect ratios agree).
     if req.hr_resize_x or req.hr_resize_y:
+        for name in ("width", "height"):  # the resize target is divided by them
+            if getattr(req, name) < 8:
+                raise FieldError(name, "must be at least 8 (hires fix scales from it)")
         ratios = [r for r in ((req.hr_resize_x / req.width) if req.hr_resize_x else 0,
                               (req.hr_resize_y / req.height) if req.hr_resize_y else 0) if r]
         scale = max(ratios)

@@ -16,11 +16,13 @@ from pydantic import BaseModel, ValidationError
 
 from ... import __version__
 from ...errors import ServiceError
-from ...images import parse_infotext, read_infotext_and_items
+from ...images import UntrustedImageError
 from ...engine.samplers import SAMPLER_NAMES, SAMPLERS
+from ...security import jsonbody
+from ...security.paths import shown_path
 from ...vocabulary import LATENT_UPSCALE_MODES
 from ..jobs import caller_of, idempotency_key_of
-from ..pnginfo import decode_image_b64
+from ..pnginfo import decode_image_b64, read_png_info
 from . import protocol as p
 from .jobs import Final, wait_for
 
@@ -51,7 +53,9 @@ async def _body(request: Request) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        return jsonbody.parse(raw)
+    except jsonbody.BodyError as e:
+        raise BadRequest(e.status, str(e)) from None
     except ValueError as e:
         raise BadRequest(422, f"body: not valid JSON ({e})") from None
 
@@ -212,8 +216,12 @@ def decode_image_arg(value: str, field: str) -> bytes:
 @_handles_bad_input
 async def png_info(request: Request):
     req = _validate(p.PNGInfoRequest, await _body(request))
-    info, others = read_infotext_and_items(decode_image_arg(req.image, "image"))
-    items = parse_infotext(info or "")
+    try:
+        data = decode_image_b64(req.image or "")
+        # Off the event loop: reading a client's image is CPU work (docs/security.md).
+        info, others, items = await run_in_threadpool(read_png_info, data, request.app.state.settings)
+    except (ValueError, UntrustedImageError) as e:
+        raise BadRequest(getattr(e, "status", 422), f"image: {e}") from None
     return {"info": info or "", "items": others, "parameters": items if info else {}}
 
 
@@ -258,8 +266,9 @@ async def set_options(request: Request):
 @router.get("/cmd-flags")
 async def cmd_flags(request: Request):
     s = request.app.state.settings
-    return {"api": True, "nowebui": True, "api_auth": None, "listen": True, "ckpt_dir": str(s.models_dir),
-            "lora_dir": str(s.loras_dir), "esrgan_models_path": str(s.upscalers_dir),
+    # Directory roles, not the server's paths (security/paths.py).
+    return {"api": True, "nowebui": True, "api_auth": None, "listen": True, "ckpt_dir": "models",
+            "lora_dir": "loras", "esrgan_models_path": "upscalers",
             "device_id": None, "lowvram": bool(s.cpu_offload), "medvram": False}
 
 
@@ -283,7 +292,8 @@ async def upscalers(request: Request):
            for n in p.BUILTIN_UPSCALERS]
     for u in await run_in_threadpool(request.app.state.registry.upscalers):
         if not u.is_latent:
-            out.append({"name": u.name, "model_name": u.name, "model_path": str(u.path), "model_url": None,
+            out.append({"name": u.name, "model_name": u.name, "model_url": None,
+                        "model_path": shown_path(u.path, request.app.state.settings.upscalers_dir, "upscalers"),
                         "scale": 4})
     return out
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from ...errors import RequestError, ServiceError
 from ...jobs.states import PROCESSING
 from ...schemas import UpscaleRequest
+from ...security.paths import shown_path
 from .auth import SdapiAuth
 from .catalog import Catalog
 from .options import STATIC_OPTIONS, OptionsStore
@@ -38,11 +39,22 @@ class SdapiState:
 
         from PIL import Image
 
-        img = Image.open(io.BytesIO(data))
+        from ...imageinput import ImageInputError, open_image
+
+        limit = self.settings.max_hires_pixels  # the largest image the service makes, and takes in
+        try:  # decoded within the pixel limit (a small file can promise gigapixels)
+            img = open_image(data, "image", limit)
+        except ImageInputError as e:
+            raise RequestError(e.field, e.message, e.status) from None
         if req.resize_mode == 1:
             size = (req.upscaling_resize_w, req.upscaling_resize_h)
+            field = "upscaling_resize_w"
         else:
             size = (max(1, round(img.width * req.upscaling_resize)), max(1, round(img.height * req.upscaling_resize)))
+            field = "upscaling_resize"
+        if min(size) < 1 or size[0] * size[1] > limit:
+            raise RequestError(field, f"the result would be {size[0]}x{size[1]}; at least 1x1 and at most "
+                                      f"{limit} pixels")
         if req.upscaler_2 not in ("None", "") and req.extras_upscaler_2_visibility > 0:
             log.warning("sdapi extra-single-image: upscaler_2 is not supported; ignored")
         if req.gfpgan_visibility or req.codeformer_visibility:
@@ -98,9 +110,12 @@ class SdapiState:
         clip = data.get("CLIP_stop_at_last_layers")
         if clip not in (None, ""):
             try:
-                changes["clip_skip"] = max(1, int(float(clip)))
-            except (TypeError, ValueError):
-                pass  # A1111 would store it; an unusable value changes nothing here
+                value = max(1, int(float(clip)))
+            except (TypeError, ValueError, OverflowError):
+                value = None
+            if value is not None and value <= 12:  # A1111's range; anything else would fail every job
+                changes["clip_skip"] = value
+            # else: A1111 would store it; an unusable value changes nothing here
         ignored = sorted(set(data) - {"sd_model_checkpoint", "CLIP_stop_at_last_layers"})
         if ignored:
             log.debug("sdapi options: ignoring %s", ", ".join(ignored))
@@ -110,7 +125,7 @@ class SdapiState:
     def loras(self) -> list[dict]:
         out = []
         for e in self.registry.loras():
-            out.append({"name": e.name, "alias": e.name, "path": str(Path(e.path).resolve()),
+            out.append({"name": e.name, "alias": e.name, "path": shown_path(e.path, self.settings.loras_dir, "loras"),
                         "metadata": _safetensors_metadata(Path(e.path))})
         return out
 

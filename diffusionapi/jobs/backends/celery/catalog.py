@@ -38,6 +38,7 @@ def catalog_of(registry: Registry, models) -> dict:
     for m in models:
         sha = _model_sha256(registry, m)
         models_out.append({"name": m.name, "label": m.label, "family": m.family, "format": m.format,
+                           "prediction": m.prediction, "ztsnr": m.ztsnr,
                            "path": display_path(m.path), "hash": sha[:10] if sha else None, "sha256": sha})
     out = {
         "models": models_out,
@@ -100,7 +101,8 @@ class CatalogRegistry(Registry):
 
     def models(self, problems: dict[str, str] | None = None) -> list[ModelEntry]:
         return [ModelEntry(m["name"], m.get("label") or m["name"], Path(m.get("path") or m["name"]), m["family"],
-                           m["format"]) for m in self.union()["models"]]
+                           m["format"], m.get("prediction", "epsilon"), bool(m.get("ztsnr", False)))
+                for m in self.union()["models"]]
 
     def sha256_of(self, entry) -> str | None:
         """The model's sha256 as the worker that has it computed it (None if none did)."""

@@ -21,7 +21,8 @@ def _api(args) -> int:
 
     os.environ.setdefault("DIFFUSIONAPI_BACKEND", "celery")
     uvicorn.run("diffusionapi.main:app", host=args.host, port=args.port, workers=args.workers,
-                log_level=args.log_level, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+                log_level=args.log_level, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                http="diffusionapi.security.connguard:GuardedAuto")  # deadlines and connection caps
     return 0
 
 

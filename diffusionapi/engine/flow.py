@@ -1,0 +1,314 @@
+"""Flow-matching families (Flux.1; the family table says which) on the engine's samplers.
+
+A rectified-flow model predicts a velocity v for x = (1 - t) * x0 + t * noise, so x0 = x - t * v.
+Dividing by (1 - t) gives the variance-exploding form the rest of the engine speaks,
+x / (1 - t) = x0 + s * noise with s = t / (1 - t): the k-diffusion samplers (deterministic,
+ancestral, SDE, DPM fast/adaptive), the diffusers timestep samplers (DDIM, PLMS, UniPC, over
+an equivalent discrete schedule), img2img, masks, hires and previews all work on it unchanged,
+and a deterministic sampler takes the same steps Forge and ComfyUI take on the flow sigmas
+(the first-order step of both forms is the same DDIM step).
+
+The flow time t is the model's *shifted* time: t = shift * u / (1 + (shift - 1) * u) for the
+uniform time u, with Flux.1-dev's shift depending on the image size (exp(mu), mu linear in the
+number of latent patches, as diffusers' FluxPipeline computes it) and a fixed shift for others.
+t = 1 (pure noise) is s = infinity; the schedule starts at ``FLOW_T_MAX`` instead, a 1e-4
+difference in the first model input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..families import FAMILIES
+from .guidance import rescale_cfg
+from .kdiffusion import ModelSigmas
+
+FLOW_T_MAX = 1 - 1e-4
+# Families whose spec says prediction "flow" (kept as ids: the engine checks plans by them).
+FLOW_FAMILIES = frozenset(f.id for f in FAMILIES if f.prediction == "flow")
+NUM_TIMESTEPS = 1000
+
+
+def shifted(u, shift: float):
+    """The model's flow time at uniform time ``u`` (a float or a tensor)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def unshifted(t, shift: float):
+    return t / (shift - (shift - 1) * t)
+
+
+class FlowSigmas(ModelSigmas):
+    """A flow model's noise levels as a discrete VE model: timestep k (0..999) is uniform time
+    u = (k + 1) / 1000, sigma = t / (1 - t) with t the shifted time. Conversions between
+    timesteps and sigmas are exact (no table interpolation)."""
+
+    def __init__(self, shift: float):
+        self.shift = float(shift)
+        u = torch.arange(1, NUM_TIMESTEPS + 1, dtype=torch.float64) / NUM_TIMESTEPS
+        t = shifted(u, self.shift).clamp(max=FLOW_T_MAX)
+        s = t / (1 - t)
+        super().__init__(1 / (1 + s * s))
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        u = (t.to(torch.float64).clamp(0, NUM_TIMESTEPS - 1) + 1) / NUM_TIMESTEPS
+        ft = shifted(u, self.shift).clamp(max=FLOW_T_MAX)
+        return ft / (1 - ft)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        s = sigma.to(torch.float64)
+        u = unshifted(s / (1 + s), self.shift)
+        return u * NUM_TIMESTEPS - 1
+
+    def simple(self, n: int) -> torch.Tensor:
+        """ComfyUI / Forge "Simple", which is also diffusers' default for these pipelines: uniform
+        times 1, 1 - 1/n, ..., 1/n, shifted; then 0."""
+        u = torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64)
+        t = shifted(u, self.shift).clamp(max=FLOW_T_MAX)
+        return torch.cat([t / (1 - t), t.new_zeros(1)])
+
+
+class _TimeBounds:
+    def __init__(self, lo: float, hi: float):
+        self.sigma_min, self.sigma_max = lo, hi
+
+
+# Schedules defined by sigma values (not timesteps): Forge and ComfyUI space them in flow time
+# t (their "sigmas" of a flow model), between the smallest t and 1; spaced in the VE sigma
+# instead they would spend most steps near pure noise.
+TIME_SPACE_SCHEDULES = ("karras", "exponential", "kl_optimal")
+
+
+def sigmas_in_flow_time(ms: FlowSigmas, schedule: str, n: int) -> torch.Tensor:
+    from . import kdiffusion as kd
+
+    build = {"karras": kd.sigmas_karras, "exponential": kd.sigmas_exponential,
+             "kl_optimal": kd.sigmas_kl_optimal}[schedule]
+    t = build(_TimeBounds(flow_time(ms.sigma_min), 1.0), n).clamp(max=FLOW_T_MAX)
+    return t / (1 - t)
+
+
+def flow_time(sigma: float) -> float:
+    return sigma / (1 + sigma)
+
+
+@dataclass(frozen=True)
+class FlowShift:
+    """How a model's shift is chosen, from its scheduler config."""
+    shift: float = 1.0
+    dynamic: bool = False
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "FlowShift":
+        return cls(float(config.get("shift", 1.0)), bool(config.get("use_dynamic_shifting", False)),
+                   int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096)),
+                   float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15)))
+
+    def for_size(self, width: int, height: int, vae_scale: int = 8, patch: int = 2) -> float:
+        if not self.dynamic:
+            return self.shift
+        seq_len = (height // (vae_scale * patch)) * (width // (vae_scale * patch))
+        m = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        mu = seq_len * m + (self.base_shift - m * self.base_seq_len)
+        return math.exp(mu)
+
+
+class FlowModelSigmas:
+    """Per-size sigmas of a loaded flow model (the shift depends on the size), made once each."""
+
+    def __init__(self, shift: FlowShift, vae_scale: int = 8, patch: int = 2):
+        self.shift, self.vae_scale, self.patch = shift, vae_scale, patch
+        self._by_shift: dict[float, FlowSigmas] = {}
+
+    def at(self, width: int, height: int) -> FlowSigmas:
+        value = round(self.shift.for_size(width, height, self.vae_scale, self.patch), 12)
+        if value not in self._by_shift:
+            self._by_shift[value] = FlowSigmas(value)
+        return self._by_shift[value]
+
+
+def timestep_scheduler_config(ms: FlowSigmas) -> dict:
+    """A DDPM-style config whose betas give ``ms``'s discrete sigmas: diffusers' DDIM, PLMS and
+    UniPC then run on the flow model like on any epsilon model."""
+    acp = ms.alphas_cumprod
+    prev = torch.cat([acp.new_ones(1), acp[:-1]])
+    betas = (1 - acp / prev).clamp(1e-12, 0.999999)
+    return {"num_train_timesteps": NUM_TIMESTEPS, "trained_betas": betas.tolist(), "prediction_type": "epsilon",
+            "timestep_spacing": "linspace", "steps_offset": 0, "beta_schedule": "linear",
+            "beta_start": 0.0001, "beta_end": 0.02}
+
+
+# ---------------------------------------------------------------------------- denoisers
+
+@dataclass
+class FlowConditioning:
+    """A job's text conditioning for a flow family: the sequence and pooled vector of the prompt
+    and, when CFG runs a negative pass, of the negative prompt (Flux: T5 + CLIP-L pooled;
+    SD 3: CLIP-L + CLIP-G + T5 sequence, both CLIPs pooled)."""
+    embeds: torch.Tensor                 # [1, seq, joint_dim]
+    pooled: torch.Tensor                 # [1, pooled_dim]
+    text_ids: torch.Tensor | None = None  # Flux: [seq, 3] positions of the text tokens
+    neg_embeds: torch.Tensor | None = None
+    neg_pooled: torch.Tensor | None = None
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """[b, c, h, w] latents -> [b, (h/2)(w/2), 4c] patches (diffusers' FluxPipeline layout)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    b, _, c4 = x.shape
+    return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FlowDenoiser:
+    """A flow model as a k-diffusion denoiser D(x, sigma) -> x0 in the VE form (module
+    docstring), and as a diffusers-style epsilon model for DDIM/PLMS/UniPC.
+
+    ``cfg_scale`` above 1 adds a negative pass, v = neg + cfg * (pos - neg); at 1 (Flux's usual
+    value, Forge's rule) each step is one pass and the negative prompt is not used."""
+
+    vpred = False  # model_output() gives epsilon
+
+    def __init__(self, loaded, cond: FlowConditioning, ms: FlowSigmas, cfg_scale: float,
+                 on_eval: Callable[[], None], cfg_rescale: float = 0.0):
+        self.transformer = loaded.pipe.transformer
+        self.cond = cond
+        self.ms = ms
+        self.cfg = float(cfg_scale)
+        self.rescale = float(cfg_rescale)
+        self.on_eval = on_eval
+        self.dtype = self.transformer.dtype
+        self.evals = 0
+        self._x0 = None
+        self.negative_pass = self.cfg != 1.0 and cond.neg_embeds is not None
+
+    def latest_x0(self):
+        x0 = self._x0
+        return x0() if callable(x0) else x0
+
+    def network(self, x_flow: torch.Tensor, t: float, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The family's transformer on ``n`` conditioning rows per image: velocities [n*b, c, h, w]."""
+        raise NotImplementedError
+
+    def velocity(self, x_flow: torch.Tensor, t: float) -> torch.Tensor:
+        self.on_eval()
+        self.evals += 1
+        b = x_flow.shape[0]
+        rows = [(self.cond.embeds, self.cond.pooled)]
+        if self.negative_pass:
+            rows.insert(0, (self.cond.neg_embeds, self.cond.neg_pooled))
+        dev = x_flow.device
+        embeds = torch.cat([e.expand(b, -1, -1) for e, _ in rows]).to(dev, self.dtype)
+        pooled = torch.cat([p.expand(b, -1) for _, p in rows]).to(dev, self.dtype)
+        v = self.network(x_flow, t, embeds, pooled).float()
+        if len(rows) == 1:
+            return v
+        neg, pos = v.split(b)
+        guided = neg + (pos - neg) * self.cfg
+        if self.rescale:
+            guided = rescale_cfg(guided, neg, [pos], [1.0], self.rescale)
+        return guided
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = float(sigma.reshape(-1)[0])
+        t = flow_time(s)
+        x_flow = x * (1 / (1 + s))
+        x0 = x_flow - self.velocity(x_flow, t) * t
+        self._x0 = x0
+        return x0
+
+    def model_output(self, x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Epsilon at a discrete timestep, for diffusers' schedulers (VP-scaled input)."""
+        s = float(self.ms.t_to_sigma(t.reshape(-1)[:1].to(torch.float64))[0])
+        x = x_vp * math.sqrt(1 + s * s)
+        return (x - self(x, torch.tensor([s]))) / s
+
+
+class FluxDenoiser(FlowDenoiser):
+    """Flux.1: latents packed 2x2, flow time as the timestep, and ``guidance`` (Forge's "Distilled
+    CFG Scale") fed to guidance-distilled models (dev), ignored by schnell."""
+
+    def __init__(self, loaded, cond, ms, cfg_scale, on_eval, cfg_rescale=0.0, guidance: float | None = None):
+        super().__init__(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
+        self.guidance = guidance if self.transformer.config.guidance_embeds else None
+
+    def network(self, x_flow, t, embeds, pooled):
+        rows = embeds.shape[0] // x_flow.shape[0]
+        _, _, h, w = x_flow.shape
+        dev, n = x_flow.device, embeds.shape[0]
+        guidance = None if self.guidance is None else torch.full((n,), float(self.guidance), device=dev,
+                                                                  dtype=torch.float32)
+        out = self.transformer(hidden_states=pack(x_flow.to(self.dtype)).repeat(rows, 1, 1),
+                               timestep=torch.full((n,), t, device=dev, dtype=self.dtype), guidance=guidance,
+                               pooled_projections=pooled, encoder_hidden_states=embeds,
+                               txt_ids=self.cond.text_ids.to(dev, self.dtype),
+                               img_ids=image_ids(h, w, dev, self.dtype), return_dict=False)[0]
+        return unpack(out, h, w)
+
+
+class SD3Denoiser(FlowDenoiser):
+    """SD 3.x (MMDiT): latents as they are (the transformer patches them), timestep = 1000 t."""
+
+    def network(self, x_flow, t, embeds, pooled):
+        rows = embeds.shape[0] // x_flow.shape[0]
+        n = embeds.shape[0]
+        return self.transformer(hidden_states=x_flow.to(self.dtype).repeat(rows, 1, 1, 1),
+                                timestep=torch.full((n,), t * NUM_TIMESTEPS, device=x_flow.device, dtype=self.dtype),
+                                encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+
+
+def make_flow_denoiser(loaded, cond: FlowConditioning, ms: FlowSigmas, cfg_scale: float, on_eval,
+                       cfg_rescale: float = 0.0, guidance: float | None = None) -> FlowDenoiser:
+    if loaded.spec.conditioning == "flux":
+        return FluxDenoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
+    return SD3Denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
+
+
+def plain_prompt(prompt: str, steps: int) -> str:
+    """The text T5 and CLIP read for a Flux prompt: A1111's emphasis brackets and BREAK removed
+    (Forge applies weights to CLIP only; here neither encoder is weighted), prompt editing at
+    its first step."""
+    from .prompts import parse_attention, prompt_schedule
+
+    first = prompt_schedule(prompt, steps)[0][1] if prompt.strip() else ""
+    parts = [t for t, w in parse_attention(first) if not (t == "BREAK" and w == -1)]
+    return " ".join("".join(parts).split())
+
+
+def encode_flow(loaded, prompt: str, negative: str | None) -> FlowConditioning:
+    """The pipeline's own encoders: Flux T5 up to 512 tokens, SD 3 up to 256 (their defaults)."""
+    pipe = loaded.pipe
+    device = pipe._execution_device
+    if loaded.spec.conditioning == "flux":
+        length = min(512, int(getattr(pipe.tokenizer_2, "model_max_length", 512) or 512))
+
+        def one(text):
+            return pipe.encode_prompt(prompt=text, prompt_2=None, device=device, num_images_per_prompt=1,
+                                      max_sequence_length=length)
+
+        embeds, pooled, ids = one(prompt)
+        cond = FlowConditioning(embeds, pooled, ids)
+        if negative is not None:
+            cond.neg_embeds, cond.neg_pooled, _ = one(negative)
+        return cond
+    embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+        do_classifier_free_guidance=negative is not None, negative_prompt=negative or "", max_sequence_length=256)
+    return FlowConditioning(embeds, pooled, None, neg_embeds, neg_pooled)

@@ -1,0 +1,118 @@
+"""Model families, table-driven: one module per family declares how its files are recognised
+and how it runs (pipeline class, text-encoder layout, defaults, latents, previews, prediction).
+
+Adding a family is adding a module here and its line in ``FAMILIES``. Detection reads only
+what is stored in the files -- safetensors header keys, ``.ckpt`` tensor names (loaded the safe
+way) and diffusers config files -- never the names of files or folders.
+
+This package sits below the engine and the registry (tests/test_layers.py): the registry
+detects families while scanning, on API nodes that never import torch, so nothing here
+imports torch, diffusers or transformers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..fileinfo import CheckpointError, ckpt_keys, read_safetensors_header
+from . import flux1, sd2, sd3, sd15, sdxl, sdxl_refiner
+from .spec import Detected, FamilySpec, FolderConfigs
+
+__all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfigs", "UnknownFamily",
+           "detect_checkpoint_keys", "detect_folder", "detect_single_file", "spec"]
+
+
+# Most specific first: the first family whose rule matches wins.
+FAMILIES: tuple[FamilySpec, ...] = (flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC, sd2.SPEC, sd15.SPEC)
+BY_ID: dict[str, FamilySpec] = {f.id: f for f in FAMILIES}
+LABELS: dict[str, str] = {f.id: f.label for f in FAMILIES}
+
+
+class UnknownFamily(CheckpointError):
+    """A file or folder that no family recognises."""
+
+
+def spec(family: str) -> FamilySpec:
+    """The spec of a family id (a ``vocabulary.Family`` or its string)."""
+    return BY_ID[str(family)]
+
+
+# ---------------------------------------------------------------------------- single files
+
+# NoobAI-style SDXL files carry these empty marker tensors at the top level of the state dict;
+# ComfyUI, Forge and A1111's dev branch read them (diffusers does not).
+V_PRED_MARKER, ZTSNR_MARKER = "v_pred", "ztsnr"
+
+
+def checkpoint_keys(path: Path) -> set[str]:
+    """A single file's tensor names: the safetensors header, or a ``.ckpt`` loaded weights-only."""
+    if path.suffix.lower() == ".safetensors":
+        return {k for k in read_safetensors_header(path) if k != "__metadata__"}
+    return set(ckpt_keys(path))
+
+
+def detect_checkpoint_keys(keys: set[str], path: Path | None = None) -> Detected:
+    for fam in FAMILIES:
+        if fam.matches_checkpoint(keys):
+            prediction, ztsnr = fam.prediction, False
+            if V_PRED_MARKER in keys:
+                prediction, ztsnr = "v_prediction", ZTSNR_MARKER in keys
+            elif fam.checkpoint_prediction is not None and path is not None:
+                found = fam.checkpoint_prediction(keys, path)
+                if found is not None:
+                    prediction, ztsnr = found
+            return Detected(fam.id, prediction, ztsnr)
+    raise UnknownFamily(f"{path.name if path else 'the file'} is not a checkpoint of a known family "
+                        f"({', '.join(f.id for f in FAMILIES)}): no UNet or transformer keys recognised")
+
+
+def detect_single_file(path: Path) -> Detected:
+    """The family of an original-layout single file; a ``<stem>.config/`` folder next to it
+    (a diffusers config for it) decides prediction and zero-SNR when the file has no markers."""
+    path = Path(path)
+    keys = checkpoint_keys(path)
+    found = detect_checkpoint_keys(keys, path)
+    if V_PRED_MARKER not in keys:
+        sidecar = path.with_name(path.stem + ".config")
+        sched = _read_json(sidecar / "scheduler" / "scheduler_config.json")
+        if sched:
+            found = Detected(found.family, *_scheduler_prediction(sched, found.prediction))
+    return found
+
+
+# ---------------------------------------------------------------------------- diffusers folders
+
+def _read_json(p: Path) -> dict:
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def folder_configs(folder: Path) -> FolderConfigs:
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())  # required: a broken one is a problem
+    return FolderConfigs(index, _read_json(folder / "unet" / "config.json"),
+                         _read_json(folder / "transformer" / "config.json"),
+                         _read_json(folder / "scheduler" / "scheduler_config.json"),
+                         _read_json(folder / "text_encoder" / "config.json"))
+
+
+def _scheduler_prediction(sched: dict, default: str) -> tuple[str, bool]:
+    return str(sched.get("prediction_type") or default), bool(sched.get("rescale_betas_zero_snr", False))
+
+
+def detect_folder(folder: Path) -> Detected:
+    cfg = folder_configs(folder)
+    for fam in FAMILIES:
+        if fam.matches_folder(cfg):
+            if fam.prediction == "flow":
+                return Detected(fam.id, "flow", False)
+            return Detected(fam.id, *_scheduler_prediction(cfg.scheduler, fam.prediction))
+    raise UnknownFamily(f"{Path(folder).name}: model_index.json names {cfg.index.get('_class_name')!r}, "
+                        f"not a pipeline of a known family ({', '.join(f.id for f in FAMILIES)})")
+
+
+def pipeline_class_name(cfg: FolderConfigs) -> str:
+    return str(cfg.index.get("_class_name", ""))
