@@ -28,6 +28,13 @@ OUT = ROOT / "docs" / "settings.md"
 # Meanings for fields without a `description`; move them into config.py's Field(description=...)
 # whenever convenient (that wins).
 DESCRIPTIONS = {
+    "max_cost": "a job's cost budget in megapixel-steps: images × (width × height × steps, plus the hires pass) × "
+                "conditioning passes (AND parts, 75-token chunks); over it is a 422 on `cost` that says what to "
+                "lower ([security](security.md))",
+    "max_infotext_chars": "png-info: image text fields longer than this are refused (413) before the infotext "
+                          "parser runs",
+    "allow_unauthenticated": "let `init.sh` listen beyond loopback with no credentials configured "
+                             "([security](security.md))",
     "models_dir": "models: diffusers folders, hub-cache folders, single-file checkpoints ([guide](guide.md#where-things-go))",
     "loras_dir": "LoRA files (`.safetensors`, subfolders allowed)",
     "upscalers_dir": "upscaler model files (what spandrel loads: ESRGAN, Real-ESRGAN, SwinIR, ...)",
