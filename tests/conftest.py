@@ -189,9 +189,10 @@ class ServerProcess:
         self.settings = settings
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ, **{f"DIFFUSIONAPI_{k.upper()}": (json.dumps(v) if isinstance(v, list) else str(v))
-                                       for k, v in settings.model_dump().items() if v is not None},
-                        PYTHONPATH=str(Path(__file__).resolve().parents[1]), **(extra_env or {}))
+        self.env = {**os.environ,
+                    **{f"DIFFUSIONAPI_{k.upper()}": (json.dumps(v) if isinstance(v, list) else str(v))
+                       for k, v in settings.model_dump().items() if v is not None},
+                    "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **(extra_env or {})}
         self.proc = None
 
     def start(self, timeout: float = 60):

@@ -110,7 +110,8 @@ def test_init_sh_https_when_certs_exist_and_demo_model(tmp_path):
         c = httpx.Client(base_url=url, verify=_ca(cert), timeout=30)
         assert c.get("/hello").json() == {"ok": True}
         assert c.get("/models").json()["models"] == [{"name": "demo-tiny-sd15", "type": "sd15", "format": "diffusers",
-                                                      "label": "Demo (tiny random weights, noise images)"}]
+                                                      "label": "Demo (tiny random weights, noise images)",
+                                                      "family": "sd15", "prediction": "epsilon", "ztsnr": False}]
         job = c.post("/txt2img", json={"prompt": "demo", "width": 64, "height": 64, "steps": 2}).json()["job_id"]
         while (r := c.get(f"/queue/{job}").json())["state"] not in ("done", "error"):
             time.sleep(0.1)

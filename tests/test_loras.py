@@ -193,7 +193,8 @@ def test_loras_are_applied_in_a_canonical_order(tmp_path):
         entries[name] = LoraEntry(name, path, None)
     uses = [LoraUse(entries["b-second"], 0.7), LoraUse(entries["style/c-third"], 1.0), LoraUse(entries["a-first"], 1.0)]
     pipe = Pipe()
-    loaded = SimpleNamespace(pipe=pipe, loras={}, family="sd15", entry=SimpleNamespace(name="m"))
+    loaded = SimpleNamespace(pipe=pipe, loras={}, family="sd15", spec=SimpleNamespace(lora_family="sd15"),
+                             entry=SimpleNamespace(name="m"))
     manager = LoraManager()
     manager.apply(loaded, uses)
     manager.apply(loaded, list(reversed(uses)))
