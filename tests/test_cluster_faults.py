@@ -23,7 +23,7 @@ from diffusionapi.jobs.backends.celery.state import RedisJobState
 from tests.cluster_fixtures import RedisServer, rabbitmq_server  # noqa: F401 - fixture
 from tests.test_celery_backend import Cluster, Node, poll, submit, wait_final, wait_state
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.broker]
 
 JOB = dict(prompt="q", width=64, height=64, steps=2, model="tiny-sd15")
 FINAL = ("done", "error", "cancelled")

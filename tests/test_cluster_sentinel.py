@@ -21,7 +21,7 @@ from tests.cluster_fixtures import REDIS_SERVER, RedisServer, _wait_port, free_p
 from tests.test_celery_backend import poll, submit, wait_final, wait_state
 from tests.test_cluster_faults import JOB, FaultCluster, wait_for
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.broker]
 SERVICE = "dapi"
 
 

@@ -19,6 +19,8 @@ from diffusionapi.security.connguard import Limits, guarded_protocol
 from .conftest import LiveServer, make_settings
 from .test_hostile import HealthProbe
 
+pytestmark = pytest.mark.processes  # the fast tier (./test.sh --quick) leaves these out
+
 ATTACKER = "127.0.0.2"
 
 

@@ -6,6 +6,8 @@ import pytest
 from .test_controlnet import cn_dirs, cn_server, control_image  # noqa: F401 - fixtures
 from .test_playground import Page, browser, fill_basic, label  # noqa: F401 - fixtures
 
+pytestmark = pytest.mark.browser  # the fast tier (./test.sh --quick) leaves these out
+
 
 @pytest.fixture
 def ui(browser, cn_server):  # noqa: F811

@@ -12,6 +12,9 @@ import httpx
 from diffusionapi.jobs.backends.embedded.store import JobStore
 
 from .conftest import SMALL, ServerProcess, make_settings
+import pytest
+
+pytestmark = pytest.mark.processes  # the fast tier (./test.sh --quick) leaves these out
 
 JOB = dict(SMALL, model="tiny-sd15")
 

@@ -16,7 +16,7 @@ from tests.conftest import free_port, make_settings
 from tests.ops_fixtures import Prometheus
 from tests.test_celery_backend import ROOT, Node, _env
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.broker]
 
 JOB = dict(prompt="a tiny test", width=64, height=64, steps=2, model="tiny-sd15")
 

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import ServerProcess, free_port, make_settings
 from tests.ops_fixtures import Prometheus
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.processes]
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = dict(prompt="a tiny test", width=64, height=64, steps=3, model="tiny-sd15", seed=1)
