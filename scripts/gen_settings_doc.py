@@ -87,7 +87,7 @@ DESCRIPTIONS = {
     "orphan_grace_sec": "a job recorded but never confirmed by the broker (its API node died mid-submit), or running with a "
                         "lapsed lease, this long is published again by an API node's orphan sweep",
     "api_key": "when set, every endpoint but `/hello` (and the pages) needs `Authorization: Bearer <key>` or `X-API-Key`",
-    "api_auth": "`user:pass[,user2:pass2]`: HTTP Basic on `/sdapi` (A1111's `--api-auth`)",
+    "api_auth": "`user:pass[,user2:pass2]`: HTTP Basic users, each an admin, on every route and dialect (A1111's `--api-auth`)",
     "cors_origins": "allowed browser origins (CORS is off when empty)",
     "previews_default": "`preview` for requests that send none, e.g. `{\"every\": 5, \"method\": \"approx\"}`",
     "vae_approx_dir": "TAESD decoders and per-model latent→RGB factor files (previews)",
