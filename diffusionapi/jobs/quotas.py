@@ -62,6 +62,28 @@ class _Bucket:
         return (cost - level) * 60.0 / per_minute if per_minute else float("inf")
 
 
+def check_daily_and_budget(caller: Caller, images: int, pixel_steps: int, now: float, images_today: int,
+                           pixel_wait) -> None:
+    """The images-per-day and pixel×steps-per-minute rules, for either ledger (file or Redis):
+    ``images_today`` is what the key used today, ``pixel_wait(budget)`` the seconds until the
+    budget covers this job (None: it does now)."""
+    lim, name = caller.limits, caller.name
+    if lim.images_per_day is not None and images_today + images > lim.images_per_day:
+        raise RateLimited("images_per_day", lim.images_per_day, DAY - now % DAY,
+                          f"key {name!r} asked for {images_today} images today and this job makes {images}")
+    if lim.pixel_steps_per_minute is not None:
+        budget = lim.pixel_steps_per_minute
+        if pixel_steps > budget:  # could never pass: waiting would not help
+            from ..errors import RequestError
+
+            raise RequestError("steps", f"this job costs {pixel_steps} pixel×steps, more than key {name!r} may "
+                                        f"spend in a minute ({budget}): fewer steps, images or pixels", status=422)
+        wait = pixel_wait(budget)
+        if wait is not None:
+            raise RateLimited("pixel_steps_per_minute", budget, wait,
+                              f"key {name!r} spent its pixel×steps budget for now (job costs {pixel_steps})")
+
+
 class FileLedger:
     SAVE_EVERY_SEC = 1.0
 
@@ -123,23 +145,12 @@ class FileLedger:
             raise RateLimited("max_queued", lim.max_queued, 5.0,
                               f"key {name!r} has {active} jobs waiting or running")
         with self._lock:
-            if lim.images_per_day is not None:
-                used = self._state["days"].get(name, {}).get(utc_day(now), 0)
-                if used + images > lim.images_per_day:
-                    raise RateLimited("images_per_day", lim.images_per_day, DAY - now % DAY,
-                                      f"key {name!r} asked for {used} images today and this job makes {images}")
-            if lim.pixel_steps_per_minute is not None:
-                budget = lim.pixel_steps_per_minute
-                if pixel_steps > budget:  # could never pass: waiting would not help
-                    from ..errors import RequestError
-
-                    raise RequestError("steps", f"this job costs {pixel_steps} pixel×steps, more than key "
-                                                f"{name!r} may spend in a minute ({budget}): fewer steps, images "
-                                                "or pixels", status=422)
+            def pixel_wait(budget: int) -> float | None:
                 level = _Bucket.level(self._state["buckets"].get(f"{name}|pixel_steps"), budget, now)
-                if level < pixel_steps:
-                    raise RateLimited("pixel_steps_per_minute", budget, _Bucket.wait(level, pixel_steps, budget),
-                                      f"key {name!r} spent its pixel×steps budget for now (job costs {pixel_steps})")
+                return _Bucket.wait(level, pixel_steps, budget) if level < pixel_steps else None
+
+            check_daily_and_budget(caller, images, pixel_steps, now,
+                                   self._state["days"].get(name, {}).get(utc_day(now), 0), pixel_wait)
 
     def charge_submit(self, caller: Caller, images: int, pixel_steps: int, now: float | None = None) -> None:
         if caller.name is None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from ....auth.caller import Caller
-from ....errors import RateLimited, RequestError
-from ...quotas import DAY, utc_day
+from ....errors import RateLimited
+from ...quotas import DAY, check_daily_and_budget, utc_day
 
 PREFIX = "dapi:tenant:"
 USAGE_INDEX = PREFIX + "usage-index"  # the usage hashes' names
@@ -58,20 +58,9 @@ class RedisLedger:
         now = time.time() if now is None else now
         if lim.max_queued is not None and active + 1 > lim.max_queued:
             raise RateLimited("max_queued", lim.max_queued, 5.0, f"key {name!r} has {active} jobs waiting or running")
-        if lim.images_per_day is not None:
-            used = int(self.r.get(f"{PREFIX}{name}:images:{utc_day(now)}") or 0)
-            if used + images > lim.images_per_day:
-                raise RateLimited("images_per_day", lim.images_per_day, DAY - now % DAY,
-                                  f"key {name!r} asked for {used} images today and this job makes {images}")
-        if lim.pixel_steps_per_minute is not None:
-            budget = lim.pixel_steps_per_minute
-            if pixel_steps > budget:
-                raise RequestError("steps", f"this job costs {pixel_steps} pixel×steps, more than key {name!r} may "
-                                            f"spend in a minute ({budget}): fewer steps, images or pixels")
-            wait = self._spend(f"{name}:pixel_steps", budget, pixel_steps, now, "check")
-            if wait is not None:
-                raise RateLimited("pixel_steps_per_minute", budget, wait,
-                                  f"key {name!r} spent its pixel×steps budget for now (job costs {pixel_steps})")
+        used = int(self.r.get(f"{PREFIX}{name}:images:{utc_day(now)}") or 0) if lim.images_per_day is not None else 0
+        check_daily_and_budget(caller, images, pixel_steps, now, used,
+                               lambda budget: self._spend(f"{name}:pixel_steps", budget, pixel_steps, now, "check"))
 
     def charge_submit(self, caller: Caller, images: int, pixel_steps: int, now: float | None = None) -> None:
         if caller.name is None:
