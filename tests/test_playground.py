@@ -190,7 +190,8 @@ def test_generate_progress_preview_image_gallery_and_screenshot(ui, pg_server):
     outputs = list(pg_server.settings.outputs_dir.glob("*.jpg"))
     assert shown in [p.read_bytes() for p in outputs]
     assert Image.open(io.BytesIO(shown)).size == (64, 64)
-    assert page.locator("#gallery-list li").count() == 1
+    # The gallery is written to IndexedDB and rendered after the result is shown: wait for it.
+    page.wait_for_function("() => document.querySelectorAll('#gallery-list li').length === 1")
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
@@ -380,6 +381,6 @@ def test_batch_shows_every_image(ui, pg_server):
     label(page, "Batch size").fill("2")
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function("() => document.querySelectorAll('#result img').length === 2")
-    assert page.locator("#gallery-list li").count() == 2
+    page.wait_for_function("() => document.querySelectorAll('#gallery-list li').length === 2")
     captions = page.locator("#result figcaption").all_inner_texts()
     assert len({c.split("·")[0] for c in captions}) == 2  # each image reports its own seed
