@@ -200,3 +200,20 @@ def test_webhook_checks_at_submit_and_unknown_jobs_events(cluster):
     job = submit(a, **dict(JOB, steps=2))
     wait_final(b, job)  # the final poll consumed it, with no listener: nothing kept
     assert httpx.get(f"{a.url}/queue/{job}/events").status_code == 404
+
+
+def test_an_openai_url_result_is_served_by_either_node(cluster):
+    """`response_format: "url"` on the Celery backend: the bytes live in the cluster's Redis, so
+    the node a load balancer picks for the GET need not be the node that answered the POST."""
+    a, b = cluster.api
+    res = httpx.post(f"{a.url}/v1/images/generations", timeout=120,
+                     json={"model": "tiny-sd15", "prompt": "a plum", "size": "64x64", "response_format": "url"})
+    assert res.status_code == 200, res.text
+    url = res.json()["data"][0]["url"]
+    assert url.startswith(a.url)
+    on_b = httpx.get(b.url + url[len(a.url):])
+    assert on_b.status_code == 200 and on_b.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(on_b.content)).size == (64, 64)
+    assert on_b.content == httpx.get(url).content
+    missing = httpx.get(b.url + url[len(a.url):-10] + "x" * 6 + ".png")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"

@@ -207,6 +207,10 @@ class JobService:
         """Why retention forgot this unread job (GET /queue/{id} answers 410), else None."""
         return self.backend.expired(job_id) if valid_job_id(job_id) else None
 
+    def shared_blobs(self):
+        """The backend's store of short-lived bytes every API node can read (None: one node)."""
+        return self.backend.shared_blobs()
+
     def readiness(self) -> dict[str, str | None]:
         return self.backend.readiness()
 

@@ -46,7 +46,8 @@ def install(app, settings, registry) -> None:
 
     sub = FastAPI(title="DiffusionAPI: OpenAI Images API", docs_url=None, redoc_url=None, openapi_url=None)
     sub.state.openai = State(app.state.jobs, settings, registry,
-                             ResultFiles(Path(settings.outputs_dir) / "openai-results", settings.results_ttl_sec))
+                             ResultFiles(Path(settings.outputs_dir) / "openai-results", settings.results_ttl_sec,
+                                         app.state.jobs.shared_blobs()))
 
     @sub.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):

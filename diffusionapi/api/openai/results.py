@@ -3,9 +3,9 @@
 OpenAI's URLs are public links valid for a limited time; so are these: the 256-bit token in the
 path is the only credential (`GET /v1/images/results/<token>.<ext>` needs no API key, so any
 client or browser that gets the URL can show it), and a file lives ``ttl`` seconds
-(DIFFUSIONAPI_RESULTS_TTL_SEC, the time an unread result is kept). The files live on the API
-node that answered (`<outputs>/openai-results/`); behind a load balancer, route `/v1/images/results/`
-to that node or ask for `b64_json`.
+(DIFFUSIONAPI_RESULTS_TTL_SEC, the time an unread result is kept). On the embedded backend the
+files live in `<outputs>/openai-results/`; on the Celery backend in the cluster's Redis
+(``JobBackend.shared_blobs``), so whichever API node a load balancer picks serves the URL.
 """
 from __future__ import annotations
 
@@ -21,22 +21,36 @@ NAME = re.compile(r"^[A-Za-z0-9_-]{43}\.(png|jpeg|webp)$")
 
 
 class ResultFiles:
-    def __init__(self, root: Path, ttl_sec: float):
-        self.root, self.ttl = Path(root), ttl_sec
+    """``shared``: the backend's shared store (JobService.shared_blobs); None keeps files."""
+
+    def __init__(self, root: Path, ttl_sec: float, shared=None):
+        self.root, self.ttl, self.shared = Path(root), ttl_sec, shared
         self._swept = 0.0
 
     def put(self, data: bytes, fmt: str) -> str:
         """Keep ``data``; its file name (the URL's last segment)."""
+        name = f"{secrets.token_urlsafe(32)}.{fmt}"
+        if self.shared is not None:
+            self.shared.put("openai-result:" + name, data, self.ttl)
+            return name
         self.sweep()
         self.root.mkdir(parents=True, exist_ok=True)
-        name = f"{secrets.token_urlsafe(32)}.{fmt}"
         write_atomic(self.root / name, data, fsync=False)
         return name
 
-    def path(self, name: str) -> Path | None:
-        """The file of a live result; None for a malformed, unknown or expired name."""
+    def read(self, name: str) -> bytes | None:
+        """The bytes of a live result; None for a malformed, unknown or expired name."""
         if not NAME.match(name):
             return None
+        if self.shared is not None:
+            return self.shared.get("openai-result:" + name)
+        p = self._path(name)
+        try:
+            return p.read_bytes() if p is not None else None
+        except OSError:
+            return None
+
+    def _path(self, name: str) -> Path | None:
         p = self.root / name
         try:
             if time.time() - p.stat().st_mtime > self.ttl:

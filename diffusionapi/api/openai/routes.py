@@ -12,7 +12,7 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from ...errors import ServiceError
@@ -260,10 +260,13 @@ async def variations(request: Request):
 
 @router.get("/images/results/{name}", name="openai_result")
 async def result(request: Request, name: str):
-    path = _state(request).results.path(name)
-    if path is None:
+    try:
+        data = await run_in_threadpool(_state(request).results.read, name)
+    except ServiceError as e:  # the cluster's Redis is down: 503, as every route answers then
+        return error_response(from_service_error(e))
+    if data is None:
         return error_response(OpenAIError(404, "no such result: unknown, or expired", code="not_found"))
-    return FileResponse(path, media_type=p.MEDIA_TYPES[path.suffix[1:]], headers={"Cache-Control": "private"})
+    return Response(data, media_type=p.MEDIA_TYPES[name.rsplit(".", 1)[1]], headers={"Cache-Control": "private"})
 
 
 @router.get("/models")

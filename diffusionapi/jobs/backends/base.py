@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Protocol
 
 from .. import views
 from ..events import JobEvent
@@ -33,6 +33,14 @@ class JobOwner:
     name: str | None = None
     priority: int = 0
     share: float = 1.0
+
+
+class SharedBlobs(Protocol):
+    """Bytes under a name for ``ttl`` seconds, readable from every API node."""
+
+    def put(self, name: str, data: bytes, ttl: float) -> None: ...
+
+    def get(self, name: str) -> bytes | None: ...
 
 
 class JobBackend(ABC):
@@ -142,6 +150,11 @@ class JobBackend(ABC):
     def expired(self, job_id: str) -> str | None:
         """Why an unknown ``job_id`` is gone when retention removed it (``GET /queue/{id}`` then
         answers 410 with this), else None."""
+        return None
+
+    def shared_blobs(self) -> "SharedBlobs | None":
+        """Where API nodes keep short-lived bytes that any node must serve (the OpenAI dialect's
+        ``url`` results); None when there is one node (the embedded backend: files do)."""
         return None
 
     def readiness(self) -> dict[str, str | None]:

@@ -93,6 +93,26 @@ def _parse_event_id(event_id: str | None) -> tuple[str, int, int | None]:
     return m.group(1), int(m.group(2) or 0), int(m.group(3)) if m.group(3) else None
 
 
+class RedisBlobs:
+    """JobBackend.shared_blobs on the cluster's Redis: every API node reads what one wrote."""
+    PREFIX = "dapi:blob:"
+
+    def __init__(self, r):
+        self.r = r
+
+    def put(self, name: str, data: bytes, ttl: float) -> None:
+        try:
+            self.r.set(self.PREFIX + name, data, ex=max(1, int(ttl)))
+        except redis.RedisError as e:
+            raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
+
+    def get(self, name: str) -> bytes | None:
+        try:
+            return self.r.get(self.PREFIX + name)
+        except redis.RedisError as e:
+            raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
+
+
 class _Outage:
     """An event feed's Redis outage: how long it has lasted, and the wait before reading again."""
 
@@ -391,6 +411,9 @@ class CeleryBackend(JobBackend):
 
     def readiness(self) -> dict[str, str | None]:
         return cluster_readiness(self.settings, self.state, need_workers=True)
+
+    def shared_blobs(self) -> "RedisBlobs":
+        return RedisBlobs(self.state.r)
 
     # ------------------------------------------------------------------ cluster view
     def cluster_view(self) -> dict:
