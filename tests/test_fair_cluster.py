@@ -100,7 +100,11 @@ def test_a_newcomer_and_a_priority_job_start_where_their_positions_said(cluster)
         if body["state"] == "queued":
             positions[body["queue_position"]] = name
     assert sorted(positions) == list(range(1, 30))
-    assert [j["job_id"] for j in b.get("/queue").json()["jobs"]] == [k for k, n in names.items() if n == "b0"]
+    b_job = next(k for k, n in names.items() if n == "b0")
+    assert [j["job_id"] for j in b.get("/queue").json()["jobs"]] == [b_job]
+    with b.stream("GET", f"/queue/{b_job}/events") as stream:  # the event stream tells the same position
+        first = next(line for line in stream.iter_lines() if line.startswith("data:"))
+    assert json.loads(first[5:])["position"] == next(p for p, n in positions.items() if n == "b0")
     for i in range(2):
         cluster.release(f"heldfair{i}")
     deadline = time.time() + 120  # read the start order from Redis before any client takes a result
