@@ -106,8 +106,21 @@ def test_a_message_is_a_turn_of_its_queue_and_its_redelivery_resumes_its_job(sta
     assert (verdict, attempt, job) == ("run", 1, "m2") and record["queue"] == "model-2"
     assert state.claim_next(token, "model-2", "w2", 30)[::3] == ("bound", "m2")  # redelivered: that job
     assert state.claim_next(str(uuid.uuid4()), "model-2", "w2", 30)[0] == "none"  # nothing left there
-    assert drain(state, "model-1") == ["m1b", "m1"]  # A's turn went to m2: turns are per key, queues share them
-    assert int(state.r.hget("dapi:job:m1", "started_n")) == 3  # the order jobs started in
+    assert drain(state, "model-1") == ["m1", "m1b"]  # each queue a line of its own: m2 spent A's turn there
+    assert int(state.r.hget("dapi:job:m1b", "started_n")) == 3  # the order jobs started in
+
+
+def test_a_key_waiting_on_one_queue_banks_no_turns_on_another(state):
+    put(state, "a-other", "A", queue="model-2")  # waits on a queue no worker serves now
+    for i in range(6):
+        put(state, f"b{i}", "B", queue="model-1")
+    assert [start_next(state, "model-1") for _ in range(3)] == ["b0", "b1", "b2"]
+    for i in range(3):
+        put(state, f"a{i}", "A", queue="model-1")
+    predicted = state.fair_line()
+    assert drain(state, "model-1") == ["a0", "b3", "a1", "b4", "a2", "b5"]  # A joins at model-1's turn
+    assert [j for j in predicted if j != "a-other"] == ["a0", "b3", "a1", "b4", "a2", "b5"]
+    assert predicted.index("a-other") == 0  # the head of its own queue
 
 
 def test_cancel_and_forget_leave_the_line_and_a_released_job_rejoins_it(state):

@@ -29,8 +29,10 @@ Keys (prefix ``dapi:``):
                 fair:meta (hash: queued job id -> JSON [queue, owner, priority, seq]),
                 fair:q:<queue>:<owner> (sorted set: that key's queued jobs of that model queue,
                 by priority then seq), fair:owners:<queue> (set: the keys with jobs queued there),
-                fair:nwait (hash: owner -> its queued jobs), fair:pass / fair:stride (hashes:
-                owner -> integer pass / stride), fair:vtime (the pass of the last job started).
+                fair:nwait (hash: owner -> its queued jobs), fair:pass (hash: "<queue>\x1f<owner>"
+                -> integer pass), fair:stride (hash: owner -> integer stride), fair:vtime (hash:
+                queue -> the pass of its last job started). Each model queue is a fair line of its
+                own (its workers' turns), so a key waiting on one queue banks no turns on another.
                 Owner '' is "no key". Changed only by the scripts that change ``waiting``
   bound:<token> the job a broker message (its task id, "token") started: a message names no job,
                 it is a turn of its model queue; the worker that gets it takes the next job of
@@ -191,10 +193,12 @@ _FAIR = """
 local FAIR = 'dapi:fair:'
 local function int(x) return string.format('%d', x) end
 local function fair_zkey(q, o) return FAIR .. 'q:' .. q .. ':' .. o end
+local function fair_pkey(q, o) return q .. string.char(31) .. o end  -- a key's pass in one queue
+local function fair_pass(q, o) return tonumber(redis.call('HGET', FAIR .. 'pass', fair_pkey(q, o)) or '0') end
 local function fair_add(id, q, o, prio, seq)
-  if tonumber(redis.call('HGET', FAIR .. 'nwait', o) or '0') <= 0 then  -- (re)joins at the virtual time
-    local vt = tonumber(redis.call('GET', FAIR .. 'vtime') or '0')
-    if vt > tonumber(redis.call('HGET', FAIR .. 'pass', o) or '0') then redis.call('HSET', FAIR .. 'pass', o, int(vt)) end
+  if redis.call('ZCARD', fair_zkey(q, o)) == 0 then  -- (re)joins this queue at its virtual time
+    local vt = tonumber(redis.call('HGET', FAIR .. 'vtime', q) or '0')
+    if vt > fair_pass(q, o) then redis.call('HSET', FAIR .. 'pass', fair_pkey(q, o), int(vt)) end
   end
   redis.call('HINCRBY', FAIR .. 'nwait', o, 1)
   redis.call('HSET', FAIR .. 'meta', id, cjson.encode({q, o, int(prio), int(seq)}))
@@ -216,9 +220,10 @@ end
 local function fair_started(id)
   local m = fair_remove(id)
   if not m then return end
-  local p = tonumber(redis.call('HGET', FAIR .. 'pass', m[2]) or '0')
-  if p > tonumber(redis.call('GET', FAIR .. 'vtime') or '0') then redis.call('SET', FAIR .. 'vtime', int(p)) end
-  redis.call('HINCRBY', FAIR .. 'pass', m[2], tonumber(redis.call('HGET', FAIR .. 'stride', m[2]) or '@SCALE@'))
+  local p = fair_pass(m[1], m[2])
+  if p > tonumber(redis.call('HGET', FAIR .. 'vtime', m[1]) or '0') then redis.call('HSET', FAIR .. 'vtime', m[1], int(p)) end
+  redis.call('HINCRBY', FAIR .. 'pass', fair_pkey(m[1], m[2]),
+             tonumber(redis.call('HGET', FAIR .. 'stride', m[2]) or '@SCALE@'))
 end
 -- The next job of queue q in the fair order (fair.order's head): each key's head job compared by
 -- (-priority, the key's pass, seq).
@@ -228,7 +233,7 @@ local function fair_pick(q)
     local head = redis.call('ZRANGE', fair_zkey(q, o), 0, 0)[1]
     if head then
       local m = cjson.decode(redis.call('HGET', FAIR .. 'meta', head))
-      local k1, k2, k3 = -tonumber(m[3]), tonumber(redis.call('HGET', FAIR .. 'pass', o) or '0'), tonumber(m[4])
+      local k1, k2, k3 = -tonumber(m[3]), fair_pass(q, o), tonumber(m[4])
       if not best or k1 < b1 or (k1 == b1 and (k2 < b2 or (k2 == b2 and k3 < b3))) then
         best, b1, b2, b3 = head, k1, k2, k3
       end
@@ -721,24 +726,35 @@ class RedisJobState:
 
     def fair_line(self) -> list[str]:
         """Queued job ids in the order they start if nothing else arrives (``jobs/fair.py``'s rule
-        over the fair line's state, read in one step): queue positions. Exact for one model
-        queue; with several, each queue's jobs start in this order relative to each other."""
+        over the fair line's state, read in one step): queue positions. Each model queue is a
+        line of its own: exact for one queue; with several, each queue's jobs start in this order
+        relative to each other, and the queues' orders are merged by rank (then submit order),
+        since which queue goes next depends on which worker is free."""
         p = self.r.pipeline(transaction=True)
         p.zrange(WAITING, 0, -1, withscores=True)
         p.hgetall(FAIR_META)
         p.hgetall(FAIR_PASS)
         p.hgetall(FAIR_STRIDE)
         waiting, meta, passes, strides = p.execute()
-        line = []
+        per_queue: dict[str, list[fair.Waiting]] = {}
         for jid, score in waiting:
             m = meta.get(jid)
             if m is None:  # queued before the fair line existed: it runs in submit order, as then
-                line.append(fair.Waiting(_s(jid), "", 0, int(score)))
+                per_queue.setdefault("", []).append(fair.Waiting(_s(jid), "", 0, int(score)))
             else:
-                _, owner, priority, seq = json.loads(m)
-                line.append(fair.Waiting(_s(jid), owner, int(priority), int(seq)))
-        return fair.order(line, {_s(k): int(v) for k, v in passes.items()},
-                          {_s(k): int(v) for k, v in strides.items()})
+                queue, owner, priority, seq = json.loads(m)
+                per_queue.setdefault(queue, []).append(fair.Waiting(_s(jid), owner, int(priority), int(seq)))
+        pass_of: dict[str, dict[str, int]] = {}
+        for k, v in passes.items():
+            queue, _, owner = _s(k).partition("\x1f")
+            pass_of.setdefault(queue, {})[owner] = int(v)
+        strides = {_s(k): int(v) for k, v in strides.items()}
+        seq_of = {w.job_id: w.seq for ws in per_queue.values() for w in ws}
+        ranked = []
+        for queue, ws in per_queue.items():
+            for rank, jid in enumerate(fair.order(ws, pass_of.get(queue, {}), strides)):
+                ranked.append((rank, seq_of[jid], jid))
+        return [jid for _, _, jid in sorted(ranked)]
 
     def active_count(self, owner: str | None) -> int:
         """The owner's jobs queued or running (``max_queued``), as the submit script counts them."""
