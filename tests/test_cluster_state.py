@@ -206,7 +206,7 @@ GRACE = 0.2
 
 
 def _swept(state, grace=GRACE) -> list[str]:
-    return [j for j, _ in state.sweep_orphans(grace)]
+    return [j for j, _, _ in state.sweep_orphans(grace)]
 
 
 def test_an_unsent_job_is_swept_once_after_the_grace_a_sent_or_young_one_never(state):
@@ -215,7 +215,7 @@ def test_an_unsent_job_is_swept_once_after_the_grace_a_sent_or_young_one_never(s
     assert _swept(state, grace=60) == []  # young: its submit may still be publishing
     time.sleep(GRACE + 0.1)
     got = state.sweep_orphans(GRACE)
-    assert [j for j, _ in got] == [orphan] and got[0][1]["payload"]["prompt"] == orphan  # the record, to publish
+    assert [j for j, _, _ in got] == [orphan] and got[0][1]["payload"]["prompt"] == orphan  # the record, to publish
     assert _swept(state) == []  # claimed: not again within another grace period...
     state.mark_sent(orphan)  # ...and never once re-published
     time.sleep(GRACE + 0.1)
@@ -265,7 +265,7 @@ def test_two_sweepers_at_once_republish_each_orphan_once(state):
         barrier.wait()
         mine = []
         for _ in range(5):
-            mine += [j for j, _ in s.sweep_orphans(GRACE, limit=20)]
+            mine += [j for j, _, _ in s.sweep_orphans(GRACE, limit=20)]
         got.append(mine)
         s.close()
 
@@ -299,7 +299,8 @@ def _worker_like(state, name: str, lease_sec: float = 0.3, hb: float = 0.05):
     w = SimpleNamespace(state=state, name=name, lease_sec=lease_sec, hb=hb)
     w.until_redis = lambda what, fn: ClusterWorker.until_redis(w, what, fn)
     w._claim = lambda job_id, redelivered: ClusterWorker._claim(w, job_id, redelivered)
-    w.run = lambda job_id, redelivered: ClusterWorker.run(w, job_id, redelivered)
+    w._take_turn = lambda token, queue, redelivered: ClusterWorker._take_turn(w, token, queue, redelivered)
+    w.run = lambda token, redelivered: ClusterWorker.run(w, token, redelivered, queue="q")
     return w
 
 
@@ -311,7 +312,7 @@ def test_a_first_delivery_of_a_busy_job_is_dropped_at_once_a_redelivery_waits_fo
     owner = RedisJobState(state.url, client_name=state_mod.worker_client_name("owner"))
     owner.ping()  # the owner is alive: it holds a connection, named after it
     try:
-        assert owner.claim(j, "owner", 30)[0] == "run"
+        assert owner.claim_next(j, "q", "owner", 30)[0] == "run"  # its message's turn started j
         other = _worker_like(state, "w2")
         assert other.run(j, redelivered=False) == "busy"  # a duplicate: the owner is alive
         assert other.run(j, redelivered=True) == "busy"  # waited a dead owner's lease, no more

@@ -337,7 +337,7 @@ def test_requests_per_minute_refused_before_any_route(tmp_path):
 
 
 # ---------------------------------------------------------------------- the Celery backend's ledger
-def test_redis_ledger_limits_and_usage(redis_server):
+def test_redis_ledger_limits_and_usage(redis_server):  # noqa: F811
     import redis
 
     from diffusionapi.jobs.backends.celery.ledger import RedisLedger
@@ -468,7 +468,7 @@ def test_the_cli_writes_json_too_and_never_the_key(tmp_path, capsys):
     assert json.loads(path.read_text()) == {"keys": {}}
 
 
-def test_celery_jobs_carry_their_owner(redis_server, tmp_path, monkeypatch):
+def test_celery_jobs_carry_their_owner(redis_server, tmp_path, monkeypatch):  # noqa: F811
     """Isolation on the Celery backend: the owner beside each job (no broker needed: publishing is stubbed)."""
     import redis
 
@@ -513,3 +513,108 @@ def test_another_keys_job_and_an_unknown_one_take_the_same_path(stack, monkeypat
             jobs.cancel(job, A)
     assert touched == [] and looked_up == [theirs] * 3 + [unknown] * 3
     engine.gate.set()
+
+
+# ---------------------------------------------------------------------- shared state and the dialects' priority
+def test_a_user_key_may_not_change_the_shared_options_nor_interrupt_another_keys_job(keyed):
+    client, tokens, _, engine = keyed
+    alice, root = _basic(tokens["alice"]), _basic(tokens["root"])
+    before = client.get("/sdapi/v1/options", headers=alice).json()
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "fake-sd15", "CLIP_stop_at_last_layers": 2},
+                    headers=alice)
+    assert r.status_code == 403 and set(r.json()) >= {"error", "detail", "errors"} and "admin" in r.json()["detail"]
+    assert client.get("/sdapi/v1/options", headers=alice).json() == before  # nothing changed
+    r = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2}, headers=root)
+    assert r.status_code == 200
+    assert client.get("/sdapi/v1/options", headers=alice).json()["CLIP_stop_at_last_layers"] == 2
+    # /interrupt and /skip stop the caller's own job only: bob's goes on
+    job = client.post("/txt2img", json=BODY, headers={"X-API-Key": tokens["bob"]}).json()["job_id"]
+    assert engine.started.wait(10)
+    deadline = time.time() + 30
+    while client.get(f"/queue/{job}", headers=root).json()["state"] != "processing":
+        assert time.time() < deadline
+        time.sleep(0.02)
+    for path in ("/sdapi/v1/interrupt", "/sdapi/v1/skip"):
+        assert client.post(path, headers=alice).status_code == 200
+    engine.gate.set()
+    assert _wait_http_final(client, job, root) == "done"  # not cancelled
+
+
+def _wait_http_final(client, job, headers, timeout=30) -> str:
+    deadline = time.time() + timeout
+    while (state := client.get(f"/queue/{job}", headers=headers).json()["state"]) not in ("done", "error",
+                                                                                          "cancelled"):
+        assert time.time() < deadline
+        time.sleep(0.02)
+    return state
+
+
+def _own_line(client, headers) -> list[str]:
+    jobs = client.get("/queue", headers=headers).json()["jobs"]
+    return [j["job_id"] for j in sorted((j for j in jobs if j["queue_position"]), key=lambda j: j["queue_position"])]
+
+
+def test_priority_in_the_sdapi_and_openai_dialects_is_capped_like_native(keyed):
+    """/sdapi: ``override_settings.priority`` (or a top-level ``priority``); OpenAI: an extra body
+    field (openai-python's ``extra_body``). Both capped to the key's max_priority (alice: 2)."""
+    import openai
+
+    client, tokens, _, engine = keyed
+    alice = {"X-API-Key": tokens["alice"]}
+    blocker = client.post("/txt2img", json=BODY, headers=alice).json()["job_id"]
+    assert engine.started.wait(10)
+    plain = [client.post("/txt2img", json=BODY, headers=alice).json()["job_id"] for _ in range(2)]
+    # a native job at alice's max: the dialects' jobs asking for more come after it (capped to the same 2)
+    top = client.post("/txt2img", json={**BODY, "priority": 2}, headers=alice).json()["job_id"]
+    # out of range
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 16, "height": 16,
+                                               "override_settings": {"priority": "soon"}}, headers=_basic(tokens["alice"]))
+    assert r.status_code == 422 and "override_settings.priority" in r.json()["detail"]
+    r = client.post("/v1/images/generations", json={"prompt": "x", "size": "16x16", "priority": 99}, headers=alice)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+    assert len(_own_line(client, alice)) == 3
+    done = []
+
+    def sdapi():
+        body = {"prompt": "x", "steps": 2, "width": 16, "height": 16, "override_settings": {"priority": 9}}
+        done.append(client.post("/sdapi/v1/txt2img", json=body, headers=_basic(tokens["alice"])).status_code)
+
+    def oai():
+        with openai.OpenAI(base_url="http://testserver/v1", api_key=tokens["alice"], http_client=client,
+                           max_retries=0) as c:
+            c.images.generate(prompt="x", size="16x16", extra_body={"priority": 9, "steps": 2})
+        done.append(200)
+
+    threads, new = [], []
+    for fn in (sdapi, oai):
+        seen = set(_own_line(client, alice))
+        threads.append(threading.Thread(target=fn, daemon=True))
+        threads[-1].start()
+        deadline = time.time() + 30
+        while not (fresh := set(_own_line(client, alice)) - seen):
+            assert time.time() < deadline
+            time.sleep(0.02)
+        new += list(fresh)
+    sd_job, oai_job = new
+    # both ahead of the plain jobs, behind the earlier job of the same (capped) priority
+    assert _own_line(client, alice) == [top, sd_job, oai_job, *plain]
+    engine.gate.set()
+    for t in threads:
+        t.join(60)
+    assert done == [200, 200] and blocker
+
+
+def test_sdapi_priority_top_level_first_then_override_settings():
+    from diffusionapi.api.sdapi import protocol as p
+
+    def native(**kw):
+        ctx = p.Context(default_sampler="Euler", model=None, clip_skip=None, resolve_checkpoint=lambda v: v)
+        return p.to_native(p.Txt2ImgAPIRequest(prompt="x", **kw), ctx)
+
+    assert "priority" not in native()
+    assert native(priority=-3)["priority"] == -3
+    assert native(override_settings={"priority": "4"})["priority"] == 4
+    assert native(priority=1, override_settings={"priority": 4})["priority"] == 1
+    for bad in (11, 1.5, True, "high"):
+        with pytest.raises(p.FieldError, match="^priority: "):
+            native(priority=bad)

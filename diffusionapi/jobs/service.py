@@ -114,7 +114,7 @@ class JobService:
             raise RequestError("webhook.url", refused)
         caller = caller or Caller()
         priority = max(PRIORITY_RANGE[0], min(int(getattr(request, "priority", 0) or 0), caller.max_priority))
-        owner = JobOwner(caller.name, priority, caller.share)
+        owner = JobOwner(caller.name, priority, caller.share, caller.limits.max_queued)
         ledger = self.backend.ledger
         if ledger is None or caller.name is None:
             return Submitted(self._queue(job, owner, idempotency_key), job)

@@ -58,7 +58,7 @@ class _Wire(BaseModel):
 
 class ImageGenerateRequest(_Wire):
     """`POST /v1/images/generations` (ImageGenerateParams). Extension fields (not OpenAI's):
-    negative_prompt, seed, steps, cfg_scale."""
+    negative_prompt, seed, steps, cfg_scale, priority (openai-python: ``extra_body``)."""
     prompt: str
     model: str | None = None
     n: int | None = None
@@ -79,8 +79,9 @@ class ImageGenerateRequest(_Wire):
     seed: int | None = None
     steps: int | None = None
     cfg_scale: float | None = None
+    priority: int | None = None  # the job's place in the fair line, capped to the key's max_priority
 
-    @field_validator("n", "output_compression", "partial_images", "seed", "steps", mode="before")
+    @field_validator("n", "output_compression", "partial_images", "seed", "steps", "priority", mode="before")
     @classmethod
     def _int_text(cls, v):
         return _int_text(v)
@@ -109,8 +110,9 @@ class ImageVariationRequest(_Wire):
     user: str | None = None
     strength: float | None = None  # extension
     seed: int | None = None        # extension
+    priority: int | None = None    # extension
 
-    @field_validator("n", "seed", mode="before")
+    @field_validator("n", "seed", "priority", mode="before")
     @classmethod
     def _int_text(cls, v):
         return _int_text(v)
@@ -296,7 +298,7 @@ def generation_plan(req: ImageGenerateRequest, registry, settings) -> Plan:
 
 
 def _extensions(req, body: dict) -> None:
-    for name in ("negative_prompt", "seed", "cfg_scale"):
+    for name in ("negative_prompt", "seed", "cfg_scale", "priority"):
         value = getattr(req, name, None)
         if value is not None:
             body[name] = value
@@ -392,6 +394,8 @@ def variation_plan(req: ImageVariationRequest, image: bytes | None, registry, se
                             "fileType": "png"}
     if req.seed is not None:
         body["seed"] = req.seed
+    if req.priority is not None:
+        body["priority"] = req.priority
     return Plan(_native(Img2ImgRequest, body), "img2img", "png", 100, req.response_format or "b64_json",
                 DEFAULT_QUALITY, f"{width or first.width}x{height or first.height}")
 

@@ -79,6 +79,10 @@ class Txt2ImgAPIRequest(_Wire):
     s_noise: float | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
+    # Not A1111's: the job's place in the fair line (docs/tenants.md), capped to the key's
+    # max_priority. Also read from override_settings.priority, the one free-form field clients
+    # with fixed signatures (webuiapi) can set.
+    priority: Any = None
     refiner_checkpoint: str | None = None
     refiner_switch_at: float | None = None
     disable_extra_networks: bool = False
@@ -333,6 +337,7 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     if isinstance(clip_skip, (int, float)) and clip_skip >= 1:
         body["clip_skip"] = int(clip_skip)
     _cfg_rescale(req, overrides, body)
+    _priority(req, overrides, body)
     if req.distilled_cfg_scale is not None:
         body["distilled_cfg_scale"] = req.distilled_cfg_scale
     modules = overrides.get("forge_additional_modules")
@@ -363,6 +368,22 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
         if getattr(req, unused) and getattr(req, unused) not in ("Use same checkpoint", "Use same sampler"):
             ctx.warnings.append(f"{unused} is not supported; the second pass uses the first pass's")
     return body
+
+
+def _priority(req: Txt2ImgAPIRequest, overrides: dict, body: dict) -> None:
+    """``priority`` (top level first, else ``override_settings.priority``): an integer in the
+    native range; the job service caps it to the key's max_priority."""
+    from ...jobs.service import PRIORITY_RANGE
+
+    for name, value in (("priority", req.priority), ("override_settings.priority", overrides.get("priority"))):
+        if value is None:
+            continue
+        number = _lenient_number(value)
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number != int(number) \
+                or not PRIORITY_RANGE[0] <= number <= PRIORITY_RANGE[1]:
+            raise FieldError(name, f"{value!r} is not an integer from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}")
+        body["priority"] = int(number)
+        return
 
 
 def _cfg_rescale(req: Txt2ImgAPIRequest, overrides: dict, body: dict) -> None:

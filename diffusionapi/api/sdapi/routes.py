@@ -253,6 +253,11 @@ async def get_options(request: Request):
 @router.post("/options")
 @_handles_bad_input
 async def set_options(request: Request):
+    # The options (the model above all) are every key's: a user key may not change them.
+    caller = caller_of(request)
+    if not caller.is_admin:
+        return _error(403, f"key {caller.name!r} may not change the shared options (the model every key uses); "
+                           "that needs an admin key")
     data = await _body(request)
     if not isinstance(data, dict):
         raise BadRequest(422, "body: expected a JSON object of options")

@@ -33,6 +33,7 @@ class JobOwner:
     name: str | None = None
     priority: int = 0
     share: float = 1.0
+    max_queued: int | None = None  # the key's limit; a backend may check it atomically (Celery)
 
 
 class SharedBlobs(Protocol):

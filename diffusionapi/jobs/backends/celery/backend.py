@@ -1,9 +1,12 @@
 """The job backend of a cluster: Celery (RabbitMQ, or Redis) carries jobs to GPU workers; Redis
 holds their state, progress and results. Any API node answers for any job.
 
-An API node is stateless: submit records the job in Redis (one atomic script: capacity check,
-record, place in the cluster-wide waiting line), publishes one persistent message naming it to the
-queue of its model, then marks the job sent (``mark_sent``); everything else (status, position,
+An API node is stateless: submit records the job in Redis (one atomic script: capacity and
+per-key checks, record, place in the cluster-wide fair line), publishes one persistent message to
+the queue of its model, then marks the job sent (``mark_sent``). The message is a turn of that
+queue, not the job: the worker that gets it starts the queue's next job in the fair order
+(docs/tenants.md "Scheduling", ``state.claim_next``), so the order holds whatever the number of
+workers; everything else (status, position,
 cancel, the final response) is a read or a script on Redis. See ``cluster/state.py`` for the keys
 and ``cluster/worker.py`` for the other side.
 
@@ -31,12 +34,13 @@ import redis.asyncio as aioredis
 
 from .catalog import CatalogRegistry
 from .celery_app import TASK_NAME, make_celery, make_queue, queue_name
-from .state import (FINAL_CHANNEL, FINAL_EVENT, UNAVAILABLE, WAITING, RedisJobState, connect, events_key, idem_key,
+from .state import (FINAL_CHANNEL, FINAL_EVENT, UNAVAILABLE, RedisJobState, connect, events_key, idem_key,
                     job_key)
 from ... import observe
 from ...events import JobEvent
 from ...status import FINAL_STATES, JobStatus
 from ...states import MAX_ATTEMPTS
+from ....errors import RateLimited
 from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, JobOwner, QueueEntry, QueueFull
 from .ledger import RedisLedger
 
@@ -207,10 +211,13 @@ class CeleryBackend(JobBackend):
         every = min(5.0, max(0.2, grace / 4))
         while not self._stopping.wait(every):
             try:
-                for job_id, record in self.state.sweep_orphans(grace):
+                for job_id, record, state in self.state.sweep_orphans(grace):
                     if self._stopping.is_set():
                         return
-                    self._publish(job_id, record.get("queue") or queue_name(None))
+                    # A new token: the job's own may have been taken as a turn for another job. A
+                    # running job's message resumes it (its worker died); a queued one's is a turn.
+                    self._publish(str(uuid.uuid4()), record.get("queue") or queue_name(None),
+                                  resume=job_id if state == "processing" else None)
                     self.state.mark_sent(job_id)
                     log.warning("job %s: no broker message confirmed after %.0f s; published again", job_id, grace)
             except Exception as e:  # noqa: BLE001 - Redis or the broker down: the jobs come due again
@@ -218,8 +225,11 @@ class CeleryBackend(JobBackend):
                     return
                 log.warning("orphan sweep failed (%s); retrying", e)
 
-    def _publish(self, job_id: str, queue: str) -> None:
-        self.celery.send_task(TASK_NAME, args=[job_id], queue=make_queue(queue), task_id=job_id)
+    def _publish(self, token: str, queue: str, resume: str | None = None) -> None:
+        """One turn of ``queue`` (the task id: its token), or with ``resume`` the message that
+        resumes that running job."""
+        kwargs = {"queue": queue} if resume is None else {"queue": queue, "resume": resume}
+        self.celery.send_task(TASK_NAME, args=[token], kwargs=kwargs, queue=make_queue(queue), task_id=token)
 
     async def wait_final(self, job_id: str, timeout: float) -> None:
         await self._waiters.wait(job_id, timeout, lambda: self.state.is_final(job_id) is not False)
@@ -229,17 +239,24 @@ class CeleryBackend(JobBackend):
                idempotency_key: str | None = None) -> str:
         job_id = str(uuid.uuid4())
         queue = queue_name(payload.get("model"))
-        owner_name = owner.name if owner else None  # (priority and share: not on this backend yet, docs/tenants.md)
+        owner = owner or JobOwner()
+        owner_name = owner.name
         record = {"kind": kind, "payload": payload, "queue": queue, "created_at": time.time(), "owner": owner_name}
         idem = idem_key(owner_name or "", idempotency_key) if idempotency_key else None
         try:
-            # The owner goes beside the record (isolation reads only that field), in the same script.
+            # The owner goes beside the record (isolation reads only that field), its place in the
+            # fair line and its max_queued check (atomic across API nodes) in the same script.
             seq, got = self.state.create_once(job_id, record, self.settings.max_queued_jobs, idem,
-                                              self.settings.idempotency_window_sec, owner=owner_name)
+                                              self.settings.idempotency_window_sec, owner=owner_name,
+                                              priority=owner.priority, share=owner.share,
+                                              owner_max=owner.max_queued if owner_name else None)
         except redis.RedisError as e:
             raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
         if seq is None:
             raise QueueFull(f"the queue is full ({self.settings.max_queued_jobs} jobs); retry later")
+        if seq == -2:
+            raise RateLimited("max_queued", owner.max_queued, 5.0,
+                              f"key {owner_name!r} has {got} jobs waiting or running")
         if got != job_id:  # the key's first submit made it; if that one died before publishing, the sweep does
             return got
         try:
@@ -314,17 +331,16 @@ class CeleryBackend(JobBackend):
         outage = _Outage(job_id)
         while True:
             try:
-                p = r.pipeline(transaction=True)
-                p.hget(job_key(job_id), "state")
-                p.zrank(WAITING, job_id)
-                state, rank = await p.execute()
+                state = await r.hget(job_key(job_id), "state")
+                state = state.decode() if state is not None else None  # None: taken (its events are complete)
+                # its place in the fair line (state.fair_line: the line's state read in one step)
+                position = await asyncio.to_thread(self.state.position, job_id) if state == "queued" else None
             except UNAVAILABLE as e:
                 if not await outage.wait(e):
                     return
                 continue
-            state = state.decode() if state is not None else None  # None: taken (its events are complete)
-            if state == "queued" and rank is not None and rank + 1 != sent_position:
-                n, sent_position = n + 1, rank + 1
+            if state == "queued" and position and position != sent_position:
+                n, sent_position = n + 1, position
                 yield JobEvent(f"{sid}.{n}.{sent_position}", "queued", {"position": sent_position})
             block = QUEUED_POLL_MS if state == "queued" else BLOCK_MS if state == "processing" else None
             try:
@@ -378,9 +394,12 @@ class CeleryBackend(JobBackend):
         raw = self.state.r.hget(job_key(job_id), "owner")
         return raw.decode() if raw else None
 
+    def active_count(self, owner: str | None) -> int:
+        return self.state.active_count(owner)
+
     def listing(self) -> list[QueueEntry]:
         running = list(self.state.running())
-        waiting = self.state.waiting_ids()
+        waiting = self.state.fair_line()  # positions: the fair order
         ids = running + waiting
         seen = set(ids)
         finished = [k.decode().rsplit(":", 1)[1] for k in self.state.r.scan_iter("dapi:job:*", count=500)]

@@ -23,7 +23,21 @@ Keys (prefix ``dapi:``):
                 JSON {job_id, state, hook, body}; a worker moves each to hooks:<worker name> and
                 records it in its durable webhook queue (``cluster/worker.py``)
   webhook:<id>  a worker's webhook delivery record (JSON, expiring): ``GET /queue`` on any node lists them
-  waiting       sorted set: queued job ids scored by submit sequence (exact cluster-wide positions)
+  waiting       sorted set: queued job ids scored by submit sequence (every queued job, whatever
+                its model; the sweep and ``queue_stats`` read it)
+  fair:*        the fair line (docs/tenants.md "Scheduling", the rule in ``jobs/fair.py``):
+                fair:meta (hash: queued job id -> JSON [queue, owner, priority, seq]),
+                fair:q:<queue>:<owner> (sorted set: that key's queued jobs of that model queue,
+                by priority then seq), fair:owners:<queue> (set: the keys with jobs queued there),
+                fair:nwait (hash: owner -> its queued jobs), fair:pass (hash: "<queue>\x1f<owner>"
+                -> integer pass), fair:stride (hash: owner -> integer stride), fair:vtime (hash:
+                queue -> the pass of its last job started). Each model queue is a fair line of its
+                own (its workers' turns), so a key waiting on one queue banks no turns on another.
+                Owner '' is "no key". Changed only by the scripts that change ``waiting``
+  bound:<token> the job a broker message (its task id, "token") started: a message names no job,
+                it is a turn of its model queue; the worker that gets it takes the next job of
+                that queue in the fair order (``claim_next``) and binds the token to it, so a
+                redelivery of the message (its worker died) resumes that job and no other
   unsent        sorted set: jobs no broker message is known to carry, scored by the Redis time since
                 when: submit adds the job, the submitting node removes it once the broker confirmed
                 its message (``mark_sent``), a claim removes it. A job left there longer than the
@@ -35,7 +49,7 @@ Keys (prefix ``dapi:``):
                 broker's confirm; the rare one orphaned before the upgrade stays as it was)
   running       hash: job id -> worker name
   lease:<id>    the running job's owner, expiring unless its worker's heartbeat renews it
-  seq           submit counter
+  seq           submit counter; starts: claim counter (a job's ``started_n``: the order jobs started in)
   workers       sorted set: worker name scored by its last heartbeat (Redis clock: no skew between hosts);
                 worker:<name> (JSON info) and catalog:<name> (JSON), both expiring
   final         pub/sub channel: a job id, each time a job becomes final
@@ -57,6 +71,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.sentinel import Sentinel
 
+from ... import fair
 from ...states import (CANCELLED, ERROR, FINAL_STATES, MAX_ATTEMPTS, PROCESSING, QUEUED,  # noqa: F401
                        attempts_exhausted_message, lua_prelude, progress_event)
 
@@ -76,7 +91,10 @@ RUN_ID = PREFIX + "run_id"
 RECONNECT_GRACE_SEC = 10
 REPLICA_WAIT_MS = 1000  # Sentinel: how long a submit waits for a replica to have the job
 EVENTS_MAXLEN = 500  # per job's stream; approximate trim. Previews are the big entries (a few kB each)
-FINAL_EVENT = "final"  # the stream's last entry: data {state}; feeds send the final answer for it
+FINAL_EVENT = "final"
+FAIR_META, FAIR_PASS, FAIR_STRIDE = PREFIX + "fair:meta", PREFIX + "fair:pass", PREFIX + "fair:stride"
+# A token's binding outlives any redelivery of its message (acknowledged when its job has run).
+BOUND_TTL_SEC = 7 * 86400  # the stream's last entry: data {state}; feeds send the final answer for it
 
 
 def job_key(job_id: str) -> str:
@@ -168,21 +186,95 @@ end
 """
 
 
+# The fair line's Lua (see ``fair:*`` above). Integers written with '%d': Lua's own number
+# formatting (%.14g) would round a large pass. An owner's priority/seq order within a queue is one
+# score: -priority * 2^40 + seq (exact in a double for priorities of -10..10 and 2^40 submits).
+_FAIR = """
+local FAIR = 'dapi:fair:'
+local function int(x) return string.format('%d', x) end
+local function fair_zkey(q, o) return FAIR .. 'q:' .. q .. ':' .. o end
+local function fair_pkey(q, o) return q .. string.char(31) .. o end  -- a key's pass in one queue
+local function fair_pass(q, o) return tonumber(redis.call('HGET', FAIR .. 'pass', fair_pkey(q, o)) or '0') end
+local function fair_add(id, q, o, prio, seq)
+  if redis.call('ZCARD', fair_zkey(q, o)) == 0 then  -- (re)joins this queue at its virtual time
+    local vt = tonumber(redis.call('HGET', FAIR .. 'vtime', q) or '0')
+    if vt > fair_pass(q, o) then redis.call('HSET', FAIR .. 'pass', fair_pkey(q, o), int(vt)) end
+  end
+  redis.call('HINCRBY', FAIR .. 'nwait', o, 1)
+  redis.call('HSET', FAIR .. 'meta', id, cjson.encode({q, o, int(prio), int(seq)}))
+  redis.call('ZADD', fair_zkey(q, o), int(-tonumber(prio) * 1099511627776 + tonumber(seq)), id)
+  redis.call('SADD', FAIR .. 'owners:' .. q, o)
+end
+local function fair_remove(id)
+  local raw = redis.call('HGET', FAIR .. 'meta', id)
+  if not raw then return nil end
+  local m = cjson.decode(raw)
+  redis.call('HDEL', FAIR .. 'meta', id)
+  local z = fair_zkey(m[1], m[2])
+  redis.call('ZREM', z, id)
+  if redis.call('ZCARD', z) == 0 then redis.call('SREM', FAIR .. 'owners:' .. m[1], m[2]) end
+  if redis.call('HINCRBY', FAIR .. 'nwait', m[2], -1) <= 0 then redis.call('HDEL', FAIR .. 'nwait', m[2]) end
+  return m
+end
+-- A queued job starts: it leaves the line and its key's turn is spent (fair.start).
+local function fair_started(id)
+  local m = fair_remove(id)
+  if not m then return end
+  local p = fair_pass(m[1], m[2])
+  if p > tonumber(redis.call('HGET', FAIR .. 'vtime', m[1]) or '0') then redis.call('HSET', FAIR .. 'vtime', m[1], int(p)) end
+  redis.call('HINCRBY', FAIR .. 'pass', fair_pkey(m[1], m[2]),
+             tonumber(redis.call('HGET', FAIR .. 'stride', m[2]) or '@SCALE@'))
+end
+-- The next job of queue q in the fair order (fair.order's head): each key's head job compared by
+-- (-priority, the key's pass, seq).
+local function fair_pick(q)
+  local best, b1, b2, b3
+  for _, o in ipairs(redis.call('SMEMBERS', FAIR .. 'owners:' .. q)) do
+    local head = redis.call('ZRANGE', fair_zkey(q, o), 0, 0)[1]
+    if head then
+      local m = cjson.decode(redis.call('HGET', FAIR .. 'meta', head))
+      local k1, k2, k3 = -tonumber(m[3]), fair_pass(q, o), tonumber(m[4])
+      if not best or k1 < b1 or (k1 == b1 and (k2 < b2 or (k2 == b2 and k3 < b3))) then
+        best, b1, b2, b3 = head, k1, k2, k3
+      end
+    end
+  end
+  return best
+end
+-- A key's jobs waiting or running (max_queued): its queued count plus its running jobs (one per worker at most).
+local function owner_active(o)
+  local n = tonumber(redis.call('HGET', FAIR .. 'nwait', o) or '0')
+  for _, id in ipairs(redis.call('HKEYS', 'dapi:running')) do
+    if redis.call('HGET', 'dapi:job:' .. id, 'owner') == o then n = n + 1 end
+  end
+  return n
+end
+""".replace("@SCALE@", str(fair.SCALE))
+
 # KEYS: job, waiting, running, seq, unsent, idem. ARGV: record, queued status, max jobs, id,
-# idempotency window ms (0: no key), owner ('' = none). Returns {seq, id}: seq -1 = full, 0 = the key's earlier job
-# (its id; nothing created). The key is set in the same step as the job: a submit retried after
+# idempotency window ms (0: no key), owner ('' = none), priority, stride, the owner's max jobs
+# queued or running ('' = no limit). Returns {seq, id}: seq -1 = full, -2 = the owner is at its
+# max (id: its count), 0 = the key's earlier job (its id; nothing created). The key is set in the same step as the job: a submit retried after
 # its API node died anywhere in between finds either no job or the job and its key.
-_SUBMIT = """
+_SUBMIT = _FAIR + """
 if tonumber(ARGV[5]) > 0 then
   local prior = redis.call('GET', KEYS[6])
   if prior then return {0, prior} end
 end
 local max = tonumber(ARGV[3])
 if max > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max then return {-1, ARGV[4]} end
+if ARGV[9] ~= '' then
+  local active = owner_active(ARGV[6])
+  if active >= tonumber(ARGV[9]) then return {-2, tostring(active)} end
+end
 local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', ARGV[2], 'state', QUEUED, 'attempts', 0, 'seq', seq)
+local queue = cjson.decode(ARGV[1])['queue'] or ''
+redis.call('HSET', KEYS[1], 'record', ARGV[1], 'status', ARGV[2], 'state', QUEUED, 'attempts', 0, 'seq', seq,
+           'queue', queue, 'priority', ARGV[7])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'owner', ARGV[6]) end
 redis.call('ZADD', KEYS[2], seq, ARGV[4])
+redis.call('HSET', FAIR .. 'stride', ARGV[6], ARGV[8])  -- the key's latest share counts
+fair_add(ARGV[4], queue, ARGV[6], ARGV[7], seq)
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[5], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[4])  -- until mark_sent: no message known yet
 if tonumber(ARGV[5]) > 0 then
@@ -234,6 +326,7 @@ for _, id in ipairs(due) do
     redis.call('ZADD', KEYS[1], now, id)
     out[#out + 1] = id
     out[#out + 1] = redis.call('HGET', job, 'record')
+    out[#out + 1] = state
   else
     redis.call('ZREM', KEYS[1], id)
   end
@@ -244,7 +337,8 @@ return out
 # KEYS: job, waiting, running, lease, events, unsent. ARGV: id, worker, lease_ms, max_attempts,
 # processing status, exhausted status, ttl, events maxlen, an owner known dead ('' = none: a
 # live lease of another worker refuses the claim; that worker: its lease does not)
-_CLAIM = _XADD + """
+_CLAIM_FN = _XADD + _FAIR + """
+local function claim(KEYS, ARGV)
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= QUEUED and state ~= PROCESSING then return {'final'} end
@@ -254,6 +348,7 @@ if state == PROCESSING then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
+fair_started(ARGV[1])  -- a queued job starts: its key's turn is spent
 redis.call('ZREM', KEYS[6], ARGV[1])  -- a message reached a worker: nothing to re-publish
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'state', ERROR, 'status', ARGV[6], 'final', '1')
@@ -264,13 +359,57 @@ if attempts > tonumber(ARGV[4]) then
   redis.call('PUBLISH', 'dapi:final', ARGV[1])
   return {'exhausted', '0', redis.call('HGET', KEYS[1], 'record')}
 end
-redis.call('HSET', KEYS[1], 'state', PROCESSING, 'status', ARGV[5], 'worker', ARGV[2])
+-- started_n: the cluster-wide order jobs started in (tests and post-mortems compare it with positions)
+redis.call('HSET', KEYS[1], 'state', PROCESSING, 'status', ARGV[5], 'worker', ARGV[2],
+           'started_n', redis.call('INCR', 'dapi:starts'))
 redis.call('HDEL', KEYS[1], 'step', 'total', 'preview', 'preview_step')  -- an earlier attempt's
 event(KEYS[5], 'started', '{}', ARGV[8])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 redis.call('SET', KEYS[4], ARGV[2], 'PX', tonumber(ARGV[3]))
 return {'run', tostring(attempts), redis.call('HGET', KEYS[1], 'record')}
+end
 """
+_CLAIM = _CLAIM_FN + "return claim(KEYS, ARGV)\n"
+
+# KEYS: waiting, running, unsent. ARGV: token, worker, lease_ms, max_attempts, processing status,
+# exhausted status, ttl, events maxlen, queue, binding ttl ms.
+# A broker message (a turn of its queue) reaches a worker: the job it is bound to ({'bound', id}:
+# a redelivery; the caller claims that job as before), or the next job of its queue in the fair
+# order, bound to the token and claimed in the same step ({'run', attempt, record, id}); nothing
+# queued there: {'none'}. A picked job whose attempts are used up ends here ({'exhausted', '0',
+# record, id}) and the token stays unbound: its caller asks again. A token naming a job queued
+# before the fair line existed (not in fair:meta) runs that job.
+_CLAIM_NEXT = _CLAIM_FN + """
+local bound = redis.call('GET', 'dapi:bound:' .. ARGV[1])
+if bound then return {'bound', bound} end
+local id = nil
+if redis.call('HGET', 'dapi:job:' .. ARGV[1], 'state') == QUEUED and redis.call('HEXISTS', FAIR .. 'meta', ARGV[1]) == 0
+   and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  id = ARGV[1]
+else
+  id = fair_pick(ARGV[9])
+end
+if not id then return {'none'} end
+local out = claim({'dapi:job:' .. id, KEYS[1], KEYS[2], 'dapi:lease:' .. id, 'dapi:ev:' .. id, KEYS[3]},
+                  {id, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ''})
+if out[1] == 'run' then redis.call('SET', 'dapi:bound:' .. ARGV[1], id, 'PX', tonumber(ARGV[10])) end
+out[#out + 1] = id
+return out
+"""
+
+# KEYS: job, waiting, unsent. ARGV: id. Undo a submit whose broker message was refused.
+_FORGET = _FAIR + """
+local idem = redis.call('HGET', KEYS[1], 'idem')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+fair_remove(ARGV[1])
+redis.call('DEL', KEYS[1])
+if idem then redis.call('DEL', idem) end
+return 1
+"""
+
+# ARGV: owner. Its jobs queued or running.
+_ACTIVE = _FAIR + "return owner_active(ARGV[1])\n"
 
 # KEYS: job, events. ARGV: worker, status, step ('' = none), total, progress event data, events maxlen
 _PROGRESS = _XADD + """
@@ -298,7 +437,7 @@ return 1
 # the same finish again (its reply was lost to a Redis blip: 1, nothing changes), and a job that
 # is queued again because Redis lost the claim (a restart from AOF's last second, a failover
 # whose replica had not got it): no other worker holds it, so the result stands.
-_FINISH = _XADD + """
+_FINISH = _XADD + _FAIR + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if is_final(state) and redis.call('HGET', KEYS[1], 'final_by') == ARGV[2] then return 1 end
 if not ((state == PROCESSING and redis.call('HGET', KEYS[1], 'worker') == ARGV[2])
@@ -306,6 +445,7 @@ if not ((state == PROCESSING and redis.call('HGET', KEYS[1], 'worker') == ARGV[2
   return 0
 end
 redis.call('ZREM', KEYS[5], ARGV[1])
+fair_remove(ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') < 1 then redis.call('HSET', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'final', '1', 'final_by', ARGV[2],
@@ -321,7 +461,7 @@ return 1
 """
 
 # KEYS: job, running, lease, waiting. ARGV: id, worker, queued status. A graceful stop gives the job back.
-_RELEASE = """
+_RELEASE = _FAIR + """
 if redis.call('HGET', KEYS[1], 'state') ~= PROCESSING or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
   return 0
 end
@@ -330,18 +470,22 @@ redis.call('HSET', KEYS[1], 'state', QUEUED, 'status', ARGV[3])
 redis.call('HDEL', KEYS[1], 'worker', 'step', 'total', 'preview', 'preview_step')
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
-redis.call('ZADD', KEYS[4], tonumber(redis.call('HGET', KEYS[1], 'seq')), ARGV[1])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+fair_add(ARGV[1], redis.call('HGET', KEYS[1], 'queue') or '', redis.call('HGET', KEYS[1], 'owner') or '',
+         redis.call('HGET', KEYS[1], 'priority') or '0', seq)
 return 1
 """
 
 # KEYS: job, waiting, events, pending hooks, unsent. ARGV: id, cancelled status, ttl, events maxlen,
 # the job's cancelled webhook ('' = none; no worker will see this job run, one sends it)
-_CANCEL = _XADD + """
+_CANCEL = _XADD + _FAIR + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == QUEUED then
   redis.call('HSET', KEYS[1], 'state', CANCELLED, 'status', ARGV[2], 'final', '1')
   redis.call('ZREM', KEYS[2], ARGV[1])
+  fair_remove(ARGV[1])
   redis.call('ZREM', KEYS[5], ARGV[1])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   final_event(KEYS[3], CANCELLED, ARGV[4], ARGV[3])
@@ -432,6 +576,9 @@ class RedisJobState:
         self.retention = retention  # seconds a taken job's final answer stays for its listeners
         self._submit = self.r.register_script(lua_prelude() + _SUBMIT)
         self._claim = self.r.register_script(lua_prelude() + _CLAIM)
+        self._claim_next = self.r.register_script(lua_prelude() + _CLAIM_NEXT)
+        self._forget = self.r.register_script(lua_prelude() + _FORGET)
+        self._active = self.r.register_script(lua_prelude() + _ACTIVE)
         self._progress = self.r.register_script(lua_prelude() + _PROGRESS)
         self._finish = self.r.register_script(lua_prelude() + _FINISH)
         self._release = self.r.register_script(lua_prelude() + _RELEASE)
@@ -460,13 +607,18 @@ class RedisJobState:
         return seq
 
     def create_once(self, job_id: str, record: dict, max_jobs: int, idem: str | None = None,
-                    window_sec: float = 0, owner: str | None = None) -> tuple[int | None, str]:
+                    window_sec: float = 0, owner: str | None = None, priority: int = 0, share: float = 1.0,
+                    owner_max: int | None = None) -> tuple[int | None, str]:
         """``create`` with an idempotency key (``idem_key``) and the job's owner (a field of its
-        own: isolation reads only that): (seq, job_id) for a new job, (0, the earlier job's id)
-        when the key was used within ``window_sec``, (None, job_id) when full."""
+        own: isolation reads only that), its place in the fair line (``priority``, the owner's
+        ``share``) and the owner's ``max_queued`` (``owner_max``, checked in the same step, so
+        API nodes submitting at once cannot pass it): (seq, job_id) for a new job, (0, the
+        earlier job's id) when the key was used within ``window_sec``, (None, job_id) when full,
+        (-2, the owner's count of jobs) when the owner is at ``owner_max``."""
         ttl = int(window_sec * 1000) if idem else 0
         keys = [job_key(job_id), WAITING, RUNNING, SEQ, UNSENT, idem or PREFIX + "noidem"]
-        args = [json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id, ttl, owner or ""]
+        args = [json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id, ttl, owner or "",
+                int(priority), fair.stride(share), "" if owner_max is None else int(owner_max)]
         if not self.replicated:
             seq, jid = self._submit(keys=keys, args=args)
         else:
@@ -481,32 +633,26 @@ class RedisJobState:
             if int(seq) > 0 and not acked:
                 log.warning("job %s: no replica confirmed it within %d ms", job_id, REPLICA_WAIT_MS)
         seq = int(seq)
-        return (None if seq < 0 else seq), _s(jid)
+        return (None if seq == -1 else seq), _s(jid)
 
     def forget(self, job_id: str) -> None:
         """Undo create() (the broker refused the message), with its idempotency key."""
-        idem = self.r.hget(job_key(job_id), "idem")
-        p = self.r.pipeline()
-        p.zrem(WAITING, job_id)
-        p.zrem(UNSENT, job_id)
-        p.delete(job_key(job_id))
-        if idem:
-            p.delete(idem)
-        p.execute()
+        self._forget(keys=[job_key(job_id), WAITING, UNSENT], args=[job_id])
 
     def mark_sent(self, job_id: str) -> None:
         """The broker confirmed a message for the job: the orphan sweep leaves it alone. One ZREM
         (submit's hot path); on a job already claimed or gone it changes nothing."""
         self.r.zrem(UNSENT, job_id)
 
-    def sweep_orphans(self, grace_sec: float, limit: int = 100) -> list[tuple[str, dict]]:
+    def sweep_orphans(self, grace_sec: float, limit: int = 100) -> list[tuple[str, dict, str]]:
         """Claims the jobs that need a (new) broker message: recorded longer than ``grace_sec``
         ago and never confirmed sent, or running with a lapsed lease for that long. Each is
-        returned to exactly one caller per grace period, (job id, record); publish it, then
-        ``mark_sent``."""
+        returned to exactly one caller per grace period, (job id, record, state: queued or
+        processing); publish a message for it (a turn of its queue; for a running one, a message
+        that resumes it), then ``mark_sent``."""
         run_id = self.r.info("server").get("run_id", "")
         flat = self._sweep(keys=[UNSENT, WAITING, RUNNING, RUN_ID], args=[max(0, int(grace_sec * 1000)), limit, run_id])
-        return [(_s(flat[i]), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return [(_s(flat[i]), json.loads(flat[i + 1]), _s(flat[i + 2])) for i in range(0, len(flat), 3)]
 
     def unsent_ids(self) -> list[str]:
         return [_s(j) for j in self.r.zrange(UNSENT, 0, -1)]
@@ -524,7 +670,8 @@ class RedisJobState:
         st = json.loads(raw)
         state = _s(state)
         if rank is not None:
-            return st, rank + 1
+            line = self.fair_line()
+            return st, (line.index(job_id) + 1 if job_id in line else rank + 1)
         if state != "processing":
             return st, None
         if preview is not None:
@@ -577,6 +724,42 @@ class RedisJobState:
         exists = self.r.exists(job_key(job_id))
         return False if exists else None
 
+    def fair_line(self) -> list[str]:
+        """Queued job ids in the order they start if nothing else arrives (``jobs/fair.py``'s rule
+        over the fair line's state, read in one step): queue positions. Each model queue is a
+        line of its own: exact for one queue; with several, each queue's jobs start in this order
+        relative to each other, and the queues' orders are merged by rank (then submit order),
+        since which queue goes next depends on which worker is free."""
+        p = self.r.pipeline(transaction=True)
+        p.zrange(WAITING, 0, -1, withscores=True)
+        p.hgetall(FAIR_META)
+        p.hgetall(FAIR_PASS)
+        p.hgetall(FAIR_STRIDE)
+        waiting, meta, passes, strides = p.execute()
+        per_queue: dict[str, list[fair.Waiting]] = {}
+        for jid, score in waiting:
+            m = meta.get(jid)
+            if m is None:  # queued before the fair line existed: it runs in submit order, as then
+                per_queue.setdefault("", []).append(fair.Waiting(_s(jid), "", 0, int(score)))
+            else:
+                queue, owner, priority, seq = json.loads(m)
+                per_queue.setdefault(queue, []).append(fair.Waiting(_s(jid), owner, int(priority), int(seq)))
+        pass_of: dict[str, dict[str, int]] = {}
+        for k, v in passes.items():
+            queue, _, owner = _s(k).partition("\x1f")
+            pass_of.setdefault(queue, {})[owner] = int(v)
+        strides = {_s(k): int(v) for k, v in strides.items()}
+        seq_of = {w.job_id: w.seq for ws in per_queue.values() for w in ws}
+        ranked = []
+        for queue, ws in per_queue.items():
+            for rank, jid in enumerate(fair.order(ws, pass_of.get(queue, {}), strides)):
+                ranked.append((rank, seq_of[jid], jid))
+        return [jid for _, _, jid in sorted(ranked)]
+
+    def active_count(self, owner: str | None) -> int:
+        """The owner's jobs queued or running (``max_queued``), as the submit script counts them."""
+        return int(self._active(keys=[], args=[owner or ""]))
+
     def waiting_ids(self) -> list[str]:
         return [_s(j) for j in self.r.zrange(WAITING, 0, -1)]
 
@@ -611,6 +794,23 @@ class RedisJobState:
         if verdict == "busy":
             return verdict, 0, _s(out[1])
         return verdict, 0, None
+
+    def claim_next(self, token: str, queue: str, worker: str, lease_sec: float) -> tuple[str, int, dict | str | None, str | None]:
+        """A broker message ``token`` (a turn of ``queue``) reaches ``worker``: (verdict, attempt,
+        record, job id). 'run': the next job of the queue in the fair order, claimed and bound to
+        the token; 'exhausted': that job ran out of attempts (ended; ask again); 'bound': the
+        token already started the job (a redelivery: ``claim`` it); 'none': nothing queued there."""
+        out = self._claim_next(keys=[WAITING, RUNNING, UNSENT],
+                               args=[token, worker, int(lease_sec * 1000), self.max_attempts,
+                                     json.dumps(status_dict("processing", "starting")),
+                                     json.dumps(self.exhausted_status()), self.results_ttl, EVENTS_MAXLEN, queue,
+                                     int(max(self.results_ttl, BOUND_TTL_SEC) * 1000)])
+        verdict = _s(out[0])
+        if verdict in ("run", "exhausted"):
+            return verdict, int(out[1]), json.loads(out[2]), _s(out[3])
+        if verdict == "bound":
+            return verdict, 0, None, _s(out[1])
+        return verdict, 0, None, None
 
     def owner_connected(self, worker: str) -> bool | None:
         """Whether ``worker`` holds a connection to Redis now (a worker's connections are named

@@ -237,17 +237,44 @@ class ClusterWorker:
                 return verdict, 0, None
             time.sleep(min(self.hb, 0.5))
 
-    def run(self, job_id: str, redelivered: bool = True) -> str:
-        """Called for each broker delivery of ``job_id``; returns what happened (for logs and tests).
-        ``redelivered``: the broker's flag (the message went to a consumer before). Raises
-        StateUnavailable when Redis stays unreachable: the caller requeues the message."""
-        verdict, attempt, record = self._claim(job_id, redelivered)
+    def _exhausted(self, job_id: str, record: dict) -> None:
+        """A job that ran out of attempts became final here: its webhook is ours to send."""
+        st = self.state.exhausted_status()
+        observe.ended(job_id, record.get("kind", "txt2img"), st, record.get("payload"))
+        self.hooks.ended(job_id, record.get("payload"), "error",
+                         lambda: final_view(job_id, FinalJob(JobStatus.model_validate(st), [])))
+
+    def _take_turn(self, token: str, queue: str, redelivered: bool) -> tuple[str, int, dict | None, str | None]:
+        """A message is a turn of its model queue, not a job (docs/tenants.md "Scheduling"): the
+        next job of the queue in the fair order starts, bound to the message's token, so that a
+        redelivery (this worker died) resumes that job. Returns (verdict, attempt, record, job id)."""
+        while True:
+            verdict, attempt, record, job_id = self.until_redis(
+                f"message {token}: claim", lambda: self.state.claim_next(token, queue, self.name, self.lease_sec))
+            if verdict == "exhausted":
+                self._exhausted(job_id, record)
+                continue  # the turn is still this message's
+            if verdict == "bound":  # a redelivery: the job this token started, as before
+                return (*self._claim(job_id, redelivered), job_id)
+            return verdict, attempt, record, job_id
+
+    def run(self, token: str, redelivered: bool = True, queue: str | None = None, resume: str | None = None) -> str:
+        """Called for each broker delivery; returns what happened (for logs and tests).
+        ``token``: the message's id, a turn of ``queue`` (the submit's job id, or a new id from the
+        orphan sweep); ``resume``: the sweep's message for a running job whose worker died (that
+        job, not a turn). ``redelivered``: the broker's flag (the message went to a consumer
+        before). Raises StateUnavailable when Redis stays unreachable: the caller requeues the message."""
+        if resume:
+            job_id = resume
+            verdict, attempt, record = self._claim(job_id, redelivered)
+        else:
+            if queue is None:  # a message published before turns had a queue argument: its job's queue
+                queue = (self.until_redis(f"message {token}: queue", lambda: self.state.record(token)) or {}).get(
+                    "queue") or queue_name(None)
+            verdict, attempt, record, job_id = self._take_turn(token, queue, redelivered)
         kind = (record or {}).get("kind", "txt2img")
-        if verdict == "exhausted":  # it became final here: its webhook is ours to send
-            st = self.state.exhausted_status()
-            observe.ended(job_id, kind, st, record.get("payload"))
-            self.hooks.ended(job_id, record.get("payload"), "error",
-                             lambda: final_view(job_id, FinalJob(JobStatus.model_validate(st), [])))
+        if verdict == "exhausted":
+            self._exhausted(job_id, record)
         if verdict != "run":
             return verdict
         self.current_job = job_id
@@ -369,10 +396,11 @@ def serve(settings, *, name: str | None = None, models: list[str] | None = None,
     app.conf.task_queues = queues
 
     @app.task(name=TASK_NAME, ignore_result=True, bind=True)
-    def run_job(task, job_id: str) -> str:
-        redelivered = bool((task.request.delivery_info or {}).get("redelivered", True))
+    def run_job(task, token: str, queue: str | None = None, resume: str | None = None) -> str:
+        info = task.request.delivery_info or {}
+        redelivered = bool(info.get("redelivered", True))
         try:
-            return worker.run(job_id, redelivered=redelivered)
+            return worker.run(token, redelivered=redelivered, queue=queue or info.get("routing_key"), resume=resume)
         except StateUnavailable as e:
             # Acknowledged only once the job's state is decided in Redis: here it is not, so the
             # message goes back to the broker (after REDIS_WAIT_SEC of waiting: no tight loop).

@@ -1,39 +1,26 @@
 """The embedded backend's waiting line and running jobs, in memory (rebuilt from the store at start).
 
-The line is fair between keys (docs/tenants.md "Scheduling"):
-
-1. priority classes first: the waiting job with the highest ``priority`` of any key goes next;
-2. within a class, keys take turns: stride scheduling, each key's ``pass`` advancing by
-   ``1 / share`` per job it starts, the lowest pass next (ties: the older head job). A key that
-   had nothing waiting joins at the current virtual time, so idling banks no turns: with key A's
-   500 jobs waiting, key B's new job starts after at most one more of A's;
-3. within a key, higher priority first, then first come, first served.
+The line is fair between keys: the rule is ``jobs/fair.py`` (shared with the Celery backend);
+this queue keeps each key's pass and stride and the virtual time in memory.
 
 ``order()`` runs that choice forward over the jobs waiting now: positions are the order jobs
 start in if nothing else arrives, and the worker's batch window (``peek``) is that order's head.
 """
 from __future__ import annotations
 
-import heapq
 import itertools
 import threading
 from dataclasses import dataclass
 
 from ....errors import QueueFull
+from ... import fair
+from ...fair import Waiting
 
 
 @dataclass
 class RunningJob:
     job_id: str
     cancel: threading.Event
-
-
-@dataclass(frozen=True)
-class Waiting:
-    job_id: str
-    owner: str | None
-    priority: int
-    seq: int
 
 
 class JobQueue:
@@ -43,9 +30,9 @@ class JobQueue:
         self.max_jobs = max_jobs
         self._waiting: dict[str, Waiting] = {}
         self._running: list[RunningJob] = []
-        self._pass: dict[str | None, float] = {}    # per key: its virtual time (turns taken / share)
-        self._share: dict[str | None, float] = {}
-        self._vtime = 0.0                           # the pass of the last job started
+        self._pass: dict[str | None, int] = {}      # per key: its virtual time (turns taken x stride)
+        self._stride: dict[str | None, int] = {}
+        self._vtime = 0                             # the pass of the last job started
         self._seq = itertools.count()
         self._order: list[str] | None = None        # cached order(); None when the line changed
         self._cond = threading.Condition()
@@ -58,8 +45,8 @@ class JobQueue:
                 raise QueueFull(f"the queue is full ({self.max_jobs} jobs); retry later")
             if not any(w.owner == owner for w in self._waiting.values()):
                 # (re)joining: at the current virtual time, never behind it (no banked turns)
-                self._pass[owner] = max(self._pass.get(owner, 0.0), self._vtime)
-            self._share[owner] = share if share > 0 else 1.0
+                self._pass[owner] = fair.join(self._pass.get(owner, 0), self._vtime)
+            self._stride[owner] = fair.stride(share)
             self._waiting[job_id] = Waiting(job_id, owner, priority, next(self._seq))
             self._order = None
             self._cond.notify()
@@ -68,41 +55,18 @@ class JobQueue:
         return len(self._waiting) + len(self._running)
 
     # ------------------------------------------------------------------ the order
-    def _heads(self) -> dict[str | None, list[Waiting]]:
-        per: dict[str | None, list[Waiting]] = {}
-        for w in self._waiting.values():
-            per.setdefault(w.owner, []).append(w)
-        for jobs in per.values():
-            jobs.sort(key=lambda w: (-w.priority, w.seq))
-        return per
-
     def order(self) -> list[str]:
         """Waiting job ids in the order they will start (if nothing else arrives)."""
         with self._cond:
             if self._order is None:
-                per = self._heads()
-                # (head's class, key's pass, head's age, tie-breaker, key): the smallest starts next
-                heap = [(-jobs[0].priority, self._pass.get(k, 0.0), jobs[0].seq, i, k)
-                        for i, (k, jobs) in enumerate(per.items())]
-                heapq.heapify(heap)
-                out, nxt = [], {k: 0 for k in per}
-                while heap:
-                    _, p, _, i, k = heapq.heappop(heap)
-                    jobs = per[k]
-                    out.append(jobs[nxt[k]].job_id)
-                    nxt[k] += 1
-                    p += 1.0 / self._share.get(k, 1.0)
-                    if nxt[k] < len(jobs):
-                        head = jobs[nxt[k]]
-                        heapq.heappush(heap, (-head.priority, p, head.seq, i, k))
-                self._order = out
+                self._order = fair.order(self._waiting.values(), self._pass, self._stride)
             return list(self._order)
 
     def _started(self, job_id: str) -> None:
         """``job_id`` leaves the line to run: its key's turn is spent (caller holds the lock)."""
         w = self._waiting.pop(job_id)
-        self._vtime = max(self._vtime, self._pass.get(w.owner, 0.0))
-        self._pass[w.owner] = self._pass.get(w.owner, 0.0) + 1.0 / self._share.get(w.owner, 1.0)
+        self._pass[w.owner], self._vtime = fair.start(self._pass.get(w.owner, 0), self._vtime,
+                                                      self._stride.get(w.owner, fair.SCALE))
         self._order = None
 
     # ------------------------------------------------------------------ the worker's side
