@@ -391,3 +391,23 @@ def test_progress_and_preview_writes_never_fail_a_job_when_redis_is_unreachable(
     p.preview(b"jpeg", 1, 4)
     cancelled = ClusterWorker.cancel_check(w, _jid())
     assert cancelled() is False  # a blip is not a cancel
+
+
+def test_an_unread_answer_that_expired_is_told_apart_from_a_read_or_unknown_one(state):
+    """GET /queue/{id} answers 410 for a job that ended and expired unread (as on the embedded
+    backend), 404 for one whose answer was read and for ids that never were."""
+    short = RedisJobState(state.url, results_ttl=1, max_attempts=3)
+    unread, read, cancelled = _queue(short, 3)
+    for j in (unread, read):
+        short.claim(j, "w1", 5)
+        short.finish(j, "w1", status_dict("done", progress=100.0, seed=1), [b"png"])
+    short.cancel(cancelled)
+    assert short.expired_unread(unread) is None  # still there: not expired
+    assert short.take_final(read) is not None
+    deadline = time.time() + 10
+    while short.r.exists(f"dapi:job:{unread}") and time.time() < deadline:
+        time.sleep(0.1)  # Redis expires the unread answer after results_ttl (1 s)
+    assert short.status(unread) == (None, None)
+    assert short.expired_unread(unread) == 1.0 and short.expired_unread(cancelled) == 1.0
+    assert short.expired_unread(read) is None and short.expired_unread(_jid()) is None
+    short.close()

@@ -431,6 +431,16 @@ class CeleryBackend(JobBackend):
     def readiness(self) -> dict[str, str | None]:
         return cluster_readiness(self.settings, self.state, need_workers=True)
 
+    def expired(self, job_id: str) -> str | None:
+        try:
+            ttl = self.state.expired_unread(job_id)
+        except redis.RedisError as e:
+            raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
+        if ttl is None:
+            return None
+        return (f"the job ended and its answer was not read within DIFFUSIONAPI_RESULTS_TTL_SEC={ttl:g} s; "
+                "the cluster dropped it (its image file stays in the worker's outputs/)")
+
     def shared_blobs(self) -> "RedisBlobs":
         return RedisBlobs(self.state.r)
 

@@ -117,6 +117,11 @@ def events_key(job_id: str) -> str:
     return f"{PREFIX}ev:{job_id}"
 
 
+# events_key(id) + GONE_SUFFIX: set with the final event, holding the TTL the job's answer was kept;
+# deleted when the answer is read. Still there after the job is gone: the job expired unread (410).
+GONE_SUFFIX = ":gone"
+
+
 def taken_key(job_id: str) -> str:
     return f"{PREFIX}taken:{job_id}"
 
@@ -182,6 +187,8 @@ end
 local function final_event(key, state, maxlen, ttl)
   event(key, 'final', '{"state": "' .. state .. '"}', maxlen)
   redis.call('EXPIRE', key, tonumber(ttl))
+  -- the tombstone (GONE_SUFFIX): an unread job that expires answers 410, not 404, for a day more
+  redis.call('SET', key .. ':gone', ttl, 'EX', tonumber(ttl) + 86400)
 end
 """
 
@@ -505,6 +512,7 @@ return state
 _TAKE = """
 if redis.call('HGET', KEYS[1], 'final') ~= '1' then return false end
 local all = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[3] .. ':gone')  -- read: from now on an unknown id (404), not an expired one
 if redis.call('HGET', KEYS[1], 'listened') == '1' and tonumber(ARGV[1]) > 0 then
   redis.call('RENAME', KEYS[1], KEYS[2])
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[1]))
@@ -704,6 +712,14 @@ class RedisJobState:
         if not flat:
             return None
         return _final_of({_s(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)})
+
+    def expired_unread(self, job_id: str) -> float | None:
+        """The TTL an unread final answer was kept before it expired; None when the job exists,
+        was read, or never was."""
+        ttl = self.r.get(events_key(job_id) + GONE_SUFFIX)
+        if ttl is None or self.r.exists(job_key(job_id), taken_key(job_id)):
+            return None
+        return float(ttl)
 
     def taken(self, job_id: str) -> tuple[dict, list[bytes]] | None:
         """The final status and images of a job taken while it had a listener (for the other
