@@ -14,6 +14,7 @@ import re
 import threading
 from pathlib import Path
 
+from .components import ComponentIndex
 from .families import Detected, detect_folder, detect_single_file, spec
 from .fileinfo import EMBEDDING_SUFFIXES, EmbeddingError, embedding_info, lora_family, upscaler_problem
 from .vocabulary import (BUILTIN_LABELS, LATENT_UPSCALE_MODES, EmbeddingEntry, LoraEntry, ModelEntry, ModelFormat,
@@ -57,6 +58,7 @@ class Registry:
         self._family_cache: dict[tuple[str, float], Detected | str] = {}
         self._upscaler_cache: dict[tuple[str, float, int], str | None] = {}
         self._embedding_cache: dict[tuple[str, int, int], EmbeddingEntry] = {}
+        self.components = ComponentIndex(settings)  # text encoders and VAEs (components.py)
 
     # ------------------------------------------------------------------ labels
     def labels(self) -> dict[str, str]:

@@ -213,7 +213,7 @@ class PipelineCache:
     def get(self, entry: ModelEntry, *, keep: tuple[str, ...] = (), share_from: LoadedModel | None = None) -> LoadedModel:
         with self._lock:
             item = self._items.get(entry.name)
-            if item is not None and item.entry.path == entry.path:
+            if item is not None and (item.entry.path, item.entry.modules) == (entry.path, entry.modules):
                 self._items.move_to_end(entry.name)
                 return item
             if item is not None:

@@ -1,0 +1,153 @@
+"""Flux.1 / SD 3.x as people store them: transformer-only files (BFL / Stability layout) with
+component files in stable_diffusion/text_encoders/ and stable_diffusion/vae/, and ComfyUI-layout
+all-in-one checkpoints. Each generates through HTTP and equals the diffusers folder of the same
+weights (same seed)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusionapi.components import ComponentIndex, classify
+from diffusionapi.config import Settings
+from diffusionapi.errors import RequestError
+from diffusionapi.jobs.resolve import resolve_txt2img
+from diffusionapi.registry import Registry
+from diffusionapi.schemas import Txt2ImgRequest
+
+from .conftest import LiveServer, make_settings
+from .flow_files import tiny_flux_for_files, write_flux_files
+
+FLUX = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", sampler_name="Euler")
+
+
+def px(r):
+    assert r["state"] == "done", r
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def flow_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow-files")
+    pipe = tiny_flux_for_files(0)
+    pipe.save_pretrained(root / "models" / "flux-folder")
+    write_flux_files(pipe, root, "flux-transformer", all_in_one="flux-all-in-one")
+    (root / "loras").mkdir()
+    (root / "upscalers").mkdir()
+    (root / "labels.json").write_text("{}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def flow_server(flow_store, tmp_path_factory):
+    settings = make_settings(flow_store, tmp_path_factory.mktemp("flow-work"), default_model="flux-folder")
+    with LiveServer(settings) as s:
+        yield s
+
+
+def test_files_are_listed_as_flux1(flow_server):
+    models = {m["name"]: m for m in flow_server.client.get("/models").json()["models"]}
+    for name in ("flux-folder", "flux-transformer", "flux-all-in-one"):
+        assert (models[name]["family"], models[name]["prediction"]) == ("flux1", "flow"), models[name]
+
+
+def same_image(a, b) -> bool:
+    """Equal up to the last bit of float rounding: the loaded weights are bit-identical (checked
+    below), but the CPU's matmul kernels round differently for tensors at different memory
+    alignment (a diffusers folder's tensors sit at the file's offsets in the mmap; ours are fresh
+    allocations; with both cloned the images are bit-identical), which can flip a pixel by 1."""
+    d = np.abs(a - b)
+    return d.max() <= 1 and (d == 0).mean() > 0.99
+
+
+def plain_config(model) -> dict:
+    """A model's architecture config, without bookkeeping (paths, versions, dtype)."""
+    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    skip = {"dtype", "torch_dtype", "architectures", "transformers_version", "output_attentions", "return_dict"}
+    return json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_") and k not in skip}))
+
+
+@pytest.mark.parametrize("name", ["flux-transformer", "flux-all-in-one"])
+def test_single_files_equal_the_diffusers_folder(flow_server, flow_store, name):
+    from diffusers import FluxPipeline
+
+    folder = px(flow_server.run(**FLUX, model="flux-folder", seed=5))
+    got = flow_server.run(**FLUX, model=name, seed=5)
+    assert same_image(px(got), folder) and px(got).std() > 0
+    loaded = flow_server.engine.cache._items[name].pipe
+    ref = FluxPipeline.from_pretrained(flow_store / "models" / "flux-folder")
+    for part in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        ours, theirs = getattr(loaded, part).state_dict(), getattr(ref, part).state_dict()
+        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+        assert plain_config(getattr(loaded, part)) == plain_config(getattr(ref, part)), part
+    assert plain_config(loaded.scheduler) == plain_config(ref.scheduler)
+    # The components it ran with are in the record: every worker loads the same ones.
+    assert got["payload"]["modules"] == (["clip_l", "t5xxl_fp16", "ae"] if name == "flux-transformer" else [])
+
+
+def test_transformer_file_is_deterministic_and_prompt_sensitive(flow_server):
+    a = px(flow_server.run(**FLUX, model="flux-transformer", seed=9))
+    assert np.array_equal(a, px(flow_server.run(**FLUX, model="flux-transformer", seed=9)))
+    assert not np.array_equal(a, px(flow_server.run(**FLUX, model="flux-transformer", seed=10)))
+    assert not np.array_equal(a, px(flow_server.run(**dict(FLUX, prompt="a blue sphere"), model="flux-transformer",
+                                                    seed=9)))
+
+
+def test_named_modules_by_name_file_name_or_path(flow_server, flow_store):
+    base = px(flow_server.run(**FLUX, model="flux-transformer", seed=2))
+    forge_style = [str(flow_store / "text_encoders" / "clip_l.safetensors"), "t5xxl_fp16.safetensors", "ae"]
+    r = flow_server.run(**FLUX, model="flux-transformer", seed=2, modules=forge_style)
+    assert np.array_equal(px(r), base) and r["payload"]["modules"] == ["clip_l", "t5xxl_fp16", "ae"]
+
+
+def test_wrong_or_unknown_modules_are_a_422_naming_them(flow_server):
+    c = flow_server.client
+    r = c.post("/txt2img", json={**FLUX, "model": "flux-transformer", "modules": ["nope.safetensors"]})
+    assert r.status_code == 422 and "modules" in r.text and "nope.safetensors" in r.text and "clip_l" in r.text
+    r = c.post("/txt2img", json={**FLUX, "model": "flux-all-in-one", "modules": ["ae"]})
+    assert r.status_code == 422 and "carries its own VAE" in r.text, r.text
+    r = c.post("/txt2img", json={**FLUX, "model": "flux-folder", "modules": ["ae"]})
+    assert r.status_code == 422 and "modules" in r.text
+
+
+def _resolve(settings, **payload):
+    return resolve_txt2img(Txt2ImgRequest(**payload), Registry(settings), settings)
+
+
+def test_missing_parts_say_which_file_to_add_and_where(flow_store, tmp_path):
+    """A store without the VAE, then without the T5 tokenizer: 422s naming the file and folder."""
+    root = tmp_path / "store"
+    shutil.copytree(flow_store, root, ignore=shutil.ignore_patterns("flux-folder", "flux-all-in-one*"))
+    settings = make_settings(root, tmp_path / "work", default_model="flux-transformer")
+    (root / "vae" / "ae.safetensors").unlink()
+    with pytest.raises(RequestError) as e:
+        _resolve(settings, **FLUX)
+    assert e.value.field == "modules" and "ae.safetensors" in e.value.message and str(root / "vae") in e.value.message
+    shutil.copy(flow_store / "vae" / "ae.safetensors", root / "vae" / "ae.safetensors")
+    shutil.rmtree(root / "text_encoders" / "t5-tokenizer")
+    with pytest.raises(RequestError) as e:
+        _resolve(settings, **FLUX)
+    assert "spiece.model" in e.value.message and str(root / "text_encoders" / "t5-tokenizer") in e.value.message
+    # Two T5 files: neither is picked silently; naming one works.
+    shutil.copytree(flow_store / "text_encoders" / "t5-tokenizer", root / "text_encoders" / "t5-tokenizer")
+    shutil.copy(root / "text_encoders" / "t5xxl_fp16.safetensors", root / "text_encoders" / "t5xxl_other.safetensors")
+    with pytest.raises(RequestError) as e:
+        _resolve(settings, **FLUX)
+    assert "t5xxl_fp16" in e.value.message and "t5xxl_other" in e.value.message
+    assert _resolve(settings, **FLUX, modules=["t5xxl_other"]).echo["modules"] == ["clip_l", "t5xxl_other", "ae"]
+
+
+def test_component_kinds_are_read_from_the_tensors(flow_store, tmp_path):
+    settings = Settings(models_dir=flow_store / "models")
+    found = {c.name: c for c in ComponentIndex(settings).files()}
+    assert (found["clip_l"].kind, found["t5xxl_fp16"].kind, found["ae"].kind) == ("clip_l", "t5xxl", "vae")
+    assert found["ae"].families == ("flux1", "sd3") and found["ae"].width == 16
+    # Published widths decide CLIP-L / CLIP-G whatever the file is called.
+    assert classify({"text_model.embeddings.token_embedding.weight": {"shape": [49408, 1280]}}, "clip_l.x")[0] == "clip_g"
+    assert classify({"embeddings.token_embedding.weight": {"shape": [49408, 768]}}, "clip_g.x")[0] == "clip_l"
