@@ -187,3 +187,73 @@ def write_flux_files(pipe, root: Path, name: str = "flux-tiny", *, components: b
         sd.update({f"vae.{k}": v for k, v in vae.items()})
         files["all_in_one"] = save(sd, root / "models" / f"{all_in_one}.safetensors")
     return files
+
+
+def sd3_to_stability(sd: dict) -> dict:
+    """diffusers SD3Transformer2DModel keys -> Stability's MMDiT (``joint_blocks.*``) keys."""
+    sd = dict(sd)
+    out = {}
+
+    def put(dst, src):
+        out[dst] = sd.pop(src)
+
+    def unswap(w):  # diffusers keeps (scale, shift); MMDiT (shift, scale)
+        scale, shift = w.chunk(2, dim=0)
+        return torch.cat([shift, scale])
+
+    put("pos_embed", "pos_embed.pos_embed")
+    for p in ("weight", "bias"):
+        put(f"x_embedder.proj.{p}", f"pos_embed.proj.{p}")
+        put(f"t_embedder.mlp.0.{p}", f"time_text_embed.timestep_embedder.linear_1.{p}")
+        put(f"t_embedder.mlp.2.{p}", f"time_text_embed.timestep_embedder.linear_2.{p}")
+        put(f"y_embedder.mlp.0.{p}", f"time_text_embed.text_embedder.linear_1.{p}")
+        put(f"y_embedder.mlp.2.{p}", f"time_text_embed.text_embedder.linear_2.{p}")
+        put(f"context_embedder.{p}", f"context_embedder.{p}")
+        put(f"final_layer.linear.{p}", f"proj_out.{p}")
+        out[f"final_layer.adaLN_modulation.1.{p}"] = unswap(sd.pop(f"norm_out.linear.{p}"))
+    layers = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
+    for i in layers:
+        b, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        last = i == layers[-1]
+        for p in ("weight", "bias"):
+            out[f"{x}attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.to_{n}.{p}") for n in "qkv"])
+            out[f"{c}attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.add_{n}_proj.{p}") for n in "qkv"])
+            put(f"{x}attn.proj.{p}", f"{b}attn.to_out.0.{p}")
+            put(f"{x}adaLN_modulation.1.{p}", f"{b}norm1.linear.{p}")
+            put(f"{x}mlp.fc1.{p}", f"{b}ff.net.0.proj.{p}")
+            put(f"{x}mlp.fc2.{p}", f"{b}ff.net.2.{p}")
+            if last:
+                out[f"{c}adaLN_modulation.1.{p}"] = unswap(sd.pop(f"{b}norm1_context.linear.{p}"))
+            else:
+                put(f"{c}attn.proj.{p}", f"{b}attn.to_add_out.{p}")
+                put(f"{c}adaLN_modulation.1.{p}", f"{b}norm1_context.linear.{p}")
+                put(f"{c}mlp.fc1.{p}", f"{b}ff_context.net.0.proj.{p}")
+                put(f"{c}mlp.fc2.{p}", f"{b}ff_context.net.2.{p}")
+    assert not sd, sorted(sd)[:5]
+    return out
+
+
+def write_sd3_files(pipe, root: Path, name: str = "sd3-tiny", *, t5: bool = True,
+                    all_in_one: str | None = None) -> dict[str, Path]:
+    """``root``/models/<name>.safetensors (MMDiT transformer-only), clip_l / clip_g (/ t5xxl)
+    component files and the VAE; ``all_in_one`` also writes an "incl_clips" checkpoint."""
+    root = Path(root)
+    mmdit = sd3_to_stability(pipe.transformer.state_dict())
+    files = {"transformer": save(mmdit, root / "models" / f"{name}.safetensors")}
+    clip_l, clip_g = clip_file(pipe.text_encoder), clip_file(pipe.text_encoder_2)
+    vae = vae_to_ldm(pipe.vae.state_dict())
+    files["clip_l"] = save(clip_l, root / "text_encoders" / "clip_l.safetensors")
+    files["clip_g"] = save(clip_g, root / "text_encoders" / "clip_g.safetensors")
+    files["vae"] = save(vae, root / "vae" / f"{SD3_VAE_NAME}.safetensors")
+    if t5:
+        files["t5xxl"] = save(t5_file(pipe.text_encoder_3), root / "text_encoders" / "t5xxl_fp16.safetensors")
+        write_t5_tokenizer(pipe.tokenizer_3, root / "text_encoders")
+    if all_in_one:
+        sd = {f"model.diffusion_model.{k}": v for k, v in mmdit.items()}
+        sd.update({f"text_encoders.clip_l.transformer.{k}": v for k, v in clip_l.items()})
+        sd.update({f"text_encoders.clip_g.transformer.{k}": v for k, v in clip_g.items()})
+        if t5:
+            sd.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5_file(pipe.text_encoder_3).items()})
+        sd.update({f"first_stage_model.{k}": v for k, v in vae.items()})
+        files["all_in_one"] = save(sd, root / "models" / f"{all_in_one}.safetensors")
+    return files

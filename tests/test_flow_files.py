@@ -151,3 +151,72 @@ def test_component_kinds_are_read_from_the_tensors(flow_store, tmp_path):
     # Published widths decide CLIP-L / CLIP-G whatever the file is called.
     assert classify({"text_model.embeddings.token_embedding.weight": {"shape": [49408, 1280]}}, "clip_l.x")[0] == "clip_g"
     assert classify({"embeddings.token_embedding.weight": {"shape": [49408, 768]}}, "clip_g.x")[0] == "clip_l"
+
+
+# ---------------------------------------------------------------------------- SD 3.x
+
+SD3 = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", sampler_name="Euler", cfg_scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def sd3_store(tmp_path_factory):
+    """An "incl_clips_t5xxl"-style all-in-one file and a transformer-only file whose store has CLIP-L,
+    CLIP-G and the VAE but no T5 file: it runs with zeros for T5, as diffusers does without one."""
+    from .flow_files import tiny_sd3_for_files, write_sd3_files, write_t5_tokenizer
+
+    root = tmp_path_factory.mktemp("sd3-files")
+    pipe = tiny_sd3_for_files(0)
+    pipe.save_pretrained(root / "models" / "sd3-folder")
+    write_sd3_files(pipe, root, "sd3-transformer", t5=False, all_in_one=None)
+    write_t5_tokenizer(pipe.tokenizer_3, root / "text_encoders")
+    from .flow_files import clip_file, save, sd3_to_stability, t5_file, vae_to_ldm
+
+    sd = {f"model.diffusion_model.{k}": v for k, v in sd3_to_stability(pipe.transformer.state_dict()).items()}
+    for kind, te in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+        sd.update({f"text_encoders.{kind}.transformer.{k}": v for k, v in clip_file(te).items()})
+    sd.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5_file(pipe.text_encoder_3).items()})
+    sd.update({f"first_stage_model.{k}": v for k, v in vae_to_ldm(pipe.vae.state_dict()).items()})
+    save(sd, root / "models" / "sd3-incl-clips-t5.safetensors")
+    (root / "loras").mkdir()
+    (root / "upscalers").mkdir()
+    (root / "labels.json").write_text("{}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def sd3_server(sd3_store, tmp_path_factory):
+    settings = make_settings(sd3_store, tmp_path_factory.mktemp("sd3-work"), default_model="sd3-folder")
+    with LiveServer(settings) as s:
+        yield s
+
+
+@pytest.mark.parametrize("name, modules", [("sd3-incl-clips-t5", []), ("sd3-transformer", ["clip_l", "clip_g", "sd3_vae"])])
+def test_sd3_files_generate_deterministically(sd3_server, name, modules):
+    a = sd3_server.run(**SD3, model=name, seed=8)
+    assert px(a).std() > 0 and a["payload"]["modules"] == modules
+    assert np.array_equal(px(a), px(sd3_server.run(**SD3, model=name, seed=8)))
+    assert not np.array_equal(px(a), px(sd3_server.run(**dict(SD3, prompt="a blue sphere"), model=name, seed=8)))
+
+
+def test_sd3_all_in_one_equals_the_diffusers_folder(sd3_server):
+    assert same_image(px(sd3_server.run(**SD3, model="sd3-incl-clips-t5", seed=4)),
+                      px(sd3_server.run(**SD3, model="sd3-folder", seed=4)))
+
+
+def test_sd3_without_t5_is_diffusers_without_text_encoder_3(sd3_server, sd3_store):
+    """No T5 file installed: T5's part of the prompt is zeros, as StableDiffusion3Pipeline does
+    with text_encoder_3=None (compared as test_sd3 compares the folder: Simple sigmas, 2/255)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    ours = px(sd3_server.run(**dict(SD3, steps=4), model="sd3-transformer", seed=7))
+    assert not np.array_equal(ours, px(sd3_server.run(**dict(SD3, steps=4), model="sd3-folder", seed=7)))
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_store / "models" / "sd3-folder", text_encoder_3=None,
+                                                    tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(7))
+    ref = pipe("a red cube", height=64, width=64, num_inference_steps=4, guidance_scale=4.0, latents=noise,
+               sigmas=list(np.linspace(1.0, 1 / 4, 4)), output_type="np").images[0]
+    ref = np.rint(ref * 255).astype(np.int16)
+    assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
+    r = sd3_server.client.post("/txt2img", json={**SD3, "model": "sd3-transformer", "modules": ["clip_l", "nope"]})
+    assert r.status_code == 422 and "'nope'" in r.text and "clip_g" in r.text, r.text
