@@ -308,3 +308,20 @@ def choose(family: str, model_file: str, header: dict, installed: list[Component
         raise ComponentError(f"{clips[0].path.name} and {clips[1].path.name} project to "
                              f"{clips[0].projection} + {clips[1].projection}; {model_file} needs {total} together")
     return [picked[n.kind] for n in wanted if n.kind in picked]
+
+
+def choose_vae(family: str, model_name: str, installed: list[ComponentFile], named: list[str]) -> ComponentFile:
+    """A VAE file in place of a model's own (A1111's ``sd_vae``): the only module named, a VAE of
+    a family that fits (its latent channels)."""
+    vaes = [c for c in installed if c.kind == VAE and family in c.families]
+    if len(named) != 1:
+        raise ComponentError(f"{model_name!r} carries its own text encoders and VAE: name at most one VAE to "
+                             f"replace its VAE; valid choices: {', '.join(c.name for c in vaes) or '(none installed)'}")
+    c = match_name(named[0], installed)
+    if c is None or c.kind != VAE or family not in c.families:
+        why = "unknown module" if c is None else \
+            f"module {named[0]!r} is a {KIND_LABELS[c.kind]}" + (f" for {', '.join(c.families)}" if c.kind == VAE else "")
+        choices = ", ".join(x.name for x in vaes) or "(none installed)"
+        raise ComponentError(f"{why} {named[0]!r}; valid choices: {choices}" if c is None else
+                             f"{why}, not a VAE for {model_name!r} ({family}); valid choices: {choices}")
+    return c

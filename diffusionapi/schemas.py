@@ -284,6 +284,22 @@ class EmbeddingsResponse(BaseModel):
     embeddings: list[EmbeddingInfo]
 
 
+class ModuleInfo(BaseModel):
+    """A component file (text encoder or VAE) that model files lacking it run with."""
+    name: str                 # what `modules` (and /sdapi's forge_additional_modules, sd_vae) name
+    kind: Literal["clip_l", "clip_g", "t5xxl", "vae"]
+    role: Literal["text_encoder", "vae"]
+    families: list[str]       # the model families it serves
+    width: int                # text encoders: hidden width; VAEs: latent channels
+    storage: str              # the stored weight type ("F16", "BF16", "F8_E4M3", ...)
+    path: str
+
+
+class ModulesResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    modules: list[ModuleInfo]
+
+
 class UpscalerInfo(BaseModel):
     name: str
     path: str

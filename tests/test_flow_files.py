@@ -16,13 +16,15 @@ from PIL import Image
 
 from diffusionapi.components import ComponentIndex, classify
 from diffusionapi.config import Settings
+from diffusionapi.demo import tiny_sd15_pipeline
+from diffusionapi.images import read_infotext
 from diffusionapi.errors import RequestError
 from diffusionapi.jobs.resolve import resolve_txt2img
 from diffusionapi.registry import Registry
 from diffusionapi.schemas import Txt2ImgRequest
 
 from .conftest import LiveServer, make_settings
-from .flow_files import tiny_flux_for_files, write_flux_files
+from .flow_files import save, tiny_flux_for_files, vae_to_ldm, write_flux_files
 
 FLUX = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", sampler_name="Euler")
 
@@ -38,6 +40,12 @@ def flow_store(tmp_path_factory):
     pipe = tiny_flux_for_files(0)
     pipe.save_pretrained(root / "models" / "flux-folder")
     write_flux_files(pipe, root, "flux-transformer", all_in_one="flux-all-in-one")
+    # An SD 1.5 folder and A1111-style VAE files for it (sd_vae): its own VAE's weights, and others.
+    sd15 = tiny_sd15_pipeline(0)
+    sd15.save_pretrained(root / "models" / "tiny-sd15")
+    save(vae_to_ldm(sd15.vae.state_dict()), root / "vae" / "sd15-same-vae.safetensors")
+    save({f"first_stage_model.{k}": v for k, v in vae_to_ldm(tiny_sd15_pipeline(3).vae.state_dict()).items()},
+         root / "vae" / "sd15-other-vae.safetensors")
     (root / "loras").mkdir()
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
@@ -112,8 +120,58 @@ def test_wrong_or_unknown_modules_are_a_422_naming_them(flow_server):
     assert r.status_code == 422 and "modules" in r.text and "nope.safetensors" in r.text and "clip_l" in r.text
     r = c.post("/txt2img", json={**FLUX, "model": "flux-all-in-one", "modules": ["ae"]})
     assert r.status_code == 422 and "carries its own VAE" in r.text, r.text
-    r = c.post("/txt2img", json={**FLUX, "model": "flux-folder", "modules": ["ae"]})
-    assert r.status_code == 422 and "modules" in r.text
+    r = c.post("/txt2img", json={**FLUX, "model": "flux-folder", "modules": ["clip_l"]})
+    assert r.status_code == 422 and "'clip_l'" in r.text and "CLIP-L" in r.text, r.text
+
+
+def test_modules_are_listed_with_kind_and_family(flow_server):
+    listed = {m["name"]: m for m in flow_server.client.get("/modules").json()["modules"]}
+    assert (listed["clip_l"]["kind"], listed["clip_l"]["role"]) == ("clip_l", "text_encoder")
+    assert listed["t5xxl_fp16"]["kind"] == "t5xxl" and listed["t5xxl_fp16"]["storage"] == "F32"
+    assert (listed["ae"]["kind"], listed["ae"]["families"], listed["ae"]["width"]) == ("vae", ["flux1", "sd3"], 16)
+    assert listed["sd15-other-vae"]["families"] == ["sd15", "sd2", "sdxl"]
+    forge = {m["model_name"] for m in flow_server.client.get("/sdapi/v1/sd-modules").json()}
+    assert {"clip_l", "t5xxl_fp16", "ae", "sd15-same-vae"} <= forge
+    assert {m["model_name"] for m in flow_server.client.get("/sdapi/v1/sd-vae").json()} == \
+        {"ae", "sd15-same-vae", "sd15-other-vae"}
+
+
+def test_sdapi_forge_modules_equal_the_native_job_and_infotext_round_trips(flow_server, flow_store):
+    native = flow_server.run(**FLUX, model="flux-transformer", seed=12)
+    info = read_infotext(base64.b64decode(native["image"]))
+    assert "Module 1: clip_l, Module 2: t5xxl_fp16, Module 3: ae" in info, info
+    back = flow_server.client.post("/png-info", json={"image": native["image"]}).json()
+    assert back["parameters"]["modules"] == ["clip_l", "t5xxl_fp16", "ae"], back
+    body = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 3, "seed": 12, "sampler_name": "Euler",
+            "scheduler": "Simple", "cfg_scale": 1, "override_settings": {
+                "sd_model_checkpoint": "flux-transformer",
+                "forge_additional_modules": [str(flow_store / "vae" / "ae.safetensors"),
+                                             "C:\\forge\\models\\text_encoder\\clip_l.safetensors",
+                                             "t5xxl_fp16.safetensors"]}}
+    r = flow_server.client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    img = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    assert np.array_equal(img.astype(np.int16), px(native))
+    assert "Module 1: " in r.json()["info"]
+    bad = dict(body, override_settings={**body["override_settings"], "forge_additional_modules": ["clip_g.safetensors"]})
+    r = flow_server.client.post("/sdapi/v1/txt2img", json=bad)
+    assert r.status_code == 422 and "clip_g.safetensors" in r.text, r.text
+
+
+def test_sd_vae_replaces_an_sd15_models_vae(flow_server):
+    p = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", model="tiny-sd15", seed=3)
+    own = px(flow_server.run(**p))
+    same = flow_server.run(**p, modules=["sd15-same-vae"])
+    assert np.array_equal(px(same), own)  # the same weights from an A1111-layout file
+    assert "Module 1: sd15-same-vae" in read_infotext(base64.b64decode(same["image"]))
+    assert not np.array_equal(px(flow_server.run(**p, modules=["sd15-other-vae"])), own)
+    body = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 3, "seed": 3,
+            "override_settings": {"sd_model_checkpoint": "tiny-sd15", "sd_vae": "sd15-other-vae.safetensors"}}
+    r = flow_server.client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200 and "Module 1: sd15-other-vae" in r.json()["info"], r.text
+    for wrong in ("ae", "clip_l"):  # a Flux VAE (16 channels), a text encoder
+        r = flow_server.client.post("/txt2img", json={**p, "modules": [wrong]})
+        assert r.status_code == 422 and wrong in r.text and "sd15-other-vae" in r.text, r.text
 
 
 def _resolve(settings, **payload):

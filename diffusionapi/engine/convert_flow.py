@@ -426,3 +426,23 @@ def load_flow_single_file(entry, dtype: torch.dtype):
             components[name] = part.to(dtype)
     cls = getattr(diffusers, fam.pipeline)
     return cls(scheduler=FlowMatchEulerDiscreteScheduler(**sched), **components)
+
+
+def replace_vae(own, modules, dtype: torch.dtype):
+    """A1111's ``sd_vae``: a VAE file (LDM layout, as A1111 VAEs and Flux's ae are stored) in place
+    of a model's own, built on the model's VAE config (its scaling and shift factors stay)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    (path,) = [Path(m) for m in modules]  # resolve_modules allows one VAE and nothing else here
+    sd = load_tensors(path)
+    for prefix in INSIDE_PREFIXES[VAE]:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if "encoder.down.0.block.0.conv1.weight" not in sd:
+        raise ComponentLoadError(f"{path.name}: not a VAE in LDM layout")
+    config = {k: v for k, v in dict(own.config).items() if not k.startswith("_")}
+    converted = convert_ldm_vae_checkpoint(sd, config)
+    vae = _build(AutoencoderKL, config, {k: v for k, v in converted.items() if not k.startswith("loss.")},
+                 path.name)
+    return vae.to(device=own.device, dtype=dtype)

@@ -384,6 +384,8 @@ class Engine:
                 params["Distilled CFG Scale"] = plan.distilled_cfg_scale
             if base is not None:  # the shift of this size (Flux.1-dev's depends on it)
                 params["Shift"] = round(base.sigmas_at(plan.width, plan.height).shift, 4)
+        for i, module in enumerate(plan.model.modules, 1):  # Forge's names for component files
+            params[f"Module {i}"] = module.stem
         hashes = lora_hashes_infotext(plan.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes

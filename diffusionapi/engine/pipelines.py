@@ -126,6 +126,10 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
         if variant:
             kwargs["variant"] = variant
         pipe = cls.from_pretrained(str(entry.path), **kwargs)
+    if entry.modules and (entry.format != ModelFormat.SINGLE_FILE or spec(entry.family).prediction != "flow"):
+        from .convert_flow import replace_vae  # sd_vae / a VAE module on a model with its own VAE
+
+        pipe.vae = replace_vae(pipe.vae, entry.modules, dtype)
     _check_no_meta(pipe, entry)
     pipe.scheduler = scheduler_for_entry(pipe.scheduler, entry)
     pipe.set_progress_bar_config(disable=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, replace
 
-from ..components import T5_TOKENIZER_FOLDER, T5XXL, ComponentError, choose, inside, text_encoders_dir
+from ..components import T5_TOKENIZER_FOLDER, T5XXL, ComponentError, choose, choose_vae, inside, text_encoders_dir
 from ..config import FIELD_LIMITS, Settings
 from ..fileinfo import read_safetensors_header
 from ..errors import RequestError
@@ -234,10 +234,13 @@ def resolve_modules(model: ModelEntry, named: list[str], registry: Registry,
     at submit: the record keeps their names, so every worker loads the same ones."""
     fam = family_spec(model.family)
     if model.format != ModelFormat.SINGLE_FILE or fam.prediction != "flow":
-        if named:
-            raise RequestError("modules", f"{model.name!r} carries its own text encoders and VAE; modules are for "
-                                          "Flux.1 / SD 3.x model files that lack them")
-        return model, []
+        if not named:
+            return model, []
+        try:  # a model with its own parts: a VAE file may replace its VAE (A1111's sd_vae)
+            vae = choose_vae(model.family, model.name, registry.components.files(), list(named))
+        except ComponentError as e:
+            raise RequestError("modules", str(e)) from None
+        return replace(model, modules=(vae.path,)), [vae.name]
     if model.path.suffix.lower() != ".safetensors":
         raise RequestError("model", f"{model.path.name}: {fam.label} files are read as .safetensors only")
     try:
