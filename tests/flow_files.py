@@ -257,3 +257,23 @@ def write_sd3_files(pipe, root: Path, name: str = "sd3-tiny", *, t5: bool = True
         sd.update({f"first_stage_model.{k}": v for k, v in vae.items()})
         files["all_in_one"] = save(sd, root / "models" / f"{all_in_one}.safetensors")
     return files
+
+
+def fp8_copy(sd: dict, *, scaled: bool = False) -> dict:
+    """Weights (2-D and up) as float8_e4m3fn, as fp8 checkpoints store them; ``scaled``: ComfyUI's
+    "scaled fp8" (each weight divided by a per-tensor scale that maps its largest value to fp8's
+    448, with ``<layer>.scale_weight`` and the ``scaled_fp8`` marker)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.ndim >= 2:
+            if scaled:
+                scale = (v.abs().max() / 448.0).clamp(min=1e-12).to(torch.float32)
+                out[k] = (v / scale).to(torch.float8_e4m3fn)
+                out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+            else:
+                out[k] = v.to(torch.float8_e4m3fn)
+        else:
+            out[k] = v
+    if scaled:
+        out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    return out

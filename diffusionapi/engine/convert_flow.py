@@ -51,17 +51,51 @@ class ComponentLoadError(ComponentError):
 
 # ---------------------------------------------------------------------------- state dicts
 
+FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return dequantize_scaled_fp8(load_file(str(path)))
     from ..fileinfo import ckpt_keys
 
     ckpt_keys(path)  # refuses pickles that need more than tensors
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
     return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+
+
+def dequantize_scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's "scaled" fp8 files: each fp8 ``<layer>.weight`` has a ``<layer>.scale_weight``
+    (real weight = stored weight x scale; ``scale_input`` and the ``scaled_fp8`` marker are for
+    fp8 matmuls). They are dequantized here, at load, to float32 (then cast to the running dtype):
+    a per-tensor scale cannot ride diffusers' layerwise-casting hook, which only changes dtype."""
+    scales = [k for k in sd if k.endswith(".scale_weight")]
+    if not scales and not any(k.endswith("scaled_fp8") for k in sd):
+        return sd
+    out = dict(sd)
+    for k in scales:
+        weight = k[:-len("scale_weight")] + "weight"
+        scale = out.pop(k).to(torch.float32)
+        if weight in out:
+            out[weight] = out[weight].to(torch.float32) * scale
+    return {k: v for k, v in out.items() if not k.endswith((".scale_input", "scaled_fp8"))}
+
+
+def to_running_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast to the running dtype; weights stored as fp8 stay fp8 in memory and are upcast layer
+    by layer for each forward (diffusers' layerwise casting: Linear / Conv weights, norms and
+    embeddings kept in the running dtype), so an fp8 Flux.1-dev needs about half the memory of
+    bf16. The round trip fp8 -> running dtype -> fp8 is exact."""
+    fp8 = next((p.dtype for p in model.parameters() if p.dtype in FP8_TYPES), None)
+    model.to(dtype)
+    if fp8 is not None:
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(model, storage_dtype=fp8, compute_dtype=dtype)
+    return model
 
 
 def split_all_in_one(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -423,7 +457,7 @@ def load_flow_single_file(entry, dtype: torch.dtype):
         raise ComponentLoadError(f"{path.name}: {fam.label} files are not read by the flow loader")
     for name, part in components.items():
         if isinstance(part, torch.nn.Module):
-            components[name] = part.to(dtype)
+            components[name] = to_running_dtype(part, dtype)
     cls = getattr(diffusers, fam.pipeline)
     return cls(scheduler=FlowMatchEulerDiscreteScheduler(**sched), **components)
 
