@@ -22,7 +22,7 @@ from .vocabulary import (BUILTIN_LABELS, LATENT_UPSCALE_MODES, EmbeddingEntry, L
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE_EXTS = (".safetensors", ".ckpt")
+SINGLE_FILE_EXTS = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantized transformers (Flux.1, SD 3.x)
 UPSCALER_EXTS = (".pth", ".safetensors", ".pt")
 
 

@@ -277,3 +277,26 @@ def fp8_copy(sd: dict, *, scaled: bool = False) -> dict:
     if scaled:
         out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
     return out
+
+
+def write_gguf(sd: dict, path: Path, arch: str = "flux") -> Path:
+    """A city96-style GGUF transformer: BFL key names, 2-D weights quantized to Q8_0 with the gguf
+    package's quantizer, the rest (biases, norm scales) as F32."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    for k, v in sd.items():
+        data = v.detach().to(torch.float32).contiguous().numpy()
+        if k.endswith(".weight") and data.ndim == 2 and data.shape[-1] % 32 == 0:
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(k, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(k, data.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -24,7 +24,7 @@ from diffusionapi.registry import Registry
 from diffusionapi.schemas import Txt2ImgRequest
 
 from .conftest import LiveServer, make_settings
-from .flow_files import flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_to_ldm, write_flux_files
+from .flow_files import flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_to_ldm, write_flux_files, write_gguf
 
 FLUX = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", sampler_name="Euler")
 
@@ -43,6 +43,7 @@ def flow_store(tmp_path_factory):
     bfl = flux_to_bfl(pipe.transformer.state_dict())
     save(fp8_copy(bfl), root / "models" / "flux-fp8.safetensors")
     save(fp8_copy(bfl, scaled=True), root / "models" / "flux-fp8-scaled.safetensors")
+    write_gguf(bfl, root / "models" / "flux-q8.gguf")
     # An SD 1.5 folder and A1111-style VAE files for it (sd_vae): its own VAE's weights, and others.
     sd15 = tiny_sd15_pipeline(0)
     sd15.save_pretrained(root / "models" / "tiny-sd15")
@@ -193,6 +194,24 @@ def test_fp8_files_run_close_to_full_precision(flow_server, name, stored):
     assert not np.array_equal(a, full) and psnr(a, full) > 35
     linear = flow_server.engine.cache._items[name].pipe.transformer.transformer_blocks[0].attn.to_q
     assert linear.weight.dtype == stored
+
+
+def test_gguf_q8_transformer_generates_close_to_full_precision(flow_server):
+    """A city96-layout Q8_0 GGUF (BFL names) through diffusers' GGUF layers: listed as flux1,
+    deterministic, prompt-sensitive, close to the full-precision file's image."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    models = {m["name"]: m for m in flow_server.client.get("/models").json()["models"]}
+    assert models["flux-q8"]["family"] == "flux1"
+    full = px(flow_server.run(**FLUX, model="flux-transformer", seed=6))
+    a = flow_server.run(**FLUX, model="flux-q8", seed=6)
+    assert a["payload"]["modules"] == ["clip_l", "t5xxl_fp16", "ae"]
+    assert np.array_equal(px(a), px(flow_server.run(**FLUX, model="flux-q8", seed=6)))
+    assert not np.array_equal(px(a), px(flow_server.run(**dict(FLUX, prompt="a blue sphere"), model="flux-q8", seed=6)))
+    # Measured on the tiny model (CPU, fp32 compute): 56.4 dB.
+    assert not np.array_equal(px(a), full) and psnr(px(a), full) > 45
+    to_q = flow_server.engine.cache._items["flux-q8"].pipe.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(to_q, GGUFLinear) and to_q.weight.quant_type.name == "Q8_0"
 
 
 def _resolve(settings, **payload):

@@ -60,6 +60,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return dequantize_scaled_fp8(load_file(str(path)))
+    if path.suffix.lower() == ".gguf":  # city96's quantized transformers: diffusers' GGUF reader
+        from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+        return load_gguf_checkpoint(str(path))
     from ..fileinfo import ckpt_keys
 
     ckpt_keys(path)  # refuses pickles that need more than tensors
@@ -116,19 +120,34 @@ def split_all_in_one(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
     return parts
 
 
+def _dims(t: torch.Tensor) -> tuple[int, ...]:
+    """A tensor's logical shape (a GGUF-quantized one holds bytes: its ``quant_shape`` is the weight's)."""
+    return tuple(int(x) for x in getattr(t, "quant_shape", t.shape))
+
+
+def _is_gguf(t) -> bool:
+    return hasattr(t, "quant_type") and hasattr(t, "quant_shape")
+
+
 def _count(sd, pattern: str) -> int:
     rx = re.compile(pattern)
     found = {int(m[1]) for k in sd if (m := rx.match(k))}
     return max(found) + 1 if found else 0
 
 
-def _build(cls, config, sd: dict, what: str, *, rename=None):
+def _build(cls, config, sd: dict, what: str, *, rename=None, compute_dtype: torch.dtype = torch.float32):
     """``cls(config)`` on the meta device, then the tensors assigned (strict: a missing or extra
-    tensor is an error naming the file's part)."""
+    tensor is an error naming the file's part). GGUF-quantized weights go into diffusers'
+    GGUFLinear layers, which dequantize them per forward in ``compute_dtype``."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = cls(config) if not isinstance(config, dict) else cls(**config)
+    quantized = {k for k, v in sd.items() if _is_gguf(v)}
+    if quantized:
+        from diffusers.quantizers.gguf.utils import _replace_with_gguf_linear
+
+        _replace_with_gguf_linear(model, compute_dtype, sd)
     own = model.state_dict()
     if rename is not None:
         sd = rename(sd, own)
@@ -138,11 +157,15 @@ def _build(cls, config, sd: dict, what: str, *, rename=None):
         raise ComponentLoadError(f"{what}: tensors do not match the architecture read from it "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, v in sd.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ComponentLoadError(f"{what}: {k} is {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        if _dims(v) != tuple(own[k].shape):
+            raise ComponentLoadError(f"{what}: {k} is {_dims(v)}, expected {tuple(own[k].shape)}")
     # Contiguous copies of split views (fused qkv): a strided weight rounds matmuls differently.
-    model.load_state_dict({k: v if v.is_contiguous() else v.contiguous() for k, v in sd.items()},
-                          assign=True, strict=True)
+    plain = {k: v if v.is_contiguous() else v.contiguous() for k, v in sd.items() if k not in quantized}
+    model.load_state_dict(plain, assign=True, strict=not quantized)
+    for k in quantized:  # byte-shaped: set as they are (load_state_dict would compare shapes)
+        owner, _, name = k.rpartition(".")
+        v = sd[k]
+        model.get_submodule(owner)._parameters[name] = type(v)(v.contiguous(), quant_type=v.quant_type)
     return model.eval()
 
 
@@ -155,16 +178,16 @@ def _swap_scale_shift(w: torch.Tensor) -> torch.Tensor:
 
 
 def flux_config(sd: dict, sidecar: dict | None = None) -> dict:
-    inner, in_channels = sd["img_in.weight"].shape
-    head = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0] if "double_blocks.0.img_attn.norm.query_norm.scale" in sd \
-        else sd["single_blocks.0.norm.query_norm.scale"].shape[0]
+    inner, in_channels = _dims(sd["img_in.weight"])
+    head = _dims(sd["double_blocks.0.img_attn.norm.query_norm.scale"] if "double_blocks.0.img_attn.norm.query_norm.scale"
+                 in sd else sd["single_blocks.0.norm.query_norm.scale"])[0]
     cfg = dict(patch_size=1, in_channels=int(in_channels), num_layers=_count(sd, r"double_blocks\.(\d+)\."),
                num_single_layers=_count(sd, r"single_blocks\.(\d+)\."), attention_head_dim=int(head),
-               num_attention_heads=int(inner // head), joint_attention_dim=int(sd["txt_in.weight"].shape[1]),
-               pooled_projection_dim=int(sd["vector_in.in_layer.weight"].shape[1]),
+               num_attention_heads=int(inner // head), joint_attention_dim=_dims(sd["txt_in.weight"])[1],
+               pooled_projection_dim=_dims(sd["vector_in.in_layer.weight"])[1],
                guidance_embeds="guidance_in.in_layer.weight" in sd,
                axes_dims_rope=(16, 56, 56) if head == 128 else (head // 4, head // 4, head // 2))
-    out = int(sd["final_layer.linear.weight"].shape[0])
+    out = _dims(sd["final_layer.linear.weight"])[0]
     if out != in_channels:
         cfg["out_channels"] = out
     for k, v in (sidecar or {}).items():
@@ -217,7 +240,7 @@ def flux_bfl_to_diffusers(sd: dict, cfg: dict) -> dict:
         for p in ("weight", "bias"):
             take(f"{b}norm.linear.{p}", f"{s}modulation.lin.{p}")
             fused = sd.pop(f"{s}linear1.{p}")
-            q, k, v, mlp = torch.split(fused, (inner, inner, inner, fused.shape[0] - 3 * inner), dim=0)
+            q, k, v, mlp = torch.split(fused, (inner, inner, inner, _dims(fused)[0] - 3 * inner), dim=0)
             for name, t in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
                 out[f"{b}{name}.{p}"] = t
             take(f"{b}proj_out.{p}", f"{s}linear2.{p}")
@@ -228,13 +251,13 @@ def flux_bfl_to_diffusers(sd: dict, cfg: dict) -> dict:
     return out
 
 
-def build_flux_transformer(sd: dict, what: str, sidecar: dict | None = None):
+def build_flux_transformer(sd: dict, what: str, sidecar: dict | None = None, dtype: torch.dtype = torch.float32):
     from diffusers import FluxTransformer2DModel
 
     if "img_in.weight" not in sd:
         raise ComponentLoadError(f"{what}: not a Flux transformer in BFL layout (no img_in)")
     cfg = flux_config(sd, sidecar)
-    return _build(FluxTransformer2DModel, cfg, flux_bfl_to_diffusers(sd, cfg), what)
+    return _build(FluxTransformer2DModel, cfg, flux_bfl_to_diffusers(sd, cfg), what, compute_dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- SD 3 transformer
@@ -242,18 +265,17 @@ def build_flux_transformer(sd: dict, what: str, sidecar: dict | None = None):
 def sd3_config(sd: dict, sidecar: dict | None = None) -> dict:
     from diffusers.loaders.single_file_utils import get_attn2_layers
 
-    proj = sd["x_embedder.proj.weight"]              # (inner, in_channels, patch, patch)
-    inner, in_channels, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
+    inner, in_channels, patch, _ = _dims(sd["x_embedder.proj.weight"])  # (inner, in_channels, patch, patch)
     layers = _count(sd, r"joint_blocks\.(\d+)\.")
-    pos = sd["pos_embed"].shape[1]                   # (1, grid * grid, inner)
+    pos = _dims(sd["pos_embed"])[1]                  # (1, grid * grid, inner)
     grid = int(round(math.sqrt(pos)))
-    out_channels = int(sd["final_layer.linear.weight"].shape[0] // (patch * patch))
+    out_channels = _dims(sd["final_layer.linear.weight"])[0] // (patch * patch)
     cfg = dict(sample_size=grid if layers < 24 else 128, patch_size=patch, in_channels=in_channels,
                out_channels=out_channels, num_layers=layers, attention_head_dim=64 if inner >= 512 else 8,
                num_attention_heads=inner // (64 if inner >= 512 else 8),
-               joint_attention_dim=int(sd["context_embedder.weight"].shape[1]),
-               caption_projection_dim=int(sd["context_embedder.weight"].shape[0]),
-               pooled_projection_dim=int(sd["y_embedder.mlp.0.weight"].shape[1]), pos_embed_max_size=grid,
+               joint_attention_dim=_dims(sd["context_embedder.weight"])[1],
+               caption_projection_dim=_dims(sd["context_embedder.weight"])[0],
+               pooled_projection_dim=_dims(sd["y_embedder.mlp.0.weight"])[1], pos_embed_max_size=grid,
                dual_attention_layers=tuple(get_attn2_layers(sd)),
                qk_norm="rms_norm" if any("ln_q" in k for k in sd) else None)
     for k, v in (sidecar or {}).items():
@@ -262,14 +284,15 @@ def sd3_config(sd: dict, sidecar: dict | None = None) -> dict:
     return cfg
 
 
-def build_sd3_transformer(sd: dict, what: str, sidecar: dict | None = None):
+def build_sd3_transformer(sd: dict, what: str, sidecar: dict | None = None, dtype: torch.dtype = torch.float32):
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
     if "x_embedder.proj.weight" not in sd:
         raise ComponentLoadError(f"{what}: not an SD 3 transformer in Stability's layout (no x_embedder)")
     cfg = sd3_config(sd, sidecar)
-    return _build(SD3Transformer2DModel, cfg, convert_sd3_transformer_checkpoint_to_diffusers(dict(sd)), what)
+    return _build(SD3Transformer2DModel, cfg, convert_sd3_transformer_checkpoint_to_diffusers(dict(sd)), what,
+                  compute_dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- VAE
@@ -430,7 +453,7 @@ def load_flow_single_file(entry, dtype: torch.dtype):
     sidecar = _sidecar(path)
     hint = str(Path(entry.t5_tokenizer).parent) if entry.t5_tokenizer else "stable_diffusion/text_encoders"
     if entry.family == "flux1":
-        transformer = build_flux_transformer(model_parts["transformer"], path.name, sidecar)
+        transformer = build_flux_transformer(model_parts["transformer"], path.name, sidecar, dtype)
         sched = fam.scheduler if transformer.config.guidance_embeds else fam.scheduler_undistilled
         clip_sd, clip_what = _need(parts, CLIP_L, path.name)
         t5_sd, t5_what = _need(parts, T5XXL, path.name)
@@ -440,7 +463,7 @@ def load_flow_single_file(entry, dtype: torch.dtype):
                           tokenizer_2=t5_tokenizer(entry.t5_tokenizer, hint),
                           vae=build_vae(vae_sd, entry.family, vae_what))
     elif entry.family == "sd3":
-        transformer = build_sd3_transformer(model_parts["transformer"], path.name, sidecar)
+        transformer = build_sd3_transformer(model_parts["transformer"], path.name, sidecar, dtype)
         sched = fam.scheduler
         l_sd, l_what = _need(parts, CLIP_L, path.name)
         g_sd, g_what = _need(parts, CLIP_G, path.name)

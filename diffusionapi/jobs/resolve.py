@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from ..components import T5_TOKENIZER_FOLDER, T5XXL, ComponentError, choose, choose_vae, inside, text_encoders_dir
 from ..config import FIELD_LIMITS, Settings
-from ..fileinfo import read_safetensors_header
+from ..fileinfo import read_model_header
 from ..errors import RequestError
 from ..engine.live import check_preview
 from ..engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, PreviewPlan, UpscalePlan
@@ -241,10 +241,10 @@ def resolve_modules(model: ModelEntry, named: list[str], registry: Registry,
         except ComponentError as e:
             raise RequestError("modules", str(e)) from None
         return replace(model, modules=(vae.path,)), [vae.name]
-    if model.path.suffix.lower() != ".safetensors":
-        raise RequestError("model", f"{model.path.name}: {fam.label} files are read as .safetensors only")
+    if model.path.suffix.lower() not in (".safetensors", ".gguf"):
+        raise RequestError("model", f"{model.path.name}: {fam.label} files are read as .safetensors or .gguf only")
     try:
-        header = read_safetensors_header(model.path)
+        header = read_model_header(model.path)
         chosen = choose(model.family, model.path.name, header, registry.components.files(), list(named), settings)
     except (ComponentError, OSError, ValueError) as e:
         raise RequestError("modules", str(e)) from None
