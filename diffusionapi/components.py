@@ -267,8 +267,20 @@ def where(kind: str, settings) -> Path:
     return vae_dir(settings) if kind == VAE else text_encoders_dir(settings)
 
 
+def unknown_module(requested: str, installed: list[ComponentFile], problems: dict[str, str] | None) -> ComponentError:
+    """Why ``requested`` names no usable component: a file that is there but unreadable or of no
+    known kind says so; else the valid choices."""
+    base = str(requested).replace("\\", "/").rsplit("/", 1)[-1]
+    stem = base[:-len(".safetensors")] if base.lower().endswith(".safetensors") else base
+    for name, why in (problems or {}).items():
+        if requested == name or name.rsplit("/", 1)[-1] == stem:
+            return ComponentError(f"module {requested!r} cannot be used: {why}")
+    choices = ", ".join(sorted(x.name for x in installed)) or "(none installed)"
+    return ComponentError(f"unknown module {requested!r}; valid choices: {choices}")
+
+
 def choose(family: str, model_file: str, header: dict, installed: list[ComponentFile], named: list[str],
-           settings) -> list[ComponentFile]:
+           settings, problems: dict[str, str] | None = None) -> list[ComponentFile]:
     """The component files to run ``model_file`` with: those ``named`` (each must fit), the only
     compatible one for each part the file lacks, nothing for an optional part with none installed."""
     wanted = [n for n in needs(family, header) if n.kind not in inside(header)]
@@ -276,8 +288,7 @@ def choose(family: str, model_file: str, header: dict, installed: list[Component
     for requested in named:
         c = match_name(requested, installed)
         if c is None:
-            choices = ", ".join(sorted(x.name for x in installed)) or "(none installed)"
-            raise ComponentError(f"unknown module {requested!r}; valid choices: {choices}")
+            raise unknown_module(requested, installed, problems)
         need = next((n for n in wanted if n.kind == c.kind), None)
         if need is None or family not in c.families:
             fits = [x.name for x in installed if any(n.fits(x) for n in wanted) and family in x.families]
@@ -310,7 +321,8 @@ def choose(family: str, model_file: str, header: dict, installed: list[Component
     return [picked[n.kind] for n in wanted if n.kind in picked]
 
 
-def choose_vae(family: str, model_name: str, installed: list[ComponentFile], named: list[str]) -> ComponentFile:
+def choose_vae(family: str, model_name: str, installed: list[ComponentFile], named: list[str],
+               problems: dict[str, str] | None = None) -> ComponentFile:
     """A VAE file in place of a model's own (A1111's ``sd_vae``): the only module named, a VAE of
     a family that fits (its latent channels)."""
     vaes = [c for c in installed if c.kind == VAE and family in c.families]
@@ -318,6 +330,8 @@ def choose_vae(family: str, model_name: str, installed: list[ComponentFile], nam
         raise ComponentError(f"{model_name!r} carries its own text encoders and VAE: name at most one VAE to "
                              f"replace its VAE; valid choices: {', '.join(c.name for c in vaes) or '(none installed)'}")
     c = match_name(named[0], installed)
+    if c is None and problems:
+        raise unknown_module(named[0], installed, problems)
     if c is None or c.kind != VAE or family not in c.families:
         why = "unknown module" if c is None else \
             f"module {named[0]!r} is a {KIND_LABELS[c.kind]}" + (f" for {', '.join(c.families)}" if c.kind == VAE else "")

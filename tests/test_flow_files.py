@@ -44,6 +44,7 @@ def flow_store(tmp_path_factory):
     save(fp8_copy(bfl), root / "models" / "flux-fp8.safetensors")
     save(fp8_copy(bfl, scaled=True), root / "models" / "flux-fp8-scaled.safetensors")
     write_gguf(bfl, root / "models" / "flux-q8.gguf")
+    (root / "text_encoders" / "broken_clip.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     # An SD 1.5 folder and A1111-style VAE files for it (sd_vae): its own VAE's weights, and others.
     sd15 = tiny_sd15_pipeline(0)
     sd15.save_pretrained(root / "models" / "tiny-sd15")
@@ -212,6 +213,34 @@ def test_gguf_q8_transformer_generates_close_to_full_precision(flow_server):
     assert not np.array_equal(px(a), full) and psnr(px(a), full) > 45
     to_q = flow_server.engine.cache._items["flux-q8"].pipe.transformer.transformer_blocks[0].attn.to_q
     assert isinstance(to_q, GGUFLinear) and to_q.weight.quant_type.name == "Q8_0"
+
+
+class _OpensAFile:
+    """Unpickling this creates a file: proof that a pickle ran code."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_broken_wrong_family_and_pickled_files_are_422s_naming_them(flow_server, flow_store, tmp_path):
+    c = flow_server.client
+    r = c.post("/txt2img", json={**FLUX, "model": "flux-transformer", "modules": ["broken_clip.safetensors"]})
+    assert r.status_code == 422 and "broken_clip" in r.text and "cannot be used" in r.text, r.text
+    r = c.post("/txt2img", json={**FLUX, "model": "flux-transformer", "modules": ["sd15-other-vae"]})
+    assert r.status_code == 422 and "is a VAE for sd15" in r.text and "valid choices: clip_l, t5xxl_fp16, ae" in r.text, \
+        r.text
+    marker = tmp_path / "pickle-ran"
+    torch.save({"state_dict": {"double_blocks.0.img_attn.qkv.weight": _OpensAFile(marker)}},
+               flow_store / "models" / "evil-flux.ckpt")
+    try:
+        r = c.post("/txt2img", json={**FLUX, "model": "evil-flux"})
+        assert r.status_code == 422 and "evil-flux.ckpt" in r.text and "refused" in r.text, r.text
+        assert "evil-flux" not in {m["name"] for m in c.get("/models").json()["models"]}
+        assert not marker.exists()
+    finally:
+        (flow_store / "models" / "evil-flux.ckpt").unlink()
 
 
 def _resolve(settings, **payload):

@@ -237,7 +237,8 @@ def resolve_modules(model: ModelEntry, named: list[str], registry: Registry,
         if not named:
             return model, []
         try:  # a model with its own parts: a VAE file may replace its VAE (A1111's sd_vae)
-            vae = choose_vae(model.family, model.name, registry.components.files(), list(named))
+            problems: dict[str, str] = {}
+            vae = choose_vae(model.family, model.name, registry.components.files(problems), list(named), problems)
         except ComponentError as e:
             raise RequestError("modules", str(e)) from None
         return replace(model, modules=(vae.path,)), [vae.name]
@@ -245,7 +246,9 @@ def resolve_modules(model: ModelEntry, named: list[str], registry: Registry,
         raise RequestError("model", f"{model.path.name}: {fam.label} files are read as .safetensors or .gguf only")
     try:
         header = read_model_header(model.path)
-        chosen = choose(model.family, model.path.name, header, registry.components.files(), list(named), settings)
+        problems = {}
+        installed = registry.components.files(problems)
+        chosen = choose(model.family, model.path.name, header, installed, list(named), settings, problems)
     except (ComponentError, OSError, ValueError) as e:
         raise RequestError("modules", str(e)) from None
     tokenizer = None
