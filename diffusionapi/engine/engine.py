@@ -322,7 +322,7 @@ class Engine:
         runs a negative pass), cached like the CLIP encodings: by model, text and LoRAs."""
         prompt = plain_prompt(text.prompt, text.steps)
         negative = plain_prompt(text.negative, text.steps) if text.negative_pass else None
-        key = (loaded.entry.name, str(loaded.entry.path), prompt, negative, text.lora_key)
+        key = (loaded.entry.name, str(loaded.entry.path), loaded.entry.modules, prompt, negative, text.lora_key)
         cond = self._flow_cache.get(key)
         if cond is None:
             cond = encode_flow(loaded, prompt, negative)
