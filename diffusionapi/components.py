@@ -279,11 +279,32 @@ def unknown_module(requested: str, installed: list[ComponentFile], problems: dic
     return ComponentError(f"unknown module {requested!r}; valid choices: {choices}")
 
 
-def choose(family: str, model_file: str, header: dict, installed: list[ComponentFile], named: list[str],
+@dataclass(frozen=True)
+class ModelParts:
+    """What a model file needs and what it carries itself (read from its header; a cluster's
+    API node gets it from the worker's catalog)."""
+    needs: tuple[Need, ...]
+    inside: frozenset[str]
+
+    @classmethod
+    def of(cls, family: str, header: dict) -> "ModelParts":
+        return cls(tuple(needs(family, header)), frozenset(inside(header)))
+
+    def to_json(self) -> dict:
+        return {"needs": [[n.kind, n.width, n.optional, n.projection_sum] for n in self.needs],
+                "inside": sorted(self.inside)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelParts":
+        return cls(tuple(Need(*n) for n in data.get("needs", [])), frozenset(data.get("inside", [])))
+
+
+def choose(family: str, model_file: str, parts: ModelParts, installed: list[ComponentFile], named: list[str],
            settings, problems: dict[str, str] | None = None) -> list[ComponentFile]:
     """The component files to run ``model_file`` with: those ``named`` (each must fit), the only
     compatible one for each part the file lacks, nothing for an optional part with none installed."""
-    wanted = [n for n in needs(family, header) if n.kind not in inside(header)]
+    wanted = [n for n in parts.needs if n.kind not in parts.inside]
+    carried = parts.inside
     picked: dict[str, ComponentFile] = {}
     for requested in named:
         c = match_name(requested, installed)
@@ -292,7 +313,7 @@ def choose(family: str, model_file: str, header: dict, installed: list[Component
         need = next((n for n in wanted if n.kind == c.kind), None)
         if need is None or family not in c.families:
             fits = [x.name for x in installed if any(n.fits(x) for n in wanted) and family in x.families]
-            why = (f"{model_file} carries its own {KIND_LABELS[c.kind]}" if c.kind in inside(header)
+            why = (f"{model_file} carries its own {KIND_LABELS[c.kind]}" if c.kind in carried
                    else f"{c.path.name} is a {KIND_LABELS[c.kind]} for {', '.join(c.families) or 'no known family'}")
             raise ComponentError(f"module {requested!r} does not fit {model_file} ({family}): {why}; "
                                  f"valid choices: {', '.join(fits) or '(none installed)'}")

@@ -14,9 +14,10 @@ import re
 import threading
 from pathlib import Path
 
-from .components import ComponentIndex
+from .components import ComponentIndex, ModelParts
 from .families import Detected, detect_folder, detect_single_file, spec
-from .fileinfo import EMBEDDING_SUFFIXES, EmbeddingError, embedding_info, lora_family, upscaler_problem
+from .fileinfo import (EMBEDDING_SUFFIXES, EmbeddingError, embedding_info, lora_family, read_model_header,
+                       upscaler_problem)
 from .vocabulary import (BUILTIN_LABELS, LATENT_UPSCALE_MODES, EmbeddingEntry, LoraEntry, ModelEntry, ModelFormat,
                          UpscalerEntry)
 
@@ -175,6 +176,10 @@ class Registry:
         if problems and requested in problems:
             raise UnknownName(f"model {requested!r} is not usable: {problems[requested]}")
         raise UnknownName(_unknown("model", requested, [m.name for m in models] + [m.label for m in models]))
+
+    def model_parts(self, model: ModelEntry) -> ModelParts:
+        """What a Flux.1 / SD 3.x model file needs as component files, read from its header."""
+        return ModelParts.of(model.family, read_model_header(model.path))
 
     # ------------------------------------------------------------------ LoRAs
     def loras(self) -> list[LoraEntry]:

@@ -23,6 +23,7 @@ from diffusionapi.jobs.resolve import resolve_txt2img
 from diffusionapi.registry import Registry
 from diffusionapi.schemas import Txt2ImgRequest
 
+from .cluster_fixtures import redis_server  # noqa: F401 - fixture
 from .conftest import LiveServer, make_settings
 from .flow_files import flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_to_ldm, write_flux_files, write_gguf
 
@@ -347,3 +348,34 @@ def test_sd3_without_t5_is_diffusers_without_text_encoder_3(sd3_server, sd3_stor
     assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
     r = sd3_server.client.post("/txt2img", json={**SD3, "model": "sd3-transformer", "modules": ["clip_l", "nope"]})
     assert r.status_code == 422 and "'nope'" in r.text and "clip_g" in r.text, r.text
+
+
+@pytest.mark.broker
+def test_a_cluster_api_node_chooses_modules_from_the_workers_catalog(redis_server, flow_store, tmp_path):  # noqa: F811
+    """An API node has no model files: it chooses components from what the live workers publish;
+    the worker resolves the job record's names against its own files, to the same ones."""
+    from diffusionapi.jobs.backends.celery.catalog import CatalogRegistry, catalog_of
+    from diffusionapi.jobs.backends.celery.state import RedisJobState
+    from diffusionapi.jobs.resolve import resolve_job
+
+    state = RedisJobState(redis_server.url)
+    state.r.flushdb()
+    try:
+        worker_settings = make_settings(flow_store, tmp_path / "w", default_model="flux-transformer")
+        local = Registry(worker_settings)
+        models = {m.name: m for m in local.models()}
+        state.heartbeat("w", {"device": "cuda:0"}, ttl=30, catalog=catalog_of(local, [models["flux-transformer"]]))
+        (tmp_path / "api-store").mkdir()
+        api_settings = make_settings(tmp_path / "api-store", tmp_path / "api", default_model="flux-transformer")
+        api = CatalogRegistry(api_settings, state, refresh_sec=0)
+        assert {c.name for c in api.components.files()} >= {"clip_l", "t5xxl_fp16", "ae"}
+        job = resolve_txt2img(Txt2ImgRequest(**FLUX), api, api_settings)
+        assert job.echo["modules"] == ["clip_l", "t5xxl_fp16", "ae"]
+        ran = resolve_job("txt2img", job.payload, local, worker_settings).plan.model
+        assert [p.name for p in ran.modules] == ["clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"]
+        assert ran.modules[0].parent == flow_store / "text_encoders"
+        with pytest.raises(RequestError) as e:
+            resolve_txt2img(Txt2ImgRequest(**FLUX, modules=["clip_g"]), api, api_settings)
+        assert e.value.field == "modules" and "valid choices" in e.value.message
+    finally:
+        state.close()

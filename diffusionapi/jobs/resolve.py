@@ -11,9 +11,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, replace
 
-from ..components import T5_TOKENIZER_FOLDER, T5XXL, ComponentError, choose, choose_vae, inside, text_encoders_dir
+from ..components import T5_TOKENIZER_FOLDER, T5XXL, ComponentError, choose, choose_vae, text_encoders_dir
 from ..config import FIELD_LIMITS, Settings
-from ..fileinfo import read_model_header
 from ..errors import RequestError
 from ..engine.live import check_preview
 from ..engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, PreviewPlan, UpscalePlan
@@ -245,14 +244,14 @@ def resolve_modules(model: ModelEntry, named: list[str], registry: Registry,
     if model.path.suffix.lower() not in (".safetensors", ".gguf"):
         raise RequestError("model", f"{model.path.name}: {fam.label} files are read as .safetensors or .gguf only")
     try:
-        header = read_model_header(model.path)
+        parts = registry.model_parts(model)
         problems = {}
         installed = registry.components.files(problems)
-        chosen = choose(model.family, model.path.name, header, installed, list(named), settings, problems)
+        chosen = choose(model.family, model.path.name, parts, installed, list(named), settings, problems)
     except (ComponentError, OSError, ValueError) as e:
         raise RequestError("modules", str(e)) from None
     tokenizer = None
-    if any(c.kind == T5XXL for c in chosen) or T5XXL in inside(header):
+    if any(c.kind == T5XXL for c in chosen) or T5XXL in parts.inside:
         tokenizer = registry.components.t5_tokenizer()
         if tokenizer is None:
             raise RequestError("modules", f"{model.path.name} runs a T5 text encoder, whose tokenizer is in no model "
