@@ -285,18 +285,25 @@ class ModelParts:
     API node gets it from the worker's catalog)."""
     needs: tuple[Need, ...]
     inside: frozenset[str]
+    problem: str | None = None   # why the file cannot run (a layout not read)
 
     @classmethod
     def of(cls, family: str, header: dict) -> "ModelParts":
-        return cls(tuple(needs(family, header)), frozenset(inside(header)))
+        t = _strip(header)
+        diffusers_layout = (any(k.startswith("single_transformer_blocks.") for k in t) if family == "flux1" else
+                            family == "sd3" and "pos_embed.pos_embed" in t)
+        problem = (f"diffusers-layout {family} single files are not read: use the original (BFL / Stability) "
+                   "layout file, or the model as a diffusers folder") if diffusers_layout else None
+        return cls(tuple(needs(family, header)), frozenset(inside(header)), problem)
 
     def to_json(self) -> dict:
         return {"needs": [[n.kind, n.width, n.optional, n.projection_sum] for n in self.needs],
-                "inside": sorted(self.inside)}
+                "inside": sorted(self.inside), "problem": self.problem}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelParts":
-        return cls(tuple(Need(*n) for n in data.get("needs", [])), frozenset(data.get("inside", [])))
+        return cls(tuple(Need(*n) for n in data.get("needs", [])), frozenset(data.get("inside", [])),
+                   data.get("problem"))
 
 
 def choose(family: str, model_file: str, parts: ModelParts, installed: list[ComponentFile], named: list[str],

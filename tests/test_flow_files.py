@@ -45,6 +45,7 @@ def flow_store(tmp_path_factory):
     save(fp8_copy(bfl), root / "models" / "flux-fp8.safetensors")
     save(fp8_copy(bfl, scaled=True), root / "models" / "flux-fp8-scaled.safetensors")
     write_gguf(bfl, root / "models" / "flux-q8.gguf")
+    save(pipe.transformer.state_dict(), root / "models" / "flux-diffusers-keys.safetensors")
     (root / "text_encoders" / "broken_clip.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     # An SD 1.5 folder and A1111-style VAE files for it (sd_vae): its own VAE's weights, and others.
     sd15 = tiny_sd15_pipeline(0)
@@ -232,6 +233,8 @@ def test_broken_wrong_family_and_pickled_files_are_422s_naming_them(flow_server,
     r = c.post("/txt2img", json={**FLUX, "model": "flux-transformer", "modules": ["sd15-other-vae"]})
     assert r.status_code == 422 and "is a VAE for sd15" in r.text and "valid choices: clip_l, t5xxl_fp16, ae" in r.text, \
         r.text
+    r = c.post("/txt2img", json={**FLUX, "model": "flux-diffusers-keys"})
+    assert r.status_code == 422 and "flux-diffusers-keys.safetensors" in r.text and "diffusers-layout" in r.text, r.text
     marker = tmp_path / "pickle-ran"
     torch.save({"state_dict": {"double_blocks.0.img_attn.qkv.weight": _OpensAFile(marker)}},
                flow_store / "models" / "evil-flux.ckpt")

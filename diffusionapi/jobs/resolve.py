@@ -245,6 +245,8 @@ def resolve_modules(model: ModelEntry, named: list[str], registry: Registry,
         raise RequestError("model", f"{model.path.name}: {fam.label} files are read as .safetensors or .gguf only")
     try:
         parts = registry.model_parts(model)
+        if parts.problem:
+            raise RequestError("model", f"{model.path.name}: {parts.problem}")
         problems = {}
         installed = registry.components.files(problems)
         chosen = choose(model.family, model.path.name, parts, installed, list(named), settings, problems)
