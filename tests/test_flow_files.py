@@ -176,6 +176,18 @@ def test_sd_vae_replaces_an_sd15_models_vae(flow_server):
             "override_settings": {"sd_model_checkpoint": "tiny-sd15", "sd_vae": "sd15-other-vae.safetensors"}}
     r = flow_server.client.post("/sdapi/v1/txt2img", json=body)
     assert r.status_code == 200 and "Module 1: sd15-other-vae" in r.json()["info"], r.text
+    # Set as an option (A1111 clients POST /options), it applies to later /sdapi jobs.
+    c = flow_server.client
+    try:
+        assert c.post("/sdapi/v1/options", json={"sd_vae": "sd15-other-vae"}).status_code == 200
+        assert c.get("/sdapi/v1/options").json()["sd_vae"] == "sd15-other-vae"
+        body.pop("override_settings")
+        r = c.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": "tiny-sd15"}})
+        assert r.status_code == 200 and "Module 1: sd15-other-vae" in r.json()["info"], r.text
+    finally:
+        c.post("/sdapi/v1/options", json={"sd_vae": "Automatic"})
+    r = c.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": "tiny-sd15"}})
+    assert r.status_code == 200 and "Module 1" not in r.json()["info"], r.text
     for wrong in ("ae", "clip_l"):  # a Flux VAE (16 channels), a text encoder
         r = flow_server.client.post("/txt2img", json={**p, "modules": [wrong]})
         assert r.status_code == 422 and wrong in r.text and "sd15-other-vae" in r.text, r.text

@@ -299,7 +299,7 @@ def _checkpoint(ctx: "Context", value: str, field: str) -> str:
 def _modules(overrides: dict, model: str | None, ctx: "Context", body: dict) -> None:
     """Forge's ``forge_additional_modules`` (full paths or file names: matched by file name) and
     A1111's ``sd_vae`` ("Automatic" / "None": the model's own) -> the native ``modules``."""
-    modules = overrides.get("forge_additional_modules") or []
+    modules = overrides.get("forge_additional_modules", ctx.modules) or []
     if isinstance(modules, str):
         modules = [modules]
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
@@ -310,7 +310,7 @@ def _modules(overrides: dict, model: str | None, ctx: "Context", body: dict) -> 
         ctx.warnings.append(f"override_settings.forge_additional_modules {modules!r} ignored: the model's own "
                             "VAE and text encoders are used")
         modules = []
-    vae = overrides.get("sd_vae")
+    vae = overrides.get("sd_vae", ctx.vae)
     if isinstance(vae, str) and vae.strip() and vae.strip() not in ("Automatic", "None"):
         modules = [*modules, vae.strip()]
     if modules:
@@ -326,6 +326,8 @@ class Context:
     resolve_checkpoint: Any         # callable(str) -> native model name (raises LookupError)
     # callable(native model name or None) -> whether it runs with component files (Flux.1 / SD 3.x single files)
     takes_modules: Any = lambda model: False
+    vae: str | None = None          # the /sdapi options sd_vae ("Automatic": the model's own)
+    modules: list = field(default_factory=list)  # the /sdapi options forge_additional_modules
     warnings: list[str] = field(default_factory=list)
 
 

@@ -99,7 +99,8 @@ def _context(request: Request) -> p.Context:
     return p.Context(default_sampler=Txt2ImgRequest.model_fields["sampler_name"].default,
                      model=s.chosen_model(), clip_skip=s.options.clip_skip,
                      resolve_checkpoint=lambda v: s.catalog.resolve(v).name,
-                     takes_modules=lambda v: _takes_modules(request, v))
+                     takes_modules=lambda v: _takes_modules(request, v), vae=s.options.sd_vae,
+                     modules=s.options.modules)
 
 
 def _takes_modules(request: Request, model: str | None) -> bool:
