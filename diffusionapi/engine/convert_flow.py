@@ -12,8 +12,9 @@ would not load; the converters here read every size from the tensors:
   (16, 56, 56); other head sizes take (d/4, d/4, d/2), the tiny test models' split; a
   ``<file stem>.config/transformer/config.json`` next to the file overrides any of it.
 - SD 3.x transformer (``joint_blocks.*``): diffusers' converter, which reads its sizes from the
-  tensors; the config (layers, heads of 64, patch, position grid, dual-attention layers, qk norm)
-  is read from the shapes here.
+  tensors; the config (layers, patch, position grid, dual-attention layers, qk norm) is read from
+  the shapes here; heads are not in the shapes: 64 channels each (every published SD 3.x; 8 for
+  widths under 512, the tiny test models).
 - VAE (LDM / BFL ``ae.safetensors`` keys): block widths, layers and channels from the shapes,
   diffusers' LDM key converter; the group-norm group count is not in the shapes: 32 (every
   published VAE) unless the narrowest block has fewer channels (gcd with 32). Scaling and shift
@@ -24,9 +25,11 @@ would not load; the converters here read every size from the tensors:
 - T5 (HF T5EncoderModel keys): heads and buckets from the relative attention bias, the rest
   from the shapes; gated-GELU when ``wi_0`` / ``wi_1`` exist.
 
-Models are built on the meta device and take the file's tensors as they are (no second copy),
-then cast to the running dtype. Nothing here unpickles: ``.safetensors`` only (``.ckpt`` files
-of these families are read by fileinfo.ckpt_keys' weights-only loader first).
+Models are built on the meta device and take the file's tensors (split views made contiguous),
+then are cast to the running dtype: fp8 weights stay fp8 and are upcast per layer, scaled fp8 is
+dequantized at load, GGUF blocks stay quantized in diffusers' GGUFLinear (see below). Model files
+are ``.safetensors`` or ``.gguf`` (jobs/resolve.py refuses others); a ``.ckpt`` reaching
+``load_tensors`` is opened weights-only, after fileinfo.ckpt_keys refused any pickle needing more.
 """
 from __future__ import annotations
 
@@ -191,7 +194,7 @@ def flux_config(sd: dict, sidecar: dict | None = None) -> dict:
     if out != in_channels:
         cfg["out_channels"] = out
     for k, v in (sidecar or {}).items():
-        if not k.startswith("_") and k in cfg or k == "out_channels":
+        if not k.startswith("_") and (k in cfg or k == "out_channels"):
             cfg[k] = tuple(v) if isinstance(v, list) else v
     return cfg
 
@@ -270,7 +273,9 @@ def sd3_config(sd: dict, sidecar: dict | None = None) -> dict:
     pos = _dims(sd["pos_embed"])[1]                  # (1, grid * grid, inner)
     grid = int(round(math.sqrt(pos)))
     out_channels = _dims(sd["final_layer.linear.weight"])[0] // (patch * patch)
-    cfg = dict(sample_size=grid if layers < 24 else 128, patch_size=patch, in_channels=in_channels,
+    # sample_size is only the pipeline's default size (the position grid is cropped per image): 128
+    # latents (1024 px) as published, the grid itself when smaller.
+    cfg = dict(sample_size=min(grid, 128), patch_size=patch, in_channels=in_channels,
                out_channels=out_channels, num_layers=layers, attention_head_dim=64 if inner >= 512 else 8,
                num_attention_heads=inner // (64 if inner >= 512 else 8),
                joint_attention_dim=_dims(sd["context_embedder.weight"])[1],
