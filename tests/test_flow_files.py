@@ -25,6 +25,7 @@ from diffusionapi.schemas import Txt2ImgRequest
 
 from .cluster_fixtures import redis_server  # noqa: F401 - fixture
 from .conftest import LiveServer, make_settings
+from .test_flux import save_flux_lora
 from .flow_files import flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_to_ldm, write_flux_files, write_gguf
 
 FLUX = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", sampler_name="Euler")
@@ -53,7 +54,7 @@ def flow_store(tmp_path_factory):
     save(vae_to_ldm(sd15.vae.state_dict()), root / "vae" / "sd15-same-vae.safetensors")
     save({f"first_stage_model.{k}": v for k, v in vae_to_ldm(tiny_sd15_pipeline(3).vae.state_dict()).items()},
          root / "vae" / "sd15-other-vae.safetensors")
-    (root / "loras").mkdir()
+    save_flux_lora(root / "loras" / "flux-style.safetensors")
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
     return root
@@ -257,6 +258,17 @@ def test_broken_wrong_family_and_pickled_files_are_422s_naming_them(flow_server,
         assert not marker.exists()
     finally:
         (flow_store / "models" / "evil-flux.ckpt").unlink()
+
+
+@pytest.mark.parametrize("name", ["flux-transformer", "flux-fp8", "flux-q8"])
+def test_loras_on_single_files_change_and_unload(flow_server, name):
+    base = px(flow_server.run(**FLUX, model=name, seed=3))
+    styled = px(flow_server.run(**FLUX, model=name, seed=3, loras=[{"name": "flux-style", "scale": 1.0}]))
+    assert not np.array_equal(base, styled)
+    assert np.array_equal(base, px(flow_server.run(**FLUX, model=name, seed=3)))
+    if name == "flux-transformer":  # the same LoRA on the folder of the same weights
+        folder = px(flow_server.run(**FLUX, model="flux-folder", seed=3, loras=[{"name": "flux-style", "scale": 1.0}]))
+        assert same_image(styled, folder)
 
 
 def _resolve(settings, **payload):

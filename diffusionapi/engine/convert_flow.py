@@ -508,3 +508,16 @@ def replace_vae(own, modules, dtype: torch.dtype):
     vae = _build(AutoencoderKL, config, {k: v for k, v in converted.items() if not k.startswith("loss.")},
                  path.name)
     return vae.to(device=own.device, dtype=dtype)
+
+
+def upcast_fp8_adapters(pipe) -> None:
+    """PEFT gives LoRA weights the stored type of the layer they adapt -- fp8 for fp8-stored
+    layers, in which nothing computes -- and no layerwise-casting hook covers them: they go to the
+    running dtype (they are small). They passed through fp8 once on the way (PEFT's cast)."""
+    module = getattr(pipe, "transformer", None)
+    if module is None:
+        return
+    compute = module.dtype  # diffusers reports the layerwise-casting compute dtype
+    for name, p in module.named_parameters():
+        if "lora_" in name and p.dtype in FP8_TYPES:
+            p.data = p.data.to(compute)
