@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     # Image guidance (README "ControlNet"): None = the folder of that name next to models_dir.
     controlnet_dir: Path | None = None     # ControlNets and T2I-Adapters
     annotators_dir: Path | None = None     # preprocessor weights
+    # Component files for transformer-only Flux.1 / SD 3.x files (docs/families.md "Where files go"):
+    # None = the folder of that name next to models_dir.
+    text_encoders_dir: Path | None = None  # CLIP-L / CLIP-G / T5-XXL files, and t5-tokenizer/
+    vae_dir: Path | None = None            # VAE files (Flux ae, SD 3 VAE, A1111-style VAEs)
 
     # "auto" picks cuda, then mps, then cpu.
     device: str = "auto"

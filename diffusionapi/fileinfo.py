@@ -32,6 +32,25 @@ def read_safetensors_header(path: Path) -> dict:
     return json.loads(data)
 
 
+def read_gguf_header(path: Path) -> dict:
+    """A GGUF file's tensors as a safetensors-like header: {name: {"shape": [...] (torch order),
+    "dtype": "Q8_0" | "F16" | ...}}; the data stays on disk (memory-mapped, never unpickled)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{Path(path).name}: not a readable GGUF file ({e})") from None
+    # ggml lists dimensions innermost first; torch outermost first.
+    return {t.name: {"shape": [int(x) for x in reversed(t.shape.tolist())], "dtype": t.tensor_type.name}
+            for t in reader.tensors}
+
+
+def read_model_header(path: Path) -> dict:
+    """Tensor names and shapes of a .safetensors or .gguf file."""
+    return read_gguf_header(path) if Path(path).suffix.lower() == ".gguf" else read_safetensors_header(path)
+
+
 def ckpt_keys(path: Path) -> list[str]:
     """Tensor names of a .ckpt, loaded the safe way: a pickle needing more than tensors is refused."""
     import pickle

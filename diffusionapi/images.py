@@ -304,6 +304,9 @@ def infotext_parameters(items: dict) -> dict:
         out["scheduler_type"] = schedule
     if items.get("Model"):
         out["model"] = items["Model"]
+    modules = [items[f"Module {i}"] for i in range(1, 9) if items.get(f"Module {i}")]
+    if modules:  # Forge's component files (text encoders, VAE)
+        out["modules"] = modules
     if items.get("Refiner"):
         out["refiner_checkpoint"] = items["Refiner"]
         switch = _number(items.get("Refiner switch at"), float)

@@ -14,14 +14,16 @@ import re
 import threading
 from pathlib import Path
 
+from .components import ComponentIndex, ModelParts
 from .families import Detected, detect_folder, detect_single_file, spec
-from .fileinfo import EMBEDDING_SUFFIXES, EmbeddingError, embedding_info, lora_family, upscaler_problem
+from .fileinfo import (EMBEDDING_SUFFIXES, EmbeddingError, embedding_info, lora_family, read_model_header,
+                       upscaler_problem)
 from .vocabulary import (BUILTIN_LABELS, LATENT_UPSCALE_MODES, EmbeddingEntry, LoraEntry, ModelEntry, ModelFormat,
                          UpscalerEntry)
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE_EXTS = (".safetensors", ".ckpt")
+SINGLE_FILE_EXTS = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantized transformers (Flux.1, SD 3.x)
 UPSCALER_EXTS = (".pth", ".safetensors", ".pt")
 
 
@@ -57,6 +59,7 @@ class Registry:
         self._family_cache: dict[tuple[str, float], Detected | str] = {}
         self._upscaler_cache: dict[tuple[str, float, int], str | None] = {}
         self._embedding_cache: dict[tuple[str, int, int], EmbeddingEntry] = {}
+        self.components = ComponentIndex(settings)  # text encoders and VAEs (components.py)
 
     # ------------------------------------------------------------------ labels
     def labels(self) -> dict[str, str]:
@@ -173,6 +176,10 @@ class Registry:
         if problems and requested in problems:
             raise UnknownName(f"model {requested!r} is not usable: {problems[requested]}")
         raise UnknownName(_unknown("model", requested, [m.name for m in models] + [m.label for m in models]))
+
+    def model_parts(self, model: ModelEntry) -> ModelParts:
+        """What a Flux.1 / SD 3.x model file needs as component files, read from its header."""
+        return ModelParts.of(model.family, read_model_header(model.path))
 
     # ------------------------------------------------------------------ LoRAs
     def loras(self) -> list[LoraEntry]:

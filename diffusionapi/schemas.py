@@ -5,7 +5,7 @@ configures are checked in ``resolve.py`` against the Settings.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -81,6 +81,11 @@ class Txt2ImgRequest(BaseModel):
     loras: list[LoRA | str] = Field(default_factory=list)
     hires: HiresConfig | None = None
     refiner_checkpoint: str | None = Field(None, max_length=512)
+    modules: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        default_factory=list, max_length=8,
+        description="component files (GET /modules: text encoders, VAE) for a model file that lacks them, by "
+                    "name, file name or path (matched by file name); left out: the only compatible one of each "
+                    "kind")
     refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
     seed: int | None = Field(None, ge=-1, le=2**64 - 1)
     preview: PreviewRequest | None = None  # added: when left out, DIFFUSIONAPI_PREVIEWS_DEFAULT
@@ -277,6 +282,22 @@ class EmbeddingInfo(BaseModel):
 class EmbeddingsResponse(BaseModel):
     status: Literal["success", "error"] = "success"
     embeddings: list[EmbeddingInfo]
+
+
+class ModuleInfo(BaseModel):
+    """A component file (text encoder or VAE) that model files lacking it run with."""
+    name: str                 # what `modules` (and /sdapi's forge_additional_modules, sd_vae) name
+    kind: Literal["clip_l", "clip_g", "t5xxl", "vae"]
+    role: Literal["text_encoder", "vae"]
+    families: list[str]       # the model families it serves
+    width: int                # text encoders: hidden width; VAEs: latent channels
+    storage: str              # the stored weight type ("F16", "BF16", "F8_E4M3", ...)
+    path: str
+
+
+class ModulesResponse(BaseModel):
+    status: Literal["success", "error"] = "success"
+    modules: list[ModuleInfo]
 
 
 class UpscalerInfo(BaseModel):

@@ -60,6 +60,10 @@ class ModelEntry:
     # keys): "epsilon" | "v_prediction"; ztsnr: zero-terminal-SNR (rescaled betas).
     prediction: str = "epsilon"
     ztsnr: bool = False
+    # Component files chosen for this job (components.py): text encoders / VAE that a
+    # transformer-only file lacks, and the T5 tokenizer folder when a T5 runs.
+    modules: tuple[Path, ...] = ()
+    t5_tokenizer: Path | None = None
 
 
 @dataclass(frozen=True)

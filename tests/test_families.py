@@ -71,7 +71,7 @@ def test_table_has_one_spec_per_family_id():
     assert [f.id for f in FAMILIES] == ["flux1", "sd3", "sdxl", "sdxl-refiner", "sd2", "sd15"]
     assert BY_ID["sdxl"].size == 1024 and BY_ID["sd15"].size == 512 and BY_ID["sd2"].size == 768
     assert BY_ID["flux1"].latent_channels == 16 and BY_ID["flux1"].prediction == "flow"
-    assert BY_ID["flux1"].single_files and BY_ID["sd3"].single_files  # folders only, for now
+    assert not BY_ID["flux1"].single_files and not BY_ID["sd3"].single_files  # single files load (test_flow_files)
 
 
 @pytest.mark.parametrize("keys, family", [
@@ -165,18 +165,18 @@ def test_models_list_family_prediction_and_ztsnr(fam_server):
     assert (models["xl-eps"]["prediction"], models["xl-eps"]["ztsnr"]) == ("epsilon", False)
     assert (models["xl-vpred"]["prediction"], models["xl-vpred"]["ztsnr"]) == ("v_prediction", True)
     assert (models["xl-vcfg"]["prediction"], models["xl-vcfg"]["ztsnr"]) == ("v_prediction", True)
-    assert "flux-dev-like" not in models and "sd35-like" not in models
+    assert (models["flux-dev-like"]["family"], models["sd35-like"]["family"]) == ("flux1", "sd3")
     sd = {m["model_name"]: m for m in fam_server.client.get("/sdapi/v1/sd-models").json()}
     assert (sd["xl-vpred"]["family"], sd["xl-vpred"]["prediction"], sd["xl-vpred"]["ztsnr"]) == \
         ("sdxl", "v_prediction", True)
     assert sd["tiny-sd2-v"]["family"] == "sd2"
 
 
-@pytest.mark.parametrize("name, family", [("flux-dev-like", "Flux.1"), ("sd35-like", "SD 3.x")])
-def test_recognised_but_unloadable_single_files_are_a_422_naming_the_file(fam_server, name, family):
+@pytest.mark.parametrize("name", ["flux-dev-like", "sd35-like"])
+def test_transformer_files_without_their_components_are_a_422_naming_what_to_add(fam_server, name):
     r = fam_server.client.post("/txt2img", json=dict(SMALL, model=name))
     assert r.status_code == 422, r.text
-    assert name in r.text and family in r.text
+    assert name in r.text and "modules" in r.text and "clip_l.safetensors" in r.text and "text_encoders" in r.text
 
 
 def test_vpred_markers_change_the_image_and_equal_an_explicit_config(fam_server):

@@ -26,6 +26,7 @@ LAYERS: dict[str, float] = {
     "jobs.webhooks": 1, "jobs.live": 1.5,
     "fileinfo": 1, "images": 1, "imageinput": 1,
     "families": 1.25,  # how each model family is recognised and runs: read by the registry and the engine
+    "components": 1.5,  # separate text-encoder / VAE files (kinds read from headers): registry, resolve, engine
     "engine": 2, "registry": 2, "demo": 2,
     "schemas": 3, "limits": 3.1,  # the cost budget: plans and prompts, checked by resolve
     "jobs.views": 3.25,  # views: the GET /queue/{id} answer, built by API nodes and cluster workers

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request
 
 from ..engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
 from ..registry import display_path
-from ..schemas import (EmbeddingInfo, EmbeddingsResponse, HelloResponse, LoraInfo, LorasResponse, ModelAliasesResponse, ModelInfo, ModelsResponse,
+from ..schemas import (EmbeddingInfo, EmbeddingsResponse, HelloResponse, ModuleInfo, ModulesResponse, LoraInfo, LorasResponse, ModelAliasesResponse, ModelInfo, ModelsResponse,
                        SamplingMethodsResponse, UpscalerInfo, UpscalersResponse)
 
 router = APIRouter()
@@ -42,6 +42,16 @@ def loras(request: Request) -> LorasResponse:
 def embeddings(request: Request) -> EmbeddingsResponse:
     return EmbeddingsResponse(embeddings=[EmbeddingInfo(name=e.name, family=e.family, vectors=e.vectors)
                                           for e in request.app.state.registry.embeddings()])
+
+
+@router.get("/modules", response_model=ModulesResponse, response_model_exclude_none=True)
+def modules(request: Request) -> ModulesResponse:
+    """Text-encoder and VAE files (stable_diffusion/text_encoders/, stable_diffusion/vae/) for
+    transformer-only Flux.1 / SD 3.x files, and VAEs that replace a model's own."""
+    return ModulesResponse(modules=[
+        ModuleInfo(name=c.name, kind=c.kind, role=c.role, families=list(c.families), width=c.width,
+                   storage=c.storage, path=display_path(c.path))
+        for c in request.app.state.registry.components.files()])
 
 
 @router.get("/upscalers", response_model=UpscalersResponse, response_model_exclude_none=True)

@@ -54,6 +54,10 @@ def packaged_config(family: str, unet_in_channels: int = 4) -> Path:
 
 
 def load_single_file(cls, entry: ModelEntry, dtype):
+    if spec(entry.family).prediction == "flow":  # Flux.1 / SD 3.x: our size-generic converters
+        from .convert_flow import load_flow_single_file
+
+        return load_flow_single_file(entry, dtype)
     config = sidecar_config(entry.path)
     if config is None:
         shipped = spec(entry.family).packaged_config

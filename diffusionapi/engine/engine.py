@@ -322,7 +322,7 @@ class Engine:
         runs a negative pass), cached like the CLIP encodings: by model, text and LoRAs."""
         prompt = plain_prompt(text.prompt, text.steps)
         negative = plain_prompt(text.negative, text.steps) if text.negative_pass else None
-        key = (loaded.entry.name, str(loaded.entry.path), prompt, negative, text.lora_key)
+        key = (loaded.entry.name, str(loaded.entry.path), loaded.entry.modules, prompt, negative, text.lora_key)
         cond = self._flow_cache.get(key)
         if cond is None:
             cond = encode_flow(loaded, prompt, negative)
@@ -384,6 +384,8 @@ class Engine:
                 params["Distilled CFG Scale"] = plan.distilled_cfg_scale
             if base is not None:  # the shift of this size (Flux.1-dev's depends on it)
                 params["Shift"] = round(base.sigmas_at(plan.width, plan.height).shift, 4)
+        for i, module in enumerate(plan.model.modules, 1):  # Forge's names for component files
+            params[f"Module {i}"] = module.stem
         hashes = lora_hashes_infotext(plan.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes

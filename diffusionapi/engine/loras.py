@@ -87,6 +87,9 @@ class LoraManager:
         if name not in _adapters(pipe):
             self._reset(pipe, book)
             raise LoraError(f"LoRA {entry.name!r} could not be applied: no layer of the model matched its keys")
+        from .convert_flow import upcast_fp8_adapters
+
+        upcast_fp8_adapters(pipe)  # fp8-stored layers (convert_flow.to_running_dtype)
         book[name] = stamp
         self.loads += 1
 

@@ -126,6 +126,10 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
         if variant:
             kwargs["variant"] = variant
         pipe = cls.from_pretrained(str(entry.path), **kwargs)
+    if entry.modules and (entry.format != ModelFormat.SINGLE_FILE or spec(entry.family).prediction != "flow"):
+        from .convert_flow import replace_vae  # sd_vae / a VAE module on a model with its own VAE
+
+        pipe.vae = replace_vae(pipe.vae, entry.modules, dtype)
     _check_no_meta(pipe, entry)
     pipe.scheduler = scheduler_for_entry(pipe.scheduler, entry)
     pipe.set_progress_bar_config(disable=True)
@@ -213,7 +217,7 @@ class PipelineCache:
     def get(self, entry: ModelEntry, *, keep: tuple[str, ...] = (), share_from: LoadedModel | None = None) -> LoadedModel:
         with self._lock:
             item = self._items.get(entry.name)
-            if item is not None and item.entry.path == entry.path:
+            if item is not None and (item.entry.path, item.entry.modules) == (entry.path, entry.modules):
                 self._items.move_to_end(entry.name)
                 return item
             if item is not None:

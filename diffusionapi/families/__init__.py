@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..fileinfo import CheckpointError, ckpt_keys, read_safetensors_header
+from ..fileinfo import CheckpointError, ckpt_keys, read_model_header
 from . import flux1, sd2, sd3, sd15, sdxl, sdxl_refiner
 from .spec import Detected, FamilySpec, FolderConfigs
 
@@ -46,8 +46,8 @@ V_PRED_MARKER, ZTSNR_MARKER = "v_pred", "ztsnr"
 
 def checkpoint_keys(path: Path) -> set[str]:
     """A single file's tensor names: the safetensors header, or a ``.ckpt`` loaded weights-only."""
-    if path.suffix.lower() == ".safetensors":
-        return {k for k in read_safetensors_header(path) if k != "__metadata__"}
+    if path.suffix.lower() in (".safetensors", ".gguf"):
+        return {k for k in read_model_header(path) if k != "__metadata__"}
     return set(ckpt_keys(path))
 
 

@@ -24,6 +24,9 @@ SPEC = FamilySpec(
     matches_checkpoint=matches_checkpoint, matches_folder=matches_folder, sampler="Euler",
     steps=20, cfg_scale=1.0, size=1024, latent_channels=16, prediction="flow", lora_family="flux1",
     preview="flux1", gpu_dtype="bfloat16", distilled_guidance=True,
-    single_files=("Flux.1 single files (all-in-one or transformer-only) are recognised but not loaded yet: "
-                  "install the model as a diffusers folder"),
+    # Flux.1-dev's published scheduler config (resolution-dependent shift); schnell's fixed shift 1.
+    scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                   max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+    scheduler_undistilled=dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
+    vae_scaling_factor=0.3611, vae_shift_factor=0.1159,
 )

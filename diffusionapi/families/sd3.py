@@ -23,6 +23,6 @@ SPEC = FamilySpec(
     matches_checkpoint=matches_checkpoint, matches_folder=matches_folder, sampler="Euler",
     steps=28, cfg_scale=4.5, size=1024, latent_channels=16, prediction="flow", lora_family="sd3",
     preview="sd3", gpu_dtype="bfloat16",
-    single_files=("SD 3.x single files (all-in-one or transformer-only) are recognised but not loaded yet: "
-                  "install the model as a diffusers folder"),
+    scheduler=dict(num_train_timesteps=1000, shift=3.0),  # SD 3 / 3.5's published config
+    vae_scaling_factor=1.5305, vae_shift_factor=0.0609,
 )

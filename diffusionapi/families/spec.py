@@ -51,5 +51,10 @@ class FamilySpec:
     single_files: str | None = None           # None: single files load; else why not (yet)
     gpu_dtype: str = "float16"                # weights' type on GPUs (Flux overflows fp16: bfloat16)
     distilled_guidance: bool = False          # guidance-distilled models take distilled_cfg_scale
+    # Single files carry no scheduler or VAE config: the family's published values (flow families).
+    scheduler: dict = field(default_factory=dict)
+    scheduler_undistilled: dict | None = None  # a file without guidance embedding (Flux.1 schnell)
+    vae_scaling_factor: float = 0.18215
+    vae_shift_factor: float | None = None
     checkpoint_prediction: Callable[[set[str], Path], "tuple[str, bool] | None"] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)

@@ -9,8 +9,9 @@ accepted under the limits of its submit runs.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from ..components import T5_TOKENIZER_FOLDER, T5XXL, ComponentError, choose, choose_vae, text_encoders_dir
 from ..config import FIELD_LIMITS, Settings
 from ..errors import RequestError
 from ..engine.live import check_preview
@@ -22,7 +23,7 @@ from ..limits import LimitExceeded, check_plan
 from ..registry import Registry, UnknownName
 from ..imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
 from ..schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
-from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER, UpscalerEntry
+from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER, ModelEntry, ModelFormat, UpscalerEntry
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         raise RequestError("model", f"{model.name!r} is an SDXL refiner; use it as refiner_checkpoint "
                                     "with an SDXL base model")
     w, h = _family_size(model, w, h, req)
+    model, module_names = resolve_modules(model, req.modules, registry, settings)
     family = family_spec(model.family)
     # Family defaults for what the request left out: Flux runs at CFG 1 (no negative pass) on
     # the "Simple" schedule, as Forge does.
@@ -197,7 +199,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         **req.model_dump(exclude=set(req.model_extra or ())), "model": model.name, "width": w, "height": h, "seed": seed,
         "cfg_scale": cfg_scale, "sampler_name": sampler_name,
         "scheduler_type": resolved_scheduler_type(sampler),
-        "refiner_checkpoint": refiner.name if refiner else None,
+        "refiner_checkpoint": refiner.name if refiner else None, "modules": module_names,
         # The prompt keeps its LoRA tags, so the echo lists only the request's own LoRAs.
         "loras": [{"name": u.entry.name, "scale": u.weight} for u in loras[:own_loras]],
         "preview": preview.model_dump() if preview else None})
@@ -223,6 +225,41 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         record = {**echo, "controlnets": cn_record, "ip_adapters": ip_record}
         echo = {**echo, "controlnets": cn_echo, "ip_adapters": ip_echo}
     return ResolvedJob("txt2img", echo, plan, OutputSpec(req.fileType, req.jpeg_quality), record)
+
+
+def resolve_modules(model: ModelEntry, named: list[str], registry: Registry,
+                    settings: Settings) -> tuple[ModelEntry, list[str]]:
+    """The component files (components.py) a single file of a flow family runs with, chosen once
+    at submit: the record keeps their names, so every worker loads the same ones."""
+    fam = family_spec(model.family)
+    if model.format != ModelFormat.SINGLE_FILE or fam.prediction != "flow":
+        if not named:
+            return model, []
+        try:  # a model with its own parts: a VAE file may replace its VAE (A1111's sd_vae)
+            problems: dict[str, str] = {}
+            vae = choose_vae(model.family, model.name, registry.components.files(problems), list(named), problems)
+        except ComponentError as e:
+            raise RequestError("modules", str(e)) from None
+        return replace(model, modules=(vae.path,)), [vae.name]
+    if model.path.suffix.lower() not in (".safetensors", ".gguf"):
+        raise RequestError("model", f"{model.path.name}: {fam.label} files are read as .safetensors or .gguf only")
+    try:
+        parts = registry.model_parts(model)
+        if parts.problem:
+            raise RequestError("model", f"{model.path.name}: {parts.problem}")
+        problems = {}
+        installed = registry.components.files(problems)
+        chosen = choose(model.family, model.path.name, parts, installed, list(named), settings, problems)
+    except (ComponentError, OSError, ValueError) as e:
+        raise RequestError("modules", str(e)) from None
+    tokenizer = None
+    if any(c.kind == T5XXL for c in chosen) or T5XXL in parts.inside:
+        tokenizer = registry.components.t5_tokenizer()
+        if tokenizer is None:
+            raise RequestError("modules", f"{model.path.name} runs a T5 text encoder, whose tokenizer is in no model "
+                                          f"file: add T5's spiece.model (or tokenizer.json with tokenizer_config.json) "
+                                          f"to {text_encoders_dir(settings) / T5_TOKENIZER_FOLDER}/")
+    return replace(model, modules=tuple(c.path for c in chosen), t5_tokenizer=tokenizer), [c.name for c in chosen]
 
 
 def _within_limits(plan: GenerationPlan, settings: Settings) -> None:

@@ -55,6 +55,14 @@ class OptionsStore:
     def clip_skip(self) -> int | None:
         return self._data.get("clip_skip")
 
+    @property
+    def sd_vae(self) -> str | None:
+        return self._data.get("sd_vae")
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self._data.get("modules") or [])
+
     def update(self, **values) -> None:
         with self._lock:
             self._data.update({k: v for k, v in values.items()})

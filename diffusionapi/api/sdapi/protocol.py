@@ -300,6 +300,27 @@ def _checkpoint(ctx: "Context", value: str, field: str) -> str:
         raise FieldError(field, str(e.args[0] if e.args else e)) from None
 
 
+def _modules(overrides: dict, model: str | None, ctx: "Context", body: dict) -> None:
+    """Forge's ``forge_additional_modules`` (full paths or file names: matched by file name) and
+    A1111's ``sd_vae`` ("Automatic" / "None": the model's own) -> the native ``modules``."""
+    modules = overrides.get("forge_additional_modules", ctx.modules) or []
+    if isinstance(modules, str):
+        modules = [modules]
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise FieldError("override_settings.forge_additional_modules", "must be a list of file names or paths")
+    if modules and not ctx.takes_modules(model):
+        # A model with its own VAE and text encoders (a diffusers folder): Forge's UI sends its
+        # module selection with every request; said, not silently dropped.
+        ctx.warnings.append(f"override_settings.forge_additional_modules {modules!r} ignored: the model's own "
+                            "VAE and text encoders are used")
+        modules = []
+    vae = overrides.get("sd_vae", ctx.vae)
+    if isinstance(vae, str) and vae.strip() and vae.strip() not in ("Automatic", "None"):
+        modules = [*modules, vae.strip()]
+    if modules:
+        body["modules"] = modules
+
+
 @dataclass
 class Context:
     """What a conversion needs besides the request: set once per request by the route."""
@@ -307,6 +328,10 @@ class Context:
     model: str | None               # the /sdapi options model (a native name), None: the service default
     clip_skip: int | None           # the /sdapi options CLIP_stop_at_last_layers
     resolve_checkpoint: Any         # callable(str) -> native model name (raises LookupError)
+    # callable(native model name or None) -> whether it runs with component files (Flux.1 / SD 3.x single files)
+    takes_modules: Any = lambda model: False
+    vae: str | None = None          # the /sdapi options sd_vae ("Automatic": the model's own)
+    modules: list = field(default_factory=list)  # the /sdapi options forge_additional_modules
     warnings: list[str] = field(default_factory=list)
 
 
@@ -340,12 +365,7 @@ def to_native(req: Txt2ImgAPIRequest, ctx: Context) -> dict:
     _priority(req, overrides, body)
     if req.distilled_cfg_scale is not None:
         body["distilled_cfg_scale"] = req.distilled_cfg_scale
-    modules = overrides.get("forge_additional_modules")
-    if modules:
-        # The model's folder holds its own VAE and text encoders; separate component files are
-        # not loaded yet, so naming them changes nothing: said, not silently dropped.
-        ctx.warnings.append(f"override_settings.forge_additional_modules {modules!r} ignored: the model's own "
-                            "VAE and text encoders are used")
+    _modules(overrides, model, ctx, body)
     body["batch_size"], body["n_iter"] = req.batch_size, req.n_iter
     # feeds /progress's current_image, as A1111's live previews do
     body["preview"] = {"every": PREVIEW_EVERY_N_STEPS, "method": "approx"}

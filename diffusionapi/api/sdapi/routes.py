@@ -98,7 +98,39 @@ def _context(request: Request) -> p.Context:
     s = sdapi_state(request)
     return p.Context(default_sampler=Txt2ImgRequest.model_fields["sampler_name"].default,
                      model=s.chosen_model(), clip_skip=s.options.clip_skip,
-                     resolve_checkpoint=lambda v: s.catalog.resolve(v).name)
+                     resolve_checkpoint=lambda v: s.catalog.resolve(v).name,
+                     takes_modules=lambda v: _takes_modules(request, v), vae=s.options.sd_vae,
+                     modules=s.options.modules)
+
+
+def _takes_modules(request: Request, model: str | None) -> bool:
+    """Whether ``model`` (None: the service default) is a single file of a flow family, which runs
+    with component files; others keep their own text encoders and VAE."""
+    from ...families import spec as family_spec
+    from ...vocabulary import ModelFormat
+
+    registry = request.app.state.registry
+    try:
+        entry = registry.resolve_model(model or request.app.state.settings.default_model)
+    except LookupError:
+        return False
+    return entry.format == ModelFormat.SINGLE_FILE and family_spec(entry.family).prediction == "flow"
+
+
+def _component_list(request: Request, role: str) -> list[dict]:
+    return [{"model_name": c.name, "filename": str(c.path)}
+            for c in request.app.state.registry.components.files() if c.role == role]
+
+
+@router.get("/sd-modules")
+def sd_modules(request: Request):
+    """Forge's module list: text encoders and VAEs (forge_additional_modules takes these)."""
+    return _component_list(request, "text_encoder") + _component_list(request, "vae")
+
+
+@router.get("/sd-vae")
+def sd_vae(request: Request):
+    return _component_list(request, "vae")
 
 
 def _info(req: p.Txt2ImgAPIRequest, final: Final, submitted, sdapi, started: float) -> dict:
@@ -359,7 +391,7 @@ async def script_info():
     return []
 
 
-for _path in ("sd-vae", "sd-modules", "hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles",
+for _path in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles",
               "extensions"):
     router.add_api_route(f"/{_path}", lambda: [], methods=["GET"], name=f"sdapi_{_path}")
 

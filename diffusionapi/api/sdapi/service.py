@@ -100,7 +100,8 @@ class SdapiState:
         sha = self.catalog.sha256(current) if current else None
         return {"sd_model_checkpoint": self.catalog.title(current, sha) if current else None,
                 "sd_checkpoint_hash": sha, "CLIP_stop_at_last_layers": self.options.clip_skip or 1,
-                **STATIC_OPTIONS}
+                **STATIC_OPTIONS, "sd_vae": self.options.sd_vae or "Automatic",
+                "forge_additional_modules": self.options.modules}
 
     def set_options(self, data: dict) -> None:
         changes = {}
@@ -116,7 +117,14 @@ class SdapiState:
             if value is not None and value <= 12:  # A1111's range; anything else would fail every job
                 changes["clip_skip"] = value
             # else: A1111 would store it; an unusable value changes nothing here
-        ignored = sorted(set(data) - {"sd_model_checkpoint", "CLIP_stop_at_last_layers"})
+        # The VAE / component files later /sdapi jobs use (checked when a job names them).
+        if isinstance(data.get("sd_vae"), str):
+            changes["sd_vae"] = data["sd_vae"].strip() or "Automatic"
+        modules = data.get("forge_additional_modules")
+        if isinstance(modules, list) and all(isinstance(m, str) for m in modules):
+            changes["modules"] = modules
+        ignored = sorted(set(data) - {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae",
+                                      "forge_additional_modules"})
         if ignored:
             log.debug("sdapi options: ignoring %s", ", ".join(ignored))
         if changes:

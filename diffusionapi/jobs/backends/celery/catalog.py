@@ -39,13 +39,21 @@ def catalog_of(registry: Registry, models) -> dict:
         sha = _model_sha256(registry, m)
         models_out.append({"name": m.name, "label": m.label, "family": m.family, "format": m.format,
                            "prediction": m.prediction, "ztsnr": m.ztsnr,
-                           "path": display_path(m.path), "hash": sha[:10] if sha else None, "sha256": sha})
+                           "path": display_path(m.path), "hash": sha[:10] if sha else None, "sha256": sha,
+                           **_parts_of(registry, m)})
     out = {
         "models": models_out,
         "loras": [{"name": e.name, "family": e.family, "path": display_path(e.path)} for e in registry.loras()],
         "upscalers": [{"name": u.name, "path": display_path(u.path)}
                       for u in registry.upscalers() if not u.is_latent],
     }
+    components = getattr(registry, "components", None)
+    if components is not None:  # text encoders / VAEs for Flux.1 / SD 3.x files (components.py)
+        out["modules"] = [{"name": c.name, "kind": c.kind, "families": list(c.families), "width": c.width,
+                           "projection": c.projection, "storage": c.storage, "path": display_path(c.path)}
+                          for c in components.files()]
+        out["t5_tokenizer"] = [{"name": "t5-tokenizer", "path": display_path(t)}
+                               for t in [components.t5_tokenizer()] if t is not None]
     embeddings = getattr(registry, "embeddings", None)
     if callable(embeddings):
         try:
@@ -53,6 +61,37 @@ def catalog_of(registry: Registry, models) -> dict:
         except Exception:  # noqa: BLE001
             out["embeddings"] = []
     return out
+
+
+def _parts_of(registry: Registry, m) -> dict:
+    """For Flux.1 / SD 3.x single files: the component files they need (API nodes choose them at
+    submit without the file)."""
+    from ....families import spec as family_spec
+
+    if m.format != "single-file" or family_spec(m.family).prediction != "flow":
+        return {}
+    try:
+        return {"parts": registry.model_parts(m).to_json()}
+    except (OSError, ValueError):
+        return {}
+
+
+class CatalogComponents:
+    """ComponentIndex's interface over the union of the workers' catalogs."""
+
+    def __init__(self, catalog: "CatalogRegistry"):
+        self.catalog = catalog
+
+    def files(self, problems: dict[str, str] | None = None):
+        from ....components import ComponentFile
+
+        return [ComponentFile(c["name"], Path(c["path"]), c["kind"], tuple(c["families"]), c["width"],
+                              c.get("projection", 0), c.get("storage", ""))
+                for c in self.catalog.union().get("modules", [])]
+
+    def t5_tokenizer(self) -> Path | None:
+        found = self.catalog.union().get("t5_tokenizer", [])
+        return Path(found[0]["path"]) if found else None
 
 
 def _plain(entry) -> dict:
@@ -64,7 +103,8 @@ def _plain(entry) -> dict:
 
 def merge(catalogs: list[dict]) -> dict:
     """The union, first worker's entry winning per name (names are the identity across hosts)."""
-    out: dict[str, dict[str, dict]] = {"models": {}, "loras": {}, "upscalers": {}, "embeddings": {}}
+    out: dict[str, dict[str, dict]] = {"models": {}, "loras": {}, "upscalers": {}, "embeddings": {}, "modules": {},
+                                       "t5_tokenizer": {}}
     for cat in catalogs:
         for kind, seen in out.items():
             for e in cat.get(kind, []):
@@ -85,6 +125,15 @@ class CatalogRegistry(Registry):
         self._union: dict | None = None
         self._at = 0.0
         self._lock = threading.Lock()
+        self.components = CatalogComponents(self)
+
+    def model_parts(self, model: ModelEntry):
+        from ....components import ModelParts
+
+        entry = next((m for m in self.union()["models"] if m["name"] == model.name), {})
+        if "parts" not in entry:
+            raise ValueError(f"{model.name}: no worker described the component files it needs")
+        return ModelParts.from_json(entry["parts"])
 
     def union(self) -> dict:
         with self._lock:
