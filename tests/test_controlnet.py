@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import time
 
 import shutil
 
@@ -211,7 +213,7 @@ def test_ip_adapter_sdxl_and_as_an_a1111_unit(cn_server):
                                                       "model": title, "image": ref[0], "weight": 0.7}]}}}, timeout=120)
     assert r.status_code == 200, r.text
     assert 'IP-Adapter 0: "Model: ip-adapter_tiny_sd15, Weight: 0.7' in \
-        __import__("json").loads(r.json()["info"])["infotexts"][0]
+        json.loads(r.json()["info"])["infotexts"][0]
 
 
 @pytest.mark.parametrize("payload, words", [
@@ -311,6 +313,35 @@ def test_infotext_is_read_back_by_png_info(cn_server):
     assert text.startswith("Module: canny, Model: tiny-cn-sd15 [") and "Weight: 0.8" in text
     assert "Threshold A: 50.0, Threshold B: 150.0, Guidance Start: 0.0, Guidance End: 0.9" in text
     assert text.endswith("Pixel Perfect: False, Control Mode: Balanced")
+
+
+def test_a_job_that_ended_keeps_no_unit_images_in_its_record(cn_server):
+    """Like init images, the units' images (megabytes of base64 each) leave the job record on disk
+    when the job ends; the unread result still answers, its echo describing them."""
+    ref = png(control_image(seed=12))
+    blocker = cn_server.submit_blocker()  # the job waits behind it: its record is read while it is queued
+    r = cn_server.client.post("/img2img", json={**SMALL, "init_image": png(control_image(seed=13)),
+                                                 "controlnets": [unit(mask=png(Image.new("L", (64, 64), 255)))],
+                                                 "ip_adapters": [{"model": "ip-adapter_tiny_sd15",
+                                                                  "images": [ref, ref]}]})
+    assert r.status_code == 200, r.text
+    job = r.json()["job_id"]
+    store = cn_server.app.state.backend.store
+    raw = store.job_path(job).read_text()
+    assert ref in raw  # kept while the job may still run
+    cn_server.wait(blocker)
+    deadline = time.time() + 120
+    while not any(e["job_id"] == job and e["state"] == "done" for e in cn_server.client.get("/queue").json()["jobs"]):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    raw = store.job_path(job).read_text()
+    record = json.loads(raw)["payload"]
+    assert record["init_image"] is None and ref not in raw and len(raw) < 4_000
+    assert [(u["image"], u["mask"], u["model"]) for u in record["controlnets"]] == [(None, None, "tiny-cn-sd15")]
+    assert [(u["images"], u["weight"]) for u in record["ip_adapters"]] == [(None, 1.0)]
+    body = cn_server.client.get(f"/queue/{job}").json()
+    assert body["state"] == "done" and body["payload"]["controlnets"][0]["image"] == "<PNG 64x64>"
+    assert body["payload"]["ip_adapters"][0]["images"] == ["<PNG 64x64>", "<PNG 64x64>"]
 
 
 # ---------------------------------------------------------------------------- refusals
@@ -417,7 +448,7 @@ def test_openoutpaint_style_request_works(cn_server):
                  "resize_mode": "Crop and Resize"}]}}}
     r = cn_server.client.post("/sdapi/v1/img2img", json=body, timeout=120)
     assert r.status_code == 200, r.text
-    info = __import__("json").loads(r.json()["info"])
+    info = json.loads(r.json()["info"])
     assert "Control Mode: My prompt is more important" in info["infotexts"][0]
     assert "ControlNet 1" not in info["infotexts"][0]  # the reference unit is skipped (logged), not an error
 
@@ -434,12 +465,12 @@ def test_photoshop_plugin_style_legacy_names_work(cn_server):
     on = c.post("/sdapi/v1/img2img", json={**base, "alwayson_scripts": {"ControlNet": {"args": [
         {**args, "enabled": True}]}}}, timeout=120).json()
     assert len(on["images"]) == 1
-    text = __import__("json").loads(on["info"])["infotexts"][0]
+    text = json.loads(on["info"])["infotexts"][0]
     assert "Guidance End: 0.5" in text and "Resize Mode: Crop and Resize" in text
     # the extension's units are disabled unless they say so
     off = c.post("/sdapi/v1/img2img", json={**base, "alwayson_scripts": {"controlnet": {"args": [args]}}},
                  timeout=120).json()
-    assert "ControlNet" not in __import__("json").loads(off["info"])["infotexts"][0]
+    assert "ControlNet" not in json.loads(off["info"])["infotexts"][0]
 
 
 def test_a1111_controlnet_listings(cn_server):

@@ -50,6 +50,25 @@ class ResolvedJob:
 # Record fields that carry input images: the job record keeps them until the job ends (then the
 # store drops them), the echo only describes them.
 INPUT_FIELDS: tuple[str, ...] = ("init_image", "mask", "image")
+# ... and the unit lists whose entries carry them (ControlNet and IP-Adapter units).
+UNIT_INPUT_FIELDS: dict[str, tuple[str, ...]] = {"controlnets": ("image", "mask"), "ip_adapters": ("images",)}
+
+
+def without_inputs(payload) -> dict | None:
+    """A job record's payload with its input images dropped (the stores call this when the job
+    ends: it never runs again); None when it carries none."""
+    if not isinstance(payload, dict):
+        return None
+    out, dropped = dict(payload), False
+    for f in INPUT_FIELDS:
+        if out.get(f):
+            out[f], dropped = None, True
+    for f, keys in UNIT_INPUT_FIELDS.items():
+        units = out.get(f)
+        if isinstance(units, list) and any(isinstance(u, dict) and any(u.get(k) for k in keys) for u in units):
+            out[f] = [{**u, **{k: None for k in keys}} if isinstance(u, dict) else u for u in units]
+            dropped = True
+    return out if dropped else None
 
 
 def round8(v: float) -> int:

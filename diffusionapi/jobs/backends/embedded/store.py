@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ....files import write_atomic
-from ...resolve import INPUT_FIELDS
+from ...resolve import without_inputs
 from ...status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,10 @@ class JobStore:
         """A job that ended never runs again: its input images (often megabytes of base64) leave
         the record now, so finished, cancelled and unread jobs cost a small file each."""
         record = self.read_job(job_id)
-        payload = (record or {}).get("payload")
-        if not isinstance(payload, dict) or not any(payload.get(f) for f in INPUT_FIELDS):
+        payload = without_inputs((record or {}).get("payload"))
+        if payload is None:
             return
-        record["payload"] = {k: (None if k in INPUT_FIELDS else v) for k, v in payload.items()}
+        record["payload"] = payload
         try:
             self.write_job(job_id, record)
         except OSError as e:  # the job is final either way; the space comes back when it is read
