@@ -372,6 +372,31 @@ def test_bad_units_are_4xx_naming_the_field_and_nothing_is_queued(cn_server, cha
     assert _queued(cn_server) == before
 
 
+def test_controlnet_units_count_in_the_cost_budget(model_store, cn_dirs, tmp_path):
+    """Each unit is one more network per UNet evaluation: units that take a job over the budget are
+    refused at submit like any over-budget job (422 on ``cost``, nothing queued), in both dialects."""
+    cdir, adir, models = cn_dirs
+    # 64x64 x 4 steps = 0.016 Mpx-steps; a unit adds half of that: 3 units fit under 0.042, 4 do not
+    settings = make_settings(model_store, tmp_path, controlnet_dir=cdir, annotators_dir=adir, models_dir=models,
+                             max_cost=0.042)
+    with LiveServer(settings) as s:
+        r = s.client.post("/txt2img", json={**SMALL, "controlnets": [unit()] * 4})
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["detail"][0]["loc"][1] == "cost" and "controlnets" in body["error"]
+        assert "x ControlNets 3" in body["error"] and "DIFFUSIONAPI_MAX_COST" in body["error"]
+        title = next(t for t in s.client.get("/controlnet/model_list").json()["model_list"]
+                     if t.startswith("tiny-cn-sd15 ["))
+        a1111 = {"enabled": True, "module": "none", "model": title, "image": png(control_image())}
+        r = s.client.post("/sdapi/v1/txt2img", json={
+            "prompt": "x", "width": 64, "height": 64, "steps": 4, "alwayson_scripts": {"controlnet": {"args": [a1111] * 4}}})
+        assert r.status_code == 422 and "DIFFUSIONAPI_MAX_COST" in r.json()["detail"], r.text
+        assert _queued(s) == 0
+        # three units, or four whose windows are halved, are within it and run
+        assert run(s, controlnets=[unit()] * 3)["state"] == "done"
+        assert run(s, controlnets=[unit(guidance_end=0.5)] * 4)["state"] == "done"
+
+
 # ---------------------------------------------------------------------------- detect
 
 def test_canny_detect_equals_opencv_canny_at_the_given_thresholds(cn_server):

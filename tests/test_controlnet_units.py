@@ -67,3 +67,29 @@ def test_a1111_units_forms_defaults_and_legacy_names():
     with pytest.raises(UnitError, match="control_mode"):
         controlnet_units({"controlnet": {"args": [{"enabled": True, "model": "m", "control_mode": "loud"}]}}, [])
     assert controlnet_units({"ADetailer": {"args": [True]}}, []) == []
+
+
+def test_cost_counts_controlnet_passes_in_their_window_and_ip_adapter_tokens():
+    from types import SimpleNamespace as NS
+
+    from diffusionapi.limits import job_cost
+
+    def plan(controlnets=(), ip_adapters=(), hires=None):
+        return NS(prompt="a", negative_prompt="", width=512, height=512, steps=20, batch_size=1, n_iter=1,
+                  hires=hires, init=None, controlnets=controlnets, ip_adapters=ip_adapters)
+
+    def cn(weight=1.0, start=0.0, end=1.0, hires="both", kind="controlnet"):
+        return NS(entry=NS(kind=kind), weight=weight, guidance_start=start, guidance_end=end, hires=hires)
+
+    one = job_cost(plan())[0]
+    assert job_cost(plan([cn()]))[0] == pytest.approx(1.5 * one)          # half a UNet more per evaluation
+    assert job_cost(plan([cn()] * 8))[0] == pytest.approx(5 * one)
+    assert job_cost(plan([cn(start=0.2, end=0.7)]))[0] == pytest.approx(1.25 * one)
+    assert job_cost(plan([cn(weight=0), cn(kind="t2i-adapter")]))[0] == pytest.approx(one)
+    hires = NS(width=1024, height=1024, steps=10)
+    second = 1024 * 1024 * 10 / 1e6
+    assert job_cost(plan([cn(hires="low")], hires=hires))[0] == pytest.approx(1.5 * one + second)
+    assert job_cost(plan([cn(hires="high")], hires=hires))[0] == pytest.approx(one + 1.5 * second)
+    # 4 images x 4 tokens = 16 tokens, as text chunks of 75: conditioning 1 + 16/75
+    ip = NS(entry=NS(), images=(0,) * 4, weight=1.0)
+    assert job_cost(plan(ip_adapters=[ip]))[0] == pytest.approx(one * (1 + 16 / 75))

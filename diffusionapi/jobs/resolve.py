@@ -228,8 +228,6 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           batch_size=req.batch_size, n_iter=req.n_iter, cfg_rescale=req.cfg_rescale,
                           distilled_cfg_scale=req.distilled_cfg_scale, keep_partial=req.keep_partial,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
-    if limits:
-        _within_limits(plan, settings)
     echo, record = understood.model_dump(mode="json"), None
     if req.controlnets or req.ip_adapters:  # the record keeps the units' images; the echo describes them
         from ..engine.controlnet.request import resolve_ip_adapters, resolve_units, txt2img_inpaint_init
@@ -241,6 +239,8 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         plan.ip_adapters, ip_echo, ip_record = resolve_ip_adapters(req.ip_adapters, model, settings)
         record = {**echo, "controlnets": cn_record, "ip_adapters": ip_record}
         echo = {**echo, "controlnets": cn_echo, "ip_adapters": ip_echo}
+    if limits:  # (after the units: their networks count in the cost)
+        _within_limits(plan, settings)
     return ResolvedJob("txt2img", echo, plan, OutputSpec(req.fileType, req.jpeg_quality), record)
 
 
