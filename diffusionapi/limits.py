@@ -104,8 +104,10 @@ def control_factor(plan: GenerationPlan, stage: str) -> float:
     the hires pass) with its ControlNet units: 1 + CONTROLNET_SHARE x window per unit."""
     extra = 0.0
     for u in plan.controlnets:
-        if u.weight == 0 or getattr(u.entry, "kind", "controlnet") == "t2i-adapter" or u.hires not in ("both", stage):
+        if u.weight == 0 or getattr(u.entry, "kind", "controlnet") == "t2i-adapter":
             continue
+        if (stage == "high" and u.hires == "low") or (stage == "low" and u.hires == "high" and plan.hires is not None):
+            continue  # (as engine/controlnet/units.py: without a hires pass, every unit guides the only one)
         extra += CONTROLNET_SHARE * (u.guidance_end - u.guidance_start)
     return 1.0 + extra
 

@@ -86,6 +86,7 @@ def test_cost_counts_controlnet_passes_in_their_window_and_ip_adapter_tokens():
     assert job_cost(plan([cn()] * 8))[0] == pytest.approx(5 * one)
     assert job_cost(plan([cn(start=0.2, end=0.7)]))[0] == pytest.approx(1.25 * one)
     assert job_cost(plan([cn(weight=0), cn(kind="t2i-adapter")]))[0] == pytest.approx(one)
+    assert job_cost(plan([cn(hires="high")]))[0] == pytest.approx(1.5 * one)  # no hires pass: it guides the one
     hires = NS(width=1024, height=1024, steps=10)
     second = 1024 * 1024 * 10 / 1e6
     assert job_cost(plan([cn(hires="low")], hires=hires))[0] == pytest.approx(1.5 * one + second)
