@@ -117,3 +117,65 @@ def tiny_ip_adapter(unet_dir: Path, target: Path, image_dim: int = 16, seed: int
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(target))
     return target
+
+
+# ---------------------------------------------------------------------------- annotator files
+
+def _random_state(shapes: dict, seed: int, scale: float = 0.5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * scale for k, s in shapes.items()}
+
+
+def tiny_hed_file(path: Path, widths=(4, 8, 8, 8, 8), seed: int = 0) -> None:
+    """``ControlNetHED.pth`` in lllyasviel's layout (``norm``, ``block<n>.convs.<i>``,
+    ``block<n>.projection``; 2, 2, 3, 3, 3 convolutions), at tiny widths (real: 64..512)."""
+    shapes, cin = {"norm": (1, 3, 1, 1)}, 3
+    for n, (c, layers) in enumerate(zip(widths, (2, 2, 3, 3, 3)), start=1):
+        for i in range(layers):
+            shapes[f"block{n}.convs.{i}.weight"] = (c, cin if i == 0 else c, 3, 3)
+            shapes[f"block{n}.convs.{i}.bias"] = (c,)
+        shapes[f"block{n}.projection.weight"], shapes[f"block{n}.projection.bias"] = (1, c, 1, 1), (1,)
+        cin = c
+    sd = _random_state(shapes, seed, 0.1)
+    sd["norm"] = torch.full((1, 3, 1, 1), 127.0)  # the real file's pixel mean sits here
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, path)
+
+
+def tiny_lineart_file(path: Path, ngf: int = 4, blocks: int = 1, seed: int = 0) -> None:
+    """``sk_model.pth`` / ``sk_model2.pth`` in the informative-drawings generator's layout
+    (``model0.1``, ``model1.0/3``, ``model2.<i>.conv_block.1/5``, ``model3.0/3`` transposed,
+    ``model4.1``), at a tiny width (real: 64, 3 residual blocks)."""
+    shapes = {"model0.1.weight": (ngf, 3, 7, 7), "model0.1.bias": (ngf,),
+              "model1.0.weight": (2 * ngf, ngf, 3, 3), "model1.0.bias": (2 * ngf,),
+              "model1.3.weight": (4 * ngf, 2 * ngf, 3, 3), "model1.3.bias": (4 * ngf,),
+              "model3.0.weight": (4 * ngf, 2 * ngf, 3, 3), "model3.0.bias": (2 * ngf,),
+              "model3.3.weight": (2 * ngf, ngf, 3, 3), "model3.3.bias": (ngf,),
+              "model4.1.weight": (1, ngf, 7, 7), "model4.1.bias": (1,)}
+    for i in range(blocks):
+        for j in (1, 5):
+            shapes[f"model2.{i}.conv_block.{j}.weight"] = (4 * ngf, 4 * ngf, 3, 3)
+            shapes[f"model2.{i}.conv_block.{j}.bias"] = (4 * ngf,)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(_random_state(shapes, seed, 0.3), path)
+
+
+def tiny_depth_anything(folder: Path, seed: int = 0) -> None:
+    """A transformers Depth Anything folder (as LiheYoung/depth-anything-*-hf is laid out), tiny:
+    a 2-layer DINOv2 backbone at 28 px (patch 14). Random weights scaled up so the (ReLU-headed)
+    depth varies with the input."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    backbone = Dinov2Config(image_size=28, patch_size=14, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=16, out_indices=[1, 2], reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=8, neck_hidden_sizes=[4, 8],
+                                 reassemble_factors=[2, 1], fusion_hidden_size=8, head_hidden_size=4, patch_size=14)
+    model = DepthAnythingForDepthEstimation(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.1 if p.ndim == 1 else 0.0))
+    model.save_pretrained(str(folder))
+    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      resample=3).save_pretrained(str(folder))

@@ -23,7 +23,7 @@ from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
 from .controlnet_factory import (save_diffusers_single_file, save_ldm, tiny_clip_vision, tiny_controlnet,
-                                 tiny_ip_adapter)
+                                 tiny_depth_anything, tiny_hed_file, tiny_ip_adapter, tiny_lineart_file)
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
              sampler_name="Euler", scheduler_type="default")
@@ -44,6 +44,11 @@ def cn_dirs(model_store, tmp_path_factory):
     xl.save_pretrained(cdir / "tiny-cn-sdxl")
     save_diffusers_single_file(xl, cdir / "xl" / "diffusers_xl_tiny.safetensors")  # SDXL downloads' layout
     (cdir / "broken.safetensors").write_bytes(b"\x00" * 16)
+    # annotators: tiny random networks in the published layouts (sk_model2.pth and the MiDaS folder left out)
+    tiny_hed_file(adir / "ControlNetHED.pth")
+    tiny_lineart_file(adir / "sk_model.pth")
+    tiny_depth_anything(adir / "depth-anything")
+    (adir / "table5_pidinet.pth").write_bytes(b"present, but no network here runs it")
     # T2I-Adapters add their features inside the UNet's down blocks: a tiny SD 1.5 model whose
     # blocks sit where real SD 1.5's do (attention blocks first, the last one plain) takes them.
     models = root / "models"
@@ -130,7 +135,11 @@ def test_preprocessors_say_which_run_and_which_file_a_networked_one_needs(cn_ser
     for name in ("none", "invert", "canny", "threshold", "blur_gaussian", "tile_resample", "t2ia_color_grid",
                  "shuffle", "scribble_xdog", "lineart_standard", "inpaint", "inpaint_only"):
         assert got[name]["available"], name
-    assert not got["depth_midas"]["available"] and "dpt_hybrid-midas-501f0c75.pt" in got["depth_midas"]["reason"]
+    assert not got["depth_midas"]["available"] and "dpt-hybrid-midas/" in got["depth_midas"]["reason"]
+    for name in ("softedge_hed", "scribble_hed", "lineart_realistic", "depth_anything"):  # their files are there
+        assert got[name]["available"], name
+    assert "sk_model2.pth" in got["lineart_coarse"]["reason"]
+    assert "cannot run that network yet" in got["softedge_pidinet"]["reason"]
     assert [s["name"] for s in got["canny"]["sliders"]] == ["Resolution", "Canny Low Threshold",
                                                             "Canny High Threshold"]
 
@@ -355,7 +364,9 @@ def _queued(server) -> int:
     ({"model": "tiny-cn-sdxl"}, 422, ["controlnets", "0", "model"], "is for SDXL, but model 'tiny-sd15' is SD 1.5"),
     ({"model": "broken"}, 422, ["controlnets", "0", "model"], "cannot be used"),
     ({"preprocessor": "nope"}, 422, ["controlnets", "0", "preprocessor"], "unknown preprocessor"),
-    ({"preprocessor": "depth_midas"}, 422, ["controlnets", "0", "preprocessor"], "dpt_hybrid-midas-501f0c75.pt"),
+    ({"preprocessor": "depth_midas"}, 422, ["controlnets", "0", "preprocessor"], "dpt-hybrid-midas/"),
+    ({"preprocessor": "lineart_coarse"}, 422, ["controlnets", "0", "preprocessor"], "sk_model2.pth"),
+    ({"preprocessor": "softedge_pidinet"}, 422, ["controlnets", "0", "preprocessor"], "cannot run that network"),
     ({"weight": 3}, 422, ["controlnets", 0, "weight"], "less than or equal to 2"),
     ({"guidance_start": 0.6, "guidance_end": 0.5}, 422, ["controlnets", 0], "guidance_start"),
     ({"image": "bm90IGFuIGltYWdl"}, 422, ["controlnets", "0", "image"], "not a PNG"),
@@ -419,6 +430,45 @@ def test_detect_refuses_unknown_and_networked_modules_and_no_image(cn_server):
     r = c.post("/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_input_images": [png(control_image())]})
     assert r.status_code == 422 and "body_pose_model.pth" in r.json()["error"]
     assert c.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": []}).status_code == 422
+
+
+def _detect(server, module, im, res=None):
+    r = server.client.post("/controlnet/detect", json={"controlnet_module": module, "controlnet_input_images": [png(im)],
+                                                       **({"controlnet_processor_res": res} if res else {})})
+    assert r.status_code == 200, r.text
+    return Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+
+
+@pytest.mark.parametrize("module", ["softedge_hed", "scribble_hed", "lineart_realistic", "depth_anything"])
+def test_networked_preprocessors_run_from_their_annotator_files(cn_server, module):
+    """Tiny random networks saved in the published layouts: the map has the preprocessor's size
+    (shorter side = processor resolution), is RGB, depends on the input and is deterministic."""
+    a, b = control_image(96, seed=21), control_image(96, seed=22).transpose(Image.FLIP_LEFT_RIGHT)
+    wide = Image.fromarray(np.concatenate([np.asarray(a), np.asarray(b)[:48]], axis=0))  # 96 x 144
+    got = _detect(cn_server, module, wide, res=64)
+    assert got.mode == "RGB" and got.size == (64, 96)
+    first, second = np.asarray(_detect(cn_server, module, a, 64)), np.asarray(_detect(cn_server, module, b, 64))
+    assert first.shape == (64, 64, 3) and np.abs(first.astype(int) - second).mean() > 1.0
+    assert np.array_equal(first, np.asarray(_detect(cn_server, module, a, 64)))
+    assert len(np.unique(first)) > 1
+    if module == "scribble_hed":
+        assert set(np.unique(first)) <= {0, 255}
+
+
+def test_a_networked_unit_guides_a_job_with_the_map_detect_makes(cn_server):
+    im = control_image(seed=23)
+    body = run(cn_server, controlnets=[unit(preprocessor="lineart_realistic", image=png(im), save_detected_map=True,
+                                            preprocessor_params={"resolution": 64})])
+    assert np.array_equal(pixels(body, 1), np.asarray(_detect(cn_server, "lineart_realistic", im, 64)).astype(int))
+    assert not np.array_equal(pixels(body), pixels(run(cn_server, controlnets=[unit(image=png(im))])))
+    assert 'Module: lineart_realistic, Model: tiny-cn-sd15' in body["infotext"]
+
+
+def test_detect_names_a_missing_annotator_file(cn_server):
+    for module, words in (("lineart_coarse", "sk_model2.pth"), ("depth_midas", "dpt-hybrid-midas/")):
+        r = cn_server.client.post("/controlnet/detect", json={"controlnet_module": module,
+                                                               "controlnet_input_images": [png(control_image())]})
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
 
 
 # ---------------------------------------------------------------------------- A1111 / Forge clients

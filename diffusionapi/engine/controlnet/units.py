@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import preprocessors
 from .plans import ControlUnitPlan, IPAdapterPlan, infotext_params  # noqa: F401 - the engine imports them here
+from .files import annotators_dir
 from .preprocessors import mask_array, to_array
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,23 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- control maps
 
-def detect(unit: ControlUnitPlan, image: Image.Image, mask: Image.Image | None, width: int, height: int):
-    """(detected map RGB uint8, mask uint8 at the map's size or None) for a generation of width x height."""
+def detect(unit: ControlUnitPlan, image: Image.Image, mask: Image.Image | None, width: int, height: int,
+           annotators=None, device=None):
+    """(detected map RGB uint8, mask uint8 at the map's size or None) for a generation of width x height.
+    ``annotators``, ``device``: the folder and device of a networked module (preprocessors.run)."""
     p = preprocessors.PREPROCESSORS[unit.module]
     arr = to_array(image)
     m = mask_array(mask, (arr.shape[1], arr.shape[0])) if p.uses_mask else None
     res = unit.processor_res
     if unit.pixel_perfect and p.resolution is not None:
         res = preprocessors.pixel_perfect_resolution(arr.shape[:2], (height, width), unit.resize_mode)
-    out = preprocessors.run(p, arr, res, unit.threshold_a, unit.threshold_b, m)
+    try:
+        out = preprocessors.run(p, arr, res, unit.threshold_a, unit.threshold_b, m, annotators=annotators,
+                                device=device)
+    except preprocessors.PreprocessorError as e:  # (a file changed since submit): the job fails naming it
+        from ..plan import GenerationError
+
+        raise GenerationError(f"ControlNet unit {unit.entry.name!r}, module {unit.module!r}: {e}") from e
     if m is not None and (m.shape[1], m.shape[0]) != (out.shape[1], out.shape[0]):
         m = mask_array(Image.fromarray(m), (out.shape[1], out.shape[0]))
     return out, m
@@ -215,12 +224,15 @@ class ControlState:
         self.installed = None   # the job's IP-Adapter layers in the base UNet
         self.ip_embeds = None
         init = plan.init
+        settings = getattr(engine, "settings", None)
+        annotators = annotators_dir(settings) if settings is not None else None
         for u in plan.controlnets:
             image = u.image if u.image is not None else (init.image if init is not None else None)
             mask = u.mask if u.mask is not None else (init.mask if init is not None else None)
             if image is None:  # resolve refuses this; a plan built by hand may still hold it
                 raise ValueError(f"ControlNet unit {u.entry.name!r} has no image")
-            self.maps.append(detect(u, image, mask, plan.width, plan.height))
+            self.maps.append(detect(u, image, mask, plan.width, plan.height, annotators,
+                                    getattr(engine, "device", None)))
 
     def _ip(self, loaded):
         """The job's IP-Adapters, put into ``loaded``'s UNet once (taken out by ``close``)."""
