@@ -179,3 +179,57 @@ def tiny_depth_anything(folder: Path, seed: int = 0) -> None:
     model.save_pretrained(str(folder))
     DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14,
                       resample=3).save_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------- union ControlNets, Control-LoRAs
+
+def tiny_union_controlnet(unet_dir: Path, seed: int = 0, scale: float = 0.3, num_control_type: int = 8):
+    """An SDXL union ControlNet ("ProMax": 8 control types) copied from the tiny SDXL UNet, its
+    control-type transformer at the UNet's first width (real: 320) with 2 heads."""
+    from diffusers import ControlNetUnionModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir))
+    shape = ControlNetUnionModel.from_unet(unet, load_weights_from_unet=False).config
+    c0 = unet.config.block_out_channels[0]
+    torch.manual_seed(seed)
+    cn = ControlNetUnionModel.from_config({**{k: v for k, v in dict(shape).items() if not k.startswith("_")},
+                                          "num_trans_channel": c0, "num_proj_channel": c0,
+                                          "num_trans_head": 2, "num_control_type": num_control_type})
+    cn.conv_in.load_state_dict(unet.conv_in.state_dict())
+    cn.time_embedding.load_state_dict(unet.time_embedding.state_dict())
+    cn.down_blocks.load_state_dict(unet.down_blocks.state_dict(), strict=False)
+    cn.mid_block.load_state_dict(unet.mid_block.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out",
+                                "spatial_ch_projs")):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return cn.eval()
+
+
+def tiny_control_lora(unet_dir: Path, target: Path, expected: Path, seed: int = 0, rank: int = 2) -> None:
+    """A Control-LoRA in Stability's layout (original names, ``lora_controlnet`` marker): each
+    weight of the copied encoder as ``<name>.up`` / ``<name>.down`` (rank ``rank``), the rest in
+    full. ``expected``: the ControlNet it means (UNet weight + up @ down), as an original-layout
+    single file, computed here independently of the server's loader."""
+    from safetensors.torch import save_file
+
+    cn = tiny_controlnet(unet_dir, seed=seed)
+    ldm = controlnet_to_ldm(cn.state_dict(), cn.config)
+    g = torch.Generator().manual_seed(seed + 100)
+    lora, full = {}, {}
+    for k, v in ldm.items():
+        v = v.detach()
+        if k.endswith(".weight") and v.ndim >= 2 and k.startswith(("input_blocks.", "middle_block.", "time_embed.",
+                                                                    "label_emb.")):
+            up = torch.randn((v.shape[0], rank) + (1,) * (v.ndim - 2), generator=g) * 0.1
+            down = torch.randn((rank,) + tuple(v.shape[1:]), generator=g) * 0.1
+            lora[k[:-len(".weight")] + ".up"], lora[k[:-len(".weight")] + ".down"] = up, down
+            full[k] = v + (up.flatten(1) @ down.flatten(1)).reshape(v.shape)
+        else:
+            lora[k] = full[k] = v
+    lora["lora_controlnet"] = torch.zeros(0)
+    for path, sd in ((target, lora), (expected, {"control_model." + k: v for k, v in full.items()})):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))

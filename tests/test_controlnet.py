@@ -23,7 +23,8 @@ from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
 from .controlnet_factory import (save_diffusers_single_file, save_ldm, tiny_clip_vision, tiny_controlnet,
-                                 tiny_depth_anything, tiny_hed_file, tiny_ip_adapter, tiny_lineart_file)
+                                 tiny_control_lora, tiny_depth_anything, tiny_hed_file, tiny_ip_adapter,
+                                 tiny_lineart_file, tiny_union_controlnet)
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
              sampler_name="Euler", scheduler_type="default")
@@ -44,6 +45,11 @@ def cn_dirs(model_store, tmp_path_factory):
     xl.save_pretrained(cdir / "tiny-cn-sdxl")
     save_diffusers_single_file(xl, cdir / "xl" / "diffusers_xl_tiny.safetensors")  # SDXL downloads' layout
     (cdir / "broken.safetensors").write_bytes(b"\x00" * 16)
+    union = tiny_union_controlnet(model_store / "models" / "tiny-sdxl" / "unet", seed=6)
+    union.save_pretrained(cdir / "tiny-union-sdxl")
+    save_diffusers_single_file(union, cdir / "xl" / "union_tiny_promax.safetensors")
+    tiny_control_lora(model_store / "models" / "tiny-sd15" / "unet", cdir / "control-lora-tiny-rank2.safetensors",
+                      cdir / "expected" / "control_lora_merged_sd15.safetensors", seed=7)
     # annotators: tiny random networks in the published layouts (sk_model2.pth and the MiDaS folder left out)
     tiny_hed_file(adir / "ControlNetHED.pth")
     tiny_lineart_file(adir / "sk_model.pth")
@@ -124,8 +130,12 @@ def test_controlnets_are_listed_with_family_and_format_read_from_the_files(cn_se
         "tiny-cn-sd15": ("sd15", "diffusers"), "tiny-cn-sd15-b": ("sd15", "diffusers"),
         "control_tiny_sd15": ("sd15", "single-file"), "old/control_tiny_pth_sd15": ("sd15", "single-file"),
         "tiny-cn-sdxl": ("sdxl", "diffusers"), "xl/diffusers_xl_tiny": ("sdxl", "single-file"),
-        "t2iadapter_tiny_sd15": ("sd15", "diffusers")}
+        "t2iadapter_tiny_sd15": ("sd15", "diffusers"), "tiny-union-sdxl": ("sdxl", "diffusers"),
+        "xl/union_tiny_promax": ("sdxl", "single-file"), "control-lora-tiny-rank2": ("sd15", "single-file"),
+        "expected/control_lora_merged_sd15": ("sd15", "single-file")}
     assert got["t2iadapter_tiny_sd15"]["kind"] == "t2i-adapter"
+    assert got["tiny-union-sdxl"]["kind"] == got["xl/union_tiny_promax"]["kind"] == "controlnet-union"
+    assert got["control-lora-tiny-rank2"]["kind"] == "control-lora"
     assert "unreadable" in got["broken"]["error"]
     assert got["tiny-cn-sd15"]["title"] == f"tiny-cn-sd15 [{got['tiny-cn-sd15']['title'][-9:-1]}]"
 
@@ -175,6 +185,41 @@ def test_sdxl_units_folder_and_diffusers_single_file(cn_server):
     folder = pixels(run(cn_server, **base, controlnets=[unit("tiny-cn-sdxl")]))
     assert np.abs(folder - plain).mean() > 1.0
     assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit("xl/diffusers_xl_tiny")])), folder)
+
+
+def test_union_controlnet_takes_its_control_type_from_the_module_or_the_unit(cn_server):
+    base = dict(model="tiny-sdxl")
+    plain = pixels(run(cn_server, **base))
+    union = "tiny-union-sdxl"
+    canny = pixels(run(cn_server, **base, controlnets=[unit(union, preprocessor="canny")]))
+    assert np.abs(canny - plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(union, preprocessor="canny", weight=0)])),
+                          plain)
+    # the same map told to be another type is another control
+    as_hard_edge = pixels(run(cn_server, **base, controlnets=[unit(union, union_control_type="Canny / Lineart / MLSD")]))
+    as_depth = pixels(run(cn_server, **base, controlnets=[unit(union, union_control_type="depth")]))
+    assert not np.array_equal(as_hard_edge, as_depth)
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(union, union_control_type=3)])), as_hard_edge)
+    # the diffusers-layout single file is the same model
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit("xl/union_tiny_promax",
+                                                                         union_control_type=1)])), as_depth)
+    r = cn_server.client.post("/txt2img", json={**SMALL, **base, "controlnets": [unit(union)]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][1:4] == ["controlnets", "0", "union_control_type"]
+    assert "Depth" in r.json()["error"]
+    r = cn_server.client.post("/txt2img", json={**SMALL, **base, "controlnets": [unit(union, union_control_type="x")]})
+    assert r.status_code == 422 and "valid choices" in r.json()["error"]
+
+
+def test_control_lora_is_the_base_unets_controlnet_plus_its_diffs(cn_server):
+    plain = pixels(run(cn_server))
+    on = pixels(run(cn_server, controlnets=[unit("control-lora-tiny-rank2")]))
+    assert np.abs(on - plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, controlnets=[unit("control-lora-tiny-rank2", weight=0)])), plain)
+    # the ControlNet it means, merged in the test (UNet weight + up @ down) and saved in full: the same image
+    assert np.array_equal(pixels(run(cn_server, controlnets=[unit("expected/control_lora_merged_sd15")])), on)
+    r = cn_server.client.post("/txt2img", json={**SMALL, "model": "tiny-sdxl",
+                                                 "controlnets": [unit("control-lora-tiny-rank2")]})
+    assert r.status_code == 422 and "is for SD 1.5" in r.json()["error"]
 
 
 def test_t2i_adapter_unit_changes_the_image_and_respects_weight_and_window(cn_server):

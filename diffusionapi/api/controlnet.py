@@ -15,7 +15,7 @@ class ControlNetInfo(BaseModel):
     name: str
     title: str              # "name [hash]": A1111's model title
     family: str | None      # sd15 | sdxl | sd2 (read from the file); null when unreadable
-    kind: str               # controlnet | t2i-adapter
+    kind: str               # controlnet | controlnet-union | control-lora | t2i-adapter
     format: str             # diffusers | single-file
     error: str | None = None  # why it cannot be used
 

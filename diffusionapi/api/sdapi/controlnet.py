@@ -256,6 +256,8 @@ def controlnet_units(alwayson: dict | None, warnings: list[str], ip_adapters: li
             "hires": _lookup(HIRES_NAMES, unit.get("hr_option"), "both", f"{where}.hr_option"),
             "save_detected_map": bool(unit.get("save_detected_map", True)),
         }
+        if unit.get("union_control_type") not in (None, ""):
+            native["union_control_type"] = unit["union_control_type"]
         units.append(native)
     return units
 

@@ -28,7 +28,7 @@ class ControlNetEntry:
     name: str            # path under the folder without extension ("control_v11p_sd15_canny", "xl/canny")
     path: Path           # the folder or the file
     family: str | None   # "sd15", "sdxl", "sd2"; None when unreadable
-    kind: str            # "controlnet" | "t2i-adapter"
+    kind: str            # "controlnet" | "controlnet-union" | "control-lora" | "t2i-adapter"
     format: str          # "diffusers" | "single-file"
     hash: str            # A1111's short model hash (8 hex), as the extension shows it in titles
     error: str | None = None  # why it cannot be used (unreadable, an unsupported variant)
@@ -96,9 +96,18 @@ def classify(shapes: dict[str, tuple]) -> tuple[str | None, str, str | None]:
     prefix = strip_prefix(shapes)
     s = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     if any("lora_controlnet" in k for k in s):
-        return None, "controlnet", "a Control-LoRA (not supported)"
+        # Stability's Control-LoRAs: low-rank diffs (``<name>.up`` / ``.down``) to the base UNet's
+        # encoder, in the original layout, plus the ControlNet's own layers in full.
+        if "input_hint_block.0.weight" not in s:
+            return None, "control-lora", "a Control-LoRA without its input_hint_block"
+        cross = next((v[-1] for k, v in s.items() if k.endswith(("attn2.to_k.down", "attn2.to_k.weight"))), None)
+        family = "sdxl" if ("label_emb.0.0.weight" in s or "label_emb.0.0.down" in s) else \
+            (SD2 if cross == 1024 else "sd15")
+        return family, "control-lora", None
     if any(k.startswith(("task_embedding", "control_add_embedding", "transformer_layes")) for k in s):
-        return "sdxl", "controlnet", "a ControlNet union model (not supported yet)"
+        if "controlnet_cond_embedding.conv_in.weight" not in s:
+            return "sdxl", "controlnet-union", "a ControlNet union model in a layout not read (use the diffusers layout)"
+        return "sdxl", "controlnet-union", None
     if "input_hint_block.0.weight" in s or "controlnet_cond_embedding.conv_in.weight" in s:
         if "label_emb.0.0.weight" in s or "add_embedding.linear_1.weight" in s:
             return "sdxl", "controlnet", None
@@ -119,8 +128,8 @@ def classify_folder(folder: Path) -> tuple[str | None, str, str | None]:
         return (SD2 if cross == 1024 else "sd15"), "controlnet", None
     if cls in ("T2IAdapter", "MultiAdapter"):
         return ("sdxl" if cfg.get("adapter_type") == "full_adapter_xl" else "sd15"), "t2i-adapter", None
-    if cls.startswith("ControlNetUnion"):
-        return "sdxl", "controlnet", "a ControlNet union model (not supported yet)"
+    if cls == "ControlNetUnionModel":
+        return "sdxl", "controlnet-union", None
     return None, "controlnet", f"config.json names {cls or 'no class'}, not a ControlNetModel or T2IAdapter"
 
 

@@ -166,8 +166,15 @@ class ControlledUNet:
                 res = [f.to(x.dtype).expand(x.shape[0], -1, -1, -1) for f in au.features]
             else:
                 hint = au.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
-                d, m = au.model(x[:, :4], t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=hint,
-                                conditioning_scale=1.0, added_cond_kwargs=added_cond_kwargs, return_dict=False)
+                if u.union_type is not None:  # a union ControlNet: the control type picks its task embedding
+                    kinds = torch.zeros(x.shape[0], au.model.config.num_control_type, device=x.device, dtype=x.dtype)
+                    kinds[:, u.union_type] = 1
+                    d, m = au.model(x[:, :4], t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=[hint],
+                                    control_type=kinds, control_type_idx=[u.union_type], conditioning_scale=1.0,
+                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
+                else:
+                    d, m = au.model(x[:, :4], t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=hint,
+                                    conditioning_scale=1.0, added_cond_kwargs=added_cond_kwargs, return_dict=False)
                 res = list(d) + [m]
             if u.control_mode == "Balanced":
                 scales = [u.weight] * len(res)
@@ -286,6 +293,12 @@ class ControlState:
 
                 raise GenerationError(f"ControlNet {u.entry.name!r} could not be loaded: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            types = getattr(model.config, "num_control_type", None) if u.union_type is not None else None
+            if types is not None and u.union_type >= types:
+                from ..plan import GenerationError
+
+                raise GenerationError(f"ControlNet {u.entry.name!r} knows {types} control types; control type "
+                                      f"{u.union_type} is not one of them")
             hint = control_tensor(detected, mask, width, height, u.resize_mode).to(self.engine.device)
             active.append(ActiveUnit(u, model, hint))
         ip = self._ip(loaded) if self.plan.ip_adapters else None
