@@ -67,6 +67,22 @@ def cn_dirs(model_store, tmp_path_factory):
                                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                      norm_num_groups=8, attention_head_dim=4).eval()
     pipe.save_pretrained(models / "tiny-sd15-t2i")
+    # SDXL's adapter ("full_adapter_xl", x16 down): its four features go after the plain first block,
+    # into the two attention blocks and the middle, so the tiny SDXL UNet here has SDXL's block order.
+    from diffusionapi.demo import SDXL_TE1, SDXL_TE2, SDXL_TIME_DIM, tiny_sdxl_pipeline
+
+    xl_pipe = tiny_sdxl_pipeline()
+    torch.manual_seed(8)
+    xl_pipe.unet = UNet2DConditionModel(
+        block_out_channels=(16, 32, 64), layers_per_block=1, sample_size=32, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+        cross_attention_dim=SDXL_TE1 + SDXL_TE2, addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_TE2, transformer_layers_per_block=(1, 1, 1)).eval()
+    xl_pipe.save_pretrained(models / "tiny-sdxl-t2i")
+    torch.manual_seed(9)
+    T2IAdapter(in_channels=3, channels=[16, 32, 64, 64], num_res_blocks=1, downscale_factor=16,
+               adapter_type="full_adapter_xl").save_pretrained(cdir / "t2iadapter_tiny_sdxl")
     torch.manual_seed(5)
     adapter = T2IAdapter(in_channels=3, channels=[16, 32], num_res_blocks=1, downscale_factor=8,
                          adapter_type="full_adapter")
@@ -130,7 +146,7 @@ def test_controlnets_are_listed_with_family_and_format_read_from_the_files(cn_se
         "tiny-cn-sd15": ("sd15", "diffusers"), "tiny-cn-sd15-b": ("sd15", "diffusers"),
         "control_tiny_sd15": ("sd15", "single-file"), "old/control_tiny_pth_sd15": ("sd15", "single-file"),
         "tiny-cn-sdxl": ("sdxl", "diffusers"), "xl/diffusers_xl_tiny": ("sdxl", "single-file"),
-        "t2iadapter_tiny_sd15": ("sd15", "diffusers"), "tiny-union-sdxl": ("sdxl", "diffusers"),
+        "t2iadapter_tiny_sd15": ("sd15", "diffusers"), "t2iadapter_tiny_sdxl": ("sdxl", "diffusers"), "tiny-union-sdxl": ("sdxl", "diffusers"),
         "xl/union_tiny_promax": ("sdxl", "single-file"), "control-lora-tiny-rank2": ("sd15", "single-file"),
         "expected/control_lora_merged_sd15": ("sd15", "single-file")}
     assert got["t2iadapter_tiny_sd15"]["kind"] == "t2i-adapter"
@@ -234,6 +250,18 @@ def test_t2i_adapter_unit_changes_the_image_and_respects_weight_and_window(cn_se
                                                                                       controlnets=[unit(t2i)])))
     soft = pixels(run(cn_server, **base, controlnets=[unit(t2i, control_mode=1)]))
     assert not np.array_equal(soft, on)
+
+
+def test_sdxl_t2i_adapter_unit_changes_the_image_and_weight_zero_does_not(cn_server):
+    base = dict(model="tiny-sdxl-t2i")
+    plain = pixels(run(cn_server, **base))
+    t2i = "t2iadapter_tiny_sdxl"
+    on = pixels(run(cn_server, **base, controlnets=[unit(t2i, preprocessor="canny")]))
+    assert np.abs(on - plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(t2i, weight=0)])), plain)
+    assert not np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(t2i, weight=0.5)])), on)
+    r = cn_server.client.post("/txt2img", json={**SMALL, "controlnets": [unit(t2i)]})
+    assert r.status_code == 422 and "is for SDXL" in r.json()["error"]
 
 
 def test_ip_adapter_changes_the_image_and_leaves_the_unet_as_it_was(cn_server):
