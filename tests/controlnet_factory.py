@@ -119,6 +119,35 @@ def tiny_ip_adapter(unet_dir: Path, target: Path, image_dim: int = 16, seed: int
     return target
 
 
+def tiny_ip_adapter_plus(unet_dir: Path, target: Path, hidden_size: int = 32, tokens: int = 8, seed: int = 0,
+                         scale: float = 0.3) -> Path:
+    """An IP-Adapter Plus in h94's layout: the resampler (``latents``, ``proj_in``/``proj_out``/
+    ``norm_out``, 4 layers of ``0.norm1/norm2/to_q/to_kv/to_out`` attention and ``1.0/1.1/1.3``
+    feed-forward; 64-wide heads, one of them here) over the encoder's hidden states, and the
+    plain adapter's ``ip_adapter.<n>.to_k_ip/to_v_ip``."""
+    from safetensors.torch import load_file, save_file
+
+    plain = target.with_name(target.stem + ".plain.tmp.safetensors")
+    tiny_ip_adapter(unet_dir, plain, seed=seed, scale=scale)
+    sd = {k: v for k, v in load_file(str(plain)).items() if k.startswith("ip_adapter.")}
+    plain.unlink()
+    cross = next(v for k, v in sd.items() if k.endswith("to_k_ip.weight")).shape[1]
+    d = 64
+    shapes = {"latents": (1, tokens, d), "proj_in.weight": (d, hidden_size), "proj_in.bias": (d,),
+              "proj_out.weight": (cross, d), "proj_out.bias": (cross,)}
+    for i in range(4):
+        shapes.update({f"layers.{i}.0.to_q.weight": (64, d), f"layers.{i}.0.to_kv.weight": (128, d),
+                       f"layers.{i}.0.to_out.weight": (d, 64), f"layers.{i}.1.1.weight": (4 * d, d),
+                       f"layers.{i}.1.3.weight": (d, 4 * d)})
+    proj = _random_state(shapes, seed + 1, scale)
+    for norm, width in [(f"layers.{i}.0.norm{j}", d) for i in range(4) for j in (1, 2)] + \
+            [(f"layers.{i}.1.0", d) for i in range(4)] + [("norm_out", cross)]:
+        proj[f"{norm}.weight"], proj[f"{norm}.bias"] = torch.ones(width), torch.zeros(width)
+    sd.update({"image_proj." + k: v for k, v in proj.items()})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(target))
+    return target
+
+
 # ---------------------------------------------------------------------------- annotator files
 
 def _random_state(shapes: dict, seed: int, scale: float = 0.5) -> dict:

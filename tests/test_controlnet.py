@@ -23,7 +23,7 @@ from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
 from .controlnet_factory import (save_diffusers_single_file, save_ldm, tiny_clip_vision, tiny_controlnet,
-                                 tiny_control_lora, tiny_depth_anything, tiny_hed_file, tiny_ip_adapter,
+                                 tiny_control_lora, tiny_depth_anything, tiny_hed_file, tiny_ip_adapter, tiny_ip_adapter_plus,
                                  tiny_lineart_file, tiny_union_controlnet)
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
@@ -93,6 +93,8 @@ def cn_dirs(model_store, tmp_path_factory):
     tiny_ip_adapter(models / "tiny-sdxl" / "unet", root / "ipadapter" / "ip-adapter_tiny_sdxl.safetensors", seed=1)
     tiny_ip_adapter(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter_no_encoder.safetensors",
                     image_dim=24)
+    tiny_ip_adapter_plus(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter-plus_tiny_sd15.safetensors",
+                         seed=2)
     return cdir, adir, models
 
 
@@ -280,6 +282,21 @@ def test_ip_adapter_changes_the_image_and_leaves_the_unet_as_it_was(cn_server):
     assert not np.array_equal(late, on) and not np.array_equal(late, plain)
     both = pixels(run(cn_server, controlnets=[unit()], ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref}]))
     assert not np.array_equal(both, on)
+
+
+def test_ip_adapter_plus_resampler_tokens_change_the_image(cn_server):
+    plain = pixels(run(cn_server))
+    ref = [png(control_image(seed=11))]
+    plus = {"model": "ip-adapter-plus_tiny_sd15", "images": ref}
+    on = pixels(run(cn_server, ip_adapters=[plus]))
+    assert np.abs(on - plain).mean() > 1.0
+    assert not np.array_equal(on, pixels(run(cn_server, ip_adapters=[{**plus, "model": "ip-adapter_tiny_sd15"}])))
+    assert not np.array_equal(on, pixels(run(cn_server, ip_adapters=[{**plus, "images": [png(control_image(seed=12))]}])))
+    assert np.array_equal(pixels(run(cn_server, ip_adapters=[{**plus, "weight": 0}])), plain)
+    assert np.array_equal(pixels(run(cn_server)), plain)  # its layers left the resident UNet
+    listed = {a["name"]: a for a in cn_server.client.get("/ipadapters").json()["ip_adapters"]}
+    assert listed["ip-adapter-plus_tiny_sd15"]["image_encoder"] == "tiny-vit"
+    assert (listed["ip-adapter-plus_tiny_sd15"]["variant"], listed["ip-adapter-plus_tiny_sd15"]["tokens"]) == ("plus", 8)
 
 
 def test_ip_adapter_sdxl_and_as_an_a1111_unit(cn_server):

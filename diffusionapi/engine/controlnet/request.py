@@ -214,7 +214,8 @@ def resolve_ip_adapters(units: list[IPAdapterUnitRequest], model, settings):
         encoder = files.encoder_for(entry)
         if encoder is None:
             raise RequestError(f"{where}.model", f"IP-Adapter {entry.name!r} needs a CLIP image encoder with "
-                                                 f"projection_dim {entry.image_dim} in {clip_vision_dir(settings)}/ "
+                                                 f"{'hidden_size' if entry.variant == 'plus' else 'projection_dim'} "
+                                                 f"{entry.image_dim} in {clip_vision_dir(settings)}/ "
                                                  "(a CLIPVisionModelWithProjection folder: config.json + weights)")
         images = tuple(input_image(text, f"{where}.images.{k}", settings) for k, text in enumerate(u.images))
         plans.append(IPAdapterPlan(entry, encoder, images, u.weight, u.guidance_start, u.guidance_end))

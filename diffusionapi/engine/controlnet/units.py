@@ -147,7 +147,7 @@ class ControlledUNet:
         self.units = units
         self.clock = clock
         self.rows_per_image = rows_per_image
-        self.ip = ip  # (InstalledAdapters, [IPAdapterPlan], [embeds (1, n, dim)]) or None
+        self.ip = ip  # (InstalledAdapters, [IPAdapterPlan], [(cond, uncond or None) embeds]) or None
 
     def __getattr__(self, name):
         return getattr(self.unet, name)
@@ -200,10 +200,10 @@ class ControlledUNet:
                                   for p in plans])
             b = max(x.shape[0] // self.rows_per_image, 1)
             rows = []
-            for e in embeds:  # the unconditional rows see a zero image embedding (diffusers' convention)
+            for e, u in embeds:  # unconditional rows: a zero embedding (plain), a black image's (plus)
                 e = e.to(x.device, x.dtype)
-                r = e.expand(x.shape[0], -1, -1).clone()
-                r[:b] = 0
+                r = e.expand(x.shape[0], *e.shape[1:]).clone()
+                r[:b] = 0 if u is None else u.to(x.device, x.dtype)
                 rows.append(r)
             added_cond_kwargs = {**(added_cond_kwargs or {}), "image_embeds": rows}
         if down is not None:
@@ -258,7 +258,7 @@ class ControlState:
                 embeds = []
                 for p in plans:
                     enc = encoders.get(p.encoder, self.engine.device, unet.dtype)
-                    embeds.append(image_embeds(enc, p.images, self.engine.device))
+                    embeds.append(image_embeds(enc, p.images, self.engine.device, p.entry.variant))
                 self.installed = InstalledAdapters(unet, [load_adapter_state(p.entry.path) for p in plans])
                 self.ip_embeds = embeds
             except GenerationError:
