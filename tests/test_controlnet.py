@@ -93,6 +93,13 @@ def cn_dirs(model_store, tmp_path_factory):
     tiny_ip_adapter(models / "tiny-sdxl" / "unet", root / "ipadapter" / "ip-adapter_tiny_sdxl.safetensors", seed=1)
     tiny_ip_adapter(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter_no_encoder.safetensors",
                     image_dim=24)
+    # h94's .bin layout: {"image_proj": {...}, "ip_adapter": {...}} (torch.save), the same weights
+    from safetensors.torch import load_file
+
+    flat = load_file(str(root / "ipadapter" / "ip-adapter_tiny_sd15.safetensors"))
+    (root / "ipadapter" / "bin").mkdir()
+    torch.save({part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
+                for part in ("image_proj", "ip_adapter")}, root / "ipadapter" / "bin" / "ip-adapter_tiny_bin_sd15.bin")
     tiny_ip_adapter_plus(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter-plus_tiny_sd15.safetensors",
                          seed=2)
     return cdir, adir, models
@@ -275,6 +282,8 @@ def test_ip_adapter_changes_the_image_and_leaves_the_unet_as_it_was(cn_server):
     assert 'IP-Adapter 0: "Model: ip-adapter_tiny_sd15, Weight: 1.0' in body["infotext"]
     assert body["payload"]["ip_adapters"][0]["images"] == ["<PNG 64x64>"]
     assert np.array_equal(pixels(run(cn_server)), plain)  # the adapter's layers left the resident UNet
+    # the same weights in h94's .bin layout
+    assert np.array_equal(pixels(run(cn_server, ip_adapters=[{"model": "ip-adapter_tiny_bin_sd15", "images": ref}])), on)
     assert np.array_equal(pixels(run(cn_server, ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref,
                                                               "weight": 0}])), plain)
     late = pixels(run(cn_server, ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref,
