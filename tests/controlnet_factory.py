@@ -262,3 +262,21 @@ def tiny_control_lora(unet_dir: Path, target: Path, expected: Path, seed: int = 
     for path, sd in ((target, lora), (expected, {"control_model." + k: v for k, v in full.items()})):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+
+
+def save_t2i_adapter_original(adapter, target: Path) -> Path:
+    """A diffusers full T2IAdapter in TencentARC's original layout (``conv_in``, ``body.<level *
+    blocks + j>.block1/block2``, ``in_conv`` on a level's first block): the reverse of the loader's renaming."""
+    blocks = adapter.config.num_res_blocks
+    out = {}
+    for k, v in adapter.state_dict().items():
+        k = k[len("adapter."):]
+        parts = k.split(".")
+        if parts[0] == "body" and parts[2] == "resnets":
+            k = f"body.{int(parts[1]) * blocks + int(parts[3])}." + ".".join(parts[4:])
+        elif parts[0] == "body":  # in_conv
+            k = f"body.{int(parts[1]) * blocks}." + ".".join(parts[2:])
+        out[k] = v.detach().contiguous()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, str(target))
+    return target

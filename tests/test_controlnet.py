@@ -22,9 +22,9 @@ from PIL import Image
 from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
-from .controlnet_factory import (save_diffusers_single_file, save_ldm, tiny_clip_vision, tiny_controlnet,
-                                 tiny_control_lora, tiny_depth_anything, tiny_hed_file, tiny_ip_adapter, tiny_ip_adapter_plus,
-                                 tiny_lineart_file, tiny_union_controlnet)
+from .controlnet_factory import (save_diffusers_single_file, save_ldm, save_t2i_adapter_original, tiny_clip_vision,
+                                 tiny_control_lora, tiny_controlnet, tiny_depth_anything, tiny_hed_file, tiny_ip_adapter,
+                                 tiny_ip_adapter_plus, tiny_lineart_file, tiny_union_controlnet)
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
              sampler_name="Euler", scheduler_type="default")
@@ -87,6 +87,8 @@ def cn_dirs(model_store, tmp_path_factory):
     adapter = T2IAdapter(in_channels=3, channels=[16, 32], num_res_blocks=1, downscale_factor=8,
                          adapter_type="full_adapter")
     adapter.save_pretrained(cdir / "t2iadapter_tiny_sd15")
+    save_t2i_adapter_original(adapter, cdir / "t2i" / "t2iadapter_tiny_original_sd15.pth")
+    save_diffusers_single_file(adapter, cdir / "t2i" / "t2iadapter_tiny_diffusers_sd15.safetensors")
     # IP-Adapters and their image encoder (folders next to models/, as stable_diffusion/ has them)
     tiny_clip_vision(root / "clip_vision" / "tiny-vit")
     tiny_ip_adapter(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter_tiny_sd15.safetensors")
@@ -155,7 +157,8 @@ def test_controlnets_are_listed_with_family_and_format_read_from_the_files(cn_se
         "tiny-cn-sd15": ("sd15", "diffusers"), "tiny-cn-sd15-b": ("sd15", "diffusers"),
         "control_tiny_sd15": ("sd15", "single-file"), "old/control_tiny_pth_sd15": ("sd15", "single-file"),
         "tiny-cn-sdxl": ("sdxl", "diffusers"), "xl/diffusers_xl_tiny": ("sdxl", "single-file"),
-        "t2iadapter_tiny_sd15": ("sd15", "diffusers"), "t2iadapter_tiny_sdxl": ("sdxl", "diffusers"), "tiny-union-sdxl": ("sdxl", "diffusers"),
+        "t2iadapter_tiny_sd15": ("sd15", "diffusers"), "t2i/t2iadapter_tiny_original_sd15": ("sd15", "single-file"),
+        "t2i/t2iadapter_tiny_diffusers_sd15": ("sd15", "single-file"), "t2iadapter_tiny_sdxl": ("sdxl", "diffusers"), "tiny-union-sdxl": ("sdxl", "diffusers"),
         "xl/union_tiny_promax": ("sdxl", "single-file"), "control-lora-tiny-rank2": ("sd15", "single-file"),
         "expected/control_lora_merged_sd15": ("sd15", "single-file")}
     assert got["t2iadapter_tiny_sd15"]["kind"] == "t2i-adapter"
@@ -259,6 +262,10 @@ def test_t2i_adapter_unit_changes_the_image_and_respects_weight_and_window(cn_se
                                                                                       controlnets=[unit(t2i)])))
     soft = pixels(run(cn_server, **base, controlnets=[unit(t2i, control_mode=1)]))
     assert not np.array_equal(soft, on)
+    # the same adapter as single files: TencentARC's original layout (.pth) and diffusers' (.safetensors)
+    for name in ("t2i/t2iadapter_tiny_original_sd15", "t2iadapter_tiny_diffusers_sd15"):
+        assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(name, preprocessor="t2ia_color_grid")])),
+                              on), name
 
 
 def test_sdxl_t2i_adapter_unit_changes_the_image_and_weight_zero_does_not(cn_server):

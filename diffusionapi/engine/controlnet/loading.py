@@ -186,6 +186,33 @@ def load_control_lora(entry: ControlNetEntry, unet):
     return model
 
 
+def load_t2i_adapter_file(path: Path):
+    """A single-file T2I-Adapter (files.t2i_adapter_layout), every tensor in place."""
+    from diffusers import T2IAdapter
+
+    from .files import t2i_adapter_layout
+
+    sd = read_state_dict(path)
+    cfg = t2i_adapter_layout({k: tuple(v.shape) for k, v in sd.items()})
+    if cfg.pop("original"):  # body.<level * blocks + j>.X -> adapter.body.<level>.(resnets.<j>.X | in_conv)
+        blocks, renamed = cfg["num_res_blocks"], {}
+        for k, v in sd.items():
+            if k.startswith("body."):
+                _, n, rest = k.split(".", 2)
+                level, j = divmod(int(n), blocks)
+                renamed[f"adapter.body.{level}.{rest}" if rest.startswith("in_conv.") else
+                        f"adapter.body.{level}.resnets.{j}.{rest}"] = v
+            else:
+                renamed["adapter." + k] = v
+        sd = renamed
+    model = T2IAdapter(**cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)[:2]
+    if missing or unexpected:
+        raise ControlNetLoadError(f"{len(missing)} parameters missing, {len(unexpected)} tensors unplaced "
+                                  f"(e.g. {(missing or unexpected)[0]})")
+    return model
+
+
 def sidecar_config(path: Path) -> dict | None:
     for cand in (path.with_name(path.stem + ".config") / "config.json", path.with_suffix(".json")):
         if cand.is_file():
@@ -209,6 +236,8 @@ def load_controlnet(entry: ControlNetEntry, unet_config, device, dtype, unet=Non
         else:
             from diffusers import ControlNetModel as cls
         model = cls.from_pretrained(str(entry.path), torch_dtype=dtype, local_files_only=True)
+    elif entry.kind == "t2i-adapter":
+        model = load_t2i_adapter_file(entry.path)
     else:
         from diffusers import ControlNetModel, ControlNetUnionModel
 
