@@ -189,6 +189,20 @@ def tiny_lineart_file(path: Path, ngf: int = 4, blocks: int = 1, seed: int = 0) 
     torch.save(_random_state(shapes, seed, 0.3), path)
 
 
+def tiny_anime_lineart_file(path: Path, ngf: int = 4, seed: int = 0) -> None:
+    """``netG.pth`` in pix2pix's U-Net layout (``model.model.0`` / ``.3`` outermost, ``.1.model.1`` /
+    ``.5`` a middle level, ``...3.model.1`` / ``.3`` the innermost), 3 levels here (the published: 8)."""
+    outer, mid, inner = "model.model", "model.model.1.model", "model.model.1.model.3.model"
+    shapes = {f"{outer}.0.weight": (ngf, 3, 4, 4), f"{outer}.0.bias": (ngf,),
+              f"{outer}.3.weight": (2 * ngf, 1, 4, 4), f"{outer}.3.bias": (1,),
+              f"{mid}.1.weight": (2 * ngf, ngf, 4, 4), f"{mid}.1.bias": (2 * ngf,),
+              f"{mid}.5.weight": (4 * ngf, ngf, 4, 4), f"{mid}.5.bias": (ngf,),
+              f"{inner}.1.weight": (2 * ngf, 2 * ngf, 4, 4), f"{inner}.1.bias": (2 * ngf,),
+              f"{inner}.3.weight": (2 * ngf, 2 * ngf, 4, 4), f"{inner}.3.bias": (2 * ngf,)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"module." + k: v for k, v in _random_state(shapes, seed, 0.3).items()}, path)  # (a DataParallel save)
+
+
 def tiny_depth_anything(folder: Path, seed: int = 0) -> None:
     """A transformers Depth Anything folder (as LiheYoung/depth-anything-*-hf is laid out), tiny:
     a 2-layer DINOv2 backbone at 28 px (patch 14). Random weights scaled up so the (ReLU-headed)

@@ -22,9 +22,10 @@ from PIL import Image
 from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
-from .controlnet_factory import (save_diffusers_single_file, save_ldm, save_t2i_adapter_original, tiny_clip_vision,
-                                 tiny_control_lora, tiny_controlnet, tiny_depth_anything, tiny_hed_file, tiny_ip_adapter,
-                                 tiny_ip_adapter_plus, tiny_lineart_file, tiny_union_controlnet)
+from .controlnet_factory import (save_diffusers_single_file, save_ldm, save_t2i_adapter_original,
+                                 tiny_anime_lineart_file, tiny_clip_vision, tiny_control_lora, tiny_controlnet,
+                                 tiny_depth_anything, tiny_hed_file, tiny_ip_adapter, tiny_ip_adapter_plus,
+                                 tiny_lineart_file, tiny_union_controlnet)
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
              sampler_name="Euler", scheduler_type="default")
@@ -53,6 +54,7 @@ def cn_dirs(model_store, tmp_path_factory):
     # annotators: tiny random networks in the published layouts (sk_model2.pth and the MiDaS folder left out)
     tiny_hed_file(adir / "ControlNetHED.pth")
     tiny_lineart_file(adir / "sk_model.pth")
+    tiny_anime_lineart_file(adir / "netG.pth")
     tiny_depth_anything(adir / "depth-anything")
     (adir / "table5_pidinet.pth").write_bytes(b"present, but no network here runs it")
     # T2I-Adapters add their features inside the UNet's down blocks: a tiny SD 1.5 model whose
@@ -174,7 +176,7 @@ def test_preprocessors_say_which_run_and_which_file_a_networked_one_needs(cn_ser
                  "shuffle", "scribble_xdog", "lineart_standard", "inpaint", "inpaint_only"):
         assert got[name]["available"], name
     assert not got["depth_midas"]["available"] and "dpt-hybrid-midas/" in got["depth_midas"]["reason"]
-    for name in ("softedge_hed", "scribble_hed", "lineart_realistic", "depth_anything"):  # their files are there
+    for name in ("softedge_hed", "scribble_hed", "lineart_realistic", "lineart_anime", "depth_anything"):  # files there
         assert got[name]["available"], name
     assert "sk_model2.pth" in got["lineart_coarse"]["reason"]
     assert "cannot run that network yet" in got["softedge_pidinet"]["reason"]
@@ -545,7 +547,8 @@ def _detect(server, module, im, res=None):
     return Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
 
 
-@pytest.mark.parametrize("module", ["softedge_hed", "scribble_hed", "lineart_realistic", "depth_anything"])
+@pytest.mark.parametrize("module", ["softedge_hed", "scribble_hed", "lineart_realistic", "lineart_anime",
+                                    "depth_anything"])
 def test_networked_preprocessors_run_from_their_annotator_files(cn_server, module):
     """Tiny random networks saved in the published layouts: the map has the preprocessor's size
     (shorter side = processor resolution), is RGB, depends on the input and is deterministic."""

@@ -14,6 +14,9 @@ path only. Nothing is downloaded: a file that is not in the folder is a 422 at s
   two stride-2 convolutions, residual blocks, two transposed convolutions, 7x7 head, sigmoid;
   instance norm without parameters). It draws dark lines on white; the map is inverted (white lines
   on black) as the extension inverts it.
+- Anime line art (``netG.pth``, pix2pix's U-Net generator: nested stride-2 levels with skip
+  concatenation, instance norm without parameters, tanh), fed in [-1, 1] at a multiple of its
+  total downscale; inverted like the other line art.
 - Depth (``depth_anything`` / ``depth_midas``): a transformers depth-estimation folder
   (``config.json``, weights, ``preprocessor_config.json``: Depth Anything v1/v2, DPT); its
   relative inverse depth, normalised to 0-255 (near is white), as the extension's depth maps are.
@@ -243,6 +246,82 @@ def lineart_coarse(img, res, a, b, mask, folder, device):
     return _lineart(img, res, folder, "sk_model2.pth", device)
 
 
+# ---------------------------------------------------------------------------- anime line art
+
+class _UnetSkipBlock(nn.Module):
+    """One level of pix2pix's U-Net generator (the anime line-art network, ``netG.pth``): down
+    (leaky ReLU, stride-2 4x4 conv, instance norm), the inner level, up (ReLU, transposed conv,
+    instance norm); its input is concatenated to its output. Widths are read from the state dict."""
+
+    def __init__(self, sd: dict, prefix: str, outermost: bool = False):
+        super().__init__()
+        self.outermost = outermost
+
+        def conv(key, transposed=False):
+            w = sd[f"{key}.weight"]
+            cls = nn.ConvTranspose2d if transposed else nn.Conv2d
+            cin, cout = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
+            return cls(cin, cout, 4, stride=2, padding=1, bias=f"{key}.bias" in sd), cout
+
+        if outermost:      # down conv, inner level, ReLU, up conv, tanh
+            down, _ = conv(f"{prefix}.0")
+            up, _ = conv(f"{prefix}.3", transposed=True)
+            layers = [down, _UnetSkipBlock(sd, f"{prefix}.1.model"), nn.ReLU(True), up, nn.Tanh()]
+        elif f"{prefix}.5.weight" in sd:  # a middle level
+            down, c = conv(f"{prefix}.1")
+            up, cu = conv(f"{prefix}.5", transposed=True)
+            # (in place, as pix2pix has it: the skip connection carries the leaky-ReLU'd input)
+            layers = [nn.LeakyReLU(0.2, True), down, nn.InstanceNorm2d(c), _UnetSkipBlock(sd, f"{prefix}.3.model"),
+                      nn.ReLU(True), up, nn.InstanceNorm2d(cu)]
+        else:              # the innermost level
+            down, _ = conv(f"{prefix}.1")
+            up, cu = conv(f"{prefix}.3", transposed=True)
+            layers = [nn.LeakyReLU(0.2, True), down, nn.ReLU(True), up, nn.InstanceNorm2d(cu)]
+        self.model = nn.Sequential(*layers)
+
+    @property
+    def depth(self) -> int:
+        inner = next((m for m in self.model if isinstance(m, _UnetSkipBlock)), None)
+        return 1 + (inner.depth if inner is not None else 0)
+
+    def forward(self, x):
+        return self.model(x) if self.outermost else torch.cat([x, self.model(x)], 1)
+
+
+class AnimeLineartGenerator(nn.Module):
+    def __init__(self, sd: dict):
+        super().__init__()
+        self.model = _UnetSkipBlock(sd, "model.model", outermost=True)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def _load_anime(path: Path) -> nn.Module:
+    sd = _state_dict(path)
+    model = AnimeLineartGenerator(sd)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def lineart_anime(img, res, a, b, mask, folder, device):
+    """Resized up to a multiple of the U-Net's total downscale (256 for the published 8 levels),
+    fed in [-1, 1]; the drawing (dark on white) back at the input's size, inverted."""
+    import cv2
+
+    dev = _device(device)
+    model = _cached("lineart_anime", folder / "netG.pth", dev, _load_anime)
+    img = resize_short_side(img, res)
+    h, w = img.shape[:2]
+    m = 2 ** model.model.depth
+    hn, wn = m * int(np.ceil(h / m)), m * int(np.ceil(w / m))
+    feed = cv2.resize(img, (wn, hn), interpolation=cv2.INTER_CUBIC)
+    with torch.inference_mode():
+        line = model(_to_tensor(feed, dev, 127.5) - 1.0)[0, 0].float().cpu().numpy() * 127.5 + 127.5
+    line = cv2.resize(line, (w, h), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)
+    return hwc3(255 - line)
+
+
 # ---------------------------------------------------------------------------- depth
 
 def _load_depth(folder: Path):
@@ -292,7 +371,7 @@ def depth_midas(img, res, a, b, mask, folder, device):
 
 
 NETS = {"softedge_hed": softedge_hed, "scribble_hed": scribble_hed, "lineart_realistic": lineart_realistic,
-        "lineart_coarse": lineart_coarse, "depth_anything": depth_anything, "depth_midas": depth_midas}
+        "lineart_coarse": lineart_coarse, "lineart_anime": lineart_anime, "depth_anything": depth_anything, "depth_midas": depth_midas}
 
 
 def run(name: str, img: np.ndarray, res: int, a: float, b: float, mask, folder: Path, device) -> np.ndarray:

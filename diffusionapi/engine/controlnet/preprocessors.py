@@ -235,7 +235,7 @@ _NETWORKED = [
     ("dw_openpose_full", "dw_openpose_full", ("OpenPose",), ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")),
     ("lineart_realistic", "lineart_realistic", _L, ("sk_model.pth",), "lineart_realistic"),
     ("lineart_coarse", "lineart_coarse", _L, ("sk_model2.pth",), "lineart_coarse"),
-    ("lineart_anime", "lineart_anime", _L, ("netG.pth",)),
+    ("lineart_anime", "lineart_anime", _L, ("netG.pth",), "lineart_anime"),
     ("softedge_hed", "softedge_hed", ("SoftEdge",), ("ControlNetHED.pth",), "softedge_hed"),
     ("softedge_pidinet", "softedge_pidinet", ("SoftEdge",), ("table5_pidinet.pth",)),
     ("scribble_hed", "scribble_hed", ("Scribble",), ("ControlNetHED.pth",), "scribble_hed"),
