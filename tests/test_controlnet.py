@@ -573,6 +573,22 @@ def test_a_networked_unit_guides_a_job_with_the_map_detect_makes(cn_server):
     assert 'Module: lineart_realistic, Model: tiny-cn-sd15' in body["infotext"]
 
 
+def test_a_cluster_api_node_detects_with_built_in_modules_only(cn_server):
+    """An API node of a Celery cluster loads no torch: networked modules are refused there (the map
+    comes with a job instead); built-in ones still run. (The route reads the node's settings.)"""
+    app = cn_server.app
+    own = app.state.settings
+    app.state.settings = own.model_copy(update={"backend": "celery"})
+    try:
+        r = cn_server.client.post("/controlnet/detect", json={"controlnet_module": "softedge_hed",
+                                                               "controlnet_input_images": [png(control_image())]})
+        assert r.status_code == 422 and "save_detected_map" in r.json()["detail"], r.text
+        assert r.json()["errors"][0]["loc"] == ["body", "controlnet_module"]
+        assert _detect(cn_server, "canny", control_image(), 64).size == (64, 64)
+    finally:
+        app.state.settings = own
+
+
 def test_detect_names_a_missing_annotator_file(cn_server):
     for module, words in (("lineart_coarse", "sk_model2.pth"), ("depth_midas", "dpt-hybrid-midas/")):
         r = cn_server.client.post("/controlnet/detect", json={"controlnet_module": module,
