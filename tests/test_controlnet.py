@@ -51,6 +51,8 @@ def cn_dirs(model_store, tmp_path_factory):
     save_diffusers_single_file(union, cdir / "xl" / "union_tiny_promax.safetensors")
     tiny_control_lora(model_store / "models" / "tiny-sd15" / "unet", cdir / "control-lora-tiny-rank2.safetensors",
                       cdir / "expected" / "control_lora_merged_sd15.safetensors", seed=7)
+    tiny_control_lora(model_store / "models" / "tiny-sdxl" / "unet", cdir / "xl" / "control-lora-tiny-xl.safetensors",
+                      cdir / "expected" / "control_lora_merged_sdxl.safetensors", seed=10)
     # annotators: tiny random networks in the published layouts (sk_model2.pth and the MiDaS folder left out)
     tiny_hed_file(adir / "ControlNetHED.pth")
     tiny_lineart_file(adir / "sk_model.pth")
@@ -162,7 +164,8 @@ def test_controlnets_are_listed_with_family_and_format_read_from_the_files(cn_se
         "t2iadapter_tiny_sd15": ("sd15", "diffusers"), "t2i/t2iadapter_tiny_original_sd15": ("sd15", "single-file"),
         "t2i/t2iadapter_tiny_diffusers_sd15": ("sd15", "single-file"), "t2iadapter_tiny_sdxl": ("sdxl", "diffusers"), "tiny-union-sdxl": ("sdxl", "diffusers"),
         "xl/union_tiny_promax": ("sdxl", "single-file"), "control-lora-tiny-rank2": ("sd15", "single-file"),
-        "expected/control_lora_merged_sd15": ("sd15", "single-file")}
+        "expected/control_lora_merged_sd15": ("sd15", "single-file"), "xl/control-lora-tiny-xl": ("sdxl", "single-file"),
+        "expected/control_lora_merged_sdxl": ("sdxl", "single-file")}
     assert got["t2iadapter_tiny_sd15"]["kind"] == "t2i-adapter"
     assert got["tiny-union-sdxl"]["kind"] == got["xl/union_tiny_promax"]["kind"] == "controlnet-union"
     assert got["control-lora-tiny-rank2"]["kind"] == "control-lora"
@@ -250,6 +253,12 @@ def test_control_lora_is_the_base_unets_controlnet_plus_its_diffs(cn_server):
     r = cn_server.client.post("/txt2img", json={**SMALL, "model": "tiny-sdxl",
                                                  "controlnets": [unit("control-lora-tiny-rank2")]})
     assert r.status_code == 422 and "is for SD 1.5" in r.json()["error"]
+    # SDXL (Stability's Control-LoRAs are SDXL ones): the micro-conditioning embedding is a diff too
+    xl_plain = pixels(run(cn_server, model="tiny-sdxl"))
+    xl_on = pixels(run(cn_server, model="tiny-sdxl", controlnets=[unit("control-lora-tiny-xl")]))
+    assert np.abs(xl_on - xl_plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, model="tiny-sdxl",
+                                     controlnets=[unit("expected/control_lora_merged_sdxl")])), xl_on)
 
 
 def test_t2i_adapter_unit_changes_the_image_and_respects_weight_and_window(cn_server):
