@@ -118,12 +118,12 @@ class JobStore:
         if isinstance(status, dict):
             status = JobStatus.model_validate(status)
         write_atomic(self.status_path(job_id), json.dumps(status.to_record()).encode(), fsync=fsync)
+        if status.is_final:  # (before the index says so: a listing that shows the job ended finds it slim)
+            self.drop_inputs(job_id)
         with self._lock:
             entry = self._index.get(job_id)
             if entry is not None:
                 entry.state, entry.current_phase, entry.progress = status.state, status.current_phase, status.progress
-        if status.is_final:
-            self.drop_inputs(job_id)
 
     def drop_inputs(self, job_id: str) -> None:
         """A job that ended never runs again: its input images (often megabytes of base64) leave
