@@ -203,6 +203,29 @@ def tiny_anime_lineart_file(path: Path, ngf: int = 4, seed: int = 0) -> None:
     torch.save({"module." + k: v for k, v in _random_state(shapes, seed, 0.3).items()}, path)  # (a DataParallel save)
 
 
+def tiny_openpose_body_file(path: Path, width: int = 4, stages: int = 2, seed: int = 0) -> None:
+    """``body_pose_model.pth`` in the published PyTorch port's flat names (VGG stem ``conv1_1`` ...
+    ``conv4_4_CPM``; stage 1 ``conv5_<1..5>_CPM_L1/L2``; stages 2.. ``Mconv<1..7>_stage<s>_L1/L2``; 38
+    affinity fields, 19 heatmaps), at a tiny width and with 2 stages (the published: 6)."""
+    c = width
+    stem = [("conv1_1", 3, c, 3), ("conv1_2", c, c, 3), ("conv2_1", c, c, 3), ("conv2_2", c, c, 3),
+            ("conv3_1", c, c, 3), ("conv3_2", c, c, 3), ("conv3_3", c, c, 3), ("conv3_4", c, c, 3),
+            ("conv4_1", c, c, 3), ("conv4_2", c, c, 3), ("conv4_3_CPM", c, c, 3), ("conv4_4_CPM", c, 2 * c, 3)]
+    layers = list(stem)
+    for branch, out in (("L1", 38), ("L2", 19)):
+        layers += [(f"conv5_{i}_CPM_{branch}", 2 * c, 2 * c, 3) for i in (1, 2, 3)]
+        layers += [(f"conv5_4_CPM_{branch}", 2 * c, 4 * c, 1), (f"conv5_5_CPM_{branch}", 4 * c, out, 1)]
+        for s in range(2, stages + 1):
+            layers += [(f"Mconv1_stage{s}_{branch}", 38 + 19 + 2 * c, 2 * c, 7)]
+            layers += [(f"Mconv{i}_stage{s}_{branch}", 2 * c, 2 * c, 7) for i in (2, 3, 4, 5)]
+            layers += [(f"Mconv6_stage{s}_{branch}", 2 * c, 2 * c, 1), (f"Mconv7_stage{s}_{branch}", 2 * c, out, 1)]
+    shapes = {}
+    for name, cin, cout, k in layers:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(_random_state(shapes, seed, 0.2), path)
+
+
 def tiny_depth_anything(folder: Path, seed: int = 0) -> None:
     """A transformers Depth Anything folder (as LiheYoung/depth-anything-*-hf is laid out), tiny:
     a 2-layer DINOv2 backbone at 28 px (patch 14). Random weights scaled up so the (ReLU-headed)

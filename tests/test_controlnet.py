@@ -25,7 +25,7 @@ from .conftest import LiveServer, make_settings
 from .controlnet_factory import (save_diffusers_single_file, save_ldm, save_t2i_adapter_original,
                                  tiny_anime_lineart_file, tiny_clip_vision, tiny_control_lora, tiny_controlnet,
                                  tiny_depth_anything, tiny_hed_file, tiny_ip_adapter, tiny_ip_adapter_plus,
-                                 tiny_lineart_file, tiny_union_controlnet)
+                                 tiny_lineart_file, tiny_openpose_body_file, tiny_union_controlnet)
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
              sampler_name="Euler", scheduler_type="default")
@@ -57,6 +57,7 @@ def cn_dirs(model_store, tmp_path_factory):
     tiny_hed_file(adir / "ControlNetHED.pth")
     tiny_lineart_file(adir / "sk_model.pth")
     tiny_anime_lineart_file(adir / "netG.pth")
+    tiny_openpose_body_file(adir / "body_pose_model.pth")
     tiny_depth_anything(adir / "depth-anything")
     (adir / "table5_pidinet.pth").write_bytes(b"present, but no network here runs it")
     # T2I-Adapters add their features inside the UNet's down blocks: a tiny SD 1.5 model whose
@@ -179,7 +180,8 @@ def test_preprocessors_say_which_run_and_which_file_a_networked_one_needs(cn_ser
                  "shuffle", "scribble_xdog", "lineart_standard", "inpaint", "inpaint_only"):
         assert got[name]["available"], name
     assert not got["depth_midas"]["available"] and "dpt-hybrid-midas/" in got["depth_midas"]["reason"]
-    for name in ("softedge_hed", "scribble_hed", "lineart_realistic", "lineart_anime", "depth_anything"):  # files there
+    for name in ("softedge_hed", "scribble_hed", "lineart_realistic", "lineart_anime", "depth_anything",
+                 "openpose"):  # their files are there
         assert got[name]["available"], name
     assert "sk_model2.pth" in got["lineart_coarse"]["reason"]
     assert "cannot run that network yet" in got["softedge_pidinet"]["reason"]
@@ -544,8 +546,9 @@ def test_detect_refuses_unknown_and_networked_modules_and_no_image(cn_server):
     c = cn_server.client
     r = c.post("/controlnet/detect", json={"controlnet_module": "nope", "controlnet_input_images": [png(control_image())]})
     assert r.status_code == 422
-    r = c.post("/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_input_images": [png(control_image())]})
-    assert r.status_code == 422 and "body_pose_model.pth" in r.json()["error"]
+    r = c.post("/controlnet/detect", json={"controlnet_module": "openpose_hand",
+                                           "controlnet_input_images": [png(control_image())]})
+    assert r.status_code == 422 and "hand_pose_model.pth" in r.json()["error"]
     assert c.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": []}).status_code == 422
 
 
@@ -571,6 +574,36 @@ def test_networked_preprocessors_run_from_their_annotator_files(cn_server, modul
     assert len(np.unique(first)) > 1
     if module == "scribble_hed":
         assert set(np.unique(first)) <= {0, 255}
+
+
+def test_openpose_detect_answers_the_map_and_the_poses_json(cn_server):
+    """The body network runs from body_pose_model.pth (a tiny random one here: what it finds is noise;
+    tests/test_controlnet_units.py checks the assembly of people on drawn maps)."""
+    im = control_image(96, seed=24)
+    r = cn_server.client.post("/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_processor_res": 64,
+                                                           "controlnet_input_images": [png(im), png(im)]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 2 and len(body["poses"]) == 2
+    pose = body["poses"][0]
+    assert (pose["canvas_width"], pose["canvas_height"]) == (64, 64) and body["poses"][1] == pose
+    for person in pose["people"]:
+        kp = person["pose_keypoints_2d"]
+        assert len(kp) == 54 and all(0 <= v < 64 for v in kp) and person["hand_left_keypoints_2d"] is None
+    got = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert got.mode == "RGB" and got.size == (64, 64)
+    assert np.asarray(got).any() == bool(pose["people"])  # people drawn, or a black map
+    job = run(cn_server, controlnets=[unit(preprocessor="openpose", image=png(im), save_detected_map=True,
+                                           preprocessor_params={"resolution": 64})])
+    assert np.array_equal(pixels(job, 1), np.asarray(got).astype(int))
+    assert "poses" not in _detect_body(cn_server, "canny")
+
+
+def _detect_body(server, module):
+    r = server.client.post("/controlnet/detect", json={"controlnet_module": module,
+                                                       "controlnet_input_images": [png(control_image())]})
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def test_a_networked_unit_guides_a_job_with_the_map_detect_makes(cn_server):

@@ -131,7 +131,7 @@ async def detect(request: Request):
         from ...engine.controlnet.preprocessors import mask_array, to_array
         from ...imageinput import ImageInputError, decode_image
 
-        out = []
+        out, poses = [], []
         for i, text in enumerate(images):
             try:
                 im = decode_image(text, f"controlnet_input_images[{i}]", settings.max_hires_pixels)
@@ -142,13 +142,21 @@ async def detect(request: Request):
             arr = to_array(im)
             mask = mask_array(m, (arr.shape[1], arr.shape[0])) if m is not None else None
             try:
+                if p.net == "openpose":  # the extension also answers the keypoints (OpenPose JSON) as "poses"
+                    from ...engine.controlnet.annotators import openpose_with_pose
+
+                    res = p.params(_num(body.get("controlnet_processor_res")), None, None)[0]
+                    drawn, pose = openpose_with_pose(arr, res, annotators_dir(settings), settings.device)
+                    out.append(_png_b64(drawn))
+                    poses.append(pose)
+                    continue
                 out.append(_png_b64(pp.run(p, arr, _num(body.get("controlnet_processor_res")),
                                            _num(body.get("controlnet_threshold_a")),
                                            _num(body.get("controlnet_threshold_b")), mask,
                                            annotators=annotators_dir(settings), device=settings.device)))
             except pp.PreprocessorError as e:
                 return _error(e.status, "controlnet_module", str(e))
-        return {"info": "Success", "images": out}
+        return {"info": "Success", "images": out, **({"poses": poses} if poses else {})}
 
     return await run_in_threadpool(run)
 

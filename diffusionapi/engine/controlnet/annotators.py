@@ -17,6 +17,7 @@ path only. Nothing is downloaded: a file that is not in the folder is a 422 at s
 - Anime line art (``netG.pth``, pix2pix's U-Net generator: nested stride-2 levels with skip
   concatenation, instance norm without parameters, tanh), fed in [-1, 1] at a multiple of its
   total downscale; inverted like the other line art.
+- OpenPose body (``body_pose_model.pth``): ``openpose.py``.
 - Depth (``depth_anything`` / ``depth_midas``): a transformers depth-estimation folder
   (``config.json``, weights, ``preprocessor_config.json``: Depth Anything v1/v2, DPT); its
   relative inverse depth, normalised to 0-255 (near is white), as the extension's depth maps are.
@@ -370,7 +371,20 @@ def depth_midas(img, res, a, b, mask, folder, device):
     return depth(img, res, folder / "dpt-hybrid-midas", device)
 
 
-NETS = {"softedge_hed": softedge_hed, "scribble_hed": scribble_hed, "lineart_realistic": lineart_realistic,
+def openpose_with_pose(img: np.ndarray, res: int, folder: Path, device) -> tuple[np.ndarray, dict]:
+    """(the pose map, its OpenPose JSON) of the body model in ``body_pose_model.pth`` (openpose.py)."""
+    from .openpose import build_body_model, detect_body
+
+    dev = _device(device)
+    model = _cached("openpose", Path(folder) / "body_pose_model.pth", dev, lambda p: build_body_model(_state_dict(p)))
+    return detect_body(img, res, model, dev)
+
+
+def openpose(img, res, a, b, mask, folder, device):
+    return openpose_with_pose(img, res, folder, device)[0]
+
+
+NETS = {"openpose": openpose, "softedge_hed": softedge_hed, "scribble_hed": scribble_hed, "lineart_realistic": lineart_realistic,
         "lineart_coarse": lineart_coarse, "lineart_anime": lineart_anime, "depth_anything": depth_anything, "depth_midas": depth_midas}
 
 

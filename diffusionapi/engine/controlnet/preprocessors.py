@@ -228,7 +228,7 @@ _NETWORKED = [
     ("depth_anything", "depth_anything", ("Depth",), ("depth-anything/",), "depth_anything",
      f"LiheYoung/depth-anything-*-hf or depth-anything/Depth-Anything-V2-*-hf, {_DEPTH_SRC}"),
     ("normal_bae", "normal_bae", ("Normal",), ("scannet.pt",)),
-    ("openpose", "openpose", ("OpenPose",), ("body_pose_model.pth",)),
+    ("openpose", "openpose", ("OpenPose",), ("body_pose_model.pth",), "openpose"),
     ("openpose_face", "openpose_face", ("OpenPose",), ("body_pose_model.pth", "facenet.pth")),
     ("openpose_hand", "openpose_hand", ("OpenPose",), ("body_pose_model.pth", "hand_pose_model.pth")),
     ("openpose_full", "openpose_full", ("OpenPose",), ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")),
