@@ -60,11 +60,6 @@ class Preprocessor:
     def model_free(self) -> bool:
         return self.run is not None
 
-    @property
-    def runs_here(self) -> bool:
-        """Implemented here: built in, or a network this server runs (when its files are present)."""
-        return self.run is not None or self.net is not None
-
     def sliders(self) -> list[dict]:
         return [s.detail() for s in (self.resolution, self.slider_1, self.slider_2) if s is not None]
 
