@@ -67,6 +67,9 @@ def test_a1111_units_forms_defaults_and_legacy_names():
     with pytest.raises(UnitError, match="control_mode"):
         controlnet_units({"controlnet": {"args": [{"enabled": True, "model": "m", "control_mode": "loud"}]}}, [])
     assert controlnet_units({"ADetailer": {"args": [True]}}, []) == []
+    union = controlnet_units({"controlnet": {"args": [{"enabled": True, "model": "u", "image": "I",
+                                                       "union_control_type": "Depth"}]}}, [])
+    assert union[0]["union_control_type"] == "Depth"
 
 
 def test_cost_counts_controlnet_passes_in_their_window_and_ip_adapter_tokens():
