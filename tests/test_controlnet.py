@@ -263,6 +263,29 @@ def test_control_lora_is_the_base_unets_controlnet_plus_its_diffs(cn_server):
                                      controlnets=[unit("expected/control_lora_merged_sdxl")])), xl_on)
 
 
+def test_a_control_lora_is_built_per_base_unet_not_per_config(cn_dirs, model_store):
+    """Two checkpoints of one architecture share a UNet config; a Control-LoRA built from one must
+    not serve the other, even when the new UNet object reuses the old one's id."""
+    from diffusionapi.engine.controlnet.files import ControlNetFiles
+    from diffusionapi.engine.controlnet.loading import ControlNetCache
+
+    cdir, adir, models = cn_dirs
+    entry = ControlNetFiles(make_settings(model_store, cdir.parent / "w", controlnet_dir=cdir,
+                                          models_dir=models)).resolve("control-lora-tiny-rank2")
+    first = UNet2DConditionModel.from_pretrained(str(models / "tiny-sd15" / "unet")).eval()
+    second = UNet2DConditionModel.from_pretrained(str(models / "tiny-sd15" / "unet")).eval()
+    with torch.no_grad():
+        second.conv_in.weight.add_(0.5)
+    cache = ControlNetCache()
+    a = cache.get(entry, first, "cpu")
+    assert cache.get(entry, first, "cpu") is a and cache.loads == 1
+    b = cache.get(entry, second, "cpu")
+    assert b is not a and not torch.equal(a.conv_in.weight, b.conv_in.weight)
+    key = next(k for k, m in cache._items.items() if m is a)
+    cache._bases[key] = lambda: None  # as if ``first`` had gone and a new UNet had its id
+    assert cache.get(entry, first, "cpu") is not a and cache.loads == 3
+
+
 def test_t2i_adapter_unit_changes_the_image_and_respects_weight_and_window(cn_server):
     base = dict(model="tiny-sd15-t2i")
     plain = pixels(run(cn_server, **base))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def infer_union_config(sd: dict, unet_config) -> dict:
     return cfg
 
 
-def control_lora_state(path: Path, unet) -> tuple[dict, dict]:
+def control_lora_state(path: Path) -> tuple[dict, dict]:
     """A Control-LoRA file as (full tensors, weight diffs), both in diffusers' ControlNet names.
     The file holds, in the original layout, the ControlNet's own layers (hint block, zero
     convolutions) and the norms/biases in full, and each encoder weight as a low-rank diff to the
@@ -156,7 +157,7 @@ def load_control_lora(entry: ControlNetEntry, unet):
     ControlNet-only parameter must come from the file."""
     from diffusers import ControlNetModel
 
-    full, diffs = control_lora_state(entry.path, unet)
+    full, diffs = control_lora_state(entry.path)
     shapes = {**{k: v.shape for k, v in full.items()}, **{k: v.shape for k, v in diffs.items()}}
     emb = ["controlnet_cond_embedding.conv_in.weight"] + [
         f"controlnet_cond_embedding.blocks.{2 * i + 1}.weight"
@@ -266,6 +267,7 @@ class ControlNetCache:
     def __init__(self, capacity: int = 3):
         self.capacity = capacity
         self._items: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+        self._bases: dict[tuple, weakref.ref] = {}  # Control-LoRAs: the UNet each was built from
         self._lock = threading.Lock()
         self.loads = 0
 
@@ -275,15 +277,19 @@ class ControlNetCache:
         base = json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")}, sort_keys=True,
                           default=str)
         key = (str(entry.path), stamp.stat().st_mtime_ns, base, str(device), unet.dtype)
-        if entry.kind == "control-lora":  # built from this UNet's weights, not only its config
+        lora = entry.kind == "control-lora"
+        if lora:  # built from this UNet's weights, not only its config (two SD 1.5 checkpoints share one)
             key += (id(unet),)
         with self._lock:
-            if key in self._items:
+            if key in self._items and (not lora or self._bases.get(key, lambda: None)() is unet):
                 self._items.move_to_end(key)
                 return self._items[key]
+            self._items.pop(key, None)  # (a Control-LoRA of a UNet gone, whose id a new one reuses)
             while len(self._items) >= self.capacity:
-                self._items.popitem(last=False)
+                self._bases.pop(self._items.popitem(last=False)[0], None)
             model = load_controlnet(entry, unet.config, device, unet.dtype, unet=unet)
             self.loads += 1
             self._items[key] = model
+            if lora:
+                self._bases[key] = weakref.ref(unet)
             return model
