@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_n_iter: int = Field(16, ge=1)
     max_image_body_bytes: int = Field(50_000_000, ge=1024)  # image-carrying endpoints (img2img, upscale)
     # A job's cost in megapixel-steps: images x (width x height x steps, + the hires pass) x
-    # conditioning (AND parts and 75-token chunks); limits.py, docs/security.md "sizing".
+    # ControlNet units x conditioning (AND parts and 75-token chunks); limits.py, docs/security.md "sizing".
     max_cost: float = Field(2500.0, gt=0)
     # png-info: an image's text fields (prompt, negative prompt, parameters) longer than this are refused
     # before the infotext parser runs.

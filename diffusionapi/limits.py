@@ -13,6 +13,14 @@ number of text chunks the UNet attends to per step — every AND part's chunks p
 prompt's — divided by 2, so a plain prompt with a plain negative prompt counts 1. A job above
 ``DIFFUSIONAPI_MAX_COST`` is refused with a 422 that says what it costs and what to lower.
 
+Image guidance adds to it. A ControlNet unit is one more network evaluated with the UNet, a copy
+of its encoder and middle block: about half a UNet evaluation (``CONTROLNET_SHARE``) at each
+evaluation in its window, so a pass's pixel-steps count ``1 + 0.5 x window`` per unit (``window``
+= guidance_end - guidance_start; a unit of weight 0 is skipped, a hires option of ``low`` /
+``high`` leaves the other pass out). T2I-Adapters run once per pass, not per step: not counted.
+An IP-Adapter's image tokens (``IP_ADAPTER_TOKENS`` per reference image) are read by
+cross-attention in both passes like text tokens: they count as conditioning, in chunks of 75.
+
 Also here, because they are about what a prompt makes the engine do: brackets nested deeper
 than the prompt parser follows, and attention weights that overflow (``(((...)))`` 5,000 deep
 is 1.1**5000 = inf, which the worker would only notice as NaN images).
@@ -28,6 +36,8 @@ from .engine.prompts import MAX_ATTENTION_NESTING, PromptError, extract_extra_ne
 SEED_LIMIT = 2**64  # torch's generators take seeds below this; image k of a job uses seed + k
 MAX_ATTENTION_WEIGHT = 1000.0  # far beyond any useful emphasis; larger ones only make NaN images
 CHUNK_TOKENS = 75
+CONTROLNET_SHARE = 0.5  # a ControlNet evaluation, in UNet evaluations (encoder + middle block of a copy)
+IP_ADAPTER_TOKENS = 4   # image tokens per reference image of a plain IP-Adapter (Plus: its own count)
 _TOKEN = re.compile(r"\w+|[^\w\s]")  # CLIP's BPE makes at least one token of each
 _BREAK = re.compile(r"\bBREAK\b")
 
@@ -89,20 +99,38 @@ def bracket_depth(text: str) -> int:
     return best
 
 
+def control_factor(plan: GenerationPlan, stage: str) -> float:
+    """The network evaluations per UNet evaluation of a pass (``low``: the first pass, ``high``:
+    the hires pass) with its ControlNet units: 1 + CONTROLNET_SHARE x window per unit."""
+    extra = 0.0
+    for u in plan.controlnets:
+        if u.weight == 0 or getattr(u.entry, "kind", "controlnet") == "t2i-adapter":
+            continue
+        if (stage == "high" and u.hires == "low") or (stage == "low" and u.hires == "high" and plan.hires is not None):
+            continue  # (as engine/controlnet/units.py: without a hires pass, every unit guides the only one)
+        extra += CONTROLNET_SHARE * (u.guidance_end - u.guidance_start)
+    return 1.0 + extra
+
+
 def job_cost(plan: GenerationPlan, parts: list[str] | None = None) -> tuple[float, dict]:
     """(cost in megapixel-steps, its factors) of a plan (see the module doc)."""
     parts = parts if parts is not None else [p for p, _ in split_and(extract_extra_networks(plan.prompt)[0])]
     chunks = sum(text_chunks(p) for p in parts) + text_chunks(extract_extra_networks(plan.negative_prompt)[0])
-    conditioning = max(1.0, chunks / 2)
+    # IP-Adapter tokens join the text in both passes (the unconditional one sees a zero embedding)
+    image_tokens = sum(len(a.images) * getattr(a.entry, "tokens", IP_ADAPTER_TOKENS)
+                       for a in plan.ip_adapters if a.weight != 0)
+    conditioning = max(1.0, chunks / 2 + image_tokens / CHUNK_TOKENS)
     steps = plan.steps
     if plan.init is not None:  # img2img runs the last t_enc + 1 steps of the schedule
         steps = int(min(plan.init.denoising_strength, 0.999) * plan.steps) + 1
-    pixel_steps = plan.width * plan.height * steps
-    if plan.hires is not None:
-        pixel_steps += plan.hires.width * plan.hires.height * plan.hires.steps
+    first = plan.width * plan.height * steps
+    hires = plan.hires.width * plan.hires.height * plan.hires.steps if plan.hires is not None else 0
+    pixel_steps = first + hires
+    guided = first * control_factor(plan, "low") + hires * control_factor(plan, "high")
     images = plan.batch_size * plan.n_iter
-    cost = images * pixel_steps * conditioning / 1e6
-    return cost, {"images": images, "pixel_steps": pixel_steps, "conditioning": conditioning}
+    cost = images * guided * conditioning / 1e6
+    return cost, {"images": images, "pixel_steps": pixel_steps, "conditioning": conditioning,
+                  "control": guided / pixel_steps if pixel_steps else 1.0}
 
 
 def check_plan(plan: GenerationPlan, max_cost: float) -> float:
@@ -121,9 +149,16 @@ def check_plan(plan: GenerationPlan, max_cost: float) -> float:
         if images > 1:
             lower += ["batch_size", "n_iter"]
         if f["conditioning"] > 1:
-            lower.append("the prompt's AND parts / BREAK chunks (conditioning x%g)" % f["conditioning"])
-        raise LimitExceeded("cost", f"this job costs {cost:.0f} megapixel-steps ({f['images']} image(s) x "
-                                    f"{f['pixel_steps'] / 1e6:.1f} Mpx-steps x conditioning {f['conditioning']:g}); "
+            lower.append("the prompt's AND parts / BREAK chunks" + (" / ip_adapters images" if plan.ip_adapters else "")
+                         + " (conditioning x%g)" % f["conditioning"])
+        control = ""
+        if f["control"] > 1:
+            lower.append(f"the controlnets units or their guidance windows (x{f['control']:.3g})")
+            control = f" x ControlNets {f['control']:.3g}"
+        shown = f"{cost:.0f}" if cost >= 100 else f"{cost:.3g}"
+        raise LimitExceeded("cost", f"this job costs {shown} megapixel-steps ({f['images']} image(s) x "
+                                    f"{f['pixel_steps'] / 1e6:.3g} Mpx-steps{control} x conditioning "
+                                    f"{f['conditioning']:g}); "
                                     f"the limit is {max_cost:g} (DIFFUSIONAPI_MAX_COST): lower "
                                     + ", ".join(lower))
     return cost

@@ -29,7 +29,7 @@ OUT = ROOT / "docs" / "settings.md"
 # whenever convenient (that wins).
 DESCRIPTIONS = {
     "max_cost": "a job's cost budget in megapixel-steps: images × (width × height × steps, plus the hires pass) × "
-                "conditioning passes (AND parts, 75-token chunks); over it is a 422 on `cost` that says what to "
+                "ControlNet units × conditioning passes (AND parts, 75-token chunks); over it is a 422 on `cost` that says what to "
                 "lower ([security](security.md))",
     "max_infotext_chars": "png-info: image text fields longer than this are refused (413) before the infotext "
                           "parser runs",

@@ -2,6 +2,7 @@
 nodes could race on is atomic, and the final response is taken exactly once."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -411,3 +412,32 @@ def test_an_unread_answer_that_expired_is_told_apart_from_a_read_or_unknown_one(
     assert short.expired_unread(unread) == 1.0 and short.expired_unread(cancelled) == 1.0
     assert short.expired_unread(read) is None and short.expired_unread(_jid()) is None
     short.close()
+
+
+def test_a_final_job_keeps_no_input_images_in_its_record(state):
+    """Finished, cancelled and exhausted jobs: the init image and the ControlNet / IP-Adapter
+    units' images leave the record (it stays until the result is taken or expires)."""
+    big = "A" * 50_000
+
+    def record(prompt):
+        return {"kind": "img2img", "queue": "q", "payload": {
+            "prompt": prompt, "init_image": big, "mask": None,
+            "controlnets": [{"model": "cn", "image": big, "mask": big, "weight": 0.5}],
+            "ip_adapters": [{"model": "ip", "images": [big, big], "weight": 1.0}]}}
+
+    done, cancelled = _jid(), _jid()
+    for j in (done, cancelled):
+        assert state.create(j, record(j), 0) is not None
+    state.claim(done, "w1", 5)
+    assert state.record(done)["payload"]["controlnets"][0]["image"] == big  # the running job keeps them
+    assert state.finish(done, "w1", status_dict("done", progress=100.0), [b"img"])
+    assert state.cancel(cancelled) == "cancelled"
+    for j in (done, cancelled):
+        p = state.record(j)["payload"]
+        assert p["prompt"] == j and p["init_image"] is None and big not in json.dumps(p)
+        assert p["controlnets"] == [{"model": "cn", "image": None, "mask": None, "weight": 0.5}]
+        assert p["ip_adapters"] == [{"model": "ip", "images": None, "weight": 1.0}]
+    assert state.take_final(done)[1] == [b"img"]
+    queued = _jid()
+    state.create(queued, record(queued), 0)
+    assert not state.drop_inputs(queued) and state.record(queued) == record(queued)  # not final: kept

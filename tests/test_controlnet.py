@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import time
 
 import shutil
 
@@ -20,8 +22,10 @@ from PIL import Image
 from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
-from .controlnet_factory import (save_diffusers_single_file, save_ldm, tiny_clip_vision, tiny_controlnet,
-                                 tiny_ip_adapter)
+from .controlnet_factory import (save_diffusers_single_file, save_ldm, save_t2i_adapter_original,
+                                 tiny_anime_lineart_file, tiny_clip_vision, tiny_control_lora, tiny_controlnet,
+                                 tiny_depth_anything, tiny_hed_file, tiny_ip_adapter, tiny_ip_adapter_plus,
+                                 tiny_lineart_file, tiny_openpose_body_file, tiny_union_controlnet)
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
              sampler_name="Euler", scheduler_type="default")
@@ -42,6 +46,20 @@ def cn_dirs(model_store, tmp_path_factory):
     xl.save_pretrained(cdir / "tiny-cn-sdxl")
     save_diffusers_single_file(xl, cdir / "xl" / "diffusers_xl_tiny.safetensors")  # SDXL downloads' layout
     (cdir / "broken.safetensors").write_bytes(b"\x00" * 16)
+    union = tiny_union_controlnet(model_store / "models" / "tiny-sdxl" / "unet", seed=6)
+    union.save_pretrained(cdir / "tiny-union-sdxl")
+    save_diffusers_single_file(union, cdir / "xl" / "union_tiny_promax.safetensors")
+    tiny_control_lora(model_store / "models" / "tiny-sd15" / "unet", cdir / "control-lora-tiny-rank2.safetensors",
+                      cdir / "expected" / "control_lora_merged_sd15.safetensors", seed=7)
+    tiny_control_lora(model_store / "models" / "tiny-sdxl" / "unet", cdir / "xl" / "control-lora-tiny-xl.safetensors",
+                      cdir / "expected" / "control_lora_merged_sdxl.safetensors", seed=10)
+    # annotators: tiny random networks in the published layouts (sk_model2.pth and the MiDaS folder left out)
+    tiny_hed_file(adir / "ControlNetHED.pth")
+    tiny_lineart_file(adir / "sk_model.pth")
+    tiny_anime_lineart_file(adir / "netG.pth")
+    tiny_openpose_body_file(adir / "body_pose_model.pth")
+    tiny_depth_anything(adir / "depth-anything")
+    (adir / "table5_pidinet.pth").write_bytes(b"present, but no network here runs it")
     # T2I-Adapters add their features inside the UNet's down blocks: a tiny SD 1.5 model whose
     # blocks sit where real SD 1.5's do (attention blocks first, the last one plain) takes them.
     models = root / "models"
@@ -54,16 +72,43 @@ def cn_dirs(model_store, tmp_path_factory):
                                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                      norm_num_groups=8, attention_head_dim=4).eval()
     pipe.save_pretrained(models / "tiny-sd15-t2i")
+    # SDXL's adapter ("full_adapter_xl", x16 down): its four features go after the plain first block,
+    # into the two attention blocks and the middle, so the tiny SDXL UNet here has SDXL's block order.
+    from diffusionapi.demo import SDXL_TE1, SDXL_TE2, SDXL_TIME_DIM, tiny_sdxl_pipeline
+
+    xl_pipe = tiny_sdxl_pipeline()
+    torch.manual_seed(8)
+    xl_pipe.unet = UNet2DConditionModel(
+        block_out_channels=(16, 32, 64), layers_per_block=1, sample_size=32, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+        cross_attention_dim=SDXL_TE1 + SDXL_TE2, addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_TE2, transformer_layers_per_block=(1, 1, 1)).eval()
+    xl_pipe.save_pretrained(models / "tiny-sdxl-t2i")
+    torch.manual_seed(9)
+    T2IAdapter(in_channels=3, channels=[16, 32, 64, 64], num_res_blocks=1, downscale_factor=16,
+               adapter_type="full_adapter_xl").save_pretrained(cdir / "t2iadapter_tiny_sdxl")
     torch.manual_seed(5)
     adapter = T2IAdapter(in_channels=3, channels=[16, 32], num_res_blocks=1, downscale_factor=8,
                          adapter_type="full_adapter")
     adapter.save_pretrained(cdir / "t2iadapter_tiny_sd15")
+    save_t2i_adapter_original(adapter, cdir / "t2i" / "t2iadapter_tiny_original_sd15.pth")
+    save_diffusers_single_file(adapter, cdir / "t2i" / "t2iadapter_tiny_diffusers_sd15.safetensors")
     # IP-Adapters and their image encoder (folders next to models/, as stable_diffusion/ has them)
     tiny_clip_vision(root / "clip_vision" / "tiny-vit")
     tiny_ip_adapter(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter_tiny_sd15.safetensors")
     tiny_ip_adapter(models / "tiny-sdxl" / "unet", root / "ipadapter" / "ip-adapter_tiny_sdxl.safetensors", seed=1)
     tiny_ip_adapter(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter_no_encoder.safetensors",
                     image_dim=24)
+    # h94's .bin layout: {"image_proj": {...}, "ip_adapter": {...}} (torch.save), the same weights
+    from safetensors.torch import load_file
+
+    flat = load_file(str(root / "ipadapter" / "ip-adapter_tiny_sd15.safetensors"))
+    (root / "ipadapter" / "bin").mkdir()
+    torch.save({part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
+                for part in ("image_proj", "ip_adapter")}, root / "ipadapter" / "bin" / "ip-adapter_tiny_bin_sd15.bin")
+    tiny_ip_adapter_plus(models / "tiny-sd15" / "unet", root / "ipadapter" / "ip-adapter-plus_tiny_sd15.safetensors",
+                         seed=2)
     return cdir, adir, models
 
 
@@ -117,8 +162,14 @@ def test_controlnets_are_listed_with_family_and_format_read_from_the_files(cn_se
         "tiny-cn-sd15": ("sd15", "diffusers"), "tiny-cn-sd15-b": ("sd15", "diffusers"),
         "control_tiny_sd15": ("sd15", "single-file"), "old/control_tiny_pth_sd15": ("sd15", "single-file"),
         "tiny-cn-sdxl": ("sdxl", "diffusers"), "xl/diffusers_xl_tiny": ("sdxl", "single-file"),
-        "t2iadapter_tiny_sd15": ("sd15", "diffusers")}
+        "t2iadapter_tiny_sd15": ("sd15", "diffusers"), "t2i/t2iadapter_tiny_original_sd15": ("sd15", "single-file"),
+        "t2i/t2iadapter_tiny_diffusers_sd15": ("sd15", "single-file"), "t2iadapter_tiny_sdxl": ("sdxl", "diffusers"), "tiny-union-sdxl": ("sdxl", "diffusers"),
+        "xl/union_tiny_promax": ("sdxl", "single-file"), "control-lora-tiny-rank2": ("sd15", "single-file"),
+        "expected/control_lora_merged_sd15": ("sd15", "single-file"), "xl/control-lora-tiny-xl": ("sdxl", "single-file"),
+        "expected/control_lora_merged_sdxl": ("sdxl", "single-file")}
     assert got["t2iadapter_tiny_sd15"]["kind"] == "t2i-adapter"
+    assert got["tiny-union-sdxl"]["kind"] == got["xl/union_tiny_promax"]["kind"] == "controlnet-union"
+    assert got["control-lora-tiny-rank2"]["kind"] == "control-lora"
     assert "unreadable" in got["broken"]["error"]
     assert got["tiny-cn-sd15"]["title"] == f"tiny-cn-sd15 [{got['tiny-cn-sd15']['title'][-9:-1]}]"
 
@@ -128,7 +179,12 @@ def test_preprocessors_say_which_run_and_which_file_a_networked_one_needs(cn_ser
     for name in ("none", "invert", "canny", "threshold", "blur_gaussian", "tile_resample", "t2ia_color_grid",
                  "shuffle", "scribble_xdog", "lineart_standard", "inpaint", "inpaint_only"):
         assert got[name]["available"], name
-    assert not got["depth_midas"]["available"] and "dpt_hybrid-midas-501f0c75.pt" in got["depth_midas"]["reason"]
+    assert not got["depth_midas"]["available"] and "dpt-hybrid-midas/" in got["depth_midas"]["reason"]
+    for name in ("softedge_hed", "scribble_hed", "lineart_realistic", "lineart_anime", "depth_anything",
+                 "openpose"):  # their files are there
+        assert got[name]["available"], name
+    assert "sk_model2.pth" in got["lineart_coarse"]["reason"]
+    assert "cannot run that network yet" in got["softedge_pidinet"]["reason"]
     assert [s["name"] for s in got["canny"]["sliders"]] == ["Resolution", "Canny Low Threshold",
                                                             "Canny High Threshold"]
 
@@ -166,6 +222,70 @@ def test_sdxl_units_folder_and_diffusers_single_file(cn_server):
     assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit("xl/diffusers_xl_tiny")])), folder)
 
 
+def test_union_controlnet_takes_its_control_type_from_the_module_or_the_unit(cn_server):
+    base = dict(model="tiny-sdxl")
+    plain = pixels(run(cn_server, **base))
+    union = "tiny-union-sdxl"
+    canny = pixels(run(cn_server, **base, controlnets=[unit(union, preprocessor="canny")]))
+    assert np.abs(canny - plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(union, preprocessor="canny", weight=0)])),
+                          plain)
+    # the same map told to be another type is another control
+    as_hard_edge = pixels(run(cn_server, **base, controlnets=[unit(union, union_control_type="Canny / Lineart / MLSD")]))
+    as_depth = pixels(run(cn_server, **base, controlnets=[unit(union, union_control_type="depth")]))
+    assert not np.array_equal(as_hard_edge, as_depth)
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(union, union_control_type=3)])), as_hard_edge)
+    # the diffusers-layout single file is the same model
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit("xl/union_tiny_promax",
+                                                                         union_control_type=1)])), as_depth)
+    r = cn_server.client.post("/txt2img", json={**SMALL, **base, "controlnets": [unit(union)]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][1:4] == ["controlnets", "0", "union_control_type"]
+    assert "Depth" in r.json()["error"]
+    r = cn_server.client.post("/txt2img", json={**SMALL, **base, "controlnets": [unit(union, union_control_type="x")]})
+    assert r.status_code == 422 and "valid choices" in r.json()["error"]
+
+
+def test_control_lora_is_the_base_unets_controlnet_plus_its_diffs(cn_server):
+    plain = pixels(run(cn_server))
+    on = pixels(run(cn_server, controlnets=[unit("control-lora-tiny-rank2")]))
+    assert np.abs(on - plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, controlnets=[unit("control-lora-tiny-rank2", weight=0)])), plain)
+    # the ControlNet it means, merged in the test (UNet weight + up @ down) and saved in full: the same image
+    assert np.array_equal(pixels(run(cn_server, controlnets=[unit("expected/control_lora_merged_sd15")])), on)
+    r = cn_server.client.post("/txt2img", json={**SMALL, "model": "tiny-sdxl",
+                                                 "controlnets": [unit("control-lora-tiny-rank2")]})
+    assert r.status_code == 422 and "is for SD 1.5" in r.json()["error"]
+    # SDXL (Stability's Control-LoRAs are SDXL ones): the micro-conditioning embedding is a diff too
+    xl_plain = pixels(run(cn_server, model="tiny-sdxl"))
+    xl_on = pixels(run(cn_server, model="tiny-sdxl", controlnets=[unit("control-lora-tiny-xl")]))
+    assert np.abs(xl_on - xl_plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, model="tiny-sdxl",
+                                     controlnets=[unit("expected/control_lora_merged_sdxl")])), xl_on)
+
+
+def test_a_control_lora_is_built_per_base_unet_not_per_config(cn_dirs, model_store):
+    """Two checkpoints of one architecture share a UNet config; a Control-LoRA built from one must
+    not serve the other, even when the new UNet object reuses the old one's id."""
+    from diffusionapi.engine.controlnet.files import ControlNetFiles
+    from diffusionapi.engine.controlnet.loading import ControlNetCache
+
+    cdir, adir, models = cn_dirs
+    entry = ControlNetFiles(make_settings(model_store, cdir.parent / "w", controlnet_dir=cdir,
+                                          models_dir=models)).resolve("control-lora-tiny-rank2")
+    first = UNet2DConditionModel.from_pretrained(str(models / "tiny-sd15" / "unet")).eval()
+    second = UNet2DConditionModel.from_pretrained(str(models / "tiny-sd15" / "unet")).eval()
+    with torch.no_grad():
+        second.conv_in.weight.add_(0.5)
+    cache = ControlNetCache()
+    a = cache.get(entry, first, "cpu")
+    assert cache.get(entry, first, "cpu") is a and cache.loads == 1
+    b = cache.get(entry, second, "cpu")
+    assert b is not a and not torch.equal(a.conv_in.weight, b.conv_in.weight)
+    key = next(k for k, m in cache._items.items() if m is a)
+    cache._bases[key] = lambda: None  # as if ``first`` had gone and a new UNet had its id
+    assert cache.get(entry, first, "cpu") is not a and cache.loads == 3
+
+
 def test_t2i_adapter_unit_changes_the_image_and_respects_weight_and_window(cn_server):
     base = dict(model="tiny-sd15-t2i")
     plain = pixels(run(cn_server, **base))
@@ -178,6 +298,22 @@ def test_t2i_adapter_unit_changes_the_image_and_respects_weight_and_window(cn_se
                                                                                       controlnets=[unit(t2i)])))
     soft = pixels(run(cn_server, **base, controlnets=[unit(t2i, control_mode=1)]))
     assert not np.array_equal(soft, on)
+    # the same adapter as single files: TencentARC's original layout (.pth) and diffusers' (.safetensors)
+    for name in ("t2i/t2iadapter_tiny_original_sd15", "t2iadapter_tiny_diffusers_sd15"):
+        assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(name, preprocessor="t2ia_color_grid")])),
+                              on), name
+
+
+def test_sdxl_t2i_adapter_unit_changes_the_image_and_weight_zero_does_not(cn_server):
+    base = dict(model="tiny-sdxl-t2i")
+    plain = pixels(run(cn_server, **base))
+    t2i = "t2iadapter_tiny_sdxl"
+    on = pixels(run(cn_server, **base, controlnets=[unit(t2i, preprocessor="canny")]))
+    assert np.abs(on - plain).mean() > 1.0
+    assert np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(t2i, weight=0)])), plain)
+    assert not np.array_equal(pixels(run(cn_server, **base, controlnets=[unit(t2i, weight=0.5)])), on)
+    r = cn_server.client.post("/txt2img", json={**SMALL, "controlnets": [unit(t2i)]})
+    assert r.status_code == 422 and "is for SDXL" in r.json()["error"]
 
 
 def test_ip_adapter_changes_the_image_and_leaves_the_unet_as_it_was(cn_server):
@@ -189,6 +325,8 @@ def test_ip_adapter_changes_the_image_and_leaves_the_unet_as_it_was(cn_server):
     assert 'IP-Adapter 0: "Model: ip-adapter_tiny_sd15, Weight: 1.0' in body["infotext"]
     assert body["payload"]["ip_adapters"][0]["images"] == ["<PNG 64x64>"]
     assert np.array_equal(pixels(run(cn_server)), plain)  # the adapter's layers left the resident UNet
+    # the same weights in h94's .bin layout
+    assert np.array_equal(pixels(run(cn_server, ip_adapters=[{"model": "ip-adapter_tiny_bin_sd15", "images": ref}])), on)
     assert np.array_equal(pixels(run(cn_server, ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref,
                                                               "weight": 0}])), plain)
     late = pixels(run(cn_server, ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref,
@@ -196,6 +334,21 @@ def test_ip_adapter_changes_the_image_and_leaves_the_unet_as_it_was(cn_server):
     assert not np.array_equal(late, on) and not np.array_equal(late, plain)
     both = pixels(run(cn_server, controlnets=[unit()], ip_adapters=[{"model": "ip-adapter_tiny_sd15", "images": ref}]))
     assert not np.array_equal(both, on)
+
+
+def test_ip_adapter_plus_resampler_tokens_change_the_image(cn_server):
+    plain = pixels(run(cn_server))
+    ref = [png(control_image(seed=11))]
+    plus = {"model": "ip-adapter-plus_tiny_sd15", "images": ref}
+    on = pixels(run(cn_server, ip_adapters=[plus]))
+    assert np.abs(on - plain).mean() > 1.0
+    assert not np.array_equal(on, pixels(run(cn_server, ip_adapters=[{**plus, "model": "ip-adapter_tiny_sd15"}])))
+    assert not np.array_equal(on, pixels(run(cn_server, ip_adapters=[{**plus, "images": [png(control_image(seed=12))]}])))
+    assert np.array_equal(pixels(run(cn_server, ip_adapters=[{**plus, "weight": 0}])), plain)
+    assert np.array_equal(pixels(run(cn_server)), plain)  # its layers left the resident UNet
+    listed = {a["name"]: a for a in cn_server.client.get("/ipadapters").json()["ip_adapters"]}
+    assert listed["ip-adapter-plus_tiny_sd15"]["image_encoder"] == "tiny-vit"
+    assert (listed["ip-adapter-plus_tiny_sd15"]["variant"], listed["ip-adapter-plus_tiny_sd15"]["tokens"]) == ("plus", 8)
 
 
 def test_ip_adapter_sdxl_and_as_an_a1111_unit(cn_server):
@@ -211,7 +364,7 @@ def test_ip_adapter_sdxl_and_as_an_a1111_unit(cn_server):
                                                       "model": title, "image": ref[0], "weight": 0.7}]}}}, timeout=120)
     assert r.status_code == 200, r.text
     assert 'IP-Adapter 0: "Model: ip-adapter_tiny_sd15, Weight: 0.7' in \
-        __import__("json").loads(r.json()["info"])["infotexts"][0]
+        json.loads(r.json()["info"])["infotexts"][0]
 
 
 @pytest.mark.parametrize("payload, words", [
@@ -313,6 +466,35 @@ def test_infotext_is_read_back_by_png_info(cn_server):
     assert text.endswith("Pixel Perfect: False, Control Mode: Balanced")
 
 
+def test_a_job_that_ended_keeps_no_unit_images_in_its_record(cn_server):
+    """Like init images, the units' images (megabytes of base64 each) leave the job record on disk
+    when the job ends; the unread result still answers, its echo describing them."""
+    ref = png(control_image(seed=12))
+    blocker = cn_server.submit_blocker()  # the job waits behind it: its record is read while it is queued
+    r = cn_server.client.post("/img2img", json={**SMALL, "init_image": png(control_image(seed=13)),
+                                                 "controlnets": [unit(mask=png(Image.new("L", (64, 64), 255)))],
+                                                 "ip_adapters": [{"model": "ip-adapter_tiny_sd15",
+                                                                  "images": [ref, ref]}]})
+    assert r.status_code == 200, r.text
+    job = r.json()["job_id"]
+    store = cn_server.app.state.backend.store
+    raw = store.job_path(job).read_text()
+    assert ref in raw  # kept while the job may still run
+    cn_server.wait(blocker)
+    deadline = time.time() + 120
+    while not any(e["job_id"] == job and e["state"] == "done" for e in cn_server.client.get("/queue").json()["jobs"]):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    raw = store.job_path(job).read_text()
+    record = json.loads(raw)["payload"]
+    assert record["init_image"] is None and ref not in raw and len(raw) < 4_000
+    assert [(u["image"], u["mask"], u["model"]) for u in record["controlnets"]] == [(None, None, "tiny-cn-sd15")]
+    assert [(u["images"], u["weight"]) for u in record["ip_adapters"]] == [(None, 1.0)]
+    body = cn_server.client.get(f"/queue/{job}").json()
+    assert body["state"] == "done" and body["payload"]["controlnets"][0]["image"] == "<PNG 64x64>"
+    assert body["payload"]["ip_adapters"][0]["images"] == ["<PNG 64x64>", "<PNG 64x64>"]
+
+
 # ---------------------------------------------------------------------------- refusals
 
 def _queued(server) -> int:
@@ -324,7 +506,9 @@ def _queued(server) -> int:
     ({"model": "tiny-cn-sdxl"}, 422, ["controlnets", "0", "model"], "is for SDXL, but model 'tiny-sd15' is SD 1.5"),
     ({"model": "broken"}, 422, ["controlnets", "0", "model"], "cannot be used"),
     ({"preprocessor": "nope"}, 422, ["controlnets", "0", "preprocessor"], "unknown preprocessor"),
-    ({"preprocessor": "depth_midas"}, 422, ["controlnets", "0", "preprocessor"], "dpt_hybrid-midas-501f0c75.pt"),
+    ({"preprocessor": "depth_midas"}, 422, ["controlnets", "0", "preprocessor"], "dpt-hybrid-midas/"),
+    ({"preprocessor": "lineart_coarse"}, 422, ["controlnets", "0", "preprocessor"], "sk_model2.pth"),
+    ({"preprocessor": "softedge_pidinet"}, 422, ["controlnets", "0", "preprocessor"], "cannot run that network"),
     ({"weight": 3}, 422, ["controlnets", 0, "weight"], "less than or equal to 2"),
     ({"guidance_start": 0.6, "guidance_end": 0.5}, 422, ["controlnets", 0], "guidance_start"),
     ({"image": "bm90IGFuIGltYWdl"}, 422, ["controlnets", "0", "image"], "not a PNG"),
@@ -339,6 +523,31 @@ def test_bad_units_are_4xx_naming_the_field_and_nothing_is_queued(cn_server, cha
     assert words in body["error"], body
     assert body["detail"][0]["loc"][1:len(loc) + 1] == loc
     assert _queued(cn_server) == before
+
+
+def test_controlnet_units_count_in_the_cost_budget(model_store, cn_dirs, tmp_path):
+    """Each unit is one more network per UNet evaluation: units that take a job over the budget are
+    refused at submit like any over-budget job (422 on ``cost``, nothing queued), in both dialects."""
+    cdir, adir, models = cn_dirs
+    # 64x64 x 4 steps = 0.016 Mpx-steps; a unit adds half of that: 3 units fit under 0.042, 4 do not
+    settings = make_settings(model_store, tmp_path, controlnet_dir=cdir, annotators_dir=adir, models_dir=models,
+                             max_cost=0.042)
+    with LiveServer(settings) as s:
+        r = s.client.post("/txt2img", json={**SMALL, "controlnets": [unit()] * 4})
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["detail"][0]["loc"][1] == "cost" and "controlnets" in body["error"]
+        assert "x ControlNets 3" in body["error"] and "DIFFUSIONAPI_MAX_COST" in body["error"]
+        title = next(t for t in s.client.get("/controlnet/model_list").json()["model_list"]
+                     if t.startswith("tiny-cn-sd15 ["))
+        a1111 = {"enabled": True, "module": "none", "model": title, "image": png(control_image())}
+        r = s.client.post("/sdapi/v1/txt2img", json={
+            "prompt": "x", "width": 64, "height": 64, "steps": 4, "alwayson_scripts": {"controlnet": {"args": [a1111] * 4}}})
+        assert r.status_code == 422 and "DIFFUSIONAPI_MAX_COST" in r.json()["detail"], r.text
+        assert _queued(s) == 0
+        # three units, or four whose windows are halved, are within it and run
+        assert run(s, controlnets=[unit()] * 3)["state"] == "done"
+        assert run(s, controlnets=[unit(guidance_end=0.5)] * 4)["state"] == "done"
 
 
 # ---------------------------------------------------------------------------- detect
@@ -360,9 +569,96 @@ def test_detect_refuses_unknown_and_networked_modules_and_no_image(cn_server):
     c = cn_server.client
     r = c.post("/controlnet/detect", json={"controlnet_module": "nope", "controlnet_input_images": [png(control_image())]})
     assert r.status_code == 422
-    r = c.post("/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_input_images": [png(control_image())]})
-    assert r.status_code == 422 and "body_pose_model.pth" in r.json()["error"]
+    r = c.post("/controlnet/detect", json={"controlnet_module": "openpose_hand",
+                                           "controlnet_input_images": [png(control_image())]})
+    assert r.status_code == 422 and "hand_pose_model.pth" in r.json()["error"]
     assert c.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": []}).status_code == 422
+
+
+def _detect(server, module, im, res=None):
+    r = server.client.post("/controlnet/detect", json={"controlnet_module": module, "controlnet_input_images": [png(im)],
+                                                       **({"controlnet_processor_res": res} if res else {})})
+    assert r.status_code == 200, r.text
+    return Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+
+
+@pytest.mark.parametrize("module", ["softedge_hed", "scribble_hed", "lineart_realistic", "lineart_anime",
+                                    "depth_anything"])
+def test_networked_preprocessors_run_from_their_annotator_files(cn_server, module):
+    """Tiny random networks saved in the published layouts: the map has the preprocessor's size
+    (shorter side = processor resolution), is RGB, depends on the input and is deterministic."""
+    a, b = control_image(96, seed=21), control_image(96, seed=22).transpose(Image.FLIP_LEFT_RIGHT)
+    wide = Image.fromarray(np.concatenate([np.asarray(a), np.asarray(b)[:48]], axis=0))  # 96 x 144
+    got = _detect(cn_server, module, wide, res=64)
+    assert got.mode == "RGB" and got.size == (64, 96)
+    first, second = np.asarray(_detect(cn_server, module, a, 64)), np.asarray(_detect(cn_server, module, b, 64))
+    assert first.shape == (64, 64, 3) and np.abs(first.astype(int) - second).mean() > 1.0
+    assert np.array_equal(first, np.asarray(_detect(cn_server, module, a, 64)))
+    assert len(np.unique(first)) > 1
+    if module == "scribble_hed":
+        assert set(np.unique(first)) <= {0, 255}
+
+
+def test_openpose_detect_answers_the_map_and_the_poses_json(cn_server):
+    """The body network runs from body_pose_model.pth (a tiny random one here: what it finds is noise;
+    tests/test_controlnet_units.py checks the assembly of people on drawn maps)."""
+    im = control_image(96, seed=24)
+    r = cn_server.client.post("/controlnet/detect", json={"controlnet_module": "openpose", "controlnet_processor_res": 64,
+                                                           "controlnet_input_images": [png(im), png(im)]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 2 and len(body["poses"]) == 2
+    pose = body["poses"][0]
+    assert (pose["canvas_width"], pose["canvas_height"]) == (64, 64) and body["poses"][1] == pose
+    for person in pose["people"]:
+        kp = person["pose_keypoints_2d"]
+        assert len(kp) == 54 and all(0 <= v < 64 for v in kp) and person["hand_left_keypoints_2d"] is None
+    got = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert got.mode == "RGB" and got.size == (64, 64)
+    assert np.asarray(got).any() == bool(pose["people"])  # people drawn, or a black map
+    job = run(cn_server, controlnets=[unit(preprocessor="openpose", image=png(im), save_detected_map=True,
+                                           preprocessor_params={"resolution": 64})])
+    assert np.array_equal(pixels(job, 1), np.asarray(got).astype(int))
+    assert "poses" not in _detect_body(cn_server, "canny")
+
+
+def _detect_body(server, module):
+    r = server.client.post("/controlnet/detect", json={"controlnet_module": module,
+                                                       "controlnet_input_images": [png(control_image())]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_networked_unit_guides_a_job_with_the_map_detect_makes(cn_server):
+    im = control_image(seed=23)
+    body = run(cn_server, controlnets=[unit(preprocessor="lineart_realistic", image=png(im), save_detected_map=True,
+                                            preprocessor_params={"resolution": 64})])
+    assert np.array_equal(pixels(body, 1), np.asarray(_detect(cn_server, "lineart_realistic", im, 64)).astype(int))
+    assert not np.array_equal(pixels(body), pixels(run(cn_server, controlnets=[unit(image=png(im))])))
+    assert 'Module: lineart_realistic, Model: tiny-cn-sd15' in body["infotext"]
+
+
+def test_a_cluster_api_node_detects_with_built_in_modules_only(cn_server):
+    """An API node of a Celery cluster loads no torch: networked modules are refused there (the map
+    comes with a job instead); built-in ones still run. (The route reads the node's settings.)"""
+    app = cn_server.app
+    own = app.state.settings
+    app.state.settings = own.model_copy(update={"backend": "celery"})
+    try:
+        r = cn_server.client.post("/controlnet/detect", json={"controlnet_module": "softedge_hed",
+                                                               "controlnet_input_images": [png(control_image())]})
+        assert r.status_code == 422 and "save_detected_map" in r.json()["detail"], r.text
+        assert r.json()["errors"][0]["loc"] == ["body", "controlnet_module"]
+        assert _detect(cn_server, "canny", control_image(), 64).size == (64, 64)
+    finally:
+        app.state.settings = own
+
+
+def test_detect_names_a_missing_annotator_file(cn_server):
+    for module, words in (("lineart_coarse", "sk_model2.pth"), ("depth_midas", "dpt-hybrid-midas/")):
+        r = cn_server.client.post("/controlnet/detect", json={"controlnet_module": module,
+                                                               "controlnet_input_images": [png(control_image())]})
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
 
 
 # ---------------------------------------------------------------------------- A1111 / Forge clients
@@ -417,7 +713,7 @@ def test_openoutpaint_style_request_works(cn_server):
                  "resize_mode": "Crop and Resize"}]}}}
     r = cn_server.client.post("/sdapi/v1/img2img", json=body, timeout=120)
     assert r.status_code == 200, r.text
-    info = __import__("json").loads(r.json()["info"])
+    info = json.loads(r.json()["info"])
     assert "Control Mode: My prompt is more important" in info["infotexts"][0]
     assert "ControlNet 1" not in info["infotexts"][0]  # the reference unit is skipped (logged), not an error
 
@@ -434,12 +730,12 @@ def test_photoshop_plugin_style_legacy_names_work(cn_server):
     on = c.post("/sdapi/v1/img2img", json={**base, "alwayson_scripts": {"ControlNet": {"args": [
         {**args, "enabled": True}]}}}, timeout=120).json()
     assert len(on["images"]) == 1
-    text = __import__("json").loads(on["info"])["infotexts"][0]
+    text = json.loads(on["info"])["infotexts"][0]
     assert "Guidance End: 0.5" in text and "Resize Mode: Crop and Resize" in text
     # the extension's units are disabled unless they say so
     off = c.post("/sdapi/v1/img2img", json={**base, "alwayson_scripts": {"controlnet": {"args": [args]}}},
                  timeout=120).json()
-    assert "ControlNet" not in __import__("json").loads(off["info"])["infotexts"][0]
+    assert "ControlNet" not in json.loads(off["info"])["infotexts"][0]
 
 
 def test_a1111_controlnet_listings(cn_server):

@@ -67,3 +67,79 @@ def test_a1111_units_forms_defaults_and_legacy_names():
     with pytest.raises(UnitError, match="control_mode"):
         controlnet_units({"controlnet": {"args": [{"enabled": True, "model": "m", "control_mode": "loud"}]}}, [])
     assert controlnet_units({"ADetailer": {"args": [True]}}, []) == []
+    union = controlnet_units({"controlnet": {"args": [{"enabled": True, "model": "u", "image": "I",
+                                                       "union_control_type": "Depth"}]}}, [])
+    assert union[0]["union_control_type"] == "Depth"
+
+
+def test_cost_counts_controlnet_passes_in_their_window_and_ip_adapter_tokens():
+    from types import SimpleNamespace as NS
+
+    from diffusionapi.limits import job_cost
+
+    def plan(controlnets=(), ip_adapters=(), hires=None):
+        return NS(prompt="a", negative_prompt="", width=512, height=512, steps=20, batch_size=1, n_iter=1,
+                  hires=hires, init=None, controlnets=controlnets, ip_adapters=ip_adapters)
+
+    def cn(weight=1.0, start=0.0, end=1.0, hires="both", kind="controlnet"):
+        return NS(entry=NS(kind=kind), weight=weight, guidance_start=start, guidance_end=end, hires=hires)
+
+    one = job_cost(plan())[0]
+    assert job_cost(plan([cn()]))[0] == pytest.approx(1.5 * one)          # half a UNet more per evaluation
+    assert job_cost(plan([cn()] * 8))[0] == pytest.approx(5 * one)
+    assert job_cost(plan([cn(start=0.2, end=0.7)]))[0] == pytest.approx(1.25 * one)
+    assert job_cost(plan([cn(weight=0), cn(kind="t2i-adapter")]))[0] == pytest.approx(one)
+    assert job_cost(plan([cn(hires="high")]))[0] == pytest.approx(1.5 * one)  # no hires pass: it guides the one
+    hires = NS(width=1024, height=1024, steps=10)
+    second = 1024 * 1024 * 10 / 1e6
+    assert job_cost(plan([cn(hires="low")], hires=hires))[0] == pytest.approx(1.5 * one + second)
+    assert job_cost(plan([cn(hires="high")], hires=hires))[0] == pytest.approx(one + 1.5 * second)
+    # 4 images x 4 tokens = 16 tokens, as text chunks of 75: conditioning 1 + 16/75
+    ip = NS(entry=NS(), images=(0,) * 4, weight=1.0)
+    assert job_cost(plan(ip_adapters=[ip]))[0] == pytest.approx(one * (1 + 16 / 75))
+
+
+def _stick_figure():
+    """Heatmaps and affinity fields of one person, drawn by hand: a Gaussian peak per keypoint and,
+    for each limb, its unit vector in a band along the segment (in that limb's own two channels)."""
+    import cv2
+
+    from diffusionapi.engine.controlnet.openpose import LIMBS, PAF_CHANNELS
+
+    points = [(64, 20), (64, 36), (50, 38), (44, 56), (40, 72), (78, 38), (84, 56), (88, 72), (56, 74), (54, 96),
+              (52, 118), (72, 74), (74, 96), (76, 118), (60, 16), (68, 16), (56, 18), (72, 18)]
+    h = w = 128
+    yy, xx = np.mgrid[0:h, 0:w]
+    heat = np.zeros((h, w, 19), np.float32)
+    for k, (x, y) in enumerate(points):
+        heat[:, :, k] = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.0 ** 2))
+    paf = np.zeros((h, w, 38), np.float32)
+    for (a, b), (cx, cy) in list(zip(LIMBS, PAF_CHANNELS))[:17]:
+        (x1, y1), (x2, y2) = points[a - 1], points[b - 1]
+        v = np.array([x2 - x1, y2 - y1], np.float32)
+        v /= np.linalg.norm(v)
+        band = np.zeros((h, w), np.uint8)
+        cv2.line(band, (x1, y1), (x2, y2), 1, thickness=3)
+        paf[:, :, cx][band > 0], paf[:, :, cy][band > 0] = v[0], v[1]
+    return points, heat, paf
+
+
+def test_openpose_assembles_a_person_from_heatmaps_and_affinity_fields():
+    from diffusionapi.engine.controlnet.openpose import COLORS, draw, people_from_maps, pose_json
+
+    points, heat, paf = _stick_figure()
+    candidates, people = people_from_maps(heat, paf)
+    assert len(people) == 1 and min(people[0]) >= 0  # all 18 keypoints, one person
+    got = pose_json(candidates, people, 128, 128)
+    assert got["canvas_width"] == got["canvas_height"] == 128
+    kp = got["people"][0]["pose_keypoints_2d"]
+    assert [(kp[3 * i], kp[3 * i + 1]) for i in range(18)] == [(float(x), float(y)) for x, y in points]
+    assert all(kp[3 * i + 2] == 1.0 for i in range(18))
+    drawn = draw(candidates, people, 128, 128)
+    assert tuple(drawn[20, 64]) == COLORS[0] and tuple(drawn[118, 76]) == COLORS[13]  # the dots, full colour
+    assert drawn[0, 0].sum() == 0 and (drawn[100:110, 60:70].sum() == 0)              # black elsewhere
+    # two people side by side stay two; without affinity fields no limb joins anyone
+    both_heat = np.concatenate([heat, heat], axis=1)
+    both_paf = np.concatenate([paf, paf], axis=1)
+    assert len(people_from_maps(both_heat, both_paf)[1]) == 2
+    assert people_from_maps(heat, np.zeros_like(paf))[1] == []

@@ -341,7 +341,7 @@ def test_cost_counts_hires_batch_and_conditioning():
 
     def plan(**kw):
         base = dict(prompt="a", negative_prompt="", width=512, height=512, steps=20, batch_size=1, n_iter=1,
-                    hires=None, init=None)
+                    hires=None, init=None, controlnets=(), ip_adapters=())
         return NS(**{**base, **kw})
 
     one = job_cost(plan())[0]

@@ -15,7 +15,7 @@ class ControlNetInfo(BaseModel):
     name: str
     title: str              # "name [hash]": A1111's model title
     family: str | None      # sd15 | sdxl | sd2 (read from the file); null when unreadable
-    kind: str               # controlnet | t2i-adapter
+    kind: str               # controlnet | controlnet-union | control-lora | t2i-adapter
     format: str             # diffusers | single-file
     error: str | None = None  # why it cannot be used
 
@@ -67,6 +67,8 @@ class IPAdapterInfo(BaseModel):
     family: str | None          # from the cross-attention width (null: not a real model's width)
     cross_attention_dim: int | None
     image_encoder: str | None   # the clip_vision folder it uses (null: none installed fits)
+    variant: str = "plain"      # plain | plus (a resampler's tokens from the encoder's hidden states)
+    tokens: int = 4             # image tokens per reference image
     error: str | None = None
 
 
@@ -84,5 +86,6 @@ def ipadapters(request: Request) -> IPAdaptersResponse:
     for e in files.entries():
         enc = files.encoder_for(e) if e.error is None else None
         out.append(IPAdapterInfo(name=e.name, family=e.family, cross_attention_dim=e.cross_dim,
-                                 image_encoder=enc.name if enc else None, error=e.error))
+                                 image_encoder=enc.name if enc else None, variant=e.variant, tokens=e.tokens,
+                                 error=e.error))
     return IPAdaptersResponse(ip_adapters=out)

@@ -51,6 +51,25 @@ class ResolvedJob:
 # Record fields that carry input images: the job record keeps them until the job ends (then the
 # store drops them), the echo only describes them.
 INPUT_FIELDS: tuple[str, ...] = ("init_image", "mask", "image")
+# ... and the unit lists whose entries carry them (ControlNet and IP-Adapter units).
+UNIT_INPUT_FIELDS: dict[str, tuple[str, ...]] = {"controlnets": ("image", "mask"), "ip_adapters": ("images",)}
+
+
+def without_inputs(payload) -> dict | None:
+    """A job record's payload with its input images dropped (the stores call this when the job
+    ends: it never runs again); None when it carries none."""
+    if not isinstance(payload, dict):
+        return None
+    out, dropped = dict(payload), False
+    for f in INPUT_FIELDS:
+        if out.get(f):
+            out[f], dropped = None, True
+    for f, keys in UNIT_INPUT_FIELDS.items():
+        units = out.get(f)
+        if isinstance(units, list) and any(isinstance(u, dict) and any(u.get(k) for k in keys) for u in units):
+            out[f] = [{**u, **{k: None for k in keys}} if isinstance(u, dict) else u for u in units]
+            dropped = True
+    return out if dropped else None
 
 
 def round8(v: float) -> int:
@@ -211,8 +230,6 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           batch_size=req.batch_size, n_iter=req.n_iter, cfg_rescale=req.cfg_rescale,
                           distilled_cfg_scale=req.distilled_cfg_scale, keep_partial=req.keep_partial,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
-    if limits:
-        _within_limits(plan, settings)
     echo, record = understood.model_dump(mode="json"), None
     if req.controlnets or req.ip_adapters:  # the record keeps the units' images; the echo describes them
         from ..engine.controlnet.request import resolve_ip_adapters, resolve_units, txt2img_inpaint_init
@@ -224,6 +241,8 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         plan.ip_adapters, ip_echo, ip_record = resolve_ip_adapters(req.ip_adapters, model, settings)
         record = {**echo, "controlnets": cn_record, "ip_adapters": ip_record}
         echo = {**echo, "controlnets": cn_echo, "ip_adapters": ip_echo}
+    if limits:  # (after the units: their networks count in the cost)
+        _within_limits(plan, settings)
     return ResolvedJob("txt2img", echo, plan, OutputSpec(req.fileType, req.jpeg_quality), record)
 
 

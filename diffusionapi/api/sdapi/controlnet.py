@@ -112,22 +112,26 @@ async def detect(request: Request):
     p = pp.find(module)
     if p is None:
         return _error(422, "controlnet_module", f"unknown module {module!r}; GET /controlnet/module_list lists them")
-    why = pp.why_not_runnable(p, annotators_dir(request.app.state.settings))
+    settings = request.app.state.settings
+    why = pp.why_not_runnable(p, annotators_dir(settings))
     if why:
         return _error(422, "controlnet_module", why)
+    if p.net is not None and settings.backend != "embedded":
+        # An API node of a cluster runs no torch (docs/architecture.md); the network runs on the workers.
+        return _error(422, "controlnet_module", f"module {p.name!r} runs a network, which this API node does not "
+                                                "load; ask a job for the map instead (save_detected_map)")
     images = body.get("controlnet_input_images") or body.get("controlnet_images") or []
     if not isinstance(images, list) or not images:
         return _error(422, "controlnet_input_images", "no image given")
     masks = body.get("controlnet_masks") or []
     if p.uses_mask and len(masks) != len(images):
         return _error(422, "controlnet_masks", f"module {p.name!r} needs one mask per image")
-    settings = request.app.state.settings
 
     def run():
         from ...engine.controlnet.preprocessors import mask_array, to_array
         from ...imageinput import ImageInputError, decode_image
 
-        out = []
+        out, poses = [], []
         for i, text in enumerate(images):
             try:
                 im = decode_image(text, f"controlnet_input_images[{i}]", settings.max_hires_pixels)
@@ -137,10 +141,22 @@ async def detect(request: Request):
                 return _error(e.status, e.field, e.message)
             arr = to_array(im)
             mask = mask_array(m, (arr.shape[1], arr.shape[0])) if m is not None else None
-            out.append(_png_b64(pp.run(p, arr, _num(body.get("controlnet_processor_res")),
-                                       _num(body.get("controlnet_threshold_a")),
-                                       _num(body.get("controlnet_threshold_b")), mask)))
-        return {"info": "Success", "images": out}
+            try:
+                if p.net == "openpose":  # the extension also answers the keypoints (OpenPose JSON) as "poses"
+                    from ...engine.controlnet.annotators import openpose_with_pose
+
+                    res = p.params(_num(body.get("controlnet_processor_res")), None, None)[0]
+                    drawn, pose = openpose_with_pose(arr, res, annotators_dir(settings), settings.device)
+                    out.append(_png_b64(drawn))
+                    poses.append(pose)
+                    continue
+                out.append(_png_b64(pp.run(p, arr, _num(body.get("controlnet_processor_res")),
+                                           _num(body.get("controlnet_threshold_a")),
+                                           _num(body.get("controlnet_threshold_b")), mask,
+                                           annotators=annotators_dir(settings), device=settings.device)))
+            except pp.PreprocessorError as e:
+                return _error(e.status, "controlnet_module", str(e))
+        return {"info": "Success", "images": out, **({"poses": poses} if poses else {})}
 
     return await run_in_threadpool(run)
 
@@ -248,6 +264,8 @@ def controlnet_units(alwayson: dict | None, warnings: list[str], ip_adapters: li
             "hires": _lookup(HIRES_NAMES, unit.get("hr_option"), "both", f"{where}.hr_option"),
             "save_detected_map": bool(unit.get("save_detected_map", True)),
         }
+        if unit.get("union_control_type") not in (None, ""):
+            native["union_control_type"] = unit["union_control_type"]
         units.append(native)
     return units
 

@@ -28,7 +28,7 @@ class ControlNetEntry:
     name: str            # path under the folder without extension ("control_v11p_sd15_canny", "xl/canny")
     path: Path           # the folder or the file
     family: str | None   # "sd15", "sdxl", "sd2"; None when unreadable
-    kind: str            # "controlnet" | "t2i-adapter"
+    kind: str            # "controlnet" | "controlnet-union" | "control-lora" | "t2i-adapter"
     format: str          # "diffusers" | "single-file"
     hash: str            # A1111's short model hash (8 hex), as the extension shows it in titles
     error: str | None = None  # why it cannot be used (unreadable, an unsupported variant)
@@ -96,17 +96,66 @@ def classify(shapes: dict[str, tuple]) -> tuple[str | None, str, str | None]:
     prefix = strip_prefix(shapes)
     s = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     if any("lora_controlnet" in k for k in s):
-        return None, "controlnet", "a Control-LoRA (not supported)"
+        # Stability's Control-LoRAs: low-rank diffs (``<name>.up`` / ``.down``) to the base UNet's
+        # encoder, in the original layout, plus the ControlNet's own layers in full.
+        if "input_hint_block.0.weight" not in s:
+            return None, "control-lora", "a Control-LoRA without its input_hint_block"
+        cross = next((v[-1] for k, v in s.items() if k.endswith(("attn2.to_k.down", "attn2.to_k.weight"))), None)
+        family = "sdxl" if ("label_emb.0.0.weight" in s or "label_emb.0.0.down" in s) else \
+            (SD2 if cross == 1024 else "sd15")
+        return family, "control-lora", None
     if any(k.startswith(("task_embedding", "control_add_embedding", "transformer_layes")) for k in s):
-        return "sdxl", "controlnet", "a ControlNet union model (not supported yet)"
+        if "controlnet_cond_embedding.conv_in.weight" not in s:
+            return "sdxl", "controlnet-union", "a ControlNet union model in a layout not read (use the diffusers layout)"
+        return "sdxl", "controlnet-union", None
     if "input_hint_block.0.weight" in s or "controlnet_cond_embedding.conv_in.weight" in s:
         if "label_emb.0.0.weight" in s or "add_embedding.linear_1.weight" in s:
             return "sdxl", "controlnet", None
         cross = next((v[1] for k, v in s.items() if k.endswith("attn2.to_k.weight") and len(v) == 2), None)
         return (SD2 if cross == 1024 else "sd15"), "controlnet", None
     if any(k.startswith(("adapter.", "body.")) for k in s):
-        return None, "t2i-adapter", "a single-file T2I-Adapter (use its diffusers folder)"
+        return t2i_adapter_kind(s)
     return None, "controlnet", "not a ControlNet (no input_hint_block / controlnet_cond_embedding tensors)"
+
+
+def t2i_adapter_layout(shapes: dict) -> dict:
+    """The T2IAdapter config of a single file: diffusers' layout (``adapter.conv_in`` /
+    ``adapter.body.<level>.resnets.<j>``) or TencentARC's original one (``conv_in`` /
+    ``body.<level * blocks + j>``; the v2 adapters, whose blocks diffusers' full adapter has).
+    Levels and blocks per level are read from the names (the first ``in_conv`` starts level 1), the
+    downscale from ``conv_in``'s input width (pixel-unshuffled RGB or grey: x8 for SD 1.5's full
+    adapter, x16 for SDXL's). Raises ValueError for a layout it cannot read."""
+    if any(".skep." in k or ".down_opt." in k for k in shapes):
+        raise ValueError("an original T2I-Adapter v1 layout (skep / down_opt convolutions): use its diffusers folder")
+    diffusers = "adapter.conv_in.weight" in shapes
+    conv_in = shapes.get("adapter.conv_in.weight" if diffusers else "conv_in.weight")
+    if conv_in is None:
+        raise ValueError("a T2I-Adapter layout other than the full adapter's (no conv_in)")
+    if diffusers:
+        levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("adapter.body."))
+        blocks = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("adapter.body.0.resnets."))
+        channels = [shapes[f"adapter.body.{i}.resnets.0.block1.weight"][0] for i in range(levels)]
+    else:
+        total = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("body."))
+        first = min((int(k.split(".")[1]) for k in shapes if k.startswith("body.") and ".in_conv." in k), default=0)
+        if first == 0 or total % first:
+            raise ValueError("cannot tell the T2I-Adapter's levels from its body blocks")
+        blocks, levels = first, total // first
+        channels = [shapes[f"body.{i * blocks}.block1.weight"][0] for i in range(levels)]
+    factor = next((f for f in (8, 16) for c in (1, 3) if conv_in[1] == c * f * f), None)
+    if factor is None:
+        raise ValueError(f"conv_in takes {conv_in[1]} channels: not an RGB or grey image unshuffled x8 or x16")
+    return {"in_channels": conv_in[1] // (factor * factor), "channels": channels, "num_res_blocks": blocks,
+            "downscale_factor": factor, "adapter_type": "full_adapter_xl" if factor == 16 else "full_adapter",
+            "original": not diffusers}
+
+
+def t2i_adapter_kind(shapes: dict) -> tuple[str | None, str, str | None]:
+    try:
+        cfg = t2i_adapter_layout(shapes)
+    except ValueError as e:
+        return None, "t2i-adapter", str(e)
+    return ("sdxl" if cfg["adapter_type"] == "full_adapter_xl" else "sd15"), "t2i-adapter", None
 
 
 def classify_folder(folder: Path) -> tuple[str | None, str, str | None]:
@@ -119,8 +168,8 @@ def classify_folder(folder: Path) -> tuple[str | None, str, str | None]:
         return (SD2 if cross == 1024 else "sd15"), "controlnet", None
     if cls in ("T2IAdapter", "MultiAdapter"):
         return ("sdxl" if cfg.get("adapter_type") == "full_adapter_xl" else "sd15"), "t2i-adapter", None
-    if cls.startswith("ControlNetUnion"):
-        return "sdxl", "controlnet", "a ControlNet union model (not supported yet)"
+    if cls == "ControlNetUnionModel":
+        return "sdxl", "controlnet-union", None
     return None, "controlnet", f"config.json names {cls or 'no class'}, not a ControlNetModel or T2IAdapter"
 
 

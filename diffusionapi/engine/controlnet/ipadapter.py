@@ -9,7 +9,10 @@ model by its cross-attention width (the family where the width is a real model's
 Per job the adapter's attention processors and image projection are put into the resident UNet
 (diffusers' own IP-Adapter layers) and taken out again afterwards: the exact processor objects
 the UNet had before come back, so the next job runs the model as it was. Plain IP-Adapters
-(4 image tokens) are supported; "plus" (resampler) and Face ID variants are refused.
+(4 image tokens from the projected image embedding) and "plus" ones (a resampler's tokens,
+``latents`` of them, from the encoder's penultimate hidden states; the unconditional pass sees the
+hidden states of a black image, as diffusers does) are supported; full face and Face ID variants
+are refused.
 """
 from __future__ import annotations
 
@@ -41,9 +44,11 @@ class IPAdapterEntry:
     name: str
     path: Path
     cross_dim: int | None      # the text width its to_k_ip takes (the model's cross-attention width)
-    image_dim: int | None      # the image-encoder projection width its image_proj takes
+    image_dim: int | None      # the image-encoder width its image_proj takes (plain: projection, plus: hidden)
     family: str | None         # from cross_dim when that is a real model's width
     error: str | None = None
+    variant: str = "plain"     # "plain" (image embedding) | "plus" (resampler over the hidden states)
+    tokens: int = 4            # image tokens it adds to cross-attention, per image
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class EncoderEntry:
     name: str
     path: Path
     projection_dim: int
+    hidden_size: int | None = None
 
 
 def _split(shapes: dict) -> tuple[dict, dict]:
@@ -89,11 +95,14 @@ def describe_adapter(name: str, path: Path) -> IPAdapterEntry:
         return IPAdapterEntry(name, path, None, None, None, f"unreadable: {e}")
     if not proj or not ip:
         return IPAdapterEntry(name, path, None, None, None, "not an IP-Adapter (no image_proj / ip_adapter tensors)")
-    if "proj.weight" not in proj or "latents" in proj or "perceiver_resampler.proj_in.weight" in proj:
-        return IPAdapterEntry(name, path, None, None, None, "an IP-Adapter variant other than the plain one "
-                                                            "(plus / full face / Face ID): not supported yet")
     k = next((v for key, v in ip.items() if key.endswith("to_k_ip.weight")), None)
     cross = k[1] if k else None
+    if "latents" in proj and "proj_in.weight" in proj and "perceiver_resampler.proj_in.weight" not in proj:
+        return IPAdapterEntry(name, path, cross, proj["proj_in.weight"][1], CROSS_DIMS.get(cross), variant="plus",
+                              tokens=proj["latents"][1])
+    if "proj.weight" not in proj:
+        return IPAdapterEntry(name, path, None, None, None, "an IP-Adapter variant other than plain and plus "
+                                                            "(full face / Face ID): not supported yet")
     return IPAdapterEntry(name, path, cross, proj["proj.weight"][1], CROSS_DIMS.get(cross))
 
 
@@ -142,12 +151,18 @@ class IPAdapterFiles:
                 data = json.loads(cfg.read_text())
             except (OSError, ValueError):
                 continue
-            dim = data.get("projection_dim") or data.get("vision_config", {}).get("projection_dim")
+            vision = data.get("vision_config") or {}
+            dim = data.get("projection_dim") or vision.get("projection_dim")
+            hidden = data.get("hidden_size") or vision.get("hidden_size")
             if dim:
-                out.append(EncoderEntry(cfg.parent.relative_to(root).as_posix(), cfg.parent, int(dim)))
+                out.append(EncoderEntry(cfg.parent.relative_to(root).as_posix(), cfg.parent, int(dim),
+                                        int(hidden) if hidden else None))
         return out
 
     def encoder_for(self, entry: IPAdapterEntry) -> EncoderEntry | None:
+        """Plain adapters take the encoder's projected embedding, plus ones its hidden states."""
+        if entry.variant == "plus":
+            return next((e for e in self.encoders() if e.hidden_size == entry.image_dim), None)
         return next((e for e in self.encoders() if e.projection_dim == entry.image_dim), None)
 
 
@@ -184,17 +199,24 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def image_embeds(encoder, images, device):
-    """(1, n_images, projection_dim): CLIP's preprocessing (shorter side to the encoder's size,
-    centre crop, CLIP normalisation), then the projected image embedding."""
+def image_embeds(encoder, images, device, variant: str = "plain"):
+    """(conditional, unconditional or None) for the adapter: CLIP's preprocessing (shorter side to
+    the encoder's size, centre crop, CLIP normalisation), then plain: the projected image embedding,
+    (1, n_images, projection_dim), and None (the unconditional pass sees zeros); plus: the
+    penultimate hidden states, (1, n_images, tokens, hidden), and those of a black image."""
+    import torch
     from transformers import CLIPImageProcessor
 
     size = encoder.config.image_size
     proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     pixels = proc(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
-    out = encoder(pixels.to(device, encoder.dtype)).image_embeds
-    return out.unsqueeze(0)
+    pixels = pixels.to(device, encoder.dtype)
+    if variant == "plus":
+        cond = encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        uncond = encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+        return cond.unsqueeze(0), uncond.unsqueeze(0)
+    return encoder(pixels).image_embeds.unsqueeze(0), None
 
 
 class InstalledAdapters:
@@ -218,6 +240,8 @@ class InstalledAdapters:
             p.scale = list(scales)
 
     def remove(self) -> None:
-        self.unet.set_attn_processor(self.processors)
+        # the image projection first: a plus adapter's resampler has attention layers of its own,
+        # which the UNet counts among its processors while it is there
         self.unet.encoder_hid_proj = self.hid_proj
         self.unet.config.encoder_hid_dim_type = self.hid_type
+        self.unet.set_attn_processor(self.processors)

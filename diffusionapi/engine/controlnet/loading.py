@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -111,6 +112,108 @@ def infer_config(sd: dict, unet_config) -> dict:
     return cfg
 
 
+def infer_union_config(sd: dict, unet_config) -> dict:
+    """A ControlNetUnionModel config: the ControlNet's, plus the control-type transformer's sizes
+    read from ``task_embedding`` / ``transformer_layes`` / ``spatial_ch_projs`` (heads: the published 8)."""
+    cfg = infer_config(sd, unet_config)
+    cfg.pop("mid_block_type")  # (a union model's middle block is always the cross-attention one)
+    types, channels = sd["task_embedding"].shape
+    cfg.update(num_control_type=types, num_trans_channel=channels, num_trans_layer=_count(sd, "transformer_layes.", 1),
+               num_proj_channel=sd["spatial_ch_projs.weight"].shape[0], num_trans_head=8)
+    return cfg
+
+
+def control_lora_state(path: Path) -> tuple[dict, dict]:
+    """A Control-LoRA file as (full tensors, weight diffs), both in diffusers' ControlNet names.
+    The file holds, in the original layout, the ControlNet's own layers (hint block, zero
+    convolutions) and the norms/biases in full, and each encoder weight as a low-rank diff to the
+    base UNet's: ``W = W_unet + up @ down`` (reshaped to the weight's shape)."""
+    raw = read_state_dict(path)
+    raw.pop("lora_controlnet", None)
+    full = {k: v for k, v in raw.items() if not k.endswith((".up", ".down"))}
+    diffs = {}
+    for k, up in raw.items():
+        if k.endswith(".up"):
+            down = raw.get(k[:-3] + ".down")
+            if down is None:
+                raise ControlNetLoadError(f"{k} has no matching .down tensor")
+            diffs[k[:-3] + ".weight"] = (up.float().flatten(1) @ down.float().flatten(1)).reshape(
+                up.shape[0], *down.shape[1:])
+    clash = sorted(set(full) & set(diffs))
+    if clash:
+        raise ControlNetLoadError(f"{clash[0]} is both a full tensor and a diff")
+    # Renamed to diffusers' names together (the converter reads the structure from all keys); a
+    # marker per key says which were diffs.
+    merged = to_diffusers_layout({**full, **diffs})
+    marks = to_diffusers_layout({k: torch.ones(1) if k in diffs else torch.zeros(1) for k in (*full, *diffs)})
+    is_diff = {k for k, v in marks.items() if v.item() == 1}
+    return ({k: v for k, v in merged.items() if k not in is_diff},
+            {k: v for k, v in merged.items() if k in is_diff})
+
+
+def load_control_lora(entry: ControlNetEntry, unet):
+    """The ControlNet a Control-LoRA means for this base UNet: the UNet's encoder copied
+    (``from_unet``), the diffs added to its weights, the file's full tensors put in place. Every
+    ControlNet-only parameter must come from the file."""
+    from diffusers import ControlNetModel
+
+    full, diffs = control_lora_state(entry.path)
+    shapes = {**{k: v.shape for k, v in full.items()}, **{k: v.shape for k, v in diffs.items()}}
+    emb = ["controlnet_cond_embedding.conv_in.weight"] + [
+        f"controlnet_cond_embedding.blocks.{2 * i + 1}.weight"
+        for i in range(_count(shapes, "controlnet_cond_embedding.blocks.", 2) // 2)]
+    missing = [k for k in emb if k not in full]
+    if missing:
+        raise ControlNetLoadError(f"parameter {missing[0]} missing from the file")
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(full[k].shape[0] for k in emb),
+                                      conditioning_channels=full[emb[0]].shape[1])
+    model = model.float()
+    params = model.state_dict()
+    own = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+    lacking = [k for k in params if k.startswith(own) and k not in full]
+    if lacking:
+        raise ControlNetLoadError(f"parameter {lacking[0]} missing from the file")
+    with torch.no_grad():
+        for k, v in {**full, **diffs}.items():
+            if k not in params:
+                raise ControlNetLoadError(f"{k}: the base model's ControlNet has no such parameter")
+            if params[k].shape != v.shape:
+                raise ControlNetLoadError(f"{k} is {tuple(v.shape)}, the base model's is {tuple(params[k].shape)}: "
+                                          "a Control-LoRA for another model family")
+            if k in diffs:
+                params[k].add_(v.to(params[k].dtype))
+            else:
+                params[k].copy_(v)
+    return model
+
+
+def load_t2i_adapter_file(path: Path):
+    """A single-file T2I-Adapter (files.t2i_adapter_layout), every tensor in place."""
+    from diffusers import T2IAdapter
+
+    from .files import t2i_adapter_layout
+
+    sd = read_state_dict(path)
+    cfg = t2i_adapter_layout({k: tuple(v.shape) for k, v in sd.items()})
+    if cfg.pop("original"):  # body.<level * blocks + j>.X -> adapter.body.<level>.(resnets.<j>.X | in_conv)
+        blocks, renamed = cfg["num_res_blocks"], {}
+        for k, v in sd.items():
+            if k.startswith("body."):
+                _, n, rest = k.split(".", 2)
+                level, j = divmod(int(n), blocks)
+                renamed[f"adapter.body.{level}.{rest}" if rest.startswith("in_conv.") else
+                        f"adapter.body.{level}.resnets.{j}.{rest}"] = v
+            else:
+                renamed["adapter." + k] = v
+        sd = renamed
+    model = T2IAdapter(**cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)[:2]
+    if missing or unexpected:
+        raise ControlNetLoadError(f"{len(missing)} parameters missing, {len(unexpected)} tensors unplaced "
+                                  f"(e.g. {(missing or unexpected)[0]})")
+    return model
+
+
 def sidecar_config(path: Path) -> dict | None:
     for cand in (path.with_name(path.stem + ".config") / "config.json", path.with_suffix(".json")):
         if cand.is_file():
@@ -118,23 +221,33 @@ def sidecar_config(path: Path) -> dict | None:
     return None
 
 
-def load_controlnet(entry: ControlNetEntry, unet_config, device, dtype):
+def load_controlnet(entry: ControlNetEntry, unet_config, device, dtype, unet=None):
+    """``unet``: the base UNet itself (a Control-LoRA is built from its weights)."""
     if entry.error:
         raise ControlNetLoadError(entry.error)
-    if entry.format == "diffusers":
+    if entry.kind == "control-lora":
+        if unet is None:
+            raise ControlNetLoadError("a Control-LoRA needs its base model's UNet")
+        model = load_control_lora(entry, unet)
+    elif entry.format == "diffusers":
         if entry.kind == "t2i-adapter":
             from diffusers import T2IAdapter as cls
+        elif entry.kind == "controlnet-union":
+            from diffusers import ControlNetUnionModel as cls
         else:
             from diffusers import ControlNetModel as cls
         model = cls.from_pretrained(str(entry.path), torch_dtype=dtype, local_files_only=True)
+    elif entry.kind == "t2i-adapter":
+        model = load_t2i_adapter_file(entry.path)
     else:
-        from diffusers import ControlNetModel
+        from diffusers import ControlNetModel, ControlNetUnionModel
 
         sd = to_diffusers_layout(read_state_dict(entry.path))
-        cfg = sidecar_config(entry.path) or infer_config(sd, unet_config)
+        union = entry.kind == "controlnet-union"
+        cfg = sidecar_config(entry.path) or (infer_union_config if union else infer_config)(sd, unet_config)
         cfg = {k: v for k, v in cfg.items() if v is not None}
         with torch.device("meta"):
-            model = ControlNetModel(**cfg)
+            model = (ControlNetUnionModel if union else ControlNetModel)(**cfg)
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)[:2]
         if missing:
             raise ControlNetLoadError(f"{len(missing)} parameters missing from the file (e.g. {missing[0]})")
@@ -154,6 +267,7 @@ class ControlNetCache:
     def __init__(self, capacity: int = 3):
         self.capacity = capacity
         self._items: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+        self._bases: dict[tuple, weakref.ref] = {}  # Control-LoRAs: the UNet each was built from
         self._lock = threading.Lock()
         self.loads = 0
 
@@ -163,13 +277,19 @@ class ControlNetCache:
         base = json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")}, sort_keys=True,
                           default=str)
         key = (str(entry.path), stamp.stat().st_mtime_ns, base, str(device), unet.dtype)
+        lora = entry.kind == "control-lora"
+        if lora:  # built from this UNet's weights, not only its config (two SD 1.5 checkpoints share one)
+            key += (id(unet),)
         with self._lock:
-            if key in self._items:
+            if key in self._items and (not lora or self._bases.get(key, lambda: None)() is unet):
                 self._items.move_to_end(key)
                 return self._items[key]
+            self._items.pop(key, None)  # (a Control-LoRA of a UNet gone, whose id a new one reuses)
             while len(self._items) >= self.capacity:
-                self._items.popitem(last=False)
-            model = load_controlnet(entry, unet.config, device, unet.dtype)
+                self._bases.pop(self._items.popitem(last=False)[0], None)
+            model = load_controlnet(entry, unet.config, device, unet.dtype, unet=unet)
             self.loads += 1
             self._items[key] = model
+            if lora:
+                self._bases[key] = weakref.ref(unet)
             return model

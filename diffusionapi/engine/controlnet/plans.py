@@ -30,6 +30,7 @@ class ControlUnitPlan:
     pixel_perfect: bool = False
     hires: str = "both"              # both | low | high: the passes of a hires job it guides
     save_detected_map: bool = False
+    union_type: int | None = None    # union ControlNets: the control type's index (request.UNION_TYPES)
 
     def infotext(self) -> str:
         """The extension's serialisation ("Module: canny, Model: name [hash], Weight: 1.0, ...")."""

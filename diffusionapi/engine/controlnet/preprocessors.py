@@ -3,8 +3,9 @@
 The ones that need no weights run here, on NumPy/OpenCV (written from their published
 descriptions, names and slider ranges as sd-webui-controlnet lists them, so A1111 clients find
 the same ``module`` names and ``module_detail``). The ones that need a network are listed with
-the annotator file they would load from ``stable_diffusion/annotators/``: asking for one is a 422
-that names that file.
+the annotator file they load from ``stable_diffusion/annotators/``: without it, asking for one is
+a 422 that names that file; with it, those this server implements (``net``: the networks of
+``annotators.py``, which imports torch only when one runs) run, the others are a 422 that says so.
 
 Every function takes and returns an RGB ``uint8`` array (H, W, 3); the mask, when a module uses
 one, is (H, W) ``uint8`` with 255 = masked.
@@ -17,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
+
+from .imageops import PreprocessorError, hwc3, resize_short_side  # noqa: F401 - the callers' names
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,9 @@ class Preprocessor:
     slider_1: Slider | None = None
     slider_2: Slider | None = None
     run: Callable | None = None  # run(image, resolution, a, b, mask) -> image
-    needs: tuple[str, ...] = ()  # annotator files a networked module loads
+    needs: tuple[str, ...] = ()  # annotator files a networked module loads ("name/": a folder)
+    net: str | None = None       # the network that runs it (annotators.NETS), when implemented
+    source: str = "lllyasviel/Annotators"  # where its files are published
     uses_mask: bool = False      # the control map carries a mask (inpaint)
     unsupported: str | None = None  # why this server cannot run it (not a missing file)
     aliases: tuple[str, ...] = field(default=())
@@ -68,40 +73,6 @@ class Preprocessor:
             return v
         return int(pick(resolution, self.resolution, 512)), float(pick(a, self.slider_1, 0.0)), \
             float(pick(b, self.slider_2, 0.0))
-
-
-class PreprocessorError(ValueError):
-    """A module that cannot run here; ``status`` is the HTTP status the API answers."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
-
-
-# ---------------------------------------------------------------------------- image helpers
-
-def hwc3(x: np.ndarray) -> np.ndarray:
-    if x.ndim == 2:
-        x = x[:, :, None]
-    if x.shape[2] == 1:
-        return np.concatenate([x] * 3, axis=2)
-    if x.shape[2] == 4:
-        # transparent pixels count as white (the extension's convention for drawings)
-        color, alpha = x[:, :, :3].astype(np.float32), x[:, :, 3:].astype(np.float32) / 255.0
-        return (color * alpha + 255.0 * (1 - alpha)).clip(0, 255).astype(np.uint8)
-    return x[:, :, :3]
-
-
-def resize_short_side(img: np.ndarray, resolution: int) -> np.ndarray:
-    """Scale so that the shorter side is ``resolution`` (area filter down, cubic up)."""
-    import cv2
-
-    h, w = img.shape[:2]
-    k = float(resolution) / min(h, w)
-    if abs(k - 1.0) < 1e-9:
-        return img
-    nw, nh = max(1, int(round(w * k))), max(1, int(round(h * k)))
-    return cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -241,24 +212,28 @@ _BUILTIN = [
     Preprocessor("inpaint_only", "inpaint_only", ("Inpaint",), run=_inpaint, uses_mask=True),
 ]
 
-# Modules that run a network: the files they load (lllyasviel/Annotators names).
+# Modules that run a network: the files they load (lllyasviel/Annotators names, except the depth
+# models, which are transformers folders), and the network of annotators.py that runs them.
+_DEPTH_SRC = "a transformers depth-estimation folder: config.json, weights, preprocessor_config.json"
 _NETWORKED = [
-    ("depth_midas", "depth_midas", ("Depth",), ("dpt_hybrid-midas-501f0c75.pt",)),
+    ("depth_midas", "depth_midas", ("Depth",), ("dpt-hybrid-midas/",), "depth_midas",
+     f"Intel/dpt-hybrid-midas, {_DEPTH_SRC}"),
     ("depth_zoe", "depth_zoe", ("Depth",), ("ZoeD_M12_N.pt",)),
     ("depth_leres", "depth_leres", ("Depth",), ("res101.pth",)),
-    ("depth_anything", "depth_anything", ("Depth",), ("depth_anything_vitl14.pth",)),
+    ("depth_anything", "depth_anything", ("Depth",), ("depth-anything/",), "depth_anything",
+     f"LiheYoung/depth-anything-*-hf or depth-anything/Depth-Anything-V2-*-hf, {_DEPTH_SRC}"),
     ("normal_bae", "normal_bae", ("Normal",), ("scannet.pt",)),
-    ("openpose", "openpose", ("OpenPose",), ("body_pose_model.pth",)),
+    ("openpose", "openpose", ("OpenPose",), ("body_pose_model.pth",), "openpose"),
     ("openpose_face", "openpose_face", ("OpenPose",), ("body_pose_model.pth", "facenet.pth")),
     ("openpose_hand", "openpose_hand", ("OpenPose",), ("body_pose_model.pth", "hand_pose_model.pth")),
     ("openpose_full", "openpose_full", ("OpenPose",), ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")),
     ("dw_openpose_full", "dw_openpose_full", ("OpenPose",), ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")),
-    ("lineart_realistic", "lineart_realistic", _L, ("sk_model.pth",)),
-    ("lineart_coarse", "lineart_coarse", _L, ("sk_model2.pth",)),
-    ("lineart_anime", "lineart_anime", _L, ("netG.pth",)),
-    ("softedge_hed", "softedge_hed", ("SoftEdge",), ("ControlNetHED.pth",)),
+    ("lineart_realistic", "lineart_realistic", _L, ("sk_model.pth",), "lineart_realistic"),
+    ("lineart_coarse", "lineart_coarse", _L, ("sk_model2.pth",), "lineart_coarse"),
+    ("lineart_anime", "lineart_anime", _L, ("netG.pth",), "lineart_anime"),
+    ("softedge_hed", "softedge_hed", ("SoftEdge",), ("ControlNetHED.pth",), "softedge_hed"),
     ("softedge_pidinet", "softedge_pidinet", ("SoftEdge",), ("table5_pidinet.pth",)),
-    ("scribble_hed", "scribble_hed", ("Scribble",), ("ControlNetHED.pth",)),
+    ("scribble_hed", "scribble_hed", ("Scribble",), ("ControlNetHED.pth",), "scribble_hed"),
     ("scribble_pidinet", "scribble_pidinet", ("Scribble",), ("table5_pidinet.pth",)),
     ("mlsd", "mlsd", ("MLSD",), ("mlsd_large_512_fp32.pth",)),
     ("seg_ofade20k", "seg_ofade20k", ("Segmentation",), ("250_16_swin_l_oneformer_ade20k_160k.pth",)),
@@ -279,8 +254,10 @@ _UNSUPPORTED = [
 ]
 
 PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in _BUILTIN}
-for _name, _label, _tags, _files in _NETWORKED:
-    PREPROCESSORS[_name] = Preprocessor(_name, _label, _tags, RESOLUTION, needs=_files)
+for _name, _label, _tags, _files, *_how in _NETWORKED:
+    PREPROCESSORS[_name] = Preprocessor(_name, _label, _tags, RESOLUTION, needs=_files,
+                                        net=_how[0] if _how else None,
+                                        source=_how[1] if len(_how) > 1 else "lllyasviel/Annotators")
 for _name, _tags, _why in _UNSUPPORTED:
     PREPROCESSORS[_name] = Preprocessor(_name, _name, _tags, unsupported=_why)
 
@@ -305,22 +282,36 @@ def why_not_runnable(p: Preprocessor, annotators_dir: Path) -> str | None:
         return f"module {p.name!r}: {p.unsupported}"
     if p.run is not None:
         return None
-    missing = [f for f in p.needs if not (Path(annotators_dir) / f).is_file()]
+    missing = [f for f in p.needs if not _installed(Path(annotators_dir) / f, folder=f.endswith("/"))]
     if missing:
-        return (f"module {p.name!r} needs the annotator file{'s' if len(missing) > 1 else ''} "
-                f"{', '.join(missing)} in {annotators_dir}/ (from lllyasviel/Annotators); add "
+        what = "folder" if all(f.endswith("/") for f in missing) else "file"
+        return (f"module {p.name!r} needs the annotator {what}{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)} in {annotators_dir}/ (from {p.source}); add "
                 f"{'them' if len(missing) > 1 else 'it'}, or send a ready control map with module \"none\"")
-    return (f"module {p.name!r}: its annotator files are installed, but this server cannot run that network yet; "
-            "send a ready control map with module \"none\"")
+    if p.net is None:
+        return (f"module {p.name!r}: its annotator files are installed, but this server cannot run that network "
+                "yet; send a ready control map with module \"none\"")
+    return None
+
+
+def _installed(path: Path, *, folder: bool) -> bool:
+    return (path / "config.json").is_file() if folder else path.is_file()
 
 
 def run(p: Preprocessor, image: np.ndarray, resolution: float | None = None, a: float | None = None,
-        b: float | None = None, mask: np.ndarray | None = None) -> np.ndarray:
-    """The control map of ``image`` (RGB uint8); raises PreprocessorError if ``p`` cannot run."""
-    if p.run is None:
-        raise PreprocessorError(f"module {p.name!r} cannot run here")
+        b: float | None = None, mask: np.ndarray | None = None, *, annotators: Path | None = None,
+        device=None) -> np.ndarray:
+    """The control map of ``image`` (RGB uint8); raises PreprocessorError if ``p`` cannot run.
+    ``annotators``: the folder a networked module loads its files from; ``device``: where it runs
+    (a torch device or a setting such as "cpu", "auto")."""
     res, a_, b_ = p.params(resolution, a, b)
-    return np.ascontiguousarray(hwc3(p.run(hwc3(image), res, a_, b_, mask)))
+    if p.run is not None:
+        return np.ascontiguousarray(hwc3(p.run(hwc3(image), res, a_, b_, mask)))
+    if p.net is None or annotators is None:
+        raise PreprocessorError(f"module {p.name!r} cannot run here")
+    from . import annotators as nets
+
+    return np.ascontiguousarray(hwc3(nets.run(p.net, hwc3(image), res, a_, b_, mask, Path(annotators), device)))
 
 
 def to_array(im: Image.Image) -> np.ndarray:

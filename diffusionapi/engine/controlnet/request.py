@@ -29,6 +29,16 @@ RESIZE_MODE_NAMES = {
     "envelope (outer fit)": "Resize and Fill", "2": "Resize and Fill",
 }
 HIRES_NAMES = {"both": "both", "low": "low", "low res only": "low", "high": "high", "high res only": "high"}
+# Union ControlNets (SDXL "union" / "ProMax"): the control types they were trained on, by index, and
+# the preprocessor control types (tags) that mean each one.
+UNION_TYPES = ("OpenPose", "Depth", "Soft Edge", "Canny / Lineart / MLSD", "Normal Map", "Segmentation", "Tile",
+               "Inpaint")
+UNION_TYPE_OF_TAG = {"OpenPose": 0, "Depth": 1, "SoftEdge": 2, "Scribble": 2, "Canny": 3, "Lineart": 3, "MLSD": 3,
+                     "Normal": 4, "Segmentation": 5, "Tile": 6, "Inpaint": 7}
+UNION_TYPE_NAMES = {**{n.casefold(): n for n in UNION_TYPES}, **{str(i): n for i, n in enumerate(UNION_TYPES)},
+                    **{t.casefold(): UNION_TYPES[i] for t, i in UNION_TYPE_OF_TAG.items()},
+                    "hard edge": "Canny / Lineart / MLSD", "softedge": "Soft Edge", "normal": "Normal Map",
+                    "segment": "Segmentation", "repaint": "Inpaint", "unknown": None}
 
 
 def _choice(table: dict, what: str):
@@ -74,6 +84,21 @@ class ControlNetUnitRequest(BaseModel):
     pixel_perfect: bool = False
     hires: str = Field("both", description="both | low | high: which passes of a hires job it guides")
     save_detected_map: bool = Field(False, description="return the detected map after the images")
+    union_control_type: str | int | None = Field(
+        None, description="union ControlNets: the control type (" + ", ".join(UNION_TYPES) + ", or 0-7); "
+                          "default: the preprocessor's")
+
+    @field_validator("union_control_type", mode="before")
+    @classmethod
+    def _union(cls, v):
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError(f"union control type must be a name or 0-7; valid choices: {', '.join(UNION_TYPES)}")
+        key = str(v).strip().casefold()
+        if key not in UNION_TYPE_NAMES:
+            raise ValueError(f"unknown union control type {v!r}; valid choices: {', '.join(UNION_TYPES)}")
+        return UNION_TYPE_NAMES[key]
 
     @field_validator("control_mode", mode="before")
     @classmethod
@@ -189,7 +214,8 @@ def resolve_ip_adapters(units: list[IPAdapterUnitRequest], model, settings):
         encoder = files.encoder_for(entry)
         if encoder is None:
             raise RequestError(f"{where}.model", f"IP-Adapter {entry.name!r} needs a CLIP image encoder with "
-                                                 f"projection_dim {entry.image_dim} in {clip_vision_dir(settings)}/ "
+                                                 f"{'hidden_size' if entry.variant == 'plus' else 'projection_dim'} "
+                                                 f"{entry.image_dim} in {clip_vision_dir(settings)}/ "
                                                  "(a CLIPVisionModelWithProjection folder: config.json + weights)")
         images = tuple(input_image(text, f"{where}.images.{k}", settings) for k, text in enumerate(u.images))
         plans.append(IPAdapterPlan(entry, encoder, images, u.weight, u.guidance_start, u.guidance_end))
@@ -252,8 +278,18 @@ def resolve_units(units: list[ControlNetUnitRequest], model, settings, *, has_in
         if mask is not None and image is not None and mask.size != image.size:
             raise RequestError(f"{where}.mask", f"mask is {mask.width}x{mask.height} but the unit's image is "
                                                 f"{image.width}x{image.height}; they must be the same size")
+        union_type = None
+        if entry.kind == "controlnet-union":
+            name = u.union_control_type
+            if name is None and p.name != "none" and p.tags and p.tags[0] in UNION_TYPE_OF_TAG:
+                name = UNION_TYPES[UNION_TYPE_OF_TAG[p.tags[0]]]
+            if name is None:
+                raise RequestError(f"{where}.union_control_type", f"ControlNet {entry.name!r} is a union model: "
+                                   f"say which control type the image is ({', '.join(UNION_TYPES)}), or use a "
+                                   "preprocessor of that type")
+            union_type = UNION_TYPES.index(name)
         pp = u.preprocessor_params
-        plans.append(ControlUnitPlan(
+        plans.append(ControlUnitPlan(union_type=union_type, 
             entry=entry, module=p.name, image=image, mask=mask, weight=u.weight, guidance_start=u.guidance_start,
             guidance_end=u.guidance_end, control_mode=u.control_mode, resize_mode=u.resize_mode,
             processor_res=pp.resolution, threshold_a=pp.threshold_a, threshold_b=pp.threshold_b,

@@ -25,6 +25,7 @@ from PIL import Image
 
 from . import preprocessors
 from .plans import ControlUnitPlan, IPAdapterPlan, infotext_params  # noqa: F401 - the engine imports them here
+from .files import annotators_dir
 from .preprocessors import mask_array, to_array
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,23 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- control maps
 
-def detect(unit: ControlUnitPlan, image: Image.Image, mask: Image.Image | None, width: int, height: int):
-    """(detected map RGB uint8, mask uint8 at the map's size or None) for a generation of width x height."""
+def detect(unit: ControlUnitPlan, image: Image.Image, mask: Image.Image | None, width: int, height: int,
+           annotators=None, device=None):
+    """(detected map RGB uint8, mask uint8 at the map's size or None) for a generation of width x height.
+    ``annotators``, ``device``: the folder and device of a networked module (preprocessors.run)."""
     p = preprocessors.PREPROCESSORS[unit.module]
     arr = to_array(image)
     m = mask_array(mask, (arr.shape[1], arr.shape[0])) if p.uses_mask else None
     res = unit.processor_res
     if unit.pixel_perfect and p.resolution is not None:
         res = preprocessors.pixel_perfect_resolution(arr.shape[:2], (height, width), unit.resize_mode)
-    out = preprocessors.run(p, arr, res, unit.threshold_a, unit.threshold_b, m)
+    try:
+        out = preprocessors.run(p, arr, res, unit.threshold_a, unit.threshold_b, m, annotators=annotators,
+                                device=device)
+    except preprocessors.PreprocessorError as e:  # (a file changed since submit): the job fails naming it
+        from ..plan import GenerationError
+
+        raise GenerationError(f"ControlNet unit {unit.entry.name!r}, module {unit.module!r}: {e}") from e
     if m is not None and (m.shape[1], m.shape[0]) != (out.shape[1], out.shape[0]):
         m = mask_array(Image.fromarray(m), (out.shape[1], out.shape[0]))
     return out, m
@@ -138,7 +147,7 @@ class ControlledUNet:
         self.units = units
         self.clock = clock
         self.rows_per_image = rows_per_image
-        self.ip = ip  # (InstalledAdapters, [IPAdapterPlan], [embeds (1, n, dim)]) or None
+        self.ip = ip  # (InstalledAdapters, [IPAdapterPlan], [(cond, uncond or None) embeds]) or None
 
     def __getattr__(self, name):
         return getattr(self.unet, name)
@@ -157,8 +166,15 @@ class ControlledUNet:
                 res = [f.to(x.dtype).expand(x.shape[0], -1, -1, -1) for f in au.features]
             else:
                 hint = au.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
-                d, m = au.model(x[:, :4], t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=hint,
-                                conditioning_scale=1.0, added_cond_kwargs=added_cond_kwargs, return_dict=False)
+                if u.union_type is not None:  # a union ControlNet: the control type picks its task embedding
+                    kinds = torch.zeros(x.shape[0], au.model.config.num_control_type, device=x.device, dtype=x.dtype)
+                    kinds[:, u.union_type] = 1
+                    d, m = au.model(x[:, :4], t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=[hint],
+                                    control_type=kinds, control_type_idx=[u.union_type], conditioning_scale=1.0,
+                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
+                else:
+                    d, m = au.model(x[:, :4], t, encoder_hidden_states=encoder_hidden_states, controlnet_cond=hint,
+                                    conditioning_scale=1.0, added_cond_kwargs=added_cond_kwargs, return_dict=False)
                 res = list(d) + [m]
             if u.control_mode == "Balanced":
                 scales = [u.weight] * len(res)
@@ -184,10 +200,10 @@ class ControlledUNet:
                                   for p in plans])
             b = max(x.shape[0] // self.rows_per_image, 1)
             rows = []
-            for e in embeds:  # the unconditional rows see a zero image embedding (diffusers' convention)
+            for e, u in embeds:  # unconditional rows: a zero embedding (plain), a black image's (plus)
                 e = e.to(x.device, x.dtype)
-                r = e.expand(x.shape[0], -1, -1).clone()
-                r[:b] = 0
+                r = e.expand(x.shape[0], *e.shape[1:]).clone()
+                r[:b] = 0 if u is None else u.to(x.device, x.dtype)
                 rows.append(r)
             added_cond_kwargs = {**(added_cond_kwargs or {}), "image_embeds": rows}
         if down is not None:
@@ -215,12 +231,15 @@ class ControlState:
         self.installed = None   # the job's IP-Adapter layers in the base UNet
         self.ip_embeds = None
         init = plan.init
+        settings = getattr(engine, "settings", None)
+        annotators = annotators_dir(settings) if settings is not None else None
         for u in plan.controlnets:
             image = u.image if u.image is not None else (init.image if init is not None else None)
             mask = u.mask if u.mask is not None else (init.mask if init is not None else None)
             if image is None:  # resolve refuses this; a plan built by hand may still hold it
                 raise ValueError(f"ControlNet unit {u.entry.name!r} has no image")
-            self.maps.append(detect(u, image, mask, plan.width, plan.height))
+            self.maps.append(detect(u, image, mask, plan.width, plan.height, annotators,
+                                    getattr(engine, "device", None)))
 
     def _ip(self, loaded):
         """The job's IP-Adapters, put into ``loaded``'s UNet once (taken out by ``close``)."""
@@ -239,7 +258,7 @@ class ControlState:
                 embeds = []
                 for p in plans:
                     enc = encoders.get(p.encoder, self.engine.device, unet.dtype)
-                    embeds.append(image_embeds(enc, p.images, self.engine.device))
+                    embeds.append(image_embeds(enc, p.images, self.engine.device, p.entry.variant))
                 self.installed = InstalledAdapters(unet, [load_adapter_state(p.entry.path) for p in plans])
                 self.ip_embeds = embeds
             except GenerationError:
@@ -274,6 +293,12 @@ class ControlState:
 
                 raise GenerationError(f"ControlNet {u.entry.name!r} could not be loaded: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            types = getattr(model.config, "num_control_type", None) if u.union_type is not None else None
+            if types is not None and u.union_type >= types:
+                from ..plan import GenerationError
+
+                raise GenerationError(f"ControlNet {u.entry.name!r} knows {types} control types; control type "
+                                      f"{u.union_type} is not one of them")
             hint = control_tensor(detected, mask, width, height, u.resize_mode).to(self.engine.device)
             active.append(ActiveUnit(u, model, hint))
         ip = self._ip(loaded) if self.plan.ip_adapters else None

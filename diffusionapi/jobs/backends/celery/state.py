@@ -467,6 +467,14 @@ redis.call('PUBLISH', 'dapi:final', ARGV[1])
 return 1
 """
 
+# KEYS: job. ARGV: the record without its input images. Only a final job's record changes: it
+# never runs again (written once at submit, the record is not changed by anything else).
+_DROP_INPUTS = """
+if redis.call('HGET', KEYS[1], 'final') ~= '1' then return 0 end
+redis.call('HSET', KEYS[1], 'record', ARGV[1])
+return 1
+"""
+
 # KEYS: job, running, lease, waiting. ARGV: id, worker, queued status. A graceful stop gives the job back.
 _RELEASE = _FAIR + """
 if redis.call('HGET', KEYS[1], 'state') ~= PROCESSING or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[2] then
@@ -597,6 +605,7 @@ class RedisJobState:
         self._heartbeat = self.r.register_script(lua_prelude() + _HEARTBEAT)
         self._sweep = self.r.register_script(lua_prelude() + _SWEEP)
         self._renew = self.r.register_script(lua_prelude() + _RENEW)
+        self._drop_inputs = self.r.register_script(_DROP_INPUTS)
 
     def close(self) -> None:
         self.r.close()
@@ -699,7 +708,25 @@ class RedisJobState:
         out = self._cancel(keys=[job_key(job_id), WAITING, events_key(job_id), PENDING_HOOKS, UNSENT],
                            args=[job_id, json.dumps(self.CANCELLED_STATUS), self.results_ttl, EVENTS_MAXLEN,
                                  json.dumps(hook) if hook else ""])
+        if out and _s(out) == CANCELLED:
+            self.drop_inputs(job_id)
         return _s(out) if out else None
+
+    def drop_inputs(self, job_id: str) -> bool:
+        """A final job's input images (init images, ControlNet / IP-Adapter unit images: often
+        megabytes of base64) leave its record, which stays until the result is taken or expires.
+        Best effort: on a Redis error they leave with the record."""
+        from ...resolve import without_inputs
+
+        try:
+            record = self.record(job_id)
+            payload = without_inputs((record or {}).get("payload"))
+            if payload is None:
+                return False
+            return bool(self._drop_inputs(keys=[job_key(job_id)], args=[json.dumps({**record, "payload": payload})]))
+        except redis.RedisError as e:
+            log.warning("could not drop the inputs of job %s: %s", job_id, e)
+            return False
 
     def record(self, job_id: str) -> dict | None:
         raw = self.r.hget(job_key(job_id), "record")
@@ -805,6 +832,8 @@ class RedisJobState:
                                 json.dumps(status_dict("processing", "starting")), json.dumps(exhausted),
                                 self.results_ttl, EVENTS_MAXLEN, dead_owner])
         verdict = _s(out[0])
+        if verdict == "exhausted":
+            self.drop_inputs(job_id)
         if verdict in ("run", "exhausted"):
             return verdict, int(out[1]), json.loads(out[2])
         if verdict == "busy":
@@ -863,9 +892,12 @@ class RedisJobState:
         return self.r.hget(job_key(job_id), "cancel") is not None
 
     def finish(self, job_id: str, worker: str, status: dict, images: list[bytes] = ()) -> bool:
-        return bool(self._finish(keys=[job_key(job_id), RUNNING, lease_key(job_id), events_key(job_id), WAITING, UNSENT],
+        done = bool(self._finish(keys=[job_key(job_id), RUNNING, lease_key(job_id), events_key(job_id), WAITING, UNSENT],
                                  args=[job_id, worker, status["state"], json.dumps(status), self.results_ttl,
                                        EVENTS_MAXLEN, *images]))
+        if done:
+            self.drop_inputs(job_id)
+        return done
 
     def release(self, job_id: str, worker: str) -> bool:
         """Give a running job back to the waiting line (graceful stop; not counted as an attempt)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ....files import write_atomic
-from ...resolve import INPUT_FIELDS
+from ...resolve import without_inputs
 from ...status import JobStatus
 
 log = logging.getLogger(__name__)
@@ -118,21 +118,21 @@ class JobStore:
         if isinstance(status, dict):
             status = JobStatus.model_validate(status)
         write_atomic(self.status_path(job_id), json.dumps(status.to_record()).encode(), fsync=fsync)
+        if status.is_final:  # (before the index says so: a listing that shows the job ended finds it slim)
+            self.drop_inputs(job_id)
         with self._lock:
             entry = self._index.get(job_id)
             if entry is not None:
                 entry.state, entry.current_phase, entry.progress = status.state, status.current_phase, status.progress
-        if status.is_final:
-            self.drop_inputs(job_id)
 
     def drop_inputs(self, job_id: str) -> None:
         """A job that ended never runs again: its input images (often megabytes of base64) leave
         the record now, so finished, cancelled and unread jobs cost a small file each."""
         record = self.read_job(job_id)
-        payload = (record or {}).get("payload")
-        if not isinstance(payload, dict) or not any(payload.get(f) for f in INPUT_FIELDS):
+        payload = without_inputs((record or {}).get("payload"))
+        if payload is None:
             return
-        record["payload"] = {k: (None if k in INPUT_FIELDS else v) for k, v in payload.items()}
+        record["payload"] = payload
         try:
             self.write_job(job_id, record)
         except OSError as e:  # the job is final either way; the space comes back when it is read
