@@ -249,6 +249,16 @@ def tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
                         transformer=transformer)
 
 
+def tiny_flux_kontext_pipeline(seed: int = 0):
+    """Flux.1 Kontext dev in miniature: tiny Flux.1 dev's parts (the same transformer class,
+    guidance-distilled) in a FluxKontextPipeline."""
+    from diffusers import FluxKontextPipeline
+
+    flux = tiny_flux_pipeline(seed, guidance=True)
+    return FluxKontextPipeline(**{k: getattr(flux, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                  "text_encoder_2", "tokenizer_2", "transformer")})
+
+
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 
 
@@ -274,7 +284,7 @@ def tiny_sd3_pipeline(seed: int = 0):
 
 BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
             "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline,
-            "sd3": tiny_sd3_pipeline}
+            "sd3": tiny_sd3_pipeline, "flux1-kontext": tiny_flux_kontext_pipeline}
 
 
 def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:

@@ -95,6 +95,7 @@ class Engine:
         self.batches: list[int] = []  # sizes of the UNet batches of several jobs (tests, logs)
         self._flow_cache: dict = {}  # flow families' text conditioning (engine/flow.py), oldest first
         self._control = None  # the running job's ControlNet units (engine/controlnet/units.ControlState)
+        self._references = None  # the running edit job's reference tokens (engine/flow.ReferenceTokens)
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -114,6 +115,7 @@ class Engine:
             if self._control is not None:
                 self._control.close()  # IP-Adapter layers leave the resident UNet
             self._control = None
+            self._references = None
 
     def _generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled,
                   observer: StepObserver | None = None) -> GenerationResult:
@@ -147,6 +149,10 @@ class Engine:
             progress.phase("encoding")
             prepared = img2img.prepare_input(plan.init, plan.width, plan.height)
             init = img2img.encode_init(encode_image, prepared, self.device)
+            check()
+        if plan.references:  # an edit job: its reference images are encoded once
+            progress.phase("encoding")
+            self._references = self._reference_tokens(base, plan.references)
             check()
         # ControlNet units: their maps are detected once per job (engine/controlnet).
         self._control = ControlState(self, plan) if plan.controlnets or plan.ip_adapters else None
@@ -282,7 +288,8 @@ class Engine:
         pass), "high" (hires pass), "refiner" (ControlNet units guide the first two)."""
         if loaded.is_flow:
             den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale, check,
-                                     cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale)
+                                     cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale,
+                                     references=getattr(self, "_references", None))
         else:
             den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset,
                               cfg_rescale=plan.cfg_rescale)
@@ -297,6 +304,21 @@ class Engine:
         return den
 
     # ------------------------------------------------------------------ parts
+    def _reference_tokens(self, loaded: LoadedModel, images):
+        """An edit job's reference images through the model's VAE: each at its own size, scaled
+        down to the model's native area and rounded to 2x2 patches (engine/flow.py)."""
+        from .flow import reference_size, reference_tokens
+
+        fam = loaded.spec
+        latents = []
+        for im in images:
+            im = imageinput.flatten(im)
+            size = reference_size(im.width, im.height, fam.size * fam.size, fam.vae_scale_factor * 2)
+            if size != im.size:
+                im = im.resize(size, Image.LANCZOS)
+            latents.append(self._encode(loaded, im))
+        return reference_tokens(latents)
+
     def _conditioning(self, loaded: LoadedModel, text: "JobText", width: int, height: int,
                       hires_steps: int | None = None):
         """A stage's conditioning; prompt editing counts model evaluations, as A1111 does."""

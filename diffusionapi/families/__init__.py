@@ -15,15 +15,16 @@ import json
 from pathlib import Path
 
 from ..fileinfo import CheckpointError, ckpt_keys, read_safetensors_header
-from . import flux1, sd2, sd3, sd15, sdxl, sdxl_refiner
+from . import flux1, flux1_kontext, sd2, sd3, sd15, sdxl, sdxl_refiner
 from .spec import Detected, FamilySpec, FolderConfigs
 
 __all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfigs", "UnknownFamily",
            "detect_checkpoint_keys", "detect_folder", "detect_single_file", "spec"]
 
 
-# Most specific first: the first family whose rule matches wins.
-FAMILIES: tuple[FamilySpec, ...] = (flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC, sd2.SPEC, sd15.SPEC)
+# Most specific first: the first family whose rule matches wins (flux1-kontext before flux1:
+# a Kontext folder has Flux.1's transformer and a pipeline class starting with "Flux").
+FAMILIES: tuple[FamilySpec, ...] = (flux1_kontext.SPEC, flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC, sd2.SPEC, sd15.SPEC)
 BY_ID: dict[str, FamilySpec] = {f.id: f for f in FAMILIES}
 LABELS: dict[str, str] = {f.id: f.label for f in FAMILIES}
 

@@ -53,3 +53,9 @@ class FamilySpec:
     distilled_guidance: bool = False          # guidance-distilled models take distilled_cfg_scale
     checkpoint_prediction: Callable[[set[str], Path], "tuple[str, bool] | None"] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Instruction editing (POST /edit, and /sdapi/v1/img2img on such a model): "change the
+    # reference images as the prompt says" (how many at once: the operator's
+    # max_reference_images). ``text_to_image`` False: the model needs a reference image, so
+    # txt2img requests are refused.
+    edits: bool = False
+    text_to_image: bool = True
