@@ -224,3 +224,17 @@ def test_sdapi_img2img_on_a_model_that_cannot_edit_stays_img2img(edit_server):
     r = edit_server.client.post("/sdapi/v1/img2img", json=body)
     assert r.status_code == 200, r.text
     assert "Denoising strength: 0.5" in json.loads(r.json()["info"])["infotexts"][0]
+
+
+def test_openai_images_edits_on_kontext_is_the_native_edit(edit_server):
+    """OpenAI's /v1/images/edits on an editing model: every image a reference (gpt-image-1 takes
+    several), the same pixels as the native edit job."""
+    import openai
+
+    native = px(edit(edit_server, reference_images=[REF_A, REF_B], seed=5, steps=3))
+    with openai.OpenAI(base_url=edit_server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        res = client.images.edit(model="tiny-kontext", prompt="make it red", extra_body={"steps": 3, "seed": 5},
+                                 image=[("a.png", base64.b64decode(REF_A), "image/png"),
+                                        ("b.png", base64.b64decode(REF_B), "image/png")])
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))).convert("RGB"))
+    assert np.array_equal(out.astype(np.int16), native)
