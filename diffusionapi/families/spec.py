@@ -59,3 +59,9 @@ class FamilySpec:
     # txt2img requests are refused.
     edits: bool = False
     text_to_image: bool = True
+    # Other pipeline classes a diffusers folder of this family may name (its model_index.json
+    # decides which loads): Qwen-Image-Edit Plus beside Qwen-Image-Edit.
+    pipeline_variants: tuple[str, ...] = ()
+    # Families the engine runs through their diffusers pipeline and its own scheduler (not the
+    # engine's samplers): the one (sampler, schedule type) pair that is; others are a 422.
+    pipeline_sampling: tuple[str, str] | None = None

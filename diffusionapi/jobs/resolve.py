@@ -382,6 +382,7 @@ def resolve_edit(req: EditRequest, registry: Registry, settings: Settings, *,
     job = resolve_txt2img(sized, registry, settings, limits=limits, kind="edit")
     plan = job.plan
     plan.references = tuple(refs)
+    _check_pipeline_run(plan, mask is not None)
     if mask is not None:
         # Full strength from the first reference: only the masked part is made anew.
         plan.init = InitImagePlan(first, 1.0, 0, mask, req.mask_blur)
@@ -390,6 +391,32 @@ def resolve_edit(req: EditRequest, registry: Registry, settings: Settings, *,
     record = {**echo, **({k: job.record[k] for k in ("controlnets", "ip_adapters")} if job.record else {}),
               "reference_images": list(req.reference_images), "mask": req.mask}
     return ResolvedJob("edit", echo, plan, job.output, record)
+
+
+def _check_pipeline_run(plan: GenerationPlan, has_mask: bool) -> None:
+    """What a family that runs through its own diffusers pipeline (FamilySpec.pipeline_sampling:
+    Qwen-Image-Edit) cannot do, as 422s naming the field: other samplers or schedules, masks,
+    LoRAs, ControlNet; several references on a pipeline that takes one."""
+    from ..families import folder_pipeline
+    from ..families.qwen_image_edit import takes_several_references
+
+    family = family_spec(plan.model.family)
+    if family.pipeline_sampling is None:
+        return
+    name = f"{plan.model.name!r} ({family.label})"
+    sampler, schedule = family.pipeline_sampling
+    if (plan.sampler.spec.name, plan.sampler.schedule) != (sampler, schedule):
+        raise RequestError("sampler_name", f"{name} runs on its pipeline's own scheduler: sampler {sampler!r} with "
+                                           f"scheduler_type {schedule!r} only, not {plan.sampler.spec.name!r} with "
+                                           f"{plan.sampler.schedule!r}")
+    for field, used in (("mask", has_mask), ("loras", bool(plan.loras)), ("controlnets", bool(plan.controlnets)),
+                        ("ip_adapters", bool(plan.ip_adapters))):
+        if used:
+            raise RequestError(field, f"{name} takes no {field} yet")
+    pipeline = folder_pipeline(plan.model.path) if plan.model.path.is_dir() else None
+    if len(plan.references) > 1 and pipeline is not None and not takes_several_references(pipeline):
+        raise RequestError("reference_images", f"{name} ({pipeline}) takes one reference image; Qwen-Image-Edit "
+                                               f"Plus (QwenImageEditPlusPipeline) takes several")
 
 
 def resolve_upscale(req: UpscaleRequest, registry: Registry, settings: Settings, *,
