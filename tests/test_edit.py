@@ -238,3 +238,27 @@ def test_openai_images_edits_on_kontext_is_the_native_edit(edit_server):
                                         ("b.png", base64.b64decode(REF_B), "image/png")])
     out = np.asarray(Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))).convert("RGB"))
     assert np.array_equal(out.astype(np.int16), native)
+
+
+def test_previews_and_progress_of_an_edit_job(edit_server):
+    """The edit kind reports steps and sends previews like the other kinds (engine observer)."""
+    from diffusionapi.engine.plan import PreviewPlan
+    from diffusionapi.jobs.resolve import resolve_job
+
+    previews, steps, phases = [], [], []
+
+    class Observer:
+        def step(self, phase, step, total):
+            steps.append((step, total))
+
+        def preview(self, jpeg, step, total):
+            previews.append(np.asarray(Image.open(io.BytesIO(jpeg))).astype(np.int16))
+
+    body = {**EDIT, "reference_images": [REF_A], "seed": 1, "steps": 4}
+    plan = resolve_job("edit", body, edit_server.app.state.registry, edit_server.settings).plan
+    plan.preview = PreviewPlan("approx", 1)
+    edit_server.engine.generate(plan, lambda phase, value: phases.append((phase, value)), lambda: False, Observer())
+    assert len(previews) >= 2 and any(not np.array_equal(previews[0], p) for p in previews[1:])
+    assert {t for _, t in steps} == {4} and "encoding" in {p for p, _ in phases}
+    values = [v for _, v in phases]
+    assert values == sorted(values)
