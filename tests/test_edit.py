@@ -18,6 +18,7 @@ from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPE
 from diffusionapi.images import read_infotext
 
 from .conftest import LiveServer, make_settings
+from .test_flux import save_flux_lora
 
 
 def b64_png(img: np.ndarray | Image.Image) -> str:
@@ -49,7 +50,7 @@ def edit_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("edit-store")
     tiny_flux_kontext_pipeline(0).save_pretrained(root / "models" / "tiny-kontext")
     tiny_flux_pipeline(0).save_pretrained(root / "models" / "tiny-flux")
-    (root / "loras").mkdir()
+    save_flux_lora(root / "loras" / "flux-style.safetensors")
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
     return root
@@ -262,3 +263,15 @@ def test_previews_and_progress_of_an_edit_job(edit_server):
     assert {t for _, t in steps} == {4} and "encoding" in {p for p, _ in phases}
     values = [v for _, v in phases]
     assert values == sorted(values)
+
+
+def test_batches_equal_solo_seeds_and_a_flux_lora_changes_and_unloads(edit_server):
+    pair = edit(edit_server, reference_images=[REF_A], seed=30, batch_size=2)
+    imgs = [np.asarray(Image.open(io.BytesIO(base64.b64decode(i["image"]))).convert("RGB")).astype(np.int16)
+            for i in pair["images"]]
+    base = px(edit(edit_server, reference_images=[REF_A], seed=30))
+    assert np.array_equal(imgs[0], base)
+    assert np.array_equal(imgs[1], px(edit(edit_server, reference_images=[REF_A], seed=31)))
+    styled = px(edit(edit_server, reference_images=[REF_A], seed=30, loras=[{"name": "flux-style", "scale": 1.0}]))
+    assert not np.array_equal(base, styled)
+    assert np.array_equal(base, px(edit(edit_server, reference_images=[REF_A], seed=30)))

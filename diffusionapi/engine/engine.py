@@ -325,6 +325,9 @@ class Engine:
         negative = (plain_prompt(plan.negative_prompt, plan.steps) or " ") if plan.cfg_scale > 1 else None
         refs = [imageinput.flatten(im) for im in plan.references]
         several = takes_several_references(folder_pipeline(plan.model.path) or "")
+        if len(refs) > 1 and not several:  # resolve refuses this where it can read the folder
+            raise GenerationError(f"{plan.model.name!r} takes one reference image ({len(refs)} given); "
+                                  "Qwen-Image-Edit Plus takes several")
         images = []
         for it in range(plan.n_iter):
             seeds = [plan.seed + it * plan.batch_size + j for j in range(plan.batch_size)]
