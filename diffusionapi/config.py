@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_loras: int = Field(16, ge=0)
+    max_reference_images: int = Field(4, ge=1, description="reference images per edit job (`POST /edit`, "
+                                      "`/sdapi/v1/img2img` on an editing model)")
     max_batch_size: int = Field(8, ge=1)
     max_n_iter: int = Field(16, ge=1)
     max_image_body_bytes: int = Field(50_000_000, ge=1024)  # image-carrying endpoints (img2img, upscale)
@@ -188,6 +190,7 @@ FIELD_LIMITS: tuple[FieldLimit, ...] = (
     FieldLimit("batch_size", "max_batch_size", "maximum"),
     FieldLimit("n_iter", "max_n_iter", "maximum"),
     FieldLimit("loras", "max_loras", "maxItems"),
+    FieldLimit("reference_images", "max_reference_images", "maxItems"),
     FieldLimit("hires.scale", "max_hires_scale", "maximum"),
     FieldLimit("hires.steps", "max_steps", "maximum"),
 )

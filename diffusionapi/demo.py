@@ -249,6 +249,116 @@ def tiny_flux_pipeline(seed: int = 0, guidance: bool = True):
                         transformer=transformer)
 
 
+def tiny_flux_kontext_pipeline(seed: int = 0):
+    """Flux.1 Kontext dev in miniature: tiny Flux.1 dev's parts (the same transformer class,
+    guidance-distilled) in a FluxKontextPipeline."""
+    from diffusers import FluxKontextPipeline
+
+    flux = tiny_flux_pipeline(seed, guidance=True)
+    return FluxKontextPipeline(**{k: getattr(flux, k) for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                  "text_encoder_2", "tokenizer_2", "transformer")})
+
+
+# Qwen2.5-VL's chat and vision special tokens, as its prompt templates (Qwen-Image, -Edit) use them.
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>")
+
+
+def tiny_qwen_tokenizer():
+    """A Qwen2-style byte-level BPE tokenizer built in memory (no merges: one token per byte,
+    then Qwen's special tokens), as a ``Qwen2TokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    fast = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              unk_token=None, bos_token=None, model_max_length=32768)
+    fast.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    fast.add_special_tokens({"pad_token": QWEN_SPECIAL_TOKENS[0]})
+    return fast
+
+
+def tiny_qwen_vl_processor(tokenizer=None, max_pixels: int = 56 * 56):
+    """Qwen2VLProcessor for the tiny encoder: Qwen2-VL's image processor (14-pixel patches merged
+    2x2; ``max_pixels`` keeps a reference image to a few vision tokens) and the tiny tokenizer."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = tokenizer or tiny_qwen_tokenizer()
+    images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
+    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+
+
+def tiny_qwen_vl_encoder(seed: int = 0, tokenizer=None, hidden: int = 16):
+    """Qwen2.5-VL in miniature (language model + vision tower) with the tiny tokenizer's ids for
+    its special tokens: the text encoder of Qwen-Image and Qwen-Image-Edit."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = tokenizer or tiny_qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": hidden, "intermediate_size": hidden, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                     "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0},
+        vision_config={"depth": 2, "hidden_size": hidden, "intermediate_size": hidden, "num_heads": 2,
+                       "out_hidden_size": hidden},
+        hidden_size=hidden, vocab_size=len(tokenizer), image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"])
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_image_vae(seed: int = 0, z_dim: int = 16):
+    """Qwen-Image's causal 3D VAE in miniature: 8x spatial compression, ``z_dim`` latent channels."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True], latents_mean=[0.0] * z_dim,
+                                  latents_std=[1.0] * z_dim).eval()
+
+
+QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                            max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                            shift_terminal=0.02, time_shift_type="exponential")
+
+
+def tiny_qwen_image_edit_pipeline(seed: int = 0, plus: bool = False):
+    """Qwen-Image-Edit (``plus``: Edit Plus, several reference images) in miniature: the tiny
+    Qwen2.5-VL encoder reads the prompt and the reference images, the MMDiT transformer sees the
+    references' latents as extra tokens."""
+    import torch
+    from diffusers import (FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline,
+                           QwenImageTransformer2DModel)
+
+    _quiet()
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    # The pipeline encodes a reference at about 1024x1024: ~4k nearly alike tokens. At random
+    # init (RMS-normed q/k) attention is near uniform over them and the output small, so neither
+    # prompt nor reference would show in 8-bit pixels; sharper q/k norms and a larger output
+    # projection make them show (still random weights).
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+                p.mul_(8.0)
+            elif name.startswith("proj_out."):
+                p.mul_(4.0)
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return cls(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=tiny_qwen_image_vae(seed),
+               text_encoder=tiny_qwen_vl_encoder(seed, tokenizer), tokenizer=tokenizer,
+               processor=tiny_qwen_vl_processor(tokenizer), transformer=transformer)
+
+
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 
 
@@ -274,7 +384,8 @@ def tiny_sd3_pipeline(seed: int = 0):
 
 BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
             "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline,
-            "sd3": tiny_sd3_pipeline}
+            "sd3": tiny_sd3_pipeline, "flux1-kontext": tiny_flux_kontext_pipeline,
+            "qwen-image-edit": tiny_qwen_image_edit_pipeline}
 
 
 def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:

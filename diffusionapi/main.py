@@ -20,7 +20,7 @@ from .playground import is_public
 log = logging.getLogger("diffusionapi")
 
 # Endpoints whose bodies carry images get DIFFUSIONAPI_MAX_IMAGE_BODY_BYTES instead of MAX_BODY_BYTES.
-IMAGE_BODY_PATHS = ("/img2img", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
+IMAGE_BODY_PATHS = ("/img2img", "/edit", "/upscale", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image",
                     "/sdapi/v1/png-info", "/png-info", "/sdapi/v1/txt2img", "/controlnet/detect",
                     *openai.IMAGE_BODY_PATHS)
 SDAPI_PREFIX = "/sdapi/"  # A1111's dialect: its own error shape (and Basic auth challenges)

@@ -165,6 +165,33 @@ class Img2ImgRequest(Txt2ImgRequest):
         return None if isinstance(v, str) and not v.strip() else v
 
 
+class EditRequest(Txt2ImgRequest):
+    """Instruction editing (``POST /edit``): change the reference images as the prompt says, on an
+    editing model (family flux1-kontext). Everything of txt2img applies; the result starts from
+    noise, the references condition every step."""
+    reference_images: list[str] = Field(min_length=1, description="1..max_reference_images images, each base64 "
+                                        "or a data URL (PNG, JPEG or WebP), as img2img's init_image")
+    # None: the first reference's size (rounded down to what the model allows).
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    mask: str | None = Field(None, description="base64 or data URL, the size of the first reference image; "
+                                               "white = edit, black = keep the first reference's pixels")
+    mask_blur: int = Field(4, ge=0, le=64)
+
+    @field_validator("reference_images")
+    @classmethod
+    def _no_empty_reference(cls, v: list[str]) -> list[str]:
+        for i, item in enumerate(v):
+            if not item.strip():
+                raise ValueError(f"reference image {i} is empty")
+        return v
+
+    @field_validator("mask", mode="before")
+    @classmethod
+    def _empty_mask_is_none(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
+
+
 class UpscaleRequest(BaseModel):
     """One image upscaled by an upscaler file or "Lanczos" / "Nearest": by ``scale``, or to
     ``width`` x ``height`` (both given)."""

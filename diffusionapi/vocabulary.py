@@ -18,6 +18,8 @@ class Family(StrEnum):
     SDXL_REFINER = "sdxl-refiner"
     SD3 = "sd3"
     FLUX1 = "flux1"
+    FLUX1_KONTEXT = "flux1-kontext"
+    QWEN_IMAGE_EDIT = "qwen-image-edit"
 
 
 class ModelFormat(StrEnum):
@@ -29,9 +31,11 @@ class ModelFormat(StrEnum):
 
 SD15, SD2, SDXL, SDXL_REFINER = Family.SD15, Family.SD2, Family.SDXL, Family.SDXL_REFINER
 SD3, FLUX1 = Family.SD3, Family.FLUX1
+FLUX1_KONTEXT, QWEN_IMAGE_EDIT = Family.FLUX1_KONTEXT, Family.QWEN_IMAGE_EDIT
 # How each family runs and is recognised: diffusionapi/families (one module per family).
 FAMILY_LABELS = {SD15: "SD 1.5", SD2: "SD 2.x", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner", SD3: "SD 3.x",
-                 FLUX1: "Flux.1"}
+                 FLUX1: "Flux.1", FLUX1_KONTEXT: "Flux.1 Kontext",
+                 QWEN_IMAGE_EDIT: "Qwen-Image-Edit"}
 
 # The demo model (diffusionapi.demo) has a label without a labels file.
 DEMO_MODEL_NAME = "demo-tiny-sd15"

@@ -60,7 +60,7 @@ DESCRIPTIONS = {
     "max_loras": "LoRAs per request",
     "max_batch_size": "images per UNet batch (`batch_size`)",
     "max_n_iter": "batches per job (`n_iter`)",
-    "max_image_body_bytes": "request body limit of the endpoints that carry images (`/img2img`, `/upscale`)",
+    "max_image_body_bytes": "request body limit of the endpoints that carry images (`/img2img`, `/edit`, `/upscale`)",
     "pipeline_cache_size": "models kept resident (LRU); a refiner job keeps base + refiner",
     "lora_cache_size": "LoRA adapters kept loaded per model",
     "conditioning_cache_size": "encoded prompt texts kept (LRU); `0` turns the cache off",

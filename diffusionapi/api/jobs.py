@@ -10,7 +10,7 @@ from ..auth.caller import OPEN, Caller
 from ..errors import NotFound, ServiceError, error_body
 from ..jobs.service import IDEMPOTENCY_HEADER, JobService, valid_job_id
 from ..jobs.views import final_response, status_response
-from ..schemas import (ErrorResponse, Img2ImgRequest, QueueListEntry, QueueListResponse, QueueStatusResponse,
+from ..schemas import (EditRequest, ErrorResponse, Img2ImgRequest, QueueListEntry, QueueListResponse, QueueStatusResponse,
                        Txt2ImgRequest, Txt2ImgResponse, UpscaleRequest)
 
 router = APIRouter()
@@ -56,6 +56,13 @@ def img2img(body: Img2ImgRequest, request: Request):
     """txt2img from an init image; with ``mask``, inpainting. Images are decoded and checked
     before the job is recorded."""
     return _submit(request, "img2img", body)
+
+
+@router.post("/edit", response_model=Txt2ImgResponse, response_model_exclude_none=True, responses=_SUBMIT_ERRORS)
+def edit(body: EditRequest, request: Request):
+    """Instruction editing: change ``reference_images`` (one or several) as the prompt says, on an
+    editing model (flux1-kontext). Queued like any job: /queue/{id}, events, previews, webhooks."""
+    return _submit(request, "edit", body)
 
 
 @router.post("/upscale", response_model=Txt2ImgResponse, response_model_exclude_none=True, responses=_SUBMIT_ERRORS)

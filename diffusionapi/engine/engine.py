@@ -95,6 +95,7 @@ class Engine:
         self.batches: list[int] = []  # sizes of the UNet batches of several jobs (tests, logs)
         self._flow_cache: dict = {}  # flow families' text conditioning (engine/flow.py), oldest first
         self._control = None  # the running job's ControlNet units (engine/controlnet/units.ControlState)
+        self._references = None  # the running edit job's reference tokens (engine/flow.ReferenceTokens)
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -114,6 +115,7 @@ class Engine:
             if self._control is not None:
                 self._control.close()  # IP-Adapter layers leave the resident UNet
             self._control = None
+            self._references = None
 
     def _generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled,
                   observer: StepObserver | None = None) -> GenerationResult:
@@ -141,12 +143,19 @@ class Engine:
         fastmode.set_fused(base.denoiser_module, not plan.loras)  # LoRA adapters wrap the unfused projections
         check()
 
+        if base.spec.pipeline_sampling is not None:  # runs through its own diffusers pipeline
+            return self._pipeline_job(plan, base, progress, check, load_time)
+
         prepared = init = None
         encode_image = lambda im: self._encode(base, im)  # noqa: E731
         if plan.init is not None:
             progress.phase("encoding")
             prepared = img2img.prepare_input(plan.init, plan.width, plan.height)
             init = img2img.encode_init(encode_image, prepared, self.device)
+            check()
+        if plan.references:  # an edit job: its reference images are encoded once
+            progress.phase("encoding")
+            self._references = self._reference_tokens(base, plan.references)
             check()
         # ControlNet units: their maps are detected once per job (engine/controlnet).
         self._control = ControlState(self, plan) if plan.controlnets or plan.ip_adapters else None
@@ -282,7 +291,8 @@ class Engine:
         pass), "high" (hires pass), "refiner" (ControlNet units guide the first two)."""
         if loaded.is_flow:
             den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale, check,
-                                     cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale)
+                                     cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale,
+                                     references=getattr(self, "_references", None))
         else:
             den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset,
                               cfg_rescale=plan.cfg_rescale)
@@ -297,6 +307,67 @@ class Engine:
         return den
 
     # ------------------------------------------------------------------ parts
+    def _pipeline_job(self, plan: GenerationPlan, base: LoadedModel, progress: StageProgress, check,
+                      load_time: float) -> GenerationResult:
+        """A family that runs through its diffusers pipeline and that pipeline's own scheduler
+        (FamilySpec.pipeline_sampling: Qwen-Image-Edit): the pipeline's encoders read the prompt
+        and the reference images; each image's noise comes from its own seed (CPU generator, as
+        the engine draws it), so image k of a batch equals the same seed made alone. Progress and
+        cancel at every step; no previews."""
+        from .flow import plain_prompt
+        from .pipelines import folder_pipeline
+        from ..families.qwen_image_edit import takes_several_references
+
+        text = JobText(plan, ())
+        prompt = plain_prompt(text.prompt, plan.steps)
+        # The pipeline's rule: true CFG (a negative pass) only above 1 and with a negative prompt;
+        # Qwen's own default negative prompt is one space.
+        negative = (plain_prompt(plan.negative_prompt, plan.steps) or " ") if plan.cfg_scale > 1 else None
+        refs = [imageinput.flatten(im) for im in plan.references]
+        several = takes_several_references(folder_pipeline(plan.model.path) or "")
+        if len(refs) > 1 and not several:  # resolve refuses this where it can read the folder
+            raise GenerationError(f"{plan.model.name!r} takes one reference image ({len(refs)} given); "
+                                  "Qwen-Image-Edit Plus takes several")
+        images = []
+        for it in range(plan.n_iter):
+            seeds = [plan.seed + it * plan.batch_size + j for j in range(plan.batch_size)]
+            update = progress.stage("generation", 100.0 * it / plan.n_iter, 100.0 * (it + 1) / plan.n_iter)
+
+            def on_step(pipe, i, t, tensors, update=update):
+                check()
+                update((i + 1) / plan.steps)
+                return {}
+
+            out = base.pipe(image=refs if several else refs[0], prompt=prompt, negative_prompt=negative,
+                            true_cfg_scale=plan.cfg_scale, num_inference_steps=plan.steps, height=plan.height,
+                            width=plan.width, num_images_per_prompt=len(seeds),
+                            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                            callback_on_step_end=on_step, output_type="pil")
+            images += out.images
+        params = self._params(plan, text)
+        if plan.image_count > 1:
+            params["Batch size"] = plan.batch_size
+        results = [GeneratedImage(im, plan.seed + k, {**params, "Seed": plan.seed + k,
+                                                      **({"Batch pos": k % plan.batch_size}
+                                                         if plan.batch_size > 1 else {})})
+                   for k, im in enumerate(images)]
+        return GenerationResult(results, round(load_time, 3), warnings=text.warnings)
+
+    def _reference_tokens(self, loaded: LoadedModel, images):
+        """An edit job's reference images through the model's VAE: each at its own size, scaled
+        down to the model's native area and rounded to 2x2 patches (engine/flow.py)."""
+        from .flow import reference_size, reference_tokens
+
+        fam = loaded.spec
+        latents = []
+        for im in images:
+            im = imageinput.flatten(im)
+            size = reference_size(im.width, im.height, fam.size * fam.size, fam.vae_scale_factor * 2)
+            if size != im.size:
+                im = im.resize(size, Image.LANCZOS)
+            latents.append(self._encode(loaded, im))
+        return reference_tokens(latents)
+
     def _conditioning(self, loaded: LoadedModel, text: "JobText", width: int, height: int,
                       hires_steps: int | None = None):
         """A stage's conditioning; prompt editing counts model evaluations, as A1111 does."""
@@ -382,7 +453,7 @@ class Engine:
             base = self.cache._items.get(plan.model.name)
             if base is not None and base.pipe.transformer.config.get("guidance_embeds", False):
                 params["Distilled CFG Scale"] = plan.distilled_cfg_scale
-            if base is not None:  # the shift of this size (Flux.1-dev's depends on it)
+            if base is not None and base.spec.pipeline_sampling is None:  # the shift of this size (Flux.1-dev's depends on it)
                 params["Shift"] = round(base.sigmas_at(plan.width, plan.height).shift, 4)
         for i, module in enumerate(plan.model.modules, 1):  # Forge's names for component files
             params[f"Module {i}"] = module.stem

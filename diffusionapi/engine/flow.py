@@ -263,6 +263,71 @@ class FluxDenoiser(FlowDenoiser):
         return unpack(out, h, w)
 
 
+@dataclass
+class ReferenceTokens:
+    """An edit job's reference images as Flux.1 Kontext sees them: their latents packed 2x2
+    ([1, n, 64]) and the position ids of those tokens ([n, 3]), first id 1 (0 is the image
+    being made), as diffusers' FluxKontextPipeline.prepare_latents makes them for one image."""
+    tokens: torch.Tensor
+    ids: torch.Tensor
+
+
+def reference_tokens(latents: list[torch.Tensor]) -> ReferenceTokens:
+    """Reference latents [1, c, h, w] -> Kontext tokens. One reference sits at position (0, 0),
+    as in diffusers. Several are laid out side by side in position space, each beside the
+    ones before it (right of them when that keeps the layout squarer, else below) -- ComfyUI's
+    default ("offset") way of giving Kontext several reference latents, InvokeAI's too; the
+    pipeline itself takes one image. Offsets count 2x2 patches."""
+    tokens, ids = [], []
+    h_end = w_end = 0  # where the references placed so far end, in patches
+    for z in latents:
+        hp, wp = z.shape[-2] // 2, z.shape[-1] // 2
+        h_off, w_off = (0, w_end) if hp + h_end > wp + w_end else (h_end, 0)
+        pos = image_ids(z.shape[-2], z.shape[-1], z.device, torch.float32)
+        pos[:, 0] = 1
+        pos[:, 1] += h_off
+        pos[:, 2] += w_off
+        tokens.append(pack(z))
+        ids.append(pos)
+        h_end, w_end = max(h_end, hp + h_off), max(w_end, wp + w_off)
+    return ReferenceTokens(torch.cat(tokens, dim=1), torch.cat(ids))
+
+
+def reference_size(width: int, height: int, max_pixels: int, multiple: int = 16) -> tuple[int, int]:
+    """The size a reference image is encoded at: its own, scaled down (aspect kept) to at most
+    ``max_pixels`` (the model's native area), then rounded down to ``multiple`` (2x2 patches)."""
+    scale = min(1.0, math.sqrt(max_pixels / float(width * height)))
+    w, h = int(width * scale), int(height * scale)
+    return max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
+
+
+class FluxKontextDenoiser(FluxDenoiser):
+    """Flux.1 Kontext: Flux.1's network with the reference tokens appended to the image tokens
+    at every evaluation (FluxKontextPipeline.__call__); only the image's own tokens come out."""
+
+    def __init__(self, loaded, cond, ms, cfg_scale, on_eval, cfg_rescale=0.0, guidance: float | None = None,
+                 references: ReferenceTokens | None = None):
+        super().__init__(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
+        self.references = references
+
+    def network(self, x_flow, t, embeds, pooled):
+        if self.references is None:  # Kontext without an image is a text-to-image model
+            return super().network(x_flow, t, embeds, pooled)
+        rows = embeds.shape[0] // x_flow.shape[0]
+        _, _, h, w = x_flow.shape
+        dev, n = x_flow.device, embeds.shape[0]
+        guidance = None if self.guidance is None else torch.full((n,), float(self.guidance), device=dev,
+                                                                  dtype=torch.float32)
+        own = pack(x_flow.to(self.dtype)).repeat(rows, 1, 1)
+        refs = self.references.tokens.to(dev, self.dtype).expand(n, -1, -1)
+        ids = torch.cat([image_ids(h, w, dev, self.dtype), self.references.ids.to(dev, self.dtype)])
+        out = self.transformer(hidden_states=torch.cat([own, refs], dim=1),
+                               timestep=torch.full((n,), t, device=dev, dtype=self.dtype), guidance=guidance,
+                               pooled_projections=pooled, encoder_hidden_states=embeds,
+                               txt_ids=self.cond.text_ids.to(dev, self.dtype), img_ids=ids, return_dict=False)[0]
+        return unpack(out[:, :own.shape[1]], h, w)
+
+
 class SD3Denoiser(FlowDenoiser):
     """SD 3.x (MMDiT): latents as they are (the transformer patches them), timestep = 1000 t."""
 
@@ -275,7 +340,10 @@ class SD3Denoiser(FlowDenoiser):
 
 
 def make_flow_denoiser(loaded, cond: FlowConditioning, ms: FlowSigmas, cfg_scale: float, on_eval,
-                       cfg_rescale: float = 0.0, guidance: float | None = None) -> FlowDenoiser:
+                       cfg_rescale: float = 0.0, guidance: float | None = None,
+                       references: ReferenceTokens | None = None) -> FlowDenoiser:
+    if loaded.spec.edits and loaded.spec.conditioning == "flux":
+        return FluxKontextDenoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance, references)
     if loaded.spec.conditioning == "flux":
         return FluxDenoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
     return SD3Denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)

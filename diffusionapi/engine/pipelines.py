@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..families import FamilySpec, spec
+from ..families import FamilySpec, folder_pipeline, spec
 from ..vocabulary import SDXL_REFINER, ModelEntry, ModelFormat, sd15_loader_kwargs
 from . import fastmode
 from .fastmode import FastMode
@@ -83,13 +83,14 @@ class LoadedModel:
         return bool(self.scheduler_config.get("rescale_betas_zero_snr", False))
 
 
-def _pipeline_class(family: str):
+def _pipeline_class(family: str, folder: Path | None = None):
     import diffusers
 
     fam = spec(family)
     if fam.runnable:
         raise ValueError(fam.runnable)
-    return getattr(diffusers, fam.pipeline)
+    named = folder_pipeline(folder) if folder is not None and fam.pipeline_variants else None
+    return getattr(diffusers, named if named in fam.pipeline_variants else fam.pipeline)
 
 
 def scheduler_for_entry(scheduler, entry: ModelEntry):
@@ -112,7 +113,7 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
                   cpu_offload: bool = False, fast: FastMode = FastMode()) -> LoadedModel:
     """Load a model offline. ``share_from`` (an SDXL base) lends its VAE and text_encoder_2
     to a refiner when they are the same architecture, so the two stay one copy in memory."""
-    cls = _pipeline_class(entry.family)
+    cls = _pipeline_class(entry.family, None if entry.format == ModelFormat.SINGLE_FILE else Path(entry.path))
     dtype = family_dtype(entry.family, device, dtype)
     kwargs: dict = dict(dtype=dtype, local_files_only=True, **sd15_loader_kwargs(entry.family))
     if entry.format == ModelFormat.SINGLE_FILE:

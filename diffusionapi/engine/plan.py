@@ -105,6 +105,9 @@ class GenerationPlan:
     # A cancel returns the image of the last denoised state instead of ending the job (A1111's
     # interrupt: /sdapi jobs set it).
     keep_partial: bool = False
+    # Instruction editing (an edit job): the reference images (decoded, checked), in order; the
+    # model sees them at every step (engine/flow.py's FluxKontextDenoiser).
+    references: tuple[Image.Image, ...] = ()
 
     @property
     def final_width(self) -> int:

@@ -15,15 +15,16 @@ import json
 from pathlib import Path
 
 from ..fileinfo import CheckpointError, ckpt_keys, read_model_header
-from . import flux1, sd2, sd3, sd15, sdxl, sdxl_refiner
+from . import flux1, flux1_kontext, qwen_image_edit, sd2, sd3, sd15, sdxl, sdxl_refiner
 from .spec import Detected, FamilySpec, FolderConfigs
 
 __all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfigs", "UnknownFamily",
-           "detect_checkpoint_keys", "detect_folder", "detect_single_file", "spec"]
+           "detect_checkpoint_keys", "detect_folder", "detect_single_file", "folder_pipeline", "spec"]
 
 
-# Most specific first: the first family whose rule matches wins.
-FAMILIES: tuple[FamilySpec, ...] = (flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC, sd2.SPEC, sd15.SPEC)
+# Most specific first: the first family whose rule matches wins (flux1-kontext before flux1:
+# a Kontext folder has Flux.1's transformer and a pipeline class starting with "Flux").
+FAMILIES: tuple[FamilySpec, ...] = (qwen_image_edit.SPEC, flux1_kontext.SPEC, flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC, sd2.SPEC, sd15.SPEC)
 BY_ID: dict[str, FamilySpec] = {f.id: f for f in FAMILIES}
 LABELS: dict[str, str] = {f.id: f.label for f in FAMILIES}
 
@@ -112,6 +113,13 @@ def detect_folder(folder: Path) -> Detected:
             return Detected(fam.id, *_scheduler_prediction(cfg.scheduler, fam.prediction))
     raise UnknownFamily(f"{Path(folder).name}: model_index.json names {cfg.index.get('_class_name')!r}, "
                         f"not a pipeline of a known family ({', '.join(f.id for f in FAMILIES)})")
+
+
+def folder_pipeline(folder: Path) -> str | None:
+    """The pipeline class a diffusers folder's model_index.json names (None: not readable here,
+    e.g. on an API node of a cluster whose models live on the workers)."""
+    name = _read_json(Path(folder) / "model_index.json").get("_class_name")
+    return str(name) if name else None
 
 
 def pipeline_class_name(cfg: FolderConfigs) -> str:

@@ -58,3 +58,15 @@ class FamilySpec:
     vae_shift_factor: float | None = None
     checkpoint_prediction: Callable[[set[str], Path], "tuple[str, bool] | None"] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Instruction editing (POST /edit, and /sdapi/v1/img2img on such a model): "change the
+    # reference images as the prompt says" (how many at once: the operator's
+    # max_reference_images). ``text_to_image`` False: the model needs a reference image, so
+    # txt2img requests are refused.
+    edits: bool = False
+    text_to_image: bool = True
+    # Other pipeline classes a diffusers folder of this family may name (its model_index.json
+    # decides which loads): Qwen-Image-Edit Plus beside Qwen-Image-Edit.
+    pipeline_variants: tuple[str, ...] = ()
+    # Families the engine runs through their diffusers pipeline and its own scheduler (not the
+    # engine's samplers): the one (sampler, schedule type) pair that is; others are a 422.
+    pipeline_sampling: tuple[str, str] | None = None

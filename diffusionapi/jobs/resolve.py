@@ -18,11 +18,11 @@ from ..engine.live import check_preview
 from ..engine.plan import GenerationPlan, HiresPlan, InitImagePlan, LoraUse, PreviewPlan, UpscalePlan
 from ..engine.prompts import PromptError, extract_extra_networks
 from ..engine.samplers import SamplerChoiceError, resolve_sampler, resolved_scheduler_type
-from ..families import spec as family_spec
+from ..families import FAMILIES, spec as family_spec
 from ..limits import LimitExceeded, check_plan
 from ..registry import Registry, UnknownName
 from ..imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
-from ..schemas import Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
+from ..schemas import EditRequest, Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
 from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER, ModelEntry, ModelFormat, UpscalerEntry
 
 
@@ -35,7 +35,7 @@ class OutputSpec:
 
 @dataclass
 class ResolvedJob:
-    kind: str                # "txt2img" (the job record's kind; later: "img2img", "upscale")
+    kind: str                # the job record's kind: "txt2img", "img2img", "edit", "upscale"
     echo: dict               # the request as understood (defaults filled, names resolved): the payload echo
     plan: GenerationPlan | UpscalePlan
     output: OutputSpec
@@ -50,7 +50,7 @@ class ResolvedJob:
 
 # Record fields that carry input images: the job record keeps them until the job ends (then the
 # store drops them), the echo only describes them.
-INPUT_FIELDS: tuple[str, ...] = ("init_image", "mask", "image")
+INPUT_FIELDS: tuple[str, ...] = ("init_image", "mask", "image", "reference_images")
 # ... and the unit lists whose entries carry them (ControlNet and IP-Adapter units).
 UNIT_INPUT_FIELDS: dict[str, tuple[str, ...]] = {"controlnets": ("image", "mask"), "ip_adapters": ("images",)}
 
@@ -88,7 +88,7 @@ def resolve_job(kind: str, payload: dict, registry: Registry, settings: Settings
     """A job record (written at submit) -> what runs. The record is read back into its type and
     its names looked up again (files may have changed since submit); limits are not re-applied."""
     types = {"txt2img": (Txt2ImgRequest, resolve_txt2img), "img2img": (Img2ImgRequest, resolve_img2img),
-             "upscale": (UpscaleRequest, resolve_upscale)}
+             "edit": (EditRequest, resolve_edit), "upscale": (UpscaleRequest, resolve_upscale)}
     if kind not in types:
         raise RequestError("kind", f"unknown job kind {kind!r}")
     request_type, resolver = types[kind]
@@ -122,9 +122,43 @@ def check_field_limits(req, settings: Settings) -> None:
                 raise RequestError(limit.field, f"must be <= {cap}")
 
 
+def pick_model(name: str | None, registry: Registry, settings: Settings, models=None, problems=None):
+    """The model a request names, or the default one (the first installed base model when the
+    default is not installed); UnknownName when a named one is not there."""
+    problems = {} if problems is None else problems
+    models = registry.models(problems) if models is None else models
+    bases = [m for m in models if m.family != SDXL_REFINER]
+    try:
+        return registry.resolve_model(name if name is not None else settings.default_model,
+                                      models=models, problems=problems)
+    except UnknownName:
+        if name is not None or not bases:
+            raise
+        # No model named and the default is not installed: the first installed one (e.g. the demo).
+        return bases[0]
+
+
+def check_kind_fits_model(kind: str, model) -> None:
+    """An edit job needs an editing model; an edit-only model (one that needs a reference image)
+    serves no txt2img, and an editing model's img2img is its edit (POST /edit; /sdapi/v1/img2img
+    turns into one). A 422 naming the model field that says so."""
+    family = family_spec(model.family)
+    if kind == "edit" and not family.edits:
+        editing = ", ".join(f.id for f in FAMILIES if f.edits)
+        raise RequestError("model", f"{model.name!r} ({family.label}) cannot edit images: an edit job needs an "
+                                    f"instruction-editing model (families: {editing})")
+    if kind == "img2img" and family.edits:
+        raise RequestError("model", f"{model.name!r} is an instruction-editing model ({family.label}): send its "
+                                    "image as reference_images to POST /edit (over /sdapi, img2img runs the edit)")
+    if kind == "txt2img" and not family.text_to_image:
+        raise RequestError("model", f"{model.name!r} ({family.label}) edits images and cannot make one from text "
+                                    "alone: POST /edit with reference_images")
+
+
 def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings, *,
-                    limits: bool = True) -> ResolvedJob:
-    """``limits``: check the configured limits (at submit; a recorded job is not checked again)."""
+                    limits: bool = True, kind: str = "txt2img") -> ResolvedJob:
+    """``limits``: check the configured limits (at submit; a recorded job is not checked again).
+    ``kind``: the job this is part of (img2img and edit jobs are txt2img plus their images)."""
     w, h = round8(req.width), round8(req.height)
     if limits:
         check_field_limits(req, settings)
@@ -140,18 +174,14 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
 
     problems: dict[str, str] = {}
     models = registry.models(problems)
-    bases = [m for m in models if m.family != SDXL_REFINER]
     try:
-        model = registry.resolve_model(req.model if req.model is not None else settings.default_model,
-                                       models=models, problems=problems)
+        model = pick_model(req.model, registry, settings, models, problems)
     except UnknownName as e:
-        if req.model is not None or not bases:
-            raise RequestError("model", str(e)) from None
-        # No model named and the default is not installed: the first installed one (e.g. the demo).
-        model = bases[0]
+        raise RequestError("model", str(e)) from None
     if model.family == SDXL_REFINER:
         raise RequestError("model", f"{model.name!r} is an SDXL refiner; use it as refiner_checkpoint "
                                     "with an SDXL base model")
+    check_kind_fits_model(kind, model)
     w, h = _family_size(model, w, h, req)
     model, module_names = resolve_modules(model, req.modules, registry, settings)
     family = family_spec(model.family)
@@ -369,7 +399,7 @@ def resolve_img2img(req: Img2ImgRequest, registry: Registry, settings: Settings,
             req.height is None and round8(init.height) > settings.max_height:
         raise RequestError("width", f"init_image is {init.width}x{init.height}, over the size limit "
                                     f"{settings.max_width}x{settings.max_height}; give width and height")
-    job = resolve_txt2img(sized, registry, settings, limits=limits)
+    job = resolve_txt2img(sized, registry, settings, limits=limits, kind="img2img")
     plan = job.plan
     plan.init = InitImagePlan(init, req.denoising_strength, req.resize_mode, mask, req.mask_blur, req.inpainting_fill,
                               req.inpaint_full_res, req.inpaint_full_res_padding, bool(req.inpainting_mask_invert))
@@ -380,6 +410,69 @@ def resolve_img2img(req: Img2ImgRequest, registry: Registry, settings: Settings,
     record = {**echo, **({k: job.record[k] for k in ("controlnets", "ip_adapters")} if job.record else {}),
               "init_image": req.init_image, "mask": req.mask}
     return ResolvedJob("img2img", echo, plan, job.output, record)
+
+
+def resolve_edit(req: EditRequest, registry: Registry, settings: Settings, *,
+                 limits: bool = True) -> ResolvedJob:
+    """An edit job: txt2img on an editing model, its reference images seen at every step. The
+    size defaults to the first reference's; a mask (the first reference's size) keeps that
+    reference's pixels where it is black, as inpainting at full strength does."""
+    if limits:
+        check_field_limits(req, settings)  # the count of references, before decoding any
+    refs = [input_image(text, f"reference_images[{i}]", settings) for i, text in enumerate(req.reference_images)]
+    first = refs[0]
+    mask = input_image(req.mask, "mask", settings) if req.mask else None
+    if mask is not None and mask.size != first.size:
+        raise RequestError("mask", f"mask is {mask.width}x{mask.height} but reference_images[0] is "
+                                   f"{first.width}x{first.height}; they must be the same size")
+    if req.hires is not None and req.hires.enabled:
+        raise RequestError("hires", "hires fix is for txt2img; an edit makes width x height directly")
+    if limits and (req.width is None and round8(first.width) > settings.max_width
+                   or req.height is None and round8(first.height) > settings.max_height):
+        raise RequestError("width", f"reference_images[0] is {first.width}x{first.height}, over the size limit "
+                                    f"{settings.max_width}x{settings.max_height}; give width and height")
+    sized = Txt2ImgRequest.model_validate({
+        **req.model_dump(exclude={"reference_images", "mask", "mask_blur"} | set(req.model_extra or ()),
+                         exclude_unset=True),
+        "width": req.width or first.width, "height": req.height or first.height})
+    job = resolve_txt2img(sized, registry, settings, limits=limits, kind="edit")
+    plan = job.plan
+    plan.references = tuple(refs)
+    _check_pipeline_run(plan, mask is not None)
+    if mask is not None:
+        # Full strength from the first reference: only the masked part is made anew.
+        plan.init = InitImagePlan(first, 1.0, 0, mask, req.mask_blur)
+    echo = {**job.echo, "reference_images": [describe(im) for im in refs],
+            "mask": describe(mask) if mask is not None else None, "mask_blur": req.mask_blur}
+    record = {**echo, **({k: job.record[k] for k in ("controlnets", "ip_adapters")} if job.record else {}),
+              "reference_images": list(req.reference_images), "mask": req.mask}
+    return ResolvedJob("edit", echo, plan, job.output, record)
+
+
+def _check_pipeline_run(plan: GenerationPlan, has_mask: bool) -> None:
+    """What a family that runs through its own diffusers pipeline (FamilySpec.pipeline_sampling:
+    Qwen-Image-Edit) cannot do, as 422s naming the field: other samplers or schedules, masks,
+    LoRAs, ControlNet; several references on a pipeline that takes one."""
+    from ..families import folder_pipeline
+    from ..families.qwen_image_edit import takes_several_references
+
+    family = family_spec(plan.model.family)
+    if family.pipeline_sampling is None:
+        return
+    name = f"{plan.model.name!r} ({family.label})"
+    sampler, schedule = family.pipeline_sampling
+    if (plan.sampler.spec.name, plan.sampler.schedule) != (sampler, schedule):
+        raise RequestError("sampler_name", f"{name} runs on its pipeline's own scheduler: sampler {sampler!r} with "
+                                           f"scheduler_type {schedule!r} only, not {plan.sampler.spec.name!r} with "
+                                           f"{plan.sampler.schedule!r}")
+    for field, used in (("mask", has_mask), ("loras", bool(plan.loras)), ("controlnets", bool(plan.controlnets)),
+                        ("ip_adapters", bool(plan.ip_adapters))):
+        if used:
+            raise RequestError(field, f"{name} takes no {field} yet")
+    pipeline = folder_pipeline(plan.model.path) if plan.model.path.is_dir() else None
+    if len(plan.references) > 1 and pipeline is not None and not takes_several_references(pipeline):
+        raise RequestError("reference_images", f"{name} ({pipeline}) takes one reference image; Qwen-Image-Edit "
+                                               f"Plus (QwenImageEditPlusPipeline) takes several")
 
 
 def resolve_upscale(req: UpscaleRequest, registry: Registry, settings: Settings, *,

@@ -24,18 +24,19 @@ from typing import AsyncIterator, Literal
 from ..auth.caller import Caller
 from ..errors import BackendUnavailable, Conflict, NotFound, QueueFull, RequestError, ServiceError
 from . import observe
-from ..schemas import Img2ImgRequest, Txt2ImgRequest, UpscaleRequest
+from ..schemas import EditRequest, Img2ImgRequest, Txt2ImgRequest, UpscaleRequest
 from .backends.base import JobBackend, JobOwner, QueueEntry
 from .events import JobEvent
 from .quotas import job_cost
-from .resolve import ResolvedJob, resolve_img2img, resolve_txt2img, resolve_upscale
+from .resolve import ResolvedJob, pick_model, resolve_edit, resolve_img2img, resolve_txt2img, resolve_upscale
 from .states import FINAL_STATES
 from .status import FinalJob, JobStatus
 from .webhooks import check_webhook
 
-JobKind = Literal["txt2img", "img2img", "upscale"]
-NativeRequest = Txt2ImgRequest | Img2ImgRequest | UpscaleRequest
-REQUEST_TYPES: dict[str, type] = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest, "upscale": UpscaleRequest}
+JobKind = Literal["txt2img", "img2img", "edit", "upscale"]
+NativeRequest = Txt2ImgRequest | Img2ImgRequest | EditRequest | UpscaleRequest
+REQUEST_TYPES: dict[str, type] = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest, "edit": EditRequest,
+                                  "upscale": UpscaleRequest}
 
 
 @dataclass
@@ -88,8 +89,22 @@ class JobService:
         """What would run (a RequestError names the field); nothing is queued."""
         if kind == "upscale":
             return resolve_upscale(request, self.registry, self.settings)
-        resolver = resolve_img2img if kind == "img2img" else resolve_txt2img
+        resolver = {"img2img": resolve_img2img, "edit": resolve_edit}.get(kind, resolve_txt2img)
         return resolver(request, self.registry, self.settings)
+
+    def edits(self, model: str | None) -> bool:
+        """Whether the model a request names (None: the default one) is an instruction-editing
+        model: a dialect whose img2img means "edit" on such models (A1111/Forge's) asks this.
+        An unknown name is False (the submit then names the problem)."""
+        from ..families import BY_ID
+        from ..registry import UnknownName
+
+        try:
+            entry = pick_model(model, self.registry, self.settings)
+        except UnknownName:
+            return False
+        family = BY_ID.get(str(entry.family))
+        return family is not None and family.edits
 
     def submit(self, kind: JobKind, request: NativeRequest, caller: Caller | None = None,
                idempotency_key: str | None = None) -> Submitted:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ...imageinput import ImageInputError, has_alpha, open_image
-from ...schemas import Img2ImgRequest, Txt2ImgRequest
+from ...schemas import EditRequest, Img2ImgRequest, Txt2ImgRequest
 from ...vocabulary import SDXL, SDXL_REFINER, ModelEntry
 from .errors import OpenAIError, param_of
 
@@ -162,7 +162,7 @@ def parse(model: type[BaseModel], data: Any):
 class Plan:
     """A wire request as this server will run it: the native request plus what the answer needs."""
     native: Txt2ImgRequest
-    kind: Literal["txt2img", "img2img"]
+    kind: Literal["txt2img", "img2img", "edit"]
     output_format: str
     compression: int
     response_format: str
@@ -334,8 +334,9 @@ def alpha_mask(im, param: str) -> bytes | None:
 
 def edit_plan(req: ImageEditRequest, images: list[bytes], mask: bytes | None, registry, settings) -> Plan:
     """The first image is edited (with ``mask``, or its own transparency as DALL-E 2 read it, or
-    as a whole); further images are accepted and not used (reference images need a model that
-    takes them)."""
+    as a whole); further images are accepted and not used -- except on an instruction-editing
+    model (flux1-kontext), where this is a native edit job with every image as a reference, as
+    gpt-image-1 takes several."""
     if not images:
         raise OpenAIError(400, "image: at least one image is required", param="image")
     model = pick_model(req.model, registry, settings)
@@ -371,11 +372,23 @@ def edit_plan(req: ImageEditRequest, images: list[bytes], mask: bytes | None, re
     if native_mask is not None:
         body.update(mask=b64(native_mask), mask_blur=MASK_BLUR, inpainting_fill=1)
     _extensions(req, body)
+    if _edits(model):  # the same fields, as an edit: every image a reference, no strength
+        body = {k: v for k, v in body.items() if k not in ("init_image", "denoising_strength", "inpainting_fill")}
+        body["reference_images"] = [b64(im) for im in images]
+        return Plan(_native(EditRequest, body), "edit", fmt, compression, req.response_format or "b64_json",
+                    quality, f"{width or first.width}x{height or first.height}", stream, partial)
     plan = Plan(_native(Img2ImgRequest, body), "img2img", fmt, compression, req.response_format or "b64_json",
                 quality, f"{width or first.width}x{height or first.height}", stream, partial)
     if len(images) > 1:
         plan.warnings.append(f"{len(images)} images given; the first is edited, the others are not used")
     return plan
+
+
+def _edits(model: ModelEntry) -> bool:
+    from ...families import BY_ID
+
+    family = BY_ID.get(str(model.family))
+    return family is not None and family.edits
 
 
 def variation_plan(req: ImageVariationRequest, image: bytes | None, registry, settings) -> Plan:

@@ -470,6 +470,33 @@ def img2img_native(req: Img2ImgAPIRequest, ctx: Context) -> dict:
     return body
 
 
+def edit_request(req: Img2ImgAPIRequest, ctx: Context):
+    """img2img on an instruction-editing model, as Forge runs Kontext from its img2img tab: the
+    typed native edit (schemas.EditRequest) with ``init_images`` as the reference images (all of
+    them, in order) and ``mask`` as the edit's mask. An edit starts from noise, so
+    ``denoising_strength`` and the inpainting fields have no part in it."""
+    from pydantic import ValidationError
+
+    from ...schemas import EditRequest
+
+    if not req.init_images:
+        raise FieldError("init_images", "at least one image is required")
+    body = to_native(req, ctx)
+    body["reference_images"] = list(req.init_images)
+    if req.mask:
+        body["mask"] = req.mask
+        body["mask_blur"] = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
+    ctx.warnings.append("the model edits: init_images are its reference images; denoising_strength is not used")
+    try:
+        return EditRequest.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field_name = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        field_name = "init_images" + field_name[len("reference_images"):] \
+            if field_name.startswith("reference_images") else NATIVE_TO_A1111.get(field_name, field_name)
+        raise FieldError(field_name, str(err.get("msg", "invalid")).removeprefix("Value error, ")) from None
+
+
 def native_request(req: Txt2ImgAPIRequest, ctx: Context):
     """The typed native request (schemas.Txt2ImgRequest / Img2ImgRequest) the job service takes
     for an A1111 request; a value the native type refuses is a FieldError naming the A1111 field."""

@@ -177,6 +177,10 @@ async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
     ctx = await run_in_threadpool(_context, request)
     try:
         native = await run_in_threadpool(p.native_request, req, ctx)
+        # Forge's way to edit: img2img on an editing model (Kontext) is an edit job, its
+        # init_images the reference images.
+        if kind == "img2img" and await run_in_threadpool(sdapi.jobs.edits, native.model):
+            kind, native = "edit", await run_in_threadpool(p.edit_request, req, ctx)
     except p.FieldError as e:
         raise BadRequest(422, str(e)) from None
     for w in ctx.warnings:
@@ -189,7 +193,7 @@ async def _generate(request: Request, req: p.Txt2ImgAPIRequest, kind: str):
     if final is None:  # the client went away; its job was cancelled
         return _error(499, "client closed the request")
     parameters = req.model_dump(mode="json")
-    if kind == "img2img" and not getattr(req, "include_init_images", False):
+    if kind in ("img2img", "edit") and not getattr(req, "include_init_images", False):
         parameters["init_images"], parameters["mask"] = None, None
     if final.state == "error":
         return _error(500, final.error or "generation failed", kind="GenerationError")
