@@ -56,6 +56,10 @@ class Settings(BaseSettings):
 
     # Engine behaviour.
     pipeline_cache_size: int = Field(1, ge=1)
+    host_cache_gb: float | None = Field(
+        None, ge=0, description="host RAM for models evicted from the device (pinned on CUDA): switching back to "
+        "one is a device copy, not a disk load (engine/hostcache.py, [performance](performance.md)); 0: off; "
+        "unset: a quarter of the RAM, at most 64 GB, when CUDA is present, else 0")
     lora_cache_size: int = Field(8, ge=1)
     conditioning_cache_size: int = Field(32, ge=0)  # encoded prompt texts kept (LRU); 0: off
     vae_tiling_pixels: int = Field(1536 * 1536, ge=64)

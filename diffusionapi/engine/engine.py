@@ -84,8 +84,12 @@ class Engine:
         self.settings = settings
         self.device = pick_device(settings.device)
         self.fast = FastMode.from_settings(settings)
+        from .hostcache import auto_capacity_gb
+
+        host_gb = getattr(settings, "host_cache_gb", None)
+        host_gb = auto_capacity_gb(self.device.type == "cuda") if host_gb is None else host_gb
         self.cache = PipelineCache(self.device, settings.pipeline_cache_size, cpu_offload=settings.cpu_offload,
-                                   fast=self.fast)
+                                   fast=self.fast, host_cache_bytes=int(host_gb * 2**30))
         self.loras = LoraManager(settings.lora_cache_size)
         self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
         self.upscalers = UpscalerCache(self.device)
