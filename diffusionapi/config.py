@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     vae_fp16: bool = True
     vae_upcast_dtype: Literal["float32", "bfloat16"] = "float32"
     warmup_shapes: str = ""
+    step_cache_default: list[dict] = Field(
+        default_factory=list, description="a request's `step_cache` when it sends none: a JSON list of "
+        "`{\"method\": ..., \"threshold\"|\"interval\": ...}`, the first whose method fits the model's network "
+        "(transformer or UNet) applies; empty: no step caching unless a request asks "
+        "([performance](performance.md#step-caching))")
     max_batch_jobs: int = Field(1, ge=1, le=64)
     batch_wait_ms: float = Field(0.0, ge=0, le=1000)
 

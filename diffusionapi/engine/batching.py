@@ -19,7 +19,7 @@ import torch
 ROW_FIELDS = frozenset({"prompt", "negative_prompt", "seed"})
 # A job with any of these set (not None / False / empty) runs alone.
 SOLO_IF_SET = ("refiner", "hires", "init", "init_image", "mask", "preview", "controlnets", "ip_adapters",
-               "keep_partial")
+               "keep_partial", "step_cache")  # step_cache: its hooks and state are per run
 
 
 def _frozen(value):

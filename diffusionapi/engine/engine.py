@@ -99,6 +99,7 @@ class Engine:
         self.batches: list[int] = []  # sizes of the UNet batches of several jobs (tests, logs)
         self._flow_cache: dict = {}  # flow families' text conditioning (engine/flow.py), oldest first
         self._control = None  # the running job's ControlNet units (engine/controlnet/units.ControlState)
+        self._step_cache = None  # the running job's step caching (engine/stepcache.StepCacheRun)
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -118,6 +119,9 @@ class Engine:
             if self._control is not None:
                 self._control.close()  # IP-Adapter layers leave the resident UNet
             self._control = None
+            if self._step_cache is not None:
+                self._step_cache.close()  # its hooks leave the resident model
+            self._step_cache = None
 
     def _generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled,
                   observer: StepObserver | None = None) -> GenerationResult:
@@ -143,6 +147,10 @@ class Engine:
         load_time = 0.0 if resident else time.perf_counter() - t_load  # 0: nothing was loaded (README)
         self.loras.apply(base, plan.loras)
         fastmode.set_fused(base.denoiser_module, not plan.loras)  # LoRA adapters wrap the unfused projections
+        if plan.step_cache is not None:
+            from .stepcache import StepCacheRun
+
+            self._step_cache = StepCacheRun(base, plan.step_cache)
         check()
 
         prepared = init = None
@@ -284,6 +292,8 @@ class Engine:
         """The CFG denoiser; an inpainting UNet gets its mask + masked-image conditioning, and
         a mask keeps the init latents outside it at every evaluation. ``stage``: "low" (first
         pass), "high" (hires pass), "refiner" (ControlNet units guide the first two)."""
+        if self._step_cache is not None and self._step_cache.serves(loaded):
+            self._step_cache.begin_stage()  # a new sampling run: no state from the last one
         if loaded.is_flow:
             den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale, check,
                                      cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale)
@@ -382,6 +392,8 @@ class Engine:
             params["Clip skip"] = plan.clip_skip
         if plan.cfg_rescale:
             params["RescaleCFG"] = plan.cfg_rescale
+        if plan.step_cache is not None:
+            params["Step cache"] = plan.step_cache.infotext
         if plan.model.family in FLOW_FAMILIES:
             base = self.cache._items.get(plan.model.name)
             if base is not None and base.pipe.transformer.config.get("guidance_embeds", False):

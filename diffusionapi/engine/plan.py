@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 from PIL import Image
 
-from ..vocabulary import EmbeddingEntry, LoraEntry, ModelEntry, UpscalerEntry
+from ..vocabulary import EmbeddingEntry, LoraEntry, ModelEntry, StepCache, UpscalerEntry
 from .samplers import ResolvedSampler
 
 # report(phase, progress): progress in 0..100 for the whole job, never going backwards.
@@ -105,6 +105,7 @@ class GenerationPlan:
     # A cancel returns the image of the last denoised state instead of ending the job (A1111's
     # interrupt: /sdapi jobs set it).
     keep_partial: bool = False
+    step_cache: StepCache | None = None  # opt-in step caching (engine/stepcache.py)
 
     @property
     def final_width(self) -> int:
