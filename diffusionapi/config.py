@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     cpu_offload: bool = False
     channels_last: bool = False
     compile_unet: bool = False
+    compile_cache_dir: Path | None = Field(
+        None, description="torch.compile's caches on disk (inductor FX graphs, kernels), one folder per torch "
+        "build, so a restart reuses compiled graphs instead of compiling for minutes; unset: the `compile-cache` "
+        "folder next to the models folder ([performance](performance.md#compile-cache))")
     # Fast mode and batching (engine/fastmode.py, engine/batching.py; benchmarks/gpu.py measures each).
     fused_qkv: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
