@@ -724,7 +724,9 @@ def main(argv=None) -> int:
         fams = [f for f in families if f in R["build"]]
 
         # S1: the service with default settings, started now so it imports while bare diffusers loads.
-        s1 = Service("default", work, models, device)
+        # One job at a time (MAX_BATCH_JOBS's default is 8 on CUDA): the per-job figures and the
+        # batching section's baseline.
+        s1 = Service("default", work, models, device, max_batch_jobs=1)
         services.append(s1)
         supports_batch = False
         pipes = {}

@@ -81,7 +81,10 @@ class Settings(BaseSettings):
         "`{\"method\": ..., \"threshold\"|\"interval\": ...}`, the first whose method fits the model's network "
         "(transformer or UNet) applies; empty: no step caching unless a request asks "
         "([performance](performance.md#step-caching))")
-    max_batch_jobs: int = Field(1, ge=1, le=64)
+    max_batch_jobs: int | None = Field(
+        None, ge=1, le=64, description="dynamic batching: jobs that differ only in prompts and seed, among the next "
+        "this many waiting, run as one UNet batch; unset: 8 when the device is CUDA, 1 (off) elsewhere "
+        "([performance](performance.md#gpu-benchmark-fast-mode-dynamic-batching))")
     batch_wait_ms: float = Field(0.0, ge=0, le=1000)
 
     # Scale-out (README "Several GPUs and machines"): embedded = this process runs the jobs.

@@ -30,6 +30,19 @@ def _frozen(value):
         return repr(value)
 
 
+# MAX_BATCH_JOBS when unset: batching pays on a GPU (2.95x images/s with 8 clients on an H100,
+# docs/performance.md); a CPU gains nothing from larger batches, so there jobs run one by one.
+GPU_MAX_BATCH_JOBS = 8
+
+
+def max_batch_jobs(settings, device) -> int:
+    """The batch window: MAX_BATCH_JOBS, else GPU_MAX_BATCH_JOBS on CUDA and 1 elsewhere."""
+    chosen = getattr(settings, "max_batch_jobs", None)
+    if chosen:
+        return int(chosen)
+    return GPU_MAX_BATCH_JOBS if getattr(device, "type", None) == "cuda" else 1
+
+
 def batch_key(plan) -> tuple | None:
     """What a job must share with others to run in one batch, or None when it must run alone."""
     if not dataclasses.is_dataclass(plan):
