@@ -124,3 +124,13 @@ def test_default_setting_applies_to_its_kind_of_network_only(tmp_path):
     assert "Step cache: deepcache(interval=2)" in read_infotext(base64.b64decode(by_default["image"]))
     assert off["payload"]["step_cache"] is None
     assert not np.array_equal(_pixels(by_default), _pixels(off))
+
+
+def test_first_block_on_a_too_shallow_transformer_fails_the_job_saying_why(server):
+    """The tiny SD 3 has two blocks; its last (text stream only) stays outside First Block Cache,
+    which leaves one: the job ends in an error naming the field and the model, and the model is
+    left unhooked (the next plain job runs)."""
+    failed = server.wait(server.submit(**JOB, model="tiny-sd3", step_cache={"method": "first_block"}))
+    assert failed["state"] == "error" and "step_cache 'first_block'" in failed["error"], failed
+    assert "tiny-sd3" in failed["error"]
+    assert server.run(**JOB, model="tiny-sd3")["state"] == "done"

@@ -150,7 +150,11 @@ class Engine:
         if plan.step_cache is not None:
             from .stepcache import StepCacheRun
 
-            self._step_cache = StepCacheRun(base, plan.step_cache)
+            try:
+                self._step_cache = StepCacheRun(base, plan.step_cache)
+            except ValueError as e:  # e.g. a transformer too shallow for first_block
+                raise GenerationError(f"step_cache {plan.step_cache.method!r} cannot run on model "
+                                      f"{plan.model.name!r}: {e}") from e
         check()
 
         prepared = init = None
