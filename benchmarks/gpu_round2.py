@@ -145,7 +145,7 @@ def quant_section(run, flow_models: Path, families, device: str, tiny: bool, job
         from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig,
                                           quantize_)
     except ImportError:
-        run.results["quant"] = {"status": "torchao not installed (pip install diffusionapi[quant])"}
+        run.results["quant"] = {"status": "torchao not installed (pip install torchao==0.18.0 for this section)"}
         log("   quant: torchao not installed")
         return
     import torch
