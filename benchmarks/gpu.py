@@ -267,7 +267,7 @@ def flow_section(run: Run, work: Path, fam: str, tiny: bool, device: str, reps: 
     bare_runs = [bare_call(100 + i) for i in range(reps)]
     bare_peak = peak_mb(device)
     ref = bare_runs[0][1]
-    del bare
+    bare = None  # noqa: F841 - frees the bare pipeline before the service loads its own
     free(device)
     svc = Service(f"flow-{fam}", work, models, device, default_model=fam)
     services.append(svc)
@@ -686,7 +686,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile measurements")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--sections", default="speed,batch4,attention,options,batching,compile,fast,flow",
+    ap.add_argument("--sections", default="speed,batch4,attention,options,batching,compile,fast,flow,"
+                    "compile_cache,step_cache,quant,host_cache",
                     help="which to run (the model build always runs)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per figure (default 3, --quick 2)")
     ap.add_argument("--no-single-file", action="store_true", help="install SDXL as a folder only")
@@ -724,7 +725,9 @@ def main(argv=None) -> int:
         fams = [f for f in families if f in R["build"]]
 
         # S1: the service with default settings, started now so it imports while bare diffusers loads.
-        s1 = Service("default", work, models, device)
+        # One job at a time (MAX_BATCH_JOBS's default is 8 on CUDA): the per-job figures and the
+        # batching section's baseline.
+        s1 = Service("default", work, models, device, max_batch_jobs=1)
         services.append(s1)
         supports_batch = False
         pipes = {}
@@ -824,6 +827,7 @@ def main(argv=None) -> int:
             if run.allows(f"flow {fam}", 0 if args.tiny else 240):
                 with run.section(f"flow {fam}: bare diffusers vs service"):
                     flow_section(run, work, fam, args.tiny, device, min(reps, 2), services)
+        round2(run, args, sections, work, models, fams, device, shapes, services)
     except OutOfTime as e:
         R["errors"].append(str(e))
     finally:
@@ -840,6 +844,45 @@ def main(argv=None) -> int:
     print_table(R)
     log(f"\nJSON: {out}")
     return 0
+
+
+def round2(run: Run, args, sections: set, work: Path, models: Path, fams: list, device: str, shapes: dict,
+           services: list) -> None:
+    """Issue 29's sections (benchmarks/gpu_round2.py): compile cache, step caching, quantized
+    compute, host-RAM model switches."""
+    import gpu_round2 as r2
+
+    tiny = args.tiny
+    flow_fams = [f for f in args.flow_families.split(",") if f]
+    flow_models = work / "flow-models"
+    jobs = {f: (shapes[f][0], shapes[f][1], {"cfg_scale": CFG_SCALE}) for f in fams}
+    flow_shapes = FLOW_TINY if tiny else FLOW_FULL
+    jobs.update({f: (flow_shapes[f][0], flow_shapes[f][1], {"cfg_scale": FLOW_CFG[f], "scheduler_type": "simple"})
+                 for f in flow_fams})
+    if "compile_cache" in sections and (tiny or device.startswith("cuda")) and \
+            run.allows("compile cache", 0 if tiny else 420):
+        with run.section("compile cache: cold vs warm start"):
+            r2.compile_cache_section(run, work, tiny, device, fams)
+    if ("step_cache" in sections or "quant" in sections) and flow_fams:
+        for fam in flow_fams:  # the flow section saved them when it ran; else build them now
+            if not (flow_models / fam / "model_index.json").exists() and run.allows(f"build {fam}", 0 if tiny else 120):
+                with run.section(f"build {fam}"):
+                    pipe = build_tiny(fam, device) if tiny else build_full_flow(fam, device)
+                    pipe.save_pretrained(flow_models / fam, safe_serialization=True)
+                    del pipe
+                    free(device)
+    if "step_cache" in sections and run.allows("step caching", 0 if tiny else 60 + 90 * len(flow_fams)):
+        with run.section("step caching vs uncached"):
+            pairs = [(f, models, "unet") for f in fams] + [(f, flow_models, "transformer") for f in flow_fams
+                                                          if (flow_models / f).exists()]
+            r2.step_cache_section(run, pairs, work, device, tiny, jobs, Service, request)
+    if "quant" in sections and flow_fams and run.allows("quantized compute", 0 if tiny else 200 * len(flow_fams)):
+        with run.section("quantized compute (torchao)"):
+            r2.quant_section(run, flow_models, flow_fams, device, tiny, jobs)
+    if "host_cache" in sections and "sd15" in fams and (models / "sd15-file.safetensors").exists() and \
+            run.allows("host cache", 0 if tiny else 60):
+        with run.section("model switch: disk vs host RAM"):
+            r2.host_cache_section(run, work, models, device, tiny, Service, request, jobs)
 
 
 def ratio(a, b):
@@ -891,6 +934,9 @@ def print_table(R: dict) -> None:
             log(f"| {r['family']} | {r['size']} | {r['steps']} | {r['bare_s_per_image']:.3f} | "
                 f"{r['service_s_per_image']:.3f} | {r['service_vs_bare_speed']:.3f} | {r['bare_peak_vram_mb'] or '-'} | "
                 f"{r['service_gpu_mb'] or '-'} | {r['image_mean_abs_diff']} |")
+    import gpu_round2
+
+    gpu_round2.print_tables(R, log)
     if R["skipped"]:
         log("skipped: " + "; ".join(R["skipped"]))
     if R["errors"]:

@@ -62,19 +62,35 @@ class Settings(BaseSettings):
 
     # Engine behaviour.
     pipeline_cache_size: int = Field(1, ge=1)
+    host_cache_gb: float | None = Field(
+        None, ge=0, description="host RAM for models evicted from the device (pinned on CUDA): switching back to "
+        "one is a device copy, not a disk load (engine/hostcache.py, [performance](performance.md)); 0: off; "
+        "unset: a quarter of the RAM, at most 64 GB, when CUDA is present, else 0")
     lora_cache_size: int = Field(8, ge=1)
     conditioning_cache_size: int = Field(32, ge=0)  # encoded prompt texts kept (LRU); 0: off
     vae_tiling_pixels: int = Field(1536 * 1536, ge=64)
     cpu_offload: bool = False
     channels_last: bool = False
     compile_unet: bool = False
+    compile_cache_dir: Path | None = Field(
+        None, description="torch.compile's caches on disk (inductor FX graphs, kernels), one folder per torch "
+        "build, so a restart reuses compiled graphs instead of compiling for minutes; unset: the `compile-cache` "
+        "folder next to the models folder ([performance](performance.md#compile-cache))")
     # Fast mode and batching (engine/fastmode.py, engine/batching.py; benchmarks/gpu.py measures each).
     fused_qkv: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     vae_fp16: bool = True
     vae_upcast_dtype: Literal["float32", "bfloat16"] = "float32"
     warmup_shapes: str = ""
-    max_batch_jobs: int = Field(1, ge=1, le=64)
+    step_cache_default: list[dict] = Field(
+        default_factory=list, description="a request's `step_cache` when it sends none: a JSON list of "
+        "`{\"method\": ..., \"threshold\"|\"interval\": ...}`, the first whose method fits the model's network "
+        "(transformer or UNet) applies; empty: no step caching unless a request asks "
+        "([performance](performance.md#step-caching))")
+    max_batch_jobs: int | None = Field(
+        None, ge=1, le=64, description="dynamic batching: jobs that differ only in prompts and seed, among the next "
+        "this many waiting, run as one UNet batch; unset: 8 when the device is CUDA, 1 (off) elsewhere "
+        "([performance](performance.md#gpu-benchmark-fast-mode-dynamic-batching))")
     batch_wait_ms: float = Field(0.0, ge=0, le=1000)
 
     # Scale-out (README "Several GPUs and machines"): embedded = this process runs the jobs.

@@ -41,6 +41,9 @@ MODEL_LOADS = Counter("diffusionapi_model_loads_total", "Model loads (a job whos
                       ["model"])
 PIPELINE_CACHE = Counter("diffusionapi_pipeline_cache_total",
                          "Finished jobs whose models were resident (hit) or had to be loaded (miss)", ["result"])
+HOST_CACHE = Counter("diffusionapi_host_cache_total",
+                     "Model loads served from host RAM (hit) or from disk while the host cache was on (miss)",
+                     ["result"])
 WEBHOOKS = Counter("diffusionapi_webhook_deliveries_total",
                    "Webhook delivery attempts by outcome: delivered, retrying, failed", ["event", "outcome"])
 HTTP = Counter("diffusionapi_http_requests_total", "HTTP requests by route template and status",

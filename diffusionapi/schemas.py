@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import SEED_DEFAULT_MODEL
+from .vocabulary import STEP_CACHE_METHODS, StepCache
 from .engine.controlnet.request import ControlNetUnitRequest, IPAdapterUnitRequest
 from .jobs.states import FINAL_STATES, WEBHOOK_EVENTS
 from .engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES
@@ -45,6 +46,50 @@ class PreviewRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     every: int = Field(1, ge=0, le=1000, description="sampler steps between previews; 0 = off")
     method: Literal["approx", "taesd"] = "approx"
+
+
+class StepCacheRequest(BaseModel):
+    """Step caching (docs/performance.md): reuse work between sampler steps, for speed, at a small
+    documented change to the image. One method of vocabulary.STEP_CACHE_METHODS and its knob."""
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(description="one of: " + "; ".join(f"`{m.name}` ({m.denoiser}s, `{m.knob}`, default "
+                                                            f"{m.default:g}): {m.description}"
+                                                            for m in STEP_CACHE_METHODS.values()))
+    threshold: float | None = Field(None, description="first_block: the relative change of the first block's "
+                                    "output under which the step is reused")
+    interval: int | None = Field(None, description="taylorseer, deepcache: full computations every this many "
+                                 "steps (evaluations)")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in STEP_CACHE_METHODS:
+            raise ValueError(f"unknown step cache method {v!r}; valid choices: {', '.join(STEP_CACHE_METHODS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _its_knob(self):
+        m = STEP_CACHE_METHODS[self.method]
+        for knob in ("threshold", "interval"):
+            value = getattr(self, knob)
+            if value is None:
+                continue
+            if knob != m.knob:
+                raise ValueError(f"{knob} does not apply to {m.name}, whose knob is {m.knob}")
+            if not m.low <= value <= m.high:
+                raise ValueError(f"{knob} must be within {m.low:g}..{m.high:g} for {m.name}")
+        return self
+
+    def filled(self) -> dict:
+        """The request with its method's knob set (the default when left out): the payload echo."""
+        cache = self.resolved()
+        m = STEP_CACHE_METHODS[cache.method]
+        return {"method": m.name, m.knob: int(cache.value) if m.knob == "interval" else cache.value}
+
+    def resolved(self) -> StepCache:
+        m = STEP_CACHE_METHODS[self.method]
+        value = getattr(self, m.knob)
+        return StepCache(m.name, float(m.default if value is None else value))
 
 
 class WebhookRequest(BaseModel):
@@ -102,6 +147,8 @@ class Txt2ImgRequest(BaseModel):
     ip_adapters: list[IPAdapterUnitRequest] = Field(default_factory=list, max_length=4)  # added
     priority: int = Field(0, ge=-10, le=10, description="added: moves the job ahead of (or behind) others; "
                           "capped to the API key's max_priority (docs/tenants.md)")
+    step_cache: StepCacheRequest | None = Field(None, description="added: opt-in step caching (faster, changes the "
+                                                "image slightly); left out: DIFFUSIONAPI_STEP_CACHE_DEFAULT")
     keep_partial: bool = Field(False, description="a cancel ends the job `done` with the image of its last "
                                                   "denoised state and a warning (A1111's interrupt), not "
                                                   "`cancelled`")  # added

@@ -113,3 +113,45 @@ def sd15_loader_kwargs(family: Family) -> dict:
     if family in (SD15, SD2):
         return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return {}
+
+
+# ---------------------------------------------------------------------------- step caching
+
+@dataclass(frozen=True)
+class StepCacheMethod:
+    """A step-caching method a request may ask for (``step_cache``, engine/stepcache.py): the kind
+    of network it works on, and its one knob ("threshold" or "interval") with default and bounds."""
+    name: str
+    denoiser: str  # "transformer" (flow families) or "unet"
+    knob: str      # "threshold" or "interval"
+    default: float
+    low: float
+    high: float
+    description: str
+
+
+# The one table of step-caching methods. Never on unless a request (or STEP_CACHE_DEFAULT) asks.
+STEP_CACHE_METHODS = {m.name: m for m in (
+    StepCacheMethod("first_block", "transformer", "threshold", 0.05, 0.0, 1.0,
+                    "diffusers' First Block Cache: when the first block's output changed by less than `threshold` "
+                    "(mean relative change) since the last full step, the other blocks reuse their last residual"),
+    StepCacheMethod("taylorseer", "transformer", "interval", 3, 1, 20,
+                    "diffusers' TaylorSeer: attention outputs computed every `interval` steps after 3 full ones, "
+                    "extrapolated (first-order Taylor) in between"),
+    StepCacheMethod("deepcache", "unet", "interval", 3, 1, 20,
+                    "DeepCache: the UNet's deep blocks run every `interval` evaluations; in between only the "
+                    "outermost down and up blocks run, on the deep features of the last full evaluation"),
+)}
+
+
+@dataclass(frozen=True)
+class StepCache:
+    """A job's step caching: the method and its knob's value."""
+    method: str
+    value: float
+
+    @property
+    def infotext(self) -> str:
+        m = STEP_CACHE_METHODS[self.method]
+        value = int(self.value) if m.knob == "interval" else self.value
+        return f"{self.method}({m.knob}={value})"

@@ -74,7 +74,6 @@ DESCRIPTIONS = {
                 "`false`: upcast when the VAE config says `force_upcast`",
     "vae_upcast_dtype": "the VAE's wider type",
     "warmup_shapes": "`[model:]WIDTHxHEIGHT[xBATCH],...` run once (2 steps) at start: models load and compile before the first job",
-    "max_batch_jobs": "dynamic batching: up to N queued jobs that differ only in prompt and seed share one UNet batch",
     "batch_wait_ms": "with batching, how long the worker waits for a batch to fill before starting it",
     "backend": "`embedded` (this process runs the jobs) or `celery` (API node of a cluster, [cluster](cluster.md))",
     "broker_url": "Celery broker: RabbitMQ (`amqp://`), or Redis (`redis://`)",

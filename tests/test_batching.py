@@ -179,3 +179,17 @@ def test_each_job_of_a_batch_streams_its_own_events(batching_server):
         kinds = [e[1] for e in events]
         assert "started" in kinds and "progress" in kinds and kinds[-1] == "done", kinds
         assert events[-1][2]["seed"] == job["seed"] and events[-1][2]["image"]
+
+
+def test_max_batch_jobs_default_is_8_on_cuda_and_1_elsewhere():
+    import torch
+
+    from diffusionapi.config import Settings
+    from diffusionapi.engine.batching import GPU_MAX_BATCH_JOBS, max_batch_jobs
+
+    unset = Settings()
+    assert unset.max_batch_jobs is None and GPU_MAX_BATCH_JOBS == 8
+    assert max_batch_jobs(unset, torch.device("cuda")) == 8
+    assert max_batch_jobs(unset, torch.device("cpu")) == 1 and max_batch_jobs(unset, None) == 1
+    assert max_batch_jobs(Settings(max_batch_jobs=1), torch.device("cuda")) == 1
+    assert max_batch_jobs(Settings(max_batch_jobs=3), torch.device("cpu")) == 3

@@ -18,7 +18,8 @@ def test_gpu_benchmark_tiny_cpu_runs_every_section(tmp_path):
     out = tmp_path / "gpu.json"
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
-                           "--families", "sd15", "--clients", "3", "--out", str(out)],
+                           "--families", "sd15", "--clients", "3", "--out", str(out),
+                           "--sections", "speed,batch4,attention,options,batching,compile,fast,flow"],
                           env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -66,3 +67,36 @@ def test_gpu_benchmark_flow_families_tiny_cpu(tmp_path):
     for x in rows.values():
         assert x["bare_s_per_image"] > 0 and x["service_s_per_image"] > 0 and x["image_max_abs_diff"] <= 3
     assert "| flux1 | 64 | 4 |" in proc.stdout
+
+
+def test_gpu_benchmark_round2_sections_tiny_cpu(tmp_path):
+    """Issue 29's sections on tiny models: compile cold vs warm (second process: FX cache hits, no
+    miss), step caching against uncached (speed-up, PSNR, SSIM) on a UNet and a transformer,
+    quantized compute (torchao int8 weight-only on CPU, or "not installed"), and a model switch
+    from disk vs from host RAM. Figures are printed, not asserted."""
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
+                           "--families", "sd15", "--flow-families", "flux1", "--reps", "1", "--out", str(out),
+                           "--sections", "compile_cache,step_cache,quant,host_cache"],
+                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["errors"] == [], r["errors"]
+    (cc,) = r["compile_cache"]
+    assert cc["cold_fx_miss"] >= 1 and cc["warm_fx_miss"] == 0 and cc["warm_fx_hit"] == cc["cold_fx_miss"]
+    assert cc["graphs_batch_2_and_4"] == 1
+    methods = {(x["family"], x["method"]) for x in r["step_cache"]}
+    assert methods == {("sd15", "deepcache"), ("flux1", "first_block"), ("flux1", "taylorseer")}
+    for x in r["step_cache"]:
+        assert x["cached_s"] > 0 and x["uncached_s"] > 0 and 0 < x["ssim"] <= 1 and x["psnr_db"] > 20, x
+    q = r["quant"]
+    if q["status"] == "measured":
+        assert {x["mode"] for x in q["rows"]} == {"fp32", "int8 weight-only"}
+    else:
+        assert "torchao not installed" in q["status"]
+    h = r["host_cache"]
+    assert h["disk"]["switch_back_load_s"] > 0 and h["host_ram"]["switch_back_load_s"] >= 0
+    for text in ("| compile (fast mode), fresh process", "| step cache |", "model switch back"):
+        assert text in proc.stdout, text

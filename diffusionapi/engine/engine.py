@@ -84,8 +84,12 @@ class Engine:
         self.settings = settings
         self.device = pick_device(settings.device)
         self.fast = FastMode.from_settings(settings)
+        from .hostcache import auto_capacity_gb
+
+        host_gb = getattr(settings, "host_cache_gb", None)
+        host_gb = auto_capacity_gb(self.device.type == "cuda") if host_gb is None else host_gb
         self.cache = PipelineCache(self.device, settings.pipeline_cache_size, cpu_offload=settings.cpu_offload,
-                                   fast=self.fast)
+                                   fast=self.fast, host_cache_bytes=int(host_gb * 2**30))
         self.loras = LoraManager(settings.lora_cache_size)
         self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
         self.upscalers = UpscalerCache(self.device)
@@ -96,6 +100,7 @@ class Engine:
         self._flow_cache: dict = {}  # flow families' text conditioning (engine/flow.py), oldest first
         self._control = None  # the running job's ControlNet units (engine/controlnet/units.ControlState)
         self._references = None  # the running edit job's reference tokens (engine/flow.ReferenceTokens)
+        self._step_cache = None  # the running job's step caching (engine/stepcache.StepCacheRun)
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -116,6 +121,9 @@ class Engine:
                 self._control.close()  # IP-Adapter layers leave the resident UNet
             self._control = None
             self._references = None
+            if self._step_cache is not None:
+                self._step_cache.close()  # its hooks leave the resident model
+            self._step_cache = None
 
     def _generate(self, plan: GenerationPlan | UpscalePlan, report: Report, cancelled: Cancelled,
                   observer: StepObserver | None = None) -> GenerationResult:
@@ -141,6 +149,14 @@ class Engine:
         load_time = 0.0 if resident else time.perf_counter() - t_load  # 0: nothing was loaded (README)
         self.loras.apply(base, plan.loras)
         fastmode.set_fused(base.denoiser_module, not plan.loras)  # LoRA adapters wrap the unfused projections
+        if plan.step_cache is not None:
+            from .stepcache import StepCacheRun
+
+            try:
+                self._step_cache = StepCacheRun(base, plan.step_cache)
+            except ValueError as e:  # e.g. a transformer too shallow for first_block
+                raise GenerationError(f"step_cache {plan.step_cache.method!r} cannot run on model "
+                                      f"{plan.model.name!r}: {e}") from e
         check()
 
         if base.spec.pipeline_sampling is not None:  # runs through its own diffusers pipeline
@@ -289,6 +305,8 @@ class Engine:
         """The CFG denoiser; an inpainting UNet gets its mask + masked-image conditioning, and
         a mask keeps the init latents outside it at every evaluation. ``stage``: "low" (first
         pass), "high" (hires pass), "refiner" (ControlNet units guide the first two)."""
+        if self._step_cache is not None and self._step_cache.serves(loaded):
+            self._step_cache.begin_stage()  # a new sampling run: no state from the last one
         if loaded.is_flow:
             den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale, check,
                                      cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale,
@@ -449,6 +467,8 @@ class Engine:
             params["Clip skip"] = plan.clip_skip
         if plan.cfg_rescale:
             params["RescaleCFG"] = plan.cfg_rescale
+        if plan.step_cache is not None:
+            params["Step cache"] = plan.step_cache.infotext
         if plan.model.family in FLOW_FAMILIES:
             base = self.cache._items.get(plan.model.name)
             if base is not None and base.pipe.transformer.config.get("guidance_embeds", False):

@@ -9,8 +9,10 @@ measured by ``benchmarks/gpu.py``: channels-last UNet, fused QKV projections, ``
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,10 +33,19 @@ class FastMode:
     compile_mode: str = DEFAULT_COMPILE_MODE
     vae_fp16: bool = True
     vae_upcast_dtype: str = "float32"
+    compile_cache_dir: str = ""  # "": torch's own default (a temp folder); see compile_cache_root
 
     @classmethod
     def from_settings(cls, settings) -> "FastMode":
-        return cls(**{k: getattr(settings, k) for k in cls.__dataclass_fields__ if hasattr(settings, k)})
+        values = {k: getattr(settings, k) for k in cls.__dataclass_fields__ if hasattr(settings, k)}
+        values["compile_cache_dir"] = str(compile_cache_root(settings))
+        return cls(**values)
+
+
+def compile_cache_root(settings) -> Path:
+    """DIFFUSIONAPI_COMPILE_CACHE_DIR, else the ``compile-cache`` folder next to the models folder."""
+    chosen = getattr(settings, "compile_cache_dir", None)
+    return Path(chosen) if chosen else Path(settings.models_dir).parent / "compile-cache"
 
 
 def apply(pipe, device: torch.device, mode: FastMode) -> list[str]:
@@ -54,16 +65,73 @@ def apply(pipe, device: torch.device, mode: FastMode) -> list[str]:
     if mode.fused_qkv and fuse_qkv(pipe.unet):
         applied.append("fused_qkv")
     if mode.compile_unet:
-        # Compiles at the first call with each new shape (batch, size); warm-up shapes do it at start.
-        # Every resident model and shape is an entry for the same UNet forward code: past dynamo's
-        # default of 8 it would silently run eager, so a server gets room for many.
-        from torch import _dynamo as dynamo  # not "import torch._dynamo": that makes torch a local name
-
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-        pipe.unet = torch.compile(pipe.unet, mode=None if mode.compile_mode == "default" else mode.compile_mode,
-                                  dynamic=False)
+        pipe.unet = compile_unet(pipe.unet, mode.compile_mode, mode.compile_cache_dir)
         applied.append(f"compile_unet({mode.compile_mode})")
     return applied
+
+
+# ---------------------------------------------------------------------------- torch.compile and its disk cache
+
+def use_compile_cache(root: str | Path) -> Path:
+    """Inductor's caches (the FX graph cache, AOTAutograd's, Triton's kernels) under ``root``, one
+    folder per torch build: a restart reuses every graph compiled before instead of compiling for
+    minutes. Inductor keys each graph by its code, input shapes, dtypes, devices, its own config
+    and the torch / Triton / CUDA versions, so a changed model, shape set or version compiles anew
+    (and lands next to the old entries), never reuses a wrong one."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    folder = Path(root) / f"torch-{torch.__version__}"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())  # read at each cache lookup
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return folder
+
+
+def compile_unet(unet, compile_mode: str = DEFAULT_COMPILE_MODE, cache_dir: str | Path = ""):
+    """``torch.compile`` of a UNet, its batch dimension dynamic, its spatial size static.
+
+    Shapes: the batch (CFG's 2 x jobs of a dynamic batch) is marked dynamic at every call, so
+    batch 2, 4, 8 ... share one compiled graph (a batch of 1 -- CFG scale 1 -- is its own: dynamo
+    always specializes size 1); each image size compiles once (spatially dynamic convolution
+    kernels are slower, and the sizes a server sees are few: ``WARMUP_SHAPES`` compiles them at
+    start, the disk cache makes that quick after the first start)."""
+    # not "import torch._dynamo": that makes torch a local name
+    from torch import _dynamo as dynamo
+
+    if cache_dir:
+        use_compile_cache(cache_dir)
+    # Every resident model and size is an entry for the same UNet forward code: past dynamo's
+    # default of 8 it would silently run eager, so a server gets room for many.
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    dynamo.config.automatic_dynamic_shapes = False  # a new size compiles a static graph, not a dynamic one
+    compiled = torch.compile(unet, mode=None if compile_mode == "default" else compile_mode)
+    compiled.register_forward_pre_hook(_batch_dynamic, with_kwargs=True)
+    return compiled
+
+
+def _batch_dynamic(module, args, kwargs):
+    """Marks dim 0 of every input with the sample's batch (the sample, timesteps, text embeddings,
+    SDXL's added conditioning) dynamic: one unmarked input would make each batch size a new graph."""
+    sample = kwargs.get("sample", args[0] if args else None)
+    if not torch.is_tensor(sample) or sample.shape[0] < 2:
+        return
+    batch = sample.shape[0]
+
+    def mark(value):
+        if torch.is_tensor(value):
+            if value.dim() > 0 and value.shape[0] == batch:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+        elif isinstance(value, dict):
+            for v in value.values():
+                mark(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                mark(v)
+
+    mark(list(args))
+    mark(kwargs)
 
 
 # ---------------------------------------------------------------------------- fused QKV

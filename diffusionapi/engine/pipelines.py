@@ -200,14 +200,19 @@ def _check_no_meta(pipe, entry: ModelEntry) -> None:
 class PipelineCache:
     """Resident pipelines, least recently used evicted first. Only the worker thread calls it."""
 
-    def __init__(self, device: torch.device, capacity: int = 1, *, cpu_offload=False, fast: FastMode = FastMode()):
+    def __init__(self, device: torch.device, capacity: int = 1, *, cpu_offload=False, fast: FastMode = FastMode(),
+                 host_cache_bytes: int = 0):
+        from .hostcache import HostCache
+
         self.device = device
         self.dtype = dtype_for(device)
         self.capacity = capacity
         self.options = dict(cpu_offload=cpu_offload, fast=fast)
         self._items: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
-        self.loads = 0  # how many loads happened: tests and benchmarks read it
+        self.loads = 0  # how many loads from disk happened: tests and benchmarks read it
+        # Evicted models kept in host RAM (engine/hostcache.py); off with 0 or with CPU offload.
+        self.host = HostCache(0 if cpu_offload else host_cache_bytes, device)
 
     def is_loaded(self, name: str) -> bool:
         return name in self._items
@@ -231,8 +236,10 @@ class PipelineCache:
                 if victim is None:
                     break
                 self._evict(victim)
-            loaded = load_pipeline(entry, self.device, self.dtype, share_from=share_from, **self.options)
-            self.loads += 1
+            loaded = self.host.take(entry.name, entry.path)
+            if loaded is None:
+                loaded = load_pipeline(entry, self.device, self.dtype, share_from=share_from, **self.options)
+                self.loads += 1
             self._items[entry.name] = loaded
             return loaded
 
@@ -242,6 +249,7 @@ class PipelineCache:
         # A refiner holding this model's VAE/text encoder would keep them alive: it goes too.
         for other in [n for n, it in self._items.items() if it.borrowed_from == name]:
             self._items.pop(other)
+        self.host.put(name, item)
         del item
         free_memory()
 

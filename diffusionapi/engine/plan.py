@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 
 from PIL import Image
 
-from ..vocabulary import EmbeddingEntry, LoraEntry, ModelEntry, UpscalerEntry
+from ..vocabulary import EmbeddingEntry, LoraEntry, ModelEntry, StepCache, UpscalerEntry
 from .samplers import ResolvedSampler
 
 # report(phase, progress): progress in 0..100 for the whole job, never going backwards.
@@ -108,6 +108,7 @@ class GenerationPlan:
     # Instruction editing (an edit job): the reference images (decoded, checked), in order; the
     # model sees them at every step (engine/flow.py's FluxKontextDenoiser).
     references: tuple[Image.Image, ...] = ()
+    step_cache: StepCache | None = None  # opt-in step caching (engine/stepcache.py)
 
     @property
     def final_width(self) -> int:

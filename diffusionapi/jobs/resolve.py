@@ -22,8 +22,9 @@ from ..families import FAMILIES, spec as family_spec
 from ..limits import LimitExceeded, check_plan
 from ..registry import Registry, UnknownName
 from ..imageinput import PIXEL_RESIZERS, ImageInputError, decode_image, describe
-from ..schemas import EditRequest, Img2ImgRequest, PreviewRequest, Txt2ImgRequest, UpscaleRequest
-from ..vocabulary import FAMILY_LABELS, SDXL, SDXL_REFINER, ModelEntry, ModelFormat, UpscalerEntry
+from ..schemas import EditRequest, Img2ImgRequest, PreviewRequest, StepCacheRequest, Txt2ImgRequest, UpscaleRequest
+from ..vocabulary import (FAMILY_LABELS, SDXL, SDXL_REFINER, STEP_CACHE_METHODS, ModelEntry, ModelFormat,
+                          UpscalerEntry)
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         hires_plan = HiresPlan(upscaler, hires.scale, hires.steps, hires.denoising_strength, fw, fh)
 
     preview = resolve_preview(req, model.family, settings)
+    step_cache = resolve_step_cache(req, model.family, settings)
     seed = req.seed if req.seed is not None and req.seed >= 0 else secrets.randbelow(2**32)
     understood = Txt2ImgRequest.model_validate({
         **req.model_dump(exclude=set(req.model_extra or ())), "model": model.name, "width": w, "height": h, "seed": seed,
@@ -251,7 +253,8 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
         "refiner_checkpoint": refiner.name if refiner else None, "modules": module_names,
         # The prompt keeps its LoRA tags, so the echo lists only the request's own LoRAs.
         "loras": [{"name": u.entry.name, "scale": u.weight} for u in loras[:own_loras]],
-        "preview": preview.model_dump() if preview else None})
+        "preview": preview.model_dump() if preview else None,
+        "step_cache": step_cache.filled() if step_cache else None})
     plan = GenerationPlan(model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed,
                           width=w, height=h, steps=req.steps, cfg_scale=cfg_scale, sampler=sampler,
                           loras=tuple(loras), refiner=refiner, refiner_switch_at=req.refiner_switch_at,
@@ -259,6 +262,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
                           batch_size=req.batch_size, n_iter=req.n_iter, cfg_rescale=req.cfg_rescale,
                           distilled_cfg_scale=req.distilled_cfg_scale, keep_partial=req.keep_partial,
+                          step_cache=step_cache.resolved() if step_cache else None,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
     echo, record = understood.model_dump(mode="json"), None
     if req.controlnets or req.ip_adapters:  # the record keeps the units' images; the echo describes them
@@ -343,6 +347,33 @@ def resolve_preview(req, family: str, settings: Settings) -> PreviewRequest | No
         if why:
             raise RequestError("preview.method", why)
     return spec
+
+
+def denoiser_kind(family: str) -> str:
+    """"transformer" for the flow families (Flux, SD 3), else "unet": what a step cache works on."""
+    return "transformer" if family_spec(family).prediction == "flow" else "unet"
+
+
+def resolve_step_cache(req, family: str, settings: Settings) -> StepCacheRequest | None:
+    """The request's ``step_cache``; when left out, the first of DIFFUSIONAPI_STEP_CACHE_DEFAULT's
+    entries made for this model's kind of network (none: no caching)."""
+    kind = denoiser_kind(family)
+    if "step_cache" in req.model_fields_set:
+        chosen = req.step_cache
+        if chosen is not None and STEP_CACHE_METHODS[chosen.method].denoiser != kind:
+            fits = [m.name for m in STEP_CACHE_METHODS.values() if m.denoiser == kind]
+            raise RequestError("step_cache.method", f"{chosen.method!r} works on {STEP_CACHE_METHODS[chosen.method].denoiser}s; "
+                               f"this model ({FAMILY_LABELS.get(family, family)}) has a {kind}; valid choices: "
+                               f"{', '.join(fits)}")
+        return chosen
+    for item in settings.step_cache_default:
+        try:
+            chosen = StepCacheRequest.model_validate(item)
+        except ValueError as e:
+            raise RequestError("step_cache", f"DIFFUSIONAPI_STEP_CACHE_DEFAULT is invalid: {e}", 500) from None
+        if STEP_CACHE_METHODS[chosen.method].denoiser == kind:
+            return chosen
+    return None
 
 
 def _tag_loras(tags, named: list[LoraUse], registry: Registry, entries, settings: Settings,

@@ -85,9 +85,9 @@ class Worker:
         """``head`` and the jobs among the next ``max_batch_jobs - 1`` waiting ones (the batch
         window: no job moves ahead of more than that many) that can share its UNet batch
         (engine/batching.py's batch_key). None: run ``head`` alone."""
-        from ....engine.batching import batch_key
+        from ....engine.batching import batch_key, max_batch_jobs
 
-        n = getattr(self.runner.settings, "max_batch_jobs", 1)
+        n = max_batch_jobs(self.runner.settings, getattr(self.runner.engine, "device", None))
         if n <= 1:
             return None
         first = self._prepare(head.job_id)
