@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from pathlib import Path
 
-from .vocabulary import FLUX1, SD2, SD3, SD15, SDXL, Family
+from .vocabulary import FLUX1, QWEN_IMAGE, SD2, SD3, SD15, SDXL, Z_IMAGE, Family
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ def single_file_unet_in_channels(path: Path) -> int:
     return int(shape[1]) if shape and len(shape) == 4 else 4
 
 
+_Z_IMAGE_LAYER = re.compile(r"(^|[._])layers[._]\d+[._]attention[._]")
+
+
 def lora_family(path: Path) -> Family | None:
     try:
         header = read_safetensors_header(path)
@@ -97,6 +101,12 @@ def lora_family(path: Path) -> Family | None:
         return FLUX1
     if any("joint_blocks" in k for k in keys):
         return SD3
+    # Qwen-Image: its blocks' img_mod / img_mlp / txt_mlp (diffusers/PEFT, kohya/musubi-tuner).
+    if any("img_mod" in k or "img_mlp" in k or "txt_mlp" in k for k in keys):
+        return QWEN_IMAGE
+    # Z-Image: layers.N.attention (diffusers/PEFT) or lora_unet_layers_N_attention (kohya/musubi).
+    if any(_Z_IMAGE_LAYER.search(k) for k in keys):
+        return Z_IMAGE
     if any(k.startswith("transformer.transformer_blocks.") for k in keys):
         return None  # Flux (double blocks only) or SD 3: the keys do not tell; loading will
     if any(k.startswith(("lora_te2_", "lora_te1_", "lora_unet_input_blocks", "lora_unet_output_blocks"))

@@ -1,0 +1,119 @@
+"""Flow-matching families with a language-model text encoder (Qwen-Image, Z-Image) on the
+engine's samplers: their denoisers and prompt encoders (engine/flow.py dispatches here by the
+family's ``conditioning``).
+
+Each transformer has its own conventions, read from its diffusers pipeline's sampling loop:
+
+* Qwen-Image (QwenImagePipeline): latents packed 2x2 as Flux's, timestep = flow time t, the
+  velocity as Flux's. Its "true CFG" takes a negative pass and then rescales the guided
+  velocity of each 2x2 patch to the norm of the conditional one; the pipeline's
+  ``true_cfg_scale`` is our ``cfg_scale`` (CFG 1 = one pass, the negative prompt unused).
+  Prompt and negative prompt have their own lengths and padding masks, so the two passes run
+  one after the other, as the pipeline runs them.
+* Z-Image (ZImagePipeline): a list of [C, 1, h, w] latents and a list of caption sequences
+  (unpadded), timestep 1 - t, and the *negated* velocity. Its CFG is
+  ``pos + g * (pos - neg)``, which is A1111's ``neg + cfg * (pos - neg)`` at cfg = g + 1:
+  ``cfg_scale`` 1 is the pipeline's ``guidance_scale`` 0 (Turbo's setting).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .flow import FlowDenoiser, pack, unpack
+from .guidance import rescale_cfg
+
+
+@dataclass
+class SequenceConditioning:
+    """A language-model encoder's prompt (and negative prompt, when CFG runs a negative pass):
+    Qwen-Image: [1, seq, dim] with a padding mask (None: no padding); Z-Image: [seq, dim]."""
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+    neg_embeds: torch.Tensor | None = None
+    neg_mask: torch.Tensor | None = None
+
+
+class SequenceDenoiser(FlowDenoiser):
+    """The shared part: passes per prompt, A1111's CFG combination (plus CFG rescale)."""
+
+    def passes(self, x_flow: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(velocity of the prompt, velocity of the negative prompt or None), [b, C, h, w] float."""
+        raise NotImplementedError
+
+    def combine(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        guided = neg + (pos - neg) * self.cfg
+        if self.rescale:
+            guided = rescale_cfg(guided, neg, [pos], [1.0], self.rescale)
+        return guided
+
+    def velocity(self, x_flow: torch.Tensor, t: float) -> torch.Tensor:
+        self.on_eval()
+        self.evals += 1
+        pos, neg = self.passes(x_flow, t)
+        return pos if neg is None else self.combine(pos, neg)
+
+
+class QwenImageDenoiser(SequenceDenoiser):
+    def _run(self, x_flow, t, embeds, mask):
+        b, _, h, w = x_flow.shape
+        dev = x_flow.device
+        out = self.transformer(
+            hidden_states=pack(x_flow.to(self.dtype)), timestep=torch.full((b,), t, device=dev, dtype=self.dtype),
+            encoder_hidden_states=embeds.expand(b, -1, -1).to(dev, self.dtype),
+            encoder_hidden_states_mask=None if mask is None else mask.expand(b, -1).to(dev),
+            img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        return unpack(out.float(), h, w)
+
+    def passes(self, x_flow, t):
+        c = self.cond
+        pos = self._run(x_flow, t, c.embeds, c.mask)
+        neg = self._run(x_flow, t, c.neg_embeds, c.neg_mask) if self.negative_pass else None
+        return pos, neg
+
+    def combine(self, pos, neg):
+        # QwenImagePipeline: the guided velocity of each 2x2 patch (a packed token) keeps the
+        # conditional velocity's norm.
+        h, w = pos.shape[-2:]
+        guided = pack(neg + (pos - neg) * self.cfg)
+        guided = guided * (pack(pos).norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+        guided = unpack(guided, h, w)
+        if self.rescale:
+            guided = rescale_cfg(guided, neg, [pos], [1.0], self.rescale)
+        return guided
+
+
+class ZImageDenoiser(SequenceDenoiser):
+    def passes(self, x_flow, t):
+        b = x_flow.shape[0]
+        dev = x_flow.device
+        caps = [self.cond.embeds.to(dev, self.dtype)] * b
+        if self.negative_pass:
+            caps += [self.cond.neg_embeds.to(dev, self.dtype)] * b
+        rows = len(caps) // b
+        latents = list(x_flow.to(self.dtype).repeat(rows, 1, 1, 1).unsqueeze(2).unbind(0))
+        timestep = torch.full((len(caps),), 1.0 - t, device=dev, dtype=self.dtype)
+        out = self.transformer(latents, timestep, caps, return_dict=False)[0]
+        v = -torch.stack([o.float() for o in out]).squeeze(2)  # it predicts noise - x0
+        return (v, None) if rows == 1 else (v[:b], v[b:])
+
+
+DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser}
+
+
+def encode_sequence(loaded, prompt: str, negative: str | None) -> SequenceConditioning:
+    """The pipeline's own encode_prompt (its chat template, its hidden-state layer)."""
+    pipe = loaded.pipe
+    device = pipe._execution_device
+    if loaded.spec.conditioning == "qwen-image":
+        embeds, mask = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                          max_sequence_length=1024)
+        cond = SequenceConditioning(embeds, mask)
+        if negative is not None:
+            cond.neg_embeds, cond.neg_mask = pipe.encode_prompt(prompt=negative, device=device,
+                                                                num_images_per_prompt=1, max_sequence_length=1024)
+        return cond
+    pos, neg = pipe.encode_prompt(prompt=prompt, device=device, do_classifier_free_guidance=negative is not None,
+                                  negative_prompt=negative, max_sequence_length=512)
+    return SequenceConditioning(pos[0], None, neg[0] if negative is not None else None)
