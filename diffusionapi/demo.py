@@ -402,10 +402,30 @@ def tiny_z_image_pipeline(seed: int = 0):
                           transformer=transformer)
 
 
+CHROMA_T5 = 32
+
+
+def tiny_chroma_pipeline(seed: int = 0):
+    """Chroma in miniature: Flux.1's layout (16 latent channels packed 2x2, Flux VAE) without CLIP
+    or guidance embedding: T5 alone (masked), modulations from its distilled approximator."""
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=CHROMA_T5,
+                                           axes_dims_rope=(4, 4, 8), approximator_num_channels=8,
+                                           approximator_hidden_dim=32, approximator_layers=1).eval()
+    return ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=_flow_vae(seed),
+                          text_encoder=_t5(CHROMA_T5, seed=seed + 1), tokenizer=tiny_t5_tokenizer(),
+                          transformer=transformer)
+
+
 BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
             "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline,
             "sd3": tiny_sd3_pipeline, "qwen-image": tiny_qwen_image_pipeline,
-            "z-image": tiny_z_image_pipeline}
+            "z-image": tiny_z_image_pipeline, "chroma": tiny_chroma_pipeline}
 
 
 def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:

@@ -20,6 +20,7 @@ class Family(StrEnum):
     FLUX1 = "flux1"
     QWEN_IMAGE = "qwen-image"
     Z_IMAGE = "z-image"
+    CHROMA = "chroma"
 
 
 class ModelFormat(StrEnum):
@@ -31,10 +32,11 @@ class ModelFormat(StrEnum):
 
 SD15, SD2, SDXL, SDXL_REFINER = Family.SD15, Family.SD2, Family.SDXL, Family.SDXL_REFINER
 SD3, FLUX1 = Family.SD3, Family.FLUX1
-QWEN_IMAGE, Z_IMAGE = Family.QWEN_IMAGE, Family.Z_IMAGE
+QWEN_IMAGE, Z_IMAGE, CHROMA = Family.QWEN_IMAGE, Family.Z_IMAGE, Family.CHROMA
 # How each family runs and is recognised: diffusionapi/families (one module per family).
 FAMILY_LABELS = {SD15: "SD 1.5", SD2: "SD 2.x", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner", SD3: "SD 3.x",
-                 FLUX1: "Flux.1", QWEN_IMAGE: "Qwen-Image", Z_IMAGE: "Z-Image"}
+                 FLUX1: "Flux.1", QWEN_IMAGE: "Qwen-Image", Z_IMAGE: "Z-Image",
+                 CHROMA: "Chroma"}
 
 # The demo model (diffusionapi.demo) has a label without a labels file.
 DEMO_MODEL_NAME = "demo-tiny-sd15"

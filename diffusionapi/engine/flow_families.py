@@ -1,6 +1,6 @@
-"""Flow-matching families with a language-model text encoder (Qwen-Image, Z-Image) on the
-engine's samplers: their denoisers and prompt encoders (engine/flow.py dispatches here by the
-family's ``conditioning``).
+"""Flow-matching families whose text conditioning is one masked sequence (Qwen-Image, Z-Image,
+Chroma) on the engine's samplers: their denoisers and prompt encoders (engine/flow.py
+dispatches here by the family's ``conditioning``).
 
 Each transformer has its own conventions, read from its diffusers pipeline's sampling loop:
 
@@ -14,6 +14,9 @@ Each transformer has its own conventions, read from its diffusers pipeline's sam
   (unpadded), timestep 1 - t, and the *negated* velocity. Its CFG is
   ``pos + g * (pos - neg)``, which is A1111's ``neg + cfg * (pos - neg)`` at cfg = g + 1:
   ``cfg_scale`` 1 is the pipeline's ``guidance_scale`` 0 (Turbo's setting).
+* Chroma (ChromaPipeline): Flux.1's packing, positions and timestep (flow time t), T5 alone
+  with its padding masked except the first pad token (the pipeline's rule), no guidance
+  embedding; plain CFG, ``guidance_scale`` = ``cfg_scale``.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flow import FlowDenoiser, pack, unpack
+from .flow import FlowDenoiser, image_ids, pack, unpack
 from .guidance import rescale_cfg
 
 
@@ -99,7 +102,30 @@ class ZImageDenoiser(SequenceDenoiser):
         return (v, None) if rows == 1 else (v[:b], v[b:])
 
 
-DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser}
+class ChromaDenoiser(SequenceDenoiser):
+    def _run(self, x_flow, t, embeds, mask):
+        b, _, h, w = x_flow.shape
+        dev = x_flow.device
+        img = image_ids(h, w, dev, self.dtype)
+        # The text mask, then every image token (ChromaPipeline._prepare_attention_mask). Kept in
+        # the pipeline's float type as it gives it (the transformer's attention then takes the
+        # pairwise products as an additive bias), so that images equal diffusers' own.
+        full = torch.cat([mask.to(dev, self.dtype), torch.ones(1, len(img), device=dev, dtype=self.dtype)], 1)
+        out = self.transformer(hidden_states=pack(x_flow.to(self.dtype)),
+                               timestep=torch.full((b,), t, device=dev, dtype=self.dtype),
+                               encoder_hidden_states=embeds.expand(b, -1, -1).to(dev, self.dtype),
+                               txt_ids=torch.zeros(embeds.shape[1], 3, device=dev, dtype=self.dtype), img_ids=img,
+                               attention_mask=full.expand(b, -1), return_dict=False)[0]
+        return unpack(out.float(), h, w)
+
+    def passes(self, x_flow, t):
+        c = self.cond
+        pos = self._run(x_flow, t, c.embeds, c.mask)
+        neg = self._run(x_flow, t, c.neg_embeds, c.neg_mask) if self.negative_pass else None
+        return pos, neg
+
+
+DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser, "chroma": ChromaDenoiser}
 
 
 def encode_sequence(loaded, prompt: str, negative: str | None) -> SequenceConditioning:
@@ -114,6 +140,11 @@ def encode_sequence(loaded, prompt: str, negative: str | None) -> SequenceCondit
             cond.neg_embeds, cond.neg_mask = pipe.encode_prompt(prompt=negative, device=device,
                                                                 num_images_per_prompt=1, max_sequence_length=1024)
         return cond
+    if loaded.spec.conditioning == "chroma":
+        embeds, _, mask, neg_embeds, _, neg_mask = pipe.encode_prompt(
+            prompt=prompt, negative_prompt=negative, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=negative is not None, max_sequence_length=512)
+        return SequenceConditioning(embeds, mask, neg_embeds, neg_mask)
     pos, neg = pipe.encode_prompt(prompt=prompt, device=device, do_classifier_free_guidance=negative is not None,
                                   negative_prompt=negative, max_sequence_length=512)
     return SequenceConditioning(pos[0], None, neg[0] if negative is not None else None)

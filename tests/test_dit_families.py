@@ -1,4 +1,4 @@
-"""Qwen-Image and Z-Image (families qwen-image, z-image) on tiny random-weight models: diffusers
+"""Qwen-Image, Z-Image and Chroma (families qwen-image, z-image, chroma) on tiny random-weight models: diffusers
 folders through HTTP, every sampler and schedule on their flow sigmas, CFG with a negative
 prompt, LoRAs, previews, /sdapi and infotext; compared with bare diffusers."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusionapi.demo import tiny_qwen_image_pipeline, tiny_z_image_pipeline
+from diffusionapi.demo import tiny_chroma_pipeline, tiny_qwen_image_pipeline, tiny_z_image_pipeline
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPES
 from diffusionapi.images import read_infotext
 
@@ -19,7 +19,9 @@ from .conftest import LiveServer, make_settings
 
 QWEN = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-qwen-image", fileType="png")
 ZIMG = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-z-image", fileType="png")
-SMALL = {"qwen-image": QWEN, "z-image": ZIMG}
+CHROMA = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-chroma", fileType="png")
+SMALL = {"qwen-image": QWEN, "z-image": ZIMG, "chroma": CHROMA}
+FAMILIES = tuple(SMALL)
 
 
 def px(r):
@@ -53,6 +55,8 @@ def store(tmp_path_factory):
     save_lora(tiny_qwen_image_pipeline(0), ["to_q", "to_k", "to_v", "add_q_proj", "img_mlp.net.2"],
               root / "loras" / "qwen-style.safetensors")
     save_lora(tiny_z_image_pipeline(0), ["to_q", "to_k", "to_v", "to_out.0"], root / "loras" / "zimage-style.safetensors")
+    tiny_chroma_pipeline(0).save_pretrained(root / "models" / "tiny-chroma")
+    save_lora(tiny_chroma_pipeline(0), ["to_q", "to_k", "to_v", "to_out.0"], root / "loras" / "chroma-style.safetensors")
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
     return root
@@ -69,11 +73,12 @@ def test_listed_with_their_family_ids(server):
     models = {m["name"]: m for m in server.client.get("/models").json()["models"]}
     assert (models["tiny-qwen-image"]["family"], models["tiny-qwen-image"]["prediction"]) == ("qwen-image", "flow")
     assert (models["tiny-z-image"]["family"], models["tiny-z-image"]["prediction"]) == ("z-image", "flow")
+    assert (models["tiny-chroma"]["family"], models["tiny-chroma"]["prediction"]) == ("chroma", "flow")
     sd = {m["model_name"]: m for m in server.client.get("/sdapi/v1/sd-models").json()}
-    assert {"tiny-qwen-image", "tiny-z-image"} <= set(sd)
+    assert {"tiny-qwen-image", "tiny-z-image", "tiny-chroma"} <= set(sd)
 
 
-@pytest.mark.parametrize("family", ["qwen-image", "z-image"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_deterministic_and_prompt_sensitive(server, family):
     small = SMALL[family]
     a, b = server.run(**small, seed=3), server.run(**small, seed=3)
@@ -90,10 +95,12 @@ def test_family_defaults(server):
         (4.0, "Euler", "simple")
     z = server.run(**ZIMG, seed=1)
     assert (z["payload"]["cfg_scale"], z["payload"]["sampler_name"]) == (1.0, "Euler")
+    c = server.run(**CHROMA, seed=1)
+    assert (c["payload"]["cfg_scale"], c["payload"]["sampler_name"]) == (5.0, "Euler")
 
 
 def test_negative_prompt_is_used_above_cfg_1(server):
-    for family in ("qwen-image", "z-image"):
+    for family in FAMILIES:
         small = SMALL[family]
         one = px(server.run(**small, seed=2, cfg_scale=1.0))
         assert np.array_equal(one, px(server.run(**small, seed=2, cfg_scale=1.0, negative_prompt="blurry")))
@@ -136,7 +143,22 @@ def test_z_image_equals_bare_diffusers(server, store):
     assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
 
 
-COMBOS = [(f, n, t) for f in ("qwen-image", "z-image") for n in SAMPLER_NAMES for t in SCHEDULER_TYPES
+def test_chroma_equals_bare_diffusers(server, store):
+    """Euler + Simple with CFG 5 and a negative prompt is ChromaPipeline with guidance_scale 5."""
+    from diffusers import ChromaPipeline
+
+    ours = px(server.run(**CHROMA, seed=7, sampler_name="Euler", cfg_scale=5.0, negative_prompt="blurry"))
+    pipe = ChromaPipeline.from_pretrained(store / "models" / "tiny-chroma")
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red cube", negative_prompt="blurry", guidance_scale=5.0, height=64, width=64,
+               num_inference_steps=4, latents=pipe._pack_latents(_noise(7), 1, 16, 8, 8), output_type="np").images[0]
+    ref = np.rint(ref * 255).astype(np.int16)
+    assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
+
+
+# DPM adaptive takes tens of evaluations on random weights: those runs are the slow tier's.
+COMBOS = [pytest.param(f, n, t, marks=[pytest.mark.slow] if n == "DPM adaptive" else [])
+          for f in FAMILIES for n in SAMPLER_NAMES for t in SCHEDULER_TYPES
           if t in SAMPLERS[n].schedules]
 
 
@@ -154,7 +176,8 @@ def test_every_sampler_and_schedule_runs(server, family, sampler, schedule):
     assert result.images[0].params["Sampler"] == SAMPLERS[sampler].base_name
 
 
-@pytest.mark.parametrize("family, lora", [("qwen-image", "qwen-style"), ("z-image", "zimage-style")])
+@pytest.mark.parametrize("family, lora", [("qwen-image", "qwen-style"), ("z-image", "zimage-style"),
+                                          ("chroma", "chroma-style")])
 def test_lora_changes_and_unloads_exactly(server, family, lora):
     small = SMALL[family]
     base = px(server.run(**small, seed=5))
@@ -164,7 +187,7 @@ def test_lora_changes_and_unloads_exactly(server, family, lora):
     assert np.array_equal(styled, tagged)
     assert np.array_equal(base, px(server.run(**small, seed=5)))
     loras = {e["name"]: e for e in server.client.get("/loras").json()["loras"]}
-    assert loras[lora]["family"] == family
+    assert loras[lora]["family"] == ("flux1" if family == "chroma" else family)  # Chroma's are Flux.1's keys
 
 
 def test_a_lora_of_the_other_family_is_refused(server):
@@ -172,7 +195,7 @@ def test_a_lora_of_the_other_family_is_refused(server):
     assert r["state"] == "error" and "is for Z-Image" in r["error"], r
 
 
-@pytest.mark.parametrize("family", ["qwen-image", "z-image"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_previews_change_over_the_steps(server, family):
     from diffusionapi.engine.plan import PreviewPlan
     from diffusionapi.jobs.resolve import resolve_request
@@ -207,7 +230,7 @@ def test_sdapi_txt2img_equals_the_native_job(server):
     assert "Schedule type: SGM Uniform" in r.json()["info"]
 
 
-@pytest.mark.parametrize("family", ["qwen-image", "z-image"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_png_info_reads_the_infotext_back_into_the_same_image(server, family):
     first = server.run(**SMALL[family], seed=21, sampler_name="DPM++ 2M", scheduler_type="beta", cfg_scale=2.5,
                        negative_prompt="blurry")
