@@ -324,16 +324,17 @@ def tiny_qwen25vl_text_encoder(hidden: int = 32, layers: int = 2, seed: int = 0)
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
-def tiny_qwen3_text_encoder(hidden: int = 32, layers: int = 2, seed: int = 0):
-    """Qwen3 (Z-Image's and Flux.2 klein's text encoder) in miniature."""
+def tiny_qwen3_text_encoder(hidden: int = 32, layers: int = 2, seed: int = 0, causal_lm: bool = False):
+    """Qwen3 in miniature: the bare model (Z-Image's text encoder) or, ``causal_lm``, with its LM
+    head (Flux.2 klein's, saved as Qwen3ForCausalLM)."""
     import torch
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     torch.manual_seed(seed)
     cfg = Qwen3Config(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=2, head_dim=hidden // 2, vocab_size=QWEN_VOCAB,
                       max_position_embeddings=2048, pad_token_id=_qwen_token_id("<|endoftext|>"))
-    return Qwen3Model(cfg).eval()
+    return (Qwen3ForCausalLM(cfg) if causal_lm else Qwen3Model(cfg)).eval()
 
 
 def _qwen_image_vae(seed: int = 0, z_dim: int = 16):
@@ -422,10 +423,54 @@ def tiny_chroma_pipeline(seed: int = 0):
                           transformer=transformer)
 
 
+# Flux.2 klein's scheduler config (black-forest-labs/FLUX.2-klein-4B); the pipeline computes mu
+# itself from the token count and the step count (compute_empirical_mu).
+FLUX2_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+# klein takes the stacked hidden states of Qwen3 layers 9, 18 and 27: the tiny encoder has 27.
+FLUX2_TE, FLUX2_TE_LAYERS = 16, 27
+
+
+def _flux2_vae(seed: int = 0, latent_channels: int = 32):
+    """Flux.2's VAE in miniature: 32 latent channels, 8x compression, and the batch-norm
+    statistics over 2x2 patches (128 channels) that normalise its latents (seeded, so they matter)."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4,
+                             layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8, sample_size=64,
+                             use_quant_conv=False, use_post_quant_conv=False).eval()
+    g = torch.Generator().manual_seed(seed + 91)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.2 * torch.randn(vae.bn.running_mean.shape, generator=g))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
+    return vae
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0):
+    """Flux.2 [klein] in miniature: Flux.2's transformer on 32-channel latents patchified 2x2 (128
+    channels per token), Qwen3 hidden states of three layers stacked as the text sequence."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=3 * FLUX2_TE, timestep_guidance_channels=256,
+                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False).eval()
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=_flux2_vae(seed),
+                              text_encoder=tiny_qwen3_text_encoder(FLUX2_TE, FLUX2_TE_LAYERS, seed=seed, causal_lm=True),
+                              tokenizer=tiny_qwen_tokenizer(), transformer=transformer, is_distilled=True)
+
+
 BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
             "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline,
             "sd3": tiny_sd3_pipeline, "qwen-image": tiny_qwen_image_pipeline,
-            "z-image": tiny_z_image_pipeline, "chroma": tiny_chroma_pipeline}
+            "z-image": tiny_z_image_pipeline, "chroma": tiny_chroma_pipeline,
+            "flux2": tiny_flux2_klein_pipeline}
 
 
 def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:

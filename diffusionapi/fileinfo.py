@@ -9,7 +9,7 @@ import re
 import struct
 from pathlib import Path
 
-from .vocabulary import FLUX1, QWEN_IMAGE, SD2, SD3, SD15, SDXL, Z_IMAGE, Family
+from .vocabulary import FLUX1, FLUX2, QWEN_IMAGE, SD2, SD3, SD15, SDXL, Z_IMAGE, Family
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ def lora_family(path: Path) -> Family | None:
     if base.startswith("sd3"):
         return SD3
     keys = [k for k in header if k != "__metadata__"]
+    # Flux.2: its fused single-block projection or its shared modulations (before Flux.1's rule:
+    # it has single_transformer_blocks too).
+    if any("to_qkv_mlp_proj" in k or "stream_modulation" in k for k in keys):
+        return FLUX2
     # Flux LoRAs: diffusers/PEFT (single_transformer_blocks), kohya (lora_unet_double_blocks_),
     # BFL / ai-toolkit / XLabs (double_blocks., single_blocks.). SD 3: joint_blocks in kohya/original.
     if any("single_transformer_blocks" in k or "double_blocks" in k or "single_blocks" in k for k in keys):

@@ -21,6 +21,7 @@ class Family(StrEnum):
     QWEN_IMAGE = "qwen-image"
     Z_IMAGE = "z-image"
     CHROMA = "chroma"
+    FLUX2 = "flux2"
 
 
 class ModelFormat(StrEnum):
@@ -32,11 +33,11 @@ class ModelFormat(StrEnum):
 
 SD15, SD2, SDXL, SDXL_REFINER = Family.SD15, Family.SD2, Family.SDXL, Family.SDXL_REFINER
 SD3, FLUX1 = Family.SD3, Family.FLUX1
-QWEN_IMAGE, Z_IMAGE, CHROMA = Family.QWEN_IMAGE, Family.Z_IMAGE, Family.CHROMA
+QWEN_IMAGE, Z_IMAGE, CHROMA, FLUX2 = Family.QWEN_IMAGE, Family.Z_IMAGE, Family.CHROMA, Family.FLUX2
 # How each family runs and is recognised: diffusionapi/families (one module per family).
 FAMILY_LABELS = {SD15: "SD 1.5", SD2: "SD 2.x", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner", SD3: "SD 3.x",
                  FLUX1: "Flux.1", QWEN_IMAGE: "Qwen-Image", Z_IMAGE: "Z-Image",
-                 CHROMA: "Chroma"}
+                 CHROMA: "Chroma", FLUX2: "Flux.2"}
 
 # The demo model (diffusionapi.demo) has a label without a labels file.
 DEMO_MODEL_NAME = "demo-tiny-sd15"

@@ -1,4 +1,5 @@
-"""Qwen-Image, Z-Image and Chroma (families qwen-image, z-image, chroma) on tiny random-weight models: diffusers
+"""Qwen-Image, Z-Image, Chroma and Flux.2 klein (families qwen-image, z-image, chroma, flux2) on tiny
+random-weight models: diffusers
 folders through HTTP, every sampler and schedule on their flow sigmas, CFG with a negative
 prompt, LoRAs, previews, /sdapi and infotext; compared with bare diffusers."""
 from __future__ import annotations
@@ -11,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusionapi.demo import tiny_chroma_pipeline, tiny_qwen_image_pipeline, tiny_z_image_pipeline
+from diffusionapi.demo import (tiny_chroma_pipeline, tiny_flux2_klein_pipeline, tiny_qwen_image_pipeline,
+                              tiny_z_image_pipeline)
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPES
 from diffusionapi.images import read_infotext
 
@@ -20,7 +22,8 @@ from .conftest import LiveServer, make_settings
 QWEN = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-qwen-image", fileType="png")
 ZIMG = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-z-image", fileType="png")
 CHROMA = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-chroma", fileType="png")
-SMALL = {"qwen-image": QWEN, "z-image": ZIMG, "chroma": CHROMA}
+FLUX2 = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-flux2-klein", fileType="png")
+SMALL = {"qwen-image": QWEN, "z-image": ZIMG, "chroma": CHROMA, "flux2": FLUX2}
 FAMILIES = tuple(SMALL)
 
 
@@ -57,6 +60,9 @@ def store(tmp_path_factory):
     save_lora(tiny_z_image_pipeline(0), ["to_q", "to_k", "to_v", "to_out.0"], root / "loras" / "zimage-style.safetensors")
     tiny_chroma_pipeline(0).save_pretrained(root / "models" / "tiny-chroma")
     save_lora(tiny_chroma_pipeline(0), ["to_q", "to_k", "to_v", "to_out.0"], root / "loras" / "chroma-style.safetensors")
+    tiny_flux2_klein_pipeline(0).save_pretrained(root / "models" / "tiny-flux2-klein")
+    save_lora(tiny_flux2_klein_pipeline(0), ["to_q", "to_k", "to_v", "to_qkv_mlp_proj"],
+              root / "loras" / "flux2-style.safetensors")
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
     return root
@@ -74,8 +80,9 @@ def test_listed_with_their_family_ids(server):
     assert (models["tiny-qwen-image"]["family"], models["tiny-qwen-image"]["prediction"]) == ("qwen-image", "flow")
     assert (models["tiny-z-image"]["family"], models["tiny-z-image"]["prediction"]) == ("z-image", "flow")
     assert (models["tiny-chroma"]["family"], models["tiny-chroma"]["prediction"]) == ("chroma", "flow")
+    assert (models["tiny-flux2-klein"]["family"], models["tiny-flux2-klein"]["prediction"]) == ("flux2", "flow")
     sd = {m["model_name"]: m for m in server.client.get("/sdapi/v1/sd-models").json()}
-    assert {"tiny-qwen-image", "tiny-z-image", "tiny-chroma"} <= set(sd)
+    assert {"tiny-qwen-image", "tiny-z-image", "tiny-chroma", "tiny-flux2-klein"} <= set(sd)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -97,6 +104,8 @@ def test_family_defaults(server):
     assert (z["payload"]["cfg_scale"], z["payload"]["sampler_name"]) == (1.0, "Euler")
     c = server.run(**CHROMA, seed=1)
     assert (c["payload"]["cfg_scale"], c["payload"]["sampler_name"]) == (5.0, "Euler")
+    f = server.run(**FLUX2, seed=1)
+    assert (f["payload"]["cfg_scale"], f["payload"]["sampler_name"]) == (1.0, "Euler")
 
 
 def test_negative_prompt_is_used_above_cfg_1(server):
@@ -156,6 +165,23 @@ def test_chroma_equals_bare_diffusers(server, store):
     assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
 
 
+def test_flux2_klein_equals_bare_diffusers(server, store):
+    """Euler + Simple at CFG 1 is Flux2KleinPipeline (distilled klein): the same noise, patchified
+    2x2 as the pipeline takes it, and the same shift (its mu from 16 tokens and 4 steps)."""
+    from diffusers import Flux2KleinPipeline
+
+    from diffusionapi.engine.vae_io import patchify
+
+    ours = px(server.run(**FLUX2, seed=7, sampler_name="Euler", cfg_scale=1.0))
+    pipe = Flux2KleinPipeline.from_pretrained(store / "models" / "tiny-flux2-klein")
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 32, 8, 8), generator=torch.Generator().manual_seed(7))
+    ref = pipe(prompt="a red cube", guidance_scale=1.0, height=64, width=64, num_inference_steps=4,
+               latents=patchify(noise), output_type="np").images[0]
+    ref = np.rint(ref * 255).astype(np.int16)
+    assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
+
+
 # DPM adaptive takes tens of evaluations on random weights: those runs are the slow tier's.
 COMBOS = [pytest.param(f, n, t, marks=[pytest.mark.slow] if n == "DPM adaptive" else [])
           for f in FAMILIES for n in SAMPLER_NAMES for t in SCHEDULER_TYPES
@@ -177,7 +203,7 @@ def test_every_sampler_and_schedule_runs(server, family, sampler, schedule):
 
 
 @pytest.mark.parametrize("family, lora", [("qwen-image", "qwen-style"), ("z-image", "zimage-style"),
-                                          ("chroma", "chroma-style")])
+                                          ("chroma", "chroma-style"), ("flux2", "flux2-style")])
 def test_lora_changes_and_unloads_exactly(server, family, lora):
     small = SMALL[family]
     base = px(server.run(**small, seed=5))

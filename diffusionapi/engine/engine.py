@@ -281,7 +281,10 @@ class Engine:
         a mask keeps the init latents outside it at every evaluation. ``stage``: "low" (first
         pass), "high" (hires pass), "refiner" (ControlNet units guide the first two)."""
         if loaded.is_flow:
-            den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale, check,
+            # The steps its schedule was made for (make_schedule): Flux.2's shift depends on them.
+            steps = (hires_total_steps(plan.hires.steps, plan.hires.denoising_strength) if stage == "high"
+                     else plan.steps)
+            den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height, steps), plan.cfg_scale, check,
                                      cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale)
         else:
             den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset,
@@ -383,7 +386,7 @@ class Engine:
             if base is not None and base.pipe.transformer.config.get("guidance_embeds", False):
                 params["Distilled CFG Scale"] = plan.distilled_cfg_scale
             if base is not None:  # the shift of this size (Flux.1-dev's depends on it)
-                params["Shift"] = round(base.sigmas_at(plan.width, plan.height).shift, 4)
+                params["Shift"] = round(base.sigmas_at(plan.width, plan.height, plan.steps).shift, 4)
         hashes = lora_hashes_infotext(plan.loras, self.hashes)
         if hashes:
             params["Lora hashes"] = hashes

@@ -1,5 +1,5 @@
 """Flow-matching families whose text conditioning is one masked sequence (Qwen-Image, Z-Image,
-Chroma) on the engine's samplers: their denoisers and prompt encoders (engine/flow.py
+Chroma, Flux.2) on the engine's samplers: their denoisers and prompt encoders (engine/flow.py
 dispatches here by the family's ``conditioning``).
 
 Each transformer has its own conventions, read from its diffusers pipeline's sampling loop:
@@ -17,6 +17,10 @@ Each transformer has its own conventions, read from its diffusers pipeline's sam
 * Chroma (ChromaPipeline): Flux.1's packing, positions and timestep (flow time t), T5 alone
   with its padding masked except the first pad token (the pipeline's rule), no guidance
   embedding; plain CFG, ``guidance_scale`` = ``cfg_scale``.
+* Flux.2 (Flux2KleinPipeline): the engine's [b, 32, h, w] latents patchified 2x2 into 128-channel
+  tokens in row-major order with (t, h, w, l) positions, timestep t, plain CFG (klein base; the
+  distilled klein runs at CFG 1), no guidance embedding on klein (the distilled CFG scale is fed
+  where the transformer has one).
 """
 from __future__ import annotations
 
@@ -125,7 +129,40 @@ class ChromaDenoiser(SequenceDenoiser):
         return pos, neg
 
 
-DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser, "chroma": ChromaDenoiser}
+class Flux2Denoiser(SequenceDenoiser):
+    def __init__(self, loaded, cond, ms, cfg_scale, on_eval, cfg_rescale=0.0, guidance: float | None = None):
+        super().__init__(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
+        self.guidance = guidance if self.transformer.config.get("guidance_embeds", False) else None
+
+    def _run(self, x_flow, t, embeds, text_ids):
+        from .vae_io import patchify
+
+        b = x_flow.shape[0]
+        dev = x_flow.device
+        p = patchify(x_flow.to(self.dtype))
+        _, c, h, w = p.shape
+        # (t, h, w, l) of each token, row-major (Flux2Pipeline._prepare_latent_ids).
+        ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1)).to(dev)
+        guidance = None if self.guidance is None else torch.full((b,), float(self.guidance), device=dev,
+                                                                  dtype=torch.float32)
+        out = self.transformer(hidden_states=p.reshape(b, c, h * w).permute(0, 2, 1),
+                               timestep=torch.full((b,), t, device=dev, dtype=self.dtype), guidance=guidance,
+                               encoder_hidden_states=embeds.expand(b, -1, -1).to(dev, self.dtype),
+                               txt_ids=text_ids.expand(b, -1, -1).to(dev), img_ids=ids.expand(b, -1, -1),
+                               return_dict=False)[0]
+        from .vae_io import unpatchify
+
+        return unpatchify(out[:, :h * w].permute(0, 2, 1).reshape(b, c, h, w).float())
+
+    def passes(self, x_flow, t):
+        c = self.cond
+        pos = self._run(x_flow, t, c.embeds, c.mask)
+        neg = self._run(x_flow, t, c.neg_embeds, c.neg_mask) if self.negative_pass else None
+        return pos, neg
+
+
+DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser, "chroma": ChromaDenoiser,
+             "flux2": Flux2Denoiser}
 
 
 def encode_sequence(loaded, prompt: str, negative: str | None) -> SequenceConditioning:
@@ -139,6 +176,13 @@ def encode_sequence(loaded, prompt: str, negative: str | None) -> SequenceCondit
         if negative is not None:
             cond.neg_embeds, cond.neg_mask = pipe.encode_prompt(prompt=negative, device=device,
                                                                 num_images_per_prompt=1, max_sequence_length=1024)
+        return cond
+    if loaded.spec.conditioning == "flux2":  # the "mask" slot carries its text positions
+        embeds, ids = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, max_sequence_length=512)
+        cond = SequenceConditioning(embeds, ids)
+        if negative is not None:
+            cond.neg_embeds, cond.neg_mask = pipe.encode_prompt(prompt=negative, device=device, num_images_per_prompt=1,
+                                                                max_sequence_length=512)
         return cond
     if loaded.spec.conditioning == "chroma":
         embeds, _, mask, neg_embeds, _, neg_mask = pipe.encode_prompt(

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..fileinfo import CheckpointError, ckpt_keys, read_safetensors_header
-from . import chroma, flux1, qwen_image, sd2, sd3, sd15, sdxl, sdxl_refiner, z_image
+from . import chroma, flux1, flux2, qwen_image, sd2, sd3, sd15, sdxl, sdxl_refiner, z_image
 from .spec import Detected, FamilySpec, FolderConfigs
 
 __all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfigs", "UnknownFamily",
@@ -23,7 +23,7 @@ __all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfi
 
 
 # Most specific first: the first family whose rule matches wins.
-FAMILIES: tuple[FamilySpec, ...] = (qwen_image.SPEC, z_image.SPEC, chroma.SPEC,
+FAMILIES: tuple[FamilySpec, ...] = (qwen_image.SPEC, z_image.SPEC, chroma.SPEC, flux2.SPEC,
                                     flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC, sd2.SPEC, sd15.SPEC)
 BY_ID: dict[str, FamilySpec] = {f.id: f for f in FAMILIES}
 LABELS: dict[str, str] = {f.id: f.label for f in FAMILIES}

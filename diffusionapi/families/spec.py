@@ -51,5 +51,6 @@ class FamilySpec:
     single_files: str | None = None           # None: single files load; else why not (yet)
     gpu_dtype: str = "float16"                # weights' type on GPUs (Flux overflows fp16: bfloat16)
     distilled_guidance: bool = False          # guidance-distilled models take distilled_cfg_scale
+    empirical_shift: bool = False             # flow shift from image tokens and step count (Flux.2)
     checkpoint_prediction: Callable[[set[str], Path], "tuple[str, bool] | None"] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
