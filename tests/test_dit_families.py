@@ -75,6 +75,33 @@ def server(store, tmp_path_factory):
         yield s
 
 
+@pytest.mark.parametrize("keys, family", [
+    ({"transformer_blocks.0.img_mod.1.weight", "transformer_blocks.0.txt_mod.1.weight"}, "qwen-image"),
+    ({"model.diffusion_model.transformer_blocks.0.img_mod.1.weight",
+      "model.diffusion_model.transformer_blocks.0.txt_mod.1.weight"}, "qwen-image"),
+    ({"noise_refiner.0.attention.to_q.weight", "context_refiner.0.attention.to_q.weight"}, "z-image"),
+    ({"distilled_guidance_layer.in_proj.weight", "double_blocks.0.img_attn.qkv.weight"}, "chroma"),
+    ({"double_stream_modulation_img.lin.weight", "double_blocks.0.img_attn.qkv.weight"}, "flux2"),
+])
+def test_single_files_are_recognised_and_refused_with_the_reason(keys, family):
+    from diffusionapi.families import BY_ID, detect_checkpoint_keys
+
+    assert detect_checkpoint_keys(keys).family == family
+    assert "diffusers folder" in BY_ID[family].single_files
+
+
+def test_flux2_dev_folders_are_not_taken_for_flux1(tmp_path):
+    import json
+
+    from diffusionapi.families import UnknownFamily, detect_folder
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel"}))
+    with pytest.raises(UnknownFamily):
+        detect_folder(tmp_path)
+
+
 def test_listed_with_their_family_ids(server):
     models = {m["name"]: m for m in server.client.get("/models").json()["models"]}
     assert (models["tiny-qwen-image"]["family"], models["tiny-qwen-image"]["prediction"]) == ("qwen-image", "flow")

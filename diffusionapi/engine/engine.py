@@ -23,7 +23,8 @@ from .controlnet.units import ControlState, infotext_params as controlnet_infote
 from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
 from .embeddings import EmbeddingTensors
 from .prompts import extract_extra_networks
-from .flow import FLOW_FAMILIES, encode_flow, make_flow_denoiser, plain_prompt
+from .flow import FLOW_FAMILIES, plain_prompt
+from .flow_families import encode as encode_flow, make_denoiser as make_flow_denoiser
 from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
 from .upscalers import UpscalerCache, UpscalerError, upscale_image
 

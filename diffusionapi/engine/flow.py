@@ -294,12 +294,6 @@ class SD3Denoiser(FlowDenoiser):
 
 def make_flow_denoiser(loaded, cond: FlowConditioning, ms: FlowSigmas, cfg_scale: float, on_eval,
                        cfg_rescale: float = 0.0, guidance: float | None = None) -> FlowDenoiser:
-    from .flow_families import DENOISERS
-
-    if loaded.spec.conditioning == "flux2":
-        return DENOISERS["flux2"](loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
-    if loaded.spec.conditioning in DENOISERS:
-        return DENOISERS[loaded.spec.conditioning](loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
     if loaded.spec.conditioning == "flux":
         return FluxDenoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
     return SD3Denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
@@ -317,12 +311,7 @@ def plain_prompt(prompt: str, steps: int) -> str:
 
 
 def encode_flow(loaded, prompt: str, negative: str | None) -> FlowConditioning:
-    """The pipeline's own encoders: Flux T5 up to 512 tokens, SD 3 up to 256 (their defaults);
-    the language-model families in engine/flow_families.py."""
-    from .flow_families import DENOISERS, encode_sequence
-
-    if loaded.spec.conditioning in DENOISERS:
-        return encode_sequence(loaded, prompt, negative)
+    """The pipeline's own encoders: Flux T5 up to 512 tokens, SD 3 up to 256 (their defaults)."""
     pipe = loaded.pipe
     device = pipe._execution_device
     if loaded.spec.conditioning == "flux":

@@ -1,6 +1,7 @@
 """Flow-matching families whose text conditioning is one masked sequence (Qwen-Image, Z-Image,
-Chroma, Flux.2) on the engine's samplers: their denoisers and prompt encoders (engine/flow.py
-dispatches here by the family's ``conditioning``).
+Chroma, Flux.2) on the engine's samplers: their denoisers and prompt encoders. The engine calls
+:func:`make_denoiser` and :func:`encode` for every flow family; Flux.1 and SD 3.x go on to
+engine/flow.py.
 
 Each transformer has its own conventions, read from its diffusers pipeline's sampling loop:
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flow import FlowDenoiser, image_ids, pack, unpack
+from .flow import FlowDenoiser, encode_flow, image_ids, make_flow_denoiser, pack, unpack
 from .guidance import rescale_cfg
 
 
@@ -163,6 +164,24 @@ class Flux2Denoiser(SequenceDenoiser):
 
 DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser, "chroma": ChromaDenoiser,
              "flux2": Flux2Denoiser}
+
+
+def make_denoiser(loaded, cond, ms, cfg_scale: float, on_eval, cfg_rescale: float = 0.0,
+                  guidance: float | None = None) -> FlowDenoiser:
+    """The denoiser of any flow family (the distilled guidance goes to the transformers that take it)."""
+    kind = loaded.spec.conditioning
+    if kind == "flux2":
+        return Flux2Denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
+    if kind in DENOISERS:
+        return DENOISERS[kind](loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
+    return make_flow_denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
+
+
+def encode(loaded, prompt: str, negative: str | None):
+    """Any flow family's text conditioning (the pipeline's own encode_prompt)."""
+    if loaded.spec.conditioning in DENOISERS:
+        return encode_sequence(loaded, prompt, negative)
+    return encode_flow(loaded, prompt, negative)
 
 
 def encode_sequence(loaded, prompt: str, negative: str | None) -> SequenceConditioning:
