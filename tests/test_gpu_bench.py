@@ -66,3 +66,23 @@ def test_gpu_benchmark_flow_families_tiny_cpu(tmp_path):
     for x in rows.values():
         assert x["bare_s_per_image"] > 0 and x["service_s_per_image"] > 0 and x["image_max_abs_diff"] <= 3
     assert "| flux1 | 64 | 4 |" in proc.stdout
+
+
+def test_gpu_benchmark_qwen_image_and_flux2_tiny_cpu(tmp_path):
+    """The flow section's Qwen-Image and Flux.2 klein rows (full size on a GPU) on tiny models: bare
+    diffusers and the service make the same image, both timed."""
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
+                           "--families", "", "--flow-families", "qwen-image,flux2", "--sections", "flow",
+                           "--reps", "1", "--out", str(out)],
+                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["errors"] == [], r["errors"]
+    rows = {x["family"]: x for x in r["flow"]}
+    assert set(rows) == {"qwen-image", "flux2"}
+    for x in rows.values():
+        assert x["bare_s_per_image"] > 0 and x["service_s_per_image"] > 0 and x["image_max_abs_diff"] <= 3
+    assert "| qwen-image | 64 | 4 |" in proc.stdout and "| flux2 | 64 | 4 |" in proc.stdout
