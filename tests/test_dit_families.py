@@ -209,8 +209,9 @@ def test_flux2_klein_equals_bare_diffusers(server, store):
     assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
 
 
-# DPM adaptive takes tens of evaluations on random weights: those runs are the slow tier's.
-COMBOS = [pytest.param(f, n, t, marks=[pytest.mark.slow] if n == "DPM adaptive" else [])
+# The fast tier runs every pair on Qwen-Image; the other families' sweeps (each a minute or more
+# on a busy CPU) and DPM adaptive (tens of evaluations on random weights) are the slow tier's.
+COMBOS = [pytest.param(f, n, t, marks=[pytest.mark.slow] if n == "DPM adaptive" or f != "qwen-image" else [])
           for f in FAMILIES for n in SAMPLER_NAMES for t in SCHEDULER_TYPES
           if t in SAMPLERS[n].schedules]
 
