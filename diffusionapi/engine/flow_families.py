@@ -31,24 +31,36 @@ import torch
 
 from .flow import FlowDenoiser, encode_flow, image_ids, make_flow_denoiser, pack, unpack
 from .guidance import rescale_cfg
+from .vae_io import patchify, unpatchify
 
 
 @dataclass
 class SequenceConditioning:
-    """A language-model encoder's prompt (and negative prompt, when CFG runs a negative pass):
-    Qwen-Image: [1, seq, dim] with a padding mask (None: no padding); Z-Image: [seq, dim]."""
+    """The prompt's text sequence (and the negative prompt's, when CFG runs a negative pass):
+    [1, seq, dim] with a padding mask (Qwen-Image: None when nothing is padded; Chroma) or with
+    text positions (Flux.2: [1, seq, 4]); Z-Image: [seq, dim], unpadded."""
     embeds: torch.Tensor
     mask: torch.Tensor | None = None
     neg_embeds: torch.Tensor | None = None
     neg_mask: torch.Tensor | None = None
+    text_ids: torch.Tensor | None = None
+    neg_text_ids: torch.Tensor | None = None
 
 
 class SequenceDenoiser(FlowDenoiser):
-    """The shared part: passes per prompt, A1111's CFG combination (plus CFG rescale)."""
+    """The shared part: one pass per prompt (their sequences differ in length), A1111's CFG
+    combination (plus CFG rescale)."""
+
+    def run(self, x_flow: torch.Tensor, t: float, embeds, mask, text_ids) -> torch.Tensor:
+        """The transformer's velocity for one prompt, [b, C, h, w] float."""
+        raise NotImplementedError
 
     def passes(self, x_flow: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(velocity of the prompt, velocity of the negative prompt or None), [b, C, h, w] float."""
-        raise NotImplementedError
+        """(velocity of the prompt, velocity of the negative prompt or None)."""
+        c = self.cond
+        pos = self.run(x_flow, t, c.embeds, c.mask, c.text_ids)
+        neg = self.run(x_flow, t, c.neg_embeds, c.neg_mask, c.neg_text_ids) if self.negative_pass else None
+        return pos, neg
 
     def combine(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         guided = neg + (pos - neg) * self.cfg
@@ -64,7 +76,7 @@ class SequenceDenoiser(FlowDenoiser):
 
 
 class QwenImageDenoiser(SequenceDenoiser):
-    def _run(self, x_flow, t, embeds, mask):
+    def run(self, x_flow, t, embeds, mask, text_ids):
         b, _, h, w = x_flow.shape
         dev = x_flow.device
         out = self.transformer(
@@ -73,12 +85,6 @@ class QwenImageDenoiser(SequenceDenoiser):
             encoder_hidden_states_mask=None if mask is None else mask.expand(b, -1).to(dev),
             img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
         return unpack(out.float(), h, w)
-
-    def passes(self, x_flow, t):
-        c = self.cond
-        pos = self._run(x_flow, t, c.embeds, c.mask)
-        neg = self._run(x_flow, t, c.neg_embeds, c.neg_mask) if self.negative_pass else None
-        return pos, neg
 
     def combine(self, pos, neg):
         # QwenImagePipeline: the guided velocity of each 2x2 patch (a packed token) keeps the
@@ -108,7 +114,7 @@ class ZImageDenoiser(SequenceDenoiser):
 
 
 class ChromaDenoiser(SequenceDenoiser):
-    def _run(self, x_flow, t, embeds, mask):
+    def run(self, x_flow, t, embeds, mask, text_ids):
         b, _, h, w = x_flow.shape
         dev = x_flow.device
         img = image_ids(h, w, dev, self.dtype)
@@ -123,21 +129,13 @@ class ChromaDenoiser(SequenceDenoiser):
                                attention_mask=full.expand(b, -1), return_dict=False)[0]
         return unpack(out.float(), h, w)
 
-    def passes(self, x_flow, t):
-        c = self.cond
-        pos = self._run(x_flow, t, c.embeds, c.mask)
-        neg = self._run(x_flow, t, c.neg_embeds, c.neg_mask) if self.negative_pass else None
-        return pos, neg
-
 
 class Flux2Denoiser(SequenceDenoiser):
     def __init__(self, loaded, cond, ms, cfg_scale, on_eval, cfg_rescale=0.0, guidance: float | None = None):
         super().__init__(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
         self.guidance = guidance if self.transformer.config.get("guidance_embeds", False) else None
 
-    def _run(self, x_flow, t, embeds, text_ids):
-        from .vae_io import patchify
-
+    def run(self, x_flow, t, embeds, mask, text_ids):
         b = x_flow.shape[0]
         dev = x_flow.device
         p = patchify(x_flow.to(self.dtype))
@@ -151,15 +149,7 @@ class Flux2Denoiser(SequenceDenoiser):
                                encoder_hidden_states=embeds.expand(b, -1, -1).to(dev, self.dtype),
                                txt_ids=text_ids.expand(b, -1, -1).to(dev), img_ids=ids.expand(b, -1, -1),
                                return_dict=False)[0]
-        from .vae_io import unpatchify
-
         return unpatchify(out[:, :h * w].permute(0, 2, 1).reshape(b, c, h, w).float())
-
-    def passes(self, x_flow, t):
-        c = self.cond
-        pos = self._run(x_flow, t, c.embeds, c.mask)
-        neg = self._run(x_flow, t, c.neg_embeds, c.neg_mask) if self.negative_pass else None
-        return pos, neg
 
 
 DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser, "chroma": ChromaDenoiser,
@@ -196,12 +186,12 @@ def encode_sequence(loaded, prompt: str, negative: str | None) -> SequenceCondit
             cond.neg_embeds, cond.neg_mask = pipe.encode_prompt(prompt=negative, device=device,
                                                                 num_images_per_prompt=1, max_sequence_length=1024)
         return cond
-    if loaded.spec.conditioning == "flux2":  # the "mask" slot carries its text positions
+    if loaded.spec.conditioning == "flux2":
         embeds, ids = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, max_sequence_length=512)
-        cond = SequenceConditioning(embeds, ids)
+        cond = SequenceConditioning(embeds, text_ids=ids)
         if negative is not None:
-            cond.neg_embeds, cond.neg_mask = pipe.encode_prompt(prompt=negative, device=device, num_images_per_prompt=1,
-                                                                max_sequence_length=512)
+            cond.neg_embeds, cond.neg_text_ids = pipe.encode_prompt(prompt=negative, device=device,
+                                                                    num_images_per_prompt=1, max_sequence_length=512)
         return cond
     if loaded.spec.conditioning == "chroma":
         embeds, _, mask, neg_embeds, _, neg_mask = pipe.encode_prompt(
