@@ -16,9 +16,8 @@ def matches_checkpoint(keys: set[str]) -> bool:
 
 
 def matches_folder(cfg: FolderConfigs) -> bool:
-    return (cfg.index.get("_class_name") == "ZImagePipeline"
-            or (cfg.transformer.get("_class_name") == "ZImageTransformer2DModel"
-                and cfg.index.get("_class_name", "ZImagePipeline") == "ZImagePipeline"))
+    # The text-to-image pipeline only (Omni's transformer takes image features besides).
+    return cfg.index.get("_class_name") == "ZImagePipeline"
 
 
 SPEC = FamilySpec(
