@@ -254,7 +254,9 @@ def build_full_dit(family: str, device: str):
                                  "rope_theta": 1000000.0, "max_position_embeddings": 128000,
                                  "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default",
                                                   "type": "default"}},
-                    vision_config={"out_hidden_size": 3584}, hidden_size=3584, vocab_size=152064,
+                    vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                                   "out_hidden_size": 3584},
+                    hidden_size=3584, vocab_size=152064,
                     image_token_id=_qwen_token_id("<|image_pad|>"), video_token_id=_qwen_token_id("<|video_pad|>"),
                     vision_start_token_id=_qwen_token_id("<|vision_start|>"),
                     vision_end_token_id=_qwen_token_id("<|vision_end|>"))).eval()
