@@ -237,7 +237,7 @@ def build_full_dit(family: str, device: str):
                            Flux2KleinPipeline, Flux2Transformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
 
-    from diffusionapi.demo import FLUX2_SCHEDULER, QWEN_IMAGE_SCHEDULER, _qwen_token_id, tiny_qwen_tokenizer
+    from diffusionapi.demo import FLUX2_SCHEDULER, QWEN_IMAGE_SCHEDULER, qwen_token_id, tiny_qwen_tokenizer
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -257,9 +257,9 @@ def build_full_dit(family: str, device: str):
                     vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
                                    "out_hidden_size": 3584},
                     hidden_size=3584, vocab_size=152064,
-                    image_token_id=_qwen_token_id("<|image_pad|>"), video_token_id=_qwen_token_id("<|video_pad|>"),
-                    vision_start_token_id=_qwen_token_id("<|vision_start|>"),
-                    vision_end_token_id=_qwen_token_id("<|vision_end|>"))).eval()
+                    image_token_id=qwen_token_id("<|image_pad|>"), video_token_id=qwen_token_id("<|video_pad|>"),
+                    vision_start_token_id=qwen_token_id("<|vision_start|>"),
+                    vision_end_token_id=qwen_token_id("<|vision_end|>"))).eval()
             else:
                 transformer = Flux2Transformer2DModel(
                     patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,

@@ -300,7 +300,7 @@ def tiny_qwen_tokenizer(max_length: int = 1024):
     return fast
 
 
-def _qwen_token_id(name: str) -> int:
+def qwen_token_id(name: str) -> int:
     return 256 + QWEN_SPECIALS.index(name)
 
 
@@ -318,9 +318,9 @@ def tiny_qwen25vl_text_encoder(hidden: int = 32, layers: int = 2, seed: int = 0)
                      "rope_theta": 1000000.0, "max_position_embeddings": 2048},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
                        "out_hidden_size": hidden},
-        hidden_size=hidden, vocab_size=QWEN_VOCAB, image_token_id=_qwen_token_id("<|image_pad|>"),
-        video_token_id=_qwen_token_id("<|video_pad|>"), vision_start_token_id=_qwen_token_id("<|vision_start|>"),
-        vision_end_token_id=_qwen_token_id("<|vision_end|>"))
+        hidden_size=hidden, vocab_size=QWEN_VOCAB, image_token_id=qwen_token_id("<|image_pad|>"),
+        video_token_id=qwen_token_id("<|video_pad|>"), vision_start_token_id=qwen_token_id("<|vision_start|>"),
+        vision_end_token_id=qwen_token_id("<|vision_end|>"))
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
@@ -333,7 +333,7 @@ def tiny_qwen3_text_encoder(hidden: int = 32, layers: int = 2, seed: int = 0, ca
     torch.manual_seed(seed)
     cfg = Qwen3Config(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=2, head_dim=hidden // 2, vocab_size=QWEN_VOCAB,
-                      max_position_embeddings=2048, pad_token_id=_qwen_token_id("<|endoftext|>"))
+                      max_position_embeddings=2048, pad_token_id=qwen_token_id("<|endoftext|>"))
     return (Qwen3ForCausalLM(cfg) if causal_lm else Qwen3Model(cfg)).eval()
 
 
