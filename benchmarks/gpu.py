@@ -46,10 +46,11 @@ FAMILIES = ("sd15", "sdxl")
 FULL = {"sd15": (512, 20), "sdxl": (1024, 20)}
 TINY = {"sd15": (64, 4), "sdxl": (64, 4)}
 # Flow-matching families (section "flow", --flow-families): Flux.1-dev (bf16, CFG 1, distilled
-# guidance 3.5) and SD 3.5 Large (bf16, CFG 4.5), Euler on the Simple schedule.
-FLOW_FULL = {"flux1": (1024, 20), "sd3": (1024, 20)}
-FLOW_TINY = {"flux1": (64, 4), "sd3": (64, 4)}
-FLOW_CFG = {"flux1": 1.0, "sd3": 4.5}
+# guidance 3.5) and SD 3.5 Large (bf16, CFG 4.5), Qwen-Image (bf16, true CFG 4, empty negative
+# prompt) and Flux.2 klein 4B (bf16, distilled: 4 steps, CFG 1), Euler on the Simple schedule.
+FLOW_FULL = {"flux1": (1024, 20), "sd3": (1024, 20), "qwen-image": (1024, 20), "flux2": (1024, 4)}
+FLOW_TINY = {"flux1": (64, 4), "sd3": (64, 4), "qwen-image": (64, 4), "flux2": (64, 4)}
+FLOW_CFG = {"flux1": 1.0, "sd3": 4.5, "qwen-image": 4.0, "flux2": 1.0}
 
 
 # ---------------------------------------------------------------------------- bookkeeping
@@ -225,39 +226,104 @@ def build_full_flow(family: str, device: str):
                                     text_encoder_3=t5_model, tokenizer_3=tiny_t5_tokenizer())
 
 
+def build_full_dit(family: str, device: str):
+    """Full-size Qwen-Image (20B MMDiT, Qwen2.5-VL-7B text encoder, its video-style VAE) or Flux.2
+    klein 4B (5 double + 20 single blocks, 24 heads of 128, Qwen3-4B text encoder whose layers 9,
+    18 and 27 it reads, the 32-channel VAE) with random bf16 weights (fp32 on CPU): the published
+    architectures; the tokenizer is the in-memory Qwen stand-in (random weights do not care which
+    tokens they see). Qwen-Image's folder is about 58 GB: mind the disk."""
+    import torch
+    from diffusers import (AutoencoderKLFlux2, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
+                           Flux2KleinPipeline, Flux2Transformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+
+    from diffusionapi.demo import FLUX2_SCHEDULER, QWEN_IMAGE_SCHEDULER, qwen_token_id, tiny_qwen_tokenizer
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if family == "qwen-image":
+                transformer = QwenImageTransformer2DModel().eval()  # the defaults are Qwen-Image's
+                vae = AutoencoderKLQwenImage().eval()
+                te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+                    text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                 "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                                 "rope_theta": 1000000.0, "max_position_embeddings": 128000,
+                                 "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default",
+                                                  "type": "default"}},
+                    vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                                   "out_hidden_size": 3584},
+                    hidden_size=3584, vocab_size=152064,
+                    image_token_id=qwen_token_id("<|image_pad|>"), video_token_id=qwen_token_id("<|video_pad|>"),
+                    vision_start_token_id=qwen_token_id("<|vision_start|>"),
+                    vision_end_token_id=qwen_token_id("<|vision_end|>"))).eval()
+            else:
+                transformer = Flux2Transformer2DModel(
+                    patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                    num_attention_heads=24, joint_attention_dim=3 * 2560, timestep_guidance_channels=256,
+                    axes_dims_rope=[32, 32, 32, 32], guidance_embeds=False).eval()
+                vae = AutoencoderKLFlux2().eval()
+                te = Qwen3ForCausalLM(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                                  num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                                  vocab_size=151936, max_position_embeddings=40960,
+                                                  rope_theta=1000000.0, tie_word_embeddings=True)).eval()
+    finally:
+        torch.set_default_dtype(old)
+    if family == "qwen-image":
+        return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=vae,
+                                 text_encoder=te, tokenizer=tiny_qwen_tokenizer(), transformer=transformer)
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=vae, text_encoder=te,
+                              tokenizer=tiny_qwen_tokenizer(), transformer=transformer, is_distilled=True)
+
+
 def flow_section(run: Run, work: Path, fam: str, tiny: bool, device: str, reps: int, services: list) -> None:
     """One flow family: build, save as a diffusers folder, bare diffusers (Euler, the Simple
     sigmas, same noise) then the service (Euler + simple), one after the other so each has the
     GPU to itself; images compared, speed ratio and peak VRAM recorded."""
     import numpy as np
     import torch
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import (FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, FluxPipeline, QwenImagePipeline,
+                           StableDiffusion3Pipeline)
     from PIL import Image
+
+    from diffusionapi.engine.vae_io import patchify
 
     size, steps = (FLOW_TINY if tiny else FLOW_FULL)[fam]
     models = work / "flow-models"
     t = time.perf_counter()
-    pipe = build_tiny(fam, device) if tiny else build_full_flow(fam, device)
+    pipe = build_tiny(fam, device) if tiny else (build_full_dit(fam, device) if fam in ("qwen-image", "flux2")
+                                                  else build_full_flow(fam, device))
     build_s = time.perf_counter() - t
     pipe.save_pretrained(models / fam, safe_serialization=True)
     del pipe
     free(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    cls = FluxPipeline if fam == "flux1" else StableDiffusion3Pipeline
+    cls = {"flux1": FluxPipeline, "sd3": StableDiffusion3Pipeline, "qwen-image": QwenImagePipeline,
+           "flux2": Flux2KleinPipeline}[fam]
     t = time.perf_counter()
     bare = cls.from_pretrained(str(models / fam), dtype=dtype, local_files_only=True).to(device)
+    if fam == "qwen-image":  # the service's Simple schedule has no terminal stretch (docs/families.md)
+        bare.scheduler = FlowMatchEulerDiscreteScheduler.from_config(bare.scheduler.config, shift_terminal=None)
     bare.set_progress_bar_config(disable=True)
     bare_load_s = time.perf_counter() - t
     lat = size // 8
     sigmas = list(np.linspace(1.0, 1 / steps, steps))
-    kw = dict(guidance_scale=3.5) if fam == "flux1" else dict(guidance_scale=FLOW_CFG[fam], negative_prompt="")
+    kw = {"flux1": dict(guidance_scale=3.5), "qwen-image": dict(true_cfg_scale=FLOW_CFG[fam], negative_prompt=""),
+          "flux2": dict(guidance_scale=FLOW_CFG[fam])}.get(fam, dict(guidance_scale=FLOW_CFG[fam], negative_prompt=""))
+    channels = 32 if fam == "flux2" else 16
 
     def bare_call(seed: int):
-        noise = torch.randn((1, 16, lat, lat), generator=torch.Generator("cpu").manual_seed(seed))
-        latents = bare._pack_latents(noise, 1, 16, lat, lat) if fam == "flux1" else noise
+        noise = torch.randn((1, channels, lat, lat), generator=torch.Generator("cpu").manual_seed(seed))
+        if fam in ("flux1", "qwen-image"):
+            latents = bare._pack_latents(noise, 1, 16, lat, lat)
+        else:
+            latents = patchify(noise) if fam == "flux2" else noise
         sync(device)
         t0 = time.perf_counter()
-        img = bare(PROMPT, height=size, width=size, num_inference_steps=steps, sigmas=sigmas,
+        img = bare(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, sigmas=sigmas,
                    latents=latents.to(device, dtype), output_type="np", **kw).images[0]
         sync(device)
         return time.perf_counter() - t0, img
@@ -681,8 +747,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds; sections that would overrun are skipped "
                     "(default 430, --quick 195, --tiny none); a section still running 40 s past it is stopped")
     ap.add_argument("--families", default="sd15,sdxl")
-    ap.add_argument("--flow-families", default="", help="section flow: flux1,sd3 (full size: Flux.1-dev, "
-                    "SD 3.5 Large, bf16; about 34 and 26 GB of weights each)")
+    ap.add_argument("--flow-families", default="", help="section flow: flux1,sd3,qwen-image,flux2 (full size: "
+                    "Flux.1-dev, SD 3.5 Large, Qwen-Image, Flux.2 klein 4B, bf16; about 34, 26, 58 and 16 GB of "
+                    "weights each)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile measurements")
     ap.add_argument("--out", type=Path, default=None)

@@ -259,28 +259,6 @@ def tiny_flux_kontext_pipeline(seed: int = 0):
                                                                   "text_encoder_2", "tokenizer_2", "transformer")})
 
 
-# Qwen2.5-VL's chat and vision special tokens, as its prompt templates (Qwen-Image, -Edit) use them.
-QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                       "<|image_pad|>", "<|video_pad|>")
-
-
-def tiny_qwen_tokenizer():
-    """A Qwen2-style byte-level BPE tokenizer built in memory (no merges: one token per byte,
-    then Qwen's special tokens), as a ``Qwen2TokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    fast = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                              unk_token=None, bos_token=None, model_max_length=32768)
-    fast.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
-    fast.add_special_tokens({"pad_token": QWEN_SPECIAL_TOKENS[0]})
-    return fast
-
-
 def tiny_qwen_vl_processor(tokenizer=None, max_pixels: int = 56 * 56):
     """Qwen2VLProcessor for the tiny encoder: Qwen2-VL's image processor (14-pixel patches merged
     2x2; ``max_pixels`` keeps a reference image to a few vision tokens) and the tiny tokenizer."""
@@ -298,7 +276,7 @@ def tiny_qwen_vl_encoder(seed: int = 0, tokenizer=None, hidden: int = 16):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = tokenizer or tiny_qwen_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     torch.manual_seed(seed)
     config = Qwen2_5_VLConfig(
         text_config={"hidden_size": hidden, "intermediate_size": hidden, "num_hidden_layers": 2,
@@ -382,10 +360,206 @@ def tiny_sd3_pipeline(seed: int = 0):
         text_encoder_3=_t5(64, seed=seed + 2), tokenizer_3=tiny_t5_tokenizer())
 
 
+# Qwen's special tokens (Qwen2 / Qwen2.5-VL / Qwen3 chat format), after the 256 byte symbols.
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>")
+QWEN_VOCAB = 256 + len(QWEN_SPECIALS)
+# Qwen3's chat template reduced to what the pipelines render: user turns and the assistant prompt.
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_qwen_tokenizer(max_length: int = 1024):
+    """A Qwen-style byte-level BPE tokenizer built in memory: the 256 byte symbols (GPT-2's
+    byte -> unicode table, as Qwen's), no merges, then Qwen's special tokens; Qwen3's chat
+    format for ``apply_chat_template``."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    fast = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              unk_token=None, bos_token=None, model_max_length=max_length)
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    return fast
+
+
+def qwen_token_id(name: str) -> int:
+    return 256 + QWEN_SPECIALS.index(name)
+
+
+def tiny_qwen25vl_text_encoder(hidden: int = 32, layers: int = 2, seed: int = 0):
+    """Qwen2.5-VL (Qwen-Image's text encoder) in miniature, on ``tiny_qwen_tokenizer``'s vocabulary."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    heads = 2
+    cfg = Qwen2_5_VLConfig(
+        text_config={"hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
+                     "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": QWEN_VOCAB,
+                     "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0, "max_position_embeddings": 2048},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden},
+        hidden_size=hidden, vocab_size=QWEN_VOCAB, image_token_id=qwen_token_id("<|image_pad|>"),
+        video_token_id=qwen_token_id("<|video_pad|>"), vision_start_token_id=qwen_token_id("<|vision_start|>"),
+        vision_end_token_id=qwen_token_id("<|vision_end|>"))
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def tiny_qwen3_text_encoder(hidden: int = 32, layers: int = 2, seed: int = 0, causal_lm: bool = False):
+    """Qwen3 in miniature: the bare model (Z-Image's text encoder) or, ``causal_lm``, with its LM
+    head (Flux.2 klein's, saved as Qwen3ForCausalLM)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=hidden // 2, vocab_size=QWEN_VOCAB,
+                      max_position_embeddings=2048, pad_token_id=qwen_token_id("<|endoftext|>"))
+    return (Qwen3ForCausalLM(cfg) if causal_lm else Qwen3Model(cfg)).eval()
+
+
+def _qwen_image_vae(seed: int = 0, z_dim: int = 16):
+    """Qwen-Image's causal video VAE in miniature: 8x spatial compression, 16 channels,
+    per-channel latents_mean / latents_std normalisation (seeded, not 0/1, so that it matters)."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    g = torch.Generator().manual_seed(seed + 77)
+    mean = (0.5 * torch.randn(z_dim, generator=g)).tolist()
+    std = (1.0 + 0.5 * torch.rand(z_dim, generator=g)).tolist()
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(base_dim=16, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True], latents_mean=mean,
+                                  latents_std=std).eval()
+
+
+# Qwen-Image's published scheduler config (Qwen/Qwen-Image): dynamic shift with exponential
+# time shifting, mu from the image's token count.
+QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                            max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                            time_shift_type="exponential", invert_sigmas=False, shift_terminal=0.02,
+                            stochastic_sampling=False, use_beta_sigmas=False, use_exponential_sigmas=False,
+                            use_karras_sigmas=False)
+QWEN_IMAGE_TE = 32
+
+
+def tiny_qwen_image_pipeline(seed: int = 0):
+    """Qwen-Image in miniature: MMDiT on 16-channel latents packed 2x2, Qwen2.5-VL last hidden
+    states (the chat template's system prefix dropped) as the text sequence."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2,
+                                              joint_attention_dim=QWEN_IMAGE_TE, axes_dims_rope=(4, 6, 6)).eval()
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+                             vae=_qwen_image_vae(seed), text_encoder=tiny_qwen25vl_text_encoder(QWEN_IMAGE_TE, seed=seed),
+                             tokenizer=tiny_qwen_tokenizer(), transformer=transformer)
+
+
+# Z-Image-Turbo's published scheduler config (Tongyi-MAI/Z-Image-Turbo): static shift 3.
+Z_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+Z_IMAGE_TE = 32
+
+
+def tiny_z_image_pipeline(seed: int = 0):
+    """Z-Image in miniature: single-stream DiT on 16-channel Flux-VAE latents (patch 2), Qwen3's
+    second-to-last hidden states of the chat-formatted prompt as the caption."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5,
+                                           qk_norm=True, cap_feat_dim=Z_IMAGE_TE, rope_theta=256.0, t_scale=1000.0,
+                                           axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64]).eval()
+    with torch.no_grad():  # made with torch.empty: give them values
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER), vae=_flow_vae(seed),
+                          text_encoder=tiny_qwen3_text_encoder(Z_IMAGE_TE, seed=seed), tokenizer=tiny_qwen_tokenizer(),
+                          transformer=transformer)
+
+
+CHROMA_T5 = 32
+
+
+def tiny_chroma_pipeline(seed: int = 0):
+    """Chroma in miniature: Flux.1's layout (16 latent channels packed 2x2, Flux VAE) without CLIP
+    or guidance embedding: T5 alone (masked), modulations from its distilled approximator."""
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=CHROMA_T5,
+                                           axes_dims_rope=(4, 4, 8), approximator_num_channels=8,
+                                           approximator_hidden_dim=32, approximator_layers=1).eval()
+    return ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=_flow_vae(seed),
+                          text_encoder=_t5(CHROMA_T5, seed=seed + 1), tokenizer=tiny_t5_tokenizer(),
+                          transformer=transformer)
+
+
+# Flux.2 klein's scheduler config (black-forest-labs/FLUX.2-klein-4B); the pipeline computes mu
+# itself from the token count and the step count (compute_empirical_mu).
+FLUX2_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+# klein takes the stacked hidden states of Qwen3 layers 9, 18 and 27: the tiny encoder has 27.
+FLUX2_TE, FLUX2_TE_LAYERS = 16, 27
+
+
+def _flux2_vae(seed: int = 0, latent_channels: int = 32):
+    """Flux.2's VAE in miniature: 32 latent channels, 8x compression, and the batch-norm
+    statistics over 2x2 patches (128 channels) that normalise its latents (seeded, so they matter)."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4,
+                             layers_per_block=1, latent_channels=latent_channels, norm_num_groups=8, sample_size=64,
+                             use_quant_conv=False, use_post_quant_conv=False).eval()
+    g = torch.Generator().manual_seed(seed + 91)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.2 * torch.randn(vae.bn.running_mean.shape, generator=g))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
+    return vae
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0):
+    """Flux.2 [klein] in miniature: Flux.2's transformer on 32-channel latents patchified 2x2 (128
+    channels per token), Qwen3 hidden states of three layers stacked as the text sequence."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=3 * FLUX2_TE, timestep_guidance_channels=256,
+                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False).eval()
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=_flux2_vae(seed),
+                              text_encoder=tiny_qwen3_text_encoder(FLUX2_TE, FLUX2_TE_LAYERS, seed=seed, causal_lm=True),
+                              tokenizer=tiny_qwen_tokenizer(), transformer=transformer, is_distilled=True)
+
+
 BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
             "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline,
             "sd3": tiny_sd3_pipeline, "flux1-kontext": tiny_flux_kontext_pipeline,
-            "qwen-image-edit": tiny_qwen_image_edit_pipeline}
+            "qwen-image-edit": tiny_qwen_image_edit_pipeline, "qwen-image": tiny_qwen_image_pipeline,
+            "z-image": tiny_z_image_pipeline, "chroma": tiny_chroma_pipeline,
+            "flux2": tiny_flux2_klein_pipeline}
 
 
 def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from pathlib import Path
 
-from .vocabulary import FLUX1, SD2, SD3, SD15, SDXL, Family
+from .vocabulary import FLUX1, FLUX2, QWEN_IMAGE, SD2, SD3, SD15, SDXL, Z_IMAGE, Family
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ def single_file_unet_in_channels(path: Path) -> int:
     return int(shape[1]) if shape and len(shape) == 4 else 4
 
 
+_Z_IMAGE_LAYER = re.compile(r"(^|[._])layers[._]\d+[._]attention[._]")
+
+
 def lora_family(path: Path) -> Family | None:
     try:
         header = read_safetensors_header(path)
@@ -110,12 +114,22 @@ def lora_family(path: Path) -> Family | None:
     if base.startswith("sd3"):
         return SD3
     keys = [k for k in header if k != "__metadata__"]
+    # Flux.2: its fused single-block projection or its shared modulations (before Flux.1's rule:
+    # it has single_transformer_blocks too).
+    if any("to_qkv_mlp_proj" in k or "stream_modulation" in k for k in keys):
+        return FLUX2
     # Flux LoRAs: diffusers/PEFT (single_transformer_blocks), kohya (lora_unet_double_blocks_),
     # BFL / ai-toolkit / XLabs (double_blocks., single_blocks.). SD 3: joint_blocks in kohya/original.
     if any("single_transformer_blocks" in k or "double_blocks" in k or "single_blocks" in k for k in keys):
         return FLUX1
     if any("joint_blocks" in k for k in keys):
         return SD3
+    # Qwen-Image: its blocks' img_mod / img_mlp / txt_mlp (diffusers/PEFT, kohya/musubi-tuner).
+    if any("img_mod" in k or "img_mlp" in k or "txt_mlp" in k for k in keys):
+        return QWEN_IMAGE
+    # Z-Image: layers.N.attention (diffusers/PEFT) or lora_unet_layers_N_attention (kohya/musubi).
+    if any(_Z_IMAGE_LAYER.search(k) for k in keys):
+        return Z_IMAGE
     if any(k.startswith("transformer.transformer_blocks.") for k in keys):
         return None  # Flux (double blocks only) or SD 3: the keys do not tell; loading will
     if any(k.startswith(("lora_te2_", "lora_te1_", "lora_unet_input_blocks", "lora_unet_output_blocks"))

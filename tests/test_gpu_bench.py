@@ -100,3 +100,39 @@ def test_gpu_benchmark_round2_sections_tiny_cpu(tmp_path):
     assert h["disk"]["switch_back_load_s"] > 0 and h["host_ram"]["switch_back_load_s"] >= 0
     for text in ("| compile (fast mode), fresh process", "| step cache |", "model switch back"):
         assert text in proc.stdout, text
+
+
+def test_gpu_benchmark_qwen_image_and_flux2_tiny_cpu(tmp_path):
+    """The flow section's Qwen-Image and Flux.2 klein rows (full size on a GPU) on tiny models: bare
+    diffusers and the service make the same image, both timed."""
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
+                           "--families", "", "--flow-families", "qwen-image,flux2", "--sections", "flow",
+                           "--reps", "1", "--out", str(out)],
+                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["errors"] == [], r["errors"]
+    rows = {x["family"]: x for x in r["flow"]}
+    assert set(rows) == {"qwen-image", "flux2"}
+    for x in rows.values():
+        assert x["bare_s_per_image"] > 0 and x["service_s_per_image"] > 0 and x["image_max_abs_diff"] <= 3
+    assert "| qwen-image | 64 | 4 |" in proc.stdout and "| flux2 | 64 | 4 |" in proc.stdout
+
+
+def test_full_size_qwen_image_and_flux2_builds_have_the_published_sizes():
+    """The full-size builders (on the meta device: no memory) make the published architectures:
+    Qwen-Image's 20.4B transformer and 8.3B Qwen2.5-VL-7B, Flux.2 klein's 3.9B transformer and
+    4.0B Qwen3-4B."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu
+
+    def billions(module):
+        return round(sum(p.numel() for p in module.parameters()) / 1e9, 1)
+
+    qwen = gpu.build_full_dit("qwen-image", "meta")
+    assert (billions(qwen.transformer), billions(qwen.text_encoder)) == (20.4, 8.3)
+    klein = gpu.build_full_dit("flux2", "meta")
+    assert (billions(klein.transformer), billions(klein.text_encoder)) == (3.9, 4.0)

@@ -18,12 +18,13 @@ from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
 from .plan import (Cancelled, GeneratedImage, GenerationError, GenerationPlan, GenerationResult, JobCancelled, Report,
                    StepObserver, UpscalePlan, hires_total_steps)
-from . import img2img
+from . import img2img, vae_io
 from .controlnet.units import ControlState, infotext_params as controlnet_infotext
 from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
 from .embeddings import EmbeddingTensors
 from .prompts import extract_extra_networks
-from .flow import FLOW_FAMILIES, encode_flow, make_flow_denoiser, plain_prompt
+from .flow import FLOW_FAMILIES, plain_prompt
+from .flow_families import encode as encode_flow, make_denoiser as make_flow_denoiser
 from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
 from .upscalers import UpscalerCache, UpscalerError, upscale_image
 
@@ -181,7 +182,7 @@ class Engine:
         live = LiveJob(observer, plan.preview, family=base.family, model_name=plan.model.name,
                        vae_approx_dir=self.settings.vae_approx_dir,
                        image_size=(plan.final_width, plan.final_height), taesd=self.taesd,
-                       latent_channels=int(base.pipe.vae.config.latent_channels),
+                       latent_channels=vae_io.latent_channels(base.pipe.vae),
                        fit_factors=lambda: self._fitted_preview_factors(base))
 
         images = []
@@ -234,7 +235,7 @@ class Engine:
         first_phase = "initial generation" if hires else "generation"
         noise = NoiseFactory.for_seeds(seeds)
         schedule = make_schedule(base, plan.sampler, plan.steps, (plan.width, plan.height))
-        shape = (n, base.pipe.vae.config.latent_channels, plan.height // 8, plan.width // 8)
+        shape = (n, vae_io.latent_channels(base.pipe.vae), plan.height // 8, plan.width // 8)
         init_z = None
         if init is None:
             x = noise.initial(shape, self.device) * schedule.start_sigma
@@ -308,7 +309,10 @@ class Engine:
         if self._step_cache is not None and self._step_cache.serves(loaded):
             self._step_cache.begin_stage()  # a new sampling run: no state from the last one
         if loaded.is_flow:
-            den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height), plan.cfg_scale, check,
+            # The steps its schedule was made for (make_schedule): Flux.2's shift depends on them.
+            steps = (hires_total_steps(plan.hires.steps, plan.hires.denoising_strength) if stage == "high"
+                     else plan.steps)
+            den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height, steps), plan.cfg_scale, check,
                                      cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale,
                                      references=getattr(self, "_references", None))
         else:
@@ -474,7 +478,7 @@ class Engine:
             if base is not None and base.pipe.transformer.config.get("guidance_embeds", False):
                 params["Distilled CFG Scale"] = plan.distilled_cfg_scale
             if base is not None and base.spec.pipeline_sampling is None:  # the shift of this size (Flux.1-dev's depends on it)
-                params["Shift"] = round(base.sigmas_at(plan.width, plan.height).shift, 4)
+                params["Shift"] = round(base.sigmas_at(plan.width, plan.height, plan.steps).shift, 4)
         for i, module in enumerate(plan.model.modules, 1):  # Forge's names for component files
             params[f"Module {i}"] = module.stem
         hashes = lora_hashes_infotext(plan.loras, self.hashes)
@@ -494,12 +498,9 @@ class Engine:
             vae = loaded.pipe.vae
 
             def decode(z):
-                z = z.to(self.device, vae.dtype) / vae.config.scaling_factor
-                if getattr(vae.config, "shift_factor", None):
-                    z = z + vae.config.shift_factor
-                return vae.decode(z, return_dict=False)[0]
+                return vae_io.decode(vae, z.to(self.device, vae.dtype))
 
-            factors = fit_latent_rgb(decode, channels=int(vae.config.latent_channels))
+            factors = fit_latent_rgb(decode, channels=vae_io.latent_channels(vae))
             loaded.preview_factors = factors
         return factors
 
@@ -517,10 +518,7 @@ class Engine:
         vae = self._vae_for(loaded, width, height)
 
         def decode(v):
-            z = latents.to(v.dtype) / v.config.scaling_factor
-            if getattr(v.config, "shift_factor", None):
-                z = z + v.config.shift_factor
-            return v.decode(z, return_dict=False)[0]
+            return vae_io.decode(v, latents.to(v.dtype))
 
         img = fastmode.vae_run(loaded, vae, decode, self.fast)
         if not torch.isfinite(img).all():
@@ -536,11 +534,7 @@ class Engine:
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1)
 
         def encode(v):
-            t = pixels.permute(2, 0, 1).unsqueeze(0).to(self.device, v.dtype)
-            z = v.encode(t, return_dict=False)[0].mode()
-            if getattr(v.config, "shift_factor", None):
-                z = z - v.config.shift_factor
-            return z * v.config.scaling_factor
+            return vae_io.encode(v, pixels.permute(2, 0, 1).unsqueeze(0).to(self.device, v.dtype))
 
         return fastmode.vae_run(loaded, vae, encode, self.fast).float()
 

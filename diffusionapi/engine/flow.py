@@ -104,6 +104,9 @@ class FlowShift:
     max_seq_len: int = 4096
     base_shift: float = 0.5
     max_shift: float = 1.15
+    # Flux.2: mu from the token count and the step count (diffusers' compute_empirical_mu), not
+    # from base/max shift; at ``steps`` None, its pipeline's default 50 steps.
+    empirical: bool = False
 
     @classmethod
     def from_scheduler_config(cls, config) -> "FlowShift":
@@ -111,24 +114,39 @@ class FlowShift:
                    int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096)),
                    float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15)))
 
-    def for_size(self, width: int, height: int, vae_scale: int = 8, patch: int = 2) -> float:
+    def for_size(self, width: int, height: int, vae_scale: int = 8, patch: int = 2, steps: int | None = None) -> float:
         if not self.dynamic:
             return self.shift
         seq_len = (height // (vae_scale * patch)) * (width // (vae_scale * patch))
+        if self.empirical:
+            return math.exp(empirical_mu(seq_len, steps or 50))
         m = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
         mu = seq_len * m + (self.base_shift - m * self.base_seq_len)
         return math.exp(mu)
 
 
+def empirical_mu(seq_len: int, steps: int) -> float:
+    """Flux.2's mu (diffusers' compute_empirical_mu, BFL's fit): linear in the token count at 10
+    and at 200 steps, interpolated linearly in the step count; above 4300 tokens the 200-step line."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if seq_len > 4300:
+        return float(a2 * seq_len + b2)
+    m_200, m_10 = a2 * seq_len + b2, a1 * seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    return float(a * steps + m_200 - 200.0 * a)
+
+
 class FlowModelSigmas:
-    """Per-size sigmas of a loaded flow model (the shift depends on the size), made once each."""
+    """Per-size sigmas of a loaded flow model (the shift depends on the size; Flux.2's also on
+    the step count), made once each."""
 
     def __init__(self, shift: FlowShift, vae_scale: int = 8, patch: int = 2):
         self.shift, self.vae_scale, self.patch = shift, vae_scale, patch
         self._by_shift: dict[float, FlowSigmas] = {}
 
-    def at(self, width: int, height: int) -> FlowSigmas:
-        value = round(self.shift.for_size(width, height, self.vae_scale, self.patch), 12)
+    def at(self, width: int, height: int, steps: int | None = None) -> FlowSigmas:
+        value = round(self.shift.for_size(width, height, self.vae_scale, self.patch, steps), 12)
         if value not in self._by_shift:
             self._by_shift[value] = FlowSigmas(value)
         return self._by_shift[value]

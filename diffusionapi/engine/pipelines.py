@@ -1,6 +1,7 @@
 """Loading pipelines and keeping them resident: a small LRU keyed by model name."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -51,9 +52,10 @@ class LoadedModel:
     def is_flow(self) -> bool:
         return self.flow is not None
 
-    def sigmas_at(self, width: int, height: int):
-        """The noise levels for an image of this size (a flow model's shift depends on it)."""
-        return self.flow.at(width, height) if self.flow is not None else self.sigmas
+    def sigmas_at(self, width: int, height: int, steps: int | None = None):
+        """The noise levels for an image of this size (a flow model's shift depends on it, and
+        Flux.2's on the step count of the schedule too)."""
+        return self.flow.at(width, height, steps) if self.flow is not None else self.sigmas
 
     @property
     def denoiser_module(self):
@@ -143,7 +145,10 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
     lender = share_from.entry.name if share_from is not None and entry.family == SDXL_REFINER else None
     fam = spec(entry.family)
     if fam.prediction == "flow":
-        flow = FlowModelSigmas(FlowShift.from_scheduler_config(config), vae_scale=fam.vae_scale_factor)
+        shift = FlowShift.from_scheduler_config(config)
+        if fam.empirical_shift:
+            shift = dataclasses.replace(shift, empirical=True)
+        flow = FlowModelSigmas(shift, vae_scale=fam.vae_scale_factor)
         return LoadedModel(entry, pipe, flow.at(fam.size, fam.size), config, flow=flow)
     return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config, borrowed_from=lender)
 

@@ -279,7 +279,7 @@ def make_schedule(loaded, sampler: ResolvedSampler, steps: int, size: tuple[int,
     """The whole schedule of ``steps`` steps of ``sampler`` on ``loaded``'s noise schedule
     (for an image of ``size`` = (width, height): a flow model's shift depends on it)."""
     flow = getattr(loaded, "is_flow", False)
-    ms = loaded.sigmas_at(*size) if flow and size else loaded.sigmas
+    ms = loaded.sigmas_at(*size, steps=steps) if flow and size else loaded.sigmas
     cfg = loaded.scheduler_config
     spacing, offset = cfg.get("timestep_spacing", "leading"), int(cfg.get("steps_offset", 0))
     spec = sampler.spec

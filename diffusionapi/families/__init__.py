@@ -15,16 +15,19 @@ import json
 from pathlib import Path
 
 from ..fileinfo import CheckpointError, ckpt_keys, read_model_header
-from . import flux1, flux1_kontext, qwen_image_edit, sd2, sd3, sd15, sdxl, sdxl_refiner
+from . import chroma, flux1, flux1_kontext, flux2, qwen_image, qwen_image_edit, sd2, sd3, sd15, sdxl, sdxl_refiner, z_image
 from .spec import Detected, FamilySpec, FolderConfigs
 
 __all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfigs", "UnknownFamily",
            "detect_checkpoint_keys", "detect_folder", "detect_single_file", "folder_pipeline", "spec"]
 
 
-# Most specific first: the first family whose rule matches wins (flux1-kontext before flux1:
-# a Kontext folder has Flux.1's transformer and a pipeline class starting with "Flux").
-FAMILIES: tuple[FamilySpec, ...] = (qwen_image_edit.SPEC, flux1_kontext.SPEC, flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC, sd2.SPEC, sd15.SPEC)
+# Most specific first: the first family whose rule matches wins (the editing families before
+# the ones whose transformer they share: qwen-image-edit before qwen-image, flux1-kontext before
+# flux1; flux2 before flux1, whose pipeline class names start alike).
+FAMILIES: tuple[FamilySpec, ...] = (qwen_image_edit.SPEC, flux1_kontext.SPEC, qwen_image.SPEC, z_image.SPEC,
+                                    chroma.SPEC, flux2.SPEC, flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC,
+                                    sd2.SPEC, sd15.SPEC)
 BY_ID: dict[str, FamilySpec] = {f.id: f for f in FAMILIES}
 LABELS: dict[str, str] = {f.id: f.label for f in FAMILIES}
 

@@ -15,7 +15,8 @@ def matches_checkpoint(keys: set[str]) -> bool:
 
 
 def matches_folder(cfg: FolderConfigs) -> bool:
-    return (cfg.index.get("_class_name", "").startswith("Flux")
+    name = cfg.index.get("_class_name", "")
+    return ((name.startswith("Flux") and not name.startswith("Flux2"))  # Flux.2: families/flux2.py
             or cfg.transformer.get("_class_name") == "FluxTransformer2DModel")
 
 

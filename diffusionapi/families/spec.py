@@ -56,6 +56,7 @@ class FamilySpec:
     scheduler_undistilled: dict | None = None  # a file without guidance embedding (Flux.1 schnell)
     vae_scaling_factor: float = 0.18215
     vae_shift_factor: float | None = None
+    empirical_shift: bool = False             # flow shift from image tokens and step count (Flux.2)
     checkpoint_prediction: Callable[[set[str], Path], "tuple[str, bool] | None"] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     # Instruction editing (POST /edit, and /sdapi/v1/img2img on such a model): "change the

@@ -1,0 +1,31 @@
+"""Chroma (lodestones; Flux.1-schnell derived: 16-channel latents packed 2x2, Flux VAE, T5-XXL
+alone, no guidance embedding, so real CFG with a negative prompt).
+
+Runs through engine/flow.py + engine/flow_families.py on the engine's own samplers. Its LoRAs
+have Flux.1's key names: Flux.1 LoRA files are offered to it (the layers Chroma lacks, the
+per-block modulation, make such a file fail to load with a message)."""
+from __future__ import annotations
+
+from .spec import FamilySpec, FolderConfigs
+
+
+def matches_checkpoint(keys: set[str]) -> bool:
+    # Its guidance approximator, in lodestones' / ComfyUI's files and in diffusers'.
+    return any(k.startswith(("distilled_guidance_layer.", "model.diffusion_model.distilled_guidance_layer."))
+               for k in keys)
+
+
+def matches_folder(cfg: FolderConfigs) -> bool:
+    return (cfg.index.get("_class_name") == "ChromaPipeline"
+            or cfg.transformer.get("_class_name") == "ChromaTransformer2DModel")
+
+
+SPEC = FamilySpec(
+    id="chroma", label="Chroma", pipeline="ChromaPipeline", conditioning="chroma",
+    matches_checkpoint=matches_checkpoint, matches_folder=matches_folder, sampler="Euler",
+    # ChromaPipeline's defaults (made for Chroma1-HD): 35 steps, CFG 5.
+    steps=35, cfg_scale=5.0, size=1024, latent_channels=16, prediction="flow", lora_family="flux1",
+    preview="flux1", gpu_dtype="bfloat16",
+    single_files=("Chroma single files (transformer-only) are recognised but not loaded yet: "
+                  "install the model as a diffusers folder"),
+)
