@@ -302,11 +302,6 @@ def tiny_qwen_image_vae(seed: int = 0, z_dim: int = 16):
                                   latents_std=[1.0] * z_dim).eval()
 
 
-QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
-                            max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
-                            shift_terminal=0.02, time_shift_type="exponential")
-
-
 def tiny_qwen_image_edit_pipeline(seed: int = 0, plus: bool = False):
     """Qwen-Image-Edit (``plus``: Edit Plus, several reference images) in miniature: the tiny
     Qwen2.5-VL encoder reads the prompt and the reference images, the MMDiT transformer sees the
