@@ -82,6 +82,11 @@ def test_table_has_one_spec_per_family_id():
     ({"model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.model.ln_final.weight"},
      "sdxl-refiner"),
     ({"double_blocks.0.img_attn.norm.key_norm.scale", "single_blocks.0.linear1.weight"}, "flux1"),
+    # BFL's Flux blocks carry img_mod / txt_mod too (Qwen-Image's rule must not take them)
+    ({"double_blocks.0.img_mod.lin.weight", "double_blocks.0.txt_mod.lin.weight", "single_blocks.0.linear1.weight"},
+     "flux1"),
+    ({"model.diffusion_model.transformer_blocks.0.img_mod.1.weight",
+      "model.diffusion_model.transformer_blocks.0.txt_mod.1.weight"}, "qwen-image"),
     ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "vae.decoder.conv_in.weight"}, "flux1"),
     ({"single_transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.add_k_proj.weight"}, "flux1"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"}, "sd3"),

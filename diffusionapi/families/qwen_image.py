@@ -9,8 +9,11 @@ from .spec import FamilySpec, FolderConfigs
 
 
 def matches_checkpoint(keys: set[str]) -> bool:
-    # ComfyUI / Qwen's files and diffusers' share the names: img_mod / txt_mod per block.
-    return any(".img_mod." in k for k in keys) and any(".txt_mod." in k for k in keys)
+    # ComfyUI / Qwen's files and diffusers' share the names: img_mod / txt_mod per transformer
+    # block. BFL's Flux files also have img_mod / txt_mod, but under double_blocks.
+    blocks = ("transformer_blocks.", "model.diffusion_model.transformer_blocks.")
+    return (any(k.startswith(blocks) and ".img_mod." in k for k in keys)
+            and any(k.startswith(blocks) and ".txt_mod." in k for k in keys))
 
 
 def matches_folder(cfg: FolderConfigs) -> bool:
