@@ -138,10 +138,10 @@ def test_encoding_plain_text_is_diffusers_and_weights_reach_only_the_clip_tokens
     with torch.no_grad():
         ref, _, ref_pooled, _ = pipe.encode_prompt(prompt="a red cube", prompt_2=None, prompt_3=None, device="cpu",
                                                    do_classifier_free_guidance=False, max_sequence_length=256)
-        plain, pooled = encode_sd3(pipe, "a red cube", "cpu")
-        same, _ = encode_sd3(pipe, "a red (cube:1.0)", "cpu")
-        weighted, w_pooled = encode_sd3(pipe, "a red (cube:1.5)", "cpu")
-        broken, _ = encode_sd3(pipe, "a red BREAK cube", "cpu")
+        plain, pooled, n = encode_sd3(pipe, "a red cube", "cpu")
+        same, _, _ = encode_sd3(pipe, "a red (cube:1.0)", "cpu")
+        weighted, w_pooled, _ = encode_sd3(pipe, "a red (cube:1.5)", "cpu")
+        broken, _, broken_n = encode_sd3(pipe, "a red BREAK cube", "cpu")
     assert torch.equal(plain, ref) and torch.equal(pooled, ref_pooled)
     assert torch.equal(same, plain)
     clip = 77
@@ -149,6 +149,7 @@ def test_encoding_plain_text_is_diffusers_and_weights_reach_only_the_clip_tokens
     assert torch.equal(w_pooled, pooled)
     assert not torch.equal(weighted[:, :clip], plain[:, :clip])
     # BREAK: a second 77-token CLIP chunk in the sequence (Forge's chunks), T5 reads "a red cube".
+    assert (n, broken_n) == (1, 2)
     assert broken.shape[1] == plain.shape[1] + clip and torch.equal(broken[:, 2 * clip:], plain[:, clip:])
 
 

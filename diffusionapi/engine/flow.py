@@ -390,10 +390,10 @@ def first_step_prompt(prompt: str, steps: int) -> str:
 WEIGHTED_CONDITIONING = frozenset({"sd3"})
 
 
-SD3_T5_TOKENS = 256  # T5's part of SD 3's sequence (diffusers' default, padded to it)
+SD3_T5_TOKENS = 256  # T5's part of SD 3's sequence (diffusers' default, padded to it; zeros without T5)
 
 
-def encode_sd3(pipe, text: str, device, min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_sd3(pipe, text: str, device, min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
     """SD 3's joint text sequence as Forge builds it: CLIP-L and CLIP-G chunked as A1111 does
     (75 tokens per chunk, ``BREAK`` closes one), their penultimate hidden states weighted per
     token with A1111's emphasis (engine/conditioning), side by side and zero-padded to T5's
@@ -401,7 +401,8 @@ def encode_sd3(pipe, text: str, device, min_chunks: int = 1) -> tuple[torch.Tens
     CLIP-G's of the first chunk, before weighting (as in A1111 and Forge). A text without
     weights, BREAK or more than 75 tokens gives exactly diffusers' ``encode_prompt``.
     ``min_chunks``: CLIP chunks of the empty text are added up to that many (A1111 pads the
-    shorter of prompt and negative prompt so, and CFG batches the two)."""
+    shorter of prompt and negative prompt so, and CFG batches the two). Returns the sequence,
+    the pooled vectors and the number of CLIP chunks."""
     from .conditioning import EncoderSlot, encode_chunks, tokenize_text
 
     slots = [EncoderSlot(pipe.tokenizer, pipe.text_encoder, "clip_l", True, pooled=True),
@@ -418,7 +419,7 @@ def encode_sd3(pipe, text: str, device, min_chunks: int = 1) -> tuple[torch.Tens
                                     max_sequence_length=SD3_T5_TOKENS, device=device)
     clip = torch.cat(hidden, dim=-1)
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1), n
 
 
 def encode_flow(loaded, prompt: str, negative: str | None) -> FlowConditioning:
@@ -438,16 +439,11 @@ def encode_flow(loaded, prompt: str, negative: str | None) -> FlowConditioning:
         if negative is not None:
             cond.neg_embeds, cond.neg_pooled, _ = one(negative)
         return cond
-    from .conditioning import CHUNK
-
-    def chunks(embeds):  # CLIP chunks of start, 75 tokens, end
-        return (embeds.shape[1] - SD3_T5_TOKENS) // (CHUNK + 2)
-
     with torch.no_grad():
-        embeds, pooled = encode_sd3(pipe, prompt, device)
+        embeds, pooled, n = encode_sd3(pipe, prompt, device)
         cond = FlowConditioning(embeds, pooled, None)
         if negative is not None:
-            cond.neg_embeds, cond.neg_pooled = encode_sd3(pipe, negative, device, chunks(embeds))
-            if chunks(cond.neg_embeds) > chunks(embeds):
-                cond.embeds, _ = encode_sd3(pipe, prompt, device, chunks(cond.neg_embeds))
+            cond.neg_embeds, cond.neg_pooled, neg_n = encode_sd3(pipe, negative, device, n)
+            if neg_n > n:
+                cond.embeds, _, _ = encode_sd3(pipe, prompt, device, neg_n)
     return cond
