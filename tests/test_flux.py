@@ -259,3 +259,13 @@ def test_batches_and_hires_fix(flux_server):
 def test_taesd_previews_are_a_422_pointing_to_approx(flux_server):
     r = flux_server.client.post("/txt2img", json={**SMALL_FLUX, "preview": {"every": 1, "method": "taesd"}})
     assert r.status_code == 422 and "preview" in r.text and "approx" in r.text, r.text
+
+
+def test_prompt_weights_leave_flux_as_the_plain_text(flux_server):
+    """Flux reads CLIP-L only for its pooled vector, which A1111's and Forge's weights never reach
+    (taken before emphasis), and T5 without the syntax here: weights and BREAK give the plain
+    text's image; the words themselves still count."""
+    plain = px(flux_server.run(**SMALL_FLUX, seed=14))
+    assert np.array_equal(plain, px(flux_server.run(**dict(SMALL_FLUX, prompt="a red (cube:1.5)"), seed=14)))
+    assert np.array_equal(plain, px(flux_server.run(**dict(SMALL_FLUX, prompt="a red BREAK cube"), seed=14)))
+    assert not np.array_equal(plain, px(flux_server.run(**dict(SMALL_FLUX, prompt="a red (sphere:1.5)"), seed=14)))

@@ -126,3 +126,40 @@ def test_lora_changes_and_unloads_exactly(sd3_server):
     styled = px(sd3_server.run(**dict(SMALL_SD3, prompt="a red cube <lora:sd3-style:1>"), seed=5))
     assert not np.array_equal(base, styled)
     assert np.array_equal(base, px(sd3_server.run(**SMALL_SD3, seed=5)))
+
+
+def test_encoding_plain_text_is_diffusers_and_weights_reach_only_the_clip_tokens():
+    """engine/flow.encode_sd3: without weights it is the pipeline's own encode_prompt; a weight
+    changes the CLIP part of the sequence (its tokens scaled, the chunk's mean restored) and
+    neither T5's tokens nor the pooled vectors (taken before weighting, as A1111 and Forge do)."""
+    from diffusionapi.engine.flow import encode_sd3
+
+    pipe = tiny_sd3_pipeline(0)
+    with torch.no_grad():
+        ref, _, ref_pooled, _ = pipe.encode_prompt(prompt="a red cube", prompt_2=None, prompt_3=None, device="cpu",
+                                                   do_classifier_free_guidance=False, max_sequence_length=256)
+        plain, pooled, n = encode_sd3(pipe, "a red cube", "cpu")
+        same, _, _ = encode_sd3(pipe, "a red (cube:1.0)", "cpu")
+        weighted, w_pooled, _ = encode_sd3(pipe, "a red (cube:1.5)", "cpu")
+        broken, _, broken_n = encode_sd3(pipe, "a red BREAK cube", "cpu")
+    assert torch.equal(plain, ref) and torch.equal(pooled, ref_pooled)
+    assert torch.equal(same, plain)
+    clip = 77
+    assert weighted.shape == plain.shape and torch.equal(weighted[:, clip:], plain[:, clip:])
+    assert torch.equal(w_pooled, pooled)
+    assert not torch.equal(weighted[:, :clip], plain[:, :clip])
+    # BREAK: a second 77-token CLIP chunk in the sequence (Forge's chunks), T5 reads "a red cube".
+    assert (n, broken_n) == (1, 2)
+    assert broken.shape[1] == plain.shape[1] + clip and torch.equal(broken[:, 2 * clip:], plain[:, clip:])
+
+
+def test_prompt_weights_change_the_image_and_weight_1_does_not(sd3_server):
+    plain = px(sd3_server.run(**SMALL_SD3, seed=6))
+    assert np.array_equal(plain, px(sd3_server.run(**dict(SMALL_SD3, prompt="a red (cube:1.0)"), seed=6)))
+    # Encoded after the plain text: the conditioning cache keys by the text with its weights.
+    weighted = px(sd3_server.run(**dict(SMALL_SD3, prompt="a red (cube:1.5)"), seed=6))
+    assert not np.array_equal(plain, weighted)
+    # BREAK: two CLIP chunks; the negative prompt's encoding is padded to as many for the CFG batch,
+    # and a prompt shorter than its negative prompt the other way.
+    assert not np.array_equal(plain, px(sd3_server.run(**dict(SMALL_SD3, prompt="a red BREAK cube"), seed=6)))
+    assert not np.array_equal(plain, px(sd3_server.run(**SMALL_SD3, seed=6, negative_prompt="dark BREAK blurry")))

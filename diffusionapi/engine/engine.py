@@ -23,7 +23,7 @@ from .controlnet.units import ControlState, infotext_params as controlnet_infote
 from .conditioning import PromptEncoder, encoder_slots, evaluations_per_step, ti_hashes_infotext, usable_embeddings
 from .embeddings import EmbeddingTensors
 from .prompts import extract_extra_networks
-from .flow import FLOW_FAMILIES, plain_prompt
+from .flow import FLOW_FAMILIES, WEIGHTED_CONDITIONING, first_step_prompt, plain_prompt
 from .flow_families import encode as encode_flow, make_denoiser as make_flow_denoiser
 from .sampling import CFGDenoiser, NoiseFactory, encode, img2img_tail, make_schedule
 from .upscalers import UpscalerCache, UpscalerError, upscale_image
@@ -413,8 +413,10 @@ class Engine:
     def _flow_conditioning(self, loaded: LoadedModel, text: "JobText"):
         """A flow family's text conditioning of the prompt (and of the negative prompt when CFG
         runs a negative pass), cached like the CLIP encodings: by model, text and LoRAs."""
-        prompt = plain_prompt(text.prompt, text.steps)
-        negative = plain_prompt(text.negative, text.steps) if text.negative_pass else None
+        # SD 3 reads A1111's weights and BREAK (flow.encode_sd3); the others read plain text.
+        read = first_step_prompt if loaded.spec.conditioning in WEIGHTED_CONDITIONING else plain_prompt
+        prompt = read(text.prompt, text.steps)
+        negative = read(text.negative, text.steps) if text.negative_pass else None
         key = (loaded.entry.name, str(loaded.entry.path), loaded.entry.modules, prompt, negative, text.lora_key)
         cond = self._flow_cache.get(key)
         if cond is None:

@@ -368,18 +368,63 @@ def make_flow_denoiser(loaded, cond: FlowConditioning, ms: FlowSigmas, cfg_scale
 
 
 def plain_prompt(prompt: str, steps: int) -> str:
-    """The text T5 and CLIP read for a Flux prompt: A1111's emphasis brackets and BREAK removed
-    (Forge applies weights to CLIP only; here neither encoder is weighted), prompt editing at
-    its first step."""
-    from .prompts import parse_attention, prompt_schedule
+    """The text T5 reads (and Flux's CLIP-L, whose pooled vector A1111's weights never reach):
+    A1111's emphasis brackets and BREAK removed, prompt editing at its first step."""
+    from .prompts import parse_attention
 
-    first = prompt_schedule(prompt, steps)[0][1] if prompt.strip() else ""
-    parts = [t for t, w in parse_attention(first) if not (t == "BREAK" and w == -1)]
+    # BREAK's parse swallows the spaces around it: it stands for one.
+    parts = [" " if (t, w) == ("BREAK", -1) else t for t, w in parse_attention(first_step_prompt(prompt, steps))]
     return " ".join("".join(parts).split())
 
 
+def first_step_prompt(prompt: str, steps: int) -> str:
+    """The prompt at its first step (prompt editing), emphasis and BREAK kept: what SD 3's CLIP
+    encoders read (:func:`encode_sd3`)."""
+    from .prompts import prompt_schedule
+
+    return prompt_schedule(prompt, steps)[0][1] if prompt.strip() else ""
+
+
+# Families whose flow conditioning reads A1111's emphasis and BREAK (the engine keys its
+# conditioning cache by the text with them): SD 3's CLIP hidden states are part of its sequence.
+WEIGHTED_CONDITIONING = frozenset({"sd3"})
+
+
+SD3_T5_TOKENS = 256  # T5's part of SD 3's sequence (diffusers' default, padded to it; zeros without T5)
+
+
+def encode_sd3(pipe, text: str, device, min_chunks: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """SD 3's joint text sequence as Forge builds it: CLIP-L and CLIP-G chunked as A1111 does
+    (75 tokens per chunk, ``BREAK`` closes one), their penultimate hidden states weighted per
+    token with A1111's emphasis (engine/conditioning), side by side and zero-padded to T5's
+    width, then T5's tokens of the text without the syntax. The pooled vectors are CLIP-L's and
+    CLIP-G's of the first chunk, before weighting (as in A1111 and Forge). A text without
+    weights, BREAK or more than 75 tokens gives exactly diffusers' ``encode_prompt``.
+    ``min_chunks``: CLIP chunks of the empty text are added up to that many (A1111 pads the
+    shorter of prompt and negative prompt so, and CFG batches the two). Returns the sequence,
+    the pooled vectors and the number of CLIP chunks."""
+    from .conditioning import EncoderSlot, encode_chunks, tokenize_text
+
+    slots = [EncoderSlot(pipe.tokenizer, pipe.text_encoder, "clip_l", True, pooled=True),
+             EncoderSlot(pipe.tokenizer_2, pipe.text_encoder_2, "clip_g", True, pooled=True)]
+    per_slot = [tokenize_text(text, s, []) for s in slots]
+    n = max(min_chunks, *(len(c) for c in per_slot))
+    hidden, pooled = [], []
+    for slot, chunks in zip(slots, per_slot):
+        chunks = chunks + tokenize_text("", slot, []) * (n - len(chunks))  # tokenizers that split differently
+        z, p = encode_chunks(slot, chunks, 1)
+        hidden.append(z.to(device, pipe.text_encoder.dtype))
+        pooled.append(p.to(device, pipe.text_encoder.dtype))
+    t5 = pipe._get_t5_prompt_embeds(prompt=plain_prompt(text, 1), num_images_per_prompt=1,
+                                    max_sequence_length=SD3_T5_TOKENS, device=device)
+    clip = torch.cat(hidden, dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1), n
+
+
 def encode_flow(loaded, prompt: str, negative: str | None) -> FlowConditioning:
-    """The pipeline's own encoders: Flux T5 up to 512 tokens, SD 3 up to 256 (their defaults)."""
+    """Flux: the pipeline's own encoders (T5 up to 512 tokens), on plain text. SD 3:
+    :func:`encode_sd3` (T5 up to 256 tokens) on the text with its weights."""
     pipe = loaded.pipe
     device = pipe._execution_device
     if loaded.spec.conditioning == "flux":
@@ -394,7 +439,11 @@ def encode_flow(loaded, prompt: str, negative: str | None) -> FlowConditioning:
         if negative is not None:
             cond.neg_embeds, cond.neg_pooled, _ = one(negative)
         return cond
-    embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
-        prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-        do_classifier_free_guidance=negative is not None, negative_prompt=negative or "", max_sequence_length=256)
-    return FlowConditioning(embeds, pooled, None, neg_embeds, neg_pooled)
+    with torch.no_grad():
+        embeds, pooled, n = encode_sd3(pipe, prompt, device)
+        cond = FlowConditioning(embeds, pooled, None)
+        if negative is not None:
+            cond.neg_embeds, cond.neg_pooled, neg_n = encode_sd3(pipe, negative, device, n)
+            if neg_n > n:
+                cond.embeds, _, _ = encode_sd3(pipe, prompt, device, neg_n)
+    return cond

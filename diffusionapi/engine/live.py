@@ -51,6 +51,9 @@ class LiveJob:
                     decoder = taesd.get(path)
                 except Exception as e:  # noqa: BLE001 - a corrupt file names itself
                     raise GenerationError(f"the TAESD decoder {path.name} could not be loaded: {e}") from e
+                if int(decoder.config.latent_channels) != latent_channels:
+                    raise GenerationError(f"the TAESD decoder {path.name} takes {decoder.config.latent_channels} "
+                                          f"latent channels; this model's latents have {latent_channels}")
 
                 def to_rgb(z):
                     return pv.taesd_rgb(decoder, z)
@@ -96,7 +99,7 @@ def check_preview(method: str, family: str, vae_approx_dir: Path | None) -> str 
     """Why ``method`` cannot give previews for a model of ``family`` (None: it can)."""
     if method == "taesd" and pv.find_taesd(vae_approx_dir, family) is None:
         name = pv.FAMILY_TAESD.get(pv.preview_key(family))
-        if name is None:  # 16-channel families: no TAESD decoder is wired up yet
+        if name is None:  # Flux.2, Qwen-Image: no tiny decoder is wired up for their latents
             return f"no TAESD decoder is supported for this model's family ({family}); use method 'approx'"
         return (f"no TAESD decoder for this model's family ({family}) is installed: put a diffusers "
                 f"AutoencoderTiny folder {name}/ or the file {name}_decoder.pth / .safetensors in "

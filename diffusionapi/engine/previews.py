@@ -8,10 +8,13 @@ Two methods:
   later SDXL fit with bias); a model whose VAE differs can carry its own fit in
   ``<vae-approx dir>/<model name>.json`` (``{"factors": [[r, g, b] x channels], "bias": [r, g, b]}``,
   made with :func:`fit_latent_rgb`). Cost: one tiny matmul at latent resolution.
-* ``taesd``: the "tiny autoencoder" decoder (madebyollin's TAESD / TAESDXL), installed in
-  ``<vae-approx dir>/`` as a diffusers ``AutoencoderTiny`` folder (``taesd/``, ``taesdxl/``) or
-  the original decoder file (``taesd_decoder.pth`` / ``.safetensors``, ``taesdxl_decoder.*``).
-  It decodes the same scaled latents the sampler works on, at full resolution.
+* ``taesd``: the "tiny autoencoder" decoder (madebyollin's TAESD / TAESDXL, and TAESD3 / TAEF1
+  with 16 latent channels), installed in ``<vae-approx dir>/`` as a diffusers ``AutoencoderTiny``
+  folder (``taesd/``, ``taesdxl/``, ``taesd3/``, ``taef1/``) or the original decoder file
+  (``taesd_decoder.pth`` / ``.safetensors``, ``taesdxl_decoder.*``, ``taesd3_decoder.*``,
+  ``taef1_decoder.*``). It decodes the same scaled (and, for the 16-channel VAEs, shifted) latents
+  the sampler works on, at full resolution: the tiny decoders were trained on those, as ComfyUI's
+  previews feed them (engine/vae_io.py keeps every family's latents unpacked, [b, C, h, w]).
 
 The sampling thread only does the tensor part (on the GPU when there is one) and starts an
 asynchronous copy to the CPU; :class:`PreviewSink` waits for that copy and encodes the JPEG on
@@ -74,8 +77,9 @@ SDXL_LATENT_RGB = LatentRGB(((0.3651, 0.4232, 0.4341),
                              (-0.3165, -0.2492, -0.2188)),
                             (0.1084, -0.0175, -0.0011))
 FAMILY_LATENT_RGB = {"sd15": SD15_LATENT_RGB, "sdxl": SDXL_LATENT_RGB, "sdxl-refiner": SDXL_LATENT_RGB}
-# TAESD's own names: one decoder for SD 1.x/2.x latents, one for SDXL's.
-FAMILY_TAESD = {"sd15": "taesd", "sdxl": "taesdxl", "sdxl-refiner": "taesdxl"}
+# The tiny decoders' own names, by preview key (families/: SD 2 previews as SD 1.5; Flux.1 Kontext,
+# Chroma and Z-Image use Flux.1's VAE and preview as flux1).
+FAMILY_TAESD = {"sd15": "taesd", "sdxl": "taesdxl", "sdxl-refiner": "taesdxl", "sd3": "taesd3", "flux1": "taef1"}
 
 
 def latent_rgb_for(family: str, model_name: str | None, vae_approx_dir: Path | None) -> LatentRGB:
@@ -186,7 +190,12 @@ def load_taesd(path: Path, device, dtype: torch.dtype | None = None):
             if not idx.isdigit() or int(idx) < 1:
                 raise ValueError(f"{path.name}: unexpected key {k!r} for a TAESD decoder")
             mapped[f"layers.{int(idx) - 1}.{rest}"] = v
-        vae = AutoencoderTiny()  # TAESD's published architecture is diffusers' default
+        first = mapped.get("layers.0.weight")
+        if first is None or first.ndim != 4:
+            raise ValueError(f"{path.name} is not a TAESD decoder: no first convolution")
+        # TAESD's published architecture is diffusers' default; TAESD3 / TAEF1 differ only in the
+        # latent channels, which the first convolution's input says.
+        vae = AutoencoderTiny(latent_channels=int(first.shape[1]))
         missing, unexpected = vae.decoder.load_state_dict(mapped, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path.name} is not a TAESD decoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -196,7 +205,7 @@ def load_taesd(path: Path, device, dtype: torch.dtype | None = None):
 
 
 def taesd_rgb(decoder, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents [1, 4, h, w] -> [8h, 8w, 3] uint8 (TAESD works on the sampler's latents as is)."""
+    """Scaled latents [1, C, h, w] -> [8h, 8w, 3] uint8 (TAESD works on the sampler's latents as is)."""
     import torch
 
     p = next(decoder.parameters())
