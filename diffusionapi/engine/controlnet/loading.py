@@ -123,6 +123,22 @@ def infer_union_config(sd: dict, unet_config) -> dict:
     return cfg
 
 
+def infer_flux_config(sd: dict, transformer_config) -> dict:
+    """A FluxControlNetModel config from diffusers-layout tensors; the rotary axes (which weights
+    cannot show) from the base transformer's config."""
+    inner, in_channels = sd["x_embedder.weight"].shape
+    head_dim = sd["transformer_blocks.0.attn.norm_q.weight"].shape[0] if "transformer_blocks.0.attn.norm_q.weight" \
+        in sd else dict(transformer_config).get("attention_head_dim", 128)
+    mode = sd.get("controlnet_mode_embedder.weight")
+    return dict(patch_size=1, in_channels=in_channels, num_layers=_count(sd, "transformer_blocks.", 1),
+                num_single_layers=_count(sd, "single_transformer_blocks.", 1), attention_head_dim=head_dim,
+                num_attention_heads=inner // head_dim, joint_attention_dim=sd["context_embedder.weight"].shape[1],
+                pooled_projection_dim=sd["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+                guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in sd,
+                axes_dims_rope=list(dict(transformer_config).get("axes_dims_rope", (16, 56, 56))),
+                num_mode=None if mode is None else mode.shape[0])
+
+
 def control_lora_state(path: Path) -> tuple[dict, dict]:
     """A Control-LoRA file as (full tensors, weight diffs), both in diffusers' ControlNet names.
     The file holds, in the original layout, the ControlNet's own layers (hint block, zero
@@ -229,6 +245,20 @@ def load_controlnet(entry: ControlNetEntry, unet_config, device, dtype, unet=Non
         if unet is None:
             raise ControlNetLoadError("a Control-LoRA needs its base model's UNet")
         model = load_control_lora(entry, unet)
+    elif entry.family == "flux1":
+        from diffusers import FluxControlNetModel
+
+        if entry.format == "diffusers":
+            model = FluxControlNetModel.from_pretrained(str(entry.path), torch_dtype=dtype, local_files_only=True)
+        else:
+            sd = read_state_dict(entry.path)
+            cfg = sidecar_config(entry.path) or infer_flux_config(sd, unet_config)
+            with torch.device("meta"):
+                model = FluxControlNetModel(**cfg)
+            missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)[:2]
+            if missing or unexpected:
+                raise ControlNetLoadError(f"{len(missing)} parameters missing from the file, {len(unexpected)} "
+                                          f"tensors unplaced (e.g. {(missing or unexpected)[0]})")
     elif entry.format == "diffusers":
         if entry.kind == "t2i-adapter":
             from diffusers import T2IAdapter as cls
