@@ -1,6 +1,7 @@
-"""Flux.1 ControlNets (diffusers' FluxControlNetModel: InstantX's, Shakker's union) through HTTP on
-tiny random models: a diffusers folder, a single file in the diffusers key layout, a union model;
-compared with bare diffusers' FluxControlNetPipeline."""
+"""Flux.1 and SD 3.x ControlNets (diffusers' FluxControlNetModel: InstantX's, Shakker's union;
+SD3ControlNetModel: InstantX's and SD 3.5's kind) through HTTP on tiny random models: diffusers
+folders, single files in the diffusers key layout, a union model; compared with bare diffusers'
+FluxControlNetPipeline and StableDiffusion3ControlNetPipeline."""
 from __future__ import annotations
 
 import base64
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusionapi.demo import save_tiny_model, tiny_flux_pipeline
+from diffusionapi.demo import save_tiny_model, tiny_flux_pipeline, tiny_sd3_pipeline
 
 from .conftest import LiveServer, make_settings
 
@@ -35,6 +36,28 @@ def tiny_flux_controlnet(transformer, seed: int, num_mode: int | None = None):
     with torch.no_grad():
         for name, p in cn.named_parameters():
             if name.startswith("controlnet_"):
+                p.normal_(0, 0.3)
+    return cn.eval()
+
+
+def tiny_sd3_controlnet(transformer, seed: int, sd35: bool = False):
+    """An SD3ControlNetModel of the tiny transformer's config: InstantX's kind (text, its own
+    position embedding, zero pooled vector) or SD 3.5's (no text, the transformer's position
+    embedding); the zero-initialised control projections given random weights."""
+    from diffusers import SD3ControlNetModel
+
+    c = transformer.config
+    torch.manual_seed(seed)
+    cn = SD3ControlNetModel(sample_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
+                            out_channels=c.out_channels, num_layers=1, attention_head_dim=c.attention_head_dim,
+                            num_attention_heads=c.num_attention_heads,
+                            joint_attention_dim=None if sd35 else c.joint_attention_dim,
+                            caption_projection_dim=c.caption_projection_dim,
+                            pooled_projection_dim=c.pooled_projection_dim, pos_embed_max_size=c.pos_embed_max_size,
+                            use_pos_embed=not sd35, force_zeros_for_pooled_projection=not sd35)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_blocks", "pos_embed_input")):
                 p.normal_(0, 0.3)
     return cn.eval()
 
@@ -70,9 +93,17 @@ def store(tmp_path_factory):
     cdir = root / "controlnet"
     cn = tiny_flux_controlnet(pipe.transformer, seed=1)
     cn.save_pretrained(cdir / "tiny-cn-flux")
-    (cdir / "flux").mkdir()  # the published single files: the same tensors, diffusers' names
+    for sub in ("flux", "sd3"):
+        (cdir / sub).mkdir()
+    # the published single files: the same tensors, diffusers' names
     save_file({k: v.contiguous() for k, v in cn.state_dict().items()}, str(cdir / "flux" / "cn_flux_single.safetensors"))
     tiny_flux_controlnet(pipe.transformer, seed=2, num_mode=7).save_pretrained(cdir / "tiny-union-flux")
+    sd3 = tiny_sd3_pipeline(0)
+    sd3.save_pretrained(root / "models" / "tiny-sd3")
+    cn3 = tiny_sd3_controlnet(sd3.transformer, seed=3)
+    cn3.save_pretrained(cdir / "tiny-cn-sd3")
+    save_file({k: v.contiguous() for k, v in cn3.state_dict().items()}, str(cdir / "sd3" / "cn_sd3_single.safetensors"))
+    tiny_sd3_controlnet(sd3.transformer, seed=4, sd35=True).save_pretrained(cdir / "tiny-cn-sd35")
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
     return root
@@ -149,13 +180,13 @@ def test_union_modes(server):
     depth, canny = run("Depth"), run("canny")
     assert not np.array_equal(depth, canny) and not np.array_equal(depth, px(server.run(**SMALL)))
     for bad in ("Soft Edge", None):
-        r = server.client.post("/generate", json={**SMALL, "controlnets": [
+        r = server.client.post("/txt2img", json={**SMALL, "controlnets": [
             unit(model="tiny-union-flux", union_control_type=bad)]})
         assert r.status_code == 422 and "controlnets.0.union_control_type" in r.text, r.text
 
 
 def test_wrong_family_is_a_422(server):
-    r = server.client.post("/generate", json={**SMALL, "model": "tiny-sd15", "controlnets": [unit()]})
+    r = server.client.post("/txt2img", json={**SMALL, "model": "tiny-sd15", "controlnets": [unit()]})
     assert r.status_code == 422 and "controlnets.0.model" in r.text and "Flux" in r.text, r.text
 
 
@@ -173,3 +204,44 @@ def test_sdapi_alwayson_controlnet_on_flux(server):
     assert f"ControlNet 0: \"Module: none, Model: {title}" in info["infotexts"][0]
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")).astype(np.int16)
     assert np.array_equal(got, px(server.run(**SMALL, controlnets=[unit()])))
+
+
+SMALL_SD3 = dict(SMALL, model="tiny-sd3", cfg_scale=4.5)
+
+
+def test_sd3_units_change_the_image_weight_0_does_not_and_the_single_file_is_the_folder(server):
+    got = {c["name"]: c for c in server.client.get("/controlnets").json()["controlnets"]}
+    assert {got[n]["family"] for n in ("tiny-cn-sd3", "sd3/cn_sd3_single", "tiny-cn-sd35")} == {"sd3"}
+    plain = px(server.run(**SMALL_SD3))
+    on = px(server.run(**SMALL_SD3, controlnets=[unit(model="tiny-cn-sd3")]))
+    assert np.abs(on - plain).mean() > 1
+    assert np.array_equal(px(server.run(**SMALL_SD3, controlnets=[unit(model="tiny-cn-sd3", weight=0)])), plain)
+    assert np.array_equal(px(server.run(**SMALL_SD3, controlnets=[unit(model="cn_sd3_single")])), on)
+    both = px(server.run(**SMALL_SD3, controlnets=[unit(model="tiny-cn-sd3"), unit(model="tiny-cn-sd35")]))
+    assert not np.array_equal(both, on)
+    # "ControlNet is more important": the negative pass runs without control
+    assert not np.array_equal(px(server.run(**SMALL_SD3, controlnets=[
+        unit(model="tiny-cn-sd3", control_mode="ControlNet is more important")])), on)
+
+
+@pytest.mark.parametrize("name", ["tiny-cn-sd3", "tiny-cn-sd35"])
+def test_equals_bare_diffusers_sd3_controlnet_pipeline(server, store, monkeypatch, name):
+    """Euler + Simple with CFG is StableDiffusion3ControlNetPipeline given the Simple sigmas (the
+    pipeline samples the VAE posterior of the control image; here it takes its mode, as the
+    engine does)."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    ours = px(server.run(**SMALL_SD3, controlnets=[unit(model=name, weight=0.8)]))
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    base = StableDiffusion3Pipeline.from_pretrained(store / "models" / "tiny-sd3")
+    pipe = StableDiffusion3ControlNetPipeline(**base.components,
+                                              controlnet=SD3ControlNetModel.from_pretrained(store / "controlnet" / name))
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(7))
+    ref = pipe("a red cube", control_image=control_image(), controlnet_conditioning_scale=0.8, height=64, width=64,
+               num_inference_steps=4, guidance_scale=4.5, latents=noise, sigmas=list(np.linspace(1.0, 1 / 4, 4)),
+               output_type="np").images[0]
+    ref = np.rint(ref * 255).astype(np.int16)
+    assert np.abs(ref - px(server.run(**SMALL_SD3))).mean() > 1  # (the reference is controlled too)
+    assert np.abs(ours - ref).max() <= 3 and np.abs(ours - ref).mean() < 0.5

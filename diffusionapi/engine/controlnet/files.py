@@ -9,6 +9,7 @@
 tells SD 1.5 from SD 2.x. Flux.1 ControlNets (diffusers' FluxControlNetModel: InstantX's, Shakker's
 union, in a folder or as one file in the diffusers key layout) have the Flux transformer's
 ``controlnet_x_embedder`` and ``controlnet_blocks``; a union one its ``controlnet_mode_embedder``.
+SD 3.x ControlNets (SD3ControlNetModel) have ``pos_embed_input`` and ``controlnet_blocks``.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ def classify(shapes: dict[str, tuple]) -> tuple[str | None, str, str | None]:
     s = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
     if "controlnet_x_embedder.weight" in s and "context_embedder.weight" in s:
         return "flux1", ("controlnet-union" if "controlnet_mode_embedder.weight" in s else "controlnet"), None
+    if "pos_embed_input.proj.weight" in s and "controlnet_blocks.0.weight" in s:
+        return "sd3", "controlnet", None
     if any(k.startswith("double_blocks.") for k in s):  # XLabs' Flux ControlNets (BFL's block names)
         return "flux1", "controlnet", "a Flux ControlNet in XLabs' layout, not read (use the diffusers layout)"
     if any("lora_controlnet" in k for k in s):
@@ -178,8 +181,10 @@ def classify_folder(folder: Path) -> tuple[str | None, str, str | None]:
         return "sdxl", "controlnet-union", None
     if cls == "FluxControlNetModel":
         return "flux1", ("controlnet-union" if cfg.get("num_mode") else "controlnet"), None
-    return None, "controlnet", (f"config.json names {cls or 'no class'}, not a ControlNetModel, FluxControlNetModel "
-                                "or T2IAdapter")
+    if cls == "SD3ControlNetModel":
+        return "sd3", "controlnet", None
+    return None, "controlnet", (f"config.json names {cls or 'no class'}, not a ControlNetModel, FluxControlNetModel, "
+                                "SD3ControlNetModel or T2IAdapter")
 
 
 class ControlNetFiles:

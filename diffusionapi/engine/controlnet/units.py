@@ -282,7 +282,7 @@ class ControlState:
     def wrap(self, loaded, den, stage: str, width: int, height: int):
         """``den`` with its UNet controlled for ``stage`` ("low": first pass, "high": hires pass)."""
         if getattr(loaded, "is_flow", False):
-            return self._wrap_flux(loaded, den, stage, width, height)
+            return self._wrap_flow(loaded, den, stage, width, height)
         active = []
         for u, (detected, mask) in zip(self.plan.controlnets, self.maps):
             if u.weight == 0 or (stage == "low" and u.hires == "high" and self.plan.hires) \
@@ -322,10 +322,11 @@ class ControlState:
                 continue
             yield u, detected, mask
 
-    def _wrap_flux(self, loaded, den, stage: str, width: int, height: int):
-        """A Flux.1 denoiser with its ControlNets (engine/controlnet/flux.py) on its ``control`` hook."""
+    def _wrap_flow(self, loaded, den, stage: str, width: int, height: int):
+        """A Flux.1 or SD 3.x denoiser with its ControlNets (engine/controlnet/transformer.py) on its
+        ``control`` hook."""
         from ..plan import GenerationError
-        from .flux import FluxControl, FluxUnit, control_latents, flux_mode
+        from .transformer import FlowControl, FlowUnit, control_latents, flux_mode, prepare_sd3
 
         if not hasattr(den, "control"):  # (resolve refuses units for other flow families)
             raise GenerationError(f"ControlNets do not run on {loaded.family}")
@@ -338,11 +339,12 @@ class ControlState:
                 raise GenerationError(f"ControlNet {u.entry.name!r} could not be loaded: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
             hint = control_tensor(detected, mask, width, height, u.resize_mode)
-            units.append(FluxUnit(u, model, control_latents(loaded.pipe.vae, hint), flux_mode(u, model)))
+            model = prepare_sd3(model, transformer)
+            units.append(FlowUnit(u, model, control_latents(loaded.pipe.vae, hint, model), flux_mode(u, model)))
         if not units:
             return den
         if den.clock is None:
             den.clock = StepClock()
-        den.control = FluxControl(units, den.clock)
+        den.control = FlowControl(units, den.clock)
         self.stages.append(den.control)
         return den
