@@ -97,13 +97,22 @@ def store(tmp_path_factory):
         (cdir / sub).mkdir()
     # the published single files: the same tensors, diffusers' names
     save_file({k: v.contiguous() for k, v in cn.state_dict().items()}, str(cdir / "flux" / "cn_flux_single.safetensors"))
-    tiny_flux_controlnet(pipe.transformer, seed=2, num_mode=7).save_pretrained(cdir / "tiny-union-flux")
+    union = tiny_flux_controlnet(pipe.transformer, seed=2, num_mode=7)
+    union.save_pretrained(cdir / "tiny-union-flux")
+    save_file({k: v.contiguous() for k, v in union.state_dict().items()},
+              str(cdir / "flux" / "union_flux_single.safetensors"))
+    # XLabs' layout (BFL's block names, its own hint encoder): listed, not read
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(4, 4), "input_hint_block.0.weight":
+               torch.zeros(16, 3, 3, 3)}, str(cdir / "flux" / "flux-canny-controlnet-v3.safetensors"))
     sd3 = tiny_sd3_pipeline(0)
     sd3.save_pretrained(root / "models" / "tiny-sd3")
     cn3 = tiny_sd3_controlnet(sd3.transformer, seed=3)
     cn3.save_pretrained(cdir / "tiny-cn-sd3")
     save_file({k: v.contiguous() for k, v in cn3.state_dict().items()}, str(cdir / "sd3" / "cn_sd3_single.safetensors"))
-    tiny_sd3_controlnet(sd3.transformer, seed=4, sd35=True).save_pretrained(cdir / "tiny-cn-sd35")
+    cn35 = tiny_sd3_controlnet(sd3.transformer, seed=4, sd35=True)
+    cn35.save_pretrained(cdir / "tiny-cn-sd35")
+    save_file({k: v.contiguous() for k, v in cn35.state_dict().items()},
+              str(cdir / "sd3" / "cn_sd35_single.safetensors"))
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
     return root
@@ -125,6 +134,9 @@ def test_listed_as_flux1_controlnets(server):
     assert (got["tiny-cn-flux"]["family"], got["tiny-cn-flux"]["kind"]) == ("flux1", "controlnet")
     assert (got["flux/cn_flux_single"]["family"], got["flux/cn_flux_single"]["format"]) == ("flux1", "single-file")
     assert (got["tiny-union-flux"]["family"], got["tiny-union-flux"]["kind"]) == ("flux1", "controlnet-union")
+    assert got["flux/union_flux_single"]["kind"] == "controlnet-union"
+    xlabs = got["flux/flux-canny-controlnet-v3"]
+    assert xlabs["family"] == "flux1" and "XLabs" in xlabs["error"]
 
 
 def test_a_unit_changes_the_image_weight_0_does_not_and_the_single_file_is_the_folder(server):
@@ -178,6 +190,8 @@ def test_union_modes(server):
         return px(server.run(**SMALL, controlnets=[unit(model="tiny-union-flux", union_control_type=kind)]))
 
     depth, canny = run("Depth"), run("canny")
+    assert np.array_equal(depth, px(server.run(**SMALL, controlnets=[
+        unit(model="union_flux_single", union_control_type="Depth")])))
     assert not np.array_equal(depth, canny) and not np.array_equal(depth, px(server.run(**SMALL)))
     for bad in ("Soft Edge", None):
         r = server.client.post("/txt2img", json={**SMALL, "controlnets": [
@@ -217,8 +231,10 @@ def test_sd3_units_change_the_image_weight_0_does_not_and_the_single_file_is_the
     assert np.abs(on - plain).mean() > 1
     assert np.array_equal(px(server.run(**SMALL_SD3, controlnets=[unit(model="tiny-cn-sd3", weight=0)])), plain)
     assert np.array_equal(px(server.run(**SMALL_SD3, controlnets=[unit(model="cn_sd3_single")])), on)
+    sd35 = px(server.run(**SMALL_SD3, controlnets=[unit(model="tiny-cn-sd35")]))
+    assert np.array_equal(px(server.run(**SMALL_SD3, controlnets=[unit(model="cn_sd35_single")])), sd35)
     both = px(server.run(**SMALL_SD3, controlnets=[unit(model="tiny-cn-sd3"), unit(model="tiny-cn-sd35")]))
-    assert not np.array_equal(both, on)
+    assert not np.array_equal(both, on) and not np.array_equal(both, sd35)
     # "ControlNet is more important": the negative pass runs without control
     assert not np.array_equal(px(server.run(**SMALL_SD3, controlnets=[
         unit(model="tiny-cn-sd3", control_mode="ControlNet is more important")])), on)
