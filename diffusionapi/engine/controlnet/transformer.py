@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from ..flow import pack
-from ..vae_io import encode as vae_encode
 from .plans import ControlUnitPlan
 from .request import FLUX_UNION_MODES, UNION_TYPES
 
@@ -52,10 +51,10 @@ def flux_mode(unit: ControlUnitPlan, model) -> int | None:
     return mode
 
 
-def control_latents(vae, hint: torch.Tensor, model) -> torch.Tensor:
-    """(1, 3, H, W) control map in [0, 1] -> the latents the ControlNet takes (the VAE's mode)."""
-    with torch.no_grad():
-        z = vae_encode(vae, (hint * 2 - 1).to(vae.device, vae.dtype)).float()
+def control_latents(z: torch.Tensor, vae, model) -> torch.Tensor:
+    """The control map's latents as the engine encodes images (the VAE's mode, shifted and
+    scaled) -> what the ControlNet takes."""
+    z = z.float()
     if is_sd3(model):
         if model.config.force_zeros_for_pooled_projection:  # InstantX's: scaled, not shifted
             z = z + float(getattr(vae.config, "shift_factor", 0) or 0) * vae.config.scaling_factor

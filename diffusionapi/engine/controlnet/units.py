@@ -338,9 +338,12 @@ class ControlState:
             except Exception as e:  # noqa: BLE001 - name the file, fail the job
                 raise GenerationError(f"ControlNet {u.entry.name!r} could not be loaded: "
                                       f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
-            hint = control_tensor(detected, mask, width, height, u.resize_mode)
+            # The map at the generation size, encoded as the engine encodes any image (its VAE, offload,
+            # tiling). (An inpainting map's mask is the SD inpaint ControlNet's protocol: not used here.)
+            z = self.engine._encode(loaded, Image.fromarray(np.ascontiguousarray(fit(detected, width, height,
+                                                                                     u.resize_mode))))
             model = prepare_sd3(model, transformer)
-            units.append(FlowUnit(u, model, control_latents(loaded.pipe.vae, hint, model), flux_mode(u, model)))
+            units.append(FlowUnit(u, model, control_latents(z, loaded.pipe.vae, model), flux_mode(u, model)))
         if not units:
             return den
         if den.clock is None:
