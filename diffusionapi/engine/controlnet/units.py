@@ -284,10 +284,7 @@ class ControlState:
         if getattr(loaded, "is_flow", False):
             return self._wrap_flow(loaded, den, stage, width, height)
         active = []
-        for u, (detected, mask) in zip(self.plan.controlnets, self.maps):
-            if u.weight == 0 or (stage == "low" and u.hires == "high" and self.plan.hires) \
-                    or (stage == "high" and u.hires == "low"):
-                continue
+        for u, detected, mask in self._stage_units(stage):
             try:
                 model = self.cache.get(u.entry, loaded.pipe.unet, self.engine.device)
             except Exception as e:  # noqa: BLE001 - name the file, fail the job
@@ -332,7 +329,7 @@ class ControlState:
             raise GenerationError(f"ControlNets do not run on {loaded.family}")
         transformer = loaded.pipe.transformer
         units = []
-        for u, detected, mask in self._stage_units(stage):
+        for u, detected, _ in self._stage_units(stage):
             try:
                 model = self.cache.get(u.entry, transformer, self.engine.device)
             except Exception as e:  # noqa: BLE001 - name the file, fail the job
