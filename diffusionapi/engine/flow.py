@@ -267,17 +267,23 @@ class FluxDenoiser(FlowDenoiser):
         super().__init__(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
         self.guidance = guidance if self.transformer.config.guidance_embeds else None
 
+    # ControlNet units (engine/controlnet/transformer.FlowControl), set by the job's ControlState: called
+    # with the transformer's inputs, it returns the residual kwargs to add (empty when none is on).
+    control = None
+    clock = None  # A1111's sampling step (engine/controlnet/units.StepClock), with ControlNet units
+
     def network(self, x_flow, t, embeds, pooled):
         rows = embeds.shape[0] // x_flow.shape[0]
         _, _, h, w = x_flow.shape
         dev, n = x_flow.device, embeds.shape[0]
         guidance = None if self.guidance is None else torch.full((n,), float(self.guidance), device=dev,
                                                                   dtype=torch.float32)
-        out = self.transformer(hidden_states=pack(x_flow.to(self.dtype)).repeat(rows, 1, 1),
-                               timestep=torch.full((n,), t, device=dev, dtype=self.dtype), guidance=guidance,
-                               pooled_projections=pooled, encoder_hidden_states=embeds,
-                               txt_ids=self.cond.text_ids.to(dev, self.dtype),
-                               img_ids=image_ids(h, w, dev, self.dtype), return_dict=False)[0]
+        inputs = dict(hidden_states=pack(x_flow.to(self.dtype)).repeat(rows, 1, 1),
+                      timestep=torch.full((n,), t, device=dev, dtype=self.dtype), guidance=guidance,
+                      pooled_projections=pooled, encoder_hidden_states=embeds,
+                      txt_ids=self.cond.text_ids.to(dev, self.dtype), img_ids=image_ids(h, w, dev, self.dtype))
+        extra = self.control(inputs, rows) if self.control is not None else {}
+        out = self.transformer(**inputs, **extra, return_dict=False)[0]
         return unpack(out, h, w)
 
 
@@ -349,12 +355,17 @@ class FluxKontextDenoiser(FluxDenoiser):
 class SD3Denoiser(FlowDenoiser):
     """SD 3.x (MMDiT): latents as they are (the transformer patches them), timestep = 1000 t."""
 
+    control = None  # ControlNet units, as FluxDenoiser's
+    clock = None
+
     def network(self, x_flow, t, embeds, pooled):
         rows = embeds.shape[0] // x_flow.shape[0]
         n = embeds.shape[0]
-        return self.transformer(hidden_states=x_flow.to(self.dtype).repeat(rows, 1, 1, 1),
-                                timestep=torch.full((n,), t * NUM_TIMESTEPS, device=x_flow.device, dtype=self.dtype),
-                                encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        inputs = dict(hidden_states=x_flow.to(self.dtype).repeat(rows, 1, 1, 1),
+                      timestep=torch.full((n,), t * NUM_TIMESTEPS, device=x_flow.device, dtype=self.dtype),
+                      encoder_hidden_states=embeds, pooled_projections=pooled)
+        extra = self.control(inputs, rows) if self.control is not None else {}
+        return self.transformer(**inputs, **extra, return_dict=False)[0]
 
 
 def make_flow_denoiser(loaded, cond: FlowConditioning, ms: FlowSigmas, cfg_scale: float, on_eval,

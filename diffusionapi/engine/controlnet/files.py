@@ -6,7 +6,10 @@
 ``input_hint_block`` names, with or without ``control_model.``) and diffusers-layout single files
 (the SDXL ones). The family comes from the tensors: SDXL ControlNets have the SDXL UNet's
 ``add_embedding`` (``label_emb`` in the original layout); otherwise the cross-attention width
-tells SD 1.5 from SD 2.x.
+tells SD 1.5 from SD 2.x. Flux.1 ControlNets (diffusers' FluxControlNetModel: InstantX's, Shakker's
+union, in a folder or as one file in the diffusers key layout) have the Flux transformer's
+``controlnet_x_embedder`` and ``controlnet_blocks``; a union one its ``controlnet_mode_embedder``.
+SD 3.x ControlNets (SD3ControlNetModel) have ``pos_embed_input`` and ``controlnet_blocks``.
 """
 from __future__ import annotations
 
@@ -95,6 +98,12 @@ def classify(shapes: dict[str, tuple]) -> tuple[str | None, str, str | None]:
     """(family, kind, error) of a single file from its tensor names and shapes."""
     prefix = strip_prefix(shapes)
     s = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if "controlnet_x_embedder.weight" in s and "context_embedder.weight" in s:
+        return "flux1", ("controlnet-union" if "controlnet_mode_embedder.weight" in s else "controlnet"), None
+    if "pos_embed_input.proj.weight" in s and "controlnet_blocks.0.weight" in s:
+        return "sd3", "controlnet", None
+    if any(k.startswith("double_blocks.") for k in s):  # XLabs' Flux ControlNets (BFL's block names)
+        return "flux1", "controlnet", "a Flux ControlNet in XLabs' layout, not read (use the diffusers layout)"
     if any("lora_controlnet" in k for k in s):
         # Stability's Control-LoRAs: low-rank diffs (``<name>.up`` / ``.down``) to the base UNet's
         # encoder, in the original layout, plus the ControlNet's own layers in full.
@@ -170,7 +179,12 @@ def classify_folder(folder: Path) -> tuple[str | None, str, str | None]:
         return ("sdxl" if cfg.get("adapter_type") == "full_adapter_xl" else "sd15"), "t2i-adapter", None
     if cls == "ControlNetUnionModel":
         return "sdxl", "controlnet-union", None
-    return None, "controlnet", f"config.json names {cls or 'no class'}, not a ControlNetModel or T2IAdapter"
+    if cls == "FluxControlNetModel":
+        return "flux1", ("controlnet-union" if cfg.get("num_mode") else "controlnet"), None
+    if cls == "SD3ControlNetModel":
+        return "sd3", "controlnet", None
+    return None, "controlnet", (f"config.json names {cls or 'no class'}, not a ControlNetModel, FluxControlNetModel, "
+                                "SD3ControlNetModel or T2IAdapter")
 
 
 class ControlNetFiles:

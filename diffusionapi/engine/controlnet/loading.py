@@ -10,6 +10,7 @@ Every parameter must be loaded: a file that leaves one out is refused, never run
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -123,6 +124,44 @@ def infer_union_config(sd: dict, unet_config) -> dict:
     return cfg
 
 
+def infer_flux_config(sd: dict, transformer_config) -> dict:
+    """A FluxControlNetModel config from diffusers-layout tensors; the rotary axes (which weights
+    cannot show) from the base transformer's config."""
+    inner, in_channels = sd["x_embedder.weight"].shape
+    head_dim = sd["transformer_blocks.0.attn.norm_q.weight"].shape[0] if "transformer_blocks.0.attn.norm_q.weight" \
+        in sd else dict(transformer_config).get("attention_head_dim", 128)
+    mode = sd.get("controlnet_mode_embedder.weight")
+    return dict(patch_size=1, in_channels=in_channels, num_layers=_count(sd, "transformer_blocks.", 1),
+                num_single_layers=_count(sd, "single_transformer_blocks.", 1), attention_head_dim=head_dim,
+                num_attention_heads=inner // head_dim, joint_attention_dim=sd["context_embedder.weight"].shape[1],
+                pooled_projection_dim=sd["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+                guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in sd,
+                axes_dims_rope=list(dict(transformer_config).get("axes_dims_rope", (16, 56, 56))),
+                num_mode=None if mode is None else mode.shape[0])
+
+
+def infer_sd3_config(sd: dict, transformer_config) -> dict:
+    """An SD3ControlNetModel config from diffusers-layout tensors; head width, sample and position
+    sizes from the base transformer's config. With a text embedder it is InstantX's kind (zero
+    pooled vector, own position embedding); without, SD 3.5's (the transformer's position embedding)."""
+    tc = dict(transformer_config)
+    proj = sd["pos_embed_input.proj.weight"]
+    inner = proj.shape[0]
+    head_dim = tc.get("attention_head_dim", 64)
+    text = sd.get("context_embedder.weight")
+    return dict(sample_size=tc.get("sample_size", 128), patch_size=proj.shape[-1], in_channels=proj.shape[1],
+                out_channels=tc.get("out_channels", 16), num_layers=_count(sd, "transformer_blocks.", 1),
+                attention_head_dim=head_dim, num_attention_heads=inner // head_dim,
+                joint_attention_dim=None if text is None else text.shape[1],
+                caption_projection_dim=inner if text is None else text.shape[0],
+                pooled_projection_dim=sd["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+                pos_embed_max_size=tc.get("pos_embed_max_size", 96),
+                dual_attention_layers=tuple(sorted({int(k.split(".")[1]) for k in sd
+                                                    if k.startswith("transformer_blocks.") and ".attn2." in k})),
+                qk_norm="rms_norm" if any(".attn.norm_q." in k for k in sd) else None,
+                use_pos_embed="pos_embed.proj.weight" in sd, force_zeros_for_pooled_projection=text is not None)
+
+
 def control_lora_state(path: Path) -> tuple[dict, dict]:
     """A Control-LoRA file as (full tensors, weight diffs), both in diffusers' ControlNet names.
     The file holds, in the original layout, the ControlNet's own layers (hint block, zero
@@ -229,6 +268,23 @@ def load_controlnet(entry: ControlNetEntry, unet_config, device, dtype, unet=Non
         if unet is None:
             raise ControlNetLoadError("a Control-LoRA needs its base model's UNet")
         model = load_control_lora(entry, unet)
+    elif entry.family in ("flux1", "sd3"):
+        from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+        cls, infer = (FluxControlNetModel, infer_flux_config) if entry.family == "flux1" else \
+            (SD3ControlNetModel, infer_sd3_config)
+        if entry.format == "diffusers":
+            model = cls.from_pretrained(str(entry.path), torch_dtype=dtype, local_files_only=True)
+        else:
+            sd = read_state_dict(entry.path)
+            cfg = sidecar_config(entry.path) or infer(sd, unet_config)
+            # (SD 3's position embedding is a buffer made at init, not in the file: built on the CPU)
+            with torch.device("meta") if entry.family == "flux1" else contextlib.nullcontext():
+                model = cls(**cfg)
+            missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)[:2]
+            if missing or unexpected:
+                raise ControlNetLoadError(f"{len(missing)} parameters missing from the file, {len(unexpected)} "
+                                          f"tensors unplaced (e.g. {(missing or unexpected)[0]})")
     elif entry.format == "diffusers":
         if entry.kind == "t2i-adapter":
             from diffusers import T2IAdapter as cls

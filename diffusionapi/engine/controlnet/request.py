@@ -35,6 +35,9 @@ UNION_TYPES = ("OpenPose", "Depth", "Soft Edge", "Canny / Lineart / MLSD", "Norm
                "Inpaint")
 UNION_TYPE_OF_TAG = {"OpenPose": 0, "Depth": 1, "SoftEdge": 2, "Scribble": 2, "Canny": 3, "Lineart": 3, "MLSD": 3,
                      "Normal": 4, "Segmentation": 5, "Tile": 6, "Inpaint": 7}
+# Flux.1 union ControlNets (InstantX / Shakker, FluxControlNetModel with num_mode) number their
+# modes canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6; the types above that have one.
+FLUX_UNION_MODES = {"Canny / Lineart / MLSD": 0, "Tile": 1, "Depth": 2, "OpenPose": 4}
 UNION_TYPE_NAMES = {**{n.casefold(): n for n in UNION_TYPES}, **{str(i): n for i, n in enumerate(UNION_TYPES)},
                     **{t.casefold(): UNION_TYPES[i] for t, i in UNION_TYPE_OF_TAG.items()},
                     "hard edge": "Canny / Lineart / MLSD", "softedge": "Soft Edge", "normal": "Normal Map",
@@ -287,9 +290,13 @@ def resolve_units(units: list[ControlNetUnitRequest], model, settings, *, has_in
                 raise RequestError(f"{where}.union_control_type", f"ControlNet {entry.name!r} is a union model: "
                                    f"say which control type the image is ({', '.join(UNION_TYPES)}), or use a "
                                    "preprocessor of that type")
+            if entry.family == "flux1" and name not in FLUX_UNION_MODES:
+                raise RequestError(f"{where}.union_control_type", f"ControlNet {entry.name!r} is a Flux union model; "
+                                   f"control type {name!r} is not one of its modes; valid choices: "
+                                   f"{', '.join(FLUX_UNION_MODES)}")
             union_type = UNION_TYPES.index(name)
         pp = u.preprocessor_params
-        plans.append(ControlUnitPlan(union_type=union_type, 
+        plans.append(ControlUnitPlan(union_type=union_type,
             entry=entry, module=p.name, image=image, mask=mask, weight=u.weight, guidance_start=u.guidance_start,
             guidance_end=u.guidance_end, control_mode=u.control_mode, resize_mode=u.resize_mode,
             processor_res=pp.resolution, threshold_a=pp.threshold_a, threshold_b=pp.threshold_b,

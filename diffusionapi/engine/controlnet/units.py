@@ -281,11 +281,10 @@ class ControlState:
 
     def wrap(self, loaded, den, stage: str, width: int, height: int):
         """``den`` with its UNet controlled for ``stage`` ("low": first pass, "high": hires pass)."""
+        if getattr(loaded, "is_flow", False):
+            return self._wrap_flow(loaded, den, stage, width, height)
         active = []
-        for u, (detected, mask) in zip(self.plan.controlnets, self.maps):
-            if u.weight == 0 or (stage == "low" and u.hires == "high" and self.plan.hires) \
-                    or (stage == "high" and u.hires == "low"):
-                continue
+        for u, detected, mask in self._stage_units(stage):
             try:
                 model = self.cache.get(u.entry, loaded.pipe.unet, self.engine.device)
             except Exception as e:  # noqa: BLE001 - name the file, fail the job
@@ -310,4 +309,42 @@ class ControlState:
         wrapped = ControlledUNet(den.unet, active, den.clock, rows, ip)
         den.unet = wrapped
         self.stages.append(wrapped)
+        return den
+
+    def _stage_units(self, stage: str):
+        """(unit, detected map, mask) of the units that guide ``stage``."""
+        for u, (detected, mask) in zip(self.plan.controlnets, self.maps):
+            if u.weight == 0 or (stage == "low" and u.hires == "high" and self.plan.hires) \
+                    or (stage == "high" and u.hires == "low"):
+                continue
+            yield u, detected, mask
+
+    def _wrap_flow(self, loaded, den, stage: str, width: int, height: int):
+        """A Flux.1 or SD 3.x denoiser with its ControlNets (engine/controlnet/transformer.py) on its
+        ``control`` hook."""
+        from ..plan import GenerationError
+        from .transformer import FlowControl, FlowUnit, control_latents, flux_mode, prepare_sd3
+
+        if not hasattr(den, "control"):  # (resolve refuses units for other flow families)
+            raise GenerationError(f"ControlNets do not run on {loaded.family}")
+        transformer = loaded.pipe.transformer
+        units = []
+        for u, detected, _ in self._stage_units(stage):
+            try:
+                model = self.cache.get(u.entry, transformer, self.engine.device)
+            except Exception as e:  # noqa: BLE001 - name the file, fail the job
+                raise GenerationError(f"ControlNet {u.entry.name!r} could not be loaded: "
+                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+            # The map at the generation size, encoded as the engine encodes any image (its VAE, offload,
+            # tiling). (An inpainting map's mask is the SD inpaint ControlNet's protocol: not used here.)
+            z = self.engine._encode(loaded, Image.fromarray(np.ascontiguousarray(fit(detected, width, height,
+                                                                                     u.resize_mode))))
+            model = prepare_sd3(model, transformer)
+            units.append(FlowUnit(u, model, control_latents(z, loaded.pipe.vae, model), flux_mode(u, model)))
+        if not units:
+            return den
+        if den.clock is None:
+            den.clock = StepClock()
+        den.control = FlowControl(units, den.clock)
+        self.stages.append(den.control)
         return den
