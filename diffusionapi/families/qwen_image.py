@@ -9,8 +9,10 @@ from .spec import FamilySpec, FolderConfigs
 
 
 def matches_checkpoint(keys: set[str]) -> bool:
-    # ComfyUI / Qwen's files and diffusers' share the names: img_mod / txt_mod per block.
-    return any(".img_mod." in k for k in keys) and any(".txt_mod." in k for k in keys)
+    # ComfyUI / Qwen's files and diffusers' share the names: img_mod / txt_mod per block, under
+    # transformer_blocks (BFL's Flux.1 files have img_mod / txt_mod under double_blocks).
+    return (any(".img_mod." in k and "transformer_blocks." in k for k in keys)
+            and any(".txt_mod." in k and "transformer_blocks." in k for k in keys))
 
 
 def matches_folder(cfg: FolderConfigs) -> bool:
