@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffusionapi.images import read_infotext
 
 from .conftest import LiveServer, make_settings
-from .flow_files import full_vocab_clip, write_flux_files
+from .flow_files import full_vocab_clip, write_flux_files, write_gguf
 
 SIZE = 64
 FILL = dict(prompt="a red cube", width=SIZE, height=SIZE, steps=4, model="tiny-fill", fileType="png",
@@ -41,13 +42,15 @@ def init_image() -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def square_mask() -> np.ndarray:
-    mask = np.zeros((SIZE, SIZE, 3), np.uint8)
-    mask[16:48, 24:56] = 255
-    return mask
+def disc_mask() -> np.ndarray:
+    """A disc off the 8x8 grid: its edge cuts through latent pixels, so the mask's 8x8 blocks
+    (the Fill channels) are not all 0 or all 1."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    inside = (x - 37) ** 2 + (y - 29) ** 2 <= 17 ** 2
+    return np.repeat((inside * 255).astype(np.uint8)[..., None], 3, -1)
 
 
-INIT, MASK = init_image(), square_mask()
+INIT, MASK = init_image(), disc_mask()
 OUTSIDE = MASK[..., 0] == 0
 
 
@@ -76,7 +79,9 @@ def fill_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("fill-store")
     pipe = tiny_fill_for_files(0)
     pipe.save_pretrained(root / "models" / "tiny-fill")
-    write_flux_files(pipe, root, "fill-transformer")  # BFL layout + clip_l, t5xxl, ae
+    # BFL layout + clip_l, t5xxl, ae; a ComfyUI all-in-one file; a city96 Q8_0 GGUF.
+    files = write_flux_files(pipe, root, "fill-transformer", all_in_one="fill-all-in-one")
+    write_gguf(load_file(str(files["transformer"])), root / "models" / "fill-q8.gguf")
     (root / "loras").mkdir()
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
@@ -114,7 +119,8 @@ def test_folder_and_bfl_file_are_flux1_fill():
 def test_listed_as_flux1_fill(fill_server):
     models = {m["name"]: m for m in fill_server.client.get("/models").json()["models"]}
     assert (models["tiny-fill"]["family"], models["tiny-fill"]["prediction"]) == ("flux1-fill", "flow")
-    assert models["fill-transformer"]["family"] == "flux1-fill"
+    for name in ("fill-transformer", "fill-all-in-one", "fill-q8"):
+        assert models[name]["family"] == "flux1-fill", name
 
 
 def test_inpainting_is_deterministic_prompt_sensitive_and_keeps_the_outside(fill_server):
@@ -179,10 +185,13 @@ def test_strength_below_one_starts_from_the_noised_init(fill_server):
     assert np.abs(half[~OUTSIDE] - INIT[~OUTSIDE]).mean() < np.abs(full[~OUTSIDE] - INIT[~OUTSIDE]).mean()
 
 
-def test_bfl_transformer_file_with_components_equals_the_folder(fill_server):
+def test_single_files_equal_the_folder(fill_server):
     folder = px(inpaint(fill_server, seed=9))
-    single = px(inpaint(fill_server, seed=9, model="fill-transformer"))
-    assert np.abs(single - folder).max() <= 1
+    for name in ("fill-transformer", "fill-all-in-one"):
+        assert np.abs(px(inpaint(fill_server, seed=9, model=name)) - folder).max() <= 1, name
+    # Q8_0 weights: close, not equal; the outside is the init image's all the same.
+    q8 = px(inpaint(fill_server, seed=9, model="fill-q8"))
+    assert np.abs(q8 - folder).mean() < 8 and np.array_equal(q8[OUTSIDE], INIT[OUTSIDE].astype(np.int16))
 
 
 def test_sdapi_img2img_with_mask_equals_the_native_job(fill_server):
