@@ -16,8 +16,8 @@ Recognised from the files: a diffusers folder whose ``model_index.json`` names
 Runs through engine/flow.py on the engine's own samplers (``FluxFillDenoiser``)."""
 from __future__ import annotations
 
-from .flux1 import matches_checkpoint as flux1_keys
 from .flux1 import SPEC as FLUX1
+from .flux1 import matches_checkpoint as flux1_keys
 from .spec import FamilySpec, FolderConfigs
 
 PIPELINE = "FluxFillPipeline"
