@@ -40,6 +40,13 @@ KIND_LABELS = {CLIP_L: "CLIP-L text encoder", CLIP_G: "CLIP-G text encoder", T5X
 USUAL_FILES = {CLIP_L: "clip_l.safetensors", CLIP_G: "clip_g.safetensors",
                T5XXL: "t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn.safetensors)", VAE: "ae.safetensors"}
 FLOW_FAMILIES_VAE = ("flux1", "sd3")
+# Families that run on another family's component files (Flux.1 Fill: Flux.1's CLIP-L, T5 and ae).
+COMPONENTS_OF = {"flux1-fill": "flux1"}
+
+
+def component_family(family: str) -> str:
+    """The family whose component files ``family`` uses (listed under that family in /modules)."""
+    return COMPONENTS_OF.get(str(family), str(family))
 UNET_FAMILIES_VAE = ("sd15", "sd2", "sdxl")
 T5_TOKENIZER_FOLDER = "t5-tokenizer"
 T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
@@ -244,6 +251,7 @@ def _strip(header: dict) -> dict:
 def needs(family: str, header: dict) -> list[Need]:
     """The components a model file of ``family`` needs, with the widths its transformer expects."""
     t = _strip(header)
+    family = component_family(family)
     if family == "flux1":
         pooled = _shape(t, "vector_in.in_layer.weight") or _shape(t, "time_text_embed.text_embedder.linear_1.weight")
         joint = _shape(t, "txt_in.weight") or _shape(t, "context_embedder.weight")
@@ -290,6 +298,7 @@ class ModelParts:
     @classmethod
     def of(cls, family: str, header: dict) -> "ModelParts":
         t = _strip(header)
+        family = component_family(family)
         diffusers_layout = (any(k.startswith("single_transformer_blocks.") for k in t) if family == "flux1" else
                             family == "sd3" and "pos_embed.pos_embed" in t)
         problem = (f"diffusers-layout {family} single files are not read: use the original (BFL / Stability) "
@@ -310,6 +319,7 @@ def choose(family: str, model_file: str, parts: ModelParts, installed: list[Comp
            settings, problems: dict[str, str] | None = None) -> list[ComponentFile]:
     """The component files to run ``model_file`` with: those ``named`` (each must fit), the only
     compatible one for each part the file lacks, nothing for an optional part with none installed."""
+    family = component_family(family)
     wanted = [n for n in parts.needs if n.kind not in parts.inside]
     carried = parts.inside
     picked: dict[str, ComponentFile] = {}
@@ -353,6 +363,7 @@ def choose_vae(family: str, model_name: str, installed: list[ComponentFile], nam
                problems: dict[str, str] | None = None) -> ComponentFile:
     """A VAE file in place of a model's own (A1111's ``sd_vae``): the only module named, a VAE of
     a family that fits (its latent channels)."""
+    family = component_family(family)
     vaes = [c for c in installed if c.kind == VAE and family in c.families]
     if len(named) != 1:
         raise ComponentError(f"{model_name!r} carries its own text encoders and VAE: name at most one VAE to "

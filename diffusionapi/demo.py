@@ -259,6 +259,23 @@ def tiny_flux_kontext_pipeline(seed: int = 0):
                                                                   "text_encoder_2", "tokenizer_2", "transformer")})
 
 
+def tiny_flux_fill_pipeline(seed: int = 0):
+    """Flux.1 Fill dev in miniature: tiny Flux.1 dev's parts with a transformer taking 384 input
+    channels (64 noisy latent + 64 masked-image latent + 256 mask channels) and giving the 64
+    latent channels, in a FluxFillPipeline."""
+    import torch
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    flux = tiny_flux_pipeline(seed, guidance=True)
+    torch.manual_seed(seed + 7)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=384, out_channels=64, num_layers=1,
+                                         num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=FLUX_T5, pooled_projection_dim=FLUX_TE,
+                                         axes_dims_rope=(4, 4, 8), guidance_embeds=True).eval()
+    return FluxFillPipeline(transformer=transformer, **{k: getattr(flux, k) for k in (
+        "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")})
+
+
 def tiny_qwen_vl_processor(tokenizer=None, max_pixels: int = 56 * 56):
     """Qwen2VLProcessor for the tiny encoder: Qwen2-VL's image processor (14-pixel patches merged
     2x2; ``max_pixels`` keeps a reference image to a few vision tokens) and the tiny tokenizer."""
@@ -552,6 +569,7 @@ def tiny_flux2_klein_pipeline(seed: int = 0):
 BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
             "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline,
             "sd3": tiny_sd3_pipeline, "flux1-kontext": tiny_flux_kontext_pipeline,
+            "flux1-fill": tiny_flux_fill_pipeline,
             "qwen-image-edit": tiny_qwen_image_edit_pipeline, "qwen-image": tiny_qwen_image_pipeline,
             "z-image": tiny_z_image_pipeline, "chroma": tiny_chroma_pipeline,
             "flux2": tiny_flux2_klein_pipeline}

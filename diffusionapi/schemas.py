@@ -139,7 +139,8 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = Field(1, ge=1, description="images made in one UNet batch; seeds seed, seed+1, ...")
     n_iter: int = Field(1, ge=1, description="batches made one after another")
     distilled_cfg_scale: float = Field(3.5, ge=0.0, le=100.0, description="Forge's name: the guidance a "
-                                       "guidance-distilled model (Flux.1-dev) is given; others ignore it")
+                                       "guidance-distilled model (Flux.1-dev) is given; others ignore it. "
+                                       "Left out on Flux.1 Fill: 30 (BFL's value)")
     cfg_rescale: float = Field(0.0, ge=0.0, le=1.0, description="CFG rescale phi (0 = off): keeps v-prediction "
                                                                   "/ zero-SNR models from over-exposing; 0.7 is usual")
     # added: image guidance (README "ControlNet"), applied in order

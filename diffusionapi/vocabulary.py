@@ -19,6 +19,7 @@ class Family(StrEnum):
     SD3 = "sd3"
     FLUX1 = "flux1"
     FLUX1_KONTEXT = "flux1-kontext"
+    FLUX1_FILL = "flux1-fill"
     QWEN_IMAGE_EDIT = "qwen-image-edit"
     QWEN_IMAGE = "qwen-image"
     Z_IMAGE = "z-image"
@@ -36,10 +37,12 @@ class ModelFormat(StrEnum):
 SD15, SD2, SDXL, SDXL_REFINER = Family.SD15, Family.SD2, Family.SDXL, Family.SDXL_REFINER
 SD3, FLUX1 = Family.SD3, Family.FLUX1
 FLUX1_KONTEXT, QWEN_IMAGE_EDIT = Family.FLUX1_KONTEXT, Family.QWEN_IMAGE_EDIT
+FLUX1_FILL = Family.FLUX1_FILL
 QWEN_IMAGE, Z_IMAGE, CHROMA, FLUX2 = Family.QWEN_IMAGE, Family.Z_IMAGE, Family.CHROMA, Family.FLUX2
 # How each family runs and is recognised: diffusionapi/families (one module per family).
 FAMILY_LABELS = {SD15: "SD 1.5", SD2: "SD 2.x", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner", SD3: "SD 3.x",
-                 FLUX1: "Flux.1", FLUX1_KONTEXT: "Flux.1 Kontext", QWEN_IMAGE_EDIT: "Qwen-Image-Edit",
+                 FLUX1: "Flux.1", FLUX1_KONTEXT: "Flux.1 Kontext", FLUX1_FILL: "Flux.1 Fill",
+                 QWEN_IMAGE_EDIT: "Qwen-Image-Edit",
                  QWEN_IMAGE: "Qwen-Image", Z_IMAGE: "Z-Image", CHROMA: "Chroma", FLUX2: "Flux.2"}
 
 # The demo model (diffusionapi.demo) has a label without a labels file.

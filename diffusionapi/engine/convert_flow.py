@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..components import (CLIP_G, CLIP_L, INSIDE_PREFIXES, T5_TOKENIZER_FOLDER, T5XXL, VAE, ComponentError,
-                          classify)
+                          classify, component_family)
 from ..families import spec
 
 BFL_PREFIX = "model.diffusion_model."
@@ -457,7 +457,7 @@ def load_flow_single_file(entry, dtype: torch.dtype):
     parts = _component_parts(entry.modules, model_parts)
     sidecar = _sidecar(path)
     hint = str(Path(entry.t5_tokenizer).parent) if entry.t5_tokenizer else "stable_diffusion/text_encoders"
-    if entry.family == "flux1":
+    if component_family(entry.family) == "flux1":  # Flux.1 and Flux.1 Fill (384 input channels)
         transformer = build_flux_transformer(model_parts["transformer"], path.name, sidecar, dtype)
         sched = fam.scheduler if transformer.config.guidance_embeds else fam.scheduler_undistilled
         clip_sd, clip_what = _need(parts, CLIP_L, path.name)

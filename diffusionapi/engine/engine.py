@@ -280,7 +280,7 @@ class Engine:
                 current["den"] = rden
                 x = s_ref.run(rden, x, noise, live.stage("refining", s_ref.steps,
                                                          progress.stage("refining", share, first_hi), rden.latest_x0))
-        if init is not None and init.keep is not None:
+        if init is not None and init.keep is not None and not base.spec.inpainting_only:
             x = x * init.repaint + init_z * init.keep  # A1111 blends the final latents once more
         latents = x
 
@@ -312,9 +312,10 @@ class Engine:
             # The steps its schedule was made for (make_schedule): Flux.2's shift depends on them.
             steps = (hires_total_steps(plan.hires.steps, plan.hires.denoising_strength) if stage == "high"
                      else plan.steps)
+            fill = self._fill_conditioning(loaded, prepared, width, height) if loaded.spec.inpainting_only else None
             den = make_flow_denoiser(loaded, cond, loaded.sigmas_at(width, height, steps), plan.cfg_scale, check,
                                      cfg_rescale=plan.cfg_rescale, guidance=plan.distilled_cfg_scale,
-                                     references=getattr(self, "_references", None))
+                                     references=getattr(self, "_references", None), fill=fill)
         else:
             den = CFGDenoiser(loaded, cond, plan.cfg_scale, check, step_offset=step_offset,
                               cfg_rescale=plan.cfg_rescale)
@@ -324,9 +325,29 @@ class Engine:
             den.unet = img2img.ConcatUNet(den.unet, extra)
         if getattr(self, "_control", None) is not None and stage != "refiner":
             den = self._control.wrap(loaded, den, stage, width, height)
-        if init is not None and init.keep is not None:
+        # Flux.1 Fill sees the image and the mask itself: it denoises as FluxFillPipeline does,
+        # without the latent blending (the composite keeps the pixels outside the mask).
+        if init is not None and init.keep is not None and not loaded.spec.inpainting_only:
             den = img2img.MaskedDenoiser(den, init_z, init.keep)
         return den
+
+    def _fill_conditioning(self, loaded: LoadedModel, prepared, width: int, height: int) -> torch.Tensor:
+        """Flux.1 Fill's image and mask channels (engine/flow.fill_conditioning), from the
+        prepared init image and mask as FluxFillPipeline makes them: the mask binarised at 0.5,
+        the image in [-1, 1] zeroed under it, VAE-encoded (the distribution's mode, as every init)."""
+        import numpy as np
+
+        from .flow import fill_conditioning
+
+        if prepared is None or prepared.mask is None:  # resolve refuses this; a worker says so too
+            raise GenerationError(f"{loaded.spec.label} inpaints: it needs an init image and a mask")
+        mask = np.asarray(prepared.mask.convert("L").resize((width, height)), dtype=np.float32) / 255.0
+        mask = (mask >= 0.5).astype(np.float32)
+        src = np.asarray(prepared.conditioning_image().convert("RGB"), dtype=np.float32) / 127.5 - 1
+        pixels = torch.from_numpy(src * (1 - mask[..., None])).permute(2, 0, 1).unsqueeze(0)
+        vae = self._vae_for(loaded, width, height)
+        z = fastmode.vae_run(loaded, vae, lambda v: vae_io.encode(v, pixels.to(self.device, v.dtype)), self.fast)
+        return fill_conditioning(z.float(), torch.from_numpy(mask)[None, None].to(self.device))
 
     # ------------------------------------------------------------------ parts
     def _pipeline_job(self, plan: GenerationPlan, base: LoadedModel, progress: StageProgress, check,

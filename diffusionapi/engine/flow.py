@@ -352,6 +352,46 @@ class FluxKontextDenoiser(FluxDenoiser):
         return unpack(out[:, :own.shape[1]], h, w)
 
 
+def fill_conditioning(masked_latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flux.1 Fill's fixed input channels, as FluxFillPipeline.prepare_mask_latents makes them:
+    the masked image's latents [1, 16, h, w] packed 2x2 (64 channels), then the binary pixel mask
+    [1, 1, 8h, 8w] (1 = repaint) with each latent pixel's 8x8 block as 64 channels, packed 2x2
+    (256): [1, h*w/4, 320], appended to every token's 64 noisy-latent channels."""
+    b, _, h, w = masked_latents.shape
+    m = mask[:, 0].to(masked_latents).view(b, h, 8, w, 8).permute(0, 2, 4, 1, 3).reshape(b, 64, h, w)
+    return torch.cat([pack(masked_latents), pack(m)], dim=-1)
+
+
+class FillTransformer:
+    """The transformer with Flux.1 Fill's conditioning concatenated to every token of its input
+    (the same for each image of the batch and each CFG row), as ConcatUNet does for SD
+    inpainting UNets; anything else passes through to the transformer."""
+
+    def __init__(self, transformer, conditioning: torch.Tensor):
+        self.transformer = transformer
+        self.conditioning = conditioning
+
+    def __getattr__(self, name):
+        return getattr(self.transformer, name)
+
+    def __call__(self, *, hidden_states: torch.Tensor, **kwargs):
+        n, tokens, _ = hidden_states.shape
+        c = self.conditioning.to(hidden_states.device, hidden_states.dtype)
+        return self.transformer(hidden_states=torch.cat([hidden_states, c.expand(n, tokens, -1)], dim=2), **kwargs)
+
+
+class FluxFillDenoiser(FluxDenoiser):
+    """Flux.1 Fill: Flux.1's network with the masked image's latents and the mask fed at every
+    evaluation (FluxFillPipeline.__call__); the output is the velocity of the 64 latent channels."""
+
+    def __init__(self, loaded, cond, ms, cfg_scale, on_eval, cfg_rescale=0.0, guidance: float | None = None,
+                 fill: torch.Tensor | None = None):
+        super().__init__(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
+        if fill is None:
+            raise ValueError("Flux.1 Fill needs its image and mask conditioning")
+        self.transformer = FillTransformer(self.transformer, fill)
+
+
 class SD3Denoiser(FlowDenoiser):
     """SD 3.x (MMDiT): latents as they are (the transformer patches them), timestep = 1000 t."""
 
@@ -370,7 +410,9 @@ class SD3Denoiser(FlowDenoiser):
 
 def make_flow_denoiser(loaded, cond: FlowConditioning, ms: FlowSigmas, cfg_scale: float, on_eval,
                        cfg_rescale: float = 0.0, guidance: float | None = None,
-                       references: ReferenceTokens | None = None) -> FlowDenoiser:
+                       references: ReferenceTokens | None = None, fill: torch.Tensor | None = None) -> FlowDenoiser:
+    if loaded.spec.inpainting_only and loaded.spec.conditioning == "flux":
+        return FluxFillDenoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance, fill)
     if loaded.spec.edits and loaded.spec.conditioning == "flux":
         return FluxKontextDenoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance, references)
     if loaded.spec.conditioning == "flux":

@@ -157,15 +157,16 @@ DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser, "chroma
 
 
 def make_denoiser(loaded, cond, ms, cfg_scale: float, on_eval, cfg_rescale: float = 0.0,
-                  guidance: float | None = None, references=None) -> FlowDenoiser:
-    """The denoiser of any flow family (the distilled guidance goes to the transformers that take it;
-    an edit job's reference tokens to the editing ones)."""
+                  guidance: float | None = None, references=None, fill=None) -> FlowDenoiser:
+    """The denoiser of any flow family (the distilled guidance goes to the transformers that take
+    it; an edit job's reference tokens to Flux.1 Kontext, an inpainting job's image and mask
+    conditioning to Flux.1 Fill: engine/flow.py)."""
     kind = loaded.spec.conditioning
     if kind == "flux2":
         return Flux2Denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
     if kind in DENOISERS:
         return DENOISERS[kind](loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
-    return make_flow_denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance, references)
+    return make_flow_denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance, references, fill)
 
 
 def encode(loaded, prompt: str, negative: str | None):

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..fileinfo import CheckpointError, ckpt_keys, read_model_header
-from . import chroma, flux1, flux1_kontext, flux2, qwen_image, qwen_image_edit, sd2, sd3, sd15, sdxl, sdxl_refiner, z_image
+from . import chroma, flux1, flux1_fill, flux1_kontext, flux2, qwen_image, qwen_image_edit, sd2, sd3, sd15, sdxl, sdxl_refiner, z_image
 from .spec import Detected, FamilySpec, FolderConfigs
 
 __all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfigs", "UnknownFamily",
@@ -24,9 +24,10 @@ __all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfi
 
 # Most specific first: the first family whose rule matches wins (the editing families before
 # the ones whose transformer they share: qwen-image-edit before qwen-image, flux1-kontext before
-# flux1; flux2 before flux1, whose pipeline class names start alike).
+# flux1; flux2 before flux1, whose pipeline class names start alike; flux1-fill before flux1, whose
+# tensor names it shares).
 FAMILIES: tuple[FamilySpec, ...] = (qwen_image_edit.SPEC, flux1_kontext.SPEC, qwen_image.SPEC, z_image.SPEC,
-                                    chroma.SPEC, flux2.SPEC, flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC,
+                                    chroma.SPEC, flux2.SPEC, flux1_fill.SPEC, flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC,
                                     sd2.SPEC, sd15.SPEC)
 BY_ID: dict[str, FamilySpec] = {f.id: f for f in FAMILIES}
 LABELS: dict[str, str] = {f.id: f.label for f in FAMILIES}
@@ -55,9 +56,20 @@ def checkpoint_keys(path: Path) -> set[str]:
     return set(ckpt_keys(path))
 
 
-def detect_checkpoint_keys(keys: set[str], path: Path | None = None) -> Detected:
+def checkpoint_shapes(path: Path) -> dict[str, list[int]] | None:
+    """A single file's tensor shapes from its header (None for a ``.ckpt``: its shapes are not
+    read, so a family that needs them does not match it)."""
+    if path.suffix.lower() not in (".safetensors", ".gguf"):
+        return None
+    return {k: list(v.get("shape") or ()) for k, v in read_model_header(path).items()
+            if k != "__metadata__" and isinstance(v, dict)}
+
+
+def detect_checkpoint_keys(keys: set[str], path: Path | None = None,
+                           shapes: dict[str, list[int]] | None = None) -> Detected:
     for fam in FAMILIES:
-        if fam.matches_checkpoint(keys):
+        if fam.matches_checkpoint(keys) and (fam.matches_shapes is None
+                                             or (shapes is not None and fam.matches_shapes(shapes))):
             prediction, ztsnr = fam.prediction, False
             if V_PRED_MARKER in keys:
                 prediction, ztsnr = "v_prediction", ZTSNR_MARKER in keys
@@ -75,7 +87,7 @@ def detect_single_file(path: Path) -> Detected:
     (a diffusers config for it) decides prediction and zero-SNR when the file has no markers."""
     path = Path(path)
     keys = checkpoint_keys(path)
-    found = detect_checkpoint_keys(keys, path)
+    found = detect_checkpoint_keys(keys, path, checkpoint_shapes(path))
     if V_PRED_MARKER not in keys:
         sidecar = path.with_name(path.stem + ".config")
         sched = _read_json(sidecar / "scheduler" / "scheduler_config.json")

@@ -51,6 +51,7 @@ class FamilySpec:
     single_files: str | None = None           # None: single files load; else why not (yet)
     gpu_dtype: str = "float16"                # weights' type on GPUs (Flux overflows fp16: bfloat16)
     distilled_guidance: bool = False          # guidance-distilled models take distilled_cfg_scale
+    distilled_cfg_scale: float = 3.5          # used when a request leaves distilled_cfg_scale out
     # Single files carry no scheduler or VAE config: the family's published values (flow families).
     scheduler: dict = field(default_factory=dict)
     scheduler_undistilled: dict | None = None  # a file without guidance embedding (Flux.1 schnell)
@@ -58,6 +59,9 @@ class FamilySpec:
     vae_shift_factor: float | None = None
     empirical_shift: bool = False             # flow shift from image tokens and step count (Flux.2)
     checkpoint_prediction: Callable[[set[str], Path], "tuple[str, bool] | None"] | None = None
+    # A family whose tensor names are another's (Flux.1 Fill, Flux.1): its single files match only
+    # when their shapes ({name: shape}, from the safetensors / GGUF header) say so too.
+    matches_shapes: Callable[[dict], bool] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     # Instruction editing (POST /edit, and /sdapi/v1/img2img on such a model): "change the
     # reference images as the prompt says" (how many at once: the operator's
@@ -65,6 +69,9 @@ class FamilySpec:
     # txt2img requests are refused.
     edits: bool = False
     text_to_image: bool = True
+    # An inpainting model (Flux.1 Fill): it runs on an image and a mask only, so img2img without
+    # a mask and txt2img are refused.
+    inpainting_only: bool = False
     # Other pipeline classes a diffusers folder of this family may name (its model_index.json
     # decides which loads): Qwen-Image-Edit Plus beside Qwen-Image-Edit.
     pipeline_variants: tuple[str, ...] = ()

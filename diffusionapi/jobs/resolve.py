@@ -151,6 +151,10 @@ def check_kind_fits_model(kind: str, model) -> None:
     if kind == "img2img" and family.edits:
         raise RequestError("model", f"{model.name!r} is an instruction-editing model ({family.label}): send its "
                                     "image as reference_images to POST /edit (over /sdapi, img2img runs the edit)")
+    if kind == "txt2img" and family.inpainting_only:
+        raise RequestError("model", f"{model.name!r} ({family.label}) is an inpainting model and cannot make an "
+                                    "image from text alone: it needs an image and a mask (POST /img2img with "
+                                    "init_image and mask)")
     if kind == "txt2img" and not family.text_to_image:
         raise RequestError("model", f"{model.name!r} ({family.label}) edits images and cannot make one from text "
                                     "alone: POST /edit with reference_images")
@@ -189,6 +193,9 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     # Family defaults for what the request left out: Flux runs at CFG 1 (no negative pass) on
     # the "Simple" schedule, as Forge does.
     cfg_scale = req.cfg_scale if "cfg_scale" in req.model_fields_set else family.cfg_scale
+    # Flux.1 Fill: BFL's guidance 30 (FamilySpec.distilled_cfg_scale).
+    distilled_cfg_scale = (req.distilled_cfg_scale if "distilled_cfg_scale" in req.model_fields_set
+                           else family.distilled_cfg_scale)
     sampler_name = req.sampler_name if "sampler_name" in req.model_fields_set else family.sampler
     if sampler_name != req.sampler_name:
         try:
@@ -248,7 +255,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
     seed = req.seed if req.seed is not None and req.seed >= 0 else secrets.randbelow(2**32)
     understood = Txt2ImgRequest.model_validate({
         **req.model_dump(exclude=set(req.model_extra or ())), "model": model.name, "width": w, "height": h, "seed": seed,
-        "cfg_scale": cfg_scale, "sampler_name": sampler_name,
+        "cfg_scale": cfg_scale, "sampler_name": sampler_name, "distilled_cfg_scale": distilled_cfg_scale,
         "scheduler_type": resolved_scheduler_type(sampler),
         "refiner_checkpoint": refiner.name if refiner else None, "modules": module_names,
         # The prompt keeps its LoRA tags, so the echo lists only the request's own LoRAs.
@@ -261,7 +268,7 @@ def resolve_txt2img(req: Txt2ImgRequest, registry: Registry, settings: Settings,
                           hires=hires_plan, clip_skip=req.clip_skip,
                           embeddings=_called_embeddings(registry, encoded_prompt, req.negative_prompt),
                           batch_size=req.batch_size, n_iter=req.n_iter, cfg_rescale=req.cfg_rescale,
-                          distilled_cfg_scale=req.distilled_cfg_scale, keep_partial=req.keep_partial,
+                          distilled_cfg_scale=distilled_cfg_scale, keep_partial=req.keep_partial,
                           step_cache=step_cache.resolved() if step_cache else None,
                           preview=PreviewPlan(preview.method, preview.every) if preview and preview.every else None)
     echo, record = understood.model_dump(mode="json"), None
@@ -432,6 +439,9 @@ def resolve_img2img(req: Img2ImgRequest, registry: Registry, settings: Settings,
                                     f"{settings.max_width}x{settings.max_height}; give width and height")
     job = resolve_txt2img(sized, registry, settings, limits=limits, kind="img2img")
     plan = job.plan
+    if mask is None and family_spec(plan.model.family).inpainting_only:
+        raise RequestError("mask", f"{plan.model.name!r} ({family_spec(plan.model.family).label}) is an inpainting "
+                                   "model: img2img on it needs a mask (white = the part to repaint)")
     plan.init = InitImagePlan(init, req.denoising_strength, req.resize_mode, mask, req.mask_blur, req.inpainting_fill,
                               req.inpaint_full_res, req.inpaint_full_res_padding, bool(req.inpainting_mask_invert))
     fields = ("denoising_strength", "resize_mode", "mask_blur", "inpainting_fill", "inpaint_full_res",
