@@ -157,14 +157,15 @@ DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser, "chroma
 
 
 def make_denoiser(loaded, cond, ms, cfg_scale: float, on_eval, cfg_rescale: float = 0.0,
-                  guidance: float | None = None) -> FlowDenoiser:
-    """The denoiser of any flow family (the distilled guidance goes to the transformers that take it)."""
+                  guidance: float | None = None, references=None) -> FlowDenoiser:
+    """The denoiser of any flow family (the distilled guidance goes to the transformers that take
+    it; ``references``, a Kontext edit's reference tokens, to Flux.1 Kontext's)."""
     kind = loaded.spec.conditioning
     if kind == "flux2":
         return Flux2Denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
     if kind in DENOISERS:
         return DENOISERS[kind](loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
-    return make_flow_denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
+    return make_flow_denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance, references)
 
 
 def encode(loaded, prompt: str, negative: str | None):

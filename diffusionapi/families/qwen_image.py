@@ -9,8 +9,10 @@ from .spec import FamilySpec, FolderConfigs
 
 
 def matches_checkpoint(keys: set[str]) -> bool:
-    # ComfyUI / Qwen's files and diffusers' share the names: img_mod / txt_mod per block.
-    return any(".img_mod." in k for k in keys) and any(".txt_mod." in k for k in keys)
+    # ComfyUI / Qwen's files and diffusers' share the names: img_mod / txt_mod per block of
+    # ``transformer_blocks`` (BFL's Flux files have img_mod / txt_mod too, under ``double_blocks``).
+    blocks = [k for k in keys if "transformer_blocks." in k]
+    return any(".img_mod." in k for k in blocks) and any(".txt_mod." in k for k in blocks)
 
 
 def matches_folder(cfg: FolderConfigs) -> bool:
