@@ -23,6 +23,8 @@ from .tiny_files import write_tiny_lora
 from .flow_files import flux_to_bfl, save, tiny_flux_for_files, write_flux_files
 
 JOB = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", sampler_name="Euler", seed=3)
+# A prompt first encoded after the LoRA ran: the conditioning cache cannot hide a leak.
+FRESH = dict(JOB, prompt="a blue sphere")
 TE_LORA = [{"name": "clip-style", "scale": 1.0}]
 
 
@@ -67,7 +69,7 @@ def alone(store, tmp_path_factory):
     """Each model's images with one model resident at a time: nothing shared."""
     with _server(store, tmp_path_factory, 1) as s:
         out = {"a": px(s.run(**JOB, model="flux-a")), "a_lora": px(s.run(**JOB, model="flux-a", loras=TE_LORA)),
-               "b": px(s.run(**JOB, model="flux-b"))}
+               "b": px(s.run(**JOB, model="flux-b")), "b_fresh": px(s.run(**FRESH, model="flux-b"))}
         # Evicting flux-a dropped the last user of its T5: flux-b had to build it again.
         out["t5_builds"] = s.engine.cache.shared.builds[str(store[1]["t5xxl"].resolve())]
     return out
@@ -99,6 +101,7 @@ def test_resident_models_share_one_t5_clip_and_vae(store, alone, tmp_path_factor
         assert np.array_equal(px(s.run(**JOB, model="flux-a", loras=TE_LORA)), alone["a_lora"])
         assert a.text_encoder is not b.text_encoder and a.text_encoder_2 is b.text_encoder_2
         assert _patched(a.text_encoder) and not _patched(b.text_encoder)
+        assert np.array_equal(px(s.run(**FRESH, model="flux-b")), alone["b_fresh"])
         assert np.array_equal(px(s.run(**JOB, model="flux-b")), alone["b"])
         assert np.array_equal(px(s.run(**JOB, model="flux-a")), alone["a"])  # unloaded exactly
 
