@@ -125,8 +125,9 @@ class LoraManager:
 def _private_text_encoders(loaded, entry: LoraEntry) -> None:
     """Give ``loaded`` its own copy of each shared text encoder the LoRA ``entry`` has keys for."""
     shared, pipe = getattr(loaded, "shared", None), loaded.pipe
-    names = [n for n, c in pipe.components.items() if n.startswith("text_encoder")
-             and shared is not None and shared.is_shared(c)]
+    if shared is None:
+        return
+    names = [n for n, c in pipe.components.items() if n.startswith("text_encoder") and shared.is_shared(c)]
     if not names:
         return
     try:  # diffusers' reading of the LoRA: keys under the component each patch goes to
