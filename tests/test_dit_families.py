@@ -90,6 +90,16 @@ def test_single_files_are_recognised_and_refused_with_the_reason(keys, family):
     assert "diffusers folder" in BY_ID[family].single_files
 
 
+def test_bfl_flux1_files_are_not_taken_for_qwen_image():
+    # BFL's double blocks carry img_mod / txt_mod too (Qwen-Image's are under transformer_blocks).
+    from diffusionapi.families import detect_checkpoint_keys
+
+    keys = {"img_in.weight", "txt_in.weight", "double_blocks.0.img_mod.lin.weight",
+            "double_blocks.0.txt_mod.lin.weight", "double_blocks.0.img_attn.qkv.weight",
+            "single_blocks.0.linear1.weight"}
+    assert detect_checkpoint_keys(keys).family == "flux1"
+
+
 def test_flux2_dev_folders_are_not_taken_for_flux1(tmp_path):
     import json
 

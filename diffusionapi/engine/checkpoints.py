@@ -53,11 +53,12 @@ def packaged_config(family: str, unet_in_channels: int = 4) -> Path:
     return target
 
 
-def load_single_file(cls, entry: ModelEntry, dtype):
+def load_single_file(cls, entry: ModelEntry, dtype, shared=None):
+    """``shared`` (engine/sharedparts.py): where a flow family's component files are built once."""
     if spec(entry.family).prediction == "flow":  # Flux.1 / SD 3.x: our size-generic converters
         from .convert_flow import load_flow_single_file
 
-        return load_flow_single_file(entry, dtype)
+        return load_flow_single_file(entry, dtype, shared)
     config = sidecar_config(entry.path)
     if config is None:
         shipped = spec(entry.family).packaged_config

@@ -424,18 +424,19 @@ def _sidecar(path: Path) -> dict | None:
         return None
 
 
-def _component_parts(modules, model_parts: dict) -> dict[str, tuple[dict, str]]:
-    """{kind: (tensors, what)} from the model file's own parts and the chosen component files."""
-    parts = {k: (v, f"the {k} inside the model file") for k, v in model_parts.items() if k != "transformer"}
+def _component_parts(modules, model_parts: dict) -> dict[str, tuple[dict | Path, str]]:
+    """{kind: (tensors or component file, what)} from the model file's own parts and the chosen
+    component files (read when built: a shared module already built is not read again)."""
+    parts: dict = {k: (v, f"the {k} inside the model file") for k, v in model_parts.items() if k != "transformer"}
     for path in modules:
         path = Path(path)
         from ..fileinfo import read_safetensors_header
 
         try:
             kind = classify(read_safetensors_header(path), path.name)[0]
-            parts[kind] = (load_tensors(path), path.name)
         except (OSError, ValueError) as e:
             raise ComponentLoadError(f"{path.name}: {e}") from None
+        parts[kind] = (path, path.name)
     return parts
 
 
@@ -445,9 +446,28 @@ def _need(parts, kind: str, model: str):
     return parts[kind]
 
 
-def load_flow_single_file(entry, dtype: torch.dtype):
+def _part(source: dict | Path, what: str, role: str, build, dtype: torch.dtype, shared):
+    """The module ``build(tensors, what)`` in the running dtype; from a component file through
+    ``shared`` (engine/sharedparts.py) when given, so models naming the same file hold one module."""
+    def make():
+        if isinstance(source, Path):
+            try:
+                sd = load_tensors(source)
+            except (OSError, ValueError) as e:
+                raise ComponentLoadError(f"{source.name}: {e}") from None
+        else:
+            sd = source
+        return to_running_dtype(build(sd, what), dtype)
+
+    if isinstance(source, Path) and shared is not None:
+        return shared.get(source, role, dtype, make)
+    return make()
+
+
+def load_flow_single_file(entry, dtype: torch.dtype, shared=None):
     """A Flux.1 / SD 3.x transformer-only or all-in-one file, with ``entry.modules`` for the
-    parts it lacks, as the family's diffusers pipeline."""
+    parts it lacks, as the family's diffusers pipeline. With ``shared`` (a SharedParts), text
+    encoders and VAEs from component files are the ones other resident models already hold."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -457,37 +477,39 @@ def load_flow_single_file(entry, dtype: torch.dtype):
     parts = _component_parts(entry.modules, model_parts)
     sidecar = _sidecar(path)
     hint = str(Path(entry.t5_tokenizer).parent) if entry.t5_tokenizer else "stable_diffusion/text_encoders"
+
+    def part(kind: str, role: str, build):
+        return _part(*_need(parts, kind, path.name), role, build, dtype, shared)
+
+    def vae(sd, what):
+        return build_vae(sd, entry.family, what)
+
+    def clip(projection: bool):
+        return lambda sd, what: build_clip(sd, what, projection=projection)
+
     if component_family(entry.family) == "flux1":  # Flux.1 and Flux.1 Fill (384 input channels)
         transformer = build_flux_transformer(model_parts["transformer"], path.name, sidecar, dtype)
         sched = fam.scheduler if transformer.config.guidance_embeds else fam.scheduler_undistilled
-        clip_sd, clip_what = _need(parts, CLIP_L, path.name)
-        t5_sd, t5_what = _need(parts, T5XXL, path.name)
-        vae_sd, vae_what = _need(parts, VAE, path.name)
-        components = dict(transformer=transformer, text_encoder=build_clip(clip_sd, clip_what, projection=False),
-                          tokenizer=clip_tokenizer(), text_encoder_2=build_t5(t5_sd, t5_what),
+        components = dict(text_encoder=part(CLIP_L, "clip", clip(False)), tokenizer=clip_tokenizer(),
+                          text_encoder_2=part(T5XXL, "t5", build_t5),
                           tokenizer_2=t5_tokenizer(entry.t5_tokenizer, hint),
-                          vae=build_vae(vae_sd, entry.family, vae_what))
+                          vae=part(VAE, f"vae:{entry.family}", vae))
     elif entry.family == "sd3":
         transformer = build_sd3_transformer(model_parts["transformer"], path.name, sidecar, dtype)
         sched = fam.scheduler
-        l_sd, l_what = _need(parts, CLIP_L, path.name)
-        g_sd, g_what = _need(parts, CLIP_G, path.name)
-        vae_sd, vae_what = _need(parts, VAE, path.name)
-        t5 = parts.get(T5XXL)
-        components = dict(transformer=transformer, text_encoder=build_clip(l_sd, l_what, projection=True),
-                          tokenizer=clip_tokenizer(), text_encoder_2=build_clip(g_sd, g_what, projection=True),
+        t5 = T5XXL in parts
+        components = dict(text_encoder=part(CLIP_L, "clip:projection", clip(True)), tokenizer=clip_tokenizer(),
+                          text_encoder_2=part(CLIP_G, "clip:projection", clip(True)),
                           tokenizer_2=clip_tokenizer(pad="!"),
                           # No T5 file: SD 3 runs with zeros for T5's part, as diffusers does.
-                          text_encoder_3=build_t5(*t5) if t5 else None,
+                          text_encoder_3=part(T5XXL, "t5", build_t5) if t5 else None,
                           tokenizer_3=t5_tokenizer(entry.t5_tokenizer, hint) if t5 else None,
-                          vae=build_vae(vae_sd, entry.family, vae_what))
+                          vae=part(VAE, f"vae:{entry.family}", vae))
     else:
         raise ComponentLoadError(f"{path.name}: {fam.label} files are not read by the flow loader")
-    for name, part in components.items():
-        if isinstance(part, torch.nn.Module):
-            components[name] = to_running_dtype(part, dtype)
     cls = getattr(diffusers, fam.pipeline)
-    return cls(scheduler=FlowMatchEulerDiscreteScheduler(**sched), **components)
+    return cls(scheduler=FlowMatchEulerDiscreteScheduler(**sched), transformer=to_running_dtype(transformer, dtype),
+               **components)
 
 
 def replace_vae(own, modules, dtype: torch.dtype):

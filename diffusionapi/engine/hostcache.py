@@ -7,6 +7,9 @@ at the bus's full speed (``non_blocking``) -- and the next job for that model mo
 Least recently used first out, by size in bytes (``DIFFUSIONAPI_HOST_CACHE_GB``). On a CPU-only
 box the device *is* host memory: the model simply stays in RAM, which is what the tests use.
 
+A text encoder or VAE that several models share (engine/sharedparts.py) counts once in the size,
+and stays on the device while a resident model still uses it.
+
 A refiner that borrows its base's VAE and text encoder is not kept (its borrowed parts move with
 the base); a model loaded with CPU offload is managed by accelerate's hooks and is not kept either.
 """
@@ -40,9 +43,10 @@ def _modules(pipe) -> list[tuple[str, torch.nn.Module]]:
     return [(n, c) for n, c in getattr(pipe, "components", {}).items() if isinstance(c, torch.nn.Module)]
 
 
-def pipeline_bytes(pipe) -> int:
+def pipeline_bytes(*pipes) -> int:
+    """Bytes of the pipelines' weights, a tensor they share counted once."""
     seen, total = set(), 0
-    for _, module in _modules(pipe):
+    for module in {id(m): m for pipe in pipes for _, m in _modules(pipe)}.values():
         for t in list(module.parameters()) + list(module.buffers()):
             if id(t) not in seen:
                 seen.add(id(t))
@@ -50,8 +54,10 @@ def pipeline_bytes(pipe) -> int:
     return total
 
 
-def _to_host(pipe, pin: bool) -> None:
+def _to_host(pipe, pin: bool, leave=frozenset()) -> None:
     for _, module in _modules(pipe):
+        if id(module) in leave:
+            continue
         module.to("cpu")
         if pin:
             for t in list(module.parameters()) + list(module.buffers()):
@@ -85,13 +91,14 @@ class HostCache:
 
     @property
     def used(self) -> int:
-        return sum(size for _, size in self._items.values())
+        return pipeline_bytes(*(loaded.pipe for loaded, _ in self._items.values()))
 
     def names(self) -> list[str]:
         return list(self._items)
 
-    def put(self, name: str, loaded) -> bool:
-        """Keep an evicted model; False when it cannot be kept (too big, off, borrowed parts)."""
+    def put(self, name: str, loaded, in_use=frozenset()) -> bool:
+        """Keep an evicted model; False when it cannot be kept (too big, off, borrowed parts).
+        Its modules whose ids are in ``in_use`` (shared with resident models) stay where they are."""
         self._items.pop(name, None)
         if not self.enabled or getattr(loaded, "borrowed_from", None) or _offloaded(loaded.pipe):
             return False
@@ -99,12 +106,13 @@ class HostCache:
         if size > self.capacity:
             log.info("model %s (%.1f GB) is larger than the host cache: dropped", name, size / 2**30)
             return False
-        while self._items and self.used + size > self.capacity:
+        while self._items and pipeline_bytes(loaded.pipe, *(it.pipe for it, _ in self._items.values())) \
+                > self.capacity:
             old, _ = self._items.popitem(last=False)
             self.evictions += 1
             log.info("host cache: dropping model %s", old)
         if self.device.type != "cpu":
-            _to_host(loaded.pipe, self.pin)
+            _to_host(loaded.pipe, self.pin, in_use)
         self._items[name] = (loaded, size)
         log.info("model %s kept in host RAM (%.2f GB%s)", name, size / 2**30, ", pinned" if self.pin else "")
         return True

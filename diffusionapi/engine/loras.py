@@ -4,6 +4,10 @@ Scales are applied only through ``set_adapters`` weights, never through a call's
 ``cross_attention_kwargs`` (that sets pipe._lora_scale, which silently rescales every
 later text-encoder load). A job without LoRAs disables them, which gives exactly the
 base model's pixels.
+
+A text encoder that several models share (engine/sharedparts.py) is never patched: a LoRA with
+keys for it first gives its model a private copy of that encoder (kept while the model stays
+loaded), so the LoRA cannot reach the other models.
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ class LoraManager:
             if name in book and book[name] != stamp:  # file replaced on disk: reload it
                 self._delete(pipe, book, name)
             if name not in book:
+                _private_text_encoders(loaded, entry)
                 self._load(pipe, book, entry, name, stamp)
             book.move_to_end(name)
             names.append(name)
@@ -115,6 +120,27 @@ class LoraManager:
             pipe.unload_lora_weights()
         finally:
             book.clear()
+
+
+def _private_text_encoders(loaded, entry: LoraEntry) -> None:
+    """Give ``loaded`` its own copy of each shared text encoder the LoRA ``entry`` has keys for."""
+    shared, pipe = getattr(loaded, "shared", None), loaded.pipe
+    if shared is None:
+        return
+    names = [n for n, c in pipe.components.items() if n.startswith("text_encoder") and shared.is_shared(c)]
+    if not names:
+        return
+    try:  # diffusers' reading of the LoRA: keys under the component each patch goes to
+        state = pipe.lora_state_dict(str(entry.path.parent), weight_name=entry.path.name)
+    except Exception as e:  # noqa: BLE001 - a file diffusers cannot read
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoraError(f"LoRA {entry.name!r} could not be applied: {reason[:300]}") from e
+    state = state[0] if isinstance(state, tuple) else state
+    for name in names:
+        if any(k.startswith(name + ".") for k in state):
+            log.info("LoRA %s patches %s, shared with other models: model %s gets its own copy",
+                     entry.name, name, loaded.entry.name)
+            setattr(pipe, name, shared.private_copy(getattr(pipe, name)))
 
 
 def _adapters(pipe) -> set[str]:

@@ -47,6 +47,7 @@ class LoadedModel:
     vae_upcast: bool = False  # its VAE overflowed in fp16 once: it runs in the wider type (fastmode.vae_run)
     flow: FlowModelSigmas | None = None  # flow-matching families: sigmas per image size (engine/flow.py)
     preview_factors: object = None  # latent -> RGB fit of its VAE, when its family has no published one
+    shared: object = None  # the SharedParts its component-file modules come from (engine/sharedparts.py)
 
     @property
     def is_flow(self) -> bool:
@@ -112,16 +113,18 @@ def scheduler_for_entry(scheduler, entry: ModelEntry):
 
 
 def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *, share_from=None,
-                  cpu_offload: bool = False, fast: FastMode = FastMode()) -> LoadedModel:
+                  cpu_offload: bool = False, fast: FastMode = FastMode(), shared=None) -> LoadedModel:
     """Load a model offline. ``share_from`` (an SDXL base) lends its VAE and text_encoder_2
-    to a refiner when they are the same architecture, so the two stay one copy in memory."""
+    to a refiner when they are the same architecture, so the two stay one copy in memory;
+    ``shared`` (engine/sharedparts.py) holds the text encoders and VAEs built from component
+    files, one module per file for every model that names it."""
     cls = _pipeline_class(entry.family, None if entry.format == ModelFormat.SINGLE_FILE else Path(entry.path))
     dtype = family_dtype(entry.family, device, dtype)
     kwargs: dict = dict(dtype=dtype, local_files_only=True, **sd15_loader_kwargs(entry.family))
     if entry.format == ModelFormat.SINGLE_FILE:
         from .checkpoints import load_single_file
 
-        pipe = load_single_file(cls, entry, dtype)
+        pipe = load_single_file(cls, entry, dtype, shared)
     else:
         if share_from is not None and entry.family == SDXL_REFINER:
             kwargs.update(_shareable(share_from.pipe, Path(entry.path)))
@@ -149,8 +152,9 @@ def load_pipeline(entry: ModelEntry, device: torch.device, dtype: torch.dtype, *
         if fam.empirical_shift:
             shift = dataclasses.replace(shift, empirical=True)
         flow = FlowModelSigmas(shift, vae_scale=fam.vae_scale_factor)
-        return LoadedModel(entry, pipe, flow.at(fam.size, fam.size), config, flow=flow)
-    return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config, borrowed_from=lender)
+        return LoadedModel(entry, pipe, flow.at(fam.size, fam.size), config, flow=flow, shared=shared)
+    return LoadedModel(entry, pipe, ModelSigmas.from_scheduler_config(config), config, borrowed_from=lender,
+                       shared=shared)
 
 
 def family_dtype(family: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -208,6 +212,7 @@ class PipelineCache:
     def __init__(self, device: torch.device, capacity: int = 1, *, cpu_offload=False, fast: FastMode = FastMode(),
                  host_cache_bytes: int = 0):
         from .hostcache import HostCache
+        from .sharedparts import SharedParts
 
         self.device = device
         self.dtype = dtype_for(device)
@@ -216,6 +221,9 @@ class PipelineCache:
         self._items: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self.loads = 0  # how many loads from disk happened: tests and benchmarks read it
+        # Component-file modules shared by the models naming the same file; not with CPU offload,
+        # whose hooks belong to one pipeline.
+        self.shared = None if cpu_offload else SharedParts()
         # Evicted models kept in host RAM (engine/hostcache.py); off with 0 or with CPU offload.
         self.host = HostCache(0 if cpu_offload else host_cache_bytes, device)
 
@@ -243,7 +251,8 @@ class PipelineCache:
                 self._evict(victim)
             loaded = self.host.take(entry.name, entry.path)
             if loaded is None:
-                loaded = load_pipeline(entry, self.device, self.dtype, share_from=share_from, **self.options)
+                loaded = load_pipeline(entry, self.device, self.dtype, share_from=share_from, shared=self.shared,
+                                       **self.options)
                 self.loads += 1
             self._items[entry.name] = loaded
             return loaded
@@ -254,9 +263,14 @@ class PipelineCache:
         # A refiner holding this model's VAE/text encoder would keep them alive: it goes too.
         for other in [n for n, it in self._items.items() if it.borrowed_from == name]:
             self._items.pop(other)
-        self.host.put(name, item)
+        # A module the remaining models share (engine/sharedparts.py) stays on the device.
+        self.host.put(name, item, in_use={id(m) for it in self._items.values() for m in _modules(it.pipe)})
         del item
         free_memory()
+
+
+def _modules(pipe) -> list:
+    return [c for c in getattr(pipe, "components", {}).values() if isinstance(c, torch.nn.Module)]
 
 
 def free_memory() -> None:
