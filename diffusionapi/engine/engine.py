@@ -398,8 +398,10 @@ class Engine:
 
     def _reference_tokens(self, loaded: LoadedModel, images):
         """An edit job's reference images through the model's VAE: each at its own size, scaled
-        down to the model's native area and rounded to 2x2 patches (engine/flow.py)."""
+        down to the model's native area and rounded to 2x2 patches (engine/flow.py), as tokens of
+        the family's transformer (Flux.1 Kontext's or Flux.2's: engine/flow_families.py)."""
         from .flow import reference_size, reference_tokens
+        from .flow_families import flux2_reference_tokens
 
         fam = loaded.spec
         latents = []
@@ -409,7 +411,7 @@ class Engine:
             if size != im.size:
                 im = im.resize(size, Image.LANCZOS)
             latents.append(self._encode(loaded, im))
-        return reference_tokens(latents)
+        return flux2_reference_tokens(latents) if fam.conditioning == "flux2" else reference_tokens(latents)
 
     def _conditioning(self, loaded: LoadedModel, text: "JobText", width: int, height: int,
                       hires_steps: int | None = None):

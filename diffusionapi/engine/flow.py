@@ -291,7 +291,8 @@ class FluxDenoiser(FlowDenoiser):
 class ReferenceTokens:
     """An edit job's reference images as Flux.1 Kontext sees them: their latents packed 2x2
     ([1, n, 64]) and the position ids of those tokens ([n, 3]), first id 1 (0 is the image
-    being made), as diffusers' FluxKontextPipeline.prepare_latents makes them for one image."""
+    being made), as diffusers' FluxKontextPipeline.prepare_latents makes them for one image.
+    Flux.2's are [1, n, 128] with (t, h, w, l) ids [n, 4] (flow_families.flux2_reference_tokens)."""
     tokens: torch.Tensor
     ids: torch.Tensor
 

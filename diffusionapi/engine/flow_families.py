@@ -21,7 +21,9 @@ Each transformer has its own conventions, read from its diffusers pipeline's sam
 * Flux.2 (Flux2KleinPipeline): the engine's [b, 32, h, w] latents patchified 2x2 into 128-channel
   tokens in row-major order with (t, h, w, l) positions, timestep t, plain CFG (klein base; the
   distilled klein runs at CFG 1), no guidance embedding on klein (the distilled CFG scale is fed
-  where the transformer has one).
+  where the transformer has one). An edit job's reference images (Flux2KleinPipeline's ``image``)
+  are appended as extra tokens, each reference with its own time coordinate 10, 20, ...
+  (:func:`flux2_reference_tokens`); only the image's own tokens come out.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .flow import FlowDenoiser, encode_flow, image_ids, make_flow_denoiser, pack, unpack
+from .flow import FlowDenoiser, ReferenceTokens, encode_flow, image_ids, make_flow_denoiser, pack, unpack
 from .guidance import rescale_cfg
 from .vae_io import patchify, unpatchify
 
@@ -130,26 +132,54 @@ class ChromaDenoiser(SequenceDenoiser):
         return unpack(out.float(), h, w)
 
 
+def flux2_tokens(z: torch.Tensor) -> torch.Tensor:
+    """Flux.2 latents [b, 32, h, w] -> tokens [b, h*w/4, 128]: patchified 2x2, row-major
+    (Flux2Pipeline._pack_latents)."""
+    p = patchify(z)
+    b, c, h, w = p.shape
+    return p.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def flux2_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
+    """(t, h, w, l) of each token of an [h, w] patch grid, row-major ([h*w, 4];
+    Flux2Pipeline._prepare_latent_ids; _prepare_image_ids for a reference, whose t is not 0)."""
+    return torch.cartesian_prod(torch.tensor([t]), torch.arange(h), torch.arange(w), torch.arange(1))
+
+
+def flux2_reference_tokens(latents: list[torch.Tensor]) -> ReferenceTokens:
+    """An edit job's reference latents ([1, 32, h, w] each, at their own sizes) as
+    Flux2KleinPipeline.prepare_image_latents makes them: each one's tokens at time coordinate
+    10 * (k + 1) (_prepare_image_ids' scale 10), all of them in one sequence."""
+    tokens = [flux2_tokens(z) for z in latents]
+    ids = [flux2_ids(z.shape[-2] // 2, z.shape[-1] // 2, 10 * (k + 1)) for k, z in enumerate(latents)]
+    return ReferenceTokens(torch.cat(tokens, dim=1), torch.cat(ids))
+
+
 class Flux2Denoiser(SequenceDenoiser):
-    def __init__(self, loaded, cond, ms, cfg_scale, on_eval, cfg_rescale=0.0, guidance: float | None = None):
+    def __init__(self, loaded, cond, ms, cfg_scale, on_eval, cfg_rescale=0.0, guidance: float | None = None,
+                 references: ReferenceTokens | None = None):
         super().__init__(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
         self.guidance = guidance if self.transformer.config.get("guidance_embeds", False) else None
+        self.references = references
 
     def run(self, x_flow, t, embeds, mask, text_ids):
-        b = x_flow.shape[0]
+        b, _, h, w = x_flow.shape
         dev = x_flow.device
-        p = patchify(x_flow.to(self.dtype))
-        _, c, h, w = p.shape
-        # (t, h, w, l) of each token, row-major (Flux2Pipeline._prepare_latent_ids).
-        ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1)).to(dev)
+        own = flux2_tokens(x_flow.to(self.dtype))
+        ids = flux2_ids(h // 2, w // 2).to(dev)
+        tokens = own
+        if self.references is not None:  # an edit job: the references follow the image's tokens
+            tokens = torch.cat([own, self.references.tokens.to(dev, self.dtype).expand(b, -1, -1)], dim=1)
+            ids = torch.cat([ids, self.references.ids.to(dev)])
         guidance = None if self.guidance is None else torch.full((b,), float(self.guidance), device=dev,
                                                                   dtype=torch.float32)
-        out = self.transformer(hidden_states=p.reshape(b, c, h * w).permute(0, 2, 1),
+        out = self.transformer(hidden_states=tokens,
                                timestep=torch.full((b,), t, device=dev, dtype=self.dtype), guidance=guidance,
                                encoder_hidden_states=embeds.expand(b, -1, -1).to(dev, self.dtype),
                                txt_ids=text_ids.expand(b, -1, -1).to(dev), img_ids=ids.expand(b, -1, -1),
                                return_dict=False)[0]
-        return unpatchify(out[:, :h * w].permute(0, 2, 1).reshape(b, c, h, w).float())
+        c = own.shape[2]
+        return unpatchify(out[:, :own.shape[1]].permute(0, 2, 1).reshape(b, c, h // 2, w // 2).float())
 
 
 DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser, "chroma": ChromaDenoiser,
@@ -159,11 +189,11 @@ DENOISERS = {"qwen-image": QwenImageDenoiser, "z-image": ZImageDenoiser, "chroma
 def make_denoiser(loaded, cond, ms, cfg_scale: float, on_eval, cfg_rescale: float = 0.0,
                   guidance: float | None = None, references=None, fill=None) -> FlowDenoiser:
     """The denoiser of any flow family (the distilled guidance goes to the transformers that take
-    it; an edit job's reference tokens to Flux.1 Kontext, an inpainting job's image and mask
+    it; an edit job's reference tokens to Flux.1 Kontext and Flux.2, an inpainting job's image and mask
     conditioning to Flux.1 Fill: engine/flow.py)."""
     kind = loaded.spec.conditioning
     if kind == "flux2":
-        return Flux2Denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance)
+        return Flux2Denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance, references)
     if kind in DENOISERS:
         return DENOISERS[kind](loaded, cond, ms, cfg_scale, on_eval, cfg_rescale)
     return make_flow_denoiser(loaded, cond, ms, cfg_scale, on_eval, cfg_rescale, guidance, references, fill)

@@ -5,7 +5,11 @@ layers' hidden states stacked).
 Runs through engine/flow.py + engine/flow_families.py on the engine's own samplers; the shift
 follows diffusers' Flux.2 rule (mu from the token count and the step count). Flux.2 [dev]
 (Flux2Pipeline, Mistral text encoder) is not recognised yet. The defaults are the distilled
-klein's (4 steps, CFG 1); klein Base wants about 50 steps at CFG 4."""
+klein's (4 steps, CFG 1); klein Base wants about 50 steps at CFG 4.
+
+It also edits (POST /edit, Flux2KleinPipeline's ``image``): the reference images ride along as
+extra tokens (engine/flow_families.py). Native img2img stays img2img; /sdapi/v1/img2img and
+OpenAI's /v1/images/edits run the edit, as on Kontext."""
 from __future__ import annotations
 
 from .spec import FamilySpec, FolderConfigs
@@ -25,7 +29,7 @@ SPEC = FamilySpec(
     id="flux2", label="Flux.2", pipeline="Flux2KleinPipeline", conditioning="flux2",
     matches_checkpoint=matches_checkpoint, matches_folder=matches_folder, sampler="Euler",
     steps=4, cfg_scale=1.0, size=1024, latent_channels=32, prediction="flow", lora_family="flux2",
-    preview="flux2", gpu_dtype="bfloat16", empirical_shift=True,
+    preview="flux2", gpu_dtype="bfloat16", empirical_shift=True, edits=True, native_img2img=True,
     single_files=("Flux.2 single files (transformer-only) are recognised but not loaded yet: "
                   "install the model as a diffusers folder"),
 )

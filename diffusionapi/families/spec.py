@@ -69,6 +69,10 @@ class FamilySpec:
     # txt2img requests are refused.
     edits: bool = False
     text_to_image: bool = True
+    # An editing model that native POST /img2img still runs as img2img (Flux.2: its edit is an
+    # option of a text-to-image model); on the others that is a 422 pointing to POST /edit. The
+    # A1111 dialect's img2img is the edit on every editing model.
+    native_img2img: bool = False
     # An inpainting model (Flux.1 Fill): it runs on an image and a mask only, so img2img without
     # a mask and txt2img are refused.
     inpainting_only: bool = False

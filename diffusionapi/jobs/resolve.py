@@ -142,13 +142,13 @@ def pick_model(name: str | None, registry: Registry, settings: Settings, models=
 def check_kind_fits_model(kind: str, model) -> None:
     """An edit job needs an editing model; an edit-only model (one that needs a reference image)
     serves no txt2img, and an editing model's img2img is its edit (POST /edit; /sdapi/v1/img2img
-    turns into one). A 422 naming the model field that says so."""
+    turns into one) unless the family keeps native img2img (FamilySpec.native_img2img). A 422 naming the model field that says so."""
     family = family_spec(model.family)
     if kind == "edit" and not family.edits:
         editing = ", ".join(f.id for f in FAMILIES if f.edits)
         raise RequestError("model", f"{model.name!r} ({family.label}) cannot edit images: an edit job needs an "
                                     f"instruction-editing model (families: {editing})")
-    if kind == "img2img" and family.edits:
+    if kind == "img2img" and family.edits and not family.native_img2img:
         raise RequestError("model", f"{model.name!r} is an instruction-editing model ({family.label}): send its "
                                     "image as reference_images to POST /edit (over /sdapi, img2img runs the edit)")
     if kind == "txt2img" and family.inpainting_only:
