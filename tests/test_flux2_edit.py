@@ -136,3 +136,26 @@ def test_reference_tokens_equal_the_pipelines(klein_store):
     assert ours.tokens.shape == tokens.shape == (1, 16 + 20, 128)
     assert torch.equal(ours.ids, ids[0]) and set(ids[0, :, 0].tolist()) == {10, 20}
     assert torch.allclose(ours.tokens, tokens, atol=1e-5)
+
+
+def test_mask_keeps_the_first_reference_outside_it(klein_server):
+    ref = pattern(64, 64, 1)
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[16:48, 16:48] = 255
+    out = px(edit(klein_server, reference_images=[b64_png(ref)], mask=b64_png(mask), mask_blur=0, seed=4))
+    outside = mask[..., 0] == 0
+    assert np.array_equal(out[outside], ref[outside].astype(np.int16))
+    assert not np.array_equal(out[~outside], ref[~outside].astype(np.int16))
+
+
+def test_openai_images_edits_on_klein_is_the_native_edit(klein_server):
+    """OpenAI's /v1/images/edits on the klein: every image a reference, the native edit's pixels."""
+    import openai
+
+    native = px(edit(klein_server, reference_images=[REF_A, REF_B], seed=5, steps=3))
+    with openai.OpenAI(base_url=klein_server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        res = client.images.edit(model="tiny-flux2-klein", prompt="make it red", extra_body={"steps": 3, "seed": 5},
+                                 image=[("a.png", base64.b64decode(REF_A), "image/png"),
+                                        ("b.png", base64.b64decode(REF_B), "image/png")])
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))).convert("RGB"))
+    assert np.array_equal(out.astype(np.int16), native)
