@@ -24,11 +24,11 @@ REF_A, REF_B = b64_png(PAT_A), b64_png(PAT_B)
 EDIT = dict(prompt="make it red", steps=4, width=64, height=64, model="tiny-flux2-klein", fileType="png")
 
 
-def klein_that_looks(seed: int = 0):
-    """The tiny klein with its double block's attention weights and its modulations scaled up 4x: at
-    their random init every token attends nearly evenly to all and the references move the image
-    by under 0.1/255 on average (as little as the prompt does); sharpened, leaving them out
-    moves it by about 1.6/255, more than the comparison with diffusers allows."""
+def sharpened_klein(seed: int = 0):
+    """The tiny klein with its double block's attention weights and its modulations scaled up 4x.
+    At their random init, leaving the references out of bare Flux2KleinPipeline moves its image by
+    under 0.1/255 on average (a comparison within 2/255 could not tell); scaled, by about 1.6/255,
+    more than the comparison with diffusers allows."""
     pipe = tiny_flux2_klein_pipeline(seed)
     with torch.no_grad():
         for name, p in pipe.transformer.named_parameters():
@@ -41,7 +41,7 @@ def klein_that_looks(seed: int = 0):
 @pytest.fixture(scope="module")
 def klein_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("klein-edit-store")
-    klein_that_looks(0).save_pretrained(root / "models" / "tiny-flux2-klein")
+    sharpened_klein(0).save_pretrained(root / "models" / "tiny-flux2-klein")
     (root / "upscalers").mkdir()
     (root / "labels.json").write_text("{}")
     return root
