@@ -347,8 +347,15 @@ def test_kill9_a_worker_mid_job_and_the_other_finishes_it(cluster):
     hold.release()  # the other worker takes it over and finishes it
     body = wait_final(b, job, timeout=180)
     assert body["state"] == "done", body
-    view = httpx.get(b.url + "/cluster").json()["workers"]
-    dead = next(w for w in view if w["name"] == owner["name"])
+    # The takeover needs no lease to lapse (the dead worker's Redis connection is gone), so the job
+    # can end before the view counts the silent worker as dead (3 heartbeats): wait for that.
+    deadline = time.time() + 30
+    while True:
+        view = httpx.get(b.url + "/cluster").json()["workers"]
+        dead = next(w for w in view if w["name"] == owner["name"])
+        if dead["alive"] is False or time.time() > deadline:
+            break
+        time.sleep(HEARTBEAT / 2)
     assert dead["alive"] is False and dead["heartbeat_age"] > 3 * HEARTBEAT
     (survivor,) = [w for w in view if w["alive"]]
     node = next(n for n in cluster.workers if n.name == survivor["name"])
