@@ -123,6 +123,7 @@ def test_equals_bare_diffusers_flux_kontext_pipeline(edit_server, edit_store):
 COMBOS = [(n, t) for n in SAMPLER_NAMES for t in SCHEDULER_TYPES if t in SAMPLERS[n].schedules]
 
 
+@pytest.mark.slow  # the same sampler code as flux1's sweep (fast tier); the full suite runs this one
 @pytest.mark.parametrize("sampler, schedule", COMBOS)
 def test_every_sampler_and_schedule_runs(edit_server, sampler, schedule):
     from diffusionapi.jobs.resolve import resolve_job
