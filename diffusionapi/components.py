@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import stable_diffusion_dir
 from .fileinfo import read_safetensors_header
 
 TEXT_ENCODER, VAE = "text_encoder", "vae"
@@ -64,13 +65,11 @@ class ComponentError(ValueError):
 
 
 def text_encoders_dir(settings) -> Path:
-    d = getattr(settings, "text_encoders_dir", None)
-    return Path(d) if d else Path(settings.models_dir).parent / "text_encoders"
+    return stable_diffusion_dir(settings, "text_encoders_dir", "text_encoders")
 
 
 def vae_dir(settings) -> Path:
-    d = getattr(settings, "vae_dir", None)
-    return Path(d) if d else Path(settings.models_dir).parent / "vae"
+    return stable_diffusion_dir(settings, "vae_dir", "vae")
 
 
 @dataclass(frozen=True)

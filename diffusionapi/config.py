@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 # The seed's default for a request's `model`.
 SEED_DEFAULT_MODEL = "stable-diffusion-v1-5"
 
@@ -176,6 +175,13 @@ class Settings(BaseSettings):
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def stable_diffusion_dir(settings, field: str, default: str) -> Path:
+    """A model folder: its setting (``field``) when set, else ``default`` beside the models folder
+    (``stable_diffusion/<default>``, the layout A1111 / Forge / ComfyUI users know)."""
+    chosen = getattr(settings, field, None)
+    return Path(chosen) if chosen else Path(settings.models_dir).parent / default
 
 
 @lru_cache(maxsize=1)

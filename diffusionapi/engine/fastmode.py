@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import stable_diffusion_dir
+
 log = logging.getLogger(__name__)
 
 # Inductor's default mode: no CUDA graphs (they pin input buffers and break with LoRA/shape changes),
@@ -44,8 +46,7 @@ class FastMode:
 
 def compile_cache_root(settings) -> Path:
     """DIFFUSIONAPI_COMPILE_CACHE_DIR, else the ``compile-cache`` folder next to the models folder."""
-    chosen = getattr(settings, "compile_cache_dir", None)
-    return Path(chosen) if chosen else Path(settings.models_dir).parent / "compile-cache"
+    return stable_diffusion_dir(settings, "compile_cache_dir", "compile-cache")
 
 
 def apply(pipe, device: torch.device, mode: FastMode) -> list[str]:

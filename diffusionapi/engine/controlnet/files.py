@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...config import stable_diffusion_dir
+
 log = logging.getLogger(__name__)
 
 WEIGHT_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
@@ -42,13 +44,11 @@ class ControlNetEntry:
 
 
 def controlnet_dir(settings) -> Path:
-    d = getattr(settings, "controlnet_dir", None)
-    return Path(d) if d else Path(settings.models_dir).parent / "controlnet"
+    return stable_diffusion_dir(settings, "controlnet_dir", "controlnet")
 
 
 def annotators_dir(settings) -> Path:
-    d = getattr(settings, "annotators_dir", None)
-    return Path(d) if d else Path(settings.models_dir).parent / "annotators"
+    return stable_diffusion_dir(settings, "annotators_dir", "annotators")
 
 
 def short_hash(path: Path) -> str:

@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...config import stable_diffusion_dir
 from .files import WEIGHT_EXTS, tensor_shapes
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,11 @@ CROSS_DIMS = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 
 
 def ipadapter_dir(settings) -> Path:
-    d = getattr(settings, "ipadapter_dir", None)
-    return Path(d) if d else Path(settings.models_dir).parent / "ipadapter"
+    return stable_diffusion_dir(settings, "ipadapter_dir", "ipadapter")
 
 
 def clip_vision_dir(settings) -> Path:
-    d = getattr(settings, "clip_vision_dir", None)
-    return Path(d) if d else Path(settings.models_dir).parent / "clip_vision"
+    return stable_diffusion_dir(settings, "clip_vision_dir", "clip_vision")
 
 
 @dataclass(frozen=True)
