@@ -17,6 +17,10 @@ from diffusionapi.demo import save_tiny_model, tiny_flux_pipeline, tiny_sd3_pipe
 
 from .conftest import LiveServer, make_settings
 
+# Slow tier: Flux / SD 3 ControlNets against diffusers' pipelines; the full suite runs it, the
+# fast tier keeps the SD 1.5 / SDXL ControlNet tests.
+pytestmark = pytest.mark.slow
+
 SMALL = dict(prompt="a red cube", width=64, height=64, steps=4, seed=7, model="tiny-flux", fileType="png",
              sampler_name="Euler")
 

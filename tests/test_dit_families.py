@@ -19,6 +19,10 @@ from diffusionapi.images import read_infotext
 
 from .conftest import LiveServer, make_settings
 
+# Slow tier: four tiny DiT families built and served per module; the full suite runs it, the fast
+# tier keeps their detection (test_families.py) and the sampler code (test_flux.py, test_sd3.py).
+pytestmark = pytest.mark.slow
+
 QWEN = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-qwen-image", fileType="png")
 ZIMG = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-z-image", fileType="png")
 CHROMA = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-chroma", fileType="png")

@@ -28,6 +28,10 @@ from .conftest import LiveServer, make_settings
 from .test_flux import save_flux_lora
 from .flow_files import flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_to_ldm, write_flux_files, write_gguf
 
+# Slow tier: every storage form (fp8, GGUF, all-in-one, transformer-only) is built and loaded per
+# module; the full suite runs it, the fast tier keeps the family detection (test_families.py).
+pytestmark = pytest.mark.slow
+
 FLUX = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", sampler_name="Euler")
 
 
