@@ -129,7 +129,10 @@ def _engine_run(server, **kw):
 COMBOS = [(n, t) for n in SAMPLER_NAMES for t in SCHEDULER_TYPES if t in SAMPLERS[n].schedules]
 
 
-@pytest.mark.parametrize("sampler, schedule", COMBOS)
+# The fast tier sweeps the flow sampler code on sd3 (test_sd3.py); here it runs Euler + Simple and
+# leaves the rest of flux1's sweep to the slow tier (the full suite).
+@pytest.mark.parametrize("sampler, schedule", [
+    pytest.param(n, t, marks=[] if (n, t) == ("Euler", "simple") else [pytest.mark.slow]) for n, t in COMBOS])
 def test_every_sampler_and_schedule_runs(flux_server, sampler, schedule):
     result = _engine_run(flux_server, sampler_name=sampler, scheduler_type=schedule, steps=2)
     img = np.asarray(result.images[0].image)

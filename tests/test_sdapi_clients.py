@@ -159,6 +159,7 @@ def test_sillytavern_interrupt_when_its_caller_leaves(server):
 
 
 # ---------------------------------------------------------------------- LibreChat
+@pytest.mark.slow  # ~15 s of polling as LibreChat does; the full suite runs it
 def test_librechat(server):
     payload = {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "cfg_scale": 4.5, "steps": 22,
                "width": 1024, "height": 1024}  # hard-coded in StableDiffusion.js
