@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -303,6 +304,27 @@ def test_a_job_orphaned_by_an_api_node_dying_mid_submit_is_published_again_and_d
     assert gone_everywhere(cluster, orphan)  # its final response served once
     assert sum((w.dir / "outputs" / f"{orphan}.jpg").exists() for w in cluster.workers) == 1
     assert wait_final(a, template)["state"] == "done"
+    state.close()
+
+
+def test_a_job_whose_turn_an_orphan_took_still_runs(cluster):
+    # A message is a turn of its model queue, not a job: the next job's message starts the orphan
+    # (earlier in the fair line), and the sweep must then publish a turn for the job left without
+    # one (the CI failure behind session 5's submission).
+    from diffusionapi.jobs.backends.celery.state import RedisJobState
+
+    a, b = cluster.api
+    state = RedisJobState(cluster.redis.url)
+    template = submit(a, **dict(JOB, seed=90))
+    record = state.record(template)  # what an API node records for such a request
+    assert wait_final(a, template)["state"] == "done"
+    record["created_at"] = time.time()
+    orphan = str(uuid.uuid4())
+    assert state.create(orphan, record, 0) is not None  # recorded, never published
+    later = submit(b, **dict(JOB, seed=91))  # its message's turn goes to the orphan (first in line)
+    for j in (orphan, later):
+        assert wait_final(a, j)["state"] == "done"
+    assert state.unsent_ids() == []
     state.close()
 
 

@@ -52,3 +52,24 @@ def test_union_of_live_workers_resolves_names_and_names_what_is_missing(state, m
     with pytest.raises(BackendUnavailable, match="no live worker in the cluster") as e:
         api.resolve_model("tiny-sd15")
     assert e.value.status == 503 and e.value.headers["Retry-After"]
+
+
+def test_an_api_node_that_started_before_any_worker_sees_the_first_one_at_once(state, model_store, tmp_path):
+    # A node starting first views an empty cluster; that view is not kept for refresh_sec, so the
+    # first worker's models are usable on the next request (a fixture race in session 5's runs).
+    settings = make_settings(model_store, tmp_path, worker_heartbeat_sec=0.2)
+    api = CatalogRegistry(settings, state, refresh_sec=3600)
+    with pytest.raises(BackendUnavailable):
+        api.resolve_model("tiny-sd15")
+    local = Registry(settings)
+    state.heartbeat("w", {"device": "cpu"}, ttl=30,
+                    catalog=catalog_of(local, [m for m in local.models() if m.name == "tiny-sd15"]))
+    assert api.resolve_model("tiny-sd15").name == "tiny-sd15"
+
+
+def test_a_beat_without_a_catalog_keeps_the_published_one_alive(state, model_store, tmp_path):
+    # Workers rebuild their catalog on a thread of its own, every 30 s; beats in between send none.
+    local = Registry(make_settings(model_store, tmp_path))
+    state.heartbeat("w", {}, ttl=2, catalog=catalog_of(local, local.models()[:1]))
+    state.heartbeat("w", {}, ttl=30)
+    assert state.r.ttl("dapi:catalog:w") > 2

@@ -217,6 +217,8 @@ def test_a_submit_retried_with_its_key_after_its_api_node_died_mid_request_makes
         t.start()
     time.sleep(0.05)
     a.stop(signal.SIGKILL)  # somewhere in the burst: some answered, some recorded only, some never
+    cluster.api.remove(a)  # at once: a failure below must not leave the next test a dead node
+    cluster.stopped.append(a)
     for t in threads:
         t.join(60)
     # Every client retries on the other node with the same key.
@@ -243,8 +245,6 @@ def test_a_submit_retried_with_its_key_after_its_api_node_died_mid_request_makes
     for job in retried.values():  # a job recorded by the dead node but never published: the sweep does
         assert wait_final(b, job, timeout=180)["state"] == "done"
     assert sum((w.dir / "outputs" / f"{orphan}.jpg").exists() for w in cluster.workers) == 1  # ran once
-    cluster.api.remove(a)
-    cluster.stopped.append(a)
     state.close()
 
 

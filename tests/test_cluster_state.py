@@ -236,7 +236,7 @@ def test_claimed_cancelled_and_pre_upgrade_jobs_are_never_swept(state):
     import json
 
     claimed, cancelled, queued = _queue(state, 3)
-    state.claim(claimed, "w1", 30)  # a message reached a worker
+    assert state.claim_next(claimed, "q", "w1", 30)[3] == claimed  # its own message reached a worker
     state.cancel(cancelled)
     old = _jid()  # recorded by a node before this change: no unsent entry
     state.r.hset(f"dapi:job:{old}", mapping={"record": json.dumps({"payload": {}}), "state": "queued",
@@ -253,6 +253,34 @@ def test_a_job_whose_message_was_consumed_first_is_dropped_from_the_set_when_due
     state.claim(j, "w1", 30)
     state.r.zadd("dapi:unsent", {j: 0})  # (a claim by a worker of the old version leaves it there)
     assert _swept(state) == [] and state.unsent_ids() == []
+
+
+def test_a_job_started_on_another_jobs_turn_still_owes_its_queue_its_own(state):
+    # The CI failure of session 5: a job recorded by an API node that died before publishing (no
+    # message) starts on the turn of the next job; that job then has no message left. The dead
+    # node's job stays owed until the sweep publishes one more turn of its queue.
+    orphan, sent = _queue(state, 2)
+    state.mark_sent(sent)
+    verdict, _, _, started = state.claim_next(sent, "q", "w1", 30)  # the fair head takes the turn
+    assert (verdict, started) == ("run", orphan) and state.waiting_ids() == [sent]
+    assert state.unsent_ids() == [orphan]  # a claim is not its message
+    state.finish(orphan, "w1", status_dict("done", progress=100.0), [b"png"])
+    assert state.take_final(orphan) is not None  # read and gone: its entry remembers its queue
+    time.sleep(GRACE + 0.1)
+    assert state.sweep_orphans(GRACE) == [(orphan, {"queue": "q"}, "owed")]
+    state.mark_sent(orphan)  # the sweeper published that turn; it reaches a worker:
+    verdict, _, _, started = state.claim_next(_jid(), "q", "w2", 30)
+    assert (verdict, started) == ("run", sent)
+    assert state.unsent_ids() == [] and not state.r.exists("dapi:unsent:queue")
+
+
+def test_an_owed_turn_is_forgotten_when_its_queue_has_no_job_waiting(state):
+    orphan, other = _queue(state, 2)
+    state.cancel(other)
+    assert state.claim_next(_jid(), "q", "w1", 30)[3] == orphan  # a stray turn started it
+    time.sleep(GRACE + 0.1)
+    assert _swept(state) == [] and state.unsent_ids() == []  # nothing waits there: nothing is owed
+    assert not state.r.exists("dapi:unsent:queue")
 
 
 def test_two_sweepers_at_once_republish_each_orphan_once(state):

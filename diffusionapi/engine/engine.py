@@ -12,7 +12,7 @@ from .. import imageinput
 from ..vocabulary import LATENT_UPSCALE_MODES, SD15, SDXL, ModelFormat
 from . import fastmode
 from .fastmode import FastMode
-from .hashes import FileHashes
+from .hashes import hashes_in
 from .live import LiveJob, TaesdCache
 from .loras import LoraManager, lora_hashes_infotext
 from .pipelines import LoadedModel, PipelineCache, free_memory, pick_device
@@ -92,7 +92,7 @@ class Engine:
         self.cache = PipelineCache(self.device, settings.pipeline_cache_size, cpu_offload=settings.cpu_offload,
                                    fast=self.fast, host_cache_bytes=int(host_gb * 2**30))
         self.loras = LoraManager(settings.lora_cache_size)
-        self.hashes = FileHashes(Path(settings.queue_dir) / ".file-hashes.json")
+        self.hashes = hashes_in(Path(settings.queue_dir))
         self.upscalers = UpscalerCache(self.device)
         self.prompt_encoder = PromptEncoder(settings.conditioning_cache_size)
         self.embedding_tensors = EmbeddingTensors()

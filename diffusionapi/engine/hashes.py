@@ -46,10 +46,26 @@ class FileHashes:
             self._digests[key] = digest
             if self.cache_file:
                 try:
+                    self.cache_file.parent.mkdir(parents=True, exist_ok=True)
                     write_atomic(self.cache_file, json.dumps(self._digests).encode(), fsync=False)
                 except OSError as e:
                     log.warning("hash cache %s not written: %s", self.cache_file, e)
         return digest
+
+
+_SHARED: dict[Path, FileHashes] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def hashes_in(queue_dir: Path) -> FileHashes:
+    """The process's one FileHashes for a queue folder's cache file: the engine and a Celery
+    worker's catalog share its digests (two instances would each rewrite the file without the
+    other's entries, and a fresh one per rescan would hash every file again)."""
+    cache = Path(queue_dir) / ".file-hashes.json"
+    with _SHARED_LOCK:
+        if cache not in _SHARED:
+            _SHARED[cache] = FileHashes(cache)
+        return _SHARED[cache]
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...engine.hashes import FileHashes, model_sha256
+from ...engine.hashes import hashes_in, model_sha256
 from ...security.paths import shown_path
 from .protocol import checkpoint_key
 
@@ -17,8 +17,7 @@ class Catalog:
     def __init__(self, registry, settings):
         self.registry = registry
         self.settings = settings
-        # Its own cache file: the worker's FileHashes writes the engine's.
-        self.hashes = FileHashes(Path(settings.queue_dir) / ".sdapi-hashes.json")
+        self.hashes = hashes_in(Path(settings.queue_dir))  # the engine's digests: each file hashed once
 
     def sha256(self, entry) -> str | None:
         """None when unknown (never the hash of nothing)."""

@@ -216,10 +216,18 @@ class CeleryBackend(JobBackend):
                         return
                     # A new token: the job's own may have been taken as a turn for another job. A
                     # running job's message resumes it (its worker died); a queued one's is a turn.
-                    self._publish(str(uuid.uuid4()), record.get("queue") or queue_name(None),
-                                  resume=job_id if state == "processing" else None)
-                    self.state.mark_sent(job_id)
-                    log.warning("job %s: no broker message confirmed after %.0f s; published again", job_id, grace)
+                    queue = record.get("queue") or queue_name(None)
+                    self._publish(str(uuid.uuid4()), queue, resume=job_id if state == "processing" else None)
+                    if state == "owed":
+                        log.warning("job %s started on another job's turn and its own message was never "
+                                    "confirmed; one more turn of %s published", job_id, queue)
+                    else:
+                        log.warning("job %s: no broker message confirmed after %.0f s; published again",
+                                    job_id, grace)
+                    if state != "processing":
+                        # A resumed job stays: if its submit's own message was lost too, the next
+                        # sweep owes its queue that turn (or drops the entry when none is waiting).
+                        self.state.mark_sent(job_id)
             except Exception as e:  # noqa: BLE001 - Redis or the broker down: the jobs come due again
                 if self._stopping.is_set():
                     return

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 def _model_sha256(registry: Registry, m) -> str | None:
     # Computed here, where the files are (an API node has none); cached on disk per file version.
     try:
-        from ....engine.hashes import FileHashes, model_sha256
+        from ....engine.hashes import hashes_in, model_sha256
 
-        return model_sha256(Path(m.path), FileHashes(Path(registry.settings.queue_dir) / ".file-hashes.json"))
+        return model_sha256(Path(m.path), hashes_in(Path(registry.settings.queue_dir)))
     except Exception:  # noqa: BLE001 - a hash is informative; an unreadable file shows up when used
         return None
 
@@ -137,7 +137,8 @@ class CatalogRegistry(Registry):
 
     def union(self) -> dict:
         with self._lock:
-            if self._union is None or time.monotonic() - self._at >= self.refresh_sec:
+            # An empty view is never kept: the first worker to come up is usable at once.
+            if not (self._union and self._union["models"]) or time.monotonic() - self._at >= self.refresh_sec:
                 try:
                     live = [w["name"] for w in self.state.workers()
                             if w["heartbeat_age"] <= 3 * self.settings.worker_heartbeat_sec]

@@ -38,12 +38,19 @@ Keys (prefix ``dapi:``):
                 it is a turn of its model queue; the worker that gets it takes the next job of
                 that queue in the fair order (``claim_next``) and binds the token to it, so a
                 redelivery of the message (its worker died) resumes that job and no other
-  unsent        sorted set: jobs no broker message is known to carry, scored by the Redis time since
-                when: submit adds the job, the submitting node removes it once the broker confirmed
-                its message (``mark_sent``), a claim removes it. A job left there longer than the
-                grace period (its API node died between the two steps of submit), or a running job
-                whose lease lapsed (its owner died and no redelivery claimed it), is re-published
-                by the orphan sweep (``sweep_orphans``, run by every API node). Queued jobs
+  unsent        sorted set: jobs whose own broker message is not known to exist, scored by the Redis
+                time since when: submit adds the job, the submitting node removes it once the
+                broker confirmed its message (``mark_sent``), and so does the message's arrival at
+                a worker (``claim_next`` removes its token). A claim does not: a message is a turn
+                of its queue, so a job may start on another job's turn, and then its own message is
+                still owed to the queue (else the queue is one turn short and its last job never
+                starts). An entry left longer than the grace period (its API node died between the
+                two steps of submit), or a running job whose lease lapsed (its owner died and no
+                redelivery claimed it), is re-published by the orphan sweep (``sweep_orphans``,
+                run by every API node): a turn for a waiting job or for one that started on
+                another's turn while its queue has jobs waiting, a message resuming a running job
+                with a lapsed lease. unsent:queue (hash: id -> its model queue) keeps the queue of
+                a submit's entry for when its job is gone (read and deleted before the sweep). Queued jobs
                 recorded before this set existed are never in it, so never re-published: no storm
                 on upgrade (they were published by the old submit, which answered only after the
                 broker's confirm; the rare one orphaned before the upgrade stays as it was)
@@ -81,6 +88,7 @@ PREFIX = "dapi:"
 FINAL_CHANNEL = PREFIX + "final"
 WAITING = PREFIX + "waiting"
 UNSENT = PREFIX + "unsent"
+UNSENT_QUEUE = UNSENT + ":queue"  # the scripts derive it as KEYS[unsent] .. ':queue'
 RUNNING = PREFIX + "running"
 SEQ = PREFIX + "seq"
 WORKERS = PREFIX + "workers"
@@ -284,6 +292,7 @@ redis.call('HSET', FAIR .. 'stride', ARGV[6], ARGV[8])  -- the key's latest shar
 fair_add(ARGV[4], queue, ARGV[6], ARGV[7], seq)
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[5], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[4])  -- until mark_sent: no message known yet
+redis.call('HSET', KEYS[5] .. ':queue', ARGV[4], queue)  -- its turn is owed to this queue, whatever becomes of the job
 if tonumber(ARGV[5]) > 0 then
   redis.call('SET', KEYS[6], ARGV[4], 'PX', tonumber(ARGV[5]))
   redis.call('HSET', KEYS[1], 'idem', KEYS[6])
@@ -297,7 +306,9 @@ return {seq, ARGV[4]}
 # need a message (queued in the waiting line, or running with no live lease), each moved to now in
 # ``unsent`` so that a concurrent sweep (another API node) does not find it again before another
 # grace period; the caller publishes each and then removes it (``mark_sent``). If it dies in between,
-# the job comes due again. Entries that need nothing (claimed, final, gone) are dropped. Running jobs
+# the job comes due again. A job that started on another job's turn, ended or is gone (its own
+# message never confirmed) leaves its queue one turn short: while that queue has jobs waiting, one
+# turn of it is owed ('owed', with {queue}); otherwise the entry is dropped. Running jobs
 # whose lease lapsed enter ``unsent`` here first (their owner died; the broker's redelivery normally
 # claims them long before their grace is over). Cost: the due entries plus the running jobs (one
 # per worker at most), never the whole waiting line. It reads job and lease keys it derives from
@@ -307,7 +318,7 @@ return {seq, ARGV[4]}
 # was acknowledged, leaving a waiting job that no message names. Every waiting job is made due at
 # once, so each gets one more message; the duplicates are dropped by the claim. Not on the first
 # run id seen (an upgrade, a new Redis): nothing can have been lost before it.
-_SWEEP = """
+_SWEEP = _FAIR + """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local known = redis.call('GET', KEYS[4])
@@ -329,13 +340,20 @@ for _, id in ipairs(due) do
   local state = redis.call('HGET', job, 'state')
   local orphan = (state == QUEUED and redis.call('ZSCORE', KEYS[2], id))
               or (state == PROCESSING and redis.call('EXISTS', 'dapi:lease:' .. id) == 0)
+  local q = redis.call('HGET', KEYS[1] .. ':queue', id) or redis.call('HGET', job, 'queue')
   if orphan then
     redis.call('ZADD', KEYS[1], now, id)
     out[#out + 1] = id
     out[#out + 1] = redis.call('HGET', job, 'record')
     out[#out + 1] = state
+  elseif q and redis.call('SCARD', FAIR .. 'owners:' .. q) > 0 then
+    redis.call('ZADD', KEYS[1], now, id)
+    out[#out + 1] = id
+    out[#out + 1] = cjson.encode({queue = q})
+    out[#out + 1] = 'owed'
   else
     redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[1] .. ':queue', id)
   end
 end
 return out
@@ -356,7 +374,8 @@ end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 fair_started(ARGV[1])  -- a queued job starts: its key's turn is spent
-redis.call('ZREM', KEYS[6], ARGV[1])  -- a message reached a worker: nothing to re-publish
+-- (unsent keeps the job: a claim says which job starts, not which message came; claim_next
+-- removes the message's token)
 if attempts > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'state', ERROR, 'status', ARGV[6], 'final', '1')
   redis.call('HDEL', KEYS[3], ARGV[1])
@@ -387,6 +406,8 @@ _CLAIM = _CLAIM_FN + "return claim(KEYS, ARGV)\n"
 # record, id}) and the token stays unbound: its caller asks again. A token naming a job queued
 # before the fair line existed (not in fair:meta) runs that job.
 _CLAIM_NEXT = _CLAIM_FN + """
+redis.call('ZREM', KEYS[3], ARGV[1])  -- this message exists: the submit that sent it owes nothing
+redis.call('HDEL', KEYS[3] .. ':queue', ARGV[1])
 local bound = redis.call('GET', 'dapi:bound:' .. ARGV[1])
 if bound then return {'bound', bound} end
 local id = nil
@@ -409,6 +430,7 @@ _FORGET = _FAIR + """
 local idem = redis.call('HGET', KEYS[1], 'idem')
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[3] .. ':queue', ARGV[1])
 fair_remove(ARGV[1])
 redis.call('DEL', KEYS[1])
 if idem then redis.call('DEL', idem) end
@@ -453,7 +475,6 @@ if not ((state == PROCESSING and redis.call('HGET', KEYS[1], 'worker') == ARGV[2
 end
 redis.call('ZREM', KEYS[5], ARGV[1])
 fair_remove(ARGV[1])
-redis.call('ZREM', KEYS[6], ARGV[1])
 if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') < 1 then redis.call('HSET', KEYS[1], 'attempts', 1) end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'final', '1', 'final_by', ARGV[2],
            'worker', ARGV[2], 'n_images', #ARGV - 6)
@@ -501,7 +522,8 @@ if state == QUEUED then
   redis.call('HSET', KEYS[1], 'state', CANCELLED, 'status', ARGV[2], 'final', '1')
   redis.call('ZREM', KEYS[2], ARGV[1])
   fair_remove(ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])  -- it leaves the line: its turn, if never sent, is owed to no one
+  redis.call('HDEL', KEYS[5] .. ':queue', ARGV[1])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
   final_event(KEYS[3], CANCELLED, ARGV[4], ARGV[3])
   if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[4], ARGV[5]) end
@@ -557,7 +579,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[2], now, ARGV[1])
-if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', tonumber(ARGV[3])) end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', tonumber(ARGV[3]))
+else redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3])) end  -- a live worker's catalog lives with it
 return tostring(now)
 """
 
@@ -657,16 +680,20 @@ class RedisJobState:
         self._forget(keys=[job_key(job_id), WAITING, UNSENT], args=[job_id])
 
     def mark_sent(self, job_id: str) -> None:
-        """The broker confirmed a message for the job: the orphan sweep leaves it alone. One ZREM
-        (submit's hot path); on a job already claimed or gone it changes nothing."""
-        self.r.zrem(UNSENT, job_id)
+        """The broker confirmed a message for the job: the orphan sweep leaves it alone. One
+        round trip (submit's hot path); on an entry already removed it changes nothing."""
+        p = self.r.pipeline()
+        p.zrem(UNSENT, job_id)
+        p.hdel(UNSENT_QUEUE, job_id)
+        p.execute()
 
     def sweep_orphans(self, grace_sec: float, limit: int = 100) -> list[tuple[str, dict, str]]:
         """Claims the jobs that need a (new) broker message: recorded longer than ``grace_sec``
         ago and never confirmed sent, or running with a lapsed lease for that long. Each is
-        returned to exactly one caller per grace period, (job id, record, state: queued or
-        processing); publish a message for it (a turn of its queue; for a running one, a message
-        that resumes it), then ``mark_sent``."""
+        returned to exactly one caller per grace period, (job id, record, state): 'queued' (publish
+        a turn of its queue), 'processing' (a message that resumes it) or 'owed' (the job started
+        on another job's turn or is gone, and its queue still has jobs waiting: a turn of
+        ``record["queue"]``); then ``mark_sent``."""
         run_id = self.r.info("server").get("run_id", "")
         flat = self._sweep(keys=[UNSENT, WAITING, RUNNING, RUN_ID], args=[max(0, int(grace_sec * 1000)), limit, run_id])
         return [(_s(flat[i]), json.loads(flat[i + 1]), _s(flat[i + 2])) for i in range(0, len(flat), 3)]

@@ -77,7 +77,7 @@ class ClusterWorker:
         self.started_at = time.time()
         self.jobs_done = 0
         self._stop = threading.Event()
-        self._catalog_at = 0.0
+        self._catalog_new: dict | None = None  # built, not yet published (the next beat sends it)
         self._leftover_hooks = True
         self.models = self._served_models()
         self.hooks = JobWebhooks(settings, on_record=lambda rec: self.state.mirror_webhook(rec, self.hooks.queue.keep_sec))
@@ -128,15 +128,24 @@ class ClusterWorker:
                 "models": [m.name for m in self.models], "loaded_model": self.loaded_model,
                 "current_job": self.current_job, "jobs_done": self.jobs_done, "started_at": self.started_at}
 
+    def refresh_catalog(self) -> None:
+        """Rescans the model folders (files may have been added) and builds the catalog the next
+        beat publishes. Its own thread, never the heartbeat's: hashing a new multi-GB file takes
+        seconds, and a heartbeat that waits for it lets the worker look dead and its job's lease
+        lapse."""
+        self.registry = type(self.registry)(self.settings)
+        self.models = [m for m in self._served_models()]
+        self._catalog_new = build_catalog(self.registry, self.models)
+
     def beat(self) -> None:
-        catalog = None
-        if time.time() - self._catalog_at >= CATALOG_REFRESH_SEC:
-            self.registry = type(self.registry)(self.settings)  # rescan: files may have been added
-            self.models = [m for m in self._served_models()]
-            catalog = build_catalog(self.registry, self.models)
-            self._catalog_at = time.time()
+        catalog, self._catalog_new = self._catalog_new, None
         ttl = max(60, int(self.hb * 30))
-        self.state.heartbeat(self.name, self.info(), ttl, catalog)
+        try:
+            self.state.heartbeat(self.name, self.info(), ttl, catalog)
+        except Exception:
+            if catalog is not None and self._catalog_new is None:
+                self._catalog_new = catalog  # the next beat sends it
+            raise
         job = self.current_job
         if job and not self.state.renew_lease(job, self.name, self.lease_sec):
             log.warning("job %s: no longer this worker's (taken over while it could not renew its lease)", job)
@@ -174,12 +183,22 @@ class ClusterWorker:
             self.hooks.record_final(entry["job_id"], entry["state"], entry["hook"], entry["body"])
             self.state.pending_hook_done(self.name, raw)
 
+    def _catalog_loop(self) -> None:
+        while not self._stop.wait(CATALOG_REFRESH_SEC):
+            try:
+                self.refresh_catalog()
+            except Exception as e:  # noqa: BLE001 - a folder being changed; the last catalog stands
+                log.warning("model rescan failed: %s", e)
+
     def start_heartbeat(self) -> None:
+        # The first catalog before the first beat: a worker seen live has its catalog published.
+        self._catalog_new = build_catalog(self.registry, self.models)
         try:
             self.beat()
         except UNAVAILABLE as e:  # a worker may start while Redis is down: it beats once it is back
             log.warning("Redis unreachable at start (%s); heartbeat retries", e)
         threading.Thread(target=self._heartbeat_loop, name="diffusionapi-heartbeat", daemon=True).start()
+        threading.Thread(target=self._catalog_loop, name="diffusionapi-catalog", daemon=True).start()
 
     def stop_heartbeat(self) -> None:
         self._stop.set()
