@@ -31,6 +31,18 @@ class RequestError(ServiceError):
         super().__init__(message, field=field, status=status)
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+class IdempotencyConflict(RequestError):
+    """The caller's Idempotency-Key already made a job from a different request (the IETF
+    Idempotency-Key draft's 422): nothing is queued; the first job stands."""
+
+    def __init__(self, job_id: str):
+        super().__init__(IDEMPOTENCY_HEADER, f"this key was used within its window for a different request "
+                                             f"(job {job_id}); send that request again, or use a new key")
+
+
 class NotFound(ServiceError):
     status = 404
 
@@ -71,7 +83,8 @@ def error_body(message: str, field: str | None = None, **extra) -> dict:
     ``detail[].loc`` (FastAPI's shape) points at the field, so clients show the error beside it."""
     body: dict = {"status": "error", "error": f"{field}: {message}" if field else message}
     if field:
-        body["detail"] = [{"loc": ["body", *_loc(field)], "msg": message}]
+        where = "header" if field == IDEMPOTENCY_HEADER else "body"
+        body["detail"] = [{"loc": [where, *_loc(field)], "msg": message}]
     body.update(extra)
     return body
 

@@ -407,6 +407,24 @@ def test_an_idempotency_key_names_its_first_job_and_goes_with_a_forgotten_one(st
     assert state.create_once(second, rec, 0, k, 60)[1] == second
 
 
+def test_a_key_remembers_its_request_and_refuses_another(state):
+    from diffusionapi.jobs.backends.celery.state import idem_key
+
+    rec = {"kind": "txt2img", "payload": {}, "queue": "q"}
+    k = idem_key("caller", "order-7")
+    first = _jid()
+    assert state.create_once(first, rec, 0, k, 60, fingerprint="fp-a") == (1, first)
+    assert state.idem_entry(k) == (first, "fp-a")
+    assert state.create_once(_jid(), rec, 0, k, 60, fingerprint="fp-a") == (0, first)  # the same request
+    assert state.create_once(_jid(), rec, 0, k, 60, fingerprint="fp-b") == (-3, first)  # another: refused
+    assert state.waiting_ids() == [first]
+    old = idem_key("caller", "before-fingerprints")  # a key recorded by an earlier version: any request
+    plain = _jid()
+    state.create_once(plain, rec, 0, old, 60)
+    assert state.idem_entry(old) == (plain, None)
+    assert state.create_once(_jid(), rec, 0, old, 60, fingerprint="fp-c") == (0, plain)
+
+
 def test_progress_and_preview_writes_never_fail_a_job_when_redis_is_unreachable(state):
     from types import SimpleNamespace
 

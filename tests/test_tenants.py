@@ -16,7 +16,7 @@ from diffusionapi.auth import cli as keys_cli
 from diffusionapi.auth.caller import Caller, Limits
 from diffusionapi.auth.keys import hash_key
 from diffusionapi.config import Settings
-from diffusionapi.errors import NotFound, RateLimited
+from diffusionapi.errors import IdempotencyConflict, NotFound, RateLimited
 from diffusionapi.jobs.backends.base import JobOwner
 from diffusionapi.jobs.backends.embedded import EmbeddedBackend
 from diffusionapi.jobs.backends.embedded.queue import JobQueue
@@ -322,6 +322,52 @@ def test_a_limit_answers_429_in_the_native_and_sdapi_shapes(keyed):
     assert set(usage) == {"bob"}
     assert client.get("/usage?key=alice", headers=bob).status_code == 404
     engine.gate.set()
+
+
+def test_a_keyed_retry_gets_its_job_without_being_limited_or_counted_again(stack):
+    # A client whose response was lost retries with its Idempotency-Key: the job it made, not a 429
+    # for the quota that job used, and the quota is charged once.
+    jobs, engine = stack()
+    engine.gate = threading.Event()
+    jobs.backend.start()
+    capped = Caller("carol", "user", Limits(max_queued=1, images_per_day=2))
+    first = jobs.submit("txt2img", req(), capped, idempotency_key="order-1").job_id
+    assert jobs.submit("txt2img", req(), capped, idempotency_key="order-1").job_id == first
+    with pytest.raises(RateLimited) as e:
+        jobs.submit("txt2img", req(), capped)  # a new job still meets max_queued
+    assert e.value.extra["limit"] == "max_queued"
+    with pytest.raises(IdempotencyConflict) as e:  # the key with another request: 422, nothing queued
+        jobs.submit("txt2img", req("another prompt"), capped, idempotency_key="order-1")
+    assert (e.value.status, e.value.field) == (422, "Idempotency-Key") and first in e.value.message
+    assert [j.job_id for j in jobs.listing()] == [first]
+    engine.gate.set()
+    while jobs.status(first).state != "done":
+        time.sleep(0.05)
+    second = jobs.submit("txt2img", req(), capped).job_id  # the day's second image: the retry was not counted
+    assert second != first
+    with pytest.raises(RateLimited) as e:
+        jobs.submit("txt2img", req(), capped, idempotency_key="order-2")
+    assert e.value.extra["limit"] in ("images_per_day", "max_queued")
+
+
+def test_the_idempotency_conflict_is_a_422_in_each_dialects_shape(tmp_path):
+    app = create_app(_settings(tmp_path), engine_factory=FakeEngine)
+    key = {"Idempotency-Key": "order-9"}
+    with TestClient(app) as client:
+        first = client.post("/txt2img", json={"prompt": "a", "steps": 2, "width": 16, "height": 16}, headers=key)
+        assert first.status_code == 200, first.text
+        again = client.post("/txt2img", json={"prompt": "a", "steps": 2, "width": 16, "height": 16}, headers=key)
+        assert again.json()["job_id"] == first.json()["job_id"]
+        native = client.post("/txt2img", json={"prompt": "b", "steps": 2, "width": 16, "height": 16}, headers=key)
+        assert native.status_code == 422, native.text
+        assert native.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"], native.text
+        sdapi = client.post("/sdapi/v1/txt2img", json={"prompt": "c", "steps": 2, "width": 16, "height": 16},
+                            headers=key)
+        assert sdapi.status_code == 422 and "Idempotency-Key" in json.dumps(sdapi.json()), sdapi.text
+        openai = client.post("/v1/images/generations", json={"prompt": "d", "size": "16x16"}, headers=key)
+        assert openai.status_code == 400, openai.text  # OpenAI answers a bad request with 400
+        assert openai.json()["error"]["param"] == "Idempotency-Key", openai.text
+        assert len(client.get("/queue").json()["jobs"]) == 1
 
 
 def test_requests_per_minute_refused_before_any_route(tmp_path):

@@ -8,7 +8,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from ..auth.caller import OPEN, Caller
 from ..errors import NotFound, ServiceError, error_body
-from ..jobs.service import IDEMPOTENCY_HEADER, JobService, valid_job_id
+from ..errors import IDEMPOTENCY_HEADER
+from ..jobs.service import JobService, valid_job_id
 from ..jobs.views import final_response, status_response
 from ..schemas import (EditRequest, ErrorResponse, Img2ImgRequest, QueueListEntry, QueueListResponse, QueueStatusResponse,
                        Txt2ImgRequest, Txt2ImgResponse, UpscaleRequest)

@@ -16,13 +16,16 @@ it. The worker builds what runs from that record (jobs/runner.py).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import threading
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from ..auth.caller import Caller
-from ..errors import BackendUnavailable, Conflict, NotFound, QueueFull, RequestError, ServiceError
+from ..errors import (IDEMPOTENCY_HEADER, BackendUnavailable, Conflict, IdempotencyConflict, NotFound, QueueFull,
+                      RequestError, ServiceError)
 from . import observe
 from ..schemas import EditRequest, Img2ImgRequest, Txt2ImgRequest, UpscaleRequest
 from .backends.base import JobBackend, JobOwner, QueueEntry
@@ -45,13 +48,20 @@ class Submitted:
     job: ResolvedJob  # what was resolved: the dialects answer from it (names, seed) without re-parsing
 
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 255
 
 
 def check_idempotency_key(key: str) -> None:
     if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
         raise ServiceError(f"{IDEMPOTENCY_HEADER}: 1 to {MAX_IDEMPOTENCY_KEY} printable characters", status=400)
+
+
+def request_fingerprint(kind: str, request: NativeRequest) -> str:
+    """What a keyed submit is compared by: the request as the dialect translated it (before any
+    random seed is drawn, so a retry of the same request matches)."""
+    canonical = json.dumps({"kind": kind, "request": request.model_dump(mode="json")}, sort_keys=True,
+                           separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -130,27 +140,49 @@ class JobService:
         caller = caller or Caller()
         priority = max(PRIORITY_RANGE[0], min(int(getattr(request, "priority", 0) or 0), caller.max_priority))
         owner = JobOwner(caller.name, priority, caller.share, caller.limits.max_queued)
+        fingerprint = request_fingerprint(kind, request) if idempotency_key is not None else None
         ledger = self.backend.ledger
         if ledger is None or caller.name is None:
-            return Submitted(self._queue(job, owner, idempotency_key), job)
+            prior = self._keyed(caller.name, idempotency_key, fingerprint)
+            return Submitted(prior or self._queue(job, owner, idempotency_key, fingerprint), job)
         images, pixel_steps = job_cost(job.kind, job.plan)
         with self._lock_for(caller.name):  # check, queue, count: no concurrent submit slips between
+            prior = self._keyed(caller.name, idempotency_key, fingerprint)
+            if prior is not None:  # a retry of a submit that was made: its job, not checked or counted again
+                return Submitted(prior, job)
             ledger.check_submit(caller, images, pixel_steps, self.backend.active_count(caller.name))
-            job_id = self._queue(job, owner, idempotency_key)
+            job_id = self._queue(job, owner, idempotency_key, fingerprint)
             ledger.charge_submit(caller, images, pixel_steps)
         return Submitted(job_id, job)
 
-    def _queue(self, job: ResolvedJob, owner: JobOwner, idempotency_key: str | None = None) -> str:
+    def _keyed(self, owner: str | None, idempotency_key: str | None, fingerprint: str | None) -> str | None:
+        """The job an earlier submit with this key made, if any; IdempotencyConflict (422) when that
+        submit was another request. (Two submits with one key at once on different API nodes both
+        pass here; the backend's submit then gives the second the first one's job.)"""
+        if idempotency_key is None:
+            return None
+        prior = self.backend.keyed_job(owner, idempotency_key)
+        if prior is None:
+            return None
+        job_id, prior_fingerprint = prior
+        if prior_fingerprint is not None and prior_fingerprint != fingerprint:
+            raise IdempotencyConflict(job_id)
+        return job_id
+
+    def _queue(self, job: ResolvedJob, owner: JobOwner, idempotency_key: str | None = None,
+               fingerprint: str | None = None) -> str:
         # An ownerless job goes in as before keys existed: a backend (or test double) that knows
         # nothing of owners still serves an open service.
-        return self.record(job.kind, job.payload, None if owner == JobOwner() else owner, idempotency_key)
+        return self.record(job.kind, job.payload, None if owner == JobOwner() else owner, idempotency_key,
+                           fingerprint)
 
     def record(self, kind: str, payload: dict, owner: JobOwner | None = None,
-               idempotency_key: str | None = None) -> str:
+               idempotency_key: str | None = None, fingerprint: str | None = None) -> str:
         """Make a resolved job (or a model install, api/models_admin.py) durable and queue it."""
         try:
             if idempotency_key is not None:  # the key is per owner (JobBackend.submit)
-                job_id = self.backend.submit(kind, payload, owner, idempotency_key=idempotency_key)
+                job_id = self.backend.submit(kind, payload, owner, idempotency_key=idempotency_key,
+                                             fingerprint=fingerprint)
             else:
                 job_id = (self.backend.submit(kind, payload) if owner is None
                           else self.backend.submit(kind, payload, owner))

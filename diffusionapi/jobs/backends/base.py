@@ -66,7 +66,7 @@ class JobBackend(ABC):
 
     @abstractmethod
     def submit(self, kind: str, payload: dict, owner: JobOwner | None = None,
-               idempotency_key: str | None = None) -> str:
+               idempotency_key: str | None = None, fingerprint: str | None = None) -> str:
         """Record the job durably (with its owner) and queue it; returns its id.
         Raises QueueFull or BackendUnavailable (then nothing was queued).
 
@@ -74,7 +74,15 @@ class JobBackend(ABC):
         another key): a submit with a key that the same owner used within
         ``settings.idempotency_window_sec`` returns the first submit's job id and queues nothing,
         whatever happened in between (the first submit's node died, the backend restarted, the
-        job finished and was collected). The key is recorded durably with the job, in one step."""
+        job finished and was collected). The key is recorded durably with the job, in one step,
+        with ``fingerprint`` (the request's, jobs/service.py): a later submit with the key and
+        another fingerprint raises IdempotencyConflict."""
+
+    def keyed_job(self, owner: str | None, idempotency_key: str) -> tuple[str, str | None] | None:
+        """(job id, its request's fingerprint or None) for a key the owner used within the window;
+        None when unused. The job service asks before the caller's limits: a retry of a submit
+        that was made is answered with its job, never refused (429) or counted again."""
+        return None
 
     def owner(self, job_id: str) -> str | None:
         """The name of the key that submitted the job; None when unknown or submitted with no

@@ -40,7 +40,7 @@ from ... import observe
 from ...events import JobEvent
 from ...status import FINAL_STATES, JobStatus
 from ...states import MAX_ATTEMPTS
-from ....errors import RateLimited
+from ....errors import IdempotencyConflict, RateLimited
 from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, JobOwner, QueueEntry, QueueFull
 from .ledger import RedisLedger
 
@@ -243,8 +243,14 @@ class CeleryBackend(JobBackend):
         await self._waiters.wait(job_id, timeout, lambda: self.state.is_final(job_id) is not False)
 
     # ------------------------------------------------------------------ jobs
+    def keyed_job(self, owner: str | None, idempotency_key: str) -> tuple[str, str | None] | None:
+        try:
+            return self.state.idem_entry(idem_key(owner or "", idempotency_key))
+        except redis.RedisError as e:
+            raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
+
     def submit(self, kind: str, payload: dict, owner: JobOwner | None = None,
-               idempotency_key: str | None = None) -> str:
+               idempotency_key: str | None = None, fingerprint: str | None = None) -> str:
         job_id = str(uuid.uuid4())
         queue = queue_name(payload.get("model"))
         owner = owner or JobOwner()
@@ -257,7 +263,8 @@ class CeleryBackend(JobBackend):
             seq, got = self.state.create_once(job_id, record, self.settings.max_queued_jobs, idem,
                                               self.settings.idempotency_window_sec, owner=owner_name,
                                               priority=owner.priority, share=owner.share,
-                                              owner_max=owner.max_queued if owner_name else None)
+                                              owner_max=owner.max_queued if owner_name else None,
+                                              fingerprint=fingerprint)
         except redis.RedisError as e:
             raise BackendUnavailable(f"the job state store (Redis) is unavailable: {e}") from e
         if seq is None:
@@ -265,6 +272,8 @@ class CeleryBackend(JobBackend):
         if seq == -2:
             raise RateLimited("max_queued", owner.max_queued, 5.0,
                               f"key {owner_name!r} has {got} jobs waiting or running")
+        if seq == -3:
+            raise IdempotencyConflict(got)
         if got != job_id:  # the key's first submit made it; if that one died before publishing, the sweep does
             return got
         try:

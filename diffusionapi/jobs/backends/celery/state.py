@@ -60,8 +60,9 @@ Keys (prefix ``dapi:``):
   workers       sorted set: worker name scored by its last heartbeat (Redis clock: no skew between hosts);
                 worker:<name> (JSON info) and catalog:<name> (JSON), both expiring
   final         pub/sub channel: a job id, each time a job becomes final
-  idem:<hash>   the job id a submit with an Idempotency-Key made (hash of caller + key), set by the
-                submit script with the job itself, expiring after the idempotency window
+  idem:<hash>   the job id a submit with an Idempotency-Key made (hash of caller + key), with
+                "|<fingerprint of its request>" when known, set by the submit script with the job
+                itself, expiring after the idempotency window
   run_id        the run id of the Redis server the orphan sweep last saw: a different one means
                 Redis restarted or failed over (and may have lost its last writes), so the sweep
                 publishes every waiting job once more (a duplicate message is harmless)
@@ -268,13 +269,20 @@ end
 
 # KEYS: job, waiting, running, seq, unsent, idem. ARGV: record, queued status, max jobs, id,
 # idempotency window ms (0: no key), owner ('' = none), priority, stride, the owner's max jobs
-# queued or running ('' = no limit). Returns {seq, id}: seq -1 = full, -2 = the owner is at its
-# max (id: its count), 0 = the key's earlier job (its id; nothing created). The key is set in the same step as the job: a submit retried after
+# queued or running ('' = no limit), the request's fingerprint ('' = none). Returns {seq, id}: seq
+# -1 = full, -2 = the owner is at its max (id: its count), 0 = the key's earlier job (its id;
+# nothing created), -3 = the key's earlier job was made from another request (its id; nothing created). The key is set in the same step as the job: a submit retried after
 # its API node died anywhere in between finds either no job or the job and its key.
 _SUBMIT = _FAIR + """
 if tonumber(ARGV[5]) > 0 then
   local prior = redis.call('GET', KEYS[6])
-  if prior then return {0, prior} end
+  if prior then
+    local sep = string.find(prior, '|', 1, true)
+    if not sep then return {0, prior} end
+    local id = string.sub(prior, 1, sep - 1)
+    if ARGV[10] ~= '' and string.sub(prior, sep + 1) ~= ARGV[10] then return {-3, id} end
+    return {0, id}
+  end
 end
 local max = tonumber(ARGV[3])
 if max > 0 and redis.call('ZCARD', KEYS[2]) + redis.call('HLEN', KEYS[3]) >= max then return {-1, ARGV[4]} end
@@ -294,7 +302,7 @@ local t = redis.call('TIME')
 redis.call('ZADD', KEYS[5], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[4])  -- until mark_sent: no message known yet
 redis.call('HSET', KEYS[5] .. ':queue', ARGV[4], queue)  -- its turn is owed to this queue, whatever becomes of the job
 if tonumber(ARGV[5]) > 0 then
-  redis.call('SET', KEYS[6], ARGV[4], 'PX', tonumber(ARGV[5]))
+  redis.call('SET', KEYS[6], ARGV[10] ~= '' and (ARGV[4] .. '|' .. ARGV[10]) or ARGV[4], 'PX', tonumber(ARGV[5]))
   redis.call('HSET', KEYS[1], 'idem', KEYS[6])
 end
 return {seq, ARGV[4]}
@@ -648,17 +656,18 @@ class RedisJobState:
 
     def create_once(self, job_id: str, record: dict, max_jobs: int, idem: str | None = None,
                     window_sec: float = 0, owner: str | None = None, priority: int = 0, share: float = 1.0,
-                    owner_max: int | None = None) -> tuple[int | None, str]:
+                    owner_max: int | None = None, fingerprint: str | None = None) -> tuple[int | None, str]:
         """``create`` with an idempotency key (``idem_key``) and the job's owner (a field of its
         own: isolation reads only that), its place in the fair line (``priority``, the owner's
         ``share``) and the owner's ``max_queued`` (``owner_max``, checked in the same step, so
         API nodes submitting at once cannot pass it): (seq, job_id) for a new job, (0, the
-        earlier job's id) when the key was used within ``window_sec``, (None, job_id) when full,
-        (-2, the owner's count of jobs) when the owner is at ``owner_max``."""
+        earlier job's id) when the key was used within ``window_sec`` (-3 when with another
+        ``fingerprint``), (None, job_id) when full, (-2, the owner's count of jobs) when the owner
+        is at ``owner_max``."""
         ttl = int(window_sec * 1000) if idem else 0
         keys = [job_key(job_id), WAITING, RUNNING, SEQ, UNSENT, idem or PREFIX + "noidem"]
         args = [json.dumps(record), json.dumps(status_dict("queued")), max_jobs, job_id, ttl, owner or "",
-                int(priority), fair.stride(share), "" if owner_max is None else int(owner_max)]
+                int(priority), fair.stride(share), "" if owner_max is None else int(owner_max), fingerprint or ""]
         if not self.replicated:
             seq, jid = self._submit(keys=keys, args=args)
         else:
@@ -674,6 +683,14 @@ class RedisJobState:
                 log.warning("job %s: no replica confirmed it within %d ms", job_id, REPLICA_WAIT_MS)
         seq = int(seq)
         return (None if seq == -1 else seq), _s(jid)
+
+    def idem_entry(self, idem: str) -> tuple[str, str | None] | None:
+        """(job id, request fingerprint or None) an idempotency key (``idem_key``) names, if live."""
+        raw = _s(self.r.get(idem))
+        if not raw:
+            return None
+        job_id, _, fp = raw.partition("|")
+        return job_id, fp or None
 
     def forget(self, job_id: str) -> None:
         """Undo create() (the broker refused the message), with its idempotency key."""

@@ -17,6 +17,7 @@ from ... import observe
 from ...status import JobStatus
 from ...live import LiveFeed
 from ...runner import JobRunner
+from ....errors import IdempotencyConflict
 from ....retention import free_space_problem
 from .queue import JobQueue
 from .store import JobStore
@@ -104,18 +105,26 @@ class EmbeddedBackend(JobBackend):
         self.worker.stop()
         self.live.stop()
 
+    @staticmethod
+    def _idem_hash(owner: str | None, idempotency_key: str) -> str:
+        return hashlib.sha256(f"{owner or ''}\0{idempotency_key}".encode()).hexdigest()
+
+    def keyed_job(self, owner: str | None, idempotency_key: str) -> tuple[str, str | None] | None:
+        return self.store.idem_entry(self._idem_hash(owner, idempotency_key))
+
     def submit(self, kind: str, payload: dict, owner: JobOwner | None = None,
-               idempotency_key: str | None = None) -> str:
+               idempotency_key: str | None = None, fingerprint: str | None = None) -> str:
         if not idempotency_key:
             return self._submit(kind, payload, owner, None)
-        caller = (owner.name if owner else None) or ""
-        key = hashlib.sha256(f"{caller}\0{idempotency_key}".encode()).hexdigest()
+        key = self._idem_hash(owner.name if owner else None, idempotency_key)
         with self._idem_lock:  # two submits with one key at once: the second waits and finds the first
-            prior = self.store.idem_job(key)
+            prior = self.store.idem_entry(key)
             if prior is not None:
-                return prior
-            return self._submit(kind, payload, owner,
-                                {"key": key, "expires": time.time() + self.settings.idempotency_window_sec})
+                if prior[1] is not None and fingerprint is not None and prior[1] != fingerprint:
+                    raise IdempotencyConflict(prior[0])
+                return prior[0]
+            idem = {"key": key, "expires": time.time() + self.settings.idempotency_window_sec}
+            return self._submit(kind, payload, owner, dict(idem, fp=fingerprint) if fingerprint else idem)
 
     def _submit(self, kind: str, payload: dict, owner: JobOwner | None, idem: dict | None) -> str:
         if self.queue.size() >= self.settings.max_queued_jobs:

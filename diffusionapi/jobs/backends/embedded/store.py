@@ -77,17 +77,23 @@ class JobStore:
     def remember_idem(self, idem: dict, job_id: str) -> None:
         path = self.idem_path(idem["key"])
         path.parent.mkdir(exist_ok=True)
-        write_atomic(path, json.dumps({"job_id": job_id, "expires": idem["expires"]}).encode(), fsync=True)
+        write_atomic(path, json.dumps({"job_id": job_id, "expires": idem["expires"], "fp": idem.get("fp")}).encode(),
+                     fsync=True)
 
-    def idem_job(self, key: str) -> str | None:
-        """The job id a live idempotency key names; an expired one is deleted."""
+    def idem_entry(self, key: str) -> tuple[str, str | None] | None:
+        """(job id, request fingerprint or None) a live idempotency key names; an expired one is deleted."""
         data = _read_json(self.idem_path(key))
-        if not data:
+        if not data or not data.get("job_id"):
             return None
         if data.get("expires", 0) < time.time():
             self.idem_path(key).unlink(missing_ok=True)
             return None
-        return data.get("job_id")
+        return data["job_id"], data.get("fp")
+
+    def idem_job(self, key: str) -> str | None:
+        """The job id a live idempotency key names; an expired one is deleted."""
+        entry = self.idem_entry(key)
+        return entry[0] if entry else None
 
     def recover_idem(self, records: list[dict]) -> None:
         """At start: keys whose file a crash cut short come back from their job records; expired
