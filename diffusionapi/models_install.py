@@ -6,7 +6,9 @@ into the folder of its kind, as a job of kind ``install`` that ``GET /queue/{id}
   given, checked like any file name (no folders, a known extension).
 - Safe: the URL must pass the webhook rule (jobs/webhooks.py ``check_target``) against
   ``DIFFUSIONAPI_MODEL_INSTALL_ALLOWED_HOSTS``, at submit and at every redirect hop (redirects are
-  followed here, one at a time, never blindly; the token is sent only to its own host).
+  followed here, one at a time, never blindly; the token is sent only to its own host), and every
+  connection goes to an address that rule just allowed (``pinned_client``: a name that answers a
+  public address to the check and a private one to the connect reaches nothing).
 - Bounded: more than ``DIFFUSIONAPI_MODEL_INSTALL_MAX_GB`` (announced or received) fails the job.
 - Resumable: bytes go to ``<folder>/.<name>.part``; a dropped connection is retried from where it
   stopped (HTTP Range), and so is a later install of the same file after a failure or restart.
@@ -33,7 +35,7 @@ from urllib.parse import urljoin, urlsplit
 from . import metrics
 from .jobs.states import JobCancelled, JobFailed, JobInterrupted, ProgressThrottle, final_state_of
 from .jobs.status import JobStatus
-from .jobs.webhooks import WebhookRefused, check_target
+from .jobs.webhooks import Resolver, WebhookRefused, _resolve, check_target, pinned_client
 from .registry import display_path
 
 log = logging.getLogger(__name__)
@@ -104,17 +106,19 @@ def _auth_headers(settings, url: str) -> dict:
 
 
 def download(settings, url: str, part: Path, *, progress: Callable[[int, int | None], None],
-             cancelled: Callable[[], bool], client=None) -> None:
-    """``url`` into ``part``, resuming from what ``part`` holds; raises JobFailed or JobCancelled."""
+             cancelled: Callable[[], bool], client=None, resolve: Resolver = _resolve) -> None:
+    """``url`` into ``part``, resuming from what ``part`` holds; raises JobFailed or JobCancelled.
+    ``resolve``: the name lookup (tests give a scripted one)."""
     import httpx
 
     cap = int(settings.model_install_max_gb * GB)
     own = client is None
-    client = client or httpx.Client(timeout=httpx.Timeout(30, read=120), follow_redirects=False, trust_env=False)
+    client = client or pinned_client(settings.model_install_allowed_hosts, httpx.Timeout(30, read=120), resolve,
+                                     max_connections=4)
     try:
         for attempt in range(1, RETRIES + 1):
             try:
-                _fetch(settings, client, url, part, cap, progress, cancelled)
+                _fetch(settings, client, url, part, cap, progress, cancelled, resolve)
                 return
             except httpx.TransportError as e:  # dropped, reset, timed out: go on from what arrived
                 have = part.stat().st_size if part.exists() else 0
@@ -127,49 +131,66 @@ def download(settings, url: str, part: Path, *, progress: Callable[[int, int | N
             client.close()
 
 
-def _fetch(settings, client, url: str, part: Path, cap: int, progress, cancelled) -> None:
+def _fetch(settings, client, url: str, part: Path, cap: int, progress, cancelled, resolve: Resolver) -> None:
     current = url
     for _hop in range(MAX_REDIRECTS + 1):
         try:
-            check_target(current, settings.model_install_allowed_hosts)
+            check_target(current, settings.model_install_allowed_hosts, resolve)
         except WebhookRefused as e:
             raise JobFailed(f"url {current}: {e}") from e
-        have = part.stat().st_size if part.exists() else 0
-        headers = _auth_headers(settings, current)
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        with client.stream("GET", current, headers=headers) as r:
-            if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("location"):
-                current = urljoin(current, r.headers["location"])
-                continue
-            if r.status_code == 416 and have:  # nothing after what we have: it is all there
-                progress(have, have)
-                return
-            if r.status_code == 206 and have:
-                mode, total = "ab", _total(r, have)
-            elif r.status_code == 200:
-                mode, total, have = "wb", _total(r, 0), 0  # no ranges here: from the start
-            else:
-                raise JobFailed(f"download failed: HTTP {r.status_code} from {urlsplit(current).hostname}")
-            if total is not None and total > cap:
-                raise JobFailed(f"the file is {total / GB:.2f} GB, above DIFFUSIONAPI_MODEL_INSTALL_MAX_GB="
-                                f"{settings.model_install_max_gb:g}")
-            with open(part, mode) as f:
-                for chunk in r.iter_bytes():
-                    if cancelled():
-                        raise JobCancelled()
-                    have += len(chunk)
-                    if have > cap:
-                        raise JobFailed(f"more than DIFFUSIONAPI_MODEL_INSTALL_MAX_GB="
-                                        f"{settings.model_install_max_gb:g} GB received; stopped")
-                    f.write(chunk)
-                    progress(have, total)
-                f.flush()
-                os.fsync(f.fileno())
-            if total is not None and have < total:  # the server closed early without an error
-                raise _short_read(have, total)
+        try:
+            _fetch_hop(settings, client, current, part, cap, progress, cancelled)
             return
+        except WebhookRefused as e:  # at the connect: the name answered another address than at the check
+            raise JobFailed(f"url {current}: {e}") from e
+        except _Redirect as r:
+            current = r.location
     raise JobFailed(f"more than {MAX_REDIRECTS} redirects")
+
+
+class _Redirect(Exception):
+    """The hop answered a redirect to ``location`` (checked like the first URL before it is followed)."""
+
+    def __init__(self, location: str):
+        super().__init__(location)
+        self.location = location
+
+
+def _fetch_hop(settings, client, current: str, part: Path, cap: int, progress, cancelled) -> None:
+    """One request: the file (or its rest) into ``part``, or _Redirect to the next hop."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = _auth_headers(settings, current)
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with client.stream("GET", current, headers=headers) as r:
+        if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("location"):
+            raise _Redirect(urljoin(current, r.headers["location"]))
+        if r.status_code == 416 and have:  # nothing after what we have: it is all there
+            progress(have, have)
+            return
+        if r.status_code == 206 and have:
+            mode, total = "ab", _total(r, have)
+        elif r.status_code == 200:
+            mode, total, have = "wb", _total(r, 0), 0  # no ranges here: from the start
+        else:
+            raise JobFailed(f"download failed: HTTP {r.status_code} from {urlsplit(current).hostname}")
+        if total is not None and total > cap:
+            raise JobFailed(f"the file is {total / GB:.2f} GB, above DIFFUSIONAPI_MODEL_INSTALL_MAX_GB="
+                            f"{settings.model_install_max_gb:g}")
+        with open(part, mode) as f:
+            for chunk in r.iter_bytes():
+                if cancelled():
+                    raise JobCancelled()
+                have += len(chunk)
+                if have > cap:
+                    raise JobFailed(f"more than DIFFUSIONAPI_MODEL_INSTALL_MAX_GB="
+                                    f"{settings.model_install_max_gb:g} GB received; stopped")
+                f.write(chunk)
+                progress(have, total)
+            f.flush()
+            os.fsync(f.fileno())
+        if total is not None and have < total:  # the server closed early without an error
+            raise _short_read(have, total)
 
 
 def _short_read(have: int, total: int):

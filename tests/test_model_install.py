@@ -185,3 +185,41 @@ def test_admin_key_only_and_private_addresses_refused(setup):
     assert "MODEL_INSTALL_ALLOWED_HOSTS" in private.json()["error"]
     bad_name = _install(s, url=fs.url + "/files/style-a.safetensors", kind="lora", name="../evil")
     assert bad_name.status_code == 422
+
+
+def _direct_settings(allowed):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model_install_max_gb=1.0, model_install_allowed_hosts=allowed, hf_token=None,
+                           civitai_token=None)
+
+
+def test_the_download_connects_to_the_address_the_check_allowed(setup, tmp_path):
+    # files.test exists only in the scripted resolver: the file can arrive only through the address
+    # the check allowed, resolved once per connection (the webhooks' pinned client).
+    from diffusionapi.models_install import download
+    from tests.test_webhooks_ssrf import Resolver
+
+    _, fs = setup
+    port = fs.url.rsplit(":", 1)[1]
+    dns = Resolver({"files.test": ["127.0.0.1"]})
+    part = tmp_path / ".a.part"
+    download(_direct_settings(["127.0.0.1"]), f"http://files.test:{port}/files/style-a.safetensors", part,
+             progress=lambda *a: None, cancelled=lambda: False, resolve=dns)
+    assert part.read_bytes() == fs.files["/files/style-a.safetensors"]
+    assert dns.calls == ["files.test", "files.test"]  # the check, then the connection
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_reaches_nothing(setup, tmp_path):
+    from diffusionapi.jobs.states import JobFailed
+    from diffusionapi.models_install import download
+    from tests.test_webhooks_ssrf import Resolver
+
+    _, fs = setup
+    port = fs.url.rsplit(":", 1)[1]
+    dns = Resolver({"rebind.test": lambda n: ["93.184.216.34"] if n % 2 else ["127.0.0.1"]})
+    seen = len(fs.requests)
+    with pytest.raises(JobFailed, match="127.0.0.1"):
+        download(_direct_settings(["*"]), f"http://rebind.test:{port}/files/style-a.safetensors",
+                 tmp_path / ".b.part", progress=lambda *a: None, cancelled=lambda: False, resolve=dns)
+    assert len(fs.requests) == seen  # the loopback server was never asked
