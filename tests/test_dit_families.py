@@ -17,7 +17,7 @@ from diffusionapi.demo import (tiny_chroma_pipeline, tiny_flux2_klein_pipeline, 
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPES
 from diffusionapi.images import read_infotext
 
-from .conftest import LiveServer, make_settings
+from .flow_models import approx_previews, new_store, px, save_transformer_lora, serve
 
 # Slow tier: four tiny DiT families built and served per module; the full suite runs it, the fast
 # tier keeps their detection (test_families.py) and the sampler code (test_flux.py, test_sd3.py).
@@ -31,52 +31,25 @@ SMALL = {"qwen-image": QWEN, "z-image": ZIMG, "chroma": CHROMA, "flux2": FLUX2}
 FAMILIES = tuple(SMALL)
 
 
-def px(r):
-    assert r["state"] == "done", r
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")).astype(np.int16)
-
-
-def save_lora(pipe, targets, path, seed: int = 5):
-    """A diffusers-format LoRA (PEFT keys under ``transformer.``), as diffusers' trainers write it."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    transformer = pipe.transformer
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    type(pipe).save_lora_weights(str(path.parent), transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                 weight_name=path.name)
-    return path
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qz-store")
+    root = new_store(tmp_path_factory, "qz-store")
     tiny_qwen_image_pipeline(0).save_pretrained(root / "models" / "tiny-qwen-image")
     tiny_z_image_pipeline(0).save_pretrained(root / "models" / "tiny-z-image")
-    save_lora(tiny_qwen_image_pipeline(0), ["to_q", "to_k", "to_v", "add_q_proj", "img_mlp.net.2"],
-              root / "loras" / "qwen-style.safetensors")
-    save_lora(tiny_z_image_pipeline(0), ["to_q", "to_k", "to_v", "to_out.0"], root / "loras" / "zimage-style.safetensors")
+    save_transformer_lora(tiny_qwen_image_pipeline(0), root / "loras" / "qwen-style.safetensors",
+                          ["to_q", "to_k", "to_v", "add_q_proj", "img_mlp.net.2"])
+    save_transformer_lora(tiny_z_image_pipeline(0), root / "loras" / "zimage-style.safetensors")
     tiny_chroma_pipeline(0).save_pretrained(root / "models" / "tiny-chroma")
-    save_lora(tiny_chroma_pipeline(0), ["to_q", "to_k", "to_v", "to_out.0"], root / "loras" / "chroma-style.safetensors")
+    save_transformer_lora(tiny_chroma_pipeline(0), root / "loras" / "chroma-style.safetensors")
     tiny_flux2_klein_pipeline(0).save_pretrained(root / "models" / "tiny-flux2-klein")
-    save_lora(tiny_flux2_klein_pipeline(0), ["to_q", "to_k", "to_v", "to_qkv_mlp_proj"],
-              root / "loras" / "flux2-style.safetensors")
-    (root / "upscalers").mkdir()
-    (root / "labels.json").write_text("{}")
+    save_transformer_lora(tiny_flux2_klein_pipeline(0), root / "loras" / "flux2-style.safetensors",
+                          ["to_q", "to_k", "to_v", "to_qkv_mlp_proj"])
     return root
 
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    settings = make_settings(store, tmp_path_factory.mktemp("qz-work"), default_model="tiny-qwen-image")
-    with LiveServer(settings) as s:
-        yield s
+    yield from serve(store, tmp_path_factory, "qz-work", "tiny-qwen-image")
 
 
 @pytest.mark.parametrize("keys, family", [
@@ -266,23 +239,7 @@ def test_a_lora_of_the_other_family_is_refused(server):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_previews_change_over_the_steps(server, family):
-    from diffusionapi.engine.plan import PreviewPlan
-    from diffusionapi.jobs.resolve import resolve_request
-    from diffusionapi.schemas import Txt2ImgRequest
-
-    previews = []
-
-    class Observer:
-        def step(self, phase, step, total):
-            pass
-
-        def preview(self, jpeg, step, total):
-            previews.append(np.asarray(Image.open(io.BytesIO(jpeg))).astype(np.int16))
-
-    plan = resolve_request(Txt2ImgRequest(**{**SMALL[family], "seed": 1, "steps": 4}), server.app.state.registry,
-                           server.settings)
-    plan.preview = PreviewPlan("approx", 1)
-    server.engine.generate(plan, lambda p, v: None, lambda: False, Observer())
+    previews = approx_previews(server, {**SMALL[family], "seed": 1, "steps": 4})
     assert len(previews) >= 2 and any(not np.array_equal(previews[0], p) for p in previews[1:])
 
 

@@ -17,61 +17,30 @@ from diffusionapi.demo import tiny_flux_kontext_pipeline, tiny_flux_pipeline
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPES
 from diffusionapi.images import read_infotext
 
-from .conftest import LiveServer, make_settings
+from .flow_models import Recorder, b64_png, new_store, pattern, px, queued_count, run_posted, serve
 from .test_flux import save_flux_lora
-
-
-def b64_png(img: np.ndarray | Image.Image) -> str:
-    im = img if isinstance(img, Image.Image) else Image.fromarray(img.astype(np.uint8))
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def pattern(w: int, h: int, seed: int) -> np.ndarray:
-    """A reference image with structure (smooth gradients plus noise), the same for a seed."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
-    return np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
 REF_A, REF_B = b64_png(pattern(64, 64, 1)), b64_png(pattern(64, 64, 2))
 EDIT = dict(prompt="make it red", steps=4, model="tiny-kontext", fileType="png")
 
 
-def px(r) -> np.ndarray:
-    assert r["state"] == "done", r
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")).astype(np.int16)
-
-
 @pytest.fixture(scope="module")
 def edit_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("edit-store")
+    root = new_store(tmp_path_factory, "edit-store")
     tiny_flux_kontext_pipeline(0).save_pretrained(root / "models" / "tiny-kontext")
     tiny_flux_pipeline(0).save_pretrained(root / "models" / "tiny-flux")
     save_flux_lora(root / "loras" / "flux-style.safetensors")
-    (root / "upscalers").mkdir()
-    (root / "labels.json").write_text("{}")
     return root
 
 
 @pytest.fixture(scope="module")
 def edit_server(edit_store, tmp_path_factory):
-    settings = make_settings(edit_store, tmp_path_factory.mktemp("edit-work"), default_model="tiny-kontext",
-                             max_reference_images=3)
-    with LiveServer(settings) as s:
-        yield s
+    yield from serve(edit_store, tmp_path_factory, "edit-work", "tiny-kontext", max_reference_images=3)
 
 
 def edit(server, **body) -> dict:
-    r = server.client.post("/edit", json={**EDIT, **body})
-    assert r.status_code == 200, r.text
-    return server.wait(r.json()["job_id"])
-
-
-def queued_count(server) -> int:
-    return len(server.client.get("/queue").json()["jobs"])
+    return run_posted(server, "/edit", {**EDIT, **body})
 
 
 def test_kontext_folder_is_its_own_family_and_flux_stays_flux1(edit_server):
@@ -247,19 +216,12 @@ def test_previews_and_progress_of_an_edit_job(edit_server):
     from diffusionapi.engine.plan import PreviewPlan
     from diffusionapi.jobs.resolve import resolve_job
 
-    previews, steps, phases = [], [], []
-
-    class Observer:
-        def step(self, phase, step, total):
-            steps.append((step, total))
-
-        def preview(self, jpeg, step, total):
-            previews.append(np.asarray(Image.open(io.BytesIO(jpeg))).astype(np.int16))
-
+    seen, phases = Recorder(), []
     body = {**EDIT, "reference_images": [REF_A], "seed": 1, "steps": 4}
     plan = resolve_job("edit", body, edit_server.app.state.registry, edit_server.settings).plan
     plan.preview = PreviewPlan("approx", 1)
-    edit_server.engine.generate(plan, lambda phase, value: phases.append((phase, value)), lambda: False, Observer())
+    edit_server.engine.generate(plan, lambda phase, value: phases.append((phase, value)), lambda: False, seen)
+    previews, steps = seen.previews, seen.steps
     assert len(previews) >= 2 and any(not np.array_equal(previews[0], p) for p in previews[1:])
     assert {t for _, t in steps} == {4} and "encoding" in {p for p, _ in phases}
     values = [v for _, v in phases]

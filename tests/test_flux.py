@@ -15,52 +15,28 @@ from diffusionapi.demo import tiny_flux_pipeline
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES, SAMPLERS
 from diffusionapi.images import read_infotext
 
-from .conftest import LiveServer, make_settings
+from .flow_models import approx_previews, b64_png, new_store, px, save_transformer_lora, serve, step_totals
 
 SMALL_FLUX = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-flux", fileType="png")
 
 
-def px(r):
-    assert r["state"] == "done", r
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")).astype(np.int16)
-
-
 def save_flux_lora(path, seed: int = 5):
     """A diffusers-format Flux LoRA (PEFT keys under ``transformer.``) for the tiny transformer."""
-    from diffusers import FluxPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    transformer = tiny_flux_pipeline(0).transformer
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                       init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FluxPipeline.save_lora_weights(str(path.parent), transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                   weight_name=path.name)
-    return path
+    return save_transformer_lora(tiny_flux_pipeline(0), path, seed=seed)
 
 
 @pytest.fixture(scope="module")
 def flux_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux-store")
+    root = new_store(tmp_path_factory, "flux-store")
     tiny_flux_pipeline(0).save_pretrained(root / "models" / "tiny-flux")
     tiny_flux_pipeline(1, guidance=False).save_pretrained(root / "models" / "tiny-flux-schnell")
     save_flux_lora(root / "loras" / "flux-style.safetensors")
-    (root / "upscalers").mkdir()
-    (root / "labels.json").write_text("{}")
     return root
 
 
 @pytest.fixture(scope="module")
 def flux_server(flux_store, tmp_path_factory):
-    settings = make_settings(flux_store, tmp_path_factory.mktemp("flux-work"), default_model="tiny-flux")
-    with LiveServer(settings) as s:
-        yield s
+    yield from serve(flux_store, tmp_path_factory, "flux-work", "tiny-flux")
 
 
 def test_listed_as_flux1_flow(flux_server):
@@ -156,32 +132,14 @@ def test_lora_changes_and_unloads_exactly(flux_server):
     assert loras["flux-style"]["family"] == "flux1"
 
 
-def _png_b64(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img.astype(np.uint8)).save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_img2img_runs_the_a1111_step_count_and_inpainting_keeps_outside(flux_server):
     init = px(flux_server.run(**SMALL_FLUX, seed=8))
-    steps_seen = []
-
-    class Observer:
-        def step(self, phase, step, total):
-            steps_seen.append(total)
-
-        def preview(self, jpeg, step, total):
-            pass
-
-    from diffusionapi.jobs.resolve import resolve_job
-
-    body = {**SMALL_FLUX, "init_image": _png_b64(init), "denoising_strength": 0.5, "steps": 10, "seed": 9}
-    job = resolve_job("img2img", body, flux_server.app.state.registry, flux_server.settings)
-    flux_server.engine.generate(job.plan, lambda p, v: None, lambda: False, Observer())
-    assert set(steps_seen) == {6}  # A1111: int(steps * denoising_strength) + 1 (engine/img2img.img2img_steps)
+    body = {**SMALL_FLUX, "init_image": b64_png(init), "denoising_strength": 0.5, "steps": 10, "seed": 9}
+    # A1111: int(steps * denoising_strength) + 1 (engine/img2img.img2img_steps)
+    assert step_totals(flux_server, "img2img", body) == {6}
     mask = np.zeros((64, 64, 3), np.uint8)
     mask[16:48, 16:48] = 255
-    r = flux_server.client.post("/img2img", json={**body, "mask": _png_b64(mask), "mask_blur": 0})
+    r = flux_server.client.post("/img2img", json={**body, "mask": b64_png(mask), "mask_blur": 0})
     assert r.status_code == 200, r.text
     out = px(flux_server.wait(r.json()["job_id"]))
     outside = mask[..., 0] == 0
@@ -189,24 +147,7 @@ def test_img2img_runs_the_a1111_step_count_and_inpainting_keeps_outside(flux_ser
 
 
 def test_previews_of_16_channel_latents_change_over_the_steps(flux_server):
-    from diffusionapi.engine.plan import PreviewPlan
-
-    previews = []
-
-    class Observer:
-        def step(self, phase, step, total):
-            pass
-
-        def preview(self, jpeg, step, total):
-            previews.append(np.asarray(Image.open(io.BytesIO(jpeg))).astype(np.int16))
-
-    from diffusionapi.jobs.resolve import resolve_request
-    from diffusionapi.schemas import Txt2ImgRequest
-
-    plan = resolve_request(Txt2ImgRequest(**{**SMALL_FLUX, "seed": 1, "steps": 4}), flux_server.app.state.registry,
-                           flux_server.settings)
-    plan.preview = PreviewPlan("approx", 1)
-    flux_server.engine.generate(plan, lambda p, v: None, lambda: False, Observer())
+    previews = approx_previews(flux_server, {**SMALL_FLUX, "seed": 1, "steps": 4})
     assert len(previews) >= 2 and any(not np.array_equal(previews[0], p) for p in previews[1:])
 
 

@@ -13,8 +13,7 @@ from PIL import Image
 
 from diffusionapi.demo import tiny_flux2_klein_pipeline
 
-from .conftest import LiveServer, make_settings
-from .test_edit import b64_png, pattern, px
+from .flow_models import b64_png, new_store, pattern, px, run_posted, serve
 
 # References at sizes Flux2KleinPipeline takes and keeps as they are (sides multiples of 16 and at
 # least 64, under 1024x1024),
@@ -40,25 +39,18 @@ def sharpened_klein(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def klein_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("klein-edit-store")
+    root = new_store(tmp_path_factory, "klein-edit-store")
     sharpened_klein(0).save_pretrained(root / "models" / "tiny-flux2-klein")
-    (root / "upscalers").mkdir()
-    (root / "labels.json").write_text("{}")
     return root
 
 
 @pytest.fixture(scope="module")
 def klein_server(klein_store, tmp_path_factory):
-    settings = make_settings(klein_store, tmp_path_factory.mktemp("klein-edit-work"),
-                             default_model="tiny-flux2-klein", max_reference_images=3)
-    with LiveServer(settings) as s:
-        yield s
+    yield from serve(klein_store, tmp_path_factory, "klein-edit-work", "tiny-flux2-klein", max_reference_images=3)
 
 
 def edit(server, **body) -> dict:
-    r = server.client.post("/edit", json={**EDIT, **body})
-    assert r.status_code == 200, r.text
-    return server.wait(r.json()["job_id"])
+    return run_posted(server, "/edit", {**EDIT, **body})
 
 
 def test_deterministic_and_the_references_change_the_image(klein_server):

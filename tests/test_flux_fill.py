@@ -15,23 +15,12 @@ from safetensors.torch import load_file
 
 from diffusionapi.images import read_infotext
 
-from .conftest import LiveServer, make_settings
 from .flow_files import full_vocab_clip, write_flux_files, write_gguf
+from .flow_models import b64_png, new_store, px, queued_count, run_posted, serve, step_totals
 
 SIZE = 64
 FILL = dict(prompt="a red cube", width=SIZE, height=SIZE, steps=4, model="tiny-fill", fileType="png",
             sampler_name="Euler", denoising_strength=1.0, mask_blur=0)
-
-
-def b64_png(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img.astype(np.uint8)).save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def px(r):
-    assert r["state"] == "done", r
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")).astype(np.int16)
 
 
 def init_image() -> np.ndarray:
@@ -76,33 +65,22 @@ def tiny_fill_for_files(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def fill_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fill-store")
+    root = new_store(tmp_path_factory, "fill-store")
     pipe = tiny_fill_for_files(0)
     pipe.save_pretrained(root / "models" / "tiny-fill")
     # BFL layout + clip_l, t5xxl, ae; a ComfyUI all-in-one file; a city96 Q8_0 GGUF.
     files = write_flux_files(pipe, root, "fill-transformer", all_in_one="fill-all-in-one")
     write_gguf(load_file(str(files["transformer"])), root / "models" / "fill-q8.gguf")
-    (root / "loras").mkdir()
-    (root / "upscalers").mkdir()
-    (root / "labels.json").write_text("{}")
     return root
 
 
 @pytest.fixture(scope="module")
 def fill_server(fill_store, tmp_path_factory):
-    settings = make_settings(fill_store, tmp_path_factory.mktemp("fill-work"), default_model="tiny-fill")
-    with LiveServer(settings) as s:
-        yield s
+    yield from serve(fill_store, tmp_path_factory, "fill-work", "tiny-fill")
 
 
 def inpaint(server, **over):
-    r = server.client.post("/img2img", json={**FILL, "init_image": b64_png(INIT), "mask": b64_png(MASK), **over})
-    assert r.status_code == 200, r.text
-    return server.wait(r.json()["job_id"])
-
-
-def queued_count(server) -> int:
-    return len(server.client.get("/queue").json()["jobs"])
+    return run_posted(server, "/img2img", {**FILL, "init_image": b64_png(INIT), "mask": b64_png(MASK), **over})
 
 
 def test_folder_and_bfl_file_are_flux1_fill():
@@ -163,21 +141,8 @@ def test_equals_bare_diffusers_flux_fill_pipeline(fill_server, fill_store):
 
 
 def test_strength_below_one_starts_from_the_noised_init(fill_server):
-    from diffusionapi.jobs.resolve import resolve_job
-
-    steps_seen = []
-
-    class Observer:
-        def step(self, phase, step, total):
-            steps_seen.append(total)
-
-        def preview(self, jpeg, step, total):
-            pass
-
     body = {**FILL, "seed": 5, "denoising_strength": 0.5, "init_image": b64_png(INIT), "mask": b64_png(MASK)}
-    job = resolve_job("img2img", body, fill_server.app.state.registry, fill_server.settings)
-    fill_server.engine.generate(job.plan, lambda p, v: None, lambda: False, Observer())
-    assert set(steps_seen) == {3}  # A1111's count, as on flux1: int(4 * 0.5) + 1
+    assert step_totals(fill_server, "img2img", body) == {3}  # A1111's count, as on flux1: int(4 * 0.5) + 1
     half, full = px(inpaint(fill_server, seed=5, denoising_strength=0.5)), px(inpaint(fill_server, seed=5))
     assert np.array_equal(half[OUTSIDE], INIT[OUTSIDE].astype(np.int16))
     assert not np.array_equal(half[~OUTSIDE], full[~OUTSIDE])

@@ -16,8 +16,7 @@ from PIL import Image
 from diffusionapi.demo import tiny_qwen_image_edit_pipeline
 from diffusionapi.images import read_infotext
 
-from .conftest import LiveServer, make_settings
-from .test_edit import b64_png, pattern, px
+from .flow_models import b64_png, new_store, pattern, px, run_posted, serve
 
 pytestmark = pytest.mark.slow
 
@@ -27,26 +26,19 @@ QWEN = dict(prompt="make it red", steps=2, model="tiny-qwen-edit", fileType="png
 
 @pytest.fixture(scope="module")
 def qwen_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen-edit-store")
+    root = new_store(tmp_path_factory, "qwen-edit-store")
     tiny_qwen_image_edit_pipeline(0).save_pretrained(root / "models" / "tiny-qwen-edit")
     tiny_qwen_image_edit_pipeline(0, plus=True).save_pretrained(root / "models" / "tiny-qwen-edit-plus")
-    (root / "loras").mkdir()
-    (root / "upscalers").mkdir()
-    (root / "labels.json").write_text("{}")
     return root
 
 
 @pytest.fixture(scope="module")
 def qwen_server(qwen_store, tmp_path_factory):
-    settings = make_settings(qwen_store, tmp_path_factory.mktemp("qwen-edit-work"), default_model="tiny-qwen-edit")
-    with LiveServer(settings) as s:
-        yield s
+    yield from serve(qwen_store, tmp_path_factory, "qwen-edit-work", "tiny-qwen-edit")
 
 
 def edit(server, **body) -> dict:
-    r = server.client.post("/edit", json={**QWEN, **body})
-    assert r.status_code == 200, r.text
-    return server.wait(r.json()["job_id"])
+    return run_posted(server, "/edit", {**QWEN, **body})
 
 
 def test_listed_and_deterministic_and_the_inputs_change_the_image(qwen_server):

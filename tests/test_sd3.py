@@ -13,51 +13,22 @@ from PIL import Image
 from diffusionapi.demo import tiny_sd3_pipeline
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPES
 
-from .conftest import LiveServer, make_settings
+from .flow_models import new_store, px, save_transformer_lora, serve
 
 SMALL_SD3 = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-sd3", fileType="png")
 
 
-def px(r):
-    assert r["state"] == "done", r
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")).astype(np.int16)
-
-
-def save_sd3_lora(path, seed: int = 5):
-    """A diffusers-format SD 3 LoRA (PEFT keys under ``transformer.``) for the tiny transformer."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    transformer = tiny_sd3_pipeline(0).transformer
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                       init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(str(path.parent),
-                                               transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                               weight_name=path.name)
-
-
 @pytest.fixture(scope="module")
 def sd3_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd3-store")
+    root = new_store(tmp_path_factory, "sd3-store")
     tiny_sd3_pipeline(0).save_pretrained(root / "models" / "tiny-sd3")
-    save_sd3_lora(root / "loras" / "sd3-style.safetensors")
-    (root / "upscalers").mkdir()
-    (root / "labels.json").write_text("{}")
+    save_transformer_lora(tiny_sd3_pipeline(0), root / "loras" / "sd3-style.safetensors")
     return root
 
 
 @pytest.fixture(scope="module")
 def sd3_server(sd3_store, tmp_path_factory):
-    settings = make_settings(sd3_store, tmp_path_factory.mktemp("sd3-work"), default_model="tiny-sd3")
-    with LiveServer(settings) as s:
-        yield s
+    yield from serve(sd3_store, tmp_path_factory, "sd3-work", "tiny-sd3")
 
 
 def test_listed_deterministic_and_prompt_sensitive(sd3_server):
