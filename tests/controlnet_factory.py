@@ -7,12 +7,32 @@ prefix, ``input_blocks`` / ``zero_convs`` / ``input_hint_block``), the reverse o
 """
 from __future__ import annotations
 
+import base64
+import io
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from tests.checkpoint_factory import unet_to_original
+
+
+def png(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def control_image(size=64, seed=0) -> Image.Image:
+    """Shapes with edges (a canny map has something to find)."""
+    rng = np.random.default_rng(seed)
+    a = np.full((size, size, 3), 255, np.uint8)
+    for _ in range(4):
+        x, y = rng.integers(0, size - 16, 2)
+        a[y:y + 14, x:x + 14] = rng.integers(0, 200, 3)
+    return Image.fromarray(a)
 
 
 def tiny_controlnet(unet_dir: Path, seed: int = 0, scale: float = 0.3):

@@ -22,10 +22,11 @@ from PIL import Image
 from diffusionapi.demo import tiny_sd15_pipeline
 
 from .conftest import LiveServer, make_settings
-from .controlnet_factory import (save_diffusers_single_file, save_ldm, save_t2i_adapter_original,
-                                 tiny_anime_lineart_file, tiny_clip_vision, tiny_control_lora, tiny_controlnet,
-                                 tiny_depth_anything, tiny_hed_file, tiny_ip_adapter, tiny_ip_adapter_plus,
-                                 tiny_lineart_file, tiny_openpose_body_file, tiny_union_controlnet)
+from .controlnet_factory import (control_image, png, save_diffusers_single_file, save_ldm,
+                                 save_t2i_adapter_original, tiny_anime_lineart_file, tiny_clip_vision,
+                                 tiny_control_lora, tiny_controlnet, tiny_depth_anything, tiny_hed_file,
+                                 tiny_ip_adapter, tiny_ip_adapter_plus, tiny_lineart_file, tiny_openpose_body_file,
+                                 tiny_union_controlnet)
 
 SMALL = dict(prompt="a tiny test", width=64, height=64, steps=4, seed=7, fileType="png",
              sampler_name="Euler", scheduler_type="default")
@@ -119,22 +120,6 @@ def cn_server(model_store, cn_dirs, tmp_path_factory):
                              models_dir=models)
     with LiveServer(settings) as s:
         yield s
-
-
-def png(im: Image.Image) -> str:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def control_image(size=64, seed=0) -> Image.Image:
-    """Shapes with edges (a canny map has something to find)."""
-    rng = np.random.default_rng(seed)
-    a = np.full((size, size, 3), 255, np.uint8)
-    for _ in range(4):
-        x, y = rng.integers(0, size - 16, 2)
-        a[y:y + 14, x:x + 14] = rng.integers(0, 200, 3)
-    return Image.fromarray(a)
 
 
 def pixels(body: dict, k: int = 0) -> np.ndarray:

@@ -15,7 +15,8 @@ from PIL import Image
 
 from diffusionapi.demo import save_tiny_model, tiny_flux_pipeline, tiny_sd3_pipeline
 
-from .conftest import LiveServer, make_settings
+from .controlnet_factory import control_image, png
+from .flow_models import new_store, px, serve
 
 # Slow tier: Flux / SD 3 ControlNets against diffusers' pipelines; the full suite runs it, the
 # fast tier keeps the SD 1.5 / SDXL ControlNet tests.
@@ -66,31 +67,11 @@ def tiny_sd3_controlnet(transformer, seed: int, sd35: bool = False):
     return cn.eval()
 
 
-def png(im: Image.Image) -> str:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def control_image(size=64, seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    a = np.full((size, size, 3), 255, np.uint8)
-    for _ in range(4):
-        x, y = rng.integers(0, size - 16, 2)
-        a[y:y + 14, x:x + 14] = rng.integers(0, 200, 3)
-    return Image.fromarray(a)
-
-
-def px(r):
-    assert r["state"] == "done", r
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")).astype(np.int16)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("flux-cn")
+    root = new_store(tmp_path_factory, "flux-cn")
     pipe = tiny_flux_pipeline(0)
     pipe.save_pretrained(root / "models" / "tiny-flux")
     save_tiny_model("sd15", root / "models" / "tiny-sd15")
@@ -117,16 +98,12 @@ def store(tmp_path_factory):
     cn35.save_pretrained(cdir / "tiny-cn-sd35")
     save_file({k: v.contiguous() for k, v in cn35.state_dict().items()},
               str(cdir / "sd3" / "cn_sd35_single.safetensors"))
-    (root / "upscalers").mkdir()
-    (root / "labels.json").write_text("{}")
     return root
 
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    settings = make_settings(store, tmp_path_factory.mktemp("flux-cn-work"), default_model="tiny-flux")
-    with LiveServer(settings) as s:
-        yield s
+    yield from serve(store, tmp_path_factory, "flux-cn-work", "tiny-flux")
 
 
 def unit(**kw):
