@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,18 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen, what: str) -> 
     raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
 
 
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """Ends a child server: SIGTERM, then SIGKILL if it is still running 20 s later."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class RedisServer:
     """redis-server with AOF on (as the README recommends), in its own directory."""
 
@@ -59,13 +72,7 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 class RabbitMQServer:
@@ -126,6 +133,45 @@ class RabbitMQServer:
         epmd = shutil.which("epmd")
         if epmd:
             subprocess.run([epmd, "-kill"], env=self.env, capture_output=True, timeout=10)
+
+
+@contextmanager
+def own_redis(workdir: Path):
+    """A Redis of one module's own (one its tests stop and start again), stopped at the end."""
+    server = RedisServer(workdir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def running(cluster, workers: int, apis: int = 2):
+    """``cluster`` (tests/test_celery_backend.py's Cluster) with ``workers`` workers and ``apis``
+    API nodes started and answering; at the end every node it still has is killed."""
+    try:
+        for _ in range(workers):
+            cluster.add_worker()
+        for _ in range(apis):
+            cluster.add_api()
+        for a in cluster.api:
+            a.wait_http()
+        cluster.wait_workers(workers)
+        yield cluster
+    finally:
+        for n in cluster.api + cluster.workers + cluster.stopped:
+            n.stop(signal.SIGKILL)
+
+
+def emptied_job_state(url: str):
+    """The Celery backend's Redis job state on an emptied database (results kept 60 s, 3 attempts
+    a job), closed at the end: for a test's fixture to ``yield from``."""
+    from diffusionapi.jobs.backends.celery.state import RedisJobState
+
+    s = RedisJobState(url, results_ttl=60, max_attempts=3)
+    s.r.flushdb()
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.cluster_fixtures import stop_process
 from tests.conftest import free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -48,13 +49,7 @@ class Prometheus:
         raise RuntimeError("prometheus did not become ready")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
     def query(self, promql: str) -> dict[tuple, float]:
         """An instant query: {sorted label items (without __name__): value}."""

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.cluster_fixtures import rabbitmq_server, redis_server  # noqa: F401 - fixtures
+from tests.cluster_fixtures import rabbitmq_server, redis_server, running  # noqa: F401 - fixtures
 from tests.conftest import free_port, make_settings
 from tests.holding import Hold
 
@@ -154,18 +154,9 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(model_store, tmp_path_factory, rabbitmq_server, redis_server):  # noqa: F811
-    c = Cluster(model_store, tmp_path_factory.mktemp("cluster"), rabbitmq_server, redis_server)
-    try:
-        c.add_worker(), c.add_worker()
-        for _ in range(2):
-            c.add_api()
-        for a in c.api:
-            a.wait_http()
-        c.wait_workers(2)
+    with running(Cluster(model_store, tmp_path_factory.mktemp("cluster"), rabbitmq_server, redis_server),
+                 workers=2) as c:
         yield c
-    finally:
-        for n in c.api + c.workers + c.stopped:
-            n.stop(signal.SIGKILL)
 
 
 def submit(node: Node, **payload) -> str:

@@ -20,7 +20,7 @@ import httpx_sse
 import pytest
 
 from diffusionapi.jobs.backends.celery.state import RedisJobState
-from tests.cluster_fixtures import RedisServer, rabbitmq_server  # noqa: F401 - fixture
+from tests.cluster_fixtures import own_redis, rabbitmq_server, running  # noqa: F401 - fixture
 from tests.test_celery_backend import Cluster, Node, poll, submit, wait_final, wait_state
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.broker]
@@ -58,19 +58,9 @@ class FaultCluster(Cluster):
 @pytest.fixture(scope="module")
 def cluster(model_store, tmp_path_factory, rabbitmq_server):  # noqa: F811
     root = tmp_path_factory.mktemp("cluster-faults")
-    redis_srv = RedisServer(root / "redis").start()
-    c = FaultCluster(model_store, root, rabbitmq_server, redis_srv)
-    try:
-        c.add_worker()
-        c.add_api(), c.add_api()
-        for a in c.api:
-            a.wait_http()
-        c.wait_workers(1)
+    with own_redis(root / "redis") as redis_srv, \
+            running(FaultCluster(model_store, root, rabbitmq_server, redis_srv), workers=1) as c:
         yield c
-    finally:
-        for n in c.api + c.workers + c.stopped:
-            n.stop(signal.SIGKILL)
-        redis_srv.stop()
 
 
 def wait_for(cond, timeout: float = 120, what: str = "condition"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import signal
 import time
 
 import httpx
@@ -19,7 +18,7 @@ import redis
 from PIL import Image
 
 from diffusionapi.jobs.webhooks import SIGNATURE_HEADER, verify
-from tests.cluster_fixtures import rabbitmq_server, redis_server  # noqa: F401 - fixtures
+from tests.cluster_fixtures import rabbitmq_server, redis_server, running  # noqa: F401 - fixtures
 from tests.holding import Hold
 from tests.test_celery_backend import Cluster, poll, submit, wait_final, wait_running
 from tests.test_live import FINAL, listen, start_listener
@@ -42,17 +41,9 @@ class LiveCluster(Cluster):
 
 @pytest.fixture(scope="module")
 def cluster(model_store, tmp_path_factory, rabbitmq_server, redis_server):  # noqa: F811
-    c = LiveCluster(model_store, tmp_path_factory.mktemp("cluster-live"), rabbitmq_server, redis_server)
-    try:
-        c.add_worker()
-        c.add_api(), c.add_api()
-        for a in c.api:
-            a.wait_http()
-        c.wait_workers(1)
+    with running(LiveCluster(model_store, tmp_path_factory.mktemp("cluster-live"), rabbitmq_server, redis_server),
+                 workers=1) as c:
         yield c
-    finally:
-        for n in c.api + c.workers + c.stopped:
-            n.stop(signal.SIGKILL)
 
 
 def held(node, **payload) -> tuple[str, str]:

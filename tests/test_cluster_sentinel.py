@@ -7,7 +7,6 @@ Sentinel is ``redis-server --sentinel`` (Debian's ``redis-sentinel`` is the same
 """
 from __future__ import annotations
 
-import signal
 import subprocess
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pytest
 import redis
 
 from diffusionapi.jobs.backends.celery.state import RedisJobState
-from tests.cluster_fixtures import REDIS_SERVER, RedisServer, _wait_port, free_port, rabbitmq_server  # noqa: F401
+from tests.cluster_fixtures import (REDIS_SERVER, RedisServer, _wait_port, free_port,  # noqa: F401
+                                    rabbitmq_server, running)
 from tests.test_celery_backend import poll, submit, wait_final, wait_state
 from tests.test_cluster_faults import JOB, FaultCluster, wait_for
 
@@ -84,16 +84,10 @@ class Sentinels:
 def cluster(model_store, tmp_path_factory, rabbitmq_server):  # noqa: F811
     root = tmp_path_factory.mktemp("cluster-sentinel")
     redis_ha = Sentinels(root / "redis")
-    c = FaultCluster(model_store, root, rabbitmq_server, redis_ha)
     try:
-        c.add_worker()
-        c.add_api()
-        c.api[0].wait_http()
-        c.wait_workers(1)
-        yield c
+        with running(FaultCluster(model_store, root, rabbitmq_server, redis_ha), workers=1, apis=1) as c:
+            yield c
     finally:
-        for n in c.api + c.workers + c.stopped:
-            n.stop(signal.SIGKILL)
         redis_ha.stop()
 
 

@@ -10,17 +10,14 @@ import uuid
 import pytest
 
 from diffusionapi.jobs.backends.celery.state import RedisJobState, status_dict
-from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
+from tests.cluster_fixtures import emptied_job_state, redis_server  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
 def state(redis_server):  # noqa: F811
-    s = RedisJobState(redis_server.url, results_ttl=60, max_attempts=3)
-    s.r.flushdb()
-    yield s
-    s.close()
+    yield from emptied_job_state(redis_server.url)
 
 
 def _jid() -> str:

@@ -17,17 +17,14 @@ import pytest
 
 from diffusionapi.jobs.backends.celery.state import RedisJobState
 from diffusionapi.jobs.backends.embedded.queue import JobQueue
-from tests.cluster_fixtures import redis_server  # noqa: F401 - fixture
+from tests.cluster_fixtures import emptied_job_state, redis_server  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
 def state(redis_server):  # noqa: F811
-    s = RedisJobState(redis_server.url, results_ttl=60, max_attempts=3)
-    s.r.flushdb()
-    yield s
-    s.close()
+    yield from emptied_job_state(redis_server.url)
 
 
 def put(state, name: str, owner: str | None, priority: int = 0, share: float = 1.0, queue: str = "q",

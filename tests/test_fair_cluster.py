@@ -9,7 +9,6 @@ the API reported before they ran.
 from __future__ import annotations
 
 import json
-import signal
 import threading
 import time
 
@@ -18,7 +17,7 @@ import pytest
 
 from diffusionapi.auth import cli as keys_cli
 from diffusionapi.auth.keys import hash_key
-from tests.cluster_fixtures import RedisServer, rabbitmq_server  # noqa: F401 - fixture
+from tests.cluster_fixtures import own_redis, rabbitmq_server, running  # noqa: F401 - fixture
 from tests.test_celery_backend import Node
 from tests.test_cluster_faults import FaultCluster
 
@@ -45,19 +44,9 @@ def cluster(model_store, tmp_path_factory, rabbitmq_server):  # noqa: F811
     root = tmp_path_factory.mktemp("cluster-fair")
     (root / "keys.toml").write_text(keys_cli.dump_toml(
         {name: {"hash": hash_key(key), "role": "user", **extra} for name, (key, extra) in KEYS.items()}))
-    redis_srv = RedisServer(root / "redis").start()
-    c = KeyedCluster(model_store, root, rabbitmq_server, redis_srv)
-    try:
-        c.add_worker(), c.add_worker()
-        c.add_api(), c.add_api()
-        for a in c.api:
-            a.wait_http()
-        c.wait_workers(2)
+    with own_redis(root / "redis") as redis_srv, \
+            running(KeyedCluster(model_store, root, rabbitmq_server, redis_srv), workers=2) as c:
         yield c
-    finally:
-        for n in c.api + c.workers + c.stopped:
-            n.stop(signal.SIGKILL)
-        redis_srv.stop()
 
 
 def client(node: Node, name: str) -> httpx.Client:
