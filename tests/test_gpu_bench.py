@@ -14,17 +14,33 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_benchmark_tiny_cpu_runs_every_section(tmp_path):
+def run_tiny_bench(tmp_path, *args: str, timeout: float = 900):
+    """benchmarks/gpu.py --tiny on the CPU with ``args``, offline: the finished process (it
+    succeeded) and its JSON report (no errors)."""
     out = tmp_path / "gpu.json"
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
-                           "--families", "sd15", "--clients", "3", "--out", str(out),
-                           "--sections", "speed,batch4,attention,options,batching,compile,fast,flow"],
+                           *args, "--out", str(out)],
                           env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["errors"] == [], r["errors"]
+    return proc, r
+
+
+def assert_flow_rows(r, families: set[str]) -> None:
+    """The flow section measured exactly ``families``: bare diffusers and the service each timed,
+    their images the same within 3/255."""
+    rows = {x["family"]: x for x in r["flow"]}
+    assert set(rows) == families
+    for x in rows.values():
+        assert x["bare_s_per_image"] > 0 and x["service_s_per_image"] > 0 and x["image_max_abs_diff"] <= 3
+
+
+def test_gpu_benchmark_tiny_cpu_runs_every_section(tmp_path):
+    proc, r = run_tiny_bench(tmp_path, "--families", "sd15", "--clients", "3",
+                             "--sections", "speed,batch4,attention,options,batching,compile,fast,flow")
     assert r["mode"] == "tiny" and r["machine"]["device"] == "cpu"
     # Built and installed twice: a diffusers folder and a single file, each loaded by the service.
     assert r["build"]["sd15"]["folder_gb"] > 0 and r["build"]["sd15"]["single_file_gb"] > 0
@@ -52,20 +68,9 @@ def test_gpu_benchmark_tiny_cpu_runs_every_section(tmp_path):
 def test_gpu_benchmark_flow_families_tiny_cpu(tmp_path):
     """The flow section (Flux.1-dev and SD 3.5 at full size on a GPU) on tiny models: bare diffusers
     and the service make the same image, both timed."""
-    out = tmp_path / "gpu.json"
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
-                           "--families", "", "--flow-families", "flux1,sd3", "--sections", "flow", "--reps", "1",
-                           "--out", str(out)],
-                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert r["errors"] == [], r["errors"]
-    rows = {x["family"]: x for x in r["flow"]}
-    assert set(rows) == {"flux1", "sd3"}
-    for x in rows.values():
-        assert x["bare_s_per_image"] > 0 and x["service_s_per_image"] > 0 and x["image_max_abs_diff"] <= 3
+    proc, r = run_tiny_bench(tmp_path, "--families", "", "--flow-families", "flux1,sd3", "--sections", "flow",
+                             "--reps", "1")
+    assert_flow_rows(r, {"flux1", "sd3"})
     assert "| flux1 | 64 | 4 |" in proc.stdout
 
 
@@ -74,16 +79,8 @@ def test_gpu_benchmark_round2_sections_tiny_cpu(tmp_path):
     miss), step caching against uncached (speed-up, PSNR, SSIM) on a UNet and a transformer,
     quantized compute (torchao int8 weight-only on CPU, or "not installed"), and a model switch
     from disk vs from host RAM. Figures are printed, not asserted."""
-    out = tmp_path / "gpu.json"
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
-                           "--families", "sd15", "--flow-families", "flux1", "--reps", "1", "--out", str(out),
-                           "--sections", "compile_cache,step_cache,quant,host_cache"],
-                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert r["errors"] == [], r["errors"]
+    proc, r = run_tiny_bench(tmp_path, "--families", "sd15", "--flow-families", "flux1", "--reps", "1",
+                             "--sections", "compile_cache,step_cache,quant,host_cache", timeout=1200)
     (cc,) = r["compile_cache"]
     assert cc["cold_fx_miss"] >= 1 and cc["warm_fx_miss"] == 0 and cc["warm_fx_hit"] == cc["cold_fx_miss"]
     assert cc["graphs_batch_2_and_4"] == 1
@@ -105,20 +102,9 @@ def test_gpu_benchmark_round2_sections_tiny_cpu(tmp_path):
 def test_gpu_benchmark_qwen_image_and_flux2_tiny_cpu(tmp_path):
     """The flow section's Qwen-Image and Flux.2 klein rows (full size on a GPU) on tiny models: bare
     diffusers and the service make the same image, both timed."""
-    out = tmp_path / "gpu.json"
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--device", "cpu",
-                           "--families", "", "--flow-families", "qwen-image,flux2", "--sections", "flow",
-                           "--reps", "1", "--out", str(out)],
-                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert r["errors"] == [], r["errors"]
-    rows = {x["family"]: x for x in r["flow"]}
-    assert set(rows) == {"qwen-image", "flux2"}
-    for x in rows.values():
-        assert x["bare_s_per_image"] > 0 and x["service_s_per_image"] > 0 and x["image_max_abs_diff"] <= 3
+    proc, r = run_tiny_bench(tmp_path, "--families", "", "--flow-families", "qwen-image,flux2", "--sections", "flow",
+                             "--reps", "1")
+    assert_flow_rows(r, {"qwen-image", "flux2"})
     assert "| qwen-image | 64 | 4 |" in proc.stdout and "| flux2 | 64 | 4 |" in proc.stdout
 
 
