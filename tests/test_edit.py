@@ -17,7 +17,8 @@ from diffusionapi.demo import tiny_flux_kontext_pipeline, tiny_flux_pipeline
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPES
 from diffusionapi.images import read_infotext
 
-from .flow_models import Recorder, b64_png, new_store, pattern, px, queued_count, run_posted, serve
+from .flow_models import (Recorder, assert_equals_diffusers, b64_png, new_store, pattern, px, queued_count, run_posted,
+                          serve)
 from .test_flux import save_flux_lora
 
 
@@ -85,8 +86,7 @@ def test_equals_bare_diffusers_flux_kontext_pipeline(edit_server, edit_store):
     ref = pipe(image=Image.fromarray(pattern(64, 64, 1)), prompt="make it red", height=64, width=64,
                num_inference_steps=4, guidance_scale=3.5, latents=pipe._pack_latents(noise, 1, 16, 8, 8),
                max_area=64 * 64, _auto_resize=False, output_type="np").images[0]
-    ref = np.rint(ref * 255).astype(np.int16)
-    assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
+    assert_equals_diffusers(ours, ref)
 
 
 COMBOS = [(n, t) for n in SAMPLER_NAMES for t in SCHEDULER_TYPES if t in SAMPLERS[n].schedules]

@@ -15,7 +15,8 @@ from diffusionapi.demo import tiny_flux_pipeline
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES, SAMPLERS
 from diffusionapi.images import read_infotext
 
-from .flow_models import approx_previews, b64_png, new_store, px, save_transformer_lora, serve, step_totals
+from .flow_models import (approx_previews, assert_equals_diffusers, b64_png, new_store, px, save_transformer_lora, serve,
+                          step_totals)
 
 SMALL_FLUX = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-flux", fileType="png")
 
@@ -67,8 +68,7 @@ def test_equals_bare_diffusers_flux_pipeline(flux_server, flux_store):
     noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(7))
     ref = pipe("a red cube", height=64, width=64, num_inference_steps=4, guidance_scale=3.5,
                latents=pipe._pack_latents(noise, 1, 16, 8, 8), output_type="np").images[0]
-    ref = np.rint(ref * 255).astype(np.int16)
-    assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
+    assert_equals_diffusers(ours, ref)
 
 
 def test_distilled_cfg_scale_and_cfg(flux_server):

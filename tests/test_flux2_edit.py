@@ -13,7 +13,7 @@ from PIL import Image
 
 from diffusionapi.demo import tiny_flux2_klein_pipeline
 
-from .flow_models import b64_png, new_store, pattern, px, run_posted, serve
+from .flow_models import assert_equals_diffusers, b64_png, new_store, pattern, px, run_posted, serve
 
 # References at sizes Flux2KleinPipeline takes and keeps as they are (sides multiples of 16 and at
 # least 64, under 1024x1024),
@@ -80,8 +80,7 @@ def test_equals_bare_diffusers_flux2_klein_pipeline(klein_server, klein_store):
     noise = torch.randn((1, 32, 8, 8), generator=torch.Generator().manual_seed(7))
     ref = pipe(image=[Image.fromarray(PAT_A), Image.fromarray(PAT_B)], prompt="make it red", guidance_scale=1.0,
                height=64, width=64, num_inference_steps=4, latents=patchify(noise), output_type="np").images[0]
-    ref = np.rint(ref * 255).astype(np.int16)
-    assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
+    assert_equals_diffusers(ours, ref)
 
 
 def test_sdapi_img2img_on_klein_equals_the_native_edit(klein_server):
