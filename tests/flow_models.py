@@ -13,7 +13,7 @@ from PIL import Image
 
 from .conftest import LiveServer, make_settings
 
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # the LoRA targets most tiny transformers share
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the LoRA targets most tiny transformers share
 
 
 def new_store(tmp_path_factory, name: str) -> Path:
@@ -33,7 +33,7 @@ def serve(store: Path, tmp_path_factory, work: str, default_model: str, **settin
         yield s
 
 
-def save_transformer_lora(pipe, path: Path, targets=ATTENTION, seed: int = 5) -> Path:
+def save_lora(pipe, targets, path: Path, seed: int = 5) -> Path:
     """A diffusers-format LoRA (PEFT keys under ``transformer.``) on ``pipe``'s transformer, as
     diffusers' trainers write it; its B matrices random (PEFT starts them at zero: no effect)."""
     from peft import LoraConfig
@@ -41,7 +41,7 @@ def save_transformer_lora(pipe, path: Path, targets=ATTENTION, seed: int = 5) ->
 
     torch.manual_seed(seed)
     transformer = pipe.transformer
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets), init_lora_weights=False))
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
     with torch.no_grad():
         for name, p in transformer.named_parameters():
             if "lora_B" in name:

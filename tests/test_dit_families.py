@@ -17,7 +17,7 @@ from diffusionapi.demo import (tiny_chroma_pipeline, tiny_flux2_klein_pipeline, 
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPES
 from diffusionapi.images import read_infotext
 
-from .flow_models import approx_previews, assert_equals_diffusers, new_store, px, save_transformer_lora, serve
+from .flow_models import approx_previews, assert_equals_diffusers, new_store, px, save_lora, serve
 
 # Slow tier: four tiny DiT families built and served per module; the full suite runs it, the fast
 # tier keeps their detection (test_families.py) and the sampler code (test_flux.py, test_sd3.py).
@@ -36,14 +36,14 @@ def store(tmp_path_factory):
     root = new_store(tmp_path_factory, "qz-store")
     tiny_qwen_image_pipeline(0).save_pretrained(root / "models" / "tiny-qwen-image")
     tiny_z_image_pipeline(0).save_pretrained(root / "models" / "tiny-z-image")
-    save_transformer_lora(tiny_qwen_image_pipeline(0), root / "loras" / "qwen-style.safetensors",
-                          ["to_q", "to_k", "to_v", "add_q_proj", "img_mlp.net.2"])
-    save_transformer_lora(tiny_z_image_pipeline(0), root / "loras" / "zimage-style.safetensors")
+    save_lora(tiny_qwen_image_pipeline(0), ["to_q", "to_k", "to_v", "add_q_proj", "img_mlp.net.2"],
+              root / "loras" / "qwen-style.safetensors")
+    save_lora(tiny_z_image_pipeline(0), ["to_q", "to_k", "to_v", "to_out.0"], root / "loras" / "zimage-style.safetensors")
     tiny_chroma_pipeline(0).save_pretrained(root / "models" / "tiny-chroma")
-    save_transformer_lora(tiny_chroma_pipeline(0), root / "loras" / "chroma-style.safetensors")
+    save_lora(tiny_chroma_pipeline(0), ["to_q", "to_k", "to_v", "to_out.0"], root / "loras" / "chroma-style.safetensors")
     tiny_flux2_klein_pipeline(0).save_pretrained(root / "models" / "tiny-flux2-klein")
-    save_transformer_lora(tiny_flux2_klein_pipeline(0), root / "loras" / "flux2-style.safetensors",
-                          ["to_q", "to_k", "to_v", "to_qkv_mlp_proj"])
+    save_lora(tiny_flux2_klein_pipeline(0), ["to_q", "to_k", "to_v", "to_qkv_mlp_proj"],
+              root / "loras" / "flux2-style.safetensors")
     return root
 
 

@@ -15,15 +15,15 @@ from diffusionapi.demo import tiny_flux_pipeline
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SCHEDULER_TYPES, SAMPLERS
 from diffusionapi.images import read_infotext
 
-from .flow_models import (approx_previews, assert_equals_diffusers, b64_png, new_store, px, save_transformer_lora, serve,
-                          step_totals)
+from .flow_models import (ATTENTION, approx_previews, assert_equals_diffusers, b64_png, new_store, px, save_lora,
+                          serve, step_totals)
 
 SMALL_FLUX = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-flux", fileType="png")
 
 
 def save_flux_lora(path, seed: int = 5):
     """A diffusers-format Flux LoRA (PEFT keys under ``transformer.``) for the tiny transformer."""
-    return save_transformer_lora(tiny_flux_pipeline(0), path, seed=seed)
+    return save_lora(tiny_flux_pipeline(0), ATTENTION, path, seed)
 
 
 @pytest.fixture(scope="module")

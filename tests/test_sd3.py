@@ -13,7 +13,7 @@ from PIL import Image
 from diffusionapi.demo import tiny_sd3_pipeline
 from diffusionapi.engine.samplers import SAMPLER_NAMES, SAMPLERS, SCHEDULER_TYPES
 
-from .flow_models import assert_equals_diffusers, new_store, px, save_transformer_lora, serve
+from .flow_models import ATTENTION, assert_equals_diffusers, new_store, px, save_lora, serve
 
 SMALL_SD3 = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-sd3", fileType="png")
 
@@ -22,7 +22,7 @@ SMALL_SD3 = dict(prompt="a red cube", width=64, height=64, steps=4, model="tiny-
 def sd3_store(tmp_path_factory):
     root = new_store(tmp_path_factory, "sd3-store")
     tiny_sd3_pipeline(0).save_pretrained(root / "models" / "tiny-sd3")
-    save_transformer_lora(tiny_sd3_pipeline(0), root / "loras" / "sd3-style.safetensors")
+    save_lora(tiny_sd3_pipeline(0), ATTENTION, root / "loras" / "sd3-style.safetensors")
     return root
 
 
