@@ -279,20 +279,28 @@ def fp8_copy(sd: dict, *, scaled: bool = False) -> dict:
     return out
 
 
-def write_gguf(sd: dict, path: Path, arch: str = "flux") -> Path:
-    """A city96-style GGUF transformer: BFL key names, 2-D weights quantized to Q8_0 with the gguf
-    package's quantizer, the rest (biases, norm scales) as F32."""
+def write_gguf(sd: dict, path: Path, arch: str = "flux", qtype: str = "Q8_0") -> Path:
+    """A city96-style GGUF transformer: BFL key names, 2-D weights quantized to ``qtype`` (legacy
+    types with the gguf package's encoder, Q4_K / Q5_K / Q6_K with tests/gguf_kquants.py); a weight
+    whose rows the type's block does not divide (K-quants: 256) stays F16, as city96's patched
+    llama-quantize leaves it; the rest (biases, norm scales) F32."""
     import gguf
     import numpy as np
 
+    from .gguf_kquants import K_QUANTIZERS
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[kind][0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch=arch)
     for k, v in sd.items():
         data = v.detach().to(torch.float32).contiguous().numpy()
-        if k.endswith(".weight") and data.ndim == 2 and data.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(k, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        if k.endswith(".weight") and data.ndim == 2 and data.shape[-1] % block == 0:
+            q = K_QUANTIZERS[qtype](data) if qtype in K_QUANTIZERS else gguf.quants.quantize(data, kind)
+            writer.add_tensor(k, q, raw_dtype=kind)
+        elif k.endswith(".weight") and data.ndim == 2:
+            writer.add_tensor(k, data.astype(np.float16))
         else:
             writer.add_tensor(k, data.astype(np.float32))
     writer.write_header_to_file()
@@ -300,3 +308,18 @@ def write_gguf(sd: dict, path: Path, arch: str = "flux") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def wide_flux_transformer(seed: int = 0, guidance: bool = True):
+    """Tiny Flux.1's transformer 256 channels wide (4 heads of 64; rotary axes 16/16/32, the
+    split the converter reads for head size 64), so its attention and MLP rows fill K-quants'
+    256-value super-blocks; text widths as tiny Flux's, so it runs with the same component files."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffusionapi.demo import FLUX_T5, FLUX_TE
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=64, num_attention_heads=4, joint_attention_dim=FLUX_T5,
+                                  pooled_projection_dim=FLUX_TE, axes_dims_rope=(16, 16, 32),
+                                  guidance_embeds=guidance).eval()
