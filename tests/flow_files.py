@@ -281,7 +281,7 @@ def fp8_copy(sd: dict, *, scaled: bool = False) -> dict:
 
 def write_gguf(sd: dict, path: Path, arch: str = "flux", qtype: str = "Q8_0") -> Path:
     """A city96-style GGUF transformer: BFL key names, 2-D weights quantized to ``qtype`` (legacy
-    types with the gguf package's encoder, Q4_K / Q5_K / Q6_K with tests/gguf_kquants.py); a weight
+    types with the gguf package's encoder, K-quants with tests/gguf_kquants.py); a weight
     whose rows the type's block does not divide (K-quants: 256) stays F16, as city96's patched
     llama-quantize leaves it; the rest (biases, norm scales) F32."""
     import gguf

@@ -34,7 +34,7 @@ from .flow_files import (flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_t
 pytestmark = pytest.mark.slow
 
 LEGACY_GGUF = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
-K_GGUF = ("Q4_K", "Q5_K", "Q6_K")
+K_GGUF = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 FLUX = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", sampler_name="Euler")
 
 
@@ -246,8 +246,10 @@ def test_gguf_q8_transformer_generates_close_to_full_precision(flow_server):
 
 
 # Measured on the tiny models (CPU, fp32 compute), dB: Q4_0 38.1, Q4_1 36.9, Q5_0 43.7, Q5_1 42.8
-# (tiny Flux.1); Q4_K 41.1, Q5_K 47.0, Q6_K 52.0 (its 256-wide variant). Bounds about 6 dB under.
-GGUF_MIN_PSNR = {"Q4_0": 32, "Q4_1": 31, "Q5_0": 37, "Q5_1": 37, "Q4_K": 35, "Q5_K": 41, "Q6_K": 46}
+# (tiny Flux.1); Q2_K 29.2, Q3_K 35.1, Q4_K 41.1, Q5_K 47.0, Q6_K 52.0 (its 256-wide variant);
+# another seed's image is about 13 dB from the reference. Bounds about 6 dB under the measured.
+GGUF_MIN_PSNR = {"Q4_0": 32, "Q4_1": 31, "Q5_0": 37, "Q5_1": 37, "Q2_K": 23, "Q3_K": 29, "Q4_K": 35, "Q5_K": 41,
+                 "Q6_K": 46}
 
 
 @pytest.mark.parametrize("qtype", LEGACY_GGUF + K_GGUF)
