@@ -279,25 +279,26 @@ def fp8_copy(sd: dict, *, scaled: bool = False) -> dict:
     return out
 
 
-def write_gguf(sd: dict, path: Path, arch: str = "flux", qtype: str = "Q8_0") -> Path:
-    """A city96-style GGUF transformer: BFL key names, 2-D weights quantized to ``qtype`` (legacy
-    types with the gguf package's encoder, K-quants with tests/gguf_kquants.py); a weight
-    whose rows the type's block does not divide (K-quants: 256) stays F16, as city96's patched
-    llama-quantize leaves it; the rest (biases, norm scales) F32."""
+def write_gguf(sd: dict, path: Path, arch: str = "flux", qtype: str = "Q8_0", type_of=None) -> Path:
+    """A city96-style GGUF transformer: BFL key names, 2-D weights quantized to ``qtype`` (or
+    ``type_of(name)``, "F16" for none; legacy types with the gguf package's encoder, K-quants with
+    tests/gguf_kquants.py); a weight whose rows the type's block does not divide (K-quants: 256)
+    stays F16, as city96's patched llama-quantize leaves it; the rest (biases, norm scales) F32."""
     import gguf
     import numpy as np
 
     from .gguf_kquants import K_QUANTIZERS
 
-    kind = gguf.GGMLQuantizationType[qtype]
-    block = gguf.GGML_QUANT_SIZES[kind][0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch=arch)
     for k, v in sd.items():
         data = v.detach().to(torch.float32).contiguous().numpy()
-        if k.endswith(".weight") and data.ndim == 2 and data.shape[-1] % block == 0:
-            q = K_QUANTIZERS[qtype](data) if qtype in K_QUANTIZERS else gguf.quants.quantize(data, kind)
+        name = type_of(k) if type_of is not None else qtype
+        kind = gguf.GGMLQuantizationType[name]
+        if (k.endswith(".weight") and data.ndim == 2 and kind != gguf.GGMLQuantizationType.F16
+                and data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0):
+            q = K_QUANTIZERS[name](data) if name in K_QUANTIZERS else gguf.quants.quantize(data, kind)
             writer.add_tensor(k, q, raw_dtype=kind)
         elif k.endswith(".weight") and data.ndim == 2:
             writer.add_tensor(k, data.astype(np.float16))
@@ -308,6 +309,18 @@ def write_gguf(sd: dict, path: Path, arch: str = "flux", qtype: str = "Q8_0") ->
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+FLUX_UNQUANTIZED = ("txt_in.", "img_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+
+
+def city96_flux_q4_k_m(name: str) -> str:
+    """The block type city96's llama-quantize patch gives a Flux (BFL-named) tensor in a Q4_K_M
+    file: the input, time / pooled-text / guidance embedders and the final layer unquantized (F16),
+    the fused attention qkv in Q5_K, the rest Q4_K."""
+    if name.startswith(FLUX_UNQUANTIZED):
+        return "F16"
+    return "Q5_K" if "attn.qkv.weight" in name else "Q4_K"
 
 
 def wide_flux_transformer(seed: int = 0, guidance: bool = True):

@@ -26,7 +26,7 @@ from diffusionapi.schemas import Txt2ImgRequest
 from .cluster_fixtures import redis_server  # noqa: F401 - fixture
 from .conftest import LiveServer, make_settings
 from .test_flux import save_flux_lora
-from .flow_files import (flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_to_ldm, wide_flux_transformer,
+from .flow_files import (city96_flux_q4_k_m, flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_to_ldm, wide_flux_transformer,
                          write_flux_files, write_gguf)
 
 # Slow tier: every storage form (fp8, GGUF, all-in-one, transformer-only) is built and loaded per
@@ -61,6 +61,7 @@ def flow_store(tmp_path_factory):
     save(wide, root / "models" / "flux-wide.safetensors")
     for qtype in K_GGUF:
         write_gguf(wide, root / "models" / f"flux-wide-{qtype.lower()}.gguf", qtype=qtype)
+    write_gguf(wide, root / "models" / "flux-wide-q4_k_m.gguf", type_of=city96_flux_q4_k_m)
     save(pipe.transformer.state_dict(), root / "models" / "flux-diffusers-keys.safetensors")
     (root / "text_encoders" / "broken_clip.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     # An SD 1.5 folder and A1111-style VAE files for it (sd_vae): its own VAE's weights, and others.
@@ -290,6 +291,31 @@ def test_gguf_block_types_generate_close_to_full_precision(flow_server, flow_sto
                                                    dtype=torch.float32).reshape(expected.shape)
     assert torch.allclose(fp32, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
     assert (dequantize_gguf_tensor(weight).float() - expected).abs().max() <= 5e-3 * expected.abs().max()
+
+
+def test_gguf_mixed_block_types_as_city96_q4_k_m(flow_server):
+    """A Q4_K_M file as city96's quantizer writes Flux: types mixed per tensor (fused qkv Q5_K, the
+    rest of the blocks Q4_K) and the embedders and final layer left F16 by name; those F16 weights
+    run in the running dtype, the quantized ones stay in GGUFLinear."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    full = px(flow_server.run(**FLUX, model="flux-wide", seed=6))
+    a = px(flow_server.run(**FLUX, model="flux-wide-q4_k_m", seed=6))
+    assert np.array_equal(a, px(flow_server.run(**FLUX, model="flux-wide-q4_k_m", seed=6)))
+    # Measured on the 256-wide tiny Flux.1 (CPU, fp32 compute): 56.3 dB (above the all-Q4_K file's
+    # 41.1: the embedders and final layer, full precision here, carry most of that file's error).
+    assert not np.array_equal(a, full) and psnr(a, full) > 50
+    t = flow_server.engine.cache._items["flux-wide-q4_k_m"].pipe.transformer
+    block, single = t.transformer_blocks[0], t.single_transformer_blocks[0]
+    types = {"Q5_K": (block.attn.to_q, block.attn.to_v, block.attn.add_k_proj),
+             "Q4_K": (block.attn.to_out[0], block.ff.net[0].proj, block.ff.net[2], block.norm1.linear,
+                      single.attn.to_q, single.proj_mlp, single.proj_out)}
+    for qtype, layers in types.items():
+        assert all(isinstance(x, GGUFLinear) and x.weight.quant_type.name == qtype for x in layers), qtype
+    for layer in (t.x_embedder, t.context_embedder, t.time_text_embed.timestep_embedder.linear_1,
+                  t.time_text_embed.text_embedder.linear_2, t.time_text_embed.guidance_embedder.linear_1,
+                  t.norm_out.linear, t.proj_out):
+        assert not isinstance(layer, GGUFLinear) and layer.weight.dtype == torch.float32, layer
 
 
 class _OpensAFile:
