@@ -302,8 +302,8 @@ def test_gguf_mixed_block_types_as_city96_q4_k_m(flow_server):
     full = px(flow_server.run(**FLUX, model="flux-wide", seed=6))
     a = px(flow_server.run(**FLUX, model="flux-wide-q4_k_m", seed=6))
     assert np.array_equal(a, px(flow_server.run(**FLUX, model="flux-wide-q4_k_m", seed=6)))
-    # Measured on the 256-wide tiny Flux.1 (CPU, fp32 compute): 56.3 dB (above the all-Q4_K file's
-    # 41.1: the embedders and final layer, full precision here, carry most of that file's error).
+    # Measured on the 256-wide tiny Flux.1 (CPU, fp32 compute): 56.3 dB (the all-Q4_K file, whose
+    # embedders and final layer are quantized too: 41.1 dB).
     assert not np.array_equal(a, full) and psnr(a, full) > 50
     t = flow_server.engine.cache._items["flux-wide-q4_k_m"].pipe.transformer
     block, single = t.transformer_blocks[0], t.single_transformer_blocks[0]
