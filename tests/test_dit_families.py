@@ -107,13 +107,12 @@ def test_bfl_flux1_files_are_not_taken_for_qwen_image():
 def test_flux2_dev_folders_are_not_taken_for_flux1(tmp_path):
     import json
 
-    from diffusionapi.families import UnknownFamily, detect_folder
+    from diffusionapi.families import detect_folder
 
     (tmp_path / "transformer").mkdir()
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel"}))
-    with pytest.raises(UnknownFamily):
-        detect_folder(tmp_path)
+    assert detect_folder(tmp_path).family == "flux2-dev"  # its own family (tests/test_flux2_dev.py)
 
 
 def test_listed_with_their_family_ids(server):

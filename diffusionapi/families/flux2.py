@@ -4,7 +4,7 @@ layers' hidden states stacked).
 
 Runs through engine/flow.py + engine/flow_families.py on the engine's own samplers; the shift
 follows diffusers' Flux.2 rule (mu from the token count and the step count). Flux.2 [dev]
-(Flux2Pipeline, Mistral text encoder) is not recognised yet. The defaults are the distilled
+(Flux2Pipeline, Mistral text encoder) is families/flux2_dev.py. The defaults are the distilled
 klein's (4 steps, CFG 1); klein Base wants about 50 steps at CFG 4.
 
 It also edits (POST /edit, Flux2KleinPipeline's ``image``): the reference images ride along as
