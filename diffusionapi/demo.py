@@ -616,7 +616,7 @@ BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_s
             "flux1-fill": tiny_flux_fill_pipeline,
             "qwen-image-edit": tiny_qwen_image_edit_pipeline, "qwen-image": tiny_qwen_image_pipeline,
             "z-image": tiny_z_image_pipeline, "chroma": tiny_chroma_pipeline,
-            "flux2": tiny_flux2_klein_pipeline, "flux2-dev": tiny_flux2_dev_pipeline}
+            "flux2": tiny_flux2_klein_pipeline}
 
 
 def save_tiny_model(family: str, target: Path, seed: int = 0) -> Path:

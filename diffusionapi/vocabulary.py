@@ -25,7 +25,6 @@ class Family(StrEnum):
     Z_IMAGE = "z-image"
     CHROMA = "chroma"
     FLUX2 = "flux2"
-    FLUX2_DEV = "flux2-dev"
 
 
 class ModelFormat(StrEnum):
@@ -40,13 +39,11 @@ SD3, FLUX1 = Family.SD3, Family.FLUX1
 FLUX1_KONTEXT, QWEN_IMAGE_EDIT = Family.FLUX1_KONTEXT, Family.QWEN_IMAGE_EDIT
 FLUX1_FILL = Family.FLUX1_FILL
 QWEN_IMAGE, Z_IMAGE, CHROMA, FLUX2 = Family.QWEN_IMAGE, Family.Z_IMAGE, Family.CHROMA, Family.FLUX2
-FLUX2_DEV = Family.FLUX2_DEV
 # How each family runs and is recognised: diffusionapi/families (one module per family).
 FAMILY_LABELS = {SD15: "SD 1.5", SD2: "SD 2.x", SDXL: "SDXL", SDXL_REFINER: "SDXL refiner", SD3: "SD 3.x",
                  FLUX1: "Flux.1", FLUX1_KONTEXT: "Flux.1 Kontext", FLUX1_FILL: "Flux.1 Fill",
                  QWEN_IMAGE_EDIT: "Qwen-Image-Edit",
-                 QWEN_IMAGE: "Qwen-Image", Z_IMAGE: "Z-Image", CHROMA: "Chroma", FLUX2: "Flux.2",
-                 FLUX2_DEV: "Flux.2 [dev]"}
+                 QWEN_IMAGE: "Qwen-Image", Z_IMAGE: "Z-Image", CHROMA: "Chroma", FLUX2: "Flux.2"}
 
 # The demo model (diffusionapi.demo) has a label without a labels file.
 DEMO_MODEL_NAME = "demo-tiny-sd15"

@@ -112,7 +112,7 @@ def test_flux2_dev_folders_are_not_taken_for_flux1(tmp_path):
     (tmp_path / "transformer").mkdir()
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel"}))
-    assert detect_folder(tmp_path).family == "flux2-dev"  # its own family (tests/test_flux2_dev.py)
+    assert detect_folder(tmp_path).family == "flux2"  # Flux.2 [dev] (tests/test_flux2_dev.py)
 
 
 def test_listed_with_their_family_ids(server):

@@ -68,7 +68,7 @@ def save_sd2_checkpoint(pipe, target):
 # ---------------------------------------------------------------------------- detection, no server
 
 def test_table_has_one_spec_per_family_id():
-    assert [f.id for f in FAMILIES] == ["qwen-image-edit", "flux1-kontext", "qwen-image", "z-image", "chroma", "flux2-dev", "flux2",
+    assert [f.id for f in FAMILIES] == ["qwen-image-edit", "flux1-kontext", "qwen-image", "z-image", "chroma", "flux2",
                                         "flux1-fill", "flux1", "sd3", "sdxl", "sdxl-refiner", "sd2", "sd15"]
     assert BY_ID["sdxl"].size == 1024 and BY_ID["sd15"].size == 512 and BY_ID["sd2"].size == 768
     assert BY_ID["flux1"].latent_channels == 16 and BY_ID["flux1"].prediction == "flow"

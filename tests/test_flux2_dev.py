@@ -1,4 +1,4 @@
-"""Flux.2 [dev] (family flux2-dev, issue #25) on a tiny random-weight model built in code
+"""Flux.2 [dev] (family flux2, beside klein; issue #25) on a tiny random-weight model built in code
 (demo.tiny_flux2_dev_pipeline: Flux.2's transformer with its guidance embedding, a Mistral 3
 text encoder): a diffusers folder through HTTP, its defaults (Flux2Pipeline's embedded guidance 4,
 Euler, no negative pass), the guidance reaching the transformer, compared with bare
@@ -68,14 +68,11 @@ def _noise(seed):
     return patchify(torch.randn((1, 32, 8, 8), generator=torch.Generator().manual_seed(seed)))
 
 
-def test_recognised_as_flux2_dev_from_its_folder_and_its_keys(dev_server):
-    from diffusionapi.families import detect_checkpoint_keys
-
+def test_listed_as_flux2_and_loaded_with_its_own_pipeline(dev_server):
     models = {m["name"]: m for m in dev_server.client.get("/models").json()["models"]}
-    assert (models["tiny-flux2-dev"]["family"], models["tiny-flux2-dev"]["prediction"]) == ("flux2-dev", "flow")
-    klein = {"double_stream_modulation_img.lin.weight", "double_blocks.0.img_attn.qkv.weight", "time_in.in_layer.weight"}
-    assert detect_checkpoint_keys(klein).family == "flux2"
-    assert detect_checkpoint_keys(klein | {"guidance_in.in_layer.weight"}).family == "flux2-dev"
+    assert (models["tiny-flux2-dev"]["family"], models["tiny-flux2-dev"]["prediction"]) == ("flux2", "flow")
+    dev_server.run(**DEV, seed=1)
+    assert type(dev_server.engine.cache._items["tiny-flux2-dev"].pipe).__name__ == "Flux2Pipeline"
 
 
 def test_defaults_are_flux2_pipelines_and_the_guidance_counts(dev_server):

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..fileinfo import CheckpointError, ckpt_keys, read_model_header
-from . import chroma, flux1, flux1_fill, flux1_kontext, flux2, flux2_dev, qwen_image, qwen_image_edit, sd2, sd3, sd15, sdxl, sdxl_refiner, z_image
+from . import chroma, flux1, flux1_fill, flux1_kontext, flux2, qwen_image, qwen_image_edit, sd2, sd3, sd15, sdxl, sdxl_refiner, z_image
 from .spec import Detected, FamilySpec, FolderConfigs
 
 __all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfigs", "UnknownFamily",
@@ -24,10 +24,10 @@ __all__ = ["BY_ID", "FAMILIES", "LABELS", "Detected", "FamilySpec", "FolderConfi
 
 # Most specific first: the first family whose rule matches wins (the editing families before
 # the ones whose transformer they share: qwen-image-edit before qwen-image, flux1-kontext before
-# flux1; flux2 before flux1, whose pipeline class names start alike; flux2-dev before flux2, whose
-# keys it has and a guidance embedding more; flux1-fill before flux1, whose tensor names it shares).
+# flux1; flux2 before flux1, whose pipeline class names start alike; flux1-fill before flux1, whose
+# tensor names it shares).
 FAMILIES: tuple[FamilySpec, ...] = (qwen_image_edit.SPEC, flux1_kontext.SPEC, qwen_image.SPEC, z_image.SPEC,
-                                    chroma.SPEC, flux2_dev.SPEC, flux2.SPEC, flux1_fill.SPEC, flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC,
+                                    chroma.SPEC, flux2.SPEC, flux1_fill.SPEC, flux1.SPEC, sd3.SPEC, sdxl.SPEC, sdxl_refiner.SPEC,
                                     sd2.SPEC, sd15.SPEC)
 BY_ID: dict[str, FamilySpec] = {f.id: f for f in FAMILIES}
 LABELS: dict[str, str] = {f.id: f.label for f in FAMILIES}
