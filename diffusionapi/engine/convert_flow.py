@@ -326,6 +326,8 @@ def build_chroma_transformer(sd: dict, what: str, sidecar: dict | None = None, d
         converted = chroma_bfl_to_diffusers(sd, cfg)
     except KeyError as e:
         raise ComponentLoadError(f"{what}: Chroma tensor {e} is missing") from None
+    except ComponentLoadError as e:  # tensors Chroma does not have
+        raise ComponentLoadError(f"{what}: {e}") from None
     return _build(ChromaTransformer2DModel, cfg, converted, what, compute_dtype=dtype)
 
 
