@@ -264,11 +264,14 @@ def test_taesd_previews_are_a_422_pointing_to_approx(flux_server):
     assert r.status_code == 422 and "preview" in r.text and "approx" in r.text, r.text
 
 
-def test_prompt_weights_leave_flux_as_the_plain_text(flux_server):
+def test_prompt_weights_reach_flux_through_t5_and_weight_1_and_break_do_not(flux_server):
     """Flux reads CLIP-L only for its pooled vector, which A1111's and Forge's weights never reach
-    (taken before emphasis), and T5 without the syntax here: weights and BREAK give the plain
-    text's image; the words themselves still count."""
+    (taken before emphasis); T5's states take the weights as Forge's T5 engine applies them
+    (engine/flow.encode_t5_weighted). A weight of 1 and BREAK (T5 has no chunks) give the plain
+    text's image; the conditioning cache keys by the text with its weights."""
     plain = px(flux_server.run(**SMALL_FLUX, seed=14))
-    assert np.array_equal(plain, px(flux_server.run(**dict(SMALL_FLUX, prompt="a red (cube:1.5)"), seed=14)))
+    assert np.array_equal(plain, px(flux_server.run(**dict(SMALL_FLUX, prompt="a red (cube:1.0)"), seed=14)))
     assert np.array_equal(plain, px(flux_server.run(**dict(SMALL_FLUX, prompt="a red BREAK cube"), seed=14)))
-    assert not np.array_equal(plain, px(flux_server.run(**dict(SMALL_FLUX, prompt="a red (sphere:1.5)"), seed=14)))
+    weighted = px(flux_server.run(**dict(SMALL_FLUX, prompt="a red (cube:1.5)"), seed=14))
+    assert not np.array_equal(plain, weighted)
+    assert np.array_equal(weighted, px(flux_server.run(**dict(SMALL_FLUX, prompt="a red (cube:1.5)"), seed=14)))

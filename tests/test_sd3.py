@@ -128,10 +128,11 @@ def test_lora_changes_and_unloads_exactly(sd3_server):
     assert np.array_equal(base, px(sd3_server.run(**SMALL_SD3, seed=5)))
 
 
-def test_encoding_plain_text_is_diffusers_and_weights_reach_only_the_clip_tokens():
+def test_encoding_plain_text_is_diffusers_and_weights_reach_the_tokens_not_the_pooled_vectors():
     """engine/flow.encode_sd3: without weights it is the pipeline's own encode_prompt; a weight
-    changes the CLIP part of the sequence (its tokens scaled, the chunk's mean restored) and
-    neither T5's tokens nor the pooled vectors (taken before weighting, as A1111 and Forge do)."""
+    changes the CLIP part of the sequence (its tokens scaled, the chunk's mean restored) and T5's
+    (engine/flow.encode_t5_weighted), never the pooled vectors (taken before weighting, as A1111
+    and Forge do)."""
     from diffusionapi.engine.flow import encode_sd3
 
     pipe = tiny_sd3_pipeline(0)
@@ -145,7 +146,7 @@ def test_encoding_plain_text_is_diffusers_and_weights_reach_only_the_clip_tokens
     assert torch.equal(plain, ref) and torch.equal(pooled, ref_pooled)
     assert torch.equal(same, plain)
     clip = 77
-    assert weighted.shape == plain.shape and torch.equal(weighted[:, clip:], plain[:, clip:])
+    assert weighted.shape == plain.shape and not torch.equal(weighted[:, clip:], plain[:, clip:])
     assert torch.equal(w_pooled, pooled)
     assert not torch.equal(weighted[:, :clip], plain[:, :clip])
     # BREAK: a second 77-token CLIP chunk in the sequence (Forge's chunks), T5 reads "a red cube".

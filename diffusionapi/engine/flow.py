@@ -440,8 +440,47 @@ def first_step_prompt(prompt: str, steps: int) -> str:
 
 
 # Families whose flow conditioning reads A1111's emphasis and BREAK (the engine keys its
-# conditioning cache by the text with them): SD 3's CLIP hidden states are part of its sequence.
-WEIGHTED_CONDITIONING = frozenset({"sd3"})
+# conditioning cache by the text with them): SD 3's CLIP hidden states are part of its sequence,
+# and T5 reads the weights for SD 3, Flux.1 and Chroma (:func:`encode_t5_weighted`).
+WEIGHTED_CONDITIONING = frozenset({"sd3", "flux", "chroma"})
+
+
+def encode_t5_weighted(tokenizer, encoder, text: str, max_length: int, device,
+                       masked: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """T5's hidden states of ``text`` (A1111's prompt syntax, its first step) with the weights
+    applied as Forge's T5 engine applies them ("Original" emphasis): each bracketed run is
+    tokenized on its own, its tokens' hidden states multiplied by its weight, then the whole
+    sequence rescaled to its unweighted mean. Padded to ``max_length`` as the pipelines pad (EOS
+    then pad tokens, truncated before the EOS). ``masked``: the encoder attends only to the text
+    and EOS (Chroma's pipeline does). Returns (hidden states [1, L, D], the tokenizer's mask
+    [1, L]), or None when no weight differs from 1: the caller then takes the pipeline's own
+    encoding of the plain text, so such prompts stay exactly diffusers'."""
+    from .prompts import parse_attention
+
+    # BREAK: T5 has no chunks to close. A run's own spaces go: T5's tokenizer starts every piece
+    # at a word anyway, and a trailing space would become a token of its own.
+    runs = [(t.strip(), w) for t, w in parse_attention(text) if w != -1 and t.strip()]
+    if all(w == 1.0 for _, w in runs):
+        return None
+    ids: list[int] = []
+    weights: list[float] = []
+    for run, weight in runs:
+        piece = tokenizer(run, add_special_tokens=False).input_ids
+        ids += piece
+        weights += [weight] * len(piece)
+    ids, weights = ids[:max_length - 1] + [tokenizer.eos_token_id], weights[:max_length - 1] + [1.0]
+    mask = [1] * len(ids) + [0] * (max_length - len(ids))
+    ids += [tokenizer.pad_token_id] * (max_length - len(ids))
+    weights += [1.0] * (max_length - len(weights))
+    model_device = next(encoder.parameters()).device
+    with torch.no_grad():
+        z = encoder(torch.tensor([ids], device=model_device),
+                    attention_mask=torch.tensor([mask], device=model_device) if masked else None)[0]
+    z = z.to(device=device, dtype=encoder.dtype)
+    mean = z.float().mean()
+    z = z * torch.tensor(weights, dtype=z.dtype, device=z.device)[None, :, None]
+    z = z * (mean / z.float().mean()).to(z.dtype)
+    return z, torch.tensor([mask], device=device)
 
 
 SD3_T5_TOKENS = 256  # T5's part of SD 3's sequence (diffusers' default, padded to it; zeros without T5)
@@ -451,7 +490,7 @@ def encode_sd3(pipe, text: str, device, min_chunks: int = 1) -> tuple[torch.Tens
     """SD 3's joint text sequence as Forge builds it: CLIP-L and CLIP-G chunked as A1111 does
     (75 tokens per chunk, ``BREAK`` closes one), their penultimate hidden states weighted per
     token with A1111's emphasis (engine/conditioning), side by side and zero-padded to T5's
-    width, then T5's tokens of the text without the syntax. The pooled vectors are CLIP-L's and
+    width, then T5's tokens of the text with its weights (:func:`encode_t5_weighted`). The pooled vectors are CLIP-L's and
     CLIP-G's of the first chunk, before weighting (as in A1111 and Forge). A text without
     weights, BREAK or more than 75 tokens gives exactly diffusers' ``encode_prompt``.
     ``min_chunks``: CLIP chunks of the empty text are added up to that many (A1111 pads the
@@ -469,24 +508,30 @@ def encode_sd3(pipe, text: str, device, min_chunks: int = 1) -> tuple[torch.Tens
         z, p = encode_chunks(slot, chunks, 1)
         hidden.append(z.to(device, pipe.text_encoder.dtype))
         pooled.append(p.to(device, pipe.text_encoder.dtype))
-    t5 = pipe._get_t5_prompt_embeds(prompt=plain_prompt(text, 1), num_images_per_prompt=1,
-                                    max_sequence_length=SD3_T5_TOKENS, device=device)
+    weighted = (encode_t5_weighted(pipe.tokenizer_3, pipe.text_encoder_3, text, SD3_T5_TOKENS, device)
+                if pipe.text_encoder_3 is not None else None)
+    t5 = weighted[0] if weighted is not None else pipe._get_t5_prompt_embeds(
+        prompt=plain_prompt(text, 1), num_images_per_prompt=1, max_sequence_length=SD3_T5_TOKENS, device=device)
     clip = torch.cat(hidden, dim=-1)
     clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1), n
 
 
 def encode_flow(loaded, prompt: str, negative: str | None) -> FlowConditioning:
-    """Flux: the pipeline's own encoders (T5 up to 512 tokens), on plain text. SD 3:
-    :func:`encode_sd3` (T5 up to 256 tokens) on the text with its weights."""
+    """Flux: the pipeline's own encoders (T5 up to 512 tokens) on the plain text, T5's states
+    then taken with the prompt's weights (:func:`encode_t5_weighted`; CLIP-L gives only the
+    pooled vector, which weights never reach, as in Forge). SD 3: :func:`encode_sd3` (T5 up to
+    256 tokens). ``prompt`` / ``negative``: the text with A1111's syntax, at its first step."""
     pipe = loaded.pipe
     device = pipe._execution_device
     if loaded.spec.conditioning == "flux":
         length = min(512, int(getattr(pipe.tokenizer_2, "model_max_length", 512) or 512))
 
         def one(text):
-            return pipe.encode_prompt(prompt=text, prompt_2=None, device=device, num_images_per_prompt=1,
-                                      max_sequence_length=length)
+            embeds, pooled, ids = pipe.encode_prompt(prompt=plain_prompt(text, 1), prompt_2=None, device=device,
+                                                     num_images_per_prompt=1, max_sequence_length=length)
+            weighted = encode_t5_weighted(pipe.tokenizer_2, pipe.text_encoder_2, text, length, device)
+            return (weighted[0].to(embeds.dtype) if weighted is not None else embeds), pooled, ids
 
         embeds, pooled, ids = one(prompt)
         cond = FlowConditioning(embeds, pooled, ids)

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .flow import FlowDenoiser, ReferenceTokens, encode_flow, image_ids, make_flow_denoiser, pack, unpack
+from .flow import (FlowDenoiser, ReferenceTokens, encode_flow, encode_t5_weighted, image_ids, make_flow_denoiser,
+                   pack, plain_prompt, unpack)
 from .guidance import rescale_cfg
 from .vae_io import patchify, unpatchify
 
@@ -225,11 +226,21 @@ def encode_sequence(loaded, prompt: str, negative: str | None) -> SequenceCondit
             cond.neg_embeds, cond.neg_text_ids = pipe.encode_prompt(prompt=negative, device=device,
                                                                     num_images_per_prompt=1, max_sequence_length=512)
         return cond
-    if loaded.spec.conditioning == "chroma":
+    if loaded.spec.conditioning == "chroma":  # the text with A1111's weights (T5's states weighted, as Forge)
         embeds, _, mask, neg_embeds, _, neg_mask = pipe.encode_prompt(
-            prompt=prompt, negative_prompt=negative, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=negative is not None, max_sequence_length=512)
-        return SequenceConditioning(embeds, mask, neg_embeds, neg_mask)
+            prompt=plain_prompt(prompt, 1), negative_prompt=plain_prompt(negative, 1) if negative is not None else None,
+            device=device, num_images_per_prompt=1, do_classifier_free_guidance=negative is not None,
+            max_sequence_length=512)
+        cond = SequenceConditioning(embeds, mask, neg_embeds, neg_mask)
+        for text, attr in ((prompt, "embeds"), (negative, "neg_embeds")):
+            weighted = encode_t5_weighted(pipe.tokenizer, pipe.text_encoder, text, 512, device, masked=True) \
+                if text is not None else None
+            if weighted is not None:
+                z, tokens = weighted  # the transformer sees the text, EOS and one pad (the pipeline's rule)
+                seen = (torch.arange(tokens.shape[1], device=device)[None] <= tokens.sum(dim=1, keepdim=True))
+                setattr(cond, attr, z.to(embeds.dtype))
+                setattr(cond, "mask" if attr == "embeds" else "neg_mask", seen.to(mask.dtype))
+        return cond
     pos, neg = pipe.encode_prompt(prompt=prompt, device=device, do_classifier_free_guidance=negative is not None,
                                   negative_prompt=negative, max_sequence_length=512)
     return SequenceConditioning(pos[0], None, neg[0] if negative is not None else None)
