@@ -16,9 +16,10 @@ published file); only for other widths (the tiny test models) does the file name
 Which components a model file needs is read from its transformer's tensor shapes (``needs``):
 Flux.1 takes a CLIP-L as wide as its pooled projection and a T5 as wide as its text input; SD
 3.x a CLIP-L and a CLIP-G whose projections add up to its pooled projection and (optionally) a
-T5; both a 16-channel VAE. ``choose`` picks them: the ones named in a request, else the only
-compatible file of each kind; a missing or ambiguous part is a ``ComponentError`` that says
-which file to add where, or which names to choose from.
+T5; Chroma a T5 as wide as its text input (no CLIP); all a 16-channel VAE. ``choose`` picks
+them: the ones named in a request, else the only compatible file of each kind; a missing or
+ambiguous part is a ``ComponentError`` that says which file to add where, or which names to
+choose from; a kind the family does not take is one too.
 
 Only ``.safetensors`` files are components: nothing here unpickles anything. No torch either:
 the API nodes resolve components at submit (jobs/resolve.py) from the safetensors headers.
@@ -41,8 +42,9 @@ KIND_LABELS = {CLIP_L: "CLIP-L text encoder", CLIP_G: "CLIP-G text encoder", T5X
 USUAL_FILES = {CLIP_L: "clip_l.safetensors", CLIP_G: "clip_g.safetensors",
                T5XXL: "t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn.safetensors)", VAE: "ae.safetensors"}
 FLOW_FAMILIES_VAE = ("flux1", "sd3")
-# Families that run on another family's component files (Flux.1 Fill: Flux.1's CLIP-L, T5 and ae).
-COMPONENTS_OF = {"flux1-fill": "flux1"}
+# Families that run on another family's component files (Flux.1 Fill: Flux.1's CLIP-L, T5 and ae;
+# Chroma: Flux.1's T5 and ae, without the CLIP-L, see ``needs``).
+COMPONENTS_OF = {"flux1-fill": "flux1", "chroma": "flux1"}
 
 
 def component_family(family: str) -> str:
@@ -250,6 +252,9 @@ def _strip(header: dict) -> dict:
 def needs(family: str, header: dict) -> list[Need]:
     """The components a model file of ``family`` needs, with the widths its transformer expects."""
     t = _strip(header)
+    if family == "chroma":  # T5 alone: no CLIP, no pooled projection
+        joint = _shape(t, "txt_in.weight") or _shape(t, "context_embedder.weight")
+        return [Need(T5XXL, joint[1] if joint else None), Need(VAE, 16)]
     family = component_family(family)
     if family == "flux1":
         pooled = _shape(t, "vector_in.in_layer.weight") or _shape(t, "time_text_embed.text_embedder.linear_1.weight")
@@ -297,9 +302,9 @@ class ModelParts:
     @classmethod
     def of(cls, family: str, header: dict) -> "ModelParts":
         t = _strip(header)
-        family = component_family(family)
-        diffusers_layout = (any(k.startswith("single_transformer_blocks.") for k in t) if family == "flux1" else
-                            family == "sd3" and "pos_embed.pos_embed" in t)
+        layout = component_family(family)  # (Chroma's layouts are Flux.1's)
+        diffusers_layout = (any(k.startswith("single_transformer_blocks.") for k in t) if layout == "flux1" else
+                            layout == "sd3" and "pos_embed.pos_embed" in t)
         problem = (f"diffusers-layout {family} single files are not read: use the original (BFL / Stability) "
                    "layout file, or the model as a diffusers folder") if diffusers_layout else None
         return cls(tuple(needs(family, header)), frozenset(inside(header)), problem)
@@ -318,7 +323,7 @@ def choose(family: str, model_file: str, parts: ModelParts, installed: list[Comp
            settings, problems: dict[str, str] | None = None) -> list[ComponentFile]:
     """The component files to run ``model_file`` with: those ``named`` (each must fit), the only
     compatible one for each part the file lacks, nothing for an optional part with none installed."""
-    family = component_family(family)
+    own_family, family = family, component_family(family)
     wanted = [n for n in parts.needs if n.kind not in parts.inside]
     carried = parts.inside
     picked: dict[str, ComponentFile] = {}
@@ -330,8 +335,9 @@ def choose(family: str, model_file: str, parts: ModelParts, installed: list[Comp
         if need is None or family not in c.families:
             fits = [x.name for x in installed if any(n.fits(x) for n in wanted) and family in x.families]
             why = (f"{model_file} carries its own {KIND_LABELS[c.kind]}" if c.kind in carried
+                   else f"{own_family} takes no {KIND_LABELS[c.kind]}" if family in c.families
                    else f"{c.path.name} is a {KIND_LABELS[c.kind]} for {', '.join(c.families) or 'no known family'}")
-            raise ComponentError(f"module {requested!r} does not fit {model_file} ({family}): {why}; "
+            raise ComponentError(f"module {requested!r} does not fit {model_file} ({own_family}): {why}; "
                                  f"valid choices: {', '.join(fits) or '(none installed)'}")
         if not need.fits(c):
             raise ComponentError(f"module {requested!r} ({c.path.name}) is {c.width} wide; {model_file} needs a "

@@ -566,6 +566,50 @@ def tiny_flux2_klein_pipeline(seed: int = 0):
                               tokenizer=tiny_qwen_tokenizer(), transformer=transformer, is_distilled=True)
 
 
+# Flux.2 [dev] stacks Mistral Small 3's hidden states of layers 10, 20 and 30 (Flux2Pipeline's
+# default): the tiny encoder has 30. Its processor's chat format takes a list of content parts.
+FLUX2_DEV_TE, FLUX2_DEV_TE_LAYERS = 16, 30
+MISTRAL_CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{% for part in m['content'] %}{{ part['text'] }}"
+                         "{% endfor %}</s>{% endfor %}")
+
+
+def tiny_mistral3_text_encoder(hidden: int = FLUX2_DEV_TE, layers: int = FLUX2_DEV_TE_LAYERS, seed: int = 0):
+    """Mistral Small 3 (Flux.2 [dev]'s text encoder, a Mistral3ForConditionalGeneration with its
+    Pixtral vision tower) in miniature, on ``tiny_qwen_tokenizer``'s vocabulary."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Mistral3Config(
+        text_config={"model_type": "mistral", "hidden_size": hidden, "intermediate_size": hidden * 2,
+                     "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 2,
+                     "head_dim": hidden // 2, "vocab_size": QWEN_VOCAB, "max_position_embeddings": 2048,
+                     "pad_token_id": qwen_token_id("<|endoftext|>")},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 8},
+        image_token_index=qwen_token_id("<|image_pad|>"))
+    return Mistral3ForConditionalGeneration(cfg).eval()
+
+
+def tiny_flux2_dev_pipeline(seed: int = 0):
+    """Flux.2 [dev] in miniature: Flux.2's transformer with its guidance embedding (guidance-
+    distilled, as the published model), Mistral 3 hidden states of three layers stacked."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    _quiet()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=3 * FLUX2_DEV_TE, timestep_guidance_channels=256,
+                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=True).eval()
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=_flux2_vae(seed),
+                         text_encoder=tiny_mistral3_text_encoder(seed=seed), tokenizer=tokenizer,
+                         transformer=transformer)
+
+
 BUILDERS = {"sd15": tiny_sd15_pipeline, "sd2": tiny_sd2_pipeline, "sdxl": tiny_sdxl_pipeline,
             "sdxl-refiner": tiny_sdxl_refiner_pipeline, "flux1": tiny_flux_pipeline,
             "sd3": tiny_sd3_pipeline, "flux1-kontext": tiny_flux_kontext_pipeline,

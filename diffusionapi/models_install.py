@@ -35,7 +35,7 @@ from urllib.parse import urljoin, urlsplit
 from . import metrics
 from .jobs.states import JobCancelled, JobFailed, JobInterrupted, ProgressThrottle, final_state_of
 from .jobs.status import JobStatus
-from .jobs.webhooks import Resolver, WebhookRefused, _resolve, check_target, pinned_client
+from .jobs.webhooks import Resolver, WebhookRefused, check_target, pinned_client, resolve_host
 from .registry import display_path
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _auth_headers(settings, url: str) -> dict:
 
 
 def download(settings, url: str, part: Path, *, progress: Callable[[int, int | None], None],
-             cancelled: Callable[[], bool], client=None, resolve: Resolver = _resolve) -> None:
+             cancelled: Callable[[], bool], client=None, resolve: Resolver = resolve_host) -> None:
     """``url`` into ``part``, resuming from what ``part`` holds; raises JobFailed or JobCancelled.
     ``resolve``: the name lookup (tests give a scripted one)."""
     import httpx

@@ -279,20 +279,30 @@ def fp8_copy(sd: dict, *, scaled: bool = False) -> dict:
     return out
 
 
-def write_gguf(sd: dict, path: Path, arch: str = "flux") -> Path:
-    """A city96-style GGUF transformer: BFL key names, 2-D weights quantized to Q8_0 with the gguf
-    package's quantizer, the rest (biases, norm scales) as F32."""
+def write_gguf(sd: dict, path: Path, arch: str = "flux", qtype: str = "Q8_0", type_of=None) -> Path:
+    """A city96-style GGUF transformer: BFL key names, 2-D weights quantized to ``qtype`` (or
+    ``type_of(name)``, "F16" for none; legacy types with the gguf package's encoder, K-quants with
+    tests/gguf_kquants.py); a weight whose rows the type's block does not divide (K-quants: 256)
+    stays F16, as city96's patched llama-quantize leaves it, or F32 when it has at most 1024
+    values, as city96's convert.py keeps small tensors; the rest (biases, norm scales) F32."""
     import gguf
     import numpy as np
+
+    from .gguf_kquants import K_QUANTIZERS
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch=arch)
     for k, v in sd.items():
         data = v.detach().to(torch.float32).contiguous().numpy()
-        if k.endswith(".weight") and data.ndim == 2 and data.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(k, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        name = type_of(k) if type_of is not None else qtype
+        kind = gguf.GGMLQuantizationType[name]
+        if (k.endswith(".weight") and data.ndim == 2 and kind != gguf.GGMLQuantizationType.F16
+                and data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0):
+            q = K_QUANTIZERS[name](data) if name in K_QUANTIZERS else gguf.quants.quantize(data, kind)
+            writer.add_tensor(k, q, raw_dtype=kind)
+        elif k.endswith(".weight") and data.ndim == 2 and data.size > 1024:
+            writer.add_tensor(k, data.astype(np.float16))
         else:
             writer.add_tensor(k, data.astype(np.float32))
     writer.write_header_to_file()
@@ -300,3 +310,100 @@ def write_gguf(sd: dict, path: Path, arch: str = "flux") -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+FLUX_UNQUANTIZED = ("txt_in.", "img_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+
+
+def city96_flux_q4_k_m(name: str) -> str:
+    """The block type city96's llama-quantize patch gives a Flux (BFL-named) tensor in a Q4_K_M
+    file: the input, time / pooled-text / guidance embedders and the final layer unquantized (F16),
+    the fused attention qkv in Q5_K, the rest Q4_K."""
+    if name.startswith(FLUX_UNQUANTIZED):
+        return "F16"
+    return "Q5_K" if "attn.qkv.weight" in name else "Q4_K"
+
+
+def wide_flux_transformer(seed: int = 0, guidance: bool = True):
+    """Tiny Flux.1's transformer 256 channels wide (4 heads of 64; rotary axes 16/16/32, the
+    split the converter reads for head size 64), so its attention and MLP rows fill K-quants'
+    256-value super-blocks; text widths as tiny Flux's, so it runs with the same component files."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffusionapi.demo import FLUX_T5, FLUX_TE
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=64, num_attention_heads=4, joint_attention_dim=FLUX_T5,
+                                  pooled_projection_dim=FLUX_TE, axes_dims_rope=(16, 16, 32),
+                                  guidance_embeds=guidance).eval()
+
+
+# ---------------------------------------------------------------------------- Chroma
+
+def chroma_to_bfl(sd: dict) -> dict:
+    """diffusers ChromaTransformer2DModel keys -> lodestones' / ComfyUI's Chroma keys: Flux.1's
+    BFL block names without the modulation layers (``img_mod``, ``txt_mod``, ``modulation``,
+    the final adaLN), and the approximator as ``distilled_guidance_layer.{in_proj, layers.N.
+    {in_layer, out_layer}, norms.N.scale, out_proj}``."""
+    sd = dict(sd)
+    out = {}
+
+    def put(dst, src):
+        out[dst] = sd.pop(src)
+
+    g = "distilled_guidance_layer."
+    for k in [k for k in sd if k.startswith(g)]:
+        rest = k[len(g):]
+        if rest.startswith("norms."):
+            out[g + rest.replace(".weight", ".scale")] = sd.pop(k)
+        else:
+            out[g + rest.replace(".linear_1.", ".in_layer.").replace(".linear_2.", ".out_layer.")] = sd.pop(k)
+    for p in ("weight", "bias"):
+        put(f"txt_in.{p}", f"context_embedder.{p}")
+        put(f"img_in.{p}", f"x_embedder.{p}")
+        put(f"final_layer.linear.{p}", f"proj_out.{p}")
+    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}):
+        b, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{d}img_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.to_{x}.{p}") for x in "qkv"])
+            out[f"{d}txt_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.add_{x}_proj.{p}") for x in "qkv"])
+            put(f"{d}img_attn.proj.{p}", f"{b}attn.to_out.0.{p}")
+            put(f"{d}txt_attn.proj.{p}", f"{b}attn.to_add_out.{p}")
+            put(f"{d}img_mlp.0.{p}", f"{b}ff.net.0.proj.{p}")
+            put(f"{d}img_mlp.2.{p}", f"{b}ff.net.2.{p}")
+            put(f"{d}txt_mlp.0.{p}", f"{b}ff_context.net.0.proj.{p}")
+            put(f"{d}txt_mlp.2.{p}", f"{b}ff_context.net.2.{p}")
+        put(f"{d}img_attn.norm.query_norm.scale", f"{b}attn.norm_q.weight")
+        put(f"{d}img_attn.norm.key_norm.scale", f"{b}attn.norm_k.weight")
+        put(f"{d}txt_attn.norm.query_norm.scale", f"{b}attn.norm_added_q.weight")
+        put(f"{d}txt_attn.norm.key_norm.scale", f"{b}attn.norm_added_k.weight")
+    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")}):
+        b, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{s}linear1.{p}"] = torch.cat([sd.pop(f"{b}attn.to_{x}.{p}") for x in "qkv"]
+                                               + [sd.pop(f"{b}proj_mlp.{p}")])
+            put(f"{s}linear2.{p}", f"{b}proj_out.{p}")
+        put(f"{s}norm.query_norm.scale", f"{b}attn.norm_q.weight")
+        put(f"{s}norm.key_norm.scale", f"{b}attn.norm_k.weight")
+    assert not sd, sorted(sd)[:5]
+    return out
+
+
+def write_chroma_files(pipe, root: Path, name: str = "chroma-tiny", *, all_in_one: str | None = None) -> dict[str, Path]:
+    """``root``/models/<name>.safetensors (Chroma transformer-only, lodestones' keys), the T5 and
+    Flux VAE component files with the T5 tokenizer (Chroma has no CLIP-L); ``all_in_one`` also
+    writes a ComfyUI-layout checkpoint (transformer, T5, VAE) of that name."""
+    root = Path(root)
+    bfl = chroma_to_bfl(pipe.transformer.state_dict())
+    t5, vae = t5_file(pipe.text_encoder), vae_to_ldm(pipe.vae.state_dict())
+    files = {"transformer": save(bfl, root / "models" / f"{name}.safetensors"),
+             "t5xxl": save(t5, root / "text_encoders" / "t5xxl_fp16.safetensors"),
+             "vae": save(vae, root / "vae" / f"{FLUX_VAE_NAME}.safetensors")}
+    write_t5_tokenizer(pipe.tokenizer, root / "text_encoders")
+    if all_in_one:
+        sd = {f"model.diffusion_model.{k}": v for k, v in bfl.items()}
+        sd.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.items()})
+        sd.update({f"vae.{k}": v for k, v in vae.items()})
+        files["all_in_one"] = save(sd, root / "models" / f"{all_in_one}.safetensors")
+    return files

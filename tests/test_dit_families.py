@@ -57,7 +57,6 @@ def server(store, tmp_path_factory):
     ({"model.diffusion_model.transformer_blocks.0.img_mod.1.weight",
       "model.diffusion_model.transformer_blocks.0.txt_mod.1.weight"}, "qwen-image"),
     ({"noise_refiner.0.attention.to_q.weight", "context_refiner.0.attention.to_q.weight"}, "z-image"),
-    ({"distilled_guidance_layer.in_proj.weight", "double_blocks.0.img_attn.qkv.weight"}, "chroma"),
     ({"double_stream_modulation_img.lin.weight", "double_blocks.0.img_attn.qkv.weight"}, "flux2"),
 ])
 def test_single_files_are_recognised_and_refused_with_the_reason(keys, family):
@@ -65,6 +64,18 @@ def test_single_files_are_recognised_and_refused_with_the_reason(keys, family):
 
     assert detect_checkpoint_keys(keys).family == family
     assert "diffusers folder" in BY_ID[family].single_files
+
+
+@pytest.mark.parametrize("keys", [
+    {"distilled_guidance_layer.in_proj.weight", "double_blocks.0.img_attn.qkv.weight"},
+    {"model.diffusion_model.distilled_guidance_layer.in_proj.weight", "model.diffusion_model.img_in.weight"},
+])
+def test_chroma_single_files_are_recognised_and_load(keys):
+    """Chroma's files share Flux.1's block names; its approximator decides (test_chroma_files runs them)."""
+    from diffusionapi.families import BY_ID, detect_checkpoint_keys
+
+    assert detect_checkpoint_keys(keys).family == "chroma"
+    assert BY_ID["chroma"].single_files is None
 
 
 def test_bfl_flux1_files_are_not_taken_for_qwen_image():
@@ -80,13 +91,12 @@ def test_bfl_flux1_files_are_not_taken_for_qwen_image():
 def test_flux2_dev_folders_are_not_taken_for_flux1(tmp_path):
     import json
 
-    from diffusionapi.families import UnknownFamily, detect_folder
+    from diffusionapi.families import detect_folder
 
     (tmp_path / "transformer").mkdir()
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel"}))
-    with pytest.raises(UnknownFamily):
-        detect_folder(tmp_path)
+    assert detect_folder(tmp_path).family == "flux2"  # Flux.2 [dev] (tests/test_flux2_dev.py)
 
 
 def test_listed_with_their_family_ids(server):

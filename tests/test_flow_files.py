@@ -26,12 +26,15 @@ from diffusionapi.schemas import Txt2ImgRequest
 from .cluster_fixtures import redis_server  # noqa: F401 - fixture
 from .conftest import LiveServer, make_settings
 from .test_flux import save_flux_lora
-from .flow_files import flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_to_ldm, write_flux_files, write_gguf
+from .flow_files import (city96_flux_q4_k_m, flux_to_bfl, fp8_copy, save, tiny_flux_for_files, vae_to_ldm, wide_flux_transformer,
+                         write_flux_files, write_gguf)
 
 # Slow tier: every storage form (fp8, GGUF, all-in-one, transformer-only) is built and loaded per
 # module; the full suite runs it, the fast tier keeps the family detection (test_families.py).
 pytestmark = pytest.mark.slow
 
+LEGACY_GGUF = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
+K_GGUF = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 FLUX = dict(prompt="a red cube", width=64, height=64, steps=3, fileType="png", sampler_name="Euler")
 
 
@@ -50,6 +53,15 @@ def flow_store(tmp_path_factory):
     save(fp8_copy(bfl), root / "models" / "flux-fp8.safetensors")
     save(fp8_copy(bfl, scaled=True), root / "models" / "flux-fp8-scaled.safetensors")
     write_gguf(bfl, root / "models" / "flux-q8.gguf")
+    for qtype in LEGACY_GGUF:
+        write_gguf(bfl, root / "models" / f"flux-{qtype.lower()}.gguf", qtype=qtype)
+    # K-quants need 256-value rows: a 256-wide transformer with the same text widths (its own
+    # full-precision file is the reference), run with the same component files.
+    wide = flux_to_bfl(wide_flux_transformer(1).state_dict())
+    save(wide, root / "models" / "flux-wide.safetensors")
+    for qtype in K_GGUF:
+        write_gguf(wide, root / "models" / f"flux-wide-{qtype.lower()}.gguf", qtype=qtype)
+    write_gguf(wide, root / "models" / "flux-wide-q4_k_m.gguf", type_of=city96_flux_q4_k_m)
     save(pipe.transformer.state_dict(), root / "models" / "flux-diffusers-keys.safetensors")
     (root / "text_encoders" / "broken_clip.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     # An SD 1.5 folder and A1111-style VAE files for it (sd_vae): its own VAE's weights, and others.
@@ -232,6 +244,78 @@ def test_gguf_q8_transformer_generates_close_to_full_precision(flow_server):
     assert not np.array_equal(px(a), full) and psnr(px(a), full) > 45
     to_q = flow_server.engine.cache._items["flux-q8"].pipe.transformer.transformer_blocks[0].attn.to_q
     assert isinstance(to_q, GGUFLinear) and to_q.weight.quant_type.name == "Q8_0"
+
+
+# Measured on the tiny models (CPU, fp32 compute), dB: Q4_0 38.1, Q4_1 36.9, Q5_0 43.7, Q5_1 42.8
+# (tiny Flux.1); Q2_K 29.2, Q3_K 35.1, Q4_K 41.1, Q5_K 47.0, Q6_K 52.0 (its 256-wide variant);
+# another seed's image is about 13 dB from the reference. Bounds about 6 dB under the measured.
+GGUF_MIN_PSNR = {"Q4_0": 32, "Q4_1": 31, "Q5_0": 37, "Q5_1": 37, "Q2_K": 23, "Q3_K": 29, "Q4_K": 35, "Q5_K": 41,
+                 "Q6_K": 46}
+
+
+@pytest.mark.parametrize("qtype", LEGACY_GGUF + K_GGUF)
+def test_gguf_block_types_generate_close_to_full_precision(flow_server, flow_store, qtype):
+    """city96-layout GGUF files of each block type people run: the legacy ones on tiny Flux.1,
+    the K-quants on its 256-wide variant (K-quant blocks span 256-value rows; narrower weights stay
+    F16 in the file). Deterministic, prompt-sensitive, close to the same weights' full-precision
+    file, with the blocks kept quantized in GGUFLinear and decoded as the gguf package decodes them."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_functions, dequantize_gguf_tensor
+
+    wide = qtype in K_GGUF
+    name, full_name = (f"flux-wide-{qtype.lower()}", "flux-wide") if wide else (f"flux-{qtype.lower()}",
+                                                                               "flux-transformer")
+    full = px(flow_server.run(**FLUX, model=full_name, seed=6))
+    got = flow_server.run(**FLUX, model=name, seed=6)
+    assert got["payload"]["modules"] == ["clip_l", "t5xxl_fp16", "ae"]
+    a = px(got)
+    assert np.array_equal(a, px(flow_server.run(**FLUX, model=name, seed=6)))
+    assert not np.array_equal(a, px(flow_server.run(**dict(FLUX, prompt="a blue sphere"), model=name, seed=6)))
+    assert not np.array_equal(a, full) and psnr(a, full) > GGUF_MIN_PSNR[qtype]
+    transformer = flow_server.engine.cache._items[name].pipe.transformer
+    block, single = transformer.transformer_blocks[0], transformer.single_transformer_blocks[0]
+    for layer in (block.attn.to_q, block.attn.add_v_proj, block.ff.net[2], single.attn.to_k, single.proj_mlp,
+                  single.proj_out, transformer.norm_out.linear):
+        assert isinstance(layer, GGUFLinear) and layer.weight.quant_type.name == qtype, layer
+    # The 64-channel input projection: one 32-value block per row, no 256-value super-block.
+    assert isinstance(transformer.x_embedder, GGUFLinear) != wide
+    # diffusers' torch decoder reads the file's blocks as the gguf package's numpy decoder does
+    # (bit for bit when both decode in fp32); what runs decodes in the blocks' scale type, fp16
+    # (as ComfyUI-GGUF does by default), then casts: within fp16 rounding of that.
+    stored = next(t for t in gguf.GGUFReader(str(flow_store / "models" / f"{name}.gguf")).tensors
+                  if t.name == "double_blocks.0.img_mlp.2.weight")
+    expected = torch.from_numpy(gguf.quants.dequantize(stored.data, stored.tensor_type))
+    weight = block.ff.net[2].weight
+    block_size, type_size = gguf.GGML_QUANT_SIZES[weight.quant_type]
+    fp32 = dequantize_functions[weight.quant_type](weight.as_tensor().reshape(-1, type_size), block_size, type_size,
+                                                   dtype=torch.float32).reshape(expected.shape)
+    assert torch.allclose(fp32, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+    assert (dequantize_gguf_tensor(weight).float() - expected).abs().max() <= 5e-3 * expected.abs().max()
+
+
+def test_gguf_mixed_block_types_as_city96_q4_k_m(flow_server):
+    """A Q4_K_M file as city96's quantizer writes Flux: types mixed per tensor (fused qkv Q5_K, the
+    rest of the blocks Q4_K) and the embedders and final layer left F16 by name; those F16 weights
+    run in the running dtype, the quantized ones stay in GGUFLinear."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    full = px(flow_server.run(**FLUX, model="flux-wide", seed=6))
+    a = px(flow_server.run(**FLUX, model="flux-wide-q4_k_m", seed=6))
+    assert np.array_equal(a, px(flow_server.run(**FLUX, model="flux-wide-q4_k_m", seed=6)))
+    # Measured on the 256-wide tiny Flux.1 (CPU, fp32 compute): 56.3 dB (the all-Q4_K file, whose
+    # embedders and final layer are quantized too: 41.1 dB).
+    assert not np.array_equal(a, full) and psnr(a, full) > 50
+    t = flow_server.engine.cache._items["flux-wide-q4_k_m"].pipe.transformer
+    block, single = t.transformer_blocks[0], t.single_transformer_blocks[0]
+    types = {"Q5_K": (block.attn.to_q, block.attn.to_v, block.attn.add_k_proj),
+             "Q4_K": (block.attn.to_out[0], block.ff.net[0].proj, block.ff.net[2], block.norm1.linear,
+                      single.attn.to_q, single.proj_mlp, single.proj_out)}
+    for qtype, layers in types.items():
+        assert all(isinstance(x, GGUFLinear) and x.weight.quant_type.name == qtype for x in layers), qtype
+    for layer in (t.x_embedder, t.context_embedder, t.time_text_embed.timestep_embedder.linear_1,
+                  t.time_text_embed.text_embedder.linear_2, t.time_text_embed.guidance_embedder.linear_1,
+                  t.norm_out.linear, t.proj_out):
+        assert not isinstance(layer, GGUFLinear) and layer.weight.dtype == torch.float32, layer
 
 
 class _OpensAFile:

@@ -11,6 +11,10 @@ would not load; the converters here read every size from the tensors:
   Shapes cannot tell the rotary axes split: published Flux.1 models (head size 128) use BFL's
   (16, 56, 56); other head sizes take (d/4, d/4, d/2), the tiny test models' split; a
   ``<file stem>.config/transformer/config.json`` next to the file overrides any of it.
+- Chroma transformer (lodestones' / ComfyUI's keys: Flux.1's blocks without their modulation
+  layers, plus ``distilled_guidance_layer.*``): Flux.1's sizes as above, the approximator's
+  input channels, hidden width and layer count from its tensors. diffusers' own Chroma converter
+  splits the single blocks' fused projection at 3072 as its Flux one does.
 - SD 3.x transformer (``joint_blocks.*``): diffusers' converter, which reads its sizes from the
   tensors; the config (layers, patch, position grid, dual-attention layers, qk norm) is read from
   the shapes here; heads are not in the shapes: 64 channels each (every published SD 3.x; 8 for
@@ -180,27 +184,39 @@ def _swap_scale_shift(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([scale, shift], dim=0)
 
 
-def flux_config(sd: dict, sidecar: dict | None = None) -> dict:
+def _flux_layout_config(sd: dict) -> dict:
+    """What Flux.1 and Chroma share: width, heads, block counts, channels, text width, rotary axes."""
     inner, in_channels = _dims(sd["img_in.weight"])
     head = _dims(sd["double_blocks.0.img_attn.norm.query_norm.scale"] if "double_blocks.0.img_attn.norm.query_norm.scale"
                  in sd else sd["single_blocks.0.norm.query_norm.scale"])[0]
     cfg = dict(patch_size=1, in_channels=int(in_channels), num_layers=_count(sd, r"double_blocks\.(\d+)\."),
                num_single_layers=_count(sd, r"single_blocks\.(\d+)\."), attention_head_dim=int(head),
                num_attention_heads=int(inner // head), joint_attention_dim=_dims(sd["txt_in.weight"])[1],
-               pooled_projection_dim=_dims(sd["vector_in.in_layer.weight"])[1],
-               guidance_embeds="guidance_in.in_layer.weight" in sd,
                axes_dims_rope=(16, 56, 56) if head == 128 else (head // 4, head // 4, head // 2))
     out = _dims(sd["final_layer.linear.weight"])[0]
     if out != in_channels:
         cfg["out_channels"] = out
+    return cfg
+
+
+def _with_sidecar(cfg: dict, sidecar: dict | None) -> dict:
     for k, v in (sidecar or {}).items():
         if not k.startswith("_") and (k in cfg or k == "out_channels"):
             cfg[k] = tuple(v) if isinstance(v, list) else v
     return cfg
 
 
-def flux_bfl_to_diffusers(sd: dict, cfg: dict) -> dict:
-    """BFL keys -> diffusers' FluxTransformer2DModel keys (the inverse is tests/flow_files.py)."""
+def flux_config(sd: dict, sidecar: dict | None = None) -> dict:
+    cfg = _flux_layout_config(sd)
+    cfg.update(pooled_projection_dim=_dims(sd["vector_in.in_layer.weight"])[1],
+               guidance_embeds="guidance_in.in_layer.weight" in sd)
+    return _with_sidecar(cfg, sidecar)
+
+
+def flux_bfl_to_diffusers(sd: dict, cfg: dict, *, modulated: bool = True) -> dict:
+    """BFL keys -> diffusers' FluxTransformer2DModel keys (the inverse is tests/flow_files.py);
+    ``modulated`` False: Chroma's blocks, which have no modulation layers of their own (its
+    approximator gives every block its shifts and scales) and no final adaLN."""
     sd = dict(sd)
     out: dict[str, torch.Tensor] = {}
     inner = cfg["attention_head_dim"] * cfg["num_attention_heads"]
@@ -218,12 +234,14 @@ def flux_bfl_to_diffusers(sd: dict, cfg: dict) -> dict:
         take(f"context_embedder.{p}", f"txt_in.{p}")
         take(f"x_embedder.{p}", f"img_in.{p}")
         take(f"proj_out.{p}", f"final_layer.linear.{p}")
-        out[f"norm_out.linear.{p}"] = _swap_scale_shift(sd.pop(f"final_layer.adaLN_modulation.1.{p}"))
+        if modulated:
+            out[f"norm_out.linear.{p}"] = _swap_scale_shift(sd.pop(f"final_layer.adaLN_modulation.1.{p}"))
     for i in range(cfg["num_layers"]):
         b, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
         for p in ("weight", "bias"):
-            take(f"{b}norm1.linear.{p}", f"{d}img_mod.lin.{p}")
-            take(f"{b}norm1_context.linear.{p}", f"{d}txt_mod.lin.{p}")
+            if modulated:
+                take(f"{b}norm1.linear.{p}", f"{d}img_mod.lin.{p}")
+                take(f"{b}norm1_context.linear.{p}", f"{d}txt_mod.lin.{p}")
             for (q, k, v), src in ((("to_q", "to_k", "to_v"), "img_attn"),
                                    (("add_q_proj", "add_k_proj", "add_v_proj"), "txt_attn")):
                 for name, t in zip((q, k, v), torch.chunk(sd.pop(f"{d}{src}.qkv.{p}"), 3, dim=0)):
@@ -241,7 +259,8 @@ def flux_bfl_to_diffusers(sd: dict, cfg: dict) -> dict:
     for i in range(cfg["num_single_layers"]):
         b, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
         for p in ("weight", "bias"):
-            take(f"{b}norm.linear.{p}", f"{s}modulation.lin.{p}")
+            if modulated:
+                take(f"{b}norm.linear.{p}", f"{s}modulation.lin.{p}")
             fused = sd.pop(f"{s}linear1.{p}")
             q, k, v, mlp = torch.split(fused, (inner, inner, inner, _dims(fused)[0] - 3 * inner), dim=0)
             for name, t in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", mlp)):
@@ -250,7 +269,7 @@ def flux_bfl_to_diffusers(sd: dict, cfg: dict) -> dict:
         take(f"{b}attn.norm_q.weight", f"{s}norm.query_norm.scale")
         take(f"{b}attn.norm_k.weight", f"{s}norm.key_norm.scale")
     if sd:
-        raise ComponentLoadError(f"unknown Flux tensors: {sorted(sd)[:3]}")
+        raise ComponentLoadError(f"unknown {'Flux' if modulated else 'Chroma'} tensors: {sorted(sd)[:3]}")
     return out
 
 
@@ -261,6 +280,55 @@ def build_flux_transformer(sd: dict, what: str, sidecar: dict | None = None, dty
         raise ComponentLoadError(f"{what}: not a Flux transformer in BFL layout (no img_in)")
     cfg = flux_config(sd, sidecar)
     return _build(FluxTransformer2DModel, cfg, flux_bfl_to_diffusers(sd, cfg), what, compute_dtype=dtype)
+
+
+# ---------------------------------------------------------------------------- Chroma transformer
+
+APPROXIMATOR = "distilled_guidance_layer."
+
+
+def chroma_config(sd: dict, sidecar: dict | None = None) -> dict:
+    """Flux.1's layout read as Flux.1's, plus the approximator: its input channels (timestep and
+    guidance embeddings and the modulation index, 64 in Chroma), hidden width and layer count."""
+    cfg = _flux_layout_config(sd)
+    hidden, channels = _dims(sd[f"{APPROXIMATOR}in_proj.weight"])
+    cfg.update(approximator_num_channels=int(channels), approximator_hidden_dim=int(hidden),
+               approximator_layers=_count(sd, re.escape(APPROXIMATOR) + r"layers\.(\d+)\."))
+    return _with_sidecar(cfg, sidecar)
+
+
+def chroma_bfl_to_diffusers(sd: dict, cfg: dict) -> dict:
+    """lodestones' / ComfyUI's Chroma keys -> diffusers' ChromaTransformer2DModel keys: the
+    approximator (``in_layer`` / ``out_layer`` MLPs, RMS norms' ``scale``) renamed, the blocks as
+    Flux.1's without their modulation layers."""
+    sd = dict(sd)
+    out: dict[str, torch.Tensor] = {}
+    g = APPROXIMATOR
+    for p in ("weight", "bias"):
+        out[f"{g}in_proj.{p}"] = sd.pop(f"{g}in_proj.{p}")
+        out[f"{g}out_proj.{p}"] = sd.pop(f"{g}out_proj.{p}")
+        for i in range(cfg["approximator_layers"]):
+            out[f"{g}layers.{i}.linear_1.{p}"] = sd.pop(f"{g}layers.{i}.in_layer.{p}")
+            out[f"{g}layers.{i}.linear_2.{p}"] = sd.pop(f"{g}layers.{i}.out_layer.{p}")
+    for i in range(cfg["approximator_layers"]):
+        out[f"{g}norms.{i}.weight"] = sd.pop(f"{g}norms.{i}.scale")
+    out.update(flux_bfl_to_diffusers(sd, cfg, modulated=False))
+    return out
+
+
+def build_chroma_transformer(sd: dict, what: str, sidecar: dict | None = None, dtype: torch.dtype = torch.float32):
+    from diffusers import ChromaTransformer2DModel
+
+    if "img_in.weight" not in sd or f"{APPROXIMATOR}in_proj.weight" not in sd:
+        raise ComponentLoadError(f"{what}: not a Chroma transformer in lodestones' (BFL) layout")
+    cfg = chroma_config(sd, sidecar)
+    try:
+        converted = chroma_bfl_to_diffusers(sd, cfg)
+    except KeyError as e:
+        raise ComponentLoadError(f"{what}: Chroma tensor {e} is missing") from None
+    except ComponentLoadError as e:  # tensors Chroma does not have
+        raise ComponentLoadError(f"{what}: {e}") from None
+    return _build(ChromaTransformer2DModel, cfg, converted, what, compute_dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- SD 3 transformer
@@ -465,7 +533,7 @@ def _part(source: dict | Path, what: str, role: str, build, dtype: torch.dtype, 
 
 
 def load_flow_single_file(entry, dtype: torch.dtype, shared=None):
-    """A Flux.1 / SD 3.x transformer-only or all-in-one file, with ``entry.modules`` for the
+    """A Flux.1 / SD 3.x / Chroma transformer-only or all-in-one file, with ``entry.modules`` for the
     parts it lacks, as the family's diffusers pipeline. With ``shared`` (a SharedParts), text
     encoders and VAEs from component files are the ones other resident models already hold."""
     import diffusers
@@ -487,7 +555,12 @@ def load_flow_single_file(entry, dtype: torch.dtype, shared=None):
     def clip(projection: bool):
         return lambda sd, what: build_clip(sd, what, projection=projection)
 
-    if component_family(entry.family) == "flux1":  # Flux.1 and Flux.1 Fill (384 input channels)
+    if entry.family == "chroma":  # T5 alone (no CLIP) and Flux.1's VAE
+        transformer = build_chroma_transformer(model_parts["transformer"], path.name, sidecar, dtype)
+        sched = fam.scheduler
+        components = dict(text_encoder=part(T5XXL, "t5", build_t5), tokenizer=t5_tokenizer(entry.t5_tokenizer, hint),
+                          vae=part(VAE, f"vae:{entry.family}", vae))
+    elif component_family(entry.family) == "flux1":  # Flux.1 and Flux.1 Fill (384 input channels)
         transformer = build_flux_transformer(model_parts["transformer"], path.name, sidecar, dtype)
         sched = fam.scheduler if transformer.config.guidance_embeds else fam.scheduler_undistilled
         components = dict(text_encoder=part(CLIP_L, "clip", clip(False)), tokenizer=clip_tokenizer(),

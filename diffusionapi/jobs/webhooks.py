@@ -85,7 +85,7 @@ class WebhookRefused(ValueError):
 Resolver = Callable[[str, int], Iterable[str]]
 
 
-def _resolve(host: str, port: int) -> list[str]:
+def resolve_host(host: str, port: int) -> list[str]:
     return [ai[4][0] for ai in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
 
 
@@ -116,7 +116,7 @@ def _parse_target(url: str) -> tuple[str, int]:
     return host, port
 
 
-def check_target(url: str, allowed_hosts: Iterable[str] = ("*",), resolve: Resolver = _resolve) -> None:
+def check_target(url: str, allowed_hosts: Iterable[str] = ("*",), resolve: Resolver = resolve_host) -> None:
     """Raise :class:`WebhookRefused` unless ``url`` may be called (see the module docstring)."""
     host, port = _parse_target(url)
     if host in {e.strip().lower().rstrip(".") for e in allowed_hosts}:
@@ -125,7 +125,7 @@ def check_target(url: str, allowed_hosts: Iterable[str] = ("*",), resolve: Resol
 
 
 def checked_addresses(host: str, port: int, allowed_hosts: Iterable[str] = ("*",),
-                      resolve: Resolver = _resolve) -> list[str]:
+                      resolve: Resolver = resolve_host) -> list[str]:
     """The addresses ``host`` resolves to (resolved once), every one allowed; WebhookRefused if any
     is not. A connection to one of these is a connection to what was checked."""
     host = host.lower().rstrip(".").strip("[]")
@@ -165,7 +165,7 @@ def checked_addresses(host: str, port: int, allowed_hosts: Iterable[str] = ("*",
     return raw
 
 
-def pinned_client(allowed_hosts: Iterable[str], timeout_sec: float, resolve: Resolver = _resolve,
+def pinned_client(allowed_hosts: Iterable[str], timeout_sec: float, resolve: Resolver = resolve_host,
                   max_connections: int = 16):
     """An httpx client whose every TCP connection goes to an address :func:`checked_addresses`
     just allowed for the URL's host (resolved once per connection); TLS still verifies, and SNI
@@ -210,7 +210,7 @@ class WebhookQueue:
     def __init__(self, directory: Path, secret: str | None, allowed_hosts: Iterable[str] = ("*",), *,
                  max_tries: int = 5, backoff_sec: float = 10.0, timeout_sec: float = 10.0,
                  keep_sec: float = 3600.0, on_record: Callable[[dict], None] | None = None,
-                 concurrency: int = 8, per_host: int = 2, resolve: Resolver = _resolve):
+                 concurrency: int = 8, per_host: int = 2, resolve: Resolver = resolve_host):
         self.dir = Path(directory)
         self.secret = secret
         self.allowed_hosts = list(allowed_hosts)

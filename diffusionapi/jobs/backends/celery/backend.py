@@ -219,8 +219,9 @@ class CeleryBackend(JobBackend):
                     queue = record.get("queue") or queue_name(None)
                     self._publish(str(uuid.uuid4()), queue, resume=job_id if state == "processing" else None)
                     if state == "owed":
-                        log.warning("job %s started on another job's turn and its own message was never "
-                                    "confirmed; one more turn of %s published", job_id, queue)
+                        log.warning("job %s: started or ended, and no message of its own is known to have "
+                                    "reached a worker; one more turn of %s published (a spare one starts the "
+                                    "next job or nothing)", job_id, queue)
                     else:
                         log.warning("job %s: no broker message confirmed after %.0f s; published again",
                                     job_id, grace)
