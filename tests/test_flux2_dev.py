@@ -15,8 +15,7 @@ from PIL import Image
 from diffusionapi.demo import tiny_flux2_dev_pipeline
 from diffusionapi.images import read_infotext
 
-from .conftest import LiveServer, make_settings
-from .test_edit import b64_png, pattern, px
+from .flow_models import assert_equals_diffusers, b64_png, new_store, pattern, px, serve
 
 pytestmark = pytest.mark.slow  # a 30-layer tiny Mistral: built in seconds, served per module
 
@@ -39,19 +38,14 @@ def sharpened_dev(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def dev_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux2-dev-store")
+    root = new_store(tmp_path_factory, "flux2-dev-store")
     sharpened_dev(0).save_pretrained(root / "models" / "tiny-flux2-dev")
-    (root / "upscalers").mkdir()
-    (root / "labels.json").write_text("{}")
     return root
 
 
 @pytest.fixture(scope="module")
 def dev_server(dev_store, tmp_path_factory):
-    settings = make_settings(dev_store, tmp_path_factory.mktemp("flux2-dev-work"), default_model="tiny-flux2-dev",
-                             max_reference_images=3)
-    with LiveServer(settings) as s:
-        yield s
+    yield from serve(dev_store, tmp_path_factory, "flux2-dev-work", "tiny-flux2-dev", max_reference_images=3)
 
 
 def _bare(dev_store):
@@ -95,8 +89,7 @@ def test_equals_bare_diffusers_flux2_pipeline(dev_server, dev_store):
     ours = px(dev_server.run(**DEV, seed=7, sampler_name="Euler", cfg_scale=1.0, distilled_cfg_scale=2.5))
     ref = _bare(dev_store)(prompt="a red cube", guidance_scale=2.5, height=64, width=64, num_inference_steps=4,
                            latents=_noise(7), output_type="np").images[0]
-    ref = np.rint(ref * 255).astype(np.int16)
-    assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
+    assert_equals_diffusers(ours, ref)
 
 
 def test_an_edit_with_references_equals_bare_diffusers(dev_server, dev_store):
@@ -109,5 +102,4 @@ def test_an_edit_with_references_equals_bare_diffusers(dev_server, dev_store):
     ref = _bare(dev_store)(image=[Image.fromarray(PAT_A), Image.fromarray(PAT_B)], prompt="make it red",
                            guidance_scale=4.0, height=64, width=64, num_inference_steps=4, latents=_noise(7),
                            output_type="np").images[0]
-    ref = np.rint(ref * 255).astype(np.int16)
-    assert np.abs(ours - ref).max() <= 2 and np.abs(ours - ref).mean() < 0.5
+    assert_equals_diffusers(ours, ref)
