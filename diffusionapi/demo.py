@@ -549,18 +549,27 @@ def _flux2_vae(seed: int = 0, latent_channels: int = 32):
     return vae
 
 
+def _flux2_transformer(text_width: int, guidance: bool):
+    """Flux.2's transformer in miniature on 32-channel latents patchified 2x2 (128 channels per
+    token), reading three stacked text-encoder layers of ``text_width``; ``guidance``: [dev]'s
+    guidance embedding (klein has none)."""
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * text_width,
+                                   timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+                                   guidance_embeds=guidance).eval()
+
+
 def tiny_flux2_klein_pipeline(seed: int = 0):
     """Flux.2 [klein] in miniature: Flux.2's transformer on 32-channel latents patchified 2x2 (128
     channels per token), Qwen3 hidden states of three layers stacked as the text sequence."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
     _quiet()
     torch.manual_seed(seed)
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
-                                          attention_head_dim=16, num_attention_heads=2,
-                                          joint_attention_dim=3 * FLUX2_TE, timestep_guidance_channels=256,
-                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False).eval()
+    transformer = _flux2_transformer(FLUX2_TE, guidance=False)
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=_flux2_vae(seed),
                               text_encoder=tiny_qwen3_text_encoder(FLUX2_TE, FLUX2_TE_LAYERS, seed=seed, causal_lm=True),
                               tokenizer=tiny_qwen_tokenizer(), transformer=transformer, is_distilled=True)
@@ -595,14 +604,11 @@ def tiny_flux2_dev_pipeline(seed: int = 0):
     """Flux.2 [dev] in miniature: Flux.2's transformer with its guidance embedding (guidance-
     distilled, as the published model), Mistral 3 hidden states of three layers stacked."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
 
     _quiet()
     torch.manual_seed(seed)
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
-                                          attention_head_dim=16, num_attention_heads=2,
-                                          joint_attention_dim=3 * FLUX2_DEV_TE, timestep_guidance_channels=256,
-                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=True).eval()
+    transformer = _flux2_transformer(FLUX2_DEV_TE, guidance=True)
     tokenizer = tiny_qwen_tokenizer()
     tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=_flux2_vae(seed),

@@ -52,6 +52,43 @@ def full_vocab_clip(te, seed: int):
 
 # ---------------------------------------------------------------------------- diffusers -> original keys
 
+def _blocks_to_bfl(sd: dict, out: dict, modulation: bool) -> None:
+    """diffusers' double and single transformer blocks (taken out of ``sd``) -> BFL's
+    ``double_blocks.N`` / ``single_blocks.N`` (into ``out``); ``modulation``: with each block's
+    modulation layers (Flux.1; Chroma's blocks have none)."""
+    def put(dst, src):
+        out[dst] = sd.pop(src)
+
+    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}):
+        b, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for p in ("weight", "bias"):
+            if modulation:
+                put(f"{d}img_mod.lin.{p}", f"{b}norm1.linear.{p}")
+                put(f"{d}txt_mod.lin.{p}", f"{b}norm1_context.linear.{p}")
+            out[f"{d}img_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.to_{x}.{p}") for x in "qkv"])
+            out[f"{d}txt_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.add_{x}_proj.{p}") for x in "qkv"])
+            put(f"{d}img_attn.proj.{p}", f"{b}attn.to_out.0.{p}")
+            put(f"{d}txt_attn.proj.{p}", f"{b}attn.to_add_out.{p}")
+            put(f"{d}img_mlp.0.{p}", f"{b}ff.net.0.proj.{p}")
+            put(f"{d}img_mlp.2.{p}", f"{b}ff.net.2.{p}")
+            put(f"{d}txt_mlp.0.{p}", f"{b}ff_context.net.0.proj.{p}")
+            put(f"{d}txt_mlp.2.{p}", f"{b}ff_context.net.2.{p}")
+        put(f"{d}img_attn.norm.query_norm.scale", f"{b}attn.norm_q.weight")
+        put(f"{d}img_attn.norm.key_norm.scale", f"{b}attn.norm_k.weight")
+        put(f"{d}txt_attn.norm.query_norm.scale", f"{b}attn.norm_added_q.weight")
+        put(f"{d}txt_attn.norm.key_norm.scale", f"{b}attn.norm_added_k.weight")
+    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")}):
+        b, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for p in ("weight", "bias"):
+            if modulation:
+                put(f"{s}modulation.lin.{p}", f"{b}norm.linear.{p}")
+            out[f"{s}linear1.{p}"] = torch.cat([sd.pop(f"{b}attn.to_{x}.{p}") for x in "qkv"]
+                                               + [sd.pop(f"{b}proj_mlp.{p}")])
+            put(f"{s}linear2.{p}", f"{b}proj_out.{p}")
+        put(f"{s}norm.query_norm.scale", f"{b}attn.norm_q.weight")
+        put(f"{s}norm.key_norm.scale", f"{b}attn.norm_k.weight")
+
+
 def flux_to_bfl(sd: dict) -> dict:
     sd = dict(sd)
     out = {}
@@ -71,34 +108,7 @@ def flux_to_bfl(sd: dict) -> dict:
         put(f"final_layer.linear.{p}", f"proj_out.{p}")
         scale, shift = sd.pop(f"norm_out.linear.{p}").chunk(2, dim=0)
         out[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale])
-    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
-    for i in blocks:
-        b, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for p in ("weight", "bias"):
-            put(f"{d}img_mod.lin.{p}", f"{b}norm1.linear.{p}")
-            put(f"{d}txt_mod.lin.{p}", f"{b}norm1_context.linear.{p}")
-            out[f"{d}img_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.to_{x}.{p}") for x in "qkv"])
-            out[f"{d}txt_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.add_{x}_proj.{p}") for x in "qkv"])
-            put(f"{d}img_attn.proj.{p}", f"{b}attn.to_out.0.{p}")
-            put(f"{d}txt_attn.proj.{p}", f"{b}attn.to_add_out.{p}")
-            put(f"{d}img_mlp.0.{p}", f"{b}ff.net.0.proj.{p}")
-            put(f"{d}img_mlp.2.{p}", f"{b}ff.net.2.{p}")
-            put(f"{d}txt_mlp.0.{p}", f"{b}ff_context.net.0.proj.{p}")
-            put(f"{d}txt_mlp.2.{p}", f"{b}ff_context.net.2.{p}")
-        put(f"{d}img_attn.norm.query_norm.scale", f"{b}attn.norm_q.weight")
-        put(f"{d}img_attn.norm.key_norm.scale", f"{b}attn.norm_k.weight")
-        put(f"{d}txt_attn.norm.query_norm.scale", f"{b}attn.norm_added_q.weight")
-        put(f"{d}txt_attn.norm.key_norm.scale", f"{b}attn.norm_added_k.weight")
-    singles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")})
-    for i in singles:
-        b, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for p in ("weight", "bias"):
-            put(f"{s}modulation.lin.{p}", f"{b}norm.linear.{p}")
-            out[f"{s}linear1.{p}"] = torch.cat([sd.pop(f"{b}attn.to_{x}.{p}") for x in "qkv"]
-                                               + [sd.pop(f"{b}proj_mlp.{p}")])
-            put(f"{s}linear2.{p}", f"{b}proj_out.{p}")
-        put(f"{s}norm.query_norm.scale", f"{b}attn.norm_q.weight")
-        put(f"{s}norm.key_norm.scale", f"{b}attn.norm_k.weight")
+    _blocks_to_bfl(sd, out, modulation=True)
     assert not sd, sorted(sd)[:5]
     return out
 
@@ -363,29 +373,7 @@ def chroma_to_bfl(sd: dict) -> dict:
         put(f"txt_in.{p}", f"context_embedder.{p}")
         put(f"img_in.{p}", f"x_embedder.{p}")
         put(f"final_layer.linear.{p}", f"proj_out.{p}")
-    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}):
-        b, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for p in ("weight", "bias"):
-            out[f"{d}img_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.to_{x}.{p}") for x in "qkv"])
-            out[f"{d}txt_attn.qkv.{p}"] = torch.cat([sd.pop(f"{b}attn.add_{x}_proj.{p}") for x in "qkv"])
-            put(f"{d}img_attn.proj.{p}", f"{b}attn.to_out.0.{p}")
-            put(f"{d}txt_attn.proj.{p}", f"{b}attn.to_add_out.{p}")
-            put(f"{d}img_mlp.0.{p}", f"{b}ff.net.0.proj.{p}")
-            put(f"{d}img_mlp.2.{p}", f"{b}ff.net.2.{p}")
-            put(f"{d}txt_mlp.0.{p}", f"{b}ff_context.net.0.proj.{p}")
-            put(f"{d}txt_mlp.2.{p}", f"{b}ff_context.net.2.{p}")
-        put(f"{d}img_attn.norm.query_norm.scale", f"{b}attn.norm_q.weight")
-        put(f"{d}img_attn.norm.key_norm.scale", f"{b}attn.norm_k.weight")
-        put(f"{d}txt_attn.norm.query_norm.scale", f"{b}attn.norm_added_q.weight")
-        put(f"{d}txt_attn.norm.key_norm.scale", f"{b}attn.norm_added_k.weight")
-    for i in sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")}):
-        b, s = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for p in ("weight", "bias"):
-            out[f"{s}linear1.{p}"] = torch.cat([sd.pop(f"{b}attn.to_{x}.{p}") for x in "qkv"]
-                                               + [sd.pop(f"{b}proj_mlp.{p}")])
-            put(f"{s}linear2.{p}", f"{b}proj_out.{p}")
-        put(f"{s}norm.query_norm.scale", f"{b}attn.norm_q.weight")
-        put(f"{s}norm.key_norm.scale", f"{b}attn.norm_k.weight")
+    _blocks_to_bfl(sd, out, modulation=False)
     assert not sd, sorted(sd)[:5]
     return out
 

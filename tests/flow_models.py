@@ -127,3 +127,19 @@ def approx_previews(server, body: dict) -> list[np.ndarray]:
     seen = Recorder()
     server.engine.generate(plan, lambda p, v: None, lambda: False, seen)
     return seen.previews
+
+
+FLUX2_SHARPENED = ("to_q", "to_k", "add_q", "add_k", "to_out", "to_add_out", "modulation")
+
+
+def sharpen(pipe, names=FLUX2_SHARPENED, factor: float = 4.0):
+    """``pipe`` with its transformer's matrices whose names hold one of ``names`` scaled by
+    ``factor``. At random init a tiny Flux.2's references and guidance move its image by well under
+    1/255 (a comparison with diffusers within 2/255 could not tell them apart); scaled, by more."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if p.ndim > 1 and any(k in name for k in names):
+                p.mul_(factor)
+    return pipe

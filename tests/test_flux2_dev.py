@@ -15,7 +15,7 @@ from PIL import Image
 from diffusionapi.demo import tiny_flux2_dev_pipeline
 from diffusionapi.images import read_infotext
 
-from .flow_models import assert_equals_diffusers, b64_png, new_store, pattern, px, serve
+from .flow_models import FLUX2_SHARPENED, assert_equals_diffusers, b64_png, new_store, pattern, px, serve, sharpen
 
 pytestmark = pytest.mark.slow  # a 30-layer tiny Mistral: built in seconds, served per module
 
@@ -24,16 +24,9 @@ PAT_A, PAT_B = pattern(64, 64, 1), pattern(80, 64, 2)
 
 
 def sharpened_dev(seed: int = 0):
-    """The tiny dev with its attention weights, modulations and guidance embedding scaled up 4x:
-    at their random init, the guidance value and the references move the image by well under
-    1/255 (a comparison within 2/255 could not tell them apart)."""
-    pipe = tiny_flux2_dev_pipeline(seed)
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if p.ndim > 1 and any(k in name for k in ("to_q", "to_k", "add_q", "add_k", "to_out", "to_add_out",
-                                                      "modulation", "guidance_embedder")):
-                p.mul_(4)
-    return pipe
+    """The tiny dev with its attention weights, modulations and guidance embedding scaled up 4x
+    (flow_models.sharpen): the guidance value and the references then count."""
+    return sharpen(tiny_flux2_dev_pipeline(seed), FLUX2_SHARPENED + ("guidance_embedder",))
 
 
 @pytest.fixture(scope="module")

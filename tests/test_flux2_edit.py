@@ -13,7 +13,7 @@ from PIL import Image
 
 from diffusionapi.demo import tiny_flux2_klein_pipeline
 
-from .flow_models import assert_equals_diffusers, b64_png, new_store, pattern, px, run_posted, serve
+from .flow_models import assert_equals_diffusers, b64_png, new_store, pattern, px, run_posted, serve, sharpen
 
 # References at sizes Flux2KleinPipeline takes and keeps as they are (sides multiples of 16 and at
 # least 64, under 1024x1024),
@@ -24,17 +24,10 @@ EDIT = dict(prompt="make it red", steps=4, width=64, height=64, model="tiny-flux
 
 
 def sharpened_klein(seed: int = 0):
-    """The tiny klein with its double block's attention weights and its modulations scaled up 4x.
-    At their random init, leaving the references out of bare Flux2KleinPipeline moves its image by
-    under 0.1/255 on average (a comparison within 2/255 could not tell); scaled, by about 1.6/255,
-    more than the comparison with diffusers allows."""
-    pipe = tiny_flux2_klein_pipeline(seed)
-    with torch.no_grad():
-        for name, p in pipe.transformer.named_parameters():
-            if p.ndim > 1 and any(k in name for k in ("to_q", "to_k", "add_q", "add_k", "to_out", "to_add_out",
-                                                      "modulation")):
-                p.mul_(4)
-    return pipe
+    """The tiny klein with its attention weights and modulations scaled up 4x (flow_models.sharpen):
+    leaving the references out of bare Flux2KleinPipeline then moves its image by about 1.6/255 on
+    average (under 0.1/255 unscaled), more than the comparison with diffusers allows."""
+    return sharpen(tiny_flux2_klein_pipeline(seed))
 
 
 @pytest.fixture(scope="module")
