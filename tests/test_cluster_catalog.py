@@ -70,6 +70,24 @@ def test_an_api_node_that_started_before_any_worker_sees_the_first_one_at_once(s
 def test_a_beat_without_a_catalog_keeps_the_published_one_alive(state, model_store, tmp_path):
     # Workers rebuild their catalog on a thread of its own, every 30 s; beats in between send none.
     local = Registry(make_settings(model_store, tmp_path))
-    state.heartbeat("w", {}, ttl=2, catalog=catalog_of(local, local.models()[:1]))
-    state.heartbeat("w", {}, ttl=30)
+    assert state.heartbeat("w", {}, ttl=2, catalog=catalog_of(local, local.models()[:1]))
+    assert state.heartbeat("w", {}, ttl=30)
     assert state.r.ttl("dapi:catalog:w") > 2
+
+
+def test_a_worker_sends_its_catalog_again_when_redis_lost_it(state, model_store, tmp_path):
+    # A restart from an AOF without the last second, or a failover to a replica that missed it.
+    from types import SimpleNamespace
+
+    from diffusionapi.jobs.backends.celery.worker import ClusterWorker
+
+    local = Registry(make_settings(model_store, tmp_path))
+    w = SimpleNamespace(state=state, name="w", hb=0.5, lease_sec=1.5, current_job=None, info=lambda: {},
+                        _catalog_new=catalog_of(local, local.models()[:1]), _catalog_sent=None)
+    ClusterWorker.beat(w)
+    published = state.r.get("dapi:catalog:w")
+    assert published and w._catalog_new is None
+    state.r.delete("dapi:catalog:w")
+    ClusterWorker.beat(w)  # the beat learns it is gone...
+    ClusterWorker.beat(w)  # ...and the next one sends it again
+    assert state.r.get("dapi:catalog:w") == published

@@ -587,9 +587,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[2], now, ARGV[1])
-if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', tonumber(ARGV[3]))
-else redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3])) end  -- a live worker's catalog lives with it
-return tostring(now)
+if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', tonumber(ARGV[3])) return {tostring(now), 1} end
+-- A live worker's catalog lives with it; 0: it is gone (a Redis that lost it), send it again.
+return {tostring(now), redis.call('EXPIRE', KEYS[3], tonumber(ARGV[3]))}
 """
 
 
@@ -951,10 +951,13 @@ class RedisJobState:
     def renew_lease(self, job_id: str, worker: str, lease_sec: float) -> bool:
         return bool(self._renew(keys=[job_key(job_id), lease_key(job_id)], args=[worker, int(lease_sec * 1000)]))
 
-    def heartbeat(self, name: str, info: dict, ttl: int, catalog: dict | None = None) -> float:
-        out = self._heartbeat(keys=[worker_key(name), WORKERS, catalog_key(name)],
-                              args=[name, json.dumps(info), ttl, json.dumps(catalog) if catalog is not None else ""])
-        return float(out)
+    def heartbeat(self, name: str, info: dict, ttl: int, catalog: dict | None = None) -> bool:
+        """The worker's beat (and its catalog when given, else the published one kept alive).
+        False when Redis has no catalog of it (lost with a restart or failover): send it again."""
+        _, has_catalog = self._heartbeat(keys=[worker_key(name), WORKERS, catalog_key(name)],
+                                         args=[name, json.dumps(info), ttl,
+                                               json.dumps(catalog) if catalog is not None else ""])
+        return bool(int(has_catalog))
 
     def next_pending_hook(self, worker: str, leftover: bool = False) -> bytes | None:
         """A webhook no worker ran (see ``hooks``), moved to this worker's own list until

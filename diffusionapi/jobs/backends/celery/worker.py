@@ -78,6 +78,7 @@ class ClusterWorker:
         self.jobs_done = 0
         self._stop = threading.Event()
         self._catalog_new: dict | None = None  # built, not yet published (the next beat sends it)
+        self._catalog_sent: dict | None = None  # the last one published
         self._leftover_hooks = True
         self.models = self._served_models()
         self.hooks = JobWebhooks(settings, on_record=lambda rec: self.state.mirror_webhook(rec, self.hooks.queue.keep_sec))
@@ -141,11 +142,15 @@ class ClusterWorker:
         catalog, self._catalog_new = self._catalog_new, None
         ttl = max(60, int(self.hb * 30))
         try:
-            self.state.heartbeat(self.name, self.info(), ttl, catalog)
+            has_catalog = self.state.heartbeat(self.name, self.info(), ttl, catalog)
         except Exception:
             if catalog is not None and self._catalog_new is None:
                 self._catalog_new = catalog  # the next beat sends it
             raise
+        if catalog is not None:
+            self._catalog_sent = catalog
+        elif not has_catalog and self._catalog_new is None:
+            self._catalog_new = self._catalog_sent  # Redis lost it: the next beat sends it again
         job = self.current_job
         if job and not self.state.renew_lease(job, self.name, self.lease_sec):
             log.warning("job %s: no longer this worker's (taken over while it could not renew its lease)", job)
