@@ -239,6 +239,9 @@ class Worker:
         live progress."""
         payload = record.get("payload")
         self._payloads[job_id] = payload
+        # Running from now, not from the engine's first report (a model load can take a while):
+        # /queue says "processing", as the Celery backend's claim does.
+        self.store.write_status(job_id, JobStatus.processing("starting", 0.0))
         observe.started(job_id, record.get("kind", "txt2img"), payload, "embedded", record.get("attempts", 1),
                         record.get("created_at"))
         observer = _LiveObserver(self.live, job_id) if self.live else None
