@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol
@@ -13,6 +14,12 @@ from ..status import FinalJob, JobStatus
 
 
 from ...errors import BackendUnavailable, QueueFull  # noqa: E402,F401 - what submit raises (503s)
+
+
+def idempotency_hash(owner: str | None, idempotency_key: str) -> str:
+    """One submit's Idempotency-Key, per owner (another owner's same key is another key): a hash,
+    so keys and credentials are never stored as such. Both backends keep their keys by it."""
+    return hashlib.sha256(f"{owner or ''}\0{idempotency_key}".encode()).hexdigest()
 
 
 @dataclass

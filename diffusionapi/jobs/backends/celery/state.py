@@ -69,7 +69,6 @@ Keys (prefix ``dapi:``):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -149,8 +148,10 @@ def worker_client_name(worker: str) -> str:
 
 
 def idem_key(caller: str, key: str) -> str:
-    """One submit's Idempotency-Key, per caller (a hash: keys and credentials never stored as such)."""
-    return f"{PREFIX}idem:" + hashlib.sha256(f"{caller}\0{key}".encode()).hexdigest()
+    """One submit's Idempotency-Key in Redis (backends/base.py ``idempotency_hash``)."""
+    from ..base import idempotency_hash
+
+    return f"{PREFIX}idem:" + idempotency_hash(caller, key)
 
 
 # Redis errors that mean "not reachable now" (down, restarting, loading its AOF, failing over: a

@@ -3,7 +3,6 @@ worker thread (worker.py), live events and webhooks (jobs/live.py) -- all in thi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
@@ -22,7 +21,8 @@ from ....retention import free_space_problem
 from .queue import JobQueue
 from .store import JobStore
 from .worker import Worker
-from ..base import BackendUnavailable, FinalJob, FinalWaiters, JobBackend, JobOwner, QueueEntry, QueueFull
+from ..base import (BackendUnavailable, FinalJob, FinalWaiters, JobBackend, JobOwner, QueueEntry, QueueFull,
+                    idempotency_hash)
 from ...quotas import FileLedger, usage_of
 from ...states import FINAL_STATES
 
@@ -105,18 +105,14 @@ class EmbeddedBackend(JobBackend):
         self.worker.stop()
         self.live.stop()
 
-    @staticmethod
-    def _idem_hash(owner: str | None, idempotency_key: str) -> str:
-        return hashlib.sha256(f"{owner or ''}\0{idempotency_key}".encode()).hexdigest()
-
     def keyed_job(self, owner: str | None, idempotency_key: str) -> tuple[str, str | None] | None:
-        return self.store.idem_entry(self._idem_hash(owner, idempotency_key))
+        return self.store.idem_entry(idempotency_hash(owner, idempotency_key))
 
     def submit(self, kind: str, payload: dict, owner: JobOwner | None = None,
                idempotency_key: str | None = None, fingerprint: str | None = None) -> str:
         if not idempotency_key:
             return self._submit(kind, payload, owner, None)
-        key = self._idem_hash(owner.name if owner else None, idempotency_key)
+        key = idempotency_hash(owner.name if owner else None, idempotency_key)
         with self._idem_lock:  # two submits with one key at once: the second waits and finds the first
             prior = self.store.idem_entry(key)
             if prior is not None:
